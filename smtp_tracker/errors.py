@@ -6,6 +6,7 @@
     ├── ConfigError                 bad configuration; the CLI prints it as one line, exit 2
     ├── StartupError                a resource could not be had at start (port, file); exit 1
     ├── StoreError                  the data directory could not be read or written
+    ├── CommandRejected             a client's SMTP command we refuse (bad parameter, limit)
     └── UpstreamError               the upstream could not take the transaction
         ├── UpstreamUnavailable     refused, unresolvable, timed out, dropped (4.4.x)
         ├── UpstreamTLSError        STARTTLS missing or the handshake/verification failed (4.7.x)
@@ -22,6 +23,7 @@ sqlite3) are translated at the boundary with ``raise ... from exc``.
 from __future__ import annotations
 
 __all__ = [
+    "CommandRejected",
     "ConfigError",
     "SmtpTrackerError",
     "StartupError",
@@ -55,6 +57,17 @@ class StartupError(SmtpTrackerError):
 
 class StoreError(SmtpTrackerError):
     """The tracking store could not be opened, migrated, read or written."""
+
+
+class CommandRejected(SmtpTrackerError):
+    """A downstream client's command that we refuse ourselves.
+
+    :param reply: the whole SMTP reply line for the client, e.g. ``"555 5.5.4 ..."``.
+    """
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        super().__init__(reply)
 
 
 class UpstreamError(SmtpTrackerError):

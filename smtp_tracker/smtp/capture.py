@@ -1,0 +1,125 @@
+"""Debug capture files: the conversation and the DATA of a transaction, on disk.
+
+For each captured transaction, under ``DATA_DIR/capture/YYYY-MM-DD/`` (UTC date):
+
+- ``<queueid>.session.log``: both sides' commands and replies, AUTH redacted;
+- ``<queueid>.downstream.eml``: DATA as received from the client (after dot-unstuffing);
+- ``<queueid>.upstream.eml``: DATA as sent to the upstream (trace header, pixel).
+
+Directories are created 0700 and files 0600: they hold whole messages.  Writes
+happen in a worker thread, never in the event loop; at most ``max_pending``
+captures wait at once, and captures beyond that are dropped and counted
+rather than letting memory grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["Capture", "CaptureWriter"]
+
+log = logging.getLogger("smtp_tracker.capture")
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """What one transaction leaves on disk; ``None`` parts are not written."""
+
+    queue_id: str
+    at: datetime
+    session_lines: list[str]
+    downstream: bytes | None
+    upstream: bytes | None
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def write_capture(root: Path, capture: Capture) -> Path:
+    """Write one capture's files (blocking; call it in a thread).
+
+    :returns: the day directory written to.
+    :raises OSError: when the directory or a file cannot be created.
+    """
+    day = root / capture.at.strftime("%Y-%m-%d")
+    old_umask = os.umask(0o077)
+    try:
+        day.mkdir(mode=0o700, parents=True, exist_ok=True)
+    finally:
+        os.umask(old_umask)
+    stem = day / capture.queue_id
+    text = "\n".join(capture.session_lines) + "\n"
+    _write_private(stem.with_suffix(".session.log"), text.encode("utf-8", "replace"))
+    if capture.downstream is not None:
+        _write_private(stem.with_suffix(".downstream.eml"), capture.downstream)
+    if capture.upstream is not None:
+        _write_private(stem.with_suffix(".upstream.eml"), capture.upstream)
+    return day
+
+
+class CaptureWriter:
+    """Writes captures per the ``capture`` setting, off the event loop.
+
+    :param root: ``DATA_DIR/capture``.
+    :param mode: ``"off"``, ``"errors"`` (only transactions that did not end 2xx)
+        or ``"all"``.
+    :param max_pending: captures allowed to wait for the disk at once.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        mode: Literal["off", "errors", "all"],
+        max_pending: int = 64,
+    ) -> None:
+        self.root = root
+        self.mode = mode
+        self.dropped = 0
+        self.failed = 0
+        self._max_pending = max_pending
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is ever captured (so callers keep transcripts at all)."""
+        return self.mode != "off"
+
+    def wanted(self, *, ended_positive: bool) -> bool:
+        """Whether a transaction that ended so is to be captured."""
+        return self.mode == "all" or (self.mode == "errors" and not ended_positive)
+
+    def submit(self, capture: Capture) -> None:
+        """Queue a capture for writing; drop and count it when too many are waiting."""
+        if len(self._pending) >= self._max_pending:
+            self.dropped += 1
+            log.warning(
+                "%s: capture dropped: %d captures already waiting for the disk",
+                capture.queue_id,
+                len(self._pending),
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._write(capture))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _write(self, capture: Capture) -> None:
+        try:
+            await asyncio.to_thread(write_capture, self.root, capture)
+        except OSError as exc:
+            self.failed += 1
+            log.warning("%s: capture not written: %s", capture.queue_id, exc.strerror or exc)
+
+    async def drain(self) -> None:
+        """Wait until every queued capture is written (at shutdown, and in tests)."""
+        while self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)

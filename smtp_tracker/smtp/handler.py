@@ -1,0 +1,399 @@
+"""aiosmtpd handler hooks that relay each command to the upstream, in step.
+
+The hooks are thin: they keep the transaction's state on the session and
+delegate to :class:`~smtp_tracker.smtp.relay.UpstreamSession` (the upstream
+conversation), a :class:`MessagePreparer` (the rewrite stage) and a
+:class:`DeliveryRecorder` (the tracking store).  The rule they keep: the
+downstream never hears 2xx for MAIL, RCPT or DATA unless the upstream said
+2xx to the same command first (RFC 5321 §6.1: a 2xx to DATA takes
+responsibility for the message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import Envelope
+
+from smtp_tracker.errors import UpstreamError
+from smtp_tracker.smtp import replies
+from smtp_tracker.smtp.capture import Capture, CaptureWriter
+from smtp_tracker.smtp.parameters import MailParameters
+from smtp_tracker.smtp.relay import UpstreamSession, UpstreamSettings
+from smtp_tracker.smtp.reply import Reply
+from smtp_tracker.smtp.server import RelaySession, RelaySMTP
+from smtp_tracker.smtp.trace import received_header
+from smtp_tracker.smtp.transaction import Recipient, Transaction
+
+__all__ = ["DeliveryRecorder", "MessagePreparer", "Prepared", "RelayHandler"]
+
+log = logging.getLogger("smtp_tracker.relay")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The message as it will be sent upstream, and what the rewrite stage decided.
+
+    :ivar data: the bytes to send (without our trace header, which the handler adds).
+    :ivar tracking_id: the id the store will know this message by.
+    :ivar tracked: whether a pixel was added.
+    :ivar reason: why not, when not tracked (e.g. ``"multipart-signed"``).
+    """
+
+    data: bytes
+    tracking_id: str | None = None
+    tracked: bool = False
+    reason: str | None = None
+
+
+class MessagePreparer(Protocol):
+    """The rewrite stage between DATA received and DATA sent."""
+
+    async def prepare(self, content: bytes, transaction: Transaction) -> Prepared:
+        """Return what to send upstream. Must not raise: fail open to ``content``."""
+        ...
+
+
+class DeliveryRecorder(Protocol):
+    """Where a transaction the upstream accepted is recorded."""
+
+    async def record(
+        self, transaction: Transaction, prepared: Prepared, reply: Reply, size_bytes: int
+    ) -> None:
+        """Record a relayed message. Must not raise: the mail is already accepted."""
+        ...
+
+
+class _Identity:
+    async def prepare(self, content: bytes, transaction: Transaction) -> Prepared:
+        return Prepared(content, reason="tracking-off")
+
+
+class RelayHandler:
+    """The aiosmtpd handler: one instance serves every downstream session.
+
+    :param upstream: how to reach the smarthost.
+    :param hostname: our name, for the trace header.
+    :param max_recipients: RCPTs accepted per transaction (RFC 5321 §4.5.3.1.8 says
+        at least 100 must be allowed).
+    :param add_received_header: prepend a ``Received:`` field (RFC 5321 §4.4).
+    :param preparer: the rewrite stage (identity when None).
+    :param recorder: the store for relayed messages (none when None).
+    :param capture: the debug capture writer.
+    :param upstream_factory: builds an upstream session (tests may substitute).
+    """
+
+    def __init__(
+        self,
+        *,
+        upstream: UpstreamSettings,
+        hostname: str,
+        max_recipients: int = 1000,
+        add_received_header: bool = True,
+        preparer: MessagePreparer | None = None,
+        recorder: DeliveryRecorder | None = None,
+        capture: CaptureWriter | None = None,
+        upstream_factory: Callable[..., UpstreamSession] = UpstreamSession,
+    ) -> None:
+        self._settings = upstream
+        self._hostname = hostname
+        self._max_recipients = max_recipients
+        self._add_received = add_received_header
+        self._preparer: MessagePreparer = preparer or _Identity()
+        self._recorder = recorder
+        self._capture = capture
+        self._upstream_factory = upstream_factory
+        self._disconnects: set[asyncio.Task[None]] = set()
+        self.active_transactions = 0
+        self.counters: dict[str, int] = {
+            "relayed": 0,
+            "deferred": 0,
+            "rejected": 0,
+            "aborted": 0,
+            "upstream_failures": 0,
+        }
+
+    # -- hooks that aiosmtpd calls by name ------------------------------------------
+
+    async def handle_EHLO(
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Advertise what we relay: PIPELINING, ENHANCEDSTATUSCODES, DSN; never AUTH."""
+        session.host_name = hostname
+        await self.abort_transaction(session, reason="EHLO")
+        kept = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")]
+        kept += ["250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN", responses[-1]]
+        return kept
+
+    async def handle_HELO(
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, hostname: str
+    ) -> str:
+        session.host_name = hostname
+        await self.abort_transaction(session, reason="HELO")
+        return f"250 {server.hostname}"
+
+    async def handle_NOOP(
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope, arg: str
+    ) -> str:
+        return replies.R250_OK
+
+    async def handle_RSET(
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope
+    ) -> str:
+        await self.abort_transaction(session, reason="RSET")
+        return replies.R250_OK
+
+    async def handle_QUIT(
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope
+    ) -> str:
+        await self.abort_transaction(session, reason="QUIT")
+        await self._close_upstream(session)
+        return replies.R221_BYE
+
+    async def handle_DATA(
+        self, server: RelaySMTP, session: RelaySession, envelope: Envelope
+    ) -> str:
+        transaction = session.transaction
+        content = envelope.original_content
+        if transaction is None or not transaction.accepted or content is None:
+            return "503 5.5.1 need RCPT command"
+        session.transaction = None
+        if transaction.broken is not None:
+            self._finish(session, transaction, _reply_of(transaction.broken), content, None)
+            return transaction.broken.reply
+        upstream = self._upstream(session)
+        server.extend_timeout(self._settings.data_timeout_s + 30)
+        prepared = await self._preparer.prepare(content, transaction)
+        data = prepared.data
+        if self._add_received:
+            data = self._received(server, session, transaction) + data
+        try:
+            reply = await upstream.data(data)
+        except UpstreamError as exc:
+            self.counters["upstream_failures"] += 1
+            self._finish(session, transaction, _reply_of(exc), content, data)
+            return exc.reply
+        if reply.is_positive and self._recorder is not None:
+            await self._recorder.record(transaction, prepared, reply, len(data))
+        self._finish(session, transaction, reply, content, data, prepared=prepared)
+        return str(reply)
+
+    # -- MAIL and RCPT, called by RelaySMTP with parsed parameters ------------------
+
+    async def mail(
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        reverse_path: str,
+        parameters: MailParameters,
+    ) -> str:
+        """Open the upstream if needed and forward MAIL FROM; return the reply to give."""
+        transaction = Transaction(reverse_path, parameters.raw, parameters.smtputf8)
+        upstream = self._upstream(session)
+        server.extend_timeout(
+            self._settings.connect_timeout_s * 2 + self._settings.command_timeout_s
+        )
+        try:
+            await upstream.ensure_open()
+            if parameters.smtputf8 and "smtputf8" not in upstream.extensions:
+                reply = _parse(replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED)
+            else:
+                reply = await upstream.mail(reverse_path, parameters.raw)
+        except UpstreamError as exc:
+            self.counters["upstream_failures"] += 1
+            reply = _reply_of(exc)
+        if not reply.is_positive:
+            self._log_rejected(transaction, None, reply)
+            self._maybe_capture(session, transaction, reply, None, None)
+            return str(reply)
+        envelope.mail_from = reverse_path
+        envelope.mail_options = list(parameters.raw)
+        session.transaction = transaction
+        self.active_transactions += 1
+        return str(reply)
+
+    async def rcpt(
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        forward_path: str,
+        parameters: tuple[str, ...],
+    ) -> str:
+        """Forward RCPT TO; only a recipient the upstream accepted joins the envelope."""
+        transaction = session.transaction
+        if transaction is None:
+            return replies.R503_NEED_MAIL
+        if transaction.broken is not None:
+            return transaction.broken.reply
+        if len(transaction.accepted) >= self._max_recipients:
+            return replies.R452_TOO_MANY_RECIPIENTS
+        server.extend_timeout(self._settings.command_timeout_s + 30)
+        try:
+            reply = await self._upstream(session).rcpt(forward_path, parameters)
+        except UpstreamError as exc:
+            self.counters["upstream_failures"] += 1
+            transaction.broken = exc
+            return exc.reply
+        recipient = Recipient(forward_path, parameters, reply)
+        if reply.is_positive:
+            transaction.accepted.append(recipient)
+            envelope.rcpt_tos.append(forward_path)
+            envelope.rcpt_options.extend(parameters)
+        else:
+            transaction.refused.append(recipient)
+            self._log_rejected(transaction, forward_path, reply)
+        return str(reply)
+
+    # -- session life -----------------------------------------------------------------
+
+    async def abort_transaction(self, session: RelaySession, *, reason: str) -> None:
+        """End an unfinished transaction (RSET, EHLO, QUIT, drop): RSET the upstream too."""
+        transaction, session.transaction = session.transaction, None
+        if transaction is None:
+            return
+        self.active_transactions -= 1
+        self.counters["aborted"] += 1
+        if session.upstream is not None and transaction.broken is None:
+            await session.upstream.rset()
+        log.info(
+            "%s: aborted by %s: from=<%s>, nrcpt=%d",
+            transaction.queue_id,
+            reason,
+            transaction.reverse_path,
+            len(transaction.accepted),
+        )
+        self._maybe_capture(session, transaction, None, None, None)
+
+    def schedule_disconnect(self, session: RelaySession) -> None:
+        """Called when the client's connection is lost: clean up in a task."""
+        task = asyncio.get_running_loop().create_task(self._disconnected(session))
+        self._disconnects.add(task)
+        task.add_done_callback(self._disconnects.discard)
+
+    async def _disconnected(self, session: RelaySession) -> None:
+        await self.abort_transaction(session, reason="disconnect")
+        await self._close_upstream(session)
+
+    async def drain(self) -> None:
+        """Wait for disconnect clean-ups still running (shutdown, tests)."""
+        while self._disconnects:
+            await asyncio.gather(*list(self._disconnects), return_exceptions=True)
+
+    async def _close_upstream(self, session: RelaySession) -> None:
+        upstream, session.upstream = session.upstream, None
+        if upstream is not None:
+            await upstream.close()
+
+    def _upstream(self, session: RelaySession) -> UpstreamSession:
+        if session.upstream is None:
+            session.upstream = self._upstream_factory(self._settings, session.transcript)
+        return session.upstream
+
+    # -- trace, logs, capture ------------------------------------------------------------
+
+    def _received(
+        self, server: RelaySMTP, session: RelaySession, transaction: Transaction
+    ) -> bytes:
+        peer: Any = session.peer
+        return received_header(
+            helo=session.host_name,
+            client_ip=str(peer[0]) if peer else "unknown",
+            hostname=self._hostname,
+            queue_id=transaction.queue_id,
+            esmtp=bool(session.extended_smtp),
+            tls=session.ssl is not None,
+            smtputf8=transaction.smtputf8,
+            recipients=[r.address for r in transaction.accepted],
+            at=transaction.received_at.timestamp(),
+        )
+
+    def _finish(
+        self,
+        session: RelaySession,
+        transaction: Transaction,
+        reply: Reply,
+        received: bytes | None,
+        sent: bytes | None,
+        *,
+        prepared: Prepared | None = None,
+    ) -> None:
+        self.active_transactions -= 1
+        session.transactions += 1
+        status = {2: "sent", 4: "deferred"}.get(reply.code // 100, "bounced")
+        self.counters[{"sent": "relayed", "deferred": "deferred"}.get(status, "rejected")] += 1
+        tracking = ""
+        if prepared is not None and prepared.tracking_id is not None:
+            tracking = (
+                ", tracked=yes"
+                if prepared.tracked
+                else f", tracked=no ({prepared.reason or 'unknown'})"
+            )
+        log.info(
+            "%s: from=<%s>, to=%s, size=%d, relay=%s, delay=%.2f%s, status=%s (%s)",
+            transaction.queue_id,
+            transaction.reverse_path,
+            ",".join(f"<{r.address}>" for r in transaction.accepted),
+            len(received or b""),
+            self._settings.label,
+            transaction.delay_s,
+            tracking,
+            status,
+            reply,
+        )
+        self._maybe_capture(session, transaction, reply, received, sent)
+
+    def _log_rejected(
+        self, transaction: Transaction, forward_path: str | None, reply: Reply
+    ) -> None:
+        who = (
+            f"to=<{forward_path}>"
+            if forward_path is not None
+            else (f"from=<{transaction.reverse_path}>")
+        )
+        status = "deferred" if reply.code // 100 == 4 else "rejected"
+        log.info(
+            "%s: %s, relay=%s, status=%s (%s)",
+            transaction.queue_id,
+            who,
+            self._settings.label,
+            status,
+            reply,
+        )
+
+    def _maybe_capture(
+        self,
+        session: RelaySession,
+        transaction: Transaction,
+        reply: Reply | None,
+        received: bytes | None,
+        sent: bytes | None,
+    ) -> None:
+        capture = self._capture
+        if capture is None or session.transcript is None:
+            return
+        lines = session.transcript.take()
+        ended_positive = reply is not None and reply.is_positive
+        if capture.wanted(ended_positive=ended_positive):
+            capture.submit(
+                Capture(transaction.queue_id, transaction.received_at, lines, received, sent)
+            )
+
+
+def _reply_of(exc: UpstreamError) -> Reply:
+    return Reply(exc.code, exc.enhanced_status, exc.text)
+
+
+def _parse(reply: str) -> Reply:
+    code, enhanced, text = reply.split(" ", 2)
+    return Reply(int(code), enhanced, text)

@@ -1,0 +1,351 @@
+"""The upstream side: one aiosmtplib connection per downstream session, in step.
+
+:class:`UpstreamSession` opens the connection at the first MAIL FROM (EHLO,
+STARTTLS as configured, EHLO again, AUTH when a user is set), forwards MAIL,
+each RCPT and DATA as they come, and hands back the upstream's :class:`Reply`.
+Failures that are not the upstream's verdict on the message (refused, timed
+out, TLS, AUTH, dropped) raise an :class:`~smtp_tracker.errors.UpstreamError`
+whose reply is a 4xx with an enhanced status code, so Postfix keeps the
+message and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+
+from smtp_tracker.errors import (
+    UpstreamAuthError,
+    UpstreamError,
+    UpstreamTLSError,
+    UpstreamUnavailable,
+)
+from smtp_tracker.smtp import replies
+from smtp_tracker.smtp.reply import Reply
+from smtp_tracker.smtp.transcript import UPSTREAM_SAID, WE_SAID_TO_UPSTREAM, Transcript
+
+__all__ = ["UpstreamSession", "UpstreamSettings", "filter_parameters"]
+
+log = logging.getLogger("smtp_tracker.relay")
+
+#: ESMTP parameters and the extension the upstream must advertise to receive them.
+#: RFC 1870 (SIZE), RFC 6152 (BODY), RFC 6531 (SMTPUTF8), RFC 3461 §4 (DSN).
+_PARAMETER_EXTENSION = {
+    "SIZE": "size",
+    "BODY": "8bitmime",
+    "SMTPUTF8": "smtputf8",
+    "RET": "dsn",
+    "ENVID": "dsn",
+    "NOTIFY": "dsn",
+    "ORCPT": "dsn",
+}
+
+
+def _translate(exc: BaseException) -> UpstreamError:
+    """Map an aiosmtplib/ssl/OS exception to the UpstreamError we reply with."""
+    if isinstance(exc, UpstreamError):
+        return exc
+    cause = exc.__cause__
+    if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
+        return UpstreamTLSError(*_split(replies.R451_UPSTREAM_TLS_FAILED))
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
+        return UpstreamUnavailable(*_split(replies.R451_UPSTREAM_TIMEOUT))
+    if isinstance(exc, aiosmtplib.SMTPConnectError):
+        return UpstreamUnavailable(*_split(replies.R451_UPSTREAM_UNAVAILABLE))
+    return UpstreamUnavailable(*_split(replies.R451_UPSTREAM_LOST))
+
+
+def _split(reply: str) -> tuple[int, str, str]:
+    code, enhanced, text = reply.split(" ", 2)
+    return int(code), enhanced, text
+
+
+def filter_parameters(parameters: Sequence[str], extensions: dict[str, str]) -> list[str]:
+    """Keep the ESMTP parameters whose extension the upstream advertised.
+
+    Parameters are never invented and never altered; one whose extension the
+    upstream lacks is left out (RFC 5321 §4.1.1.11: a client must not use an
+    extension the server did not advertise).
+
+    :param parameters: ``KEYWORD=value`` strings as the client sent them.
+    :param extensions: the upstream's EHLO keywords, lower-case, as aiosmtplib keeps them.
+    """
+    kept = []
+    for parameter in parameters:
+        keyword = parameter.partition("=")[0].upper()
+        extension = _PARAMETER_EXTENSION.get(keyword)
+        if extension is not None and extension in extensions:
+            kept.append(parameter)
+    return kept
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpstreamSettings:
+    """How to reach the upstream smarthost.
+
+    :ivar tls: ``"starttls"`` (required: never falls back to plaintext, RFC 3207),
+        ``"implicit"`` (TLS from the first byte, RFC 8314 §3.3) or ``"none"``.
+    :ivar tls_context: client context, verification on unless the admin said otherwise.
+    :ivar connect_timeout_s: TCP connect, TLS handshake and greeting, in seconds.
+    :ivar command_timeout_s: each command's reply, in seconds (RFC 5321 §4.5.3.2
+        suggests 5 minutes for MAIL and RCPT).
+    :ivar data_timeout_s: the reply to the end of data, in seconds (RFC 5321
+        §4.5.3.2.6 suggests 10 minutes).
+    """
+
+    host: str
+    port: int
+    tls: str
+    tls_context: ssl.SSLContext | None
+    helo_name: str
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 30.0
+    command_timeout_s: float = 300.0
+    data_timeout_s: float = 600.0
+
+    @property
+    def label(self) -> str:
+        """``host:port`` as it appears in logs (``relay=``)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class UpstreamSession:
+    """One connection to the upstream, opened on demand and reused across transactions.
+
+    Not safe for concurrent use: one downstream session drives it, one command at a time.
+    """
+
+    def __init__(self, settings: UpstreamSettings, transcript: Transcript | None = None) -> None:
+        self._settings = settings
+        self._transcript = transcript
+        self._client: aiosmtplib.SMTP | None = None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether a usable connection is open now."""
+        return self._client is not None and self._client.is_connected
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """The upstream's EHLO keywords (lower-case) → parameters; empty when closed."""
+        return dict(self._client.esmtp_extensions) if self._client is not None else {}
+
+    def _note(self, direction: str, text: str) -> None:
+        if self._transcript is not None:
+            self._transcript.add(direction, text)
+
+    def _note_reply(self, code: int, message: str) -> None:
+        if self._transcript is not None:
+            for line in message.split("\n") or [""]:
+                self._transcript.add(UPSTREAM_SAID, f"{code} {line}")
+
+    async def ensure_open(self) -> None:
+        """Connect, say EHLO, STARTTLS and AUTH as configured, unless already open.
+
+        :raises UpstreamTLSError: STARTTLS required but not offered, refused, or the
+            handshake or certificate verification failed (4.7.4 / 4.7.5).
+        :raises UpstreamAuthError: the upstream refused our credentials (4.7.8).
+        :raises UpstreamUnavailable: refused, unresolvable, timed out, or the greeting
+            was not 220 (4.4.x, or the upstream's own code made temporary).
+        """
+        if self.is_open:
+            return
+        await self.close()
+        settings = self._settings
+        client = aiosmtplib.SMTP(
+            hostname=settings.host,
+            port=settings.port,
+            local_hostname=settings.helo_name,
+            timeout=settings.command_timeout_s,
+            use_tls=settings.tls == "implicit",
+            start_tls=False,
+            tls_context=settings.tls_context,
+        )
+        self._note("--", f"connecting to {settings.label} (tls={settings.tls})")
+        try:
+            greeting = await client.connect(timeout=settings.connect_timeout_s)
+            self._note_reply(greeting.code, greeting.message)
+            await self._ehlo(client)
+            if settings.tls == "starttls":
+                await self._starttls(client)
+            if settings.user is not None:
+                await self._login(client)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            client.close()
+            self._note_reply(exc.code, exc.message)
+            reply = Reply.from_upstream(exc.code, exc.message, command="CONNECT").as_transient()
+            raise UpstreamUnavailable(reply.code, reply.enhanced_status, reply.text) from exc
+        except UpstreamError:
+            client.close()
+            raise
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            client.close()
+            error = _translate(exc)
+            self._note("--", f"failed: {type(exc).__name__}")
+            log.warning("upstream %s: %s (%s)", settings.label, error.text, _describe(exc))
+            raise error from exc
+        self._client = client
+
+    async def _ehlo(self, client: aiosmtplib.SMTP) -> None:
+        self._note(WE_SAID_TO_UPSTREAM, f"EHLO {self._settings.helo_name}")
+        try:
+            response = await client.ehlo()
+        except aiosmtplib.SMTPHeloError as exc:
+            self._note_reply(exc.code, exc.message)
+            reply = Reply.from_upstream(exc.code, exc.message, command="EHLO").as_transient()
+            raise UpstreamUnavailable(reply.code, reply.enhanced_status, reply.text) from exc
+        self._note_reply(response.code, response.message)
+
+    async def _starttls(self, client: aiosmtplib.SMTP) -> None:
+        settings = self._settings
+        if not client.supports_extension("starttls"):
+            log.warning("upstream %s: STARTTLS required but not offered", settings.label)
+            raise UpstreamTLSError(*_split(replies.R451_UPSTREAM_STARTTLS_MISSING))
+        self._note(WE_SAID_TO_UPSTREAM, "STARTTLS")
+        try:
+            response = await client.starttls(
+                tls_context=settings.tls_context, server_hostname=settings.host
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            self._note_reply(exc.code, exc.message)
+            log.warning("upstream %s: STARTTLS refused: %s", settings.label, exc.code)
+            reply = Reply.from_upstream(exc.code, exc.message, command="STARTTLS").as_transient()
+            raise UpstreamTLSError(reply.code, reply.enhanced_status, reply.text) from exc
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            log.warning("upstream %s: TLS handshake failed: %s", settings.label, _describe(exc))
+            raise UpstreamTLSError(*_split(replies.R451_UPSTREAM_TLS_FAILED)) from exc
+        self._note_reply(response.code, response.message)
+        self._note("--", f"TLS established ({client.get_transport_info('cipher')[0]})")
+        await self._ehlo(client)
+
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        settings = self._settings
+        assert settings.user is not None
+        self._note(WE_SAID_TO_UPSTREAM, "AUTH <redacted>")
+        try:
+            response = await client.login(settings.user, settings.password or "")
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            self._note_reply(exc.code, exc.message)
+            log.warning(
+                "upstream %s: AUTH as %s refused: %s", settings.label, settings.user, exc.code
+            )
+            raise UpstreamAuthError(*_split(replies.R451_UPSTREAM_AUTH_FAILED)) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            self._note_reply(exc.code, exc.message)
+            raise UpstreamAuthError(*_split(replies.R451_UPSTREAM_AUTH_FAILED)) from exc
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            raise
+        except aiosmtplib.SMTPException as exc:
+            # aiosmtplib says so when the upstream offers no AUTH (or none we know).
+            log.warning("upstream %s: AUTH not possible: %s", settings.label, exc)
+            raise UpstreamAuthError(*_split(replies.R451_UPSTREAM_AUTH_FAILED)) from exc
+        self._note_reply(response.code, response.message)
+
+    async def _command(self, command: str, argument: bytes, parameters: Sequence[str]) -> Reply:
+        client = self._client
+        if client is None or not client.is_connected:
+            raise UpstreamUnavailable(*_split(replies.R451_UPSTREAM_LOST))
+        words = [argument, *(p.encode("utf-8", "surrogateescape") for p in parameters)]
+        self._note(WE_SAID_TO_UPSTREAM, f"{command} {b' '.join(words).decode('utf-8', 'replace')}")
+        try:
+            response = await client.execute_command(command.encode("ascii"), *words)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+            client.close()
+            error = (
+                _translate(exc)
+                if not isinstance(exc, ValueError)
+                else UpstreamUnavailable(*_split(replies.R451_INTERNAL_ERROR))
+            )
+            self._note("--", f"failed: {type(exc).__name__}")
+            log.warning("upstream %s: %s: %s", self._settings.label, command, _describe(exc))
+            raise error from exc
+        self._note_reply(response.code, response.message)
+        return Reply.from_upstream(response.code, response.message, command=command)
+
+    async def mail(self, reverse_path: str, parameters: Sequence[str]) -> Reply:
+        """Send ``MAIL FROM:<reverse_path>`` with the parameters the upstream supports.
+
+        :param reverse_path: the address without angle brackets; ``""`` for the null
+            reverse-path (RFC 5321 §4.5.5).
+        :returns: the upstream's reply, whatever its code.
+        :raises UpstreamError: the connection could not be opened or was lost (4xx).
+        """
+        await self.ensure_open()
+        kept = filter_parameters(parameters, self.extensions)
+        path = b"FROM:<" + reverse_path.encode("utf-8", "surrogateescape") + b">"
+        return await self._command("MAIL", path, kept)
+
+    async def rcpt(self, forward_path: str, parameters: Sequence[str]) -> Reply:
+        """Send ``RCPT TO:<forward_path>``; see :meth:`mail`.
+
+        :raises UpstreamError: the connection was lost or timed out (4xx).
+        """
+        kept = filter_parameters(parameters, self.extensions)
+        path = b"TO:<" + forward_path.encode("utf-8", "surrogateescape") + b">"
+        return await self._command("RCPT", path, kept)
+
+    async def data(self, content: bytes) -> Reply:
+        """Send DATA and the message; return the upstream's final reply.
+
+        aiosmtplib dot-stuffs the content and ends it with ``CRLF.CRLF``
+        (RFC 5321 §4.5.2); bare CR and LF become CRLF on the way (§2.3.8).
+
+        :param content: the message bytes, header and body, CRLF line ends.
+        :raises UpstreamError: the connection was lost or timed out during DATA (4xx).
+        """
+        client = self._client
+        if client is None or not client.is_connected:
+            raise UpstreamUnavailable(*_split(replies.R451_UPSTREAM_LOST))
+        self._note(WE_SAID_TO_UPSTREAM, f"DATA ({len(content)} bytes)")
+        try:
+            response = await client.data(content, timeout=self._settings.data_timeout_s)
+        except aiosmtplib.SMTPDataError as exc:
+            self._note_reply(exc.code, exc.message)
+            return Reply.from_upstream(exc.code, exc.message, command="DATA")
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            client.close()
+            self._note("--", f"failed: {type(exc).__name__}")
+            log.warning("upstream %s: DATA: %s", self._settings.label, _describe(exc))
+            raise _translate(exc) from exc
+        self._note_reply(response.code, response.message)
+        return Reply.from_upstream(response.code, response.message, command="DATA")
+
+    async def rset(self) -> None:
+        """Abort the upstream transaction (RFC 5321 §4.1.1.5); close the connection on failure."""
+        client = self._client
+        if client is None or not client.is_connected:
+            return
+        self._note(WE_SAID_TO_UPSTREAM, "RSET")
+        try:
+            response = await client.rset()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self._note("--", f"RSET failed: {type(exc).__name__}; closing")
+            client.close()
+            return
+        self._note_reply(response.code, response.message)
+
+    async def close(self) -> None:
+        """Say QUIT (briefly) and close; never raises."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        if client.is_connected:
+            self._note(WE_SAID_TO_UPSTREAM, "QUIT")
+            try:
+                await client.quit(timeout=5.0)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                pass
+        client.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """A short description for the log (never for an SMTP reply)."""
+    parts = [f"{type(exc).__name__}: {exc}"]
+    if exc.__cause__ is not None:
+        parts.append(f"{type(exc.__cause__).__name__}: {exc.__cause__}")
+    return "; ".join(parts)

@@ -1,0 +1,67 @@
+"""Every SMTP reply smtp-tracker composes itself, in one place.
+
+Replies that come from the upstream are passed on as they were (see
+:mod:`smtp_tracker.smtp.reply`); these are the ones we say on our own account.
+Each constant is named with its reply code; each carries an enhanced status
+code (RFC 3463, registry in RFC 5248) because we advertise ENHANCEDSTATUSCODES
+(RFC 2034).  None of them ever includes the text of an exception.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "R221_BYE",
+    "R250_OK",
+    "R451_INTERNAL_ERROR",
+    "R451_UPSTREAM_AUTH_FAILED",
+    "R451_UPSTREAM_LOST",
+    "R451_UPSTREAM_SMTPUTF8_UNSUPPORTED",
+    "R451_UPSTREAM_STARTTLS_MISSING",
+    "R451_UPSTREAM_TIMEOUT",
+    "R451_UPSTREAM_TLS_FAILED",
+    "R451_UPSTREAM_UNAVAILABLE",
+    "R452_TOO_MANY_RECIPIENTS",
+    "R502_AUTH_NOT_OFFERED",
+    "R503_NEED_MAIL",
+    "R503_NESTED_MAIL",
+    "R552_MESSAGE_TOO_BIG",
+    "R554_ACCESS_DENIED",
+    "R555_UNKNOWN_PARAMETER",
+]
+
+R221_BYE = "221 2.0.0 Bye"
+R250_OK = "250 2.0.0 OK"
+
+#: RFC 3463 X.4.1 "No answer from host": connection refused, unreachable, unresolvable.
+R451_UPSTREAM_UNAVAILABLE = "451 4.4.1 upstream unavailable, try again later"
+#: RFC 3463 X.4.2 "Bad connection": the upstream dropped the connection mid-transaction.
+R451_UPSTREAM_LOST = "451 4.4.2 connection to upstream lost, try again later"
+#: RFC 3463 X.4.2: the upstream did not answer within our timeout.
+R451_UPSTREAM_TIMEOUT = "451 4.4.2 upstream timed out, try again later"
+#: RFC 3463 X.7.4 "Security features not supported": STARTTLS required but not offered.
+R451_UPSTREAM_STARTTLS_MISSING = "451 4.7.4 upstream does not offer STARTTLS, which is required"
+#: RFC 3463 X.7.5 "Cryptographic failure": handshake or certificate verification failed.
+R451_UPSTREAM_TLS_FAILED = "451 4.7.5 TLS with upstream failed, try again later"
+#: RFC 4954 §6 X.7.8 "Authentication credentials invalid", made temporary: our
+#: configuration is at fault, not the message, so Postfix must keep it.
+R451_UPSTREAM_AUTH_FAILED = "451 4.7.8 upstream refused our credentials, try again later"
+#: RFC 6531 §3.4 X.6.7: the message needs SMTPUTF8 and the upstream lacks it.
+#: Temporary on purpose: the admin can switch upstreams before Postfix gives up.
+R451_UPSTREAM_SMTPUTF8_UNSUPPORTED = "451 4.6.7 upstream does not support SMTPUTF8"
+#: RFC 3463 X.3.0: anything we did not foresee; the exception is logged, never shown.
+R451_INTERNAL_ERROR = "451 4.3.0 internal error, try again later"
+
+#: RFC 5321 §4.5.3.1.10: 452 for too many recipients; RFC 3463 X.5.3.
+R452_TOO_MANY_RECIPIENTS = "452 4.5.3 too many recipients"
+
+#: RFC 4954 §4: AUTH is not offered here; access is by client address.
+R502_AUTH_NOT_OFFERED = "502 5.5.1 AUTH not offered"
+R503_NESTED_MAIL = "503 5.5.1 nested MAIL command"
+R503_NEED_MAIL = "503 5.5.1 need MAIL command"
+
+#: RFC 1870 §6.1 and RFC 3463 X.3.4 "Message too big for system".
+R552_MESSAGE_TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"
+#: RFC 3463 X.7.1 "Delivery not authorized": client outside allowed_clients.
+R554_ACCESS_DENIED = "554 5.7.1 access denied"
+#: RFC 1869 §6 / RFC 5321 §4.1.1.11, X.5.4 "Invalid command arguments".
+R555_UNKNOWN_PARAMETER = "555 5.5.4 parameter not recognized or not implemented"

@@ -1,0 +1,271 @@
+"""The downstream side: aiosmtpd's SMTP protocol, with what a relay for Postfix needs.
+
+:class:`RelaySMTP` differs from aiosmtpd's ``SMTP`` only where it must:
+
+- clients outside ``allowed_clients`` get ``554 5.7.1`` and are disconnected
+  before the greeting;
+- MAIL and RCPT parameters are parsed here (:mod:`.parameters`), because
+  aiosmtpd upper-cases their values and refuses the DSN ones (RFC 3461);
+- AUTH is not offered, and refused with 502;
+- aiosmtpd's own replies get enhanced status codes (RFC 2034), since we
+  advertise ENHANCEDSTATUSCODES;
+- every command and reply is copied to the session's transcript when capture
+  is on, and the handler hears when the connection is lost;
+- unexpected exceptions reply ``451 4.3.0`` and are logged, never echoed.
+
+The handler (:mod:`.handler`) does the relaying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Session, syntax
+
+from smtp_tracker.errors import CommandRejected
+from smtp_tracker.smtp import replies
+from smtp_tracker.smtp.parameters import parse_mail_parameters, parse_rcpt_parameters
+from smtp_tracker.smtp.transcript import CLIENT_SAID, WE_SAID_TO_CLIENT, Transcript
+
+if TYPE_CHECKING:
+    from smtp_tracker.smtp.handler import RelayHandler
+    from smtp_tracker.smtp.relay import UpstreamSession
+    from smtp_tracker.smtp.transaction import Transaction
+
+__all__ = ["RelaySMTP", "RelaySession", "client_allowed"]
+
+log = logging.getLogger("smtp_tracker.smtpd")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: aiosmtpd's stock replies, given the enhanced status codes RFC 2034 §3 asks for.
+_STOCK_REPLIES = {
+    "500 Error: bad syntax": "500 5.5.2 syntax error",
+    "500 Command line too long": "500 5.5.2 command line too long",
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 line too long (RFC 5321 §4.5.3.1.6)",
+    "500 Error: strict ASCII mode": "500 5.5.2 non-ASCII data without SMTPUTF8",
+    "552 Error: Too much mail data": replies.R552_MESSAGE_TOO_BIG,
+    "503 Error: need RCPT command": "503 5.5.1 need RCPT command",
+    "503 Error: need MAIL command": replies.R503_NEED_MAIL,
+    "503 Error: send HELO first": "503 5.5.1 send HELO or EHLO first",
+    "501 Syntax: DATA": "501 5.5.4 syntax: DATA",
+    "501 Syntax: RSET": "501 5.5.4 syntax: RSET",
+    "501 Syntax: QUIT": "501 5.5.4 syntax: QUIT",
+    "501 Syntax: EHLO hostname": "501 5.5.4 syntax: EHLO hostname",
+    "501 Syntax: HELO hostname": "501 5.5.4 syntax: HELO hostname",
+    "250 OK": replies.R250_OK,
+    "221 Bye": replies.R221_BYE,
+    "530 Must issue a STARTTLS command first": "530 5.7.0 must issue a STARTTLS command first",
+    "554 Command refused due to lack of security": "554 5.7.0 command refused: TLS failed",
+    "454 TLS not available": "454 4.7.0 TLS not available",
+}
+
+
+def client_allowed(peer: Any, networks: Sequence[IPNetwork]) -> bool:
+    """Whether a peer address (a socket's peername tuple) is inside ``networks``."""
+    try:
+        address = ipaddress.ip_address(peer[0])
+    except (TypeError, ValueError, IndexError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+class RelaySession(Session):
+    """aiosmtpd's Session plus the relay's state for one connection."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.upstream: UpstreamSession | None = None
+        self.transaction: Transaction | None = None
+        self.transcript: Transcript | None = None
+        self.transactions = 0
+
+
+class RelaySMTP(SMTP):
+    """One downstream connection; see the module docstring for what differs from aiosmtpd.
+
+    :param handler: the :class:`~smtp_tracker.smtp.handler.RelayHandler`.
+    :param allowed_clients: networks whose clients may connect (RFC 5321 §7.1).
+    :param max_message_bytes: SIZE limit (RFC 1870), in bytes.
+    :param client_timeout_s: idle timeout for the client, in seconds.
+    :param keep_transcript: whether to copy the conversation for capture files.
+    """
+
+    session: RelaySession | None
+
+    def __init__(
+        self,
+        handler: RelayHandler,
+        *,
+        allowed_clients: Sequence[IPNetwork],
+        max_message_bytes: int,
+        client_timeout_s: float,
+        hostname: str,
+        tls_context: ssl.SSLContext | None,
+        keep_transcript: bool,
+        on_lost: Callable[[RelaySession], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(
+            handler,
+            data_size_limit=max_message_bytes,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=hostname,
+            ident="ESMTP smtp-tracker",
+            tls_context=tls_context,
+            require_starttls=False,
+            timeout=client_timeout_s,
+            auth_require_tls=True,
+        )
+        self._allowed_clients = tuple(allowed_clients)
+        self._max_message_bytes = max_message_bytes
+        self._keep_transcript = keep_transcript
+        self._client_timeout_s = client_timeout_s
+        if keep_transcript:
+            self._smtp_methods = {
+                name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
+            }
+
+    # -- session and access control --------------------------------------------
+
+    def _create_session(self) -> RelaySession:
+        session = RelaySession(self.loop)
+        if self._keep_transcript:
+            session.transcript = Transcript()
+        return session
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None
+        if not client_allowed(self.session.peer, self._allowed_clients):
+            log.warning(
+                "reject: connect from %s: client not in allowed_clients",
+                _peer_text(self.session.peer),
+            )
+            await self.push(replies.R554_ACCESS_DENIED)
+            assert self.transport is not None
+            self.transport.close()
+            return
+        log.info("connect from %s", _peer_text(self.session.peer))
+        await super()._handle_client()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        session = self.session
+        super().connection_lost(error)
+        if session is not None:
+            handler: RelayHandler = self.event_handler
+            handler.schedule_disconnect(session)
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Keep the client connection open while we wait on the upstream for ``seconds``."""
+        self._reset_timeout(max(seconds, self._client_timeout_s))
+
+    # -- transcript and replies ---------------------------------------------------
+
+    def _transcribed(
+        self, name: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        async def call(arg: str | None) -> None:
+            if self.session is not None and self.session.transcript is not None:
+                self.session.transcript.add(CLIENT_SAID, name if arg is None else f"{name} {arg}")
+            await method(arg)
+
+        return call
+
+    async def push(self, status: AnyStr) -> None:
+        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+        text = _STOCK_REPLIES.get(text, text)
+        if self.session is not None and self.session.transcript is not None:
+            self.session.transcript.add(WE_SAID_TO_CLIENT, text)
+        await super().push(text)
+
+    async def handle_exception(self, error: Exception) -> str:
+        peer = _peer_text(self.session.peer) if self.session is not None else "?"
+        log.error("%s: unexpected error", peer, exc_info=error)
+        if self.session is not None:
+            handler: RelayHandler = self.event_handler
+            await handler.abort_transaction(self.session, reason="internal error")
+        return replies.R451_INTERNAL_ERROR
+
+    # -- commands -----------------------------------------------------------------
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push(replies.R502_AUTH_NOT_OFFERED)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None and self.envelope is not None
+        syntax_error = "501 5.5.4 syntax: MAIL FROM:<address> [SP <mail-parameters>]"
+        rest = self._strip_command_keyword("FROM:", arg or "")
+        if rest is None:
+            await self.push(syntax_error)
+            return
+        address, parameter_text = self._getaddr(rest)
+        if address is None:
+            await self.push("553 5.1.7 malformed address")
+            return
+        if not address or (parameter_text and not self.session.extended_smtp):
+            await self.push(syntax_error)
+            return
+        if self.envelope.mail_from is not None:
+            await self.push(replies.R503_NESTED_MAIL)
+            return
+        try:
+            parameters = parse_mail_parameters(
+                parameter_text or "", max_message_bytes=self._max_message_bytes
+            )
+        except CommandRejected as exc:
+            await self.push(exc.reply)
+            return
+        if address == "<>":
+            address = ""
+        self.envelope.smtp_utf8 = parameters.smtputf8
+        handler: RelayHandler = self.event_handler
+        status = await handler.mail(self, self.session, self.envelope, address, parameters)
+        await self.push(status)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.session is not None and self.envelope is not None
+        if self.envelope.mail_from is None:
+            await self.push(replies.R503_NEED_MAIL)
+            return
+        syntax_error = "501 5.5.4 syntax: RCPT TO:<address> [SP <mail-parameters>]"
+        rest = self._strip_command_keyword("TO:", arg or "")
+        if rest is None:
+            await self.push(syntax_error)
+            return
+        address, parameter_text = self._getaddr(rest)
+        if address is None:
+            await self.push("553 5.1.3 malformed address")
+            return
+        if not address or address == "<>" or (parameter_text and not self.session.extended_smtp):
+            await self.push(syntax_error)
+            return
+        try:
+            parameters = parse_rcpt_parameters(parameter_text or "")
+        except CommandRejected as exc:
+            await self.push(exc.reply)
+            return
+        handler: RelayHandler = self.event_handler
+        status = await handler.rcpt(self, self.session, self.envelope, address, parameters)
+        await self.push(status)
+
+
+def _peer_text(peer: Any) -> str:
+    try:
+        host, port = peer[0], peer[1]
+    except (TypeError, IndexError):
+        return "unknown"
+    return f"[{host}]:{port}"

@@ -1,0 +1,55 @@
+"""One SMTP mail transaction (RFC 5321 §3.3): MAIL, RCPTs, DATA, as we relay it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from smtp_tracker.errors import UpstreamError
+from smtp_tracker.smtp.reply import Reply
+
+__all__ = ["Recipient", "Transaction", "new_queue_id"]
+
+
+def new_queue_id() -> str:
+    """A queue id in Postfix's short form: 12 upper-case hex digits, unique enough per host.
+
+    It names the transaction in our logs, the ``Received:`` header and capture
+    files; it is not Postfix's queue id (that one is in Postfix's log).
+    """
+    return secrets.token_hex(6).upper()
+
+
+@dataclass(slots=True)
+class Recipient:
+    """A forward-path the upstream answered, with the parameters sent and its reply."""
+
+    address: str
+    parameters: tuple[str, ...]
+    reply: Reply
+
+
+@dataclass(slots=True)
+class Transaction:
+    """The state of one transaction between MAIL and the end of DATA (or RSET).
+
+    :ivar broken: set when the upstream connection failed mid-transaction;
+        every later command of the transaction gets its 4xx reply.
+    """
+
+    reverse_path: str
+    parameters: tuple[str, ...]
+    smtputf8: bool
+    queue_id: str = field(default_factory=new_queue_id)
+    started: float = field(default_factory=time.monotonic)
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    accepted: list[Recipient] = field(default_factory=list)
+    refused: list[Recipient] = field(default_factory=list)
+    broken: UpstreamError | None = None
+
+    @property
+    def delay_s(self) -> float:
+        """Seconds since MAIL FROM."""
+        return time.monotonic() - self.started
