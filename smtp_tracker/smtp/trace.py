@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+from datetime import UTC, datetime
 
 __all__ = ["received_header"]
 
@@ -50,7 +51,7 @@ def received_header(
         f"Received: from {helo_text} ([{address}])",
         f"\tby {hostname} (smtp-tracker) with {protocol} id {queue_id}",
     ]
-    stamp = email.utils.formatdate(at, localtime=False, usegmt=False)
+    stamp = email.utils.format_datetime(datetime.fromtimestamp(at, UTC))
     if len(recipients) == 1:
         lines.append(f"\tfor <{recipients[0]}>; {stamp}")
     else:

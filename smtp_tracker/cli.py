@@ -1,0 +1,209 @@
+"""The ``smtp-tracker`` command: ``serve``, ``check-config``, ``inject`` and the rest.
+
+Every key of the TOML configuration has a flag of the same name with dashes
+(``upstream_tls`` ↔ ``--upstream-tls``); a flag given overrides the file.
+Problems a user can fix are printed as one line each, ``smtp-tracker: error: ...``,
+with exit status 2 (configuration or usage) or 1 (start-up or input); never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from smtp_tracker import __version__
+from smtp_tracker.config import PASSWORD_ENV, Config, config_from_sources
+from smtp_tracker.errors import ConfigError, SmtpTrackerError, StartupError
+from smtp_tracker.logs import configure_logging
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+#: One line of help per configuration key; the flag is the key with dashes.
+KEY_HELP: dict[str, str] = {
+    "listen": "address to accept SMTP from Postfix on, HOST:PORT (default 127.0.0.1:10025)",
+    "hostname": "our host name in the greeting and Received: header (default: this host's FQDN)",
+    "allowed_clients": "CIDR networks allowed to connect, comma-separated "
+    "(default 127.0.0.0/8,::1/128)",
+    "client_timeout_s": "seconds a downstream client may stay idle (default 300)",
+    "max_message_bytes": "largest message accepted, in bytes; advertised as SIZE "
+    "(default 52428800)",
+    "max_recipients": "recipients accepted per transaction; more get 452 4.5.3 (default 1000)",
+    "add_received_header": "prepend a Received: trace header (default on)",
+    "tls_cert": "PEM certificate offered to clients with STARTTLS and by the HTTPS endpoints",
+    "tls_key": "PEM private key for --tls-cert",
+    "upstream": "the smarthost to relay to, HOST:PORT (required for serve)",
+    "upstream_tls": "starttls (required, never falls back to plaintext), implicit, or none "
+    "(default starttls)",
+    "upstream_ca_file": "PEM CA bundle to verify the upstream's certificate "
+    "(default: the system's)",
+    "insecure_skip_verify": "do not verify the upstream's certificate (testing only)",
+    "upstream_user": f"SMTP AUTH user at the upstream; the password comes from {PASSWORD_ENV} "
+    "or upstream_password_file, never a flag",
+    "upstream_password_file": "file holding the upstream password (mode 0600)",
+    "upstream_connect_timeout_s": "seconds to connect, handshake and get the upstream's "
+    "greeting (default 30)",
+    "upstream_command_timeout_s": "seconds to wait for each upstream reply (default 300)",
+    "upstream_data_timeout_s": "seconds to wait for the upstream's reply to the message "
+    "(default 600)",
+    "data_dir": "directory for the tracking store and capture files, created if missing "
+    "(default ./smtp-tracker-data)",
+    "capture": "debug capture files: off, errors (transactions not ending 2xx), or all "
+    "(default off)",
+    "log_level": "debug, info, warning or error (default info)",
+    "log_format": "text (Postfix-like) or json (default text)",
+    "tracking": "inject the open-tracking pixel into HTML mail (default on)",
+    "pixel_base_url": "public URL of the pixel endpoint, e.g. https://track.example.com:8443",
+    "dkim_policy": "skip (never touch DKIM-signed mail) or track (default skip)",
+    "tracking_requires_opt_in": "track only messages whose control header says yes (default off)",
+    "control_header": "header that opts a message in (yes) or out (no); removed before relay "
+    "(default X-Track)",
+    "rewrite_timeout_s": "seconds the pixel rewrite may take before the original is relayed "
+    "(default 10)",
+    "store_subject": "keep the Subject in the tracking store (default off)",
+    "ip_policy": "how opens' client addresses are kept: full, truncate, hash or none "
+    "(default truncate)",
+    "pixel": "run the HTTPS pixel endpoint in this process (default on)",
+    "pixel_listen": "address of the pixel endpoint, HOST:PORT (default 0.0.0.0:8443)",
+    "pixel_plain_http": "serve the pixel endpoint over plain HTTP, behind a TLS proxy",
+    "trusted_proxies": "CIDR networks whose X-Forwarded-For is believed, comma-separated",
+}
+
+_KEYS = [f for f in dataclasses.fields(Config) if f.name != "upstream_password"]
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML configuration file (flags override it)"
+    )
+    group = parser.add_argument_group("configuration keys (each overrides the file)")
+    for spec in _KEYS:
+        flag = "--" + spec.name.replace("_", "-")
+        text = KEY_HELP[spec.name]
+        if spec.type == "bool":
+            group.add_argument(
+                flag, dest=spec.name, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            group.add_argument(
+                flag, dest=spec.name, default=None, metavar=_metavar(spec.name), help=text
+            )
+
+
+def _metavar(name: str) -> str:
+    if name.endswith("_s"):
+        return "SECONDS"
+    if name.endswith("_bytes"):
+        return "BYTES"
+    if name in {"listen", "upstream", "pixel_listen"}:
+        return "HOST:PORT"
+    if name in {"allowed_clients", "trusted_proxies"}:
+        return "CIDR[,CIDR...]"
+    if name in {"tls_cert", "tls_key", "upstream_ca_file"}:
+        return "PEM"
+    if name in {"data_dir"}:
+        return "DIR"
+    return name.upper().replace("_", "-").split("-")[-1]
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {spec.name: getattr(args, spec.name, None) for spec in _KEYS}
+
+
+def _load(args: argparse.Namespace, *, require_upstream: bool = False) -> Config:
+    warnings: list[str] = []
+    config = config_from_sources(
+        config_file=args.config,
+        flags=_flags(args),
+        require_upstream=require_upstream,
+        warnings=warnings,
+    )
+    for warning in warnings:
+        print(f"smtp-tracker: warning: {warning}", file=sys.stderr)
+    return config
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from smtp_tracker.app import run
+
+    config = _load(args, require_upstream=True)
+    configure_logging(config.log_level, config.log_format)
+    return asyncio.run(run(config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from smtp_tracker.app import server_tls_context, upstream_tls_context
+
+    config = _load(args, require_upstream=True)
+    upstream_tls_context(config)
+    server_tls_context(config)
+    print(
+        f"smtp-tracker: config OK: relaying {config.listen} -> {config.upstream} "
+        f"({config.upstream_tls})"
+    )
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smtp-tracker",
+        description="An in-step SMTP relay for Postfix that tracks opens of HTML mail.",
+    )
+    parser.add_argument("--version", action="version", version=f"smtp-tracker {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="relay mail from Postfix to the upstream",
+        description="Accept SMTP from Postfix and relay each transaction to the upstream "
+        "in step, giving Postfix the upstream's own replies.",
+    )
+    _add_config_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a configuration and exit",
+        description="Validate the configuration (file and flags); print one line per problem.",
+    )
+    _add_config_flags(check)
+    check.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status.
+
+    Exit status: 0 success, 1 start-up or input failure, 2 configuration or usage error.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"smtp-tracker: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except StartupError as exc:
+        print(f"smtp-tracker: fatal: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except SmtpTrackerError as exc:
+        print(f"smtp-tracker: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        logging.shutdown()
+        return 130
