@@ -10,6 +10,7 @@ gracefully: no new connections, transactions in flight finish (up to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -181,21 +182,15 @@ class Application:
         """Stop accepting, let transactions in flight finish (up to ``grace_s``), close."""
         if self._server is not None:
             self._server.close()
-        deadline = asyncio.get_running_loop().time() + grace_s
-        while self.handler.active_transactions > 0:
-            if asyncio.get_running_loop().time() >= deadline:
-                log.warning(
-                    "stopping with %d transactions unfinished; the client will retry",
-                    self.handler.active_transactions,
-                )
-                break
-            await asyncio.sleep(0.05)
+        if not await self.handler.wait_idle(grace_s):
+            log.warning(
+                "stopping with %d transactions unfinished; the client will retry",
+                self.handler.active_transactions,
+            )
         for protocol in list(self._protocols):
             if protocol.transport is not None:
-                try:
+                with contextlib.suppress(ConnectionError, RuntimeError):
                     await protocol.push("421 4.3.2 smtp-tracker shutting down")
-                except (ConnectionError, RuntimeError):
-                    pass
                 protocol.transport.close()
         if self._server is not None:
             await self._server.wait_closed()

@@ -38,7 +38,7 @@ __all__ = [
     "parse_host_port",
 ]
 
-PASSWORD_ENV = "SMTP_TRACKER_UPSTREAM_PASSWORD"
+PASSWORD_ENV = "SMTP_TRACKER_UPSTREAM_PASSWORD"  # noqa: S105 - a variable name
 
 UpstreamTLS = Literal["starttls", "implicit", "none"]
 CaptureMode = Literal["off", "errors", "all"]

@@ -5,6 +5,7 @@
     SmtpTrackerError
     ├── ConfigError                 bad configuration; the CLI prints it as one line, exit 2
     ├── StartupError                a resource could not be had at start (port, file); exit 1
+    ├── InputError                  a command's input is unreadable or empty; exit 1
     ├── StoreError                  the data directory could not be read or written
     ├── CommandRejected             a client's SMTP command we refuse (bad parameter, limit)
     └── UpstreamError               the upstream could not take the transaction
@@ -25,6 +26,7 @@ from __future__ import annotations
 __all__ = [
     "CommandRejected",
     "ConfigError",
+    "InputError",
     "SmtpTrackerError",
     "StartupError",
     "StoreError",
@@ -53,6 +55,10 @@ class ConfigError(SmtpTrackerError):
 
 class StartupError(SmtpTrackerError):
     """A resource needed at start-up is unavailable (port in use, unreadable file)."""
+
+
+class InputError(SmtpTrackerError):
+    """A command's input (a message on standard input, a file) is unreadable or empty."""
 
 
 class StoreError(SmtpTrackerError):

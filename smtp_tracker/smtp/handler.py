@@ -108,7 +108,9 @@ class RelayHandler:
         self._capture = capture
         self._upstream_factory = upstream_factory
         self._disconnects: set[asyncio.Task[None]] = set()
-        self.active_transactions = 0
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.counters: dict[str, int] = {
             "relayed": 0,
             "deferred": 0,
@@ -116,6 +118,28 @@ class RelayHandler:
             "aborted": 0,
             "upstream_failures": 0,
         }
+
+    @property
+    def active_transactions(self) -> int:
+        """Transactions between an accepted MAIL and their end (DATA reply, RSET, drop)."""
+        return self._active
+
+    def _begin(self) -> None:
+        self._active += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no transaction is in flight; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     # -- hooks that aiosmtpd calls by name ------------------------------------------
 
@@ -166,7 +190,6 @@ class RelayHandler:
         content = envelope.original_content
         if transaction is None or not transaction.accepted or content is None:
             return "503 5.5.1 need RCPT command"
-        session.transaction = None
         if transaction.broken is not None:
             self._finish(session, transaction, _reply_of(transaction.broken), content, None)
             return transaction.broken.reply
@@ -219,7 +242,7 @@ class RelayHandler:
         envelope.mail_from = reverse_path
         envelope.mail_options = list(parameters.raw)
         session.transaction = transaction
-        self.active_transactions += 1
+        self._begin()
         return str(reply)
 
     async def rcpt(
@@ -257,14 +280,21 @@ class RelayHandler:
 
     # -- session life -----------------------------------------------------------------
 
-    async def abort_transaction(self, session: RelaySession, *, reason: str) -> None:
-        """End an unfinished transaction (RSET, EHLO, QUIT, drop): RSET the upstream too."""
+    async def abort_transaction(
+        self, session: RelaySession, *, reason: str, reset_upstream: bool = True
+    ) -> None:
+        """End an unfinished transaction (RSET, EHLO, QUIT, drop): RSET the upstream too.
+
+        :param reset_upstream: False when the upstream connection is about to be
+            closed anyway (the client dropped, perhaps mid-DATA, where an RSET
+            could be read as the reply to an unfinished command).
+        """
         transaction, session.transaction = session.transaction, None
         if transaction is None:
             return
-        self.active_transactions -= 1
+        self._end()
         self.counters["aborted"] += 1
-        if session.upstream is not None and transaction.broken is None:
+        if reset_upstream and session.upstream is not None and transaction.broken is None:
             await session.upstream.rset()
         log.info(
             "%s: aborted by %s: from=<%s>, nrcpt=%d",
@@ -282,7 +312,7 @@ class RelayHandler:
         task.add_done_callback(self._disconnects.discard)
 
     async def _disconnected(self, session: RelaySession) -> None:
-        await self.abort_transaction(session, reason="disconnect")
+        await self.abort_transaction(session, reason="disconnect", reset_upstream=False)
         await self._close_upstream(session)
 
     async def drain(self) -> None:
@@ -328,7 +358,8 @@ class RelayHandler:
         *,
         prepared: Prepared | None = None,
     ) -> None:
-        self.active_transactions -= 1
+        session.transaction = None
+        self._end()
         session.transactions += 1
         status = {2: "sent", 4: "deferred"}.get(reply.code // 100, "bounced")
         self.counters[{"sent": "relayed", "deferred": "deferred"}.get(status, "rejected")] += 1

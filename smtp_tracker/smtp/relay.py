@@ -11,6 +11,7 @@ message and retries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Sequence
@@ -336,10 +337,8 @@ class UpstreamSession:
             return
         if client.is_connected:
             self._note(WE_SAID_TO_UPSTREAM, "QUIT")
-            try:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
                 await client.quit(timeout=5.0)
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                pass
         client.close()
 
 

@@ -42,10 +42,9 @@ def received_header(
     :returns: ASCII bytes (UTF-8 only when ``smtputf8`` and an address needs it).
     """
     helo_text = _UNSAFE.sub("?", helo or "unknown")[:255]
+    protocol = "SMTP"
     if esmtp:
         protocol = ("UTF8ESMTP" if smtputf8 else "ESMTP") + ("S" if tls else "")
-    else:
-        protocol = "SMTP"
     address = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
     lines = [
         f"Received: from {helo_text} ([{address}])",
