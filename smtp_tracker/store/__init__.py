@@ -1,1 +1,41 @@
-"""store package."""
+"""The tracking store: message records and pixel opens, kept in the data directory.
+
+:class:`Store` is the interface; :class:`SqliteStore` the SQLite backend
+(``DATA_DIR/tracker.sqlite3``), with :class:`SqliteDatabase` as its blocking
+core for synchronous callers.
+"""
+
+from smtp_tracker.store.address import IP_POLICIES, AddressPolicy, IpPolicy
+from smtp_tracker.store.base import Store
+from smtp_tracker.store.export import format_time, message_to_dict
+from smtp_tracker.store.migrations import CURRENT_VERSION
+from smtp_tracker.store.records import (
+    USER_AGENT_MAX_CHARS,
+    MessageRecord,
+    OpenHit,
+    OpenRecord,
+    StoredMessage,
+)
+from smtp_tracker.store.sqlite import DB_FILENAME, SqliteDatabase, SqliteStore
+from smtp_tracker.store.token import is_well_formed_token, new_tracking_id, pixel_url
+
+__all__ = [
+    "CURRENT_VERSION",
+    "DB_FILENAME",
+    "IP_POLICIES",
+    "USER_AGENT_MAX_CHARS",
+    "AddressPolicy",
+    "IpPolicy",
+    "MessageRecord",
+    "OpenHit",
+    "OpenRecord",
+    "SqliteDatabase",
+    "SqliteStore",
+    "Store",
+    "StoredMessage",
+    "format_time",
+    "is_well_formed_token",
+    "message_to_dict",
+    "new_tracking_id",
+    "pixel_url",
+]

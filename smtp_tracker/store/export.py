@@ -1,0 +1,52 @@
+"""The JSON shape of a message for ``smtp-tracker messages --json`` and ``show --json``.
+
+Times are ISO 8601 in UTC with a ``Z`` suffix and microseconds, e.g.
+``"2024-05-01T12:34:56.123456Z"`` (RFC 3339 §5.6 ``date-time``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from smtp_tracker.store.records import MessageRecord, OpenRecord
+
+__all__ = ["format_time", "message_to_dict"]
+
+
+def format_time(value: datetime) -> str:
+    """*value* (aware) as ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` in UTC."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+def message_to_dict(record: MessageRecord, opens: Iterable[OpenRecord]) -> dict[str, Any]:
+    """A JSON-ready dict for one message and its opens.
+
+    Keys, in this order: ``tracking_id``, ``queue_id``, ``message_id`` (str or
+    null), ``sender`` (``""`` for the null reverse-path), ``recipients`` (list
+    of str), ``size_bytes`` (int), ``received_at``, ``relayed_at``,
+    ``upstream_reply``, ``tracked`` (bool), ``not_tracked_reason`` (str or
+    null), ``subject`` (only when the store kept one), and ``opens``: a list,
+    oldest first, of ``{"at": time, "ip": str or null, "user_agent": str or
+    null}``, where ``ip`` is what the store's ``ip_policy`` kept.
+    """
+    result: dict[str, Any] = {
+        "tracking_id": record.tracking_id,
+        "queue_id": record.queue_id,
+        "message_id": record.message_id,
+        "sender": record.sender,
+        "recipients": list(record.recipients),
+        "size_bytes": record.size_bytes,
+        "received_at": format_time(record.received_at),
+        "relayed_at": format_time(record.relayed_at),
+        "upstream_reply": record.upstream_reply,
+        "tracked": record.tracked,
+        "not_tracked_reason": record.not_tracked_reason,
+    }
+    if record.subject is not None:
+        result["subject"] = record.subject
+    result["opens"] = [
+        {"at": format_time(o.at), "ip": o.ip, "user_agent": o.user_agent} for o in opens
+    ]
+    return result

@@ -1,0 +1,97 @@
+"""The records the tracking store keeps, as plain frozen dataclasses.
+
+All datetimes are timezone-aware and in UTC: the store converts aware
+datetimes to UTC when it writes them and rejects naive ones
+(:class:`ValueError`), so a record read back always carries ``tzinfo=UTC``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+__all__ = ["USER_AGENT_MAX_CHARS", "MessageRecord", "OpenHit", "OpenRecord", "StoredMessage"]
+
+#: User-Agent values are cut to this many characters before they are stored.
+USER_AGENT_MAX_CHARS = 512
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageRecord:
+    """One relayed SMTP transaction, recorded after the upstream answered 2xx.
+
+    The relay calls :meth:`~smtp_tracker.store.base.Store.record_message` only
+    once the upstream accepted the message (final reply to DATA was 2xx); a
+    transaction the upstream refused leaves no record.
+
+    :param tracking_id: the pixel token (:func:`~smtp_tracker.store.token.new_tracking_id`),
+        unique per message; also recorded for untracked messages.
+    :param queue_id: smtp-tracker's own queue id for the transaction.
+    :param message_id: the ``Message-ID`` header as found (RFC 5322 §3.6.4), or ``None``.
+    :param sender: the reverse-path (RFC 5321 §4.1.1.2), ``""`` for the null path ``<>``.
+    :param recipients: the forward-paths the upstream accepted, in order.
+    :param size_bytes: size of the message data as received, in bytes.
+    :param received_at: when the downstream finished sending the data (UTC).
+    :param relayed_at: when the upstream accepted the data (UTC).
+    :param upstream_reply: the upstream's final reply text (often holds its queue id).
+    :param tracked: whether a pixel was injected.
+    :param not_tracked_reason: why not, when ``tracked`` is false (e.g. ``"dkim-signed"``).
+    :param subject: the ``Subject`` header; kept only by a store opened with
+        ``store_subject=True``, otherwise stored as ``None``.
+    """
+
+    tracking_id: str
+    queue_id: str
+    message_id: str | None
+    sender: str
+    recipients: list[str]
+    size_bytes: int
+    received_at: datetime
+    relayed_at: datetime
+    upstream_reply: str
+    tracked: bool
+    not_tracked_reason: str | None = None
+    subject: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpenHit:
+    """One pixel fetch as the endpoint saw it, before the store's ``ip_policy``.
+
+    :param tracking_id: the token from the pixel URL (well-formed, maybe unknown).
+    :param at: when the request arrived (UTC).
+    :param client_address: the client's IP address as text (after trusted-proxy
+        resolution), or ``None`` when unknown.  Never stored as is unless the
+        store's ``ip_policy`` is ``"full"``.
+    :param user_agent: the ``User-Agent`` header, or ``None``; the store cuts it
+        to :data:`USER_AGENT_MAX_CHARS` characters.
+    """
+
+    tracking_id: str
+    at: datetime
+    client_address: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpenRecord:
+    """One recorded open of a known tracking id.
+
+    :param ip: the client address after ``ip_policy``: ``"full"`` the address
+        (``"192.0.2.7"``), ``"truncate"`` its network (``"192.0.2.0/24"``,
+        ``"2001:db8:1::/48"``), ``"hash"`` 64 lower-case hex digits of
+        HMAC-SHA256, ``"none"`` ``None``; ``None`` also when the address was unknown.
+    """
+
+    tracking_id: str
+    at: datetime
+    ip: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StoredMessage:
+    """A message record with its opens, oldest open first."""
+
+    record: MessageRecord
+    opens: tuple[OpenRecord, ...] = field(default=())

@@ -1,0 +1,101 @@
+"""``ip_policy``: what of a client address the store keeps (full, truncate, hash, none)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from store_helpers import T0, make_record, token
+
+from smtp_tracker.errors import StoreError
+from smtp_tracker.store import AddressPolicy, IpPolicy, OpenHit, SqliteStore
+from smtp_tracker.store.address import HASH_KEY_FILENAME, load_or_create_hash_key
+
+ADDRESSES = ["192.0.2.77", "2001:db8:abcd:12::1", "::ffff:198.51.100.9", "not-an-ip", None]
+
+
+async def stored_ips(
+    data_dir: Path, policy: IpPolicy, addresses: list[str | None]
+) -> list[str | None]:
+    """Record one open per address under *policy* and read back what was kept."""
+    async with await SqliteStore.open(data_dir, ip_policy=policy) as store:
+        if not await store.is_known_token(token(1)):
+            await store.record_message(make_record(1))
+        before = await store.find_message(token(1))
+        assert before is not None
+        hits = [
+            OpenHit(tracking_id=token(1), at=T0, client_address=a, user_agent=None)
+            for a in addresses
+        ]
+        assert await store.record_opens(hits) == len(addresses)
+        after = await store.find_message(token(1))
+        assert after is not None
+        return [o.ip for o in after.opens[len(before.opens) :]]
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ("full", ["192.0.2.77", "2001:db8:abcd:12::1", "198.51.100.9", None, None]),
+        ("truncate", ["192.0.2.0/24", "2001:db8:abcd::/48", "198.51.100.0/24", None, None]),
+        ("none", [None, None, None, None, None]),
+    ],
+)
+async def test_policy_stores_what_it_promises(
+    data_dir: Path, policy: IpPolicy, expected: list[str | None]
+) -> None:
+    assert await stored_ips(data_dir, policy, ADDRESSES) == expected
+
+
+async def test_hash_is_keyed_stable_and_not_the_address(tmp_path: Path) -> None:
+    first = await stored_ips(tmp_path / "a", "hash", ["192.0.2.77", "192.0.2.78", "192.0.2.77"])
+    again = await stored_ips(tmp_path / "a", "hash", ["192.0.2.77"])  # reopened: same key
+    other_key = await stored_ips(tmp_path / "b", "hash", ["192.0.2.77"])
+    h77, h78, h77_again = first
+    assert h77 is not None and h78 is not None
+    assert len(h77) == 64 and int(h77, 16) >= 0
+    assert "192.0.2" not in h77
+    assert h77 == h77_again == again[0]
+    assert h77 != h78
+    assert other_key[0] != h77
+    key_file = tmp_path / "a" / HASH_KEY_FILENAME
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+
+async def test_hash_key_is_created_only_for_the_hash_policy(data_dir: Path) -> None:
+    await stored_ips(data_dir, "truncate", ["192.0.2.1"])
+    assert not (data_dir / HASH_KEY_FILENAME).exists()
+
+
+def test_hash_key_file_round_trip_and_corruption(tmp_path: Path) -> None:
+    path = tmp_path / HASH_KEY_FILENAME
+    key = load_or_create_hash_key(path)
+    assert len(key) == 32
+    assert load_or_create_hash_key(path) == key
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    path.write_text("tooshort\n")
+    with pytest.raises(StoreError, match="hex key"):
+        load_or_create_hash_key(path)
+
+
+def test_hash_key_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / HASH_KEY_FILENAME
+    path.mkdir()  # a directory where the key should be
+    with pytest.raises(StoreError, match="cannot read"):
+        load_or_create_hash_key(path)
+
+
+def test_address_policy_validation() -> None:
+    with pytest.raises(ValueError, match="ip_policy must be one of"):
+        AddressPolicy("everything")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key"):
+        AddressPolicy("hash")
+    policy = AddressPolicy("hash", hash_key=b"k" * 32)
+    assert "k" * 32 not in repr(policy)
+    assert AddressPolicy("truncate").apply("fe80::1%eth0") == "fe80::/48"
+
+
+async def test_unknown_policy_is_a_store_error(data_dir: Path) -> None:
+    with pytest.raises(StoreError, match="ip_policy"):
+        await SqliteStore.open(data_dir, ip_policy="some")  # type: ignore[arg-type]
