@@ -1,0 +1,162 @@
+"""The event writer: pixel hits go through a bounded queue to the store in batches.
+
+The pixel handler calls :meth:`EventWriter.offer`, which never waits: when the
+queue is full the hit is dropped and counted.  One writer task takes whatever
+has accumulated (up to *batch_max* hits) and records it in one
+:meth:`~smtp_tracker.store.base.Store.record_opens` transaction; while that
+transaction runs in the store's thread, the next batch accumulates, so the
+batch size follows the load.  Whether a token is known is decided by the store
+inside that transaction, so no request waits for the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from smtp_tracker.store.base import Store
+from smtp_tracker.store.records import OpenHit
+
+__all__ = ["EventWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+class EventWriter:
+    """Batches :class:`OpenHit` events from a bounded queue into a :class:`Store`.
+
+    Counters (plain ints, read them for logs and reports):
+
+    * :attr:`offered`: hits offered;
+    * :attr:`dropped`: hits dropped because the queue was full, the writer was
+      not running, or :meth:`stop` timed out (a write under way at that
+      moment may or may not have been committed);
+    * :attr:`recorded`: opens the store recorded;
+    * :attr:`unknown`: hits the store ignored (token not known);
+    * :attr:`failed`: hits lost because the store raised (logged as warnings).
+
+    :param store: where the opens go.
+    :param queue_size: queue bound, in events (>= 1).
+    :param batch_max: most events per transaction (>= 1).
+    :param flush_timeout_s: how long :meth:`stop` waits for the queue to drain,
+        in seconds; what is left after it is counted in :attr:`dropped`.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        queue_size: int = 10_000,
+        batch_max: int = 500,
+        flush_timeout_s: float = 10.0,
+    ) -> None:
+        if queue_size < 1 or batch_max < 1:
+            raise ValueError("queue_size and batch_max must be at least 1")
+        self._store = store
+        self._queue: asyncio.Queue[OpenHit | None] = asyncio.Queue(queue_size)
+        self._batch_max = batch_max
+        self._flush_timeout_s = flush_timeout_s
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = False
+        self._in_flight = 0
+        self.offered = 0
+        self.dropped = 0
+        self.recorded = 0
+        self.unknown = 0
+        self.failed = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"EventWriter(offered={self.offered}, recorded={self.recorded},"
+            f" unknown={self.unknown}, dropped={self.dropped}, failed={self.failed},"
+            f" pending={self.pending})"
+        )
+
+    @property
+    def pending(self) -> int:
+        """Hits queued and not yet handed to the store."""
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> bool:
+        """Whether the writer task is running."""
+        return self._task is not None and not self._task.done()
+
+    def offer(self, hit: OpenHit) -> bool:
+        """Queue *hit* without waiting; ``False`` (and counted) when dropped."""
+        self.offered += 1
+        if not self._accepting:
+            self.dropped += 1
+            return False
+        try:
+            self._queue.put_nowait(hit)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            return False
+        return True
+
+    async def start(self) -> None:
+        """Start the writer task (in the running loop)."""
+        if self._task is not None:
+            raise RuntimeError("EventWriter already started")
+        self._accepting = True
+        self._task = asyncio.create_task(self._run(), name="smtp-tracker-event-writer")
+
+    async def stop(self) -> None:
+        """Stop accepting hits, write the queued ones, and end the writer task."""
+        self._accepting = False
+        task = self._task
+        if task is None:
+            return
+        try:
+            async with asyncio.timeout(self._flush_timeout_s):
+                await self._queue.put(None)
+                await asyncio.shield(task)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            left = self._in_flight + sum(1 for item in _drain(self._queue) if item is not None)
+            self._in_flight = 0
+            self.dropped += left
+            logger.warning("event writer: %d opens not written at shutdown", left)
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            item = await queue.get()
+            batch: list[OpenHit] = []
+            stopping = False
+            while True:
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+                if len(batch) >= self._batch_max or queue.empty():
+                    break
+                item = queue.get_nowait()
+            if batch:
+                await self._write(batch)
+            if stopping:
+                return
+
+    async def _write(self, batch: list[OpenHit]) -> None:
+        self._in_flight = len(batch)
+        try:
+            recorded = await self._store.record_opens(batch)
+        except Exception as exc:  # keep the writer alive whatever the store does
+            self._in_flight = 0
+            self.failed += len(batch)
+            logger.warning("event writer: %d opens lost: %s", len(batch), exc)
+            return
+        self._in_flight = 0  # (left set when cancelled: stop() counts it)
+        self.recorded += recorded
+        self.unknown += len(batch) - recorded
+
+
+def _drain(queue: asyncio.Queue[OpenHit | None]) -> list[OpenHit | None]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
