@@ -6,11 +6,12 @@ import stat
 from pathlib import Path
 
 import pytest
-from store_helpers import T0, make_record, token
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import AddressPolicy, IpPolicy, OpenHit, SqliteStore
 from smtp_tracker.store.address import HASH_KEY_FILENAME, load_or_create_hash_key
+
+from .store_helpers import T0, make_record, token
 
 ADDRESSES = ["192.0.2.77", "2001:db8:abcd:12::1", "::ffff:198.51.100.9", "not-an-ip", None]
 

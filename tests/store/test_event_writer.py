@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import pytest
-from store_helpers import T0, token
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import MessageRecord, OpenHit, StoredMessage
 from smtp_tracker.store.writer import EventWriter
+
+from .store_helpers import T0, token
 
 
 class FakeStore:

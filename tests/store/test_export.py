@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
-from store_helpers import T0, make_record, token
-
 from smtp_tracker.store import OpenRecord, format_time, message_to_dict
+
+from .store_helpers import T0, make_record, token
 
 
 def test_message_to_dict_exact_shape() -> None:

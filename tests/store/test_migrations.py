@@ -6,12 +6,13 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from store_helpers import T0, token
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import CURRENT_VERSION, DB_FILENAME, SqliteStore
 from smtp_tracker.store.migrations import MIGRATIONS, migrate, schema_version
 from smtp_tracker.store.sqlite import to_us
+
+from .store_helpers import T0, token
 
 
 def build_v1(data_dir: Path) -> None:

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from store_helpers import T0, make_record, token
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import (
@@ -18,6 +17,8 @@ from smtp_tracker.store import (
     SqliteStore,
     StoredMessage,
 )
+
+from .store_helpers import T0, make_record, token
 
 
 def hit(
