@@ -1,0 +1,163 @@
+"""The HTTPS pixel endpoint (aiohttp).
+
+Routes
+    ``GET`` and ``HEAD`` ``/o/{token}.gif``: 200, the 43-byte transparent GIF
+    (:mod:`.gif`), for every token, known, unknown or malformed, so the
+    endpoint reveals nothing about which tokens exist.  A ``GET`` with a
+    well-formed token offers an open to the :class:`~smtp_tracker.store.writer.EventWriter`
+    (never waiting); the store records it only if the token is known.  ``HEAD``
+    records nothing: it does not fetch the image (link checkers, prefetchers).
+
+    ``GET /healthz``: 200 ``ok`` (text/plain), nothing else.
+
+    Anything else: 404 (other methods on the pixel path: 405).  No static
+    files, no directory listings, no redirects, no path normalisation.
+
+Caching
+    ``Cache-Control: no-store, no-cache, must-revalidate, private`` (RFC 9111
+    §5.2.2, formerly RFC 7234 §5.2), plus ``Pragma: no-cache`` (RFC 9111
+    §5.4, for HTTP/1.0 caches) and ``Expires: 0`` (an invalid date, which
+    RFC 9111 §5.3 says means already expired), so every display refetches.
+
+Limits
+    Request line and header fields at most 8190 bytes each, at most 64 header
+    fields, request body at most 1 KiB; a connection must send its request
+    within ``keepalive_timeout_s`` (aiohttp's keep-alive timer also bounds the
+    first request's headers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Final
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from smtp_tracker.store.base import Store
+from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, OpenHit
+from smtp_tracker.store.token import PIXEL_PATH_PREFIX, is_well_formed_token
+from smtp_tracker.store.writer import EventWriter
+from smtp_tracker.web.client import IPNetwork, client_address
+from smtp_tracker.web.gif import GIF_CONTENT_TYPE, TRANSPARENT_GIF
+
+__all__ = [
+    "PIXEL_HEADERS",
+    "SERVER_HEADER",
+    "STORE_KEY",
+    "WRITER_KEY",
+    "make_pixel_app",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The app's store.
+STORE_KEY: Final = web.AppKey("store", Store)
+#: The app's event writer; read its counters (``dropped``, ``recorded``, ...).
+WRITER_KEY: Final = web.AppKey("writer", EventWriter)
+_TRUSTED_KEY: Final[web.AppKey[tuple[IPNetwork, ...]]] = web.AppKey("trusted_proxies")
+
+#: The ``Server`` header on every response (instead of aiohttp's version string).
+SERVER_HEADER: Final = "smtp-tracker"
+
+#: Headers of every pixel response (besides Content-Length, Date, Server).
+PIXEL_HEADERS: Final = CIMultiDictProxy(
+    CIMultiDict(
+        {
+            hdrs.CONTENT_TYPE: GIF_CONTENT_TYPE,
+            hdrs.CACHE_CONTROL: "no-store, no-cache, must-revalidate, private",
+            hdrs.PRAGMA: "no-cache",
+            hdrs.EXPIRES: "0",
+        }
+    )
+)
+
+_MAX_LINE_BYTES = 8190
+_MAX_FIELD_BYTES = 8190
+_MAX_HEADERS = 64
+_CLIENT_MAX_BYTES = 1024
+
+
+def make_pixel_app(
+    *,
+    store: Store,
+    trusted_proxies: Sequence[IPNetwork] = (),
+    queue_size: int = 10_000,
+    batch_max: int = 500,
+    keepalive_timeout_s: float = 15.0,
+    flush_timeout_s: float = 10.0,
+) -> web.Application:
+    """The pixel endpoint as an aiohttp application.
+
+    The event writer task starts with the app and, at cleanup (after the
+    server stopped taking requests), writes what is queued; the store itself
+    is the caller's to open and close.
+
+    :param store: where opens are recorded; it applies its ``ip_policy``.
+    :param trusted_proxies: networks whose ``X-Forwarded-For`` is believed
+        (see :mod:`.client`).
+    :param queue_size: bound of the event queue, in events; beyond it opens
+        are dropped and counted (``app[WRITER_KEY].dropped``).
+    :param batch_max: most opens per store transaction.
+    :param keepalive_timeout_s: idle and first-request timeout per connection, in seconds.
+    :param flush_timeout_s: how long shutdown waits for queued opens, in seconds.
+    """
+    app = web.Application(
+        client_max_size=_CLIENT_MAX_BYTES,
+        handler_args={
+            "max_line_size": _MAX_LINE_BYTES,
+            "max_field_size": _MAX_FIELD_BYTES,
+            "max_headers": _MAX_HEADERS,
+            "keepalive_timeout": keepalive_timeout_s,
+        },
+    )
+    app[STORE_KEY] = store
+    app[WRITER_KEY] = EventWriter(
+        store, queue_size=queue_size, batch_max=batch_max, flush_timeout_s=flush_timeout_s
+    )
+    app[_TRUSTED_KEY] = tuple(trusted_proxies)
+    app.router.add_get(PIXEL_PATH_PREFIX + "{token}.gif", _pixel)  # also HEAD
+    app.router.add_get("/healthz", _healthz, allow_head=True)
+    app.cleanup_ctx.append(_writer_lifecycle)
+    app.on_response_prepare.append(_set_server_header)
+    return app
+
+
+async def _writer_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    writer = app[WRITER_KEY]
+    await writer.start()
+    yield
+    await writer.stop()
+    logger.info("pixel endpoint stopped: %r", writer)
+
+
+async def _pixel(request: web.Request) -> web.Response:
+    if request.method == hdrs.METH_GET:
+        token = request.match_info["token"]
+        if is_well_formed_token(token):
+            app = request.app
+            trusted: tuple[IPNetwork, ...] = app[_TRUSTED_KEY]
+            user_agent = request.headers.get(hdrs.USER_AGENT)
+            app[WRITER_KEY].offer(
+                OpenHit(
+                    tracking_id=token,
+                    at=datetime.now(UTC),
+                    client_address=client_address(
+                        request.remote,
+                        request.headers.getall(hdrs.X_FORWARDED_FOR, ()),
+                        trusted,
+                    ),
+                    user_agent=None if user_agent is None else user_agent[:USER_AGENT_MAX_CHARS],
+                )
+            )
+    return web.Response(body=TRANSPARENT_GIF, headers=PIXEL_HEADERS)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok", content_type="text/plain")
+
+
+async def _set_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers[hdrs.SERVER] = SERVER_HEADER
