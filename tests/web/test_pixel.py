@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import ssl
 import struct
@@ -280,3 +281,23 @@ async def test_full_queue_drops_and_counts_but_still_serves(
     gated.gate.set()
     await wait_until(lambda: writer.recorded == 3, what="the queued opens")
     assert gated.received == 3
+
+
+async def test_a_request_that_never_finishes_its_headers_is_cut_off(
+    store: SqliteStore, start_pixel: StartPixel, client_ssl_context: ssl.SSLContext
+) -> None:
+    server = await start_pixel(store=store, keepalive_timeout_s=0.5)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", server.port, ssl=client_ssl_context, server_hostname="localhost"
+    )
+    try:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without a response
+        assert loop.time() - started < 5
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
