@@ -1,0 +1,169 @@
+"""The HTML splice: the pixel ``<img>`` and where in the decoded text it goes.
+
+lxml is used only to decide *where*: each candidate place (just before the
+last ``</body>``, else the last ``</html>``, else the end of the fragment) is
+tried by parsing the document with a probe ``<img>`` spliced in there.  The
+candidate is taken when the probe comes out as a real ``img`` element in the
+body, which rules out ``</body>`` inside comments, Outlook conditional
+comments, ``<script>``/``<style>``, ``<title>``/``<textarea>``, CDATA
+sections and attribute values, whatever the quirks of the markup.  The tree
+is then thrown away: the caller splices the pixel into the original text, so
+every other character stays as written.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import urllib.parse
+from collections.abc import Callable
+
+from lxml import etree
+
+__all__ = ["PIXEL_STYLE", "InjectError", "find_insertion", "is_xhtml", "pixel_tag"]
+
+#: Inline style of the pixel.  Not ``display:none``: several mail clients and
+#: image proxies do not fetch images hidden that way (and spam filters score
+#: hidden images), so the open would never be seen; a 1x1 borderless,
+#: transparent image takes no visible room instead.
+PIXEL_STYLE = "border:0;width:1px;height:1px;margin:0;padding:0;opacity:0"
+
+#: Printable ASCII is kept in the URL; anything else is percent-encoded (RFC 3986 §2.1).
+_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
+_XHTML_DOCTYPE = re.compile(r"<!DOCTYPE\s+html\s+PUBLIC\s+\"-//W3C//DTD\s+XHTML", re.IGNORECASE)
+_BODY_END = re.compile(r"</body[\t\n\f\r />]", re.IGNORECASE)
+_HTML_END = re.compile(r"</html[\t\n\f\r />]", re.IGNORECASE)
+_TRAILING_SPACE = " \t\r\n\f"
+#: Where a real img must not end up: outside the rendered body.
+_NOT_RENDERED = frozenset(
+    {
+        "head",
+        "title",
+        "template",
+        "select",
+        "option",
+        "optgroup",
+        "datalist",
+        "noembed",
+        "noframes",
+        "iframe",
+        "textarea",
+        "svg",
+        "math",
+    }
+)
+#: The nearest conditional-comment marker before a place (XPath, reverse axis).
+_CONDITIONAL = etree.XPath(
+    "preceding::comment()[starts-with(normalize-space(.), '[if') or contains(., '[endif]')][1]"
+)
+_PROBE_SELECT = etree.XPath("//img[@src = $url]")
+#: Probe parses per part: each is a full parse of the document.
+_MAX_PROBES = 6
+_MAX_PROBES_LARGE = 2
+_LARGE_TEXT = 8 * 1024 * 1024
+
+
+class InjectError(ValueError):
+    """The HTML could not be parsed within libxml2's resource limits (depth, size)."""
+
+
+def pixel_tag(url: str, *, xhtml: bool = False, newline: str = "", pad: int = 0) -> str:
+    """The pixel element, ASCII only.
+
+    ``<img src="URL" width="1" height="1" alt="" style="...">``, or ending
+    ``" />"`` for XHTML.  The URL is made ASCII (other characters
+    percent-encoded as UTF-8) and escaped with ``html.escape(url, quote=True)``.
+
+    :param newline: when given (``"\\r\\n"`` or ``"\\n"``), it separates the
+        attributes instead of spaces, to keep long lines under 998 octets
+        (RFC 5322 §2.1.1) without adding text outside the tag.
+    :param pad: spaces added before the closing ``>`` (whitespace inside a tag
+        changes nothing), to make the length a multiple of 3 for base64.
+    """
+    safe_url = urllib.parse.quote(url, safe=_URL_SAFE, encoding="utf-8", errors="strict")
+    parts = [
+        "<img",
+        f'src="{html.escape(safe_url, quote=True)}"',
+        'width="1"',
+        'height="1"',
+        'alt=""',
+        f'style="{PIXEL_STYLE}"',
+    ]
+    close = "/>" if xhtml else ">"
+    if newline:
+        return newline.join(parts) + newline + " " * pad + close
+    return " ".join(parts) + " " * pad + (" " + close if xhtml else close)
+
+
+def is_xhtml(text: str) -> bool:
+    """Whether the document declares XHTML (doctype or XML declaration) near its start."""
+    head = text[:4096]
+    return bool(_XHTML_DOCTYPE.search(head)) or head.lstrip("\ufeff \t\r\n").startswith("<?xml")
+
+
+def find_insertion(text: str, probe: Callable[[str], str]) -> int | None:
+    """Where the pixel goes in ``text``: an index, or None when there is no safe place.
+
+    Candidates in order: before the last ``</body>`` (``</BODY >`` too),
+    earlier ``</body>`` tags, the last ``</html>``, then the end of the
+    fragment (before trailing whitespace).  Each is accepted only if a probe
+    element spliced there parses as an ``img`` inside the rendered body and
+    outside an unclosed conditional comment (``<!--[if !mso]><!-->``,
+    ``<![if ...]>``).
+
+    :param probe: builds the probe element for a URL (the same shape as the
+        pixel, so it parses the same way).
+    :raises InjectError: when libxml2 stops on a resource limit (nesting over
+        2048 levels).
+    """
+    budget = _MAX_PROBES_LARGE if len(text) > _LARGE_TEXT else _MAX_PROBES
+    url = "urn:x-smtp-tracker:probe"
+    while url in text:
+        url += "-"
+    tag = probe(url)
+    candidates = [m.start() for m in _BODY_END.finditer(text)][::-1]
+    candidates += [m.start() for m in _HTML_END.finditer(text)][::-1][:1]
+    candidates.append(len(text.rstrip(_TRAILING_SPACE)))
+    seen: set[int] = set()
+    for index in candidates:
+        if index in seen:
+            continue
+        seen.add(index)
+        if budget == 0:
+            break
+        budget -= 1
+        if _accepts(text[:index] + tag + text[index:], url):
+            return index
+    return None
+
+
+def _accepts(document: str, url: str) -> bool:
+    parser = etree.HTMLParser(
+        encoding="utf-8",
+        huge_tree=True,
+        no_network=True,
+        remove_blank_text=False,
+        remove_comments=False,
+        remove_pis=False,
+    )
+    root = etree.fromstring(document.encode("utf-8", "replace"), parser)
+    for error in parser.error_log.filter_from_fatals():
+        if error.type == etree.ErrorTypes.ERR_RESOURCE_LIMIT:
+            raise InjectError(error.message)
+    if root is None:
+        return False
+    found = _PROBE_SELECT(root.getroottree(), url=url)
+    if not isinstance(found, list) or len(found) != 1:
+        return False
+    element = found[0]
+    if not isinstance(element, etree._Element):
+        return False
+    if any(ancestor.tag in _NOT_RENDERED for ancestor in element.iterancestors()):
+        return False
+    marker = _CONDITIONAL(element)
+    if isinstance(marker, list) and marker:
+        comment = marker[0]
+        text = comment.text if isinstance(comment, etree._Element) else None
+        if text is not None and "[endif]" not in text:
+            return False  # inside <!--[if ...]><!--> ... <!--<![endif]--> or <![if ...]>
+    return True

@@ -1,0 +1,62 @@
+"""What the pixel rewrite may touch, and the bounds on its work.
+
+One frozen, keyword-only dataclass, validated once when it is built (the style of
+the project's configuration): the relay builds it from the TOML configuration and
+hands the same instance to every :func:`smtp_tracker.mime.rewrite` call.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["RewritePolicy"]
+
+# RFC 5322 §3.6.8: a field name is printable US-ASCII except ":".
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewritePolicy:
+    """Rules and bounds for :func:`smtp_tracker.mime.rewrite`.
+
+    :param dkim_policy: ``"skip"`` (default) leaves messages with a
+        ``DKIM-Signature`` header untouched, since adding the pixel breaks the
+        body hash (RFC 6376 §3.7) unless the signer used ``l=``; ``"track"``
+        tracks them anyway (for relays that sign after us).
+    :param tracking_requires_opt_in: when true, only messages carrying
+        ``<control_header>: yes`` are tracked.
+    :param control_header: field name of the per-message control header;
+        values ``yes``/``no``, case-insensitive.  It is removed from every
+        relayed message (except when the rewrite fails open).
+    :param max_depth: bound on MIME nesting (multipart and ``message/*``
+        levels, the top-level entity being depth 0); a deeper message is not
+        tracked, reason ``"limits-exceeded"``.
+    :param max_parts: bound on the number of MIME entities in the message;
+        more is ``"limits-exceeded"``.
+    :param max_html_bytes: bound in octets on the transfer-decoded HTML part; a
+        larger one is not tracked, reason ``"html-too-large"``.
+    :raises ValueError: when a value is out of range or ``control_header`` is
+        not an RFC 5322 field name.
+    """
+
+    dkim_policy: Literal["skip", "track"] = "skip"
+    tracking_requires_opt_in: bool = False
+    control_header: str = "X-Track"
+    max_depth: int = 32
+    max_parts: int = 1000
+    max_html_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.dkim_policy not in ("skip", "track"):
+            problems.append(f"dkim_policy must be 'skip' or 'track', not {self.dkim_policy!r}")
+        if not _FIELD_NAME.match(self.control_header):
+            problems.append(f"control_header is not a header field name: {self.control_header!r}")
+        for name in ("max_depth", "max_parts", "max_html_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, not {value!r}")
+        if problems:
+            raise ValueError("; ".join(problems))

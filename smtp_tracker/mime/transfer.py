@@ -1,0 +1,300 @@
+"""Content-Transfer-Encoding: decode a body, and insert octets into it by re-encoding
+only the lines around the insertion point.
+
+RFC 2045 §6: ``7bit``, ``8bit`` and ``binary`` are identity encodings;
+quoted-printable (§6.7) lines are at most 76 characters, a ``=`` at the end of
+a line is a soft line break; base64 (§6.8) lines are at most 76 characters.
+Decoding uses the same functions as the :mod:`email` package
+(:func:`binascii.a2b_qp`, :func:`base64.b64decode`), base64 strictly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from enum import Enum
+
+__all__ = [
+    "TransferEncoding",
+    "TransferError",
+    "decode",
+    "line_ending",
+    "parse_transfer_encoding",
+    "splice",
+]
+
+#: Longest encoded line written, without its line ending (RFC 2045 §6.7 (5), §6.8).
+MAX_ENCODED_LINE = 76
+
+
+class TransferError(ValueError):
+    """The body cannot be decoded, or the octets cannot be inserted exactly."""
+
+
+class TransferEncoding(Enum):
+    """How a body is encoded (RFC 2045 §6.1)."""
+
+    IDENTITY = "identity"  # 7bit, 8bit, binary, or none given
+    QUOTED_PRINTABLE = "quoted-printable"
+    BASE64 = "base64"
+
+
+_IDENTITY_NAMES = frozenset({"", "7bit", "8bit", "binary"})
+#: Misspellings of the identity encodings seen in real mail ("7-bit", "8bits", "7bits", "6bit").
+_SLOPPY_IDENTITY = re.compile(r"[0-9]+[ _-]?bits?\Z")
+#: Quoted-printable escapes or soft line breaks: an unknown encoding that holds
+#: them is probably quoted-printable, so reading it as identity is not plausible.
+_QP_LIKE = re.compile(rb"=(?:[0-9A-F]{2}|\r?\n)")
+_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]*={0,2}\Z")
+_EOL = re.compile(rb"\r\n|\n")
+
+
+def parse_transfer_encoding(
+    value: str | None, body: bytes
+) -> tuple[TransferEncoding | None, str | None]:
+    """Read a Content-Transfer-Encoding field value.
+
+    Known values are matched case-insensitively, ignoring quotes and anything
+    after a ``;``.  An unknown value is read as identity when that is
+    plausible (a misspelt ``7bit``/``8bit``, or a body with no
+    quoted-printable escapes), as most mail readers do.
+
+    :param value: the field value, or None when the field is absent
+        (identity, RFC 2045 §6.1).
+    :param body: the encoded body, for the plausibility test.
+    :returns: ``(encoding, defect)``: the encoding, or None when the body
+        should not be touched; a short defect text for an unknown value.
+    """
+    if value is None:
+        return TransferEncoding.IDENTITY, None
+    name = value.split(";", 1)[0].strip().strip("\"'").strip().lower()
+    if name in _IDENTITY_NAMES:
+        return TransferEncoding.IDENTITY, None
+    if name == "quoted-printable":
+        return TransferEncoding.QUOTED_PRINTABLE, None
+    if name == "base64":
+        return TransferEncoding.BASE64, None
+    defect = f"unknown-transfer-encoding:{name[:40]}"
+    if _SLOPPY_IDENTITY.match(name):
+        return TransferEncoding.IDENTITY, defect
+    if "uu" in name or _QP_LIKE.search(body) or b"<" not in body:
+        return None, defect
+    return TransferEncoding.IDENTITY, defect
+
+
+def decode(body: bytes, encoding: TransferEncoding) -> bytes:
+    """Decode a body.
+
+    :raises TransferError: when base64 is not valid (bad characters, length
+        or padding); the email package would guess, a rewrite must not.
+    """
+    if encoding is TransferEncoding.QUOTED_PRINTABLE:
+        return binascii.a2b_qp(body)
+    if encoding is TransferEncoding.BASE64:
+        stream = body.replace(b"\r", b"").replace(b"\n", b"")
+        try:
+            return base64.b64decode(stream, validate=True)
+        except binascii.Error as exc:
+            raise TransferError(f"invalid base64: {exc}") from exc
+    return body
+
+
+def line_ending(body: bytes, default: bytes = b"\r\n") -> bytes:
+    """The line ending the body uses first (``CRLF`` or ``LF``), else ``default``."""
+    match = _EOL.search(body)
+    return match.group() if match else default
+
+
+def splice(body: bytes, encoding: TransferEncoding, offset: int, insert: bytes) -> bytes:
+    """Insert ``insert`` at ``offset`` of the decoded body; return the new encoded body.
+
+    Identity: the octets go in as they are.  Quoted-printable and base64: only
+    the encoded line holding the insertion point is re-encoded (split into
+    lines of at most 76 characters, with that line's line ending); every other
+    encoded line stays as it was.  The caller checks the result decodes as
+    expected.
+
+    :param offset: index into ``decode(body, encoding)``.
+    :param insert: for base64, its length must be a multiple of 3, so that the
+        base64 quanta after the insertion point stay aligned.
+    :raises TransferError: when it cannot be done exactly.
+    """
+    if encoding is TransferEncoding.QUOTED_PRINTABLE:
+        return _splice_qp(body, offset, insert)
+    if encoding is TransferEncoding.BASE64:
+        return _splice_base64(body, offset, insert)
+    if not 0 <= offset <= len(body):
+        raise TransferError("offset outside the body")
+    return body[:offset] + insert + body[offset:]
+
+
+def _lines(body: bytes) -> list[tuple[int, int]]:
+    """``(start, end)`` of each physical line, ends after the LF (a2b_qp never reads past one)."""
+    spans = []
+    pos = 0
+    size = len(body)
+    while pos < size:
+        nl = body.find(b"\n", pos)
+        end = size if nl < 0 else nl + 1
+        spans.append((pos, end))
+        pos = end
+    return spans
+
+
+# quoted-printable ---------------------------------------------------------------
+
+_HEX = frozenset(b"0123456789ABCDEFabcdef")
+
+
+def _qp_tokens(line: bytes) -> tuple[list[tuple[bytes, int]], bytes]:
+    """Cut one encoded line into unbreakable tokens, as :func:`binascii.a2b_qp` reads it.
+
+    :returns: ``(tokens, terminal)``: each token with the number of octets it
+        decodes to; ``terminal`` is the line's soft line break (``=`` up to
+        and including the LF) or hard line ending, or empty.
+    """
+    tokens: list[tuple[bytes, int]] = []
+    i = 0
+    size = len(line)
+    if line.endswith(b"\r\n"):
+        hard, size = b"\r\n", size - 2
+    elif line.endswith(b"\n"):
+        hard, size = b"\n", size - 1
+    else:
+        hard = b""
+    while i < size:
+        c = line[i]
+        if c != 0x3D:  # "="
+            tokens.append((line[i : i + 1], 1))
+            i += 1
+            continue
+        if i + 1 >= len(line):  # "=" at the very end of the data decodes to nothing
+            tokens.append((line[i:], 0))
+            i = len(line)
+            break
+        d = line[i + 1]
+        if d in (0x0A, 0x0D):  # soft line break: "=" up to the LF
+            return tokens, line[i:]
+        if d == 0x3D:  # "==" decodes to one "="
+            tokens.append((line[i : i + 2], 1))
+            i += 2
+        elif d in _HEX and i + 2 < size and line[i + 2] in _HEX:
+            tokens.append((line[i : i + 3], 1))
+            i += 3
+        elif i + 1 < size:  # a literal "=": keep it with the next character
+            tokens.append((line[i : i + 2], 2))
+            i += 2
+        else:
+            raise TransferError("stray '=' before a line ending")
+    return tokens, hard
+
+
+def _qp_encode_ascii(text: bytes) -> list[tuple[bytes, int]]:
+    """Quoted-printable tokens for printable ASCII octets (RFC 2045 §6.7 rules 1, 2)."""
+    tokens = []
+    for octet in text:
+        if octet == 0x3D or not 0x20 <= octet <= 0x7E:
+            tokens.append((b"=%02X" % octet, 1))
+        else:
+            tokens.append((bytes((octet,)), 1))
+    return tokens
+
+
+def _splice_qp(body: bytes, offset: int, insert: bytes) -> bytes:
+    spans = _lines(body)
+    # Find the line holding the insertion point, walking back from the end
+    # (the point is usually near the end: before </body>).
+    remaining = len(binascii.a2b_qp(body)) - offset
+    if remaining < 0 or offset < 0:
+        raise TransferError("offset outside the body")
+    index = len(spans) - 1
+    local = 0
+    while index >= 0:
+        start, end = spans[index]
+        decoded = len(binascii.a2b_qp(body[start:end]))
+        if remaining <= decoded:
+            local = decoded - remaining
+            break
+        remaining -= decoded
+        index -= 1
+    if index < 0:
+        if spans:
+            raise TransferError("offset not found")
+        spans, index, local = [(0, 0)], 0, 0
+    start, end = spans[index]
+    line = body[start:end]
+    tokens, terminal = _qp_tokens(line)
+    count = 0
+    cut = None
+    for position, (_token, width) in enumerate(tokens):
+        if count == local:
+            cut = position
+            break
+        count += width
+    else:
+        if count == local:
+            cut = len(tokens)
+    if cut is None:
+        raise TransferError("insertion point inside an escape")
+    eol = terminal[-2:] if terminal.endswith(b"\r\n") else terminal[-1:]
+    if eol not in (b"\r\n", b"\n"):
+        eol = line_ending(body)
+    pieces = tokens[:cut] + _qp_encode_ascii(insert) + tokens[cut:]
+    lines: list[bytes] = []
+    current = bytearray()
+    for token, _width in pieces:
+        if current and len(current) + len(token) > MAX_ENCODED_LINE - 1:
+            lines.append(bytes(current) + b"=" + eol)
+            current = bytearray()
+        current += token
+    lines.append(bytes(current) + terminal)
+    return body[:start] + b"".join(lines) + body[end:]
+
+
+# base64 -------------------------------------------------------------------------
+
+
+def _splice_base64(body: bytes, offset: int, insert: bytes) -> bytes:
+    if len(insert) % 3:
+        raise TransferError("base64 insert length is not a multiple of 3")
+    spans = _lines(body)
+    contents: list[tuple[int, int, bytes]] = []  # (start, content end, eol)
+    for start, end in spans:
+        eol = b"\r\n" if body[start:end].endswith(b"\r\n") else body[start:end][-1:]
+        if eol != b"\r\n" and eol != b"\n":
+            eol = b""
+        content_end = end - len(eol)
+        if not _BASE64_LINE.match(body, start, content_end):
+            raise TransferError("base64 line with characters outside the alphabet")
+        contents.append((start, content_end, eol))
+    data_lines = [c for c in contents if c[1] > c[0]]
+    if not data_lines:
+        raise TransferError("empty base64 body")
+    for start, content_end, _eol in data_lines[:-1]:
+        if (content_end - start) % 4 or body[content_end - 1] == 0x3D:
+            raise TransferError("base64 lines are not whole quanta")
+    if (data_lines[-1][1] - data_lines[-1][0]) % 4:
+        raise TransferError("base64 data is not whole quanta")
+    width = data_lines[0][1] - data_lines[0][0]
+    if width % 4 or width > MAX_ENCODED_LINE or len(data_lines) == 1:
+        width = MAX_ENCODED_LINE
+    # The 3-octet group holding the offset, and the line it is in.
+    group = offset // 3
+    chars = 4 * group
+    for start, content_end, eol in data_lines:
+        size = content_end - start
+        if chars < size or (chars == size and (start, content_end, eol) == data_lines[-1]):
+            break
+        chars -= size
+    else:
+        raise TransferError("offset outside the body")
+    quantum = body[start + chars : start + chars + 4]
+    old = base64.b64decode(quantum, validate=True) if quantum else b""
+    inner = offset - 3 * group
+    if inner > len(old):
+        raise TransferError("offset outside the body")
+    new = base64.b64encode(old[:inner] + insert + old[inner:])
+    text = body[start : start + chars] + new + body[start + chars + len(quantum) : content_end]
+    lines = [text[i : i + width] for i in range(0, len(text), width)]
+    return body[:start] + (eol or line_ending(body)).join(lines) + body[content_end:]
