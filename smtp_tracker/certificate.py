@@ -115,12 +115,19 @@ def load_server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     :param cert_file: PEM certificate chain, leaf first.
     :param key_file: PEM private key of the leaf, unencrypted.
     :raises StartupError: (one line) when a file cannot be read, is not PEM of
-        the right kind, or the key does not match the certificate.
+        the right kind, the key is encrypted, or the key does not match the
+        certificate.
     """
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(cert_file, key_file)
+        # A password callback, so that OpenSSL never prompts on the terminal
+        # (which would hang an interactive start) for an encrypted key.
+        context.load_cert_chain(cert_file, key_file, password=_refuse_password)
+    except _EncryptedKey as exc:
+        raise StartupError(
+            f"TLS key {key_file} is encrypted; give an unencrypted PEM key (mode 0600)"
+        ) from exc
     except OSError as exc:
         if isinstance(exc, ssl.SSLError):
             if exc.reason == "KEY_VALUES_MISMATCH":
@@ -134,3 +141,11 @@ def load_server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
         which = exc.filename or f"{cert_file} or {key_file}"
         raise StartupError(f"cannot read TLS file {which}: {exc.strerror}") from exc
     return context
+
+
+class _EncryptedKey(Exception):
+    """Raised by :func:`_refuse_password`: the key file needs a pass phrase."""
+
+
+def _refuse_password() -> bytes:
+    raise _EncryptedKey

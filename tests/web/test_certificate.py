@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.errors import StartupError
@@ -83,3 +84,20 @@ def test_arguments_are_validated(tmp_path: Path) -> None:
         write_self_signed(tmp_path / "c", tmp_path / "k", hostnames=[" "])
     with pytest.raises(ValueError, match="days"):
         write_self_signed(tmp_path / "c", tmp_path / "k", hostnames=["x"], days=0)
+
+
+def test_encrypted_key_is_refused_without_a_prompt(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_self_signed(cert, key, hostnames=["a.example"])
+    private = serialization.load_pem_private_key(key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(StartupError, match="is encrypted") as caught:
+        load_server_context(cert, encrypted)
+    assert "\n" not in str(caught.value)
