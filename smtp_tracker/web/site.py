@@ -36,6 +36,8 @@ class _TCPSite(web.TCPSite):
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
         )
+        sockets = self._server.sockets
+        self._bound_port = int(sockets[0].getsockname()[1]) if sockets else self._port
 
 
 async def start_site(
@@ -53,7 +55,11 @@ async def start_site(
     which stops listening, lets requests finish (up to *shutdown_timeout_s*
     seconds) and then runs the app's cleanup (the event writer's flush).
 
-    :param port: TCP port, 0 for any free one.
+    :param host: address or name to listen on; a name that resolves to several
+        addresses gets one socket each.
+    :param port: TCP port, 0 for any free one (give *host* as one literal
+        address then: each socket of a multi-address name would get its own
+        free port, and only the first is returned).
     :param ssl_context: server context for HTTPS, ``None`` for plain HTTP.
     :returns: the runner and the port actually bound.
     :raises StartupError: when the address cannot be bound.
@@ -70,5 +76,4 @@ async def start_site(
         raise StartupError(
             f"cannot listen for the pixel endpoint on {host}:{port}: {exc.strerror}"
         ) from exc
-    addresses = runner.addresses  # the sockets' names: (host, port, ...)
-    return runner, int(addresses[0][1]) if addresses else port
+    return runner, site.port

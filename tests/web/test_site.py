@@ -21,6 +21,8 @@ async def test_port_zero_is_read_back_and_served(
     )
     try:
         assert port > 0
+        [(_, bound, *_)] = runner.addresses
+        assert bound == port
         connector = aiohttp.TCPConnector(ssl=client_ssl_context)
         async with (
             aiohttp.ClientSession(connector=connector) as session,
