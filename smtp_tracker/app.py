@@ -20,12 +20,20 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
+from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.config import Config
 from smtp_tracker.errors import ConfigError, StartupError
+from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.smtp.capture import CaptureWriter
-from smtp_tracker.smtp.handler import DeliveryRecorder, MessagePreparer, RelayHandler
+from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.relay import UpstreamSettings
 from smtp_tracker.smtp.server import RelaySMTP
+from smtp_tracker.store import SqliteStore
+from smtp_tracker.tracking import Tracker
+from smtp_tracker.web.pixel import WRITER_KEY, make_pixel_app
+from smtp_tracker.web.site import start_site
 
 __all__ = ["Application", "run"]
 
@@ -61,21 +69,24 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
     """
     if config.tls_cert is None or config.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
-    except OSError as exc:
-        raise StartupError(
-            f"tls_cert/tls_key: cannot read {exc.filename or config.tls_cert} "
-            f"({exc.strerror or 'unreadable'})"
-        ) from exc
-    except ssl.SSLError as exc:
-        raise StartupError(
-            f"tls_cert/tls_key: {config.tls_cert} and {config.tls_key} are not a matching "
-            "PEM certificate and private key"
-        ) from exc
-    return context
+    return load_server_context(config.tls_cert, config.tls_key)
+
+
+def pixel_base_url(config: Config) -> str:
+    """The public URL of the pixel endpoint: configured, or guessed from our host name."""
+    if config.pixel_base_url is not None:
+        return config.pixel_base_url
+    scheme = "http" if config.pixel_plain_http else "https"
+    return f"{scheme}://{config.hostname}:{config.pixel_listen.port}"
+
+
+def rewrite_policy(config: Config) -> RewritePolicy:
+    """What the pixel rewrite may touch, from the configuration."""
+    return RewritePolicy(
+        dkim_policy=config.dkim_policy,
+        tracking_requires_opt_in=config.tracking_requires_opt_in,
+        control_header=config.control_header,
+    )
 
 
 def ensure_data_dir(path: Path) -> Path:
@@ -93,27 +104,24 @@ def ensure_data_dir(path: Path) -> Path:
 
 
 class Application:
-    """Everything ``serve`` runs, started and stopped as one.
+    """Everything ``serve`` (or ``pixel``) runs, started and stopped as one.
 
-    :param config: the validated configuration; ``config.upstream`` must be set.
-    :param preparer: the rewrite stage (tests may pass their own).
-    :param recorder: where relayed messages are recorded.
+    :param config: the validated configuration; ``config.upstream`` must be set
+        when ``smtp`` is true.
+    :param smtp: run the SMTP relay (false for the stand-alone ``pixel`` command).
     """
 
-    def __init__(
-        self,
-        config: Config,
-        *,
-        preparer: MessagePreparer | None = None,
-        recorder: DeliveryRecorder | None = None,
-    ) -> None:
+    def __init__(self, config: Config, *, smtp: bool = True) -> None:
         self.config = config
-        upstream = config.upstream_address()
         self.capture = CaptureWriter(config.data_dir / "capture", mode=config.capture)
-        self.handler = RelayHandler(
-            upstream=UpstreamSettings(
-                host=upstream.host,
-                port=upstream.port,
+        self.store: SqliteStore | None = None
+        self.tracker: Tracker | None = None
+        self.pixel_port: int | None = None
+        self._run_smtp = smtp
+        self._upstream = (
+            UpstreamSettings(
+                host=config.upstream_address().host,
+                port=config.upstream_address().port,
                 tls=config.upstream_tls,
                 tls_context=upstream_tls_context(config),
                 helo_name=config.hostname,
@@ -122,17 +130,22 @@ class Application:
                 connect_timeout_s=config.upstream_connect_timeout_s,
                 command_timeout_s=config.upstream_command_timeout_s,
                 data_timeout_s=config.upstream_data_timeout_s,
-            ),
-            hostname=config.hostname,
-            max_recipients=config.max_recipients,
-            add_received_header=config.add_received_header,
-            preparer=preparer,
-            recorder=recorder,
-            capture=self.capture,
+            )
+            if smtp
+            else None
         )
         self._server_tls = server_tls_context(config)
+        self._handler: RelayHandler | None = None
         self._server: asyncio.Server | None = None
+        self._pixel_runner: web.AppRunner | None = None
+        self._pixel_app: web.Application | None = None
         self._protocols: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
+
+    @property
+    def handler(self) -> RelayHandler:
+        """The relay handler (after :meth:`start`)."""
+        assert self._handler is not None, "not started"
+        return self._handler
 
     def _protocol(self) -> RelaySMTP:
         protocol = RelaySMTP(
@@ -154,13 +167,63 @@ class Application:
         sockname: Any = self._server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
-    async def start(self) -> None:
-        """Bind the listener and start serving.
+    @property
+    def pixel_counters(self) -> dict[str, int]:
+        """The pixel endpoint's event counters (offered, recorded, dropped, ...)."""
+        if self._pixel_app is None:
+            return {}
+        writer = self._pixel_app[WRITER_KEY]
+        names = ("offered", "recorded", "dropped", "unknown", "failed")
+        return {name: int(getattr(writer, name)) for name in names}
 
-        :raises StartupError: when the address cannot be bound (in use, not ours).
+    async def start(self) -> None:
+        """Open the store, bind the listeners and start serving.
+
+        :raises StartupError: when the data directory, a certificate or an address
+            cannot be had.
         """
-        ensure_data_dir(self.config.data_dir)
-        listen = self.config.listen
+        config = self.config
+        await asyncio.to_thread(ensure_data_dir, config.data_dir)
+        if config.tracking or config.pixel:
+            self.store = await SqliteStore.open(
+                config.data_dir, store_subject=config.store_subject, ip_policy=config.ip_policy
+            )
+        try:
+            if self._run_smtp:
+                await self._start_smtp()
+            if config.pixel:
+                await self._start_pixel()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    async def _start_smtp(self) -> None:
+        config = self.config
+        assert self._upstream is not None
+        if config.tracking:
+            base_url = pixel_base_url(config)
+            if config.pixel_base_url is None:
+                log.warning(
+                    "pixel_base_url is not set; pixels will point at %s: set it to the "
+                    "public URL of the pixel endpoint",
+                    base_url,
+                )
+            self.tracker = Tracker(
+                policy=rewrite_policy(config),
+                pixel_base_url=base_url,
+                store=self.store,
+                rewrite_timeout_s=config.rewrite_timeout_s,
+            )
+        self._handler = RelayHandler(
+            upstream=self._upstream,
+            hostname=config.hostname,
+            max_recipients=config.max_recipients,
+            add_received_header=config.add_received_header,
+            preparer=self.tracker,
+            recorder=self.tracker,
+            capture=self.capture,
+        )
+        listen = config.listen
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(self._protocol, listen.host, listen.port)
@@ -175,17 +238,33 @@ class Application:
             log.warning(
                 "listening on %s, beyond loopback: only clients in allowed_clients (%s) are served",
                 listen,
-                ", ".join(str(n) for n in self.config.allowed_clients),
+                ", ".join(str(n) for n in config.allowed_clients),
             )
+
+    async def _start_pixel(self) -> None:
+        config = self.config
+        assert self.store is not None
+        ssl_context: ssl.SSLContext | None = None
+        if not config.pixel_plain_http:
+            ssl_context = self._server_tls or await asyncio.to_thread(_embedded_certificate, config)
+        self._pixel_app = make_pixel_app(store=self.store, trusted_proxies=config.trusted_proxies)
+        listen = config.pixel_listen
+        self._pixel_runner, self.pixel_port = await start_site(
+            self._pixel_app, host=listen.host, port=listen.port, ssl_context=ssl_context
+        )
+        scheme = "HTTP" if ssl_context is None else "HTTPS"
+        log.info(
+            "listening for %s (pixel) on %s", scheme, _address_text(listen.host, self.pixel_port)
+        )
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stop accepting, let transactions in flight finish (up to ``grace_s``), close."""
         if self._server is not None:
             self._server.close()
-        if not await self.handler.wait_idle(grace_s):
+        if self._handler is not None and not await self._handler.wait_idle(grace_s):
             log.warning(
                 "stopping with %d transactions unfinished; the client will retry",
-                self.handler.active_transactions,
+                self._handler.active_transactions,
             )
         for protocol in list(self._protocols):
             if protocol.transport is not None:
@@ -194,8 +273,39 @@ class Application:
                 protocol.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
-        await self.handler.drain()
+        if self._handler is not None:
+            await self._handler.drain()
         await self.capture.drain()
+        if self._pixel_runner is not None:
+            await self._pixel_runner.cleanup()
+            self._pixel_runner = None
+        if self.tracker is not None:
+            await asyncio.to_thread(self.tracker.close)
+            self.tracker = None
+        if self.store is not None:
+            await self.store.aclose()
+            self.store = None
+
+
+def _embedded_certificate(config: Config) -> ssl.SSLContext:
+    """A self-signed certificate in ``DATA_DIR/tls/``, made on first use, for trying it out.
+
+    Mail clients will not fetch a pixel from a host whose certificate they do not
+    trust: for real use set ``tls_cert``/``tls_key`` (or ``pixel_plain_http``
+    behind a TLS proxy).
+    """
+    directory = config.data_dir / "tls"
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    if not (cert.exists() and key.exists()):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        names = list(dict.fromkeys([config.hostname, "localhost", "127.0.0.1"]))
+        write_self_signed(cert, key, hostnames=names)
+        log.warning(
+            "no tls_cert set: made a self-signed certificate in %s for the pixel endpoint; "
+            "mail clients will not trust it: set tls_cert and tls_key for real use",
+            directory,
+        )
+    return load_server_context(cert, key)
 
 
 def _is_loopback(host: str) -> bool:
@@ -211,12 +321,13 @@ def _address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run(config: Config, *, grace_s: float = 30.0) -> int:
-    """Run ``serve`` until SIGTERM or SIGINT; return the exit status (0).
+async def run(config: Config, *, smtp: bool = True, grace_s: float = 30.0) -> int:
+    """Run ``serve`` (or ``pixel`` with ``smtp=False``) until SIGTERM or SIGINT.
 
+    :returns: the exit status, 0.
     :raises StartupError: when something needed at start-up is unavailable.
     """
-    app = Application(config)
+    app = Application(config, smtp=smtp)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

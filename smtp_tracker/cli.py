@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 from smtp_tracker import __version__
 from smtp_tracker.config import PASSWORD_ENV, Config, config_from_sources
-from smtp_tracker.errors import ConfigError, SmtpTrackerError, StartupError
+from smtp_tracker.errors import ConfigError, InputError, SmtpTrackerError, StartupError
 from smtp_tracker.logs import configure_logging
 
 __all__ = ["main"]
@@ -144,6 +145,106 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(run(config))
 
 
+def cmd_pixel(args: argparse.Namespace) -> int:
+    from smtp_tracker.app import run
+
+    config = dataclasses.replace(_load(args), pixel=True)
+    configure_logging(config.log_level, config.log_format)
+    return asyncio.run(run(config, smtp=False))
+
+
+def _open_database(args: argparse.Namespace) -> Any:
+    from smtp_tracker.store import DB_FILENAME, SqliteDatabase
+
+    config = _load(args)
+    if not (config.data_dir / DB_FILENAME).exists():
+        raise InputError(
+            f"no tracking store in {config.data_dir}: give --data-dir (or --config) of a "
+            "running smtp-tracker"
+        )
+    return SqliteDatabase.open(config.data_dir, create=False, migrate_schema=False)
+
+
+def _parse_since(text: str | None) -> Any:
+    from datetime import UTC, datetime
+
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"--since: expected an ISO 8601 time like 2026-11-21T10:00:00Z, got {text!r}"
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _print_messages(stored: list[Any], *, as_json: bool) -> None:
+    from smtp_tracker.store import message_to_dict
+
+    items = [message_to_dict(m.record, m.opens) for m in stored]
+    if as_json:
+        json.dump(items, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+        return
+    for item in items:
+        tracked = "tracked" if item["tracked"] else f"not tracked ({item['not_tracked_reason']})"
+        print(
+            f"{item['relayed_at']}  {item['queue_id']}  {item['tracking_id']}  "
+            f"from=<{item['sender']}> to={','.join(item['recipients'])}  {tracked}  "
+            f"opens={len(item['opens'])}"
+        )
+
+
+def cmd_messages(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit <= 0:
+        raise ConfigError("--limit: must be a whole number greater than 0")
+    since = _parse_since(args.since)
+    with _open_database(args) as database:
+        stored = database.list_messages(since=since, limit=args.limit)
+    _print_messages(stored, as_json=args.json)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _open_database(args) as database:
+        found = database.find_message(args.id)
+    if found is None:
+        raise InputError(f"no message with tracking id, queue id or Message-ID {args.id!r}")
+    if args.json:
+        from smtp_tracker.store import message_to_dict
+
+        json.dump(
+            message_to_dict(found.record, found.opens), sys.stdout, indent=2, ensure_ascii=False
+        )
+        print()
+    else:
+        _print_messages([found], as_json=False)
+        for event in found.opens:
+            print(f"  opened {event.at.isoformat()} from {event.ip or '-'}  {event.user_agent}")
+    return EXIT_OK
+
+
+def cmd_gencert(args: argparse.Namespace) -> int:
+    from smtp_tracker.certificate import write_self_signed
+
+    config = _load(args)
+    directory = config.data_dir / "tls"
+    cert = args.cert or directory / "cert.pem"
+    key = args.key or directory / "key.pem"
+    if (cert.exists() or key.exists()) and not args.force:
+        raise InputError(f"{cert} or {key} exists; add --force to replace them")
+    for path in (cert, key):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    hostnames = args.name or list(dict.fromkeys([config.hostname, "localhost", "127.0.0.1"]))
+    write_self_signed(cert, key, hostnames=hostnames, days=args.days)
+    print(
+        f"wrote {cert} and {key} (self-signed, for {', '.join(hostnames)}, "
+        f"{args.days} days); use: --tls-cert {cert} --tls-key {key}"
+    )
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from smtp_tracker.app import server_tls_context, upstream_tls_context
 
@@ -154,6 +255,32 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"smtp-tracker: config OK: relaying {config.listen} -> {config.upstream} "
         f"({config.upstream_tls})"
     )
+    return EXIT_OK
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from smtp_tracker.mime import RewritePolicy, rewrite
+
+    if not args.pixel_url.startswith(("https://", "http://")):
+        raise ConfigError(f"--pixel-url: expected an https:// URL, got {args.pixel_url!r}")
+    policy = RewritePolicy(
+        dkim_policy=args.dkim_policy,
+        tracking_requires_opt_in=args.tracking_requires_opt_in,
+        control_header=args.control_header,
+    )
+    try:
+        message = args.input.read_bytes() if args.input else sys.stdin.buffer.read()
+    except OSError as exc:
+        raise InputError(f"cannot read {args.input}: {exc.strerror}") from exc
+    if not message.strip():
+        raise InputError("no message on standard input: pipe an .eml file in")
+    reverse_path = None if args.reverse_path is None else args.reverse_path.strip("<>")
+    result = rewrite(message, args.pixel_url, policy, reverse_path=reverse_path)
+    sys.stdout.buffer.write(result.message)
+    sys.stdout.buffer.flush()
+    decision = "tracked" if result.tracked else f"not tracked ({result.reason})"
+    defects = f"; defects: {', '.join(result.defects)}" if result.defects else ""
+    print(f"smtp-tracker: {decision}{defects}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -181,6 +308,91 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(check)
     check.set_defaults(func=cmd_check_config)
+
+    inject = commands.add_parser(
+        "inject",
+        help="add the tracking pixel to one message (stdin to stdout)",
+        description="Rewrite one message as serve would: read it from standard input (or "
+        "--input), write the result to standard output, print the decision on standard "
+        "error. Exit 0 whether it was tracked or not.",
+    )
+    inject.add_argument(
+        "--pixel-url", required=True, metavar="URL", help="the pixel URL to put in the <img src>"
+    )
+    inject.add_argument(
+        "--input",
+        type=Path,
+        metavar="FILE",
+        help="read the message from FILE instead of standard input",
+    )
+    inject.add_argument(
+        "--reverse-path",
+        metavar="ADDRESS",
+        help="the envelope sender; '<>' (a bounce) is never tracked",
+    )
+    inject.add_argument(
+        "--dkim-policy", choices=["skip", "track"], default="skip", help=KEY_HELP["dkim_policy"]
+    )
+    inject.add_argument(
+        "--tracking-requires-opt-in", action="store_true", help=KEY_HELP["tracking_requires_opt_in"]
+    )
+    inject.add_argument(
+        "--control-header", default="X-Track", metavar="HEADER", help=KEY_HELP["control_header"]
+    )
+    inject.set_defaults(func=cmd_inject)
+
+    pixel = commands.add_parser(
+        "pixel",
+        help="run only the HTTPS pixel endpoint",
+        description="Serve the pixel endpoint alone, sharing the data directory with a "
+        "'serve --no-pixel' on the same host.",
+    )
+    _add_config_flags(pixel)
+    pixel.set_defaults(func=cmd_pixel)
+
+    messages = commands.add_parser(
+        "messages",
+        help="list relayed messages and their opens",
+        description="List the messages recorded in the data directory, newest first.",
+    )
+    messages.add_argument("--json", action="store_true", help="print a JSON array")
+    messages.add_argument(
+        "--since",
+        metavar="ISO8601",
+        help="only messages relayed at or after this time (UTC if no zone)",
+    )
+    messages.add_argument("--limit", type=int, metavar="N", help="at most N messages")
+    _add_config_flags(messages)
+    messages.set_defaults(func=cmd_messages)
+
+    show = commands.add_parser(
+        "show",
+        help="show one message and its opens",
+        description="Show one message, found by tracking id, queue id or Message-ID.",
+    )
+    show.add_argument("id", metavar="ID", help="tracking id, queue id or Message-ID")
+    show.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_config_flags(show)
+    show.set_defaults(func=cmd_show)
+
+    gencert = commands.add_parser(
+        "gencert",
+        help="write a self-signed certificate for trying it out",
+        description="Write a self-signed certificate and key (default DATA_DIR/tls/cert.pem "
+        "and key.pem), for --tls-cert/--tls-key while trying smtp-tracker out.",
+    )
+    gencert.add_argument("--cert", type=Path, metavar="PEM", help="certificate path to write")
+    gencert.add_argument("--key", type=Path, metavar="PEM", help="key path to write (mode 0600)")
+    gencert.add_argument(
+        "--name",
+        action="append",
+        metavar="HOST",
+        help="a DNS name or IP address for the certificate (repeatable)",
+    )
+    gencert.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    gencert.add_argument("--force", action="store_true", help="replace existing files")
+    _add_config_flags(gencert)
+    gencert.set_defaults(func=cmd_gencert)
     return parser
 
 

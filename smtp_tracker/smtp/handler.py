@@ -64,7 +64,10 @@ class DeliveryRecorder(Protocol):
     async def record(
         self, transaction: Transaction, prepared: Prepared, reply: Reply, size_bytes: int
     ) -> None:
-        """Record a relayed message. Must not raise: the mail is already accepted."""
+        """Record a relayed message. Must not raise: the mail is already accepted.
+
+        :param size_bytes: the message as received from the client, in bytes.
+        """
         ...
 
 
@@ -206,7 +209,7 @@ class RelayHandler:
             self._finish(session, transaction, _reply_of(exc), content, data)
             return exc.reply
         if reply.is_positive and self._recorder is not None:
-            await self._recorder.record(transaction, prepared, reply, len(data))
+            await self._recorder.record(transaction, prepared, reply, len(content))
         self._finish(session, transaction, reply, content, data, prepared=prepared)
         return str(reply)
 
