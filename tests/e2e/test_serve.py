@@ -1,0 +1,153 @@
+"""``smtp-tracker serve`` as a real process: swaks → smtp-tracker → upstream, logs, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtp_tracker.config import PASSWORD_ENV
+
+LISTENING = re.compile(rb"listening for SMTP on 127\.0\.0\.1:(\d+)")
+TRANSACTION = re.compile(
+    r"smtp-tracker/relay\[\d+\]: (?P<queue_id>[0-9A-F]{12}): from=<alice@example\.org>, "
+    r"to=<bob@example\.net>, size=\d+, relay=127\.0\.0\.1:\d+, delay=[\d.]+, "
+    r"status=sent \(250 2\.0\.0 [^)]*\)"
+)
+
+swaks_missing = pytest.mark.skipif(
+    shutil.which("swaks") is None, reason="swaks is not installed (apt-get install swaks)"
+)
+
+
+@dataclass
+class Served:
+    process: asyncio.subprocess.Process
+    port: int
+    log: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+
+async def start_serve(upstream: Any, ca_pem_path: Path, data_dir: Path, *extra: str) -> Served:
+    env = dict(os.environ, **{PASSWORD_ENV: upstream.password})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "smtp_tracker",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream.address,
+        "--upstream-ca-file",
+        str(ca_pem_path),
+        "--upstream-user",
+        upstream.user,
+        "--data-dir",
+        str(data_dir),
+        "--hostname",
+        "relay.test",
+        "--no-tracking",
+        "--no-pixel",
+        *extra,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert process.stderr is not None
+    first = await asyncio.wait_for(process.stderr.readline(), timeout=30)
+    match = LISTENING.search(first)
+    assert match, f"serve did not start: {first!r}"
+    served = Served(process, int(match.group(1)), [first.decode()])
+
+    async def read_log() -> None:
+        assert process.stderr is not None
+        async for line in process.stderr:
+            served.log.append(line.decode())
+
+    served.reader = asyncio.create_task(read_log())
+    return served
+
+
+@pytest.fixture
+async def served(upstream: Any, ca_pem_path: Path, tmp_path: Path) -> AsyncIterator[Served]:
+    running = await start_serve(upstream, ca_pem_path, tmp_path / "data")
+    yield running
+    if running.process.returncode is None:
+        running.process.kill()
+        await running.process.wait()
+    if running.reader is not None:
+        await running.reader
+
+
+async def swaks(port: int, *args: str) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        "swaks",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--from",
+        "alice@example.org",
+        "--to",
+        "bob@example.net",
+        "--helo",
+        "postfix.test",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+@swaks_missing
+async def test_swaks_through_serve_reaches_the_upstream_and_logs_like_postfix(
+    served: Served, upstream: Any
+) -> None:
+    code, transcript = await swaks(served.port, "--body", "Hello from swaks")
+    assert code == 0, transcript
+    assert re.search(r"<-  250 2\.0\.0 .*\n -> QUIT", transcript), transcript
+    await upstream.wait_for_transactions(1, timeout_s=10)
+    (delivered,) = upstream.transactions
+    assert b"Hello from swaks" in delivered.data
+    assert delivered.tls and delivered.auth_user == upstream.user
+
+    served.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
+    assert served.reader is not None
+    await served.reader
+    text = "".join(served.log)
+    match = TRANSACTION.search(text)
+    assert match, text
+    # the queue id in the log is the one in the Received: header the upstream got
+    assert f"with ESMTP id {match['queue_id']}".encode() in delivered.data
+    assert upstream.password not in text
+    assert "stopped" in served.log[-1]
+
+
+@swaks_missing
+@pytest.mark.upstream(delay_s={"DATA": 2.0})
+async def test_sigterm_lets_the_transaction_in_flight_finish(served: Served, upstream: Any) -> None:
+    sending = asyncio.create_task(swaks(served.port))
+    # wait until the message is on its way upstream, then ask serve to stop
+    from tests.support.waiting import wait_until
+
+    await wait_until(
+        lambda: any(line.startswith("DATA") for line in upstream.transcript),
+        timeout_s=20,
+        message="the message never reached the upstream",
+    )
+    served.process.send_signal(signal.SIGTERM)
+    code, transcript = await sending
+    assert code == 0, transcript
+    assert re.search(r"<-  250 2\.0\.0 ", transcript), transcript
+    assert await asyncio.wait_for(served.process.wait(), timeout=30) == 0
+    assert len(upstream.transactions) == 1
