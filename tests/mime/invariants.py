@@ -185,8 +185,11 @@ def _splices(base: bytes, out: bytes, old_raw: bytes, new_raw: bytes) -> bool:
         return False
     i = base.find(old_raw)
     while i >= 0:
-        if out[:i] == base[:i] and out[i : i + len(new_raw)] == new_raw:
-            if out[i + len(new_raw) :] == base[i + len(old_raw) :]:
-                return True
+        if (
+            out[:i] == base[:i]
+            and out[i : i + len(new_raw)] == new_raw
+            and out[i + len(new_raw) :] == base[i + len(old_raw) :]
+        ):
+            return True
         i = base.find(old_raw, i + 1)
     return False
