@@ -30,7 +30,8 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -197,8 +198,9 @@ class Postfix:
     # -- life cycle -------------------------------------------------------------------------
 
     @classmethod
-    async def create(cls, relay_port: int, *, smtpd_port: int | None = None,
-                     **main_cf_overrides: str | int | bool) -> Postfix:
+    async def create(cls, relay_port: int,
+                     main_cf_overrides: Mapping[str, str | int | bool] | None = None, *,
+                     smtpd_port: int | None = None) -> Postfix:
         """Write the configuration and start the instance.
 
         :param relay_port: the port of the relay (or any SMTP server) on 127.0.0.1
@@ -238,7 +240,8 @@ class Postfix:
             "maximal_backoff_time": "4s",
             "smtp_connect_timeout": "5s",
         }
-        main_cf.update({key: _format(value) for key, value in main_cf_overrides.items()})
+        main_cf.update({key: _format(value)
+                        for key, value in (main_cf_overrides or {}).items()})
         instance = cls(root, relay_port, port, main_cf)
         instance._write_configuration()
         await instance.start()
@@ -250,8 +253,16 @@ class Postfix:
         owner = pwd.getpwnam(MAIL_OWNER)
         os.chown(self.data_dir, owner.pw_uid, owner.pw_gid)
         lines = [f"{key} = {value}".rstrip() for key, value in self.main_cf.items()]
-        (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
-        (self.config_dir / "master.cf").write_text(MASTER_CF.format(smtpd_port=self.smtpd_port))
+        files = {
+            self.config_dir / "main.cf": "\n".join(lines) + "\n",
+            self.config_dir / "master.cf": MASTER_CF.format(smtpd_port=self.smtpd_port),
+        }
+        # Postfix re-reads a configuration file every 0.3 s until its mtime is over a
+        # second old (it might still be being edited): backdate ours by a minute.
+        backdated = time.time() - 60
+        for path, text in files.items():
+            path.write_text(text)
+            os.utime(path, (backdated, backdated))
 
     async def start(self) -> None:
         """``postfix -c DIR start``; returns once the master daemon is up.
@@ -262,10 +273,14 @@ class Postfix:
         self.running = True
 
     async def stop(self) -> None:
-        """``postfix -c DIR stop``; returns once the master daemon has exited."""
-        if not self.running:
-            return
+        """``postfix -c DIR stop``; returns once the master daemon has exited.
+
+        Asks Postfix whether it runs rather than trusting :attr:`running`, so an
+        instance started behind this object's back is stopped too.
+        """
         self.running = False
+        if not self.config_dir.exists() or await self._is_stopped():
+            return
         await self._run("postfix", "-c", str(self.config_dir), "stop")
         await wait_until(self._is_stopped, timeout_s=15,
                          message=f"Postfix in {self.root} did not stop")
@@ -357,10 +372,14 @@ class Postfix:
         return [json.loads(line) for line in completed.stdout.decode().splitlines() if line]
 
     async def deferred_reasons(self) -> list[str]:
-        """Every recipient's ``delay_reason`` in the queue, e.g. ``"connect to
-        127.0.0.1[127.0.0.1]:2525: Connection refused"``."""
+        """Every recipient's ``delay_reason`` in the deferred queue, e.g. ``"connect to
+        127.0.0.1[127.0.0.1]:2525: Connection refused"``.
+
+        Only messages already moved to the deferred queue count, so a :meth:`flush`
+        after this returned something retries them at once.
+        """
         return [recipient["delay_reason"]
-                for message in await self.queue()
+                for message in await self.queue() if message.get("queue_name") == "deferred"
                 for recipient in message.get("recipients", [])
                 if recipient.get("delay_reason")]
 
@@ -396,13 +415,17 @@ class Postfix:
 
         :raises AssertionError: not within ``timeout_s``; the log's tail is in the message.
         """
+        def enough() -> list[re.Match[str]] | None:
+            found = self.log_matches(pattern)
+            return found if len(found) >= count else None
+
         try:
             matches = await wait_until(
-                lambda: (found := self.log_matches(pattern)) and len(found) >= count and found,
-                timeout_s=timeout_s, interval_s=0.05,
+                enough, timeout_s=timeout_s, interval_s=0.05,
                 message=f"{pattern!s} not in the Postfix log {count} time(s)",
             )
         except AssertionError as exc:
             tail = "\n".join(self.maillog().splitlines()[-25:])
             raise AssertionError(f"{exc}\n--- maillog tail ---\n{tail}") from None
+        assert matches is not None
         return matches[count - 1]
