@@ -21,6 +21,7 @@ What aiosmtpd's stock :class:`~aiosmtpd.smtp.SMTP` does differently, and why
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import re
 import socket
@@ -258,12 +259,16 @@ class _Handler:
                           message="535 5.7.8 Error: authentication failed")
 
 
-class _SmarthostSMTP(SMTP):  # type: ignore[misc]
+class _SmarthostSMTP(SMTP):
     """aiosmtpd's protocol with the overrides described in the module docstring."""
 
     def __init__(self, server: UpstreamServer, tls_context: ssl.SSLContext | None) -> None:
         self._server = server
         self._pending: _Pending | None = None
+        # aiosmtpd keeps these limits in a class attribute that every new SMTP() clears
+        # and every EHLO raises: one per connection, so the relay's server is not touched.
+        self.command_size_limits: dict[str, int] = collections.defaultdict(
+            lambda: SMTP.command_size_limit)
         options = server.options
         handler = _Handler(server)
         super().__init__(
@@ -273,7 +278,7 @@ class _SmarthostSMTP(SMTP):  # type: ignore[misc]
             hostname=options.hostname,
             ident="ESMTP smtp-tracker test smarthost",
             tls_context=tls_context,
-            require_starttls=False,  # done in _run, with an enhanced code
+            require_starttls=False,  # done in _wrapped, with an enhanced code
             auth_required=options.auth_required,
             auth_require_tls=True,
             authenticator=handler.authenticate,
@@ -290,7 +295,7 @@ class _SmarthostSMTP(SMTP):  # type: ignore[misc]
         return self._tls_protocol is not None
 
     def _set_rset_state(self) -> None:
-        super()._set_rset_state()
+        super()._set_rset_state()  # type: ignore[no-untyped-call]
         self._pending = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -306,8 +311,10 @@ class _SmarthostSMTP(SMTP):  # type: ignore[misc]
         """Close the connection at once: no reply, no TLS close_notify, and nothing
         already received is read as commands (aiosmtpd's loop ends on ``transport is None``)."""
         transport, self.transport = self.transport, None
-        if transport is not None:
+        if isinstance(transport, asyncio.Transport):
             transport.abort()
+        elif transport is not None:
+            transport.close()
 
     # -- recording ----------------------------------------------------------------------
 
@@ -451,6 +458,7 @@ class _SmarthostSMTP(SMTP):  # type: ignore[misc]
         queue_id = self._server.next_queue_id()
         reply = options.data_reply or f"250 2.0.0 Ok: queued as {queue_id}"
         if reply.startswith("2"):
+            assert self.session is not None
             auth = self.session.auth_data if self.session.authenticated else None
             await self._server.record(Transaction(
                 mail_from=pending.mail_from,
@@ -559,6 +567,7 @@ class UpstreamServer:
         if self._reserved is None:
             self._reserve(self.port)
         sock, self._reserved = self._reserved, None
+        assert sock is not None
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._protocol, sock=sock)
 

@@ -10,20 +10,30 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 __all__ = ["wait_until"]
 
 T = TypeVar("T")
 
 
+@overload
+async def wait_until(predicate: Callable[[], Awaitable[T]], *, timeout_s: float, message: str,
+                     interval_s: float = ...) -> T: ...
+
+
+@overload
+async def wait_until(predicate: Callable[[], T], *, timeout_s: float, message: str,
+                     interval_s: float = ...) -> T: ...
+
+
 async def wait_until(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Any],
     *,
     timeout_s: float,
     message: str,
     interval_s: float = 0.02,
-) -> T:
+) -> Any:
     """Call ``predicate`` until it returns something truthy; return that value.
 
     :param predicate: a plain or async callable, called at least once; it may
@@ -39,7 +49,7 @@ async def wait_until(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"{message} (waited {timeout_s:g} s)")
         await asyncio.sleep(interval_s)
