@@ -161,7 +161,7 @@ async def postfix_factory(tmp_path: Path) -> AsyncIterator[PostfixFactory]:
     started: list[Postfix] = []
 
     async def make(relay_port: int, **main_cf_overrides: str | int | bool) -> Postfix:
-        instance = await Postfix.create(relay_port, **main_cf_overrides)
+        instance = await Postfix.create(relay_port, main_cf_overrides)
         started.append(instance)
         return instance
 
