@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from lxml import etree
 
@@ -52,11 +52,8 @@ _NOT_RENDERED = frozenset(
         "math",
     }
 )
-#: The nearest conditional-comment marker before a place (XPath, reverse axis).
-_CONDITIONAL = etree.XPath(
-    "preceding::comment()[starts-with(normalize-space(.), '[if') or contains(., '[endif]')][1]"
-)
-_PROBE_SELECT = etree.XPath("//img[@src = $url]")
+#: Characters fed to the parser at a time.
+_CHUNK = 1 << 20
 #: Probe parses per part: each is a full parse of the document.
 _MAX_PROBES = 6
 _MAX_PROBES_LARGE = 2
@@ -132,38 +129,92 @@ def find_insertion(text: str, probe: Callable[[str], str]) -> int | None:
         if budget == 0:
             break
         budget -= 1
-        if _accepts(text[:index] + tag + text[index:], url):
+        if _accepts(text, index, tag, url):
             return index
     return None
 
 
-def _accepts(document: str, url: str) -> bool:
-    parser = etree.HTMLParser(
+def _accepts(text: str, index: int, tag: str, url: str) -> bool:
+    """Whether the probe ``tag`` spliced at ``index`` parses as a rendered ``img`` element.
+
+    The document is parsed as a stream and every finished element is dropped
+    at once, so memory stays small whatever the size; the parse stops as soon
+    as the probe is seen (what follows cannot change how it was read).
+
+    :raises InjectError: when libxml2 stopped before the end of the document.
+    """
+    parser = etree.HTMLPullParser(
+        events=("end", "comment"),
         encoding="utf-8",
         huge_tree=True,
         no_network=True,
-        remove_blank_text=False,
         remove_comments=False,
         remove_pis=False,
     )
-    root = etree.fromstring(document.encode("utf-8", "replace"), parser)
-    for error in parser.error_log.filter_from_fatals():
-        if error.type == etree.ErrorTypes.ERR_RESOURCE_LIMIT:
-            raise InjectError(error.message)
-    if root is None:
+    scan = _Scan(url)
+    for chunk in _chunks(text, index, tag):
+        parser.feed(chunk)
+        if scan.read(parser) is not None:
+            return scan.found is True
+    try:
+        root = parser.close()
+    except etree.XMLSyntaxError:  # nothing but comments or whitespace
         return False
-    found = _PROBE_SELECT(root.getroottree(), url=url)
-    if not isinstance(found, list) or len(found) != 1:
-        return False
-    element = found[0]
-    if not isinstance(element, etree._Element):
-        return False
+    if scan.read(parser) is not None:
+        return scan.found is True
+    if root is not None and not scan.root_closed:
+        # libxml2 stopped early without a word: its nesting limit (2048 levels)
+        raise InjectError("HTML nesting too deep to parse")
+    return False
+
+
+class _Scan:
+    """Follows the parse events until the probe shows up."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.marker: str | None = None  # the last conditional-comment marker seen
+        self.root_closed = False
+        self.found: bool | None = None  # None until the probe is seen
+
+    def read(self, parser: etree.HTMLPullParser) -> bool | None:
+        for event, element in parser.read_events():
+            if not isinstance(element, etree._Element):
+                continue
+            if event == "comment":
+                content = element.text or ""
+                if content.lstrip().startswith("[if") or "[endif]" in content:
+                    self.marker = content
+                continue
+            if element.tag == "img" and element.get("src") == self.url:
+                self.found = _rendered(element, self.marker)
+                return self.found
+            if element.getparent() is None:
+                self.root_closed = True
+            _drop(element)
+        return None
+
+
+def _chunks(text: str, index: int, tag: str) -> Iterator[bytes]:
+    """The document with the probe, as UTF-8, in pieces of about :data:`_CHUNK` characters."""
+    for start in range(0, index, _CHUNK):
+        yield text[start : min(start + _CHUNK, index)].encode("utf-8", "replace")
+    yield tag.encode("ascii")
+    for start in range(index, len(text), _CHUNK):
+        yield text[start : start + _CHUNK].encode("utf-8", "replace")
+
+
+def _rendered(element: etree._Element, marker: str | None) -> bool:
     if any(ancestor.tag in _NOT_RENDERED for ancestor in element.iterancestors()):
         return False
-    marker = _CONDITIONAL(element)
-    if isinstance(marker, list) and marker:
-        comment = marker[0]
-        text = comment.text if isinstance(comment, etree._Element) else None
-        if text is not None and "[endif]" not in text:
-            return False  # inside <!--[if ...]><!--> ... <!--<![endif]--> or <![if ...]>
-    return True
+    # inside <!--[if !mso]><!--> ... <!--<![endif]--> or <![if ...]> ... <![endif]>
+    return marker is None or "[endif]" in marker
+
+
+def _drop(element: etree._Element) -> None:
+    """Forget a finished element and its earlier siblings (keeps memory flat)."""
+    element.clear()
+    parent = element.getparent()
+    if parent is not None:
+        while element.getprevious() is not None:
+            del parent[0]

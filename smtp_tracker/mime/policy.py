@@ -1,8 +1,8 @@
 """What the pixel rewrite may touch, and the bounds on its work.
 
-One frozen, keyword-only dataclass, validated once when it is built (the style of
-the project's configuration): the relay builds it from the TOML configuration and
-hands the same instance to every :func:`smtp_tracker.mime.rewrite` call.
+One frozen, keyword-only dataclass, validated once when it is built: the relay
+builds it from the configuration and hands the same instance to every
+:func:`smtp_tracker.mime.rewrite` call.
 """
 
 from __future__ import annotations
@@ -11,9 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["RewritePolicy"]
+__all__ = ["MAX_DEPTH_LIMIT", "RewritePolicy"]
 
-# RFC 5322 §3.6.8: a field name is printable US-ASCII except ":".
+#: Highest ``max_depth`` accepted: the walk recurses once per MIME level, and
+#: this stays well inside Python's recursion limit.
+MAX_DEPTH_LIMIT = 200
+#: RFC 5322 §3.6.8: a field name is printable US-ASCII except ":".
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 
 
@@ -22,18 +25,20 @@ class RewritePolicy:
     """Rules and bounds for :func:`smtp_tracker.mime.rewrite`.
 
     :param dkim_policy: ``"skip"`` (default) leaves messages with a
-        ``DKIM-Signature`` header untouched, since adding the pixel breaks the
+        ``DKIM-Signature`` field untouched, since adding the pixel breaks the
         body hash (RFC 6376 §3.7) unless the signer used ``l=``; ``"track"``
         tracks them anyway (for relays that sign after us).
     :param tracking_requires_opt_in: when true, only messages carrying
         ``<control_header>: yes`` are tracked.
     :param control_header: field name of the per-message control header;
-        values ``yes``/``no``, case-insensitive.  It is removed from every
-        relayed message (except when the rewrite fails open).
-    :param max_depth: bound on MIME nesting (multipart and ``message/*``
-        levels, the top-level entity being depth 0); a deeper message is not
-        tracked, reason ``"limits-exceeded"``.
-    :param max_parts: bound on the number of MIME entities in the message;
+        values ``yes``/``no``, case-insensitive.  It is removed from the top-level
+        header of every relayed message (except when the rewrite fails open).
+    :param max_depth: bound on multipart nesting followed to find the HTML body
+        (the top-level entity is depth 0; attached ``message/*`` parts are
+        never entered); deeper is ``"limits-exceeded"``.  At most
+        :data:`MAX_DEPTH_LIMIT`.
+    :param max_parts: bound on the number of body parts looked at while
+        searching (a ``multipart/mixed`` is read only up to its first part);
         more is ``"limits-exceeded"``.
     :param max_html_bytes: bound in octets on the transfer-decoded HTML part; a
         larger one is not tracked, reason ``"html-too-large"``.
@@ -52,11 +57,17 @@ class RewritePolicy:
         problems: list[str] = []
         if self.dkim_policy not in ("skip", "track"):
             problems.append(f"dkim_policy must be 'skip' or 'track', not {self.dkim_policy!r}")
-        if not _FIELD_NAME.match(self.control_header):
+        if not isinstance(self.control_header, str) or not _FIELD_NAME.match(self.control_header):
             problems.append(f"control_header is not a header field name: {self.control_header!r}")
         for name in ("max_depth", "max_parts", "max_html_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, not {value!r}")
+        if isinstance(self.max_depth, int) and self.max_depth > MAX_DEPTH_LIMIT:
+            problems.append(f"max_depth must be at most {MAX_DEPTH_LIMIT}, not {self.max_depth}")
+        if not isinstance(self.tracking_requires_opt_in, bool):
+            problems.append(
+                f"tracking_requires_opt_in must be a bool, not {self.tracking_requires_opt_in!r}"
+            )
         if problems:
             raise ValueError("; ".join(problems))

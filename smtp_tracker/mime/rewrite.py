@@ -240,13 +240,24 @@ class _Rewrite:
                 raise _FailOpen("line-too-long")
         new_octets = octets[:offset] + insert + octets[offset:]
         try:
-            body = splice(raw, encoding, offset, insert)
+            body = splice(raw, encoding, offset, insert, newline=eol)
             same = decode(body, encoding) == new_octets
         except TransferError as exc:
             raise _FailOpen("splice-failed") from exc
-        if not same or new_octets.decode(decoded.codec) != prefix + tag + text[index:]:
+        del octets
+        if not same or not _spliced(new_octets.decode(decoded.codec), text, prefix, tag):
             raise _FailOpen("round-trip-mismatch")
         return body
+
+
+def _spliced(new: str, old: str, prefix: str, tag: str) -> bool:
+    """Whether ``new == prefix + tag + old[len(prefix):]`` (without building the right side)."""
+    return (
+        len(new) == len(old) + len(tag)
+        and new.startswith(prefix)
+        and new.startswith(tag, len(prefix))
+        and new.endswith(old[len(prefix) :])
+    )
 
 
 def _encode_at(prefix: str, tag: str, codec: str) -> tuple[int, bytes]:

@@ -106,7 +106,14 @@ def line_ending(body: bytes, default: bytes = b"\r\n") -> bytes:
     return match.group() if match else default
 
 
-def splice(body: bytes, encoding: TransferEncoding, offset: int, insert: bytes) -> bytes:
+def splice(
+    body: bytes,
+    encoding: TransferEncoding,
+    offset: int,
+    insert: bytes,
+    *,
+    newline: bytes = b"\r\n",
+) -> bytes:
     """Insert ``insert`` at ``offset`` of the decoded body; return the new encoded body.
 
     Identity: the octets go in as they are.  Quoted-printable and base64: only
@@ -118,12 +125,14 @@ def splice(body: bytes, encoding: TransferEncoding, offset: int, insert: bytes) 
     :param offset: index into ``decode(body, encoding)``.
     :param insert: for base64, its length must be a multiple of 3, so that the
         base64 quanta after the insertion point stay aligned.
+    :param newline: the line ending for new lines when the body has none of its own.
     :raises TransferError: when it cannot be done exactly.
     """
+    newline = line_ending(body, newline)
     if encoding is TransferEncoding.QUOTED_PRINTABLE:
-        return _splice_qp(body, offset, insert)
+        return _splice_qp(body, offset, insert, newline)
     if encoding is TransferEncoding.BASE64:
-        return _splice_base64(body, offset, insert)
+        return _splice_base64(body, offset, insert, newline)
     if not 0 <= offset <= len(body):
         raise TransferError("offset outside the body")
     return body[:offset] + insert + body[offset:]
@@ -201,7 +210,7 @@ def _qp_encode_ascii(text: bytes) -> list[tuple[bytes, int]]:
     return tokens
 
 
-def _splice_qp(body: bytes, offset: int, insert: bytes) -> bytes:
+def _splice_qp(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes:
     spans = _lines(body)
     # Find the line holding the insertion point, walking back from the end
     # (the point is usually near the end: before </body>).
@@ -239,7 +248,7 @@ def _splice_qp(body: bytes, offset: int, insert: bytes) -> bytes:
         raise TransferError("insertion point inside an escape")
     eol = terminal[-2:] if terminal.endswith(b"\r\n") else terminal[-1:]
     if eol not in (b"\r\n", b"\n"):
-        eol = line_ending(body)
+        eol = newline
     pieces = tokens[:cut] + _qp_encode_ascii(insert) + tokens[cut:]
     lines: list[bytes] = []
     current = bytearray()
@@ -255,7 +264,7 @@ def _splice_qp(body: bytes, offset: int, insert: bytes) -> bytes:
 # base64 -------------------------------------------------------------------------
 
 
-def _splice_base64(body: bytes, offset: int, insert: bytes) -> bytes:
+def _splice_base64(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes:
     if len(insert) % 3:
         raise TransferError("base64 insert length is not a multiple of 3")
     spans = _lines(body)
@@ -289,7 +298,7 @@ def _splice_base64(body: bytes, offset: int, insert: bytes) -> bytes:
         chars -= size
     else:
         raise TransferError("offset outside the body")
-    quantum = body[start + chars : start + chars + 4]
+    quantum = body[start + chars : min(start + chars + 4, content_end)]
     old = base64.b64decode(quantum, validate=True) if quantum else b""
     inner = offset - 3 * group
     if inner > len(old):
@@ -297,4 +306,4 @@ def _splice_base64(body: bytes, offset: int, insert: bytes) -> bytes:
     new = base64.b64encode(old[:inner] + insert + old[inner:])
     text = body[start : start + chars] + new + body[start + chars + len(quantum) : content_end]
     lines = [text[i : i + width] for i in range(0, len(text), width)]
-    return body[:start] + (eol or line_ending(body)).join(lines) + body[content_end:]
+    return body[:start] + (eol or newline).join(lines) + body[content_end:]

@@ -43,6 +43,8 @@ PIXEL_SHAPE = re.compile(
     rb'<img\s+src="[^"]*"\s+width="1"\s+height="1"\s+alt=""\s+style="[^"]*"\s*/?>\Z'
 )
 MAX_LINE = 998
+#: RFC 5322 field, continuation or mbox line, as email.feedparser tests it.
+HEADER_LINE = re.compile(rb"From |[\x21-\x39\x3b-\x7e]*:|[\t ]")
 
 
 def without_control_header(message: bytes, name: str = "X-Track") -> bytes:
@@ -54,7 +56,7 @@ def without_control_header(message: bytes, name: str = "X-Track") -> bytes:
     field = re.compile(rb"\s*" + re.escape(name.encode()) + rb"\s*:", re.IGNORECASE)
     for line in lines:
         if in_header:
-            if line in (b"\r\n", b"\n", b"\r"):
+            if line in (b"\r\n", b"\n", b"\r") or not HEADER_LINE.match(line):
                 in_header = False
             elif line[:1] in (b" ", b"\t"):
                 if skipping:

@@ -72,6 +72,7 @@ def test_policy_defaults() -> None:
         {"control_header": "X Track"},
         {"control_header": ""},
         {"max_depth": 0},
+        {"max_depth": 201},
         {"max_parts": -1},
         {"max_html_bytes": True},
     ],
