@@ -102,13 +102,15 @@ def decode_text(octets: bytes, declared: str | None) -> DecodedText:
     """
     defects: list[str] = []
     candidates: list[str] = []
-    for label in (declared, meta_charset(octets)):
+    for label, where in ((declared, "mime"), (meta_charset(octets), "meta")):
         if not label:
             continue
         codec = _codec(label)
         if codec is None:
             defects.append(f"unknown-charset:{label[:40]}")
             continue
+        if where == "meta" and not _ascii_compatible(codec):
+            continue  # HTML reads a <meta> UTF-16 label as UTF-8: it was read as ASCII
         candidates.append(codec)
         break  # the MIME parameter wins over <meta>
     declared_codecs = list(candidates)

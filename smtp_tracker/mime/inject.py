@@ -56,7 +56,7 @@ _NOT_RENDERED = frozenset(
 _CHUNK = 1 << 20
 #: Probe parses per part: each is a full parse of the document.
 _MAX_PROBES = 6
-_MAX_PROBES_LARGE = 2
+_MAX_PROBES_LARGE = 3
 _LARGE_TEXT = 8 * 1024 * 1024
 
 
@@ -118,14 +118,11 @@ def find_insertion(text: str, probe: Callable[[str], str]) -> int | None:
     while url in text:
         url += "-"
     tag = probe(url)
-    candidates = [m.start() for m in _BODY_END.finditer(text)][::-1]
-    candidates += [m.start() for m in _HTML_END.finditer(text)][::-1][:1]
+    # the last few </body>, then the last </html>, then the end: always some of each kind
+    candidates = [m.start() for m in _BODY_END.finditer(text)][::-1][: max(budget - 2, 1)]
+    candidates += [m.start() for m in _HTML_END.finditer(text)][-1:]
     candidates.append(len(text.rstrip(_TRAILING_SPACE)))
-    seen: set[int] = set()
-    for index in candidates:
-        if index in seen:
-            continue
-        seen.add(index)
+    for index in dict.fromkeys(candidates):
         if budget == 0:
             break
         budget -= 1

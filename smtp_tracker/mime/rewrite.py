@@ -116,7 +116,10 @@ def rewrite(
         frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f"{os.path.basename(frame[0].filename)}:{frame[0].lineno}" if frame else "?"
         log.warning("rewrite failed (%s at %s); relaying the original", type(exc).__name__, where)
-        original = message if isinstance(message, bytes) else b""
+        try:
+            original = bytes(message)
+        except Exception:  # not bytes-like at all: nothing to relay
+            original = b""
         return RewriteResult(
             message=original, tracked=False, reason="rewrite-failed", defects=(type(exc).__name__,)
         )
