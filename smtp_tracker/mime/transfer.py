@@ -46,7 +46,9 @@ _SLOPPY_IDENTITY = re.compile(r"[0-9]+[ _-]?bits?\Z")
 #: Quoted-printable escapes or soft line breaks: an unknown encoding that holds
 #: them is probably quoted-printable, so reading it as identity is not plausible.
 _QP_LIKE = re.compile(rb"=(?:[0-9A-F]{2}|\r?\n)")
-_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]*={0,2}\Z")
+#: A base64 line: the data, then blanks that decoders ignore (RFC 2045 §6.8).
+_BASE64_LINE = re.compile(rb"([A-Za-z0-9+/]*={0,2})[ \t]*\Z")
+_BLANKS = b" \t\r\n"
 _EOL = re.compile(rb"\r\n|\n")
 
 
@@ -86,13 +88,16 @@ def parse_transfer_encoding(
 def decode(body: bytes, encoding: TransferEncoding) -> bytes:
     """Decode a body.
 
+    Base64 ignores line breaks, spaces and tabs (RFC 2045 §6.8) but nothing
+    else.
+
     :raises TransferError: when base64 is not valid (bad characters, length
         or padding); the email package would guess, a rewrite must not.
     """
     if encoding is TransferEncoding.QUOTED_PRINTABLE:
         return binascii.a2b_qp(body)
     if encoding is TransferEncoding.BASE64:
-        stream = body.replace(b"\r", b"").replace(b"\n", b"")
+        stream = body.translate(None, _BLANKS)
         try:
             return base64.b64decode(stream, validate=True)
         except binascii.Error as exc:
@@ -119,8 +124,9 @@ def splice(
     Identity: the octets go in as they are.  Quoted-printable and base64: only
     the encoded line holding the insertion point is re-encoded (split into
     lines of at most 76 characters, with that line's line ending); every other
-    encoded line stays as it was.  The caller checks the result decodes as
-    expected.
+    encoded line stays as it was.  Base64 whose lines are not whole 4-character
+    quanta is re-encoded whole instead.  The caller checks the result decodes
+    as expected.
 
     :param offset: index into ``decode(body, encoding)``.
     :param insert: for base64, its length must be a multiple of 3, so that the
@@ -156,14 +162,20 @@ def _lines(body: bytes) -> list[tuple[int, int]]:
 _HEX = frozenset(b"0123456789ABCDEFabcdef")
 
 
-def _qp_tokens(line: bytes) -> tuple[list[tuple[bytes, int]], bytes]:
+#: A quoted-printable token: its characters, the octets it decodes to, and
+#: whether a soft line break must not follow it (a literal "=", which would
+#: read "==" as an escape).
+_Token = tuple[bytes, int, bool]
+
+
+def _qp_tokens(line: bytes) -> tuple[list[_Token], bytes]:
     """Cut one encoded line into unbreakable tokens, as :func:`binascii.a2b_qp` reads it.
 
-    :returns: ``(tokens, terminal)``: each token with the number of octets it
-        decodes to; ``terminal`` is the line's soft line break (``=`` up to
-        and including the LF) or hard line ending, or empty.
+    :returns: ``(tokens, terminal)``: the tokens; ``terminal`` is the line's
+        soft line break (``=`` up to and including the LF) or hard line
+        ending, or empty.
     """
-    tokens: list[tuple[bytes, int]] = []
+    tokens: list[_Token] = []
     i = 0
     size = len(line)
     if line.endswith(b"\r\n"):
@@ -175,38 +187,36 @@ def _qp_tokens(line: bytes) -> tuple[list[tuple[bytes, int]], bytes]:
     while i < size:
         c = line[i]
         if c != 0x3D:  # "="
-            tokens.append((line[i : i + 1], 1))
+            tokens.append((line[i : i + 1], 1, False))
             i += 1
             continue
         if i + 1 >= len(line):  # "=" at the very end of the data decodes to nothing
-            tokens.append((line[i:], 0))
-            i = len(line)
+            tokens.append((line[i:], 0, False))
             break
         d = line[i + 1]
         if d in (0x0A, 0x0D):  # soft line break: "=" up to the LF
             return tokens, line[i:]
         if d == 0x3D:  # "==" decodes to one "="
-            tokens.append((line[i : i + 2], 1))
+            tokens.append((line[i : i + 2], 1, False))
             i += 2
         elif d in _HEX and i + 2 < size and line[i + 2] in _HEX:
-            tokens.append((line[i : i + 3], 1))
+            tokens.append((line[i : i + 3], 1, False))
             i += 3
-        elif i + 1 < size:  # a literal "=": keep it with the next character
-            tokens.append((line[i : i + 2], 2))
-            i += 2
-        else:
-            raise TransferError("stray '=' before a line ending")
+        else:  # not an escape: a literal "="
+            tokens.append((line[i : i + 1], 1, True))
+            i += 1
     return tokens, hard
 
 
-def _qp_encode_ascii(text: bytes) -> list[tuple[bytes, int]]:
-    """Quoted-printable tokens for printable ASCII octets (RFC 2045 §6.7 rules 1, 2)."""
-    tokens = []
+def _qp_encode(text: bytes) -> list[_Token]:
+    """Quoted-printable tokens for octets (RFC 2045 §6.7 rules 1, 2: all but printable ASCII
+    and space as ``=XX``; the inserted text never ends a line, so spaces stay as they are)."""
+    tokens: list[_Token] = []
     for octet in text:
         if octet == 0x3D or not 0x20 <= octet <= 0x7E:
-            tokens.append((b"=%02X" % octet, 1))
+            tokens.append((b"=%02X" % octet, 1, False))
         else:
-            tokens.append((bytes((octet,)), 1))
+            tokens.append((bytes((octet,)), 1, False))
     return tokens
 
 
@@ -236,7 +246,7 @@ def _splice_qp(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes
     tokens, terminal = _qp_tokens(line)
     count = 0
     cut = None
-    for position, (_token, width) in enumerate(tokens):
+    for position, (_token, width, _sticky) in enumerate(tokens):
         if count == local:
             cut = position
             break
@@ -249,14 +259,17 @@ def _splice_qp(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes
     eol = terminal[-2:] if terminal.endswith(b"\r\n") else terminal[-1:]
     if eol not in (b"\r\n", b"\n"):
         eol = newline
-    pieces = tokens[:cut] + _qp_encode_ascii(insert) + tokens[cut:]
+    pieces = tokens[:cut] + _qp_encode(insert) + tokens[cut:]
     lines: list[bytes] = []
     current = bytearray()
-    for token, _width in pieces:
+    sticky = False
+    for token, _width, token_sticky in pieces:
         if current and len(current) + len(token) > MAX_ENCODED_LINE - 1:
-            lines.append(bytes(current) + b"=" + eol)
-            current = bytearray()
+            carry = current[-1:] if sticky else b""  # a literal "=" moves to the next line
+            lines.append(bytes(current[: len(current) - len(carry)]) + b"=" + eol)
+            current = bytearray(carry)
         current += token
+        sticky = token_sticky
     lines.append(bytes(current) + terminal)
     return body[:start] + b"".join(lines) + body[end:]
 
@@ -265,45 +278,68 @@ def _splice_qp(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes
 
 
 def _splice_base64(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes:
+    try:
+        return _splice_base64_line(body, offset, insert, newline)
+    except _IrregularBase64:
+        return _reencode_base64(body, offset, insert, newline)
+
+
+class _IrregularBase64(TransferError):
+    """Lines that are not whole base64 quanta: the line holding the offset cannot be found."""
+
+
+def _splice_base64_line(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes:
+    """Re-encode only the base64 line holding ``offset`` (every line whole quanta)."""
     if len(insert) % 3:
-        raise TransferError("base64 insert length is not a multiple of 3")
-    spans = _lines(body)
-    contents: list[tuple[int, int, bytes]] = []  # (start, content end, eol)
-    for start, end in spans:
-        eol = b"\r\n" if body[start:end].endswith(b"\r\n") else body[start:end][-1:]
-        if eol != b"\r\n" and eol != b"\n":
+        raise _IrregularBase64("base64 insert length is not a multiple of 3")
+    data_lines: list[tuple[int, int, bytes]] = []  # (start, data end, eol)
+    for start, end in _lines(body):
+        eol = body[end - 2 : end] if body[start:end].endswith(b"\r\n") else body[end - 1 : end]
+        if eol not in (b"\r\n", b"\n"):
             eol = b""
-        content_end = end - len(eol)
-        if not _BASE64_LINE.match(body, start, content_end):
-            raise TransferError("base64 line with characters outside the alphabet")
-        contents.append((start, content_end, eol))
-    data_lines = [c for c in contents if c[1] > c[0]]
+        match = _BASE64_LINE.match(body, start, end - len(eol))
+        if match is None:
+            raise _IrregularBase64("blanks inside a base64 line")
+        if match.end(1) > start:
+            data_lines.append((start, match.end(1), eol))
     if not data_lines:
         raise TransferError("empty base64 body")
-    for start, content_end, _eol in data_lines[:-1]:
-        if (content_end - start) % 4 or body[content_end - 1] == 0x3D:
-            raise TransferError("base64 lines are not whole quanta")
+    for start, data_end, _eol in data_lines[:-1]:
+        if (data_end - start) % 4 or body[data_end - 1] == 0x3D:
+            raise _IrregularBase64("base64 lines are not whole quanta")
     if (data_lines[-1][1] - data_lines[-1][0]) % 4:
-        raise TransferError("base64 data is not whole quanta")
+        raise _IrregularBase64("base64 lines are not whole quanta")
     width = data_lines[0][1] - data_lines[0][0]
     if width % 4 or width > MAX_ENCODED_LINE or len(data_lines) == 1:
         width = MAX_ENCODED_LINE
     # The 3-octet group holding the offset, and the line it is in.
     group = offset // 3
     chars = 4 * group
-    for start, content_end, eol in data_lines:
-        size = content_end - start
-        if chars < size or (chars == size and (start, content_end, eol) == data_lines[-1]):
+    for start, data_end, eol in data_lines:
+        size = data_end - start
+        if chars < size or (chars == size and (start, data_end, eol) == data_lines[-1]):
             break
         chars -= size
     else:
         raise TransferError("offset outside the body")
-    quantum = body[start + chars : min(start + chars + 4, content_end)]
+    quantum = body[start + chars : min(start + chars + 4, data_end)]
     old = base64.b64decode(quantum, validate=True) if quantum else b""
     inner = offset - 3 * group
     if inner > len(old):
         raise TransferError("offset outside the body")
     new = base64.b64encode(old[:inner] + insert + old[inner:])
-    text = body[start : start + chars] + new + body[start + chars + len(quantum) : content_end]
+    text = body[start : start + chars] + new + body[start + chars + len(quantum) : data_end]
     lines = [text[i : i + width] for i in range(0, len(text), width)]
-    return body[:start] + (eol or newline).join(lines) + body[content_end:]
+    return body[:start] + (eol or newline).join(lines) + body[data_end:]
+
+
+def _reencode_base64(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes:
+    """Re-encode the whole body in 76-character lines, keeping its leading and trailing blanks."""
+    decoded = decode(body, TransferEncoding.BASE64)
+    if not 0 <= offset <= len(decoded):
+        raise TransferError("offset outside the body")
+    encoded = base64.b64encode(decoded[:offset] + insert + decoded[offset:])
+    lines = [encoded[i : i + MAX_ENCODED_LINE] for i in range(0, len(encoded), MAX_ENCODED_LINE)]
+    lead = body[: len(body) - len(body.lstrip(_BLANKS))]
+    tail = body[len(body.rstrip(_BLANKS)) :]
+    return lead + newline.join(lines) + tail
