@@ -72,12 +72,16 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
     return load_server_context(config.tls_cert, config.tls_key)
 
 
-def pixel_base_url(config: Config) -> str:
-    """The public URL of the pixel endpoint: configured, or guessed from our host name."""
+def pixel_base_url(config: Config, bound_port: int | None = None) -> str:
+    """The public URL of the pixel endpoint: configured, or guessed from our host name.
+
+    :param bound_port: the port the pixel endpoint is bound to, when it runs here
+        (it differs from ``pixel_listen`` when that says port 0).
+    """
     if config.pixel_base_url is not None:
         return config.pixel_base_url
     scheme = "http" if config.pixel_plain_http else "https"
-    return f"{scheme}://{config.hostname}:{config.pixel_listen.port}"
+    return f"{scheme}://{config.hostname}:{bound_port or config.pixel_listen.port}"
 
 
 def rewrite_policy(config: Config) -> RewritePolicy:
@@ -189,10 +193,10 @@ class Application:
                 config.data_dir, store_subject=config.store_subject, ip_policy=config.ip_policy
             )
         try:
-            if self._run_smtp:
-                await self._start_smtp()
             if config.pixel:
                 await self._start_pixel()
+            if self._run_smtp:
+                await self._start_smtp()
         except BaseException:
             await self.stop(grace_s=0)
             raise
@@ -201,7 +205,7 @@ class Application:
         config = self.config
         assert self._upstream is not None
         if config.tracking:
-            base_url = pixel_base_url(config)
+            base_url = pixel_base_url(config, self.pixel_port)
             if config.pixel_base_url is None:
                 log.warning(
                     "pixel_base_url is not set; pixels will point at %s: set it to the "
@@ -271,6 +275,9 @@ class Application:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await protocol.push("421 4.3.2 smtp-tracker shutting down")
                 protocol.transport.close()
+            # connection_lost runs on a later turn of the loop; close the upstream now
+            if self._handler is not None and protocol.session is not None:
+                await self._handler.close_session(protocol.session)
         if self._server is not None:
             await self._server.wait_closed()
         if self._handler is not None:

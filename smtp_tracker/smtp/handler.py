@@ -315,6 +315,10 @@ class RelayHandler:
         task.add_done_callback(self._disconnects.discard)
 
     async def _disconnected(self, session: RelaySession) -> None:
+        await self.close_session(session)
+
+    async def close_session(self, session: RelaySession) -> None:
+        """End the session's transaction, if any, and close its upstream connection."""
         await self.abort_transaction(session, reason="disconnect", reset_upstream=False)
         await self._close_upstream(session)
 

@@ -335,11 +335,15 @@ class UpstreamSession:
         client, self._client = self._client, None
         if client is None:
             return
-        if client.is_connected:
-            self._note(WE_SAID_TO_UPSTREAM, "QUIT")
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await client.quit(timeout=5.0)
-        client.close()
+        try:
+            if client.is_connected:
+                self._note(WE_SAID_TO_UPSTREAM, "QUIT")
+                with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                    await client.quit(timeout=5.0)
+        finally:
+            # also when cancelled: a client that hangs up right after its own QUIT
+            # cancels the hook that is waiting here for the upstream's 221
+            client.close()
 
 
 def _describe(exc: BaseException) -> str:

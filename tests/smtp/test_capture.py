@@ -1,4 +1,4 @@
-"""Debug capture files: per transaction, AUTH redacted, mode 0600, ``errors`` keeps only failures."""
+"""Debug capture files: per transaction, AUTH redacted, mode 0600, "errors" keeps failures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The relay in step: a real aiosmtplib client → smtp-tracker → the aiosmtpd upstream (STARTTLS, AUTH).
+"""The relay in step: aiosmtplib client → smtp-tracker → aiosmtpd upstream (STARTTLS, AUTH).
 
 Each upstream fault is scripted with ``@pytest.mark.upstream(...)``; every case
 checks the exact reply the downstream gets and what reached the upstream.
@@ -6,6 +6,7 @@ checks the exact reply the downstream gets and what reached the upstream.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -72,12 +73,11 @@ async def test_downstream_gets_the_upstreams_own_reply(
 ) -> None:
     replies = await send(client, "alice@example.org", ["bob@example.net"])
     data_reply = replies[-1]
-    (delivered,) = upstream.transactions
-    assert data_reply.code == 250
+    assert len(upstream.transactions) == 1
+    # the upstream's own final reply, queue id and all, is what Postfix sees
+    upstream_final = [line for line in upstream.transcript if "queued as" in line]
+    assert upstream_final == [f"250 {data_reply.message}"], (upstream_final, data_reply)
     assert ENHANCED.match(data_reply.message), data_reply.message
-    # whatever the upstream said after its code is what Postfix sees (queue id included)
-    upstream_final = [line for line in upstream.transcript if line.startswith("250")]
-    assert upstream_final, upstream.transcript
 
 
 @pytest.mark.upstream(rcpt_replies={"nobody@example.net": "550 5.1.1 no such user here"})
@@ -290,3 +290,33 @@ async def test_client_dropping_mid_transaction_relays_nothing(
     await relay.handler.drain()
     assert upstream.transactions == []
     assert relay.handler.active_transactions == 0
+
+
+@pytest.mark.upstream(delay_s={"QUIT": 2.0})
+async def test_client_hanging_up_right_after_quit_still_closes_the_upstream(
+    relay: Application, upstream: Any
+) -> None:
+    """Postfix may close right after its QUIT, while we wait for the upstream's 221:
+    the hook is cancelled there, and the upstream connection must still be closed."""
+    host, port = relay.smtp_address
+    reader, writer = await asyncio.open_connection(host, port)
+    await reader.readline()
+    for line in (b"EHLO postfix.test", b"MAIL FROM:<alice@example.org>", b"RSET"):
+        writer.write(line + b"\r\n")
+        while (reply := await reader.readline())[3:4] != b" ":
+            pass
+        assert reply.startswith(b"250"), reply
+    assert len(upstream.connections) == 1
+    writer.write(b"QUIT\r\n")
+    await wait_until(
+        lambda: upstream.transcript[-1:] == ["QUIT"],
+        timeout_s=10,
+        message="QUIT never reached the upstream",
+    )
+    writer.close()
+    await relay.handler.drain()
+    await wait_until(
+        lambda: not upstream.connections,
+        timeout_s=1.5,
+        message="the relay kept its upstream connection after the client left",
+    )
