@@ -227,6 +227,7 @@ async def test_stop_drops_open_connections_and_start_serves_again(
 ) -> None:
     assert (await client.mail("alice@example.org")).code == 250
     await upstream.stop()
+    assert upstream.connections == set()
     with pytest.raises(aiosmtplib.SMTPServerDisconnected):
         await client.rcpt("bob@example.net")
     with pytest.raises(aiosmtplib.SMTPConnectError):

@@ -265,6 +265,8 @@ class _SmarthostSMTP(SMTP):
     def __init__(self, server: UpstreamServer, tls_context: ssl.SSLContext | None) -> None:
         self._server = server
         self._pending: _Pending | None = None
+        #: done once the connection is gone (its socket closed)
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # aiosmtpd keeps these limits in a class attribute that every new SMTP() clears
         # and every EHLO raises: one per connection, so the relay's server is not touched.
         self.command_size_limits: dict[str, int] = collections.defaultdict(
@@ -305,6 +307,8 @@ class _SmarthostSMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         self._server.connections.discard(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
         super().connection_lost(error)
 
     def drop(self) -> None:
@@ -572,7 +576,11 @@ class UpstreamServer:
         self._server = await loop.create_server(self._protocol, sock=sock)
 
     async def stop(self) -> None:
-        """Stop listening and drop every open connection; the port stays reserved."""
+        """Stop listening and drop every open connection; the port stays reserved.
+
+        Returns once every connection is gone: the sockets are closed on a later
+        turn of the loop, and a test whose loop closes first leaks them.
+        """
         server, self._server = self._server, None
         if server is None:
             return
@@ -581,9 +589,10 @@ class UpstreamServer:
         for connection in connections:
             connection.drop()
         await server.wait_closed()
-        tasks = [c._handler_coroutine for c in connections if c._handler_coroutine is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=5.0)
+        waiting = [c.lost for c in connections]
+        waiting += [c._handler_coroutine for c in connections if c._handler_coroutine is not None]
+        if waiting:
+            await asyncio.wait(waiting, timeout=5.0)
         self._reserve(self.port)
 
     async def close(self) -> None:
