@@ -1,9 +1,11 @@
 """Tracking tokens and pixel URLs.
 
-A tracking id is ``secrets.token_urlsafe(16)``: 128 random bits in the URL-safe
-base64 alphabet (RFC 4648 §5) without padding, 22 characters.  The 22nd
-character carries only 2 bits (the other 4 are zero), so it is one of
-``A``, ``Q``, ``g`` or ``w``; :func:`is_well_formed_token` checks exactly that.
+A tracking id is ``secrets.token_urlsafe(17)``: 136 random bits in the URL-safe
+base64 alphabet (RFC 4648 §5) without padding, 23 characters, drawn again when
+it would start with ``-`` (so that ``smtp-tracker show ID`` never mistakes one
+for an option); what is left is over 135.9 bits, above the 128 asked for.  The
+23rd character carries only 4 bits (the other 2 are zero), so it is one of
+``AEIMQUYcgkosw048``; :func:`is_well_formed_token` checks exactly that.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ __all__ = ["PIXEL_PATH_PREFIX", "is_well_formed_token", "new_tracking_id", "pixe
 #: The pixel URL path is ``/o/<tracking_id>.gif``.
 PIXEL_PATH_PREFIX = "/o/"
 
-_TOKEN_BYTES = 16
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{21}[AQgw]")
+_TOKEN_BYTES = 17
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{21}[AEIMQUYcgkosw048]")
 
 
 def new_tracking_id() -> str:
-    """A fresh random tracking id (22 URL-safe characters, 128 bits)."""
-    return secrets.token_urlsafe(_TOKEN_BYTES)
+    """A fresh random tracking id (23 URL-safe characters, not starting with ``-``)."""
+    while (token := secrets.token_urlsafe(_TOKEN_BYTES)).startswith("-"):
+        pass
+    return token
 
 
 def is_well_formed_token(value: str) -> bool:

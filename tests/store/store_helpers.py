@@ -13,7 +13,7 @@ T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 def token(i: int) -> str:
     """A well-formed, deterministic tracking id for test message *i*."""
-    return base64.urlsafe_b64encode(i.to_bytes(16, "big")).rstrip(b"=").decode()
+    return base64.urlsafe_b64encode(i.to_bytes(17, "big")).rstrip(b"=").decode()
 
 
 def make_record(i: int = 0, **overrides: Any) -> MessageRecord:

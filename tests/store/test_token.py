@@ -16,14 +16,16 @@ def test_new_tracking_id_shape() -> None:
     ids = {new_tracking_id() for _ in range(1000)}
     assert len(ids) == 1000
     for tid in ids:
-        assert len(tid) == 22
+        assert len(tid) == 23
         assert is_well_formed_token(tid)
-        assert len(base64.urlsafe_b64decode(tid + "==")) == 16
+        assert not tid.startswith("-")  # never taken for a command-line option
+        assert len(base64.urlsafe_b64decode(tid + "=")) == 17
 
 
-@given(st.binary(min_size=16, max_size=16))
-def test_every_128_bit_value_is_well_formed(raw: bytes) -> None:
-    assert is_well_formed_token(base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+@given(st.binary(min_size=17, max_size=17))
+def test_every_136_bit_value_not_starting_with_a_dash_is_well_formed(raw: bytes) -> None:
+    token = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    assert is_well_formed_token(token) == (not token.startswith("-"))
 
 
 @pytest.mark.parametrize(
@@ -31,12 +33,14 @@ def test_every_128_bit_value_is_well_formed(raw: bytes) -> None:
     [
         "",
         "short",
-        secrets.token_urlsafe(16) + "A",  # 23 characters
-        "AAAAAAAAAAAAAAAAAAAAAB",  # last character would carry non-zero padding bits
-        "AAAAAAAAAAAAAAAAAAAA/A",  # standard, not URL-safe, alphabet
-        "AAAAAAAAAAAAAAAAAAAA=A",
-        "../../../../etc/passwdA",
-        "AAAAAAAAAAAAAAAAAAAAAA\n",
+        secrets.token_urlsafe(17) + "A",  # 24 characters
+        secrets.token_urlsafe(16),  # 22 characters: the old form
+        "AAAAAAAAAAAAAAAAAAAAAAB",  # last character would carry non-zero padding bits
+        "-AAAAAAAAAAAAAAAAAAAAAA",  # would read as an option
+        "AAAAAAAAAAAAAAAAAAAAA/A",  # standard, not URL-safe, alphabet
+        "AAAAAAAAAAAAAAAAAAAAA=A",
+        "../../../../etc/passwdAA",
+        "AAAAAAAAAAAAAAAAAAAAAAA\n",
     ],
 )
 def test_malformed_tokens(value: str) -> None:

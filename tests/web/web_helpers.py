@@ -37,7 +37,7 @@ StartPixel = Callable[..., Awaitable[PixelServer]]
 
 def token(i: int) -> str:
     """A well-formed, deterministic tracking id for test message *i*."""
-    return base64.urlsafe_b64encode(i.to_bytes(16, "big")).rstrip(b"=").decode()
+    return base64.urlsafe_b64encode(i.to_bytes(17, "big")).rstrip(b"=").decode()
 
 
 def make_record(i: int, **overrides: Any) -> MessageRecord:
