@@ -19,6 +19,7 @@ The handler (:mod:`.handler`) does the relaying.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import ssl
@@ -123,6 +124,12 @@ class RelaySMTP(SMTP):
             require_starttls=False,
             timeout=client_timeout_s,
             auth_require_tls=True,
+        )
+        # aiosmtpd keeps these in a class attribute that every new connection clears
+        # and every EHLO raises (RFC 1870 §3: +26 for SIZE); keep them per connection.
+        base = self.command_size_limit
+        self.command_size_limits: collections.defaultdict[str, int] = collections.defaultdict(
+            lambda: base
         )
         self._allowed_clients = tuple(allowed_clients)
         self._max_message_bytes = max_message_bytes
