@@ -53,8 +53,9 @@ def server_cert(ca: trustme.CA) -> trustme.LeafCert:
 
 
 @pytest.fixture(scope="session")
-def certificate_files(ca: trustme.CA, server_cert: trustme.LeafCert,
-                      tmp_path_factory: pytest.TempPathFactory) -> certificates.CertificateFiles:
+def certificate_files(
+    ca: trustme.CA, server_cert: trustme.LeafCert, tmp_path_factory: pytest.TempPathFactory
+) -> certificates.CertificateFiles:
     return certificates.write_files(ca, server_cert, tmp_path_factory.mktemp("certs"))
 
 
@@ -99,11 +100,13 @@ def untrusted_cert(untrusted_ca: trustme.CA) -> trustme.LeafCert:
 
 @pytest.fixture(scope="session")
 def untrusted_certificate_files(
-    untrusted_ca: trustme.CA, untrusted_cert: trustme.LeafCert,
+    untrusted_ca: trustme.CA,
+    untrusted_cert: trustme.LeafCert,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> certificates.CertificateFiles:
-    return certificates.write_files(untrusted_ca, untrusted_cert,
-                                    tmp_path_factory.mktemp("untrusted-certs"))
+    return certificates.write_files(
+        untrusted_ca, untrusted_cert, tmp_path_factory.mktemp("untrusted-certs")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -133,9 +136,12 @@ async def upstream(
 ) -> AsyncIterator[UpstreamServer]:
     """The smarthost on 127.0.0.1, started unless ``refuse=True``; stopped at teardown."""
     options = options_from_markers(request.node.iter_markers("upstream"))
-    server = UpstreamServer(options=options, tls_context=server_ssl_context,
-                            untrusted_tls_context=untrusted_server_ssl_context,
-                            ca_file=ca_pem_path)
+    server = UpstreamServer(
+        options=options,
+        tls_context=server_ssl_context,
+        untrusted_tls_context=untrusted_server_ssl_context,
+        ca_file=ca_pem_path,
+    )
     try:
         if not options.refuse:
             await server.start()

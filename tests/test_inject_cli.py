@@ -17,7 +17,10 @@ PLAIN_MESSAGE = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\
 def inject(data: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "smtp_tracker", "inject", "--pixel-url", PIXEL, *args],
-        input=data, capture_output=True, timeout=60, check=False,
+        input=data,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -52,8 +55,19 @@ def test_input_file_option(tmp_path: Path) -> None:
     path = tmp_path / "in.eml"
     path.write_bytes(HTML_MESSAGE)
     result = subprocess.run(
-        [sys.executable, "-m", "smtp_tracker", "inject", "--pixel-url", PIXEL,
-         "--input", str(path)], capture_output=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "smtp_tracker",
+            "inject",
+            "--pixel-url",
+            PIXEL,
+            "--input",
+            str(path),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0 and result.stdout.count(PIXEL.encode()) == 1
 
@@ -61,10 +75,23 @@ def test_input_file_option(tmp_path: Path) -> None:
 def test_empty_or_unreadable_input_is_one_line_and_exit_1(tmp_path: Path) -> None:
     empty = inject(b"")
     assert empty.returncode == 1
-    assert empty.stderr == b"smtp-tracker: error: no message on standard input: pipe an .eml file in\n"
+    assert (
+        empty.stderr == b"smtp-tracker: error: no message on standard input: pipe an .eml file in\n"
+    )
     missing = subprocess.run(
-        [sys.executable, "-m", "smtp_tracker", "inject", "--pixel-url", PIXEL,
-         "--input", str(tmp_path / "nope.eml")], capture_output=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "smtp_tracker",
+            "inject",
+            "--pixel-url",
+            PIXEL,
+            "--input",
+            str(tmp_path / "nope.eml"),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert missing.returncode == 1
     assert missing.stderr.startswith(b"smtp-tracker: error: cannot read ")
@@ -74,7 +101,10 @@ def test_empty_or_unreadable_input_is_one_line_and_exit_1(tmp_path: Path) -> Non
 def test_bad_pixel_url_is_a_usage_error() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "smtp_tracker", "inject", "--pixel-url", "javascript:alert(1)"],
-        input=HTML_MESSAGE, capture_output=True, timeout=60, check=False,
+        input=HTML_MESSAGE,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 2
     assert b"expected an https:// URL" in result.stderr

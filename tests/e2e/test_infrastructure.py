@@ -37,8 +37,9 @@ MESSAGE = (
 
 
 async def connect(upstream: UpstreamServer, **kwargs: object) -> aiosmtplib.SMTP:
-    smtp = aiosmtplib.SMTP(hostname=upstream.host, port=upstream.port, start_tls=False,
-                           timeout=10, **kwargs)  # type: ignore[arg-type]
+    smtp = aiosmtplib.SMTP(
+        hostname=upstream.host, port=upstream.port, start_tls=False, timeout=10, **kwargs
+    )  # type: ignore[arg-type]
     await smtp.connect()
     await smtp.ehlo(hostname="client.test")
     return smtp
@@ -52,8 +53,9 @@ async def secured(upstream: UpstreamServer, context: ssl.SSLContext) -> aiosmtpl
 
 
 @pytest.fixture
-async def client(upstream: UpstreamServer, client_ssl_context: ssl.SSLContext
-                 ) -> AsyncIterator[aiosmtplib.SMTP]:
+async def client(
+    upstream: UpstreamServer, client_ssl_context: ssl.SSLContext
+) -> AsyncIterator[aiosmtplib.SMTP]:
     """STARTTLS done, logged in as the test user."""
     smtp = await secured(upstream, client_ssl_context)
     await smtp.login(upstream.user, upstream.password)
@@ -79,8 +81,9 @@ async def test_starttls_is_required_before_mail(upstream: UpstreamServer) -> Non
     assert upstream.transactions == []
 
 
-async def test_auth_is_required_after_starttls(upstream: UpstreamServer,
-                                               client_ssl_context: ssl.SSLContext) -> None:
+async def test_auth_is_required_after_starttls(
+    upstream: UpstreamServer, client_ssl_context: ssl.SSLContext
+) -> None:
     smtp = await secured(upstream, client_ssl_context)
     assert smtp.supports_extension("auth")
     assert not smtp.supports_extension("starttls")
@@ -101,18 +104,27 @@ async def test_auth_then_a_message_is_recorded_exactly(
     final = await smtp.data(MESSAGE)
     assert (final.code, final.message) == (250, "2.0.0 Ok: queued as UP000001")
     await smtp.quit()
-    assert upstream.transactions == [Transaction(
-        mail_from="alice@example.org", mail_options=[], rcpt_tos=["bob@example.net"],
-        rcpt_options=[[]], data=MESSAGE, tls=True, auth_user="relay-user",
-        helo="client.test", queue_id="UP000001",
-    )]
+    assert upstream.transactions == [
+        Transaction(
+            mail_from="alice@example.org",
+            mail_options=[],
+            rcpt_tos=["bob@example.net"],
+            rcpt_options=[[]],
+            data=MESSAGE,
+            tls=True,
+            auth_user="relay-user",
+            helo="client.test",
+            queue_id="UP000001",
+        )
+    ]
     assert "AUTH <redacted>" in upstream.transcript
     assert not any(upstream.password in line for line in upstream.transcript)
     assert upstream.commands[-1] == "QUIT" and upstream.transcript[-1] == "221 2.0.0 Bye"
 
 
-async def test_wrong_password_is_535(upstream: UpstreamServer,
-                                     client_ssl_context: ssl.SSLContext) -> None:
+async def test_wrong_password_is_535(
+    upstream: UpstreamServer, client_ssl_context: ssl.SSLContext
+) -> None:
     smtp = await secured(upstream, client_ssl_context)
     with pytest.raises(aiosmtplib.SMTPAuthenticationError) as caught:
         await smtp.auth_plain(upstream.user, "wrong")
@@ -123,28 +135,55 @@ async def test_wrong_password_is_535(upstream: UpstreamServer,
 async def test_dsn_smtputf8_and_null_sender_parameters_arrive_unchanged(
     client: aiosmtplib.SMTP, upstream: UpstreamServer
 ) -> None:
-    mail = await command(client, "MAIL", "FROM:<>", "RET=hdrs", "ENVID=Qx+2B1a",
-                         "BODY=8BITMIME", "SIZE=300", "SMTPUTF8")
+    mail = await command(
+        client,
+        "MAIL",
+        "FROM:<>",
+        "RET=hdrs",
+        "ENVID=Qx+2B1a",
+        "BODY=8BITMIME",
+        "SIZE=300",
+        "SMTPUTF8",
+    )
     assert mail.code == 250, mail
-    rcpt = await command(client, "RCPT", "TO:<bob@example.net>", "NOTIFY=SUCCESS,FAILURE",
-                         "ORCPT=rfc822;Bob@Example.NET")
+    rcpt = await command(
+        client,
+        "RCPT",
+        "TO:<bob@example.net>",
+        "NOTIFY=SUCCESS,FAILURE",
+        "ORCPT=rfc822;Bob@Example.NET",
+    )
     assert rcpt.code == 250, rcpt
     assert (await command(client, "RCPT", "TO:<carol@example.net>")).code == 250
     await client.data("Subject: ünïcode\r\n\r\nbody ✓\r\n".encode())
     (delivered,) = await upstream.wait_for_transactions(1, timeout_s=5)
     assert delivered.mail_from == ""
-    assert delivered.mail_options == ["RET=hdrs", "ENVID=Qx+2B1a", "BODY=8BITMIME", "SIZE=300",
-                                      "SMTPUTF8"]
+    assert delivered.mail_options == [
+        "RET=hdrs",
+        "ENVID=Qx+2B1a",
+        "BODY=8BITMIME",
+        "SIZE=300",
+        "SMTPUTF8",
+    ]
     assert delivered.rcpt_tos == ["bob@example.net", "carol@example.net"]
-    assert delivered.rcpt_options == [["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Bob@Example.NET"],
-                                      []]
+    assert delivered.rcpt_options == [
+        ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Bob@Example.NET"],
+        [],
+    ]
     assert delivered.data == "Subject: ünïcode\r\n\r\nbody ✓\r\n".encode()
     assert without_bounces(upstream.transactions) == []
 
 
 async def test_every_extension_is_advertised_by_default(client: aiosmtplib.SMTP) -> None:
-    for extension in ("size", "8bitmime", "smtputf8", "pipelining", "enhancedstatuscodes",
-                      "dsn", "auth"):
+    for extension in (
+        "size",
+        "8bitmime",
+        "smtputf8",
+        "pipelining",
+        "enhancedstatuscodes",
+        "dsn",
+        "auth",
+    ):
         assert client.supports_extension(extension), extension
     assert client.esmtp_extensions["size"] == str(10 * 1024 * 1024)
     assert client.server_auth_methods == ["plain", "login"]
@@ -152,7 +191,7 @@ async def test_every_extension_is_advertised_by_default(client: aiosmtplib.SMTP)
 
 @pytest.mark.upstream(advertise_dsn=False, advertise_smtputf8=False)
 async def test_switched_off_extensions_are_not_advertised_and_refused(
-    client: aiosmtplib.SMTP
+    client: aiosmtplib.SMTP,
 ) -> None:
     assert not client.supports_extension("dsn")
     assert not client.supports_extension("smtputf8")
@@ -176,9 +215,7 @@ async def test_starttls_false_does_not_offer_it(upstream: UpstreamServer) -> Non
 
 
 @pytest.mark.upstream(require_starttls=False, auth_required=False)
-async def test_plaintext_without_auth_when_both_are_switched_off(
-    upstream: UpstreamServer
-) -> None:
+async def test_plaintext_without_auth_when_both_are_switched_off(upstream: UpstreamServer) -> None:
     smtp = await connect(upstream)
     await smtp.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
     smtp.close()
@@ -198,19 +235,20 @@ async def test_untrusted_certificate_fails_verification(
 
 
 @pytest.mark.upstream(auth_ok=False)
-async def test_auth_ok_false_refuses_the_right_password(client_ssl_context: ssl.SSLContext,
-                                                        upstream: UpstreamServer) -> None:
+async def test_auth_ok_false_refuses_the_right_password(
+    client_ssl_context: ssl.SSLContext, upstream: UpstreamServer
+) -> None:
     smtp = await secured(upstream, client_ssl_context)
     with pytest.raises(aiosmtplib.SMTPAuthenticationError) as caught:
         await smtp.auth_plain(upstream.user, upstream.password)
-    assert (caught.value.code, caught.value.message) == (535,
-                                                         "5.7.8 Error: authentication failed")
+    assert (caught.value.code, caught.value.message) == (535, "5.7.8 Error: authentication failed")
     smtp.close()
 
 
 @pytest.mark.upstream(refuse=True)
-async def test_refuse_until_started_on_the_same_port(upstream: UpstreamServer,
-                                                     client_ssl_context: ssl.SSLContext) -> None:
+async def test_refuse_until_started_on_the_same_port(
+    upstream: UpstreamServer, client_ssl_context: ssl.SSLContext
+) -> None:
     port = upstream.port
     with pytest.raises(aiosmtplib.SMTPConnectError) as caught:
         await connect(upstream)
@@ -242,16 +280,16 @@ async def test_stop_drops_open_connections_and_start_serves_again(
 
 @pytest.mark.upstream(greeting="421 4.3.2 busy, come back later")
 async def test_greeting_421_then_close(upstream: UpstreamServer) -> None:
-    smtp = aiosmtplib.SMTP(hostname=upstream.host, port=upstream.port, start_tls=False,
-                           timeout=10)
+    smtp = aiosmtplib.SMTP(hostname=upstream.host, port=upstream.port, start_tls=False, timeout=10)
     with pytest.raises(aiosmtplib.SMTPConnectResponseError) as caught:
         await smtp.connect()
     assert (caught.value.code, caught.value.message) == (421, "4.3.2 busy, come back later")
 
 
 @pytest.mark.upstream(starttls_reply="454 4.7.0 TLS not available due to local problem")
-async def test_starttls_reply_454(upstream: UpstreamServer,
-                                  client_ssl_context: ssl.SSLContext) -> None:
+async def test_starttls_reply_454(
+    upstream: UpstreamServer, client_ssl_context: ssl.SSLContext
+) -> None:
     smtp = await connect(upstream)
     with pytest.raises(aiosmtplib.SMTPResponseException) as caught:
         await smtp.starttls(tls_context=client_ssl_context)
@@ -324,8 +362,7 @@ async def test_delay_makes_the_reply_late(client: aiosmtplib.SMTP) -> None:
 
 
 @pytest.mark.upstream(delay_s={"EOM": 0.3})
-async def test_delay_after_the_payload(client: aiosmtplib.SMTP, upstream: UpstreamServer
-                                       ) -> None:
+async def test_delay_after_the_payload(client: aiosmtplib.SMTP, upstream: UpstreamServer) -> None:
     await client.mail("alice@example.org")
     await client.rcpt("bob@example.net")
     loop = asyncio.get_running_loop()
@@ -336,7 +373,7 @@ async def test_delay_after_the_payload(client: aiosmtplib.SMTP, upstream: Upstre
 
 
 async def test_wait_for_transactions_times_out_with_the_transcript(
-    upstream: UpstreamServer
+    upstream: UpstreamServer,
 ) -> None:
     with pytest.raises(AssertionError, match=r"accepted 0 of 1 transaction"):
         await upstream.wait_for_transactions(1, timeout_s=0.1)
@@ -362,18 +399,25 @@ async def test_wait_until_returns_the_value_or_fails_with_the_message() -> None:
 
 # -- (b) Postfix straight to the upstream ------------------------------------------------
 
-sasl_missing = pytest.mark.skipif(sasl_missing_reason() is not None,
-                                  reason=sasl_missing_reason() or "")
-swaks_missing = pytest.mark.skipif(shutil.which("swaks") is None,
-                                   reason="swaks is not installed (apt-get install swaks)")
+sasl_missing = pytest.mark.skipif(
+    sasl_missing_reason() is not None, reason=sasl_missing_reason() or ""
+)
+swaks_missing = pytest.mark.skipif(
+    shutil.which("swaks") is None, reason="swaks is not installed (apt-get install swaks)"
+)
 
 
-async def smarthost_postfix(postfix_factory: PostfixFactory, upstream: UpstreamServer
-                            ) -> Postfix:
+async def smarthost_postfix(postfix_factory: PostfixFactory, upstream: UpstreamServer) -> Postfix:
     """Postfix delivering straight to ``upstream``: TLS required, CA checked, SASL."""
-    return await postfix_factory(upstream.port, **smarthost_settings(
-        upstream.address, ca_file=upstream.ca_file, user=upstream.user,
-        password=upstream.password))
+    return await postfix_factory(
+        upstream.port,
+        **smarthost_settings(
+            upstream.address,
+            ca_file=upstream.ca_file,
+            user=upstream.user,
+            password=upstream.password,
+        ),
+    )
 
 
 @pytest.mark.postfix
@@ -382,13 +426,18 @@ async def test_postfix_delivers_a_sendmail_message_over_tls_with_auth(
     postfix_factory: PostfixFactory, upstream: UpstreamServer
 ) -> None:
     postfix = await smarthost_postfix(postfix_factory, upstream)
-    await postfix.send("alice@example.org", ["bob@example.net"], MESSAGE,
-                       dsn_notify=["success", "failure"], ret="hdrs", envid="Env-1")
+    await postfix.send(
+        "alice@example.org",
+        ["bob@example.net"],
+        MESSAGE,
+        dsn_notify=["success", "failure"],
+        ret="hdrs",
+        envid="Env-1",
+    )
     (delivered,) = await upstream.wait_for_transactions(1, timeout_s=20)
     assert (delivered.tls, delivered.auth_user) == (True, "relay-user")
     assert delivered.helo == "postfix.test.invalid"
-    assert (delivered.mail_from, delivered.rcpt_tos) == ("alice@example.org",
-                                                         ["bob@example.net"])
+    assert (delivered.mail_from, delivered.rcpt_tos) == ("alice@example.org", ["bob@example.net"])
     assert {"RET=HDRS", "ENVID=Env-1"} <= set(delivered.mail_options)
     assert "NOTIFY=SUCCESS,FAILURE" in delivered.rcpt_options[0]
     # Postfix adds its header lines; the body arrives intact, the dotted line too
@@ -406,9 +455,19 @@ async def test_postfix_relays_a_swaks_message_from_its_smtpd(
 ) -> None:
     postfix = await smarthost_postfix(postfix_factory, upstream)
     process = await asyncio.create_subprocess_exec(
-        "swaks", "--server", postfix.smtpd_address, "--from", "carol@example.org",
-        "--to", "dan@example.net", "--helo", "swaks.test", "--body", "Hello from swaks",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "swaks",
+        "--server",
+        postfix.smtpd_address,
+        "--from",
+        "carol@example.org",
+        "--to",
+        "dan@example.net",
+        "--helo",
+        "swaks.test",
+        "--body",
+        "Hello from swaks",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0, out.decode()
@@ -430,8 +489,9 @@ async def test_postfix_defers_while_the_upstream_is_down_then_delivers_once(
 ) -> None:
     postfix = await smarthost_postfix(postfix_factory, upstream)
     await postfix.send("alice@example.org", ["bob@example.net"], MESSAGE)
-    reasons = await wait_until(postfix.deferred_reasons, timeout_s=20,
-                               message="the message was never deferred")
+    reasons = await wait_until(
+        postfix.deferred_reasons, timeout_s=20, message="the message was never deferred"
+    )
     assert reasons == [f"connect to 127.0.0.1[127.0.0.1]:{upstream.port}: Connection refused"]
     await postfix.wait_for_log(r"dsn=4\.4\.1, status=deferred \(connect to .*Connection refused")
 
@@ -451,10 +511,12 @@ async def test_postfix_defers_on_a_4xx_reply_with_the_reply_as_reason(
 ) -> None:
     postfix = await smarthost_postfix(postfix_factory, upstream)
     await postfix.send("alice@example.org", ["bob@example.net"], MESSAGE)
-    reasons = await wait_until(postfix.deferred_reasons, timeout_s=20,
-                               message="the message was never deferred")
-    assert reasons == ["host 127.0.0.1[127.0.0.1] said: 451 4.3.0 try again later "
-                       "(in reply to MAIL FROM command)"]
+    reasons = await wait_until(
+        postfix.deferred_reasons, timeout_s=20, message="the message was never deferred"
+    )
+    assert reasons == [
+        "host 127.0.0.1[127.0.0.1] said: 451 4.3.0 try again later (in reply to MAIL FROM command)"
+    ]
 
     upstream.configure(mail_reply=None)
     await postfix.flush()

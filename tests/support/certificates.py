@@ -42,8 +42,9 @@ def write_files(ca: trustme.CA, cert: trustme.LeafCert, directory: Path) -> Cert
     """
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
-    files = CertificateFiles(ca=directory / "ca.pem", cert=directory / "cert.pem",
-                             key=directory / "key.pem")
+    files = CertificateFiles(
+        ca=directory / "ca.pem", cert=directory / "cert.pem", key=directory / "key.pem"
+    )
     ca.cert_pem.write_to_path(str(files.ca))
     files.ca.chmod(0o644)
     files.cert.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))

@@ -113,8 +113,10 @@ def sasl_missing_reason() -> str | None:
     The Cyrus plug-ins come with ``libsasl2-modules``, only recommended by
     ``libsasl2-2``: ``apt-get install --no-install-recommends postfix`` leaves it out.
     """
-    plugins = [*Path("/usr/lib").glob("*/sasl2/libplain.so*"),
-               *Path("/usr/lib/sasl2").glob("libplain.so*")]
+    plugins = [
+        *Path("/usr/lib").glob("*/sasl2/libplain.so*"),
+        *Path("/usr/lib/sasl2").glob("libplain.so*"),
+    ]
     if not plugins:
         return "Cyrus SASL PLAIN plug-in missing (apt-get install libsasl2-modules)"
     return None
@@ -127,8 +129,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def smarthost_settings(address: str, *, ca_file: Path, user: str, password: str
-                       ) -> dict[str, str]:
+def smarthost_settings(address: str, *, ca_file: Path, user: str, password: str) -> dict[str, str]:
     """main.cf settings to deliver straight to a smarthost with TLS required and SASL.
 
     :param address: ``host:port`` of the smarthost (numeric host).
@@ -183,8 +184,9 @@ class Postfix:
     :ivar main_cf: the parameters written to main.cf.
     """
 
-    def __init__(self, root: Path, relay_port: int, smtpd_port: int,
-                 main_cf: dict[str, str]) -> None:
+    def __init__(
+        self, root: Path, relay_port: int, smtpd_port: int, main_cf: dict[str, str]
+    ) -> None:
         self.root = root
         self.relay_port = relay_port
         self.smtpd_port = smtpd_port
@@ -198,9 +200,13 @@ class Postfix:
     # -- life cycle -------------------------------------------------------------------------
 
     @classmethod
-    async def create(cls, relay_port: int,
-                     main_cf_overrides: Mapping[str, str | int | bool] | None = None, *,
-                     smtpd_port: int | None = None) -> Postfix:
+    async def create(
+        cls,
+        relay_port: int,
+        main_cf_overrides: Mapping[str, str | int | bool] | None = None,
+        *,
+        smtpd_port: int | None = None,
+    ) -> Postfix:
         """Write the configuration and start the instance.
 
         :param relay_port: the port of the relay (or any SMTP server) on 127.0.0.1
@@ -240,8 +246,7 @@ class Postfix:
             "maximal_backoff_time": "4s",
             "smtp_connect_timeout": "5s",
         }
-        main_cf.update({key: _format(value)
-                        for key, value in (main_cf_overrides or {}).items()})
+        main_cf.update({key: _format(value) for key, value in (main_cf_overrides or {}).items()})
         instance = cls(root, relay_port, port, main_cf)
         instance._write_configuration()
         await instance.start()
@@ -282,8 +287,9 @@ class Postfix:
         if not self.config_dir.exists() or await self._is_stopped():
             return
         await self._run("postfix", "-c", str(self.config_dir), "stop")
-        await wait_until(self._is_stopped, timeout_s=15,
-                         message=f"Postfix in {self.root} did not stop")
+        await wait_until(
+            self._is_stopped, timeout_s=15, message=f"Postfix in {self.root} did not stop"
+        )
 
     async def _is_stopped(self) -> bool:
         status = await self._run("postfix", "-c", str(self.config_dir), "status", check=False)
@@ -306,15 +312,23 @@ class Postfix:
 
     # -- running commands -------------------------------------------------------------------
 
-    async def _run(self, name: str, *args: str, input: bytes | None = None,
-                   check: bool = True, timeout_s: float = 30.0) -> Completed:
+    async def _run(
+        self,
+        name: str,
+        *args: str,
+        input: bytes | None = None,
+        check: bool = True,
+        timeout_s: float = 30.0,
+    ) -> Completed:
         path = _command(name)
         if path is None:
             raise PostfixError(f"{name} is not installed")
         process = await asyncio.create_subprocess_exec(
-            path, *args,
+            path,
+            *args,
             stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             stdout, stderr = await asyncio.wait_for(process.communicate(input), timeout_s)
@@ -339,9 +353,16 @@ class Postfix:
         """``127.0.0.1:PORT`` of the smtpd listener (``swaks --server`` takes it)."""
         return f"127.0.0.1:{self.smtpd_port}"
 
-    async def send(self, sender: str, recipients: Sequence[str], data: bytes, *,
-                   dsn_notify: str | Sequence[str] | None = None, ret: str | None = None,
-                   envid: str | None = None) -> None:
+    async def send(
+        self,
+        sender: str,
+        recipients: Sequence[str],
+        data: bytes,
+        *,
+        dsn_notify: str | Sequence[str] | None = None,
+        ret: str | None = None,
+        envid: str | None = None,
+    ) -> None:
         """Queue a message with ``sendmail -C DIR -i -f sender -- recipients``.
 
         :param sender: the envelope sender; ``""`` for the null sender.
@@ -378,22 +399,27 @@ class Postfix:
         Only messages already moved to the deferred queue count, so a :meth:`flush`
         after this returned something retries them at once.
         """
-        return [recipient["delay_reason"]
-                for message in await self.queue() if message.get("queue_name") == "deferred"
-                for recipient in message.get("recipients", [])
-                if recipient.get("delay_reason")]
+        return [
+            recipient["delay_reason"]
+            for message in await self.queue()
+            if message.get("queue_name") == "deferred"
+            for recipient in message.get("recipients", [])
+            if recipient.get("delay_reason")
+        ]
 
     async def wait_until_queue_empty(self, timeout_s: float = 20.0) -> None:
         """Wait until nothing is queued (maildrop included).
 
         :raises AssertionError: still queued after ``timeout_s``, with what and why.
         """
+
         async def empty() -> bool:
             return not await self.queue()
 
         try:
-            await wait_until(empty, timeout_s=timeout_s, interval_s=0.1,
-                             message="Postfix queue not empty")
+            await wait_until(
+                empty, timeout_s=timeout_s, interval_s=0.1, message="Postfix queue not empty"
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}: {await self.queue()!r}") from None
 
@@ -409,19 +435,23 @@ class Postfix:
         regex = re.compile(pattern, re.MULTILINE) if isinstance(pattern, str) else pattern
         return list(regex.finditer(self.maillog()))
 
-    async def wait_for_log(self, pattern: str | re.Pattern[str], timeout_s: float = 20.0,
-                           *, count: int = 1) -> re.Match[str]:
+    async def wait_for_log(
+        self, pattern: str | re.Pattern[str], timeout_s: float = 20.0, *, count: int = 1
+    ) -> re.Match[str]:
         """Wait until ``pattern`` matches the log ``count`` times; return the last match.
 
         :raises AssertionError: not within ``timeout_s``; the log's tail is in the message.
         """
+
         def enough() -> list[re.Match[str]] | None:
             found = self.log_matches(pattern)
             return found if len(found) >= count else None
 
         try:
             matches = await wait_until(
-                enough, timeout_s=timeout_s, interval_s=0.05,
+                enough,
+                timeout_s=timeout_s,
+                interval_s=0.05,
                 message=f"{pattern!s} not in the Postfix log {count} time(s)",
             )
         except AssertionError as exc:

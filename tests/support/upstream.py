@@ -66,8 +66,9 @@ _MAIL_PARAMETERS = frozenset({"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"})
 _RCPT_PARAMETERS = frozenset({"NOTIFY", "ORCPT"})
 #: Commands a client may send before STARTTLS when it is required (RFC 3207 §4).
 _ALLOWED_BEFORE_STARTTLS = frozenset({"EHLO", "HELO", "NOOP", "QUIT", "STARTTLS", "RSET"})
-_PATH = re.compile(r"^(?P<keyword>FROM|TO):\s*<(?P<address>[^<>]*)>(?P<parameters>.*)$",
-                   re.IGNORECASE | re.DOTALL)
+_PATH = re.compile(
+    r"^(?P<keyword>FROM|TO):\s*<(?P<address>[^<>]*)>(?P<parameters>.*)$", re.IGNORECASE | re.DOTALL
+)
 #: aiosmtpd's own reply texts, given the enhanced code a real MTA would add.
 _ENHANCED = {
     "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
@@ -138,8 +139,13 @@ class UpstreamOptions:
             raise ValueError(f"upstream cert must be 'trusted' or 'untrusted', not {self.cert!r}")
         replies: dict[str, str | None] = {
             name: getattr(self, name)
-            for name in ("greeting", "starttls_reply", "mail_reply", "data_command_reply",
-                         "data_reply")
+            for name in (
+                "greeting",
+                "starttls_reply",
+                "mail_reply",
+                "data_command_reply",
+                "data_reply",
+            )
         }
         replies.update({f"rcpt_replies[{a!r}]": r for a, r in self.rcpt_replies.items()})
         for name, reply in replies.items():
@@ -161,8 +167,9 @@ def options_from_markers(markers: Sequence[Any]) -> UpstreamOptions:
     known = {f.name for f in dataclasses.fields(UpstreamOptions)}
     unknown = sorted(set(merged) - known)
     if unknown:
-        raise TypeError(f"unknown @pytest.mark.upstream option(s) {unknown}; known: "
-                        f"{sorted(known)}")
+        raise TypeError(
+            f"unknown @pytest.mark.upstream option(s) {unknown}; known: {sorted(known)}"
+        )
     return UpstreamOptions(**merged)
 
 
@@ -206,8 +213,14 @@ class _Handler:
     def __init__(self, server: UpstreamServer) -> None:
         self._server = server
 
-    async def handle_EHLO(self, smtp: _SmarthostSMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self,
+        smtp: _SmarthostSMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
         options = self._server.options
         session.host_name = hostname
         keywords = []
@@ -230,16 +243,15 @@ class _Handler:
         lines = [options.hostname, *keywords]
         return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
 
-    async def handle_RSET(self, smtp: _SmarthostSMTP, session: Session,
-                          envelope: Envelope) -> str:
+    async def handle_RSET(self, smtp: _SmarthostSMTP, session: Session, envelope: Envelope) -> str:
         return "250 2.0.0 Ok"
 
-    async def handle_NOOP(self, smtp: _SmarthostSMTP, session: Session, envelope: Envelope,
-                          arg: str | None) -> str:
+    async def handle_NOOP(
+        self, smtp: _SmarthostSMTP, session: Session, envelope: Envelope, arg: str | None
+    ) -> str:
         return "250 2.0.0 Ok"
 
-    async def handle_QUIT(self, smtp: _SmarthostSMTP, session: Session,
-                          envelope: Envelope) -> str:
+    async def handle_QUIT(self, smtp: _SmarthostSMTP, session: Session, envelope: Envelope) -> str:
         return "221 2.0.0 Bye"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -247,16 +259,21 @@ class _Handler:
             self._server.errors.append(error)
         return "451 4.3.0 upstream test server error (see upstream.errors)"
 
-    def authenticate(self, smtp: SMTP, session: Session, envelope: Envelope,
-                     mechanism: str, auth_data: Any) -> AuthResult:
+    def authenticate(
+        self, smtp: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
         server = self._server
-        ok = (server.options.auth_ok and isinstance(auth_data, LoginPassword)
-              and auth_data.login == server.user.encode()
-              and auth_data.password == server.password.encode())
+        ok = (
+            server.options.auth_ok
+            and isinstance(auth_data, LoginPassword)
+            and auth_data.login == server.user.encode()
+            and auth_data.password == server.password.encode()
+        )
         if ok:
             return AuthResult(success=True, auth_data=auth_data)
-        return AuthResult(success=False, handled=False,
-                          message="535 5.7.8 Error: authentication failed")
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Error: authentication failed"
+        )
 
 
 class _SmarthostSMTP(SMTP):
@@ -270,7 +287,8 @@ class _SmarthostSMTP(SMTP):
         # aiosmtpd keeps these limits in a class attribute that every new SMTP() clears
         # and every EHLO raises: one per connection, so the relay's server is not touched.
         self.command_size_limits: dict[str, int] = collections.defaultdict(
-            lambda: SMTP.command_size_limit)
+            lambda: SMTP.command_size_limit
+        )
         options = server.options
         handler = _Handler(server)
         super().__init__(
@@ -286,8 +304,9 @@ class _SmarthostSMTP(SMTP):
             authenticator=handler.authenticate,
             loop=asyncio.get_running_loop(),
         )
-        self._smtp_methods = {name: self._wrapped(name, method)
-                              for name, method in self._smtp_methods.items()}
+        self._smtp_methods = {
+            name: self._wrapped(name, method) for name, method in self._smtp_methods.items()
+        }
 
     # -- state --------------------------------------------------------------------------
 
@@ -325,13 +344,20 @@ class _SmarthostSMTP(SMTP):
     def _wrapped(self, command: str, method: Any) -> Any:
         async def run(arg: str | None) -> None:
             self._server.transcript.append(
-                "AUTH <redacted>" if command == "AUTH"
-                else command if arg is None else f"{command} {arg}"
+                "AUTH <redacted>"
+                if command == "AUTH"
+                else command
+                if arg is None
+                else f"{command} {arg}"
             )
             await self._delay(command)
             options = self._server.options
-            if (options.require_starttls and self.tls_context is not None and not self.is_tls
-                    and command not in _ALLOWED_BEFORE_STARTTLS):
+            if (
+                options.require_starttls
+                and self.tls_context is not None
+                and not self.is_tls
+                and command not in _ALLOWED_BEFORE_STARTTLS
+            ):
                 await self.push("530 5.7.0 Must issue a STARTTLS command first")
                 return
             await method(arg)
@@ -376,8 +402,9 @@ class _SmarthostSMTP(SMTP):
 
     # -- the transaction ----------------------------------------------------------------
 
-    def _parse(self, keyword: str, arg: str | None, allowed: frozenset[str]
-               ) -> tuple[str, list[str]] | str:
+    def _parse(
+        self, keyword: str, arg: str | None, allowed: frozenset[str]
+    ) -> tuple[str, list[str]] | str:
         """``(address, parameters)`` from ``FROM:<a> P=v ...``, or the error reply."""
         match = _PATH.match(arg or "")
         if match is None or match["keyword"].upper() != keyword:
@@ -464,17 +491,19 @@ class _SmarthostSMTP(SMTP):
         if reply.startswith("2"):
             assert self.session is not None
             auth = self.session.auth_data if self.session.authenticated else None
-            await self._server.record(Transaction(
-                mail_from=pending.mail_from,
-                mail_options=pending.mail_options,
-                rcpt_tos=pending.rcpt_tos,
-                rcpt_options=pending.rcpt_options,
-                data=data,
-                tls=self.is_tls,
-                auth_user=auth.login.decode() if isinstance(auth, LoginPassword) else None,
-                helo=self.session.host_name,
-                queue_id=queue_id,
-            ))
+            await self._server.record(
+                Transaction(
+                    mail_from=pending.mail_from,
+                    mail_options=pending.mail_options,
+                    rcpt_tos=pending.rcpt_tos,
+                    rcpt_options=pending.rcpt_options,
+                    data=data,
+                    tls=self.is_tls,
+                    auth_user=auth.login.decode() if isinstance(auth, LoginPassword) else None,
+                    helo=self.session.host_name,
+                    queue_id=queue_id,
+                )
+            )
         await self.push(reply)
 
     async def _read_payload(self, *, drop_after_first_line: bool) -> bytes | None:
@@ -508,9 +537,16 @@ class UpstreamServer:
     refused and no other socket can take it before :meth:`start`.
     """
 
-    def __init__(self, *, options: UpstreamOptions, tls_context: ssl.SSLContext,
-                 untrusted_tls_context: ssl.SSLContext, ca_file: Path,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        options: UpstreamOptions,
+        tls_context: ssl.SSLContext,
+        untrusted_tls_context: ssl.SSLContext,
+        ca_file: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
         self.options = options
         self.host = host
         self.ca_file = ca_file
@@ -611,8 +647,9 @@ class UpstreamServer:
             self.transactions.append(transaction)
             self._changed.notify_all()
 
-    async def wait_for_transactions(self, count: int, *, timeout_s: float = 10.0
-                                    ) -> list[Transaction]:
+    async def wait_for_transactions(
+        self, count: int, *, timeout_s: float = 10.0
+    ) -> list[Transaction]:
         """Wait until at least ``count`` messages were accepted; return all of them.
 
         :raises AssertionError: fewer arrived within ``timeout_s`` seconds.

@@ -18,13 +18,19 @@ T = TypeVar("T")
 
 
 @overload
-async def wait_until(predicate: Callable[[], Awaitable[T]], *, timeout_s: float, message: str,
-                     interval_s: float = ...) -> T: ...
+async def wait_until(
+    predicate: Callable[[], Awaitable[T]],
+    *,
+    timeout_s: float,
+    message: str,
+    interval_s: float = ...,
+) -> T: ...
 
 
 @overload
-async def wait_until(predicate: Callable[[], T], *, timeout_s: float, message: str,
-                     interval_s: float = ...) -> T: ...
+async def wait_until(
+    predicate: Callable[[], T], *, timeout_s: float, message: str, interval_s: float = ...
+) -> T: ...
 
 
 async def wait_until(
