@@ -41,8 +41,20 @@ def wait_listening(port: int, timeout_s: float = 15.0) -> None:
 
 
 def run_source(port: int, *, messages: int, size: int, sessions: int) -> float:
-    command = ["smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(messages),
-               "-f", "bench@example.org", "-t", "sink@example.net", f"127.0.0.1:{port}"]
+    command = [
+        "smtp-source",
+        "-s",
+        str(sessions),
+        "-l",
+        str(size),
+        "-m",
+        str(messages),
+        "-f",
+        "bench@example.org",
+        "-t",
+        "sink@example.net",
+        f"127.0.0.1:{port}",
+    ]
     started = time.perf_counter()
     subprocess.run(command, check=True, timeout=600)
     return time.perf_counter() - started
@@ -63,14 +75,33 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-relay-"))
     # smtp-sink refuses to run as root without a user to drop privileges to.
     privileges = ["-u", "nobody"] if os.geteuid() == 0 else []
-    sink = subprocess.Popen(["smtp-sink", *privileges, "-c", f"127.0.0.1:{sink_port}", "256"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    relay_command = [sys.executable, "-m", "smtp_tracker", "serve",
-                     "--listen", f"127.0.0.1:{relay_port}", "--upstream", f"127.0.0.1:{sink_port}",
-                     "--upstream-tls", "none", "--data-dir", str(work / "data"),
-                     "--log-level", "warning", "--no-pixel"]
-    relay_command += (["--tracking", "--pixel-base-url", "https://track.example.test"]
-                      if args.tracking else ["--no-tracking"])
+    sink = subprocess.Popen(
+        ["smtp-sink", *privileges, "-c", f"127.0.0.1:{sink_port}", "256"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    relay_command = [
+        sys.executable,
+        "-m",
+        "smtp_tracker",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{relay_port}",
+        "--upstream",
+        f"127.0.0.1:{sink_port}",
+        "--upstream-tls",
+        "none",
+        "--data-dir",
+        str(work / "data"),
+        "--log-level",
+        "warning",
+        "--no-pixel",
+    ]
+    relay_command += (
+        ["--tracking", "--pixel-base-url", "https://track.example.test"]
+        if args.tracking
+        else ["--no-tracking"]
+    )
     relay = subprocess.Popen(relay_command, stderr=subprocess.PIPE, text=True)
     try:
         wait_listening(sink_port)
@@ -85,11 +116,15 @@ def main() -> int:
         sink.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
     problems = [line for line in errors.splitlines() if re.search(r"(warning|error|fatal):", line)]
-    print(f"{args.messages} messages of {args.bytes} bytes, {args.sessions} sessions, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"{args.messages} messages of {args.bytes} bytes, {args.sessions} sessions, "
+        f"{os.cpu_count()} cores"
+    )
     print(f"{'leg':<40} {'seconds':>8} {'msg/s':>8} {'MB/s':>7}")
-    for name, seconds in (("smtp-source -> smtp-sink", direct),
-                          ("smtp-source -> smtp-tracker -> smtp-sink", relayed)):
+    for name, seconds in (
+        ("smtp-source -> smtp-sink", direct),
+        ("smtp-source -> smtp-tracker -> smtp-sink", relayed),
+    ):
         rate = args.messages / seconds
         print(f"{name:<40} {seconds:8.2f} {rate:8.0f} {rate * args.bytes / 1e6:7.1f}")
     print(f"relay overhead: {relayed / direct:.1f}x the direct time")
