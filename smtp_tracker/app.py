@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -31,7 +32,7 @@ from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.relay import UpstreamSettings
 from smtp_tracker.smtp.server import RelaySMTP
 from smtp_tracker.store import SqliteStore
-from smtp_tracker.tracking import Tracker
+from smtp_tracker.tracking import Tracker, TrackerCounters
 from smtp_tracker.web.pixel import WRITER_KEY, make_pixel_app
 from smtp_tracker.web.site import start_site
 
@@ -286,7 +287,10 @@ class Application:
         if self._pixel_runner is not None:
             await self._pixel_runner.cleanup()
             self._pixel_runner = None
+        if self._handler is not None:
+            log.info("relay counters: %s", _counters_text(self._handler.counters))
         if self.tracker is not None:
+            log.info("tracking counters: %s", _counters_text(vars_of(self.tracker.counters)))
             await asyncio.to_thread(self.tracker.close)
             self.tracker = None
         if self.store is not None:
@@ -313,6 +317,15 @@ def _embedded_certificate(config: Config) -> ssl.SSLContext:
             directory,
         )
     return load_server_context(cert, key)
+
+
+def vars_of(counters: TrackerCounters) -> dict[str, int]:
+    """The tracker's counters as a dict (``slots`` dataclasses have no ``__dict__``)."""
+    return {f.name: int(getattr(counters, f.name)) for f in dataclasses.fields(counters)}
+
+
+def _counters_text(counters: dict[str, int]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in counters.items())
 
 
 def _is_loopback(host: str) -> bool:
