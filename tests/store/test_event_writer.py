@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import datetime
 
 import pytest
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import MessageRecord, OpenHit, StoredMessage
+from smtp_tracker.store import OpenHit
 from smtp_tracker.store.writer import EventWriter
+from tests.support.stores import OpensOnlyStore
 
 from .store_helpers import T0, token
 
 
-class FakeStore:
+class FakeStore(OpensOnlyStore):
     """Records batches; :attr:`gate` (when set) makes each write wait until opened."""
 
     def __init__(self, *, gated: bool = False, fail_first: int = 0) -> None:
@@ -34,23 +34,6 @@ class FakeStore:
             raise StoreError("disk full")
         self.batches.append(list(hits))
         return sum(1 for h in hits if h.tracking_id != token(0))  # token 0 is "unknown"
-
-    async def record_message(self, record: MessageRecord) -> None:
-        raise NotImplementedError
-
-    async def find_message(self, ident: str) -> StoredMessage | None:
-        raise NotImplementedError
-
-    async def list_messages(
-        self, *, since: datetime | None = None, limit: int | None = None
-    ) -> list[StoredMessage]:
-        raise NotImplementedError
-
-    async def is_known_token(self, tracking_id: str) -> bool:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        pass
 
 
 def hit(i: int) -> OpenHit:

@@ -8,13 +8,13 @@ import ipaddress
 import ssl
 import struct
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 
 import aiohttp
 import pytest
 
-from smtp_tracker.store import MessageRecord, OpenHit, SqliteStore, StoredMessage
+from smtp_tracker.store import OpenHit, SqliteStore
 from smtp_tracker.web import TRANSPARENT_GIF, WRITER_KEY
+from tests.support.stores import OpensOnlyStore
 
 from .web_helpers import (
     PixelServer,
@@ -228,7 +228,7 @@ async def test_forwarded_for_from_a_trusted_proxy_is_used(
     assert await opens_ips(store, 1, 1) == ["203.0.113.0/24"]
 
 
-class GatedStore:
+class GatedStore(OpensOnlyStore):
     """A store whose record_opens waits on :attr:`gate`; counts what it was given."""
 
     def __init__(self) -> None:
@@ -241,23 +241,6 @@ class GatedStore:
         await self.gate.wait()
         self.received += len(hits)
         return len(hits)
-
-    async def record_message(self, record: MessageRecord) -> None:
-        raise NotImplementedError
-
-    async def find_message(self, ident: str) -> StoredMessage | None:
-        raise NotImplementedError
-
-    async def list_messages(
-        self, *, since: datetime | None = None, limit: int | None = None
-    ) -> list[StoredMessage]:
-        raise NotImplementedError
-
-    async def is_known_token(self, tracking_id: str) -> bool:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def test_full_queue_drops_and_counts_but_still_serves(
