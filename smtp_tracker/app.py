@@ -123,10 +123,12 @@ class Application:
         self.tracker: Tracker | None = None
         self.pixel_port: int | None = None
         self._run_smtp = smtp
-        self._upstream = (
-            UpstreamSettings(
-                host=config.upstream_address().host,
-                port=config.upstream_address().port,
+        self._upstream: UpstreamSettings | None = None
+        if smtp:
+            upstream = config.upstream_address()
+            self._upstream = UpstreamSettings(
+                host=upstream.host,
+                port=upstream.port,
                 tls=config.upstream_tls,
                 tls_context=upstream_tls_context(config),
                 helo_name=config.hostname,
@@ -136,9 +138,6 @@ class Application:
                 command_timeout_s=config.upstream_command_timeout_s,
                 data_timeout_s=config.upstream_data_timeout_s,
             )
-            if smtp
-            else None
-        )
         self._server_tls = server_tls_context(config)
         self._handler: RelayHandler | None = None
         self._server: asyncio.Server | None = None

@@ -22,7 +22,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, get_args
 
 from smtp_tracker.errors import ConfigError
 
@@ -344,16 +344,3 @@ def config_from_sources(
     """
     file_values = load_toml(config_file) if config_file is not None else {}
     return build_config(file_values, flags, require_upstream=require_upstream, warnings=warnings)
-
-
-def as_toml_value(value: Any) -> str:
-    """Render a default value as TOML, for ``conf/smtp-tracker.toml`` and its test."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
-    if value is None:
-        return '""'
-    return f'"{cast(object, value)}"'

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -87,7 +86,6 @@ class RelayHandler:
     :param preparer: the rewrite stage (identity when None).
     :param recorder: the store for relayed messages (none when None).
     :param capture: the debug capture writer.
-    :param upstream_factory: builds an upstream session (tests may substitute).
     """
 
     def __init__(
@@ -100,7 +98,6 @@ class RelayHandler:
         preparer: MessagePreparer | None = None,
         recorder: DeliveryRecorder | None = None,
         capture: CaptureWriter | None = None,
-        upstream_factory: Callable[..., UpstreamSession] = UpstreamSession,
     ) -> None:
         self._settings = upstream
         self._hostname = hostname
@@ -109,7 +106,6 @@ class RelayHandler:
         self._preparer: MessagePreparer = preparer or _Identity()
         self._recorder = recorder
         self._capture = capture
-        self._upstream_factory = upstream_factory
         self._disconnects: set[asyncio.Task[None]] = set()
         self._active = 0
         self._idle = asyncio.Event()
@@ -192,7 +188,7 @@ class RelayHandler:
         transaction = session.transaction
         content = envelope.original_content
         if transaction is None or not transaction.accepted or content is None:
-            return "503 5.5.1 need RCPT command"
+            return replies.R503_NEED_RCPT
         if transaction.broken is not None:
             self._finish(session, transaction, _reply_of(transaction.broken), content, None)
             return transaction.broken.reply
@@ -232,7 +228,7 @@ class RelayHandler:
         try:
             await upstream.ensure_open()
             if parameters.smtputf8 and "smtputf8" not in upstream.extensions:
-                reply = _parse(replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED)
+                reply = Reply.parse(replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED)
             else:
                 reply = await upstream.mail(reverse_path, parameters.raw)
         except UpstreamError as exc:
@@ -334,7 +330,7 @@ class RelayHandler:
 
     def _upstream(self, session: RelaySession) -> UpstreamSession:
         if session.upstream is None:
-            session.upstream = self._upstream_factory(self._settings, session.transcript)
+            session.upstream = UpstreamSession(self._settings, session.transcript)
         return session.upstream
 
     # -- trace, logs, capture ------------------------------------------------------------
@@ -430,8 +426,3 @@ class RelayHandler:
 
 def _reply_of(exc: UpstreamError) -> Reply:
     return Reply(exc.code, exc.enhanced_status, exc.text)
-
-
-def _parse(reply: str) -> Reply:
-    code, enhanced, text = reply.split(" ", 2)
-    return Reply(int(code), enhanced, text)

@@ -27,7 +27,7 @@ from smtp_tracker.errors import (
 )
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.reply import Reply
-from smtp_tracker.smtp.transcript import UPSTREAM_SAID, WE_SAID_TO_UPSTREAM, Transcript
+from smtp_tracker.smtp.transcript import NOTE, UPSTREAM_SAID, WE_SAID_TO_UPSTREAM, Transcript
 
 __all__ = ["UpstreamSession", "UpstreamSettings", "filter_parameters"]
 
@@ -52,17 +52,18 @@ def _translate(exc: BaseException) -> UpstreamError:
         return exc
     cause = exc.__cause__
     if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
-        return UpstreamTLSError(*_split(replies.R451_UPSTREAM_TLS_FAILED))
+        return _error(UpstreamTLSError, replies.R451_UPSTREAM_TLS_FAILED)
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
-        return UpstreamUnavailable(*_split(replies.R451_UPSTREAM_TIMEOUT))
+        return _error(UpstreamUnavailable, replies.R451_UPSTREAM_TIMEOUT)
     if isinstance(exc, aiosmtplib.SMTPConnectError):
-        return UpstreamUnavailable(*_split(replies.R451_UPSTREAM_UNAVAILABLE))
-    return UpstreamUnavailable(*_split(replies.R451_UPSTREAM_LOST))
+        return _error(UpstreamUnavailable, replies.R451_UPSTREAM_UNAVAILABLE)
+    return _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
 
 
-def _split(reply: str) -> tuple[int, str, str]:
-    code, enhanced, text = reply.split(" ", 2)
-    return int(code), enhanced, text
+def _error(kind: type[UpstreamError], reply: str) -> UpstreamError:
+    """The exception of ``kind`` carrying one of our reply lines from :mod:`.replies`."""
+    parsed = Reply.parse(reply)
+    return kind(parsed.code, parsed.enhanced_status, parsed.text)
 
 
 def filter_parameters(parameters: Sequence[str], extensions: dict[str, str]) -> list[str]:
@@ -167,7 +168,7 @@ class UpstreamSession:
             start_tls=False,
             tls_context=settings.tls_context,
         )
-        self._note("--", f"connecting to {settings.label} (tls={settings.tls})")
+        self._note(NOTE, f"connecting to {settings.label} (tls={settings.tls})")
         try:
             greeting = await client.connect(timeout=settings.connect_timeout_s)
             self._note_reply(greeting.code, greeting.message)
@@ -187,7 +188,7 @@ class UpstreamSession:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
             error = _translate(exc)
-            self._note("--", f"failed: {type(exc).__name__}")
+            self._note(NOTE, f"failed: {type(exc).__name__}")
             log.warning("upstream %s: %s (%s)", settings.label, error.text, _describe(exc))
             raise error from exc
         self._client = client
@@ -206,7 +207,7 @@ class UpstreamSession:
         settings = self._settings
         if not client.supports_extension("starttls"):
             log.warning("upstream %s: STARTTLS required but not offered", settings.label)
-            raise UpstreamTLSError(*_split(replies.R451_UPSTREAM_STARTTLS_MISSING))
+            raise _error(UpstreamTLSError, replies.R451_UPSTREAM_STARTTLS_MISSING)
         self._note(WE_SAID_TO_UPSTREAM, "STARTTLS")
         try:
             response = await client.starttls(
@@ -219,9 +220,9 @@ class UpstreamSession:
             raise UpstreamTLSError(reply.code, reply.enhanced_status, reply.text) from exc
         except (ssl.SSLError, ssl.CertificateError) as exc:
             log.warning("upstream %s: TLS handshake failed: %s", settings.label, _describe(exc))
-            raise UpstreamTLSError(*_split(replies.R451_UPSTREAM_TLS_FAILED)) from exc
+            raise _error(UpstreamTLSError, replies.R451_UPSTREAM_TLS_FAILED) from exc
         self._note_reply(response.code, response.message)
-        self._note("--", f"TLS established ({client.get_transport_info('cipher')[0]})")
+        self._note(NOTE, f"TLS established ({client.get_transport_info('cipher')[0]})")
         await self._ehlo(client)
 
     async def _login(self, client: aiosmtplib.SMTP) -> None:
@@ -235,22 +236,22 @@ class UpstreamSession:
             log.warning(
                 "upstream %s: AUTH as %s refused: %s", settings.label, settings.user, exc.code
             )
-            raise UpstreamAuthError(*_split(replies.R451_UPSTREAM_AUTH_FAILED)) from exc
+            raise _error(UpstreamAuthError, replies.R451_UPSTREAM_AUTH_FAILED) from exc
         except aiosmtplib.SMTPResponseException as exc:
             self._note_reply(exc.code, exc.message)
-            raise UpstreamAuthError(*_split(replies.R451_UPSTREAM_AUTH_FAILED)) from exc
+            raise _error(UpstreamAuthError, replies.R451_UPSTREAM_AUTH_FAILED) from exc
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             raise
         except aiosmtplib.SMTPException as exc:
             # aiosmtplib says so when the upstream offers no AUTH (or none we know).
             log.warning("upstream %s: AUTH not possible: %s", settings.label, exc)
-            raise UpstreamAuthError(*_split(replies.R451_UPSTREAM_AUTH_FAILED)) from exc
+            raise _error(UpstreamAuthError, replies.R451_UPSTREAM_AUTH_FAILED) from exc
         self._note_reply(response.code, response.message)
 
     async def _command(self, command: str, argument: bytes, parameters: Sequence[str]) -> Reply:
         client = self._client
         if client is None or not client.is_connected:
-            raise UpstreamUnavailable(*_split(replies.R451_UPSTREAM_LOST))
+            raise _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
         words = [argument, *(p.encode("utf-8", "surrogateescape") for p in parameters)]
         self._note(WE_SAID_TO_UPSTREAM, f"{command} {b' '.join(words).decode('utf-8', 'replace')}")
         try:
@@ -260,9 +261,9 @@ class UpstreamSession:
             error = (
                 _translate(exc)
                 if not isinstance(exc, ValueError)
-                else UpstreamUnavailable(*_split(replies.R451_INTERNAL_ERROR))
+                else _error(UpstreamUnavailable, replies.R451_INTERNAL_ERROR)
             )
-            self._note("--", f"failed: {type(exc).__name__}")
+            self._note(NOTE, f"failed: {type(exc).__name__}")
             log.warning("upstream %s: %s: %s", self._settings.label, command, _describe(exc))
             raise error from exc
         self._note_reply(response.code, response.message)
@@ -301,7 +302,7 @@ class UpstreamSession:
         """
         client = self._client
         if client is None or not client.is_connected:
-            raise UpstreamUnavailable(*_split(replies.R451_UPSTREAM_LOST))
+            raise _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
         self._note(WE_SAID_TO_UPSTREAM, f"DATA ({len(content)} bytes)")
         try:
             response = await client.data(content, timeout=self._settings.data_timeout_s)
@@ -310,7 +311,7 @@ class UpstreamSession:
             return Reply.from_upstream(exc.code, exc.message, command="DATA")
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
-            self._note("--", f"failed: {type(exc).__name__}")
+            self._note(NOTE, f"failed: {type(exc).__name__}")
             log.warning("upstream %s: DATA: %s", self._settings.label, _describe(exc))
             raise _translate(exc) from exc
         self._note_reply(response.code, response.message)
@@ -325,7 +326,7 @@ class UpstreamSession:
         try:
             response = await client.rset()
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            self._note("--", f"RSET failed: {type(exc).__name__}; closing")
+            self._note(NOTE, f"RSET failed: {type(exc).__name__}; closing")
             client.close()
             return
         self._note_reply(response.code, response.message)

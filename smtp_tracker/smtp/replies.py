@@ -23,6 +23,7 @@ __all__ = [
     "R452_TOO_MANY_RECIPIENTS",
     "R502_AUTH_NOT_OFFERED",
     "R503_NEED_MAIL",
+    "R503_NEED_RCPT",
     "R503_NESTED_MAIL",
     "R552_MESSAGE_TOO_BIG",
     "R554_ACCESS_DENIED",
@@ -58,6 +59,7 @@ R452_TOO_MANY_RECIPIENTS = "452 4.5.3 too many recipients"
 R502_AUTH_NOT_OFFERED = "502 5.5.1 AUTH not offered"
 R503_NESTED_MAIL = "503 5.5.1 nested MAIL command"
 R503_NEED_MAIL = "503 5.5.1 need MAIL command"
+R503_NEED_RCPT = "503 5.5.1 need RCPT command"
 
 #: RFC 1870 §6.1 and RFC 3463 X.3.4 "Message too big for system".
 R552_MESSAGE_TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"

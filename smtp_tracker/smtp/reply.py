@@ -64,6 +64,15 @@ class Reply:
         text = _UNPRINTABLE.sub(" ", " ".join(texts)).strip()[:_MAX_TEXT] or "(no text)"
         return cls(code, enhanced, text)
 
+    @classmethod
+    def parse(cls, line: str) -> Reply:
+        """Read one of our own reply lines, ``"451 4.4.1 text"`` (see :mod:`.replies`).
+
+        :raises ValueError: when the line is not ``code SP enhanced-status SP text``.
+        """
+        code, enhanced, text = line.split(" ", 2)
+        return cls(int(code), enhanced, text)
+
     @property
     def is_positive(self) -> bool:
         """Whether the reply is a 2xx completion (RFC 5321 §4.2.1)."""

@@ -51,7 +51,7 @@ _STOCK_REPLIES = {
     "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 line too long (RFC 5321 §4.5.3.1.6)",
     "500 Error: strict ASCII mode": "500 5.5.2 non-ASCII data without SMTPUTF8",
     "552 Error: Too much mail data": replies.R552_MESSAGE_TOO_BIG,
-    "503 Error: need RCPT command": "503 5.5.1 need RCPT command",
+    "503 Error: need RCPT command": replies.R503_NEED_RCPT,
     "503 Error: need MAIL command": replies.R503_NEED_MAIL,
     "503 Error: send HELO first": "503 5.5.1 send HELO or EHLO first",
     "501 Syntax: DATA": "501 5.5.4 syntax: DATA",
@@ -111,7 +111,6 @@ class RelaySMTP(SMTP):
         hostname: str,
         tls_context: ssl.SSLContext | None,
         keep_transcript: bool,
-        on_lost: Callable[[RelaySession], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(
             handler,
