@@ -7,17 +7,15 @@ import os
 import re
 import shutil
 import signal
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from smtp_tracker.config import PASSWORD_ENV
+from tests.support.process import Running, launch
 
-LISTENING = re.compile(rb"listening for SMTP on 127\.0\.0\.1:(\d+)")
 TRANSACTION = re.compile(
     r"smtp-tracker/relay\[\d+\]: (?P<queue_id>[0-9A-F]{12}): from=<alice@example\.org>, "
     r"to=<bob@example\.net>, size=\d+, relay=127\.0\.0\.1:\d+, delay=[\d.]+, "
@@ -29,20 +27,9 @@ swaks_missing = pytest.mark.skipif(
 )
 
 
-@dataclass
-class Served:
-    process: asyncio.subprocess.Process
-    port: int
-    log: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-
-async def start_serve(upstream: Any, ca_pem_path: Path, data_dir: Path, *extra: str) -> Served:
+async def start_serve(upstream: Any, ca_pem_path: Path, data_dir: Path) -> Running:
     env = dict(os.environ, **{PASSWORD_ENV: upstream.password})
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "smtp_tracker",
+    return await launch(
         "serve",
         "--listen",
         "127.0.0.1:0",
@@ -58,34 +45,16 @@ async def start_serve(upstream: Any, ca_pem_path: Path, data_dir: Path, *extra: 
         "relay.test",
         "--no-tracking",
         "--no-pixel",
-        *extra,
-        stderr=asyncio.subprocess.PIPE,
         env=env,
+        ready="listening for SMTP",
     )
-    assert process.stderr is not None
-    first = await asyncio.wait_for(process.stderr.readline(), timeout=30)
-    match = LISTENING.search(first)
-    assert match, f"serve did not start: {first!r}"
-    served = Served(process, int(match.group(1)), [first.decode()])
-
-    async def read_log() -> None:
-        assert process.stderr is not None
-        async for line in process.stderr:
-            served.log.append(line.decode())
-
-    served.reader = asyncio.create_task(read_log())
-    return served
 
 
 @pytest.fixture
-async def served(upstream: Any, ca_pem_path: Path, tmp_path: Path) -> AsyncIterator[Served]:
+async def served(upstream: Any, ca_pem_path: Path, tmp_path: Path) -> AsyncIterator[Running]:
     running = await start_serve(upstream, ca_pem_path, tmp_path / "data")
     yield running
-    if running.process.returncode is None:
-        running.process.kill()
-        await running.process.wait()
-    if running.reader is not None:
-        await running.reader
+    await running.finish()
 
 
 async def swaks(port: int, *args: str) -> tuple[int, str]:
@@ -110,7 +79,7 @@ async def swaks(port: int, *args: str) -> tuple[int, str]:
 
 @swaks_missing
 async def test_swaks_through_serve_reaches_the_upstream_and_logs_like_postfix(
-    served: Served, upstream: Any
+    served: Running, upstream: Any
 ) -> None:
     code, transcript = await swaks(served.port, "--body", "Hello from swaks")
     assert code == 0, transcript
@@ -135,7 +104,9 @@ async def test_swaks_through_serve_reaches_the_upstream_and_logs_like_postfix(
 
 @swaks_missing
 @pytest.mark.upstream(delay_s={"DATA": 2.0})
-async def test_sigterm_lets_the_transaction_in_flight_finish(served: Served, upstream: Any) -> None:
+async def test_sigterm_lets_the_transaction_in_flight_finish(
+    served: Running, upstream: Any
+) -> None:
     sending = asyncio.create_task(swaks(served.port))
     # wait until the message is on its way upstream, then ask serve to stop
     from tests.support.waiting import wait_until

@@ -23,25 +23,13 @@ import aiohttp
 import aiosmtplib
 
 from smtp_tracker.config import PASSWORD_ENV
+from tests.support.process import launch
 
 PIXEL = re.compile(rb"https://localhost:\d+/o/([A-Za-z0-9_-]{23})\.gif")
 HTML = (
     "From: a@example.org\r\nTo: {rcpt}\r\nSubject: n{n}\r\nMIME-Version: 1.0\r\n"
     "Content-Type: text/html; charset=utf-8\r\n\r\n<html><body><p>message {n}</p></body></html>\r\n"
 )
-
-
-async def launch(*args: str, env: dict[str, str], ready: bytes) -> tuple[Any, int]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "smtp_tracker", *args, stderr=asyncio.subprocess.PIPE, env=env
-    )
-    assert process.stderr is not None
-    while True:
-        line = await asyncio.wait_for(process.stderr.readline(), timeout=30)
-        assert line, "the process ended before it listened"
-        match = re.search(re.escape(ready) + rb" on 127\.0\.0\.1:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
 
 
 async def test_relay_and_pixel_processes_share_the_data_directory(
@@ -64,15 +52,16 @@ async def test_relay_and_pixel_processes_share_the_data_directory(
         "--hostname",
         "localhost",
     ]
-    pixel, pixel_port = await launch(
+    pixel = await launch(
         "pixel",
         "--pixel-listen",
         "127.0.0.1:0",
         *common,
         env=env,
-        ready=b"listening for HTTPS (pixel)",
+        ready="listening for HTTPS (pixel)",
     )
-    relay, smtp_port = await launch(
+    pixel_port = pixel.port
+    relay = await launch(
         "serve",
         "--no-pixel",
         "--listen",
@@ -87,8 +76,9 @@ async def test_relay_and_pixel_processes_share_the_data_directory(
         f"https://localhost:{pixel_port}",
         *common,
         env=env,
-        ready=b"listening for SMTP",
+        ready="listening for SMTP",
     )
+    smtp_port = relay.port
     try:
 
         async def send(n: int) -> None:
@@ -114,9 +104,11 @@ async def test_relay_and_pixel_processes_share_the_data_directory(
             )
         await upstream.wait_for_transactions(50, timeout_s=30)
     finally:
-        for process in (relay, pixel):
-            process.send_signal(signal.SIGTERM)
-        codes = [await asyncio.wait_for(p.wait(), timeout=30) for p in (relay, pixel)]
+        for running in (relay, pixel):
+            running.process.send_signal(signal.SIGTERM)
+        codes = [await asyncio.wait_for(r.process.wait(), timeout=30) for r in (relay, pixel)]
+        for running in (relay, pixel):
+            await running.finish()
     assert codes == [0, 0]  # both drained and flushed their queues on SIGTERM
 
     listing = await asyncio.create_subprocess_exec(

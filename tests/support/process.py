@@ -1,0 +1,58 @@
+"""smtp-tracker as a real process in tests: start it, read its port back from its log."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Running:
+    """A started ``python -m smtp_tracker ...``; ``log`` keeps growing until it exits."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    log: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    async def finish(self) -> None:
+        """Kill it if it still runs, and wait until its log is read to the end."""
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        if self.reader is not None:
+            await self.reader
+
+
+async def launch(*args: str, env: dict[str, str], ready: str, timeout_s: float = 30.0) -> Running:
+    """Start ``smtp-tracker ARGS`` and wait for the log line ``READY on 127.0.0.1:PORT``.
+
+    Binding port 0 and reading it back avoids port races.  Standard error is read
+    all along (into :attr:`Running.log`), so a chatty process never blocks on a full pipe.
+
+    :param ready: the start of the line, e.g. ``"listening for SMTP"``.
+    :raises AssertionError: the process ended, or said nothing of the kind in time.
+    """
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "smtp_tracker", *args, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    assert process.stderr is not None
+    pattern = re.compile(re.escape(ready) + r" on 127\.0\.0\.1:(\d+)")
+    log: list[str] = []
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), timeout=timeout_s)).decode()
+        assert line, f"smtp-tracker {args[0]} ended before it listened: {''.join(log)}"
+        log.append(line)
+        if match := pattern.search(line):
+            break
+    running = Running(process, int(match.group(1)), log)
+
+    async def read_log() -> None:
+        assert process.stderr is not None
+        async for raw in process.stderr:
+            running.log.append(raw.decode())
+
+    running.reader = asyncio.create_task(read_log())
+    return running
