@@ -15,12 +15,21 @@ recipients as a JSON array of strings.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from typing import Final
 
 from smtp_tracker.errors import StoreError
 
-__all__ = ["CURRENT_VERSION", "MIGRATIONS", "check_known_version", "migrate", "schema_version"]
+__all__ = [
+    "CURRENT_VERSION",
+    "MIGRATIONS",
+    "check_known_version",
+    "immediate_transaction",
+    "migrate",
+    "schema_version",
+]
 
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # v1: initial tables
@@ -70,6 +79,23 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(row[0])
 
 
+@contextlib.contextmanager
+def immediate_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` on any exception.
+
+    IMMEDIATE takes the write lock at once, so a writer waits for another
+    process's writer (up to the busy timeout) instead of failing at COMMIT
+    (SQLite "Transaction" documentation).  The connection is in autocommit mode.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def migrate(conn: sqlite3.Connection, *, target: int = CURRENT_VERSION) -> int:
     """Bring the database on *conn* to schema version *target*.
 
@@ -87,18 +113,13 @@ def migrate(conn: sqlite3.Connection, *, target: int = CURRENT_VERSION) -> int:
     try:
         if schema_version(conn) >= target:
             return check_known_version(conn)
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate_transaction(conn):
             before = check_known_version(conn)  # re-read under the write lock
             for version in range(before + 1, target + 1):
                 for statement in MIGRATIONS[version - 1]:
                     conn.execute(statement)
             if before < target:
                 conn.execute(f"PRAGMA user_version = {int(target)}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
     except sqlite3.Error as exc:
         raise StoreError(f"cannot migrate the store's schema to v{target}: {exc}") from exc
     return before

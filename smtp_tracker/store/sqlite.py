@@ -43,7 +43,7 @@ from smtp_tracker.store.address import (
     IpPolicy,
     load_or_create_hash_key,
 )
-from smtp_tracker.store.migrations import check_known_version, migrate
+from smtp_tracker.store.migrations import check_known_version, immediate_transaction, migrate
 from smtp_tracker.store.records import (
     USER_AGENT_MAX_CHARS,
     MessageRecord,
@@ -238,15 +238,10 @@ class SqliteDatabase:
         ]
         conn = self._conn
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 before = conn.total_changes
                 conn.executemany(_INSERT_OPEN, rows)
                 recorded = conn.total_changes - before
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record {len(rows)} opens: {exc}") from exc
         return recorded
