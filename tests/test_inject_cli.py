@@ -14,9 +14,9 @@ HTML_MESSAGE = (
 PLAIN_MESSAGE = b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hi\r\n\r\nplain\r\n"
 
 
-def inject(data: bytes, *args: str) -> subprocess.CompletedProcess[bytes]:
+def inject(data: bytes, *args: str, pixel_url: str = PIXEL) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        [sys.executable, "-m", "smtp_tracker", "inject", "--pixel-url", PIXEL, *args],
+        [sys.executable, "-m", "smtp_tracker", "inject", "--pixel-url", pixel_url, *args],
         input=data,
         capture_output=True,
         timeout=60,
@@ -54,21 +54,7 @@ def test_bounce_is_not_tracked() -> None:
 def test_input_file_option(tmp_path: Path) -> None:
     path = tmp_path / "in.eml"
     path.write_bytes(HTML_MESSAGE)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smtp_tracker",
-            "inject",
-            "--pixel-url",
-            PIXEL,
-            "--input",
-            str(path),
-        ],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    result = inject(b"", "--input", str(path))
     assert result.returncode == 0 and result.stdout.count(PIXEL.encode()) == 1
 
 
@@ -78,33 +64,13 @@ def test_empty_or_unreadable_input_is_one_line_and_exit_1(tmp_path: Path) -> Non
     assert (
         empty.stderr == b"smtp-tracker: error: no message on standard input: pipe an .eml file in\n"
     )
-    missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "smtp_tracker",
-            "inject",
-            "--pixel-url",
-            PIXEL,
-            "--input",
-            str(tmp_path / "nope.eml"),
-        ],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    missing = inject(b"", "--input", str(tmp_path / "nope.eml"))
     assert missing.returncode == 1
     assert missing.stderr.startswith(b"smtp-tracker: error: cannot read ")
     assert missing.stderr.count(b"\n") == 1
 
 
 def test_bad_pixel_url_is_a_usage_error() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "smtp_tracker", "inject", "--pixel-url", "javascript:alert(1)"],
-        input=HTML_MESSAGE,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    result = inject(HTML_MESSAGE, pixel_url="javascript:alert(1)")
     assert result.returncode == 2
     assert b"expected an https:// URL" in result.stderr
