@@ -227,9 +227,19 @@ def _coerce(name: str, value: Any) -> Any:
         if text not in choices:
             raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         return text
+    if kind == "tuple[str, ...]":
+        return _parse_strings(value, what=name)
     if not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string")
     return value
+
+
+def _parse_strings(value: Any, *, what: str) -> tuple[str, ...]:
+    """A list of strings from TOML (``["a", "b"]``) or a flag (``a,b``); blanks dropped."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ConfigError(f"{what}: expected a list of strings")
+    return tuple(text for text in (item.strip() for item in items) if text)
 
 
 def _read_secret_file(path: Path, *, what: str, warnings: list[str]) -> str:
