@@ -56,7 +56,7 @@ def address_domain(address: str) -> str:
     Never raises: a domain that is not a valid IDNA name (an underscore, say)
     is compared lower-cased as written.
     """
-    local, at, domain = address.strip().strip("<>").rpartition("@")
+    _local, at, domain = address.strip().strip("<>").rpartition("@")
     if not at or not domain:
         return ""
     try:
