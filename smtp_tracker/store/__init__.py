@@ -10,22 +10,37 @@ from smtp_tracker.store.base import Store
 from smtp_tracker.store.export import format_time, message_to_dict
 from smtp_tracker.store.migrations import CURRENT_VERSION
 from smtp_tracker.store.records import (
+    COUNTED_VERDICTS,
     USER_AGENT_MAX_CHARS,
+    VERDICTS,
+    ClickHit,
+    ClickRecord,
+    EventClassifier,
+    EventContext,
+    LinkRecord,
     MessageRecord,
     OpenHit,
     OpenRecord,
     StoredMessage,
+    Verdict,
 )
 from smtp_tracker.store.sqlite import DB_FILENAME, SqliteDatabase, SqliteStore
 from smtp_tracker.store.token import is_well_formed_token, new_tracking_id, pixel_url
 
 __all__ = [
+    "COUNTED_VERDICTS",
     "CURRENT_VERSION",
     "DB_FILENAME",
     "IP_POLICIES",
     "USER_AGENT_MAX_CHARS",
+    "VERDICTS",
     "AddressPolicy",
+    "ClickHit",
+    "ClickRecord",
+    "EventClassifier",
+    "EventContext",
     "IpPolicy",
+    "LinkRecord",
     "MessageRecord",
     "OpenHit",
     "OpenRecord",
@@ -33,6 +48,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoredMessage",
+    "Verdict",
     "format_time",
     "is_well_formed_token",
     "message_to_dict",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Protocol
 
-from smtp_tracker.store.records import MessageRecord, OpenHit, StoredMessage
+from smtp_tracker.store.records import ClickHit, LinkRecord, MessageRecord, OpenHit, StoredMessage
 
 __all__ = ["Store"]
 
@@ -32,12 +32,31 @@ class Store(Protocol):
     async def record_opens(self, hits: Sequence[OpenHit]) -> int:
         """Record the opens among *hits* whose tracking id is known, in one transaction.
 
-        The store applies its ``ip_policy`` to each client address and cuts the
-        User-Agent to 512 characters before storing.  Hits for unknown tracking
-        ids are ignored.
+        The store classifies each open (its ``classifier``, which sees the
+        client address before ``ip_policy``), applies its ``ip_policy`` to each
+        client address and cuts the User-Agent to 512 characters before
+        storing, and keeps the message's counters and the ``daily_stats``
+        rollup current.  Hits for unknown tracking ids are ignored.
 
         :returns: how many opens were recorded.
         :raises StoreError: when the batch cannot be written (nothing is).
+        """
+        ...
+
+    async def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+        """Record the clicks among *hits* whose link token is known, in one transaction.
+
+        Classified, ``ip_policy`` applied and User-Agent cut as for opens.
+
+        :returns: how many clicks were recorded.
+        :raises StoreError: when the batch cannot be written (nothing is).
+        """
+        ...
+
+    async def find_link(self, token: str) -> tuple[LinkRecord, str] | None:
+        """The wrapped link with click token *token*, and its message's tracking id.
+
+        :raises StoreError: when the store cannot be read.
         """
         ...
 

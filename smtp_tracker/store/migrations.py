@@ -11,6 +11,15 @@ recipients as a JSON array of strings.
 * **v1** - tables ``messages`` and ``opens``.
 * **v2** - column ``messages.subject``; indexes for the look-ups by queue id,
   Message-ID, time, and for the opens of a message.
+* **v3** - open classification (``opens.verdict``, ``opens.verdict_reason``);
+  per-message counters (``open_count``, ``counted_open_count``,
+  ``first_open_at_us``, ``click_count``, ``counted_click_count``) and
+  ``sender_domain``; table ``message_recipients`` (one lower-cased
+  forward-path per row, for the recipient filter and ``forget``); tables
+  ``links`` and ``clicks`` for click tracking; the ``daily_stats`` rollup,
+  one row per UTC relay day and sender domain, kept current by every write so
+  that reports never scan messages.  Existing data is carried over into the
+  new columns, tables and rollup (old opens become ``unknown``).
 """
 
 from __future__ import annotations
@@ -67,6 +76,87 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX messages_message_id ON messages (message_id)",
         "CREATE INDEX messages_relayed_at ON messages (relayed_at_us, id)",
         "CREATE INDEX opens_tracking_id ON opens (tracking_id, at_us)",
+    ),
+    # v3: classification, counters, recipients, clicks, daily rollup
+    (
+        "ALTER TABLE messages ADD COLUMN sender_domain TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE messages ADD COLUMN open_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN counted_open_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN first_open_at_us INTEGER",
+        "ALTER TABLE messages ADD COLUMN click_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE messages ADD COLUMN counted_click_count INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE opens ADD COLUMN verdict TEXT NOT NULL DEFAULT 'unknown'",
+        "ALTER TABLE opens ADD COLUMN verdict_reason TEXT",
+        """
+        UPDATE messages SET
+            sender_domain = CASE WHEN instr(sender, '@') > 0
+                THEN lower(substr(sender, length(rtrim(sender, replace(sender, '@', ''))) + 1))
+                ELSE '' END,
+            open_count = (SELECT count(*) FROM opens o WHERE o.tracking_id = messages.tracking_id)
+        """,
+        """
+        CREATE TABLE message_recipients (
+            message_rowid INTEGER NOT NULL,
+            address       TEXT    NOT NULL
+        )
+        """,
+        """
+        INSERT INTO message_recipients (message_rowid, address)
+        SELECT m.id, lower(j.value) FROM messages m, json_each(m.recipients) j
+        """,
+        "CREATE INDEX message_recipients_address ON message_recipients (address, message_rowid)",
+        "CREATE INDEX message_recipients_message ON message_recipients (message_rowid)",
+        "CREATE INDEX messages_sender ON messages (sender, relayed_at_us, id)",
+        "CREATE INDEX messages_sender_domain ON messages (sender_domain, relayed_at_us, id)",
+        """
+        CREATE TABLE links (
+            token       TEXT    PRIMARY KEY,
+            tracking_id TEXT    NOT NULL,
+            url         TEXT    NOT NULL,
+            position    INTEGER NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX links_tracking_id ON links (tracking_id)",
+        """
+        CREATE TABLE clicks (
+            id             INTEGER PRIMARY KEY,
+            link_token     TEXT    NOT NULL,
+            tracking_id    TEXT    NOT NULL,
+            at_us          INTEGER NOT NULL,
+            ip             TEXT,
+            user_agent     TEXT,
+            verdict        TEXT    NOT NULL DEFAULT 'unknown',
+            verdict_reason TEXT
+        )
+        """,
+        "CREATE INDEX clicks_tracking_id ON clicks (tracking_id, at_us)",
+        "CREATE INDEX opens_at ON opens (at_us)",
+        """
+        CREATE TABLE daily_stats (
+            day                 TEXT    NOT NULL,
+            sender_domain       TEXT    NOT NULL,
+            relayed             INTEGER NOT NULL DEFAULT 0,
+            tracked             INTEGER NOT NULL DEFAULT 0,
+            opened              INTEGER NOT NULL DEFAULT 0,
+            opened_any          INTEGER NOT NULL DEFAULT 0,
+            opens               INTEGER NOT NULL DEFAULT 0,
+            opens_human         INTEGER NOT NULL DEFAULT 0,
+            opens_privacy_proxy INTEGER NOT NULL DEFAULT 0,
+            opens_mail_proxy    INTEGER NOT NULL DEFAULT 0,
+            opens_scanner       INTEGER NOT NULL DEFAULT 0,
+            opens_unknown       INTEGER NOT NULL DEFAULT 0,
+            clicks              INTEGER NOT NULL DEFAULT 0,
+            clicked             INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, sender_domain)
+        ) WITHOUT ROWID
+        """,
+        """
+        INSERT INTO daily_stats (day, sender_domain, relayed, tracked, opened_any, opens,
+                                 opens_unknown)
+        SELECT date(relayed_at_us / 1000000, 'unixepoch'), sender_domain, count(*),
+               sum(tracked), sum(open_count > 0), sum(open_count), sum(open_count)
+        FROM messages GROUP BY 1, 2
+        """,
     ),
 )
 

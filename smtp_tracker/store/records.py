@@ -7,10 +7,46 @@ datetimes to UTC when it writes them and rejects naive ones
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final, Literal
 
-__all__ = ["USER_AGENT_MAX_CHARS", "MessageRecord", "OpenHit", "OpenRecord", "StoredMessage"]
+__all__ = [
+    "COUNTED_VERDICTS",
+    "USER_AGENT_MAX_CHARS",
+    "VERDICTS",
+    "ClickHit",
+    "ClickRecord",
+    "EventClassifier",
+    "EventContext",
+    "EventKind",
+    "LinkRecord",
+    "MessageRecord",
+    "OpenHit",
+    "OpenRecord",
+    "StoredMessage",
+    "Verdict",
+    "unclassified",
+]
+
+#: What an open or click event is judged to be (see :mod:`smtp_tracker.classification`):
+#: ``human`` a person's mail client; ``privacy_proxy`` a fetch on download that
+#: says nothing of reading (Apple Mail Privacy Protection); ``mail_proxy`` a
+#: provider's image proxy fetching for a reader (GoogleImageProxy, YahooMailProxy);
+#: ``scanner`` a security gateway or prefetcher; ``unknown`` no rule matched.
+Verdict = Literal["human", "privacy_proxy", "mail_proxy", "scanner", "unknown"]
+VERDICTS: Final[tuple[Verdict, ...]] = (
+    "human",
+    "privacy_proxy",
+    "mail_proxy",
+    "scanner",
+    "unknown",
+)
+#: The verdicts that make a message count as "opened" (or "clicked") by default.
+COUNTED_VERDICTS: Final[frozenset[str]] = frozenset({"human", "mail_proxy"})
+
+EventKind = Literal["open", "click"]
 
 #: User-Agent values are cut to this many characters before they are stored.
 USER_AGENT_MAX_CHARS = 512
@@ -38,6 +74,8 @@ class MessageRecord:
     :param not_tracked_reason: why not, when ``tracked`` is false (e.g. ``"dkim-signed"``).
     :param subject: the ``Subject`` header; kept only by a store opened with
         ``store_subject=True``, otherwise stored as ``None``.
+    :param links: the links wrapped for click tracking, stored with the message
+        in the same transaction.
     """
 
     tracking_id: str
@@ -52,6 +90,7 @@ class MessageRecord:
     tracked: bool
     not_tracked_reason: str | None = None
     subject: str | None = None
+    links: tuple[LinkRecord, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,11 +126,84 @@ class OpenRecord:
     at: datetime
     ip: str | None
     user_agent: str | None
+    verdict: Verdict = "unknown"
+    verdict_reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LinkRecord:
+    """One wrapped link of a tracked message.
+
+    :param token: the click token in ``/c/<token>`` (unguessable, unique).
+    :param url: the destination, exactly as the sender wrote it with HTML
+        entities decoded; the click endpoint redirects only to this.
+    :param position: the link's index among the message's wrapped links (0-based).
+    """
+
+    token: str
+    url: str
+    position: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClickHit:
+    """One click-endpoint fetch, before classification and ``ip_policy``.
+
+    Same fields as :class:`OpenHit`, with the link token instead of the tracking id.
+    """
+
+    link_token: str
+    at: datetime
+    client_address: str | None
+    user_agent: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClickRecord:
+    """One recorded click of a known link (``ip`` as in :class:`OpenRecord`)."""
+
+    link_token: str
+    tracking_id: str
+    url: str
+    at: datetime
+    ip: str | None
+    user_agent: str | None
+    verdict: Verdict = "unknown"
+    verdict_reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EventContext:
+    """What a classifier sees of one open or click event.
+
+    :param kind: ``"open"`` (pixel fetch) or ``"click"``.
+    :param at: when the request arrived (UTC).
+    :param client_address: the client's address as text, BEFORE the store's
+        ``ip_policy`` (so network lists can match), or ``None``.
+    :param user_agent: the ``User-Agent`` header (cut to 512 characters), or ``None``.
+    :param relayed_at: when the message was relayed (UTC).
+    """
+
+    kind: EventKind
+    at: datetime
+    client_address: str | None
+    user_agent: str | None
+    relayed_at: datetime
+
+
+#: Judges one event: returns the verdict and the reason (the rule's name).
+EventClassifier = Callable[[EventContext], tuple[Verdict, str]]
+
+
+def unclassified(event: EventContext) -> tuple[Verdict, str]:
+    """The default :data:`EventClassifier`: every event is ``unknown``."""
+    return "unknown", "unclassified"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StoredMessage:
-    """A message record with its opens, oldest open first."""
+    """A message record with its opens and clicks, oldest first."""
 
     record: MessageRecord
     opens: tuple[OpenRecord, ...] = field(default=())
+    clicks: tuple[ClickRecord, ...] = field(default=())

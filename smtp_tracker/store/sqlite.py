@@ -24,6 +24,7 @@ Threads
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sqlite3
@@ -45,14 +46,24 @@ from smtp_tracker.store.address import (
 )
 from smtp_tracker.store.migrations import check_known_version, immediate_transaction, migrate
 from smtp_tracker.store.records import (
+    COUNTED_VERDICTS,
     USER_AGENT_MAX_CHARS,
+    VERDICTS,
+    ClickHit,
+    ClickRecord,
+    EventClassifier,
+    EventContext,
+    EventKind,
+    LinkRecord,
     MessageRecord,
     OpenHit,
     OpenRecord,
     StoredMessage,
+    Verdict,
+    unclassified,
 )
 
-__all__ = ["DB_FILENAME", "SqliteDatabase", "SqliteStore"]
+__all__ = ["DB_FILENAME", "SqliteDatabase", "SqliteStore", "day_of", "sender_domain_of"]
 
 #: The database file's name inside the data directory.
 DB_FILENAME = "tracker.sqlite3"
@@ -65,12 +76,58 @@ _MESSAGE_COLUMNS = (
     "tracking_id, queue_id, message_id, sender, recipients, size_bytes, received_at_us,"
     " relayed_at_us, upstream_reply, tracked, not_tracked_reason, subject"
 )
-_INSERT_MESSAGE = f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"  # noqa: S608 - constant
+_INSERT_MESSAGE = (
+    f"INSERT INTO messages ({_MESSAGE_COLUMNS}, sender_domain)"  # noqa: S608 - constant
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
 _INSERT_OPEN = (
-    "INSERT INTO opens (tracking_id, at_us, ip, user_agent) SELECT ?1, ?2, ?3, ?4"
-    " WHERE EXISTS (SELECT 1 FROM messages WHERE tracking_id = ?1)"
+    "INSERT INTO opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason)"
+    " VALUES (?,?,?,?,?,?)"
+)
+_INSERT_CLICK = (
+    "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason)"
+    " VALUES (?,?,?,?,?,?,?)"
 )
 _ORDER = "ORDER BY relayed_at_us DESC, id DESC"
+#: The rollup's columns counting open events by verdict.
+_OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
+_ROLLUP_COLUMNS = (
+    "relayed",
+    "tracked",
+    "opened",
+    "opened_any",
+    "opens",
+    *_OPENS_BY_VERDICT.values(),
+    "clicks",
+    "clicked",
+)
+
+
+def sender_domain_of(reverse_path: str) -> str:
+    """The lower-cased domain of *reverse_path* (after its last ``@``), ``""`` if none."""
+    _, at, domain = reverse_path.rpartition("@")
+    return domain.lower() if at else ""
+
+
+def day_of(value_us: int) -> str:
+    """The UTC calendar day (``YYYY-MM-DD``) of a time in microseconds since the epoch."""
+    return from_us(value_us).strftime("%Y-%m-%d")
+
+
+def _add_to_rollup(conn: sqlite3.Connection, day: str, domain: str, counts: dict[str, int]) -> None:
+    """Add *counts* (rollup column → increment) to the ``daily_stats`` row of *day*, *domain*."""
+    counts = {column: value for column, value in counts.items() if value}
+    if not counts:
+        return
+    assert set(counts) <= set(_ROLLUP_COLUMNS), counts
+    columns = ", ".join(counts)
+    marks = ", ".join("?" * len(counts))
+    updates = ", ".join(f"{column} = {column} + excluded.{column}" for column in counts)
+    conn.execute(
+        f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from _ROLLUP_COLUMNS
+        f" ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
+        (day, domain, *counts.values()),
+    )
 
 
 def to_us(value: datetime) -> int:
@@ -88,6 +145,92 @@ def from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
 
+class _MessageState:
+    """A message's event counters while one batch of events is recorded."""
+
+    __slots__ = (
+        "click_count",
+        "counted_click_count",
+        "counted_open_count",
+        "first_open_at_us",
+        "initial",
+        "open_count",
+        "relayed_at_us",
+        "rollup",
+        "rowid",
+        "sender_domain",
+    )
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        (
+            self.rowid,
+            self.relayed_at_us,
+            self.sender_domain,
+            self.open_count,
+            self.counted_open_count,
+            self.first_open_at_us,
+            self.click_count,
+            self.counted_click_count,
+        ) = row
+        self.initial = tuple(row[3:])
+        self.rollup: dict[str, int] = {}
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection, tracking_id: str) -> _MessageState | None:
+        row = conn.execute(
+            "SELECT id, relayed_at_us, sender_domain, open_count, counted_open_count,"
+            " first_open_at_us, click_count, counted_click_count"
+            " FROM messages WHERE tracking_id = ?",
+            (tracking_id,),
+        ).fetchone()
+        return None if row is None else cls(row)
+
+    def _bump(self, column: str) -> None:
+        self.rollup[column] = self.rollup.get(column, 0) + 1
+
+    def add(self, kind: EventKind, verdict: Verdict, at_us: int) -> None:
+        counted = verdict in COUNTED_VERDICTS
+        if kind == "click":
+            self._bump("clicks")
+            if counted:
+                if self.counted_click_count == 0:
+                    self._bump("clicked")
+                self.counted_click_count += 1
+            self.click_count += 1
+            return
+        self._bump("opens")
+        self._bump(_OPENS_BY_VERDICT[verdict])
+        if self.open_count == 0:
+            self._bump("opened_any")
+        self.open_count += 1
+        if counted:
+            if self.counted_open_count == 0:
+                self._bump("opened")
+            self.counted_open_count += 1
+            if self.first_open_at_us is None or at_us < self.first_open_at_us:
+                self.first_open_at_us = at_us
+
+    def save(self, conn: sqlite3.Connection) -> None:
+        current = (
+            self.open_count,
+            self.counted_open_count,
+            self.first_open_at_us,
+            self.click_count,
+            self.counted_click_count,
+        )
+        if current == self.initial:
+            return
+        conn.execute(
+            "UPDATE messages SET open_count = ?, counted_open_count = ?, first_open_at_us = ?,"
+            " click_count = ?, counted_click_count = ? WHERE id = ?",
+            (*current, self.rowid),
+        )
+        _add_to_rollup(conn, day_of(self.relayed_at_us), self.sender_domain, self.rollup)
+
+
+_UNSEEN: Any = object()
+
+
 class SqliteDatabase:
     """The blocking store over one SQLite connection; for one thread at a time.
 
@@ -102,11 +245,13 @@ class SqliteDatabase:
         data_dir: Path,
         store_subject: bool,
         address_policy: AddressPolicy,
+        classifier: EventClassifier = unclassified,
     ) -> None:
         self._conn = conn
         self.data_dir = data_dir
         self.store_subject = store_subject
         self.address_policy = address_policy
+        self.classifier = classifier
 
     # -- life cycle -------------------------------------------------------------
 
@@ -120,6 +265,7 @@ class SqliteDatabase:
         busy_timeout_s: float = 5.0,
         create: bool = True,
         migrate_schema: bool = True,
+        classifier: EventClassifier = unclassified,
     ) -> SqliteDatabase:
         """Open (and by default create and migrate) the store in *data_dir*.
 
@@ -134,6 +280,9 @@ class SqliteDatabase:
             false a missing database is an error (for read-only CLI commands).
         :param migrate_schema: apply pending migrations (tests turn it off to
             build old databases).
+        :param classifier: judges each open and click event as it is recorded
+            (:mod:`smtp_tracker.classification`); by default every event is
+            ``unknown``.
         :raises StoreError: when the directory or database cannot be created,
             opened, put in WAL mode or migrated, or is newer than this code.
         """
@@ -180,7 +329,13 @@ class SqliteDatabase:
         except BaseException:
             conn.close()
             raise
-        return cls(conn, data_dir=data_dir, store_subject=store_subject, address_policy=policy)
+        return cls(
+            conn,
+            data_dir=data_dir,
+            store_subject=store_subject,
+            address_policy=policy,
+            classifier=classifier,
+        )
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -214,36 +369,113 @@ class SqliteDatabase:
             int(bool(record.tracked)),
             record.not_tracked_reason,
             record.subject if self.store_subject else None,
+            sender_domain_of(record.sender),
         )
+        conn = self._conn
         try:
-            self._conn.execute(_INSERT_MESSAGE, row)
+            with immediate_transaction(conn):
+                rowid = conn.execute(_INSERT_MESSAGE, row).lastrowid
+                conn.executemany(
+                    "INSERT INTO message_recipients (message_rowid, address) VALUES (?, ?)",
+                    [(rowid, address.lower()) for address in dict.fromkeys(record.recipients)],
+                )
+                conn.executemany(
+                    "INSERT INTO links (token, tracking_id, url, position) VALUES (?, ?, ?, ?)",
+                    [
+                        (link.token, record.tracking_id, link.url, link.position)
+                        for link in record.links
+                    ],
+                )
+                _add_to_rollup(
+                    conn,
+                    day_of(row[7]),
+                    row[12],
+                    {"relayed": 1, "tracked": int(bool(record.tracked))},
+                )
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"tracking id {record.tracking_id} is already recorded") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record message {record.queue_id}: {exc}") from exc
 
     def record_opens(self, hits: Sequence[OpenHit]) -> int:
-        """See :meth:`.base.Store.record_opens`."""
+        """See :meth:`.base.Store.record_opens`; each open is classified first."""
+        return self._record_events("open", hits)
+
+    def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+        """See :meth:`.base.Store.record_clicks`; each click is classified first."""
+        return self._record_events("click", hits)
+
+    def _record_events(self, kind: EventKind, hits: Sequence[OpenHit] | Sequence[ClickHit]) -> int:
+        """Record *hits* of known tokens in one transaction, with counters and rollup.
+
+        Per message the counters ``open_count``/``counted_open_count``/
+        ``first_open_at_us`` (or ``click_count``/``counted_click_count``) grow,
+        and the ``daily_stats`` row of its relay day and sender domain gets the
+        events by verdict and, for a message's first (counted) event, ``opened_any``
+        and ``opened`` (``clicked``).
+        """
         if not hits:
             return 0
         apply = self.address_policy.apply
-        rows = [
-            (
-                hit.tracking_id,
-                to_us(hit.at),
-                apply(hit.client_address),
-                None if hit.user_agent is None else hit.user_agent[:USER_AGENT_MAX_CHARS],
-            )
-            for hit in hits
-        ]
+        classify = self.classifier
         conn = self._conn
+        recorded = 0
         try:
             with immediate_transaction(conn):
-                before = conn.total_changes
-                conn.executemany(_INSERT_OPEN, rows)
-                recorded = conn.total_changes - before
+                messages: dict[str, _MessageState | None] = {}
+                link_owners: dict[str, str | None] = {}
+                rows: list[tuple[Any, ...]] = []
+                for hit in hits:
+                    if isinstance(hit, ClickHit):
+                        if hit.link_token in link_owners:
+                            owner = link_owners[hit.link_token]
+                        else:
+                            found = conn.execute(
+                                "SELECT tracking_id FROM links WHERE token = ?", (hit.link_token,)
+                            ).fetchone()
+                            owner = link_owners[hit.link_token] = (
+                                None if found is None else str(found[0])
+                            )
+                        if owner is None:
+                            continue
+                        tracking_id = owner
+                    else:
+                        tracking_id = hit.tracking_id
+                    state = messages.get(tracking_id, _UNSEEN)
+                    if state is _UNSEEN:
+                        state = messages[tracking_id] = _MessageState.load(conn, tracking_id)
+                    if state is None:
+                        continue
+                    user_agent = (
+                        None if hit.user_agent is None else hit.user_agent[:USER_AGENT_MAX_CHARS]
+                    )
+                    at_us = to_us(hit.at)
+                    verdict, reason = classify(
+                        EventContext(
+                            kind=kind,
+                            at=hit.at,
+                            client_address=hit.client_address,
+                            user_agent=user_agent,
+                            relayed_at=from_us(state.relayed_at_us),
+                        )
+                    )
+                    if verdict not in _OPENS_BY_VERDICT:
+                        verdict, reason = "unknown", f"bad verdict from {reason}"
+                    state.add(kind, verdict, at_us)
+                    ip = apply(hit.client_address)
+                    if isinstance(hit, ClickHit):
+                        rows.append(
+                            (hit.link_token, tracking_id, at_us, ip, user_agent, verdict, reason)
+                        )
+                    else:
+                        rows.append((tracking_id, at_us, ip, user_agent, verdict, reason))
+                conn.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
+                recorded = len(rows)
+                for state in messages.values():
+                    if state is not None:
+                        state.save(conn)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot record {len(rows)} opens: {exc}") from exc
+            raise StoreError(f"cannot record {len(hits)} {kind}s: {exc}") from exc
         return recorded
 
     # -- reads ------------------------------------------------------------------
@@ -262,11 +494,9 @@ class SqliteDatabase:
                     (value,),
                 ).fetchone()
                 if row is not None:
-                    record = _message_from_row(row)
-                    opens = self._opens_where("tracking_id = ?", (record.tracking_id,))
-                    return StoredMessage(
-                        record=record, opens=tuple(opens.get(record.tracking_id, ()))
-                    )
+                    return self._with_events(
+                        [_message_from_row(row)], "tracking_id = ?", (row[0],)
+                    )[0]
             return None
 
         return self._read(query)
@@ -289,11 +519,11 @@ class SqliteDatabase:
 
         def query() -> list[StoredMessage]:
             rows = self._conn.execute(selected.format(_MESSAGE_COLUMNS), params).fetchall()
-            opens = self._opens_where(f"tracking_id IN ({selected.format('tracking_id')})", params)
-            return [
-                StoredMessage(record=record, opens=tuple(opens.get(record.tracking_id, ())))
-                for record in map(_message_from_row, rows)
-            ]
+            return self._with_events(
+                [_message_from_row(row) for row in rows],
+                f"tracking_id IN ({selected.format('tracking_id')})",
+                params,
+            )
 
         return self._read(query)
 
@@ -312,17 +542,80 @@ class SqliteDatabase:
         rows = self._read(lambda: self._conn.execute("PRAGMA integrity_check").fetchall())
         return "\n".join(str(row[0]) for row in rows)
 
-    def _opens_where(self, where: str, params: Iterable[Any]) -> dict[str, list[OpenRecord]]:
+    def find_link(self, token: str) -> tuple[LinkRecord, str] | None:
+        """The wrapped link with click token *token* and its message's tracking id.
+
+        :raises StoreError: when the store cannot be read.
+        """
+        try:
+            row = self._conn.execute(
+                "SELECT url, position, tracking_id FROM links WHERE token = ?", (token,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the store: {exc}") from exc
+        if row is None:
+            return None
+        return LinkRecord(token=token, url=row[0], position=int(row[1])), str(row[2])
+
+    def _with_events(
+        self, records: list[MessageRecord], where: str, params: Iterable[Any]
+    ) -> list[StoredMessage]:
+        """*records* with their links, opens and clicks (``where`` selects their tracking ids)."""
+        params = tuple(params)
+        conn = self._conn
         opens: dict[str, list[OpenRecord]] = {}
-        for tracking_id, at_us, ip, user_agent in self._conn.execute(
-            "SELECT tracking_id, at_us, ip, user_agent FROM opens"  # noqa: S608 - constants
+        for tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
+            "SELECT tracking_id, at_us, ip, user_agent, verdict, verdict_reason FROM opens"  # noqa: S608 - constants
             f" WHERE {where} ORDER BY at_us, id",
-            tuple(params),
+            params,
         ):
             opens.setdefault(tracking_id, []).append(
-                OpenRecord(tracking_id=tracking_id, at=from_us(at_us), ip=ip, user_agent=user_agent)
+                OpenRecord(
+                    tracking_id=tracking_id,
+                    at=from_us(at_us),
+                    ip=ip,
+                    user_agent=user_agent,
+                    verdict=verdict,
+                    verdict_reason=reason,
+                )
             )
-        return opens
+        links: dict[str, list[LinkRecord]] = {}
+        urls: dict[str, str] = {}
+        for token, tracking_id, url, position in conn.execute(
+            f"SELECT token, tracking_id, url, position FROM links WHERE {where}"  # noqa: S608 - constants
+            " ORDER BY tracking_id, position",
+            params,
+        ):
+            links.setdefault(tracking_id, []).append(
+                LinkRecord(token=token, url=url, position=int(position))
+            )
+            urls[token] = url
+        clicks: dict[str, list[ClickRecord]] = {}
+        for token, tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
+            "SELECT link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason"  # noqa: S608 - constants
+            f" FROM clicks WHERE {where} ORDER BY at_us, id",
+            params,
+        ):
+            clicks.setdefault(tracking_id, []).append(
+                ClickRecord(
+                    link_token=token,
+                    tracking_id=tracking_id,
+                    url=urls.get(token, ""),
+                    at=from_us(at_us),
+                    ip=ip,
+                    user_agent=user_agent,
+                    verdict=verdict,
+                    verdict_reason=reason,
+                )
+            )
+        return [
+            StoredMessage(
+                record=dataclasses.replace(record, links=tuple(links.get(record.tracking_id, ()))),
+                opens=tuple(opens.get(record.tracking_id, ())),
+                clicks=tuple(clicks.get(record.tracking_id, ())),
+            )
+            for record in records
+        ]
 
     def _read(self, query: Callable[[], _T]) -> _T:
         """Run *query* in one read transaction, so it sees one snapshot."""
@@ -430,6 +723,7 @@ class SqliteStore:
         ip_policy: IpPolicy = "truncate",
         busy_timeout_s: float = 5.0,
         known_cache_size: int = 4096,
+        classifier: EventClassifier = unclassified,
     ) -> SqliteStore:
         """Open, creating and migrating it if needed, the store in *data_dir*.
 
@@ -447,6 +741,7 @@ class SqliteStore:
                     store_subject=store_subject,
                     ip_policy=ip_policy,
                     busy_timeout_s=busy_timeout_s,
+                    classifier=classifier,
                 ),
             )
             reader = await loop.run_in_executor(
@@ -509,6 +804,15 @@ class SqliteStore:
         """See :meth:`.base.Store.record_opens`."""
         batch = list(hits)
         return await self._run(self._writer_executor, lambda: self._writer.record_opens(batch))
+
+    async def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+        """See :meth:`.base.Store.record_clicks`."""
+        batch = list(hits)
+        return await self._run(self._writer_executor, lambda: self._writer.record_clicks(batch))
+
+    async def find_link(self, token: str) -> tuple[LinkRecord, str] | None:
+        """See :meth:`SqliteDatabase.find_link`."""
+        return await self._run(self._reader_executor, lambda: self._reader.find_link(token))
 
     async def find_message(self, ident: str) -> StoredMessage | None:
         """See :meth:`.base.Store.find_message`."""
