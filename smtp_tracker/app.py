@@ -261,8 +261,19 @@ class Application:
             "listening for %s (pixel) on %s", scheme, _address_text(listen.host, self.pixel_port)
         )
 
-    async def stop(self, grace_s: float = 30.0) -> None:
-        """Stop accepting, let transactions in flight finish (up to ``grace_s``), close."""
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let transactions in flight finish, then close everything.
+
+        New connections are refused at once (the listening socket is closed).
+        Transactions that outlast the grace period, and idle sessions, are told
+        ``421 4.3.2`` (RFC 5321 §3.8, RFC 3463 X.3.2 "System not accepting
+        network messages") and closed; their clients keep the message and retry.
+
+        :param grace_s: seconds to wait for transactions in flight; ``None`` means
+            the configured ``shutdown_grace_s``.
+        """
+        if grace_s is None:
+            grace_s = self.config.shutdown_grace_s
         if self._server is not None:
             self._server.close()
         if self._handler is not None and not await self._handler.wait_idle(grace_s):
@@ -340,8 +351,11 @@ def _address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run(config: Config, *, smtp: bool = True, grace_s: float = 30.0) -> int:
+async def run(config: Config, *, smtp: bool = True) -> int:
     """Run ``serve`` (or ``pixel`` with ``smtp=False``) until SIGTERM or SIGINT.
+
+    On the signal: stop accepting, drain for up to ``config.shutdown_grace_s``
+    seconds (see :meth:`Application.stop`), exit.
 
     :returns: the exit status, 0.
     :raises StartupError: when something needed at start-up is unavailable.
@@ -353,7 +367,8 @@ async def run(config: Config, *, smtp: bool = True, grace_s: float = 30.0) -> in
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
-    log.info("stopping: draining transactions in flight (up to %.0f s)", grace_s)
+    grace_s = config.shutdown_grace_s
+    log.info("stopping: draining transactions in flight (up to %g s)", grace_s)
     await app.stop(grace_s)
     log.info("stopped")
     return 0

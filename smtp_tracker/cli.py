@@ -63,6 +63,8 @@ KEY_HELP: dict[str, str] = {
     "(default off)",
     "log_level": "debug, info, warning or error (default info)",
     "log_format": "text (Postfix-like) or json (default text)",
+    "shutdown_grace_s": "seconds SIGTERM waits for transactions in flight before telling "
+    "their clients 421 4.3.2 and exiting (default 30)",
     "tracking": "inject the open-tracking pixel into HTML mail (default on)",
     "pixel_base_url": "public URL of the pixel endpoint, e.g. https://track.example.com:8443",
     "dkim_policy": "skip (never touch DKIM-signed mail) or track (default skip)",

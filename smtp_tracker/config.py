@@ -101,6 +101,9 @@ class Config:
     log_level: LogLevel = "info"
     log_format: LogFormat = "text"
 
+    # -- service life cycle ----------------------------------------------------
+    shutdown_grace_s: float = 30.0
+
     # -- tracking --------------------------------------------------------------
     tracking: bool = True
     pixel_base_url: str | None = None
