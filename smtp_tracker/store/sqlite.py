@@ -30,14 +30,15 @@ import os
 import sqlite3
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from smtp_tracker.errors import StoreError
+from smtp_tracker.store import reports
 from smtp_tracker.store.address import (
     HASH_KEY_FILENAME,
     AddressPolicy,
@@ -617,6 +618,67 @@ class SqliteDatabase:
             for record in records
         ]
 
+    # -- reports (smtp_tracker.store.reports) ----------------------------------------
+
+    def query_messages(
+        self,
+        message_filter: reports.MessageFilter,
+        *,
+        limit: int = reports.DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> reports.MessagePage:
+        """See :func:`.reports.query_messages` (one snapshot).
+
+        :raises ValueError: when *limit* or *cursor* is invalid, or a filter time naive.
+        :raises StoreError: when the store cannot be read.
+        """
+        return self._read(
+            lambda: reports.query_messages(self._conn, message_filter, limit=limit, cursor=cursor)
+        )
+
+    def query_message(self, ident: str) -> reports.MessageDetail | None:
+        """See :func:`.reports.query_message` (one snapshot).
+
+        :raises StoreError: when the store cannot be read.
+        """
+        return self._read(lambda: reports.query_message(self._conn, ident))
+
+    def query_stats(
+        self,
+        *,
+        since: date | None = None,
+        until: date | None = None,
+        group: reports.StatsGroup = "day",
+    ) -> list[reports.StatsRow]:
+        """See :func:`.reports.query_stats`.
+
+        :raises ValueError: when *group* is unknown or *since* after *until*.
+        :raises StoreError: when the store cannot be read.
+        """
+        return self._read(
+            lambda: reports.query_stats(self._conn, since=since, until=until, group=group)
+        )
+
+    def export_rows(
+        self, message_filter: reports.MessageFilter, *, page_rows: int = reports.MAX_LIMIT
+    ) -> Iterator[reports.MessageSummary]:
+        """Every message *message_filter* selects, newest first, *page_rows* per read.
+
+        Memory stays flat: one page at a time, each in its own short read
+        transaction (so a long export never holds a snapshot that keeps the
+        WAL from being checkpointed).
+
+        :raises ValueError: when a filter time is naive.
+        :raises StoreError: when the store cannot be read.
+        """
+        cursor: str | None = None
+        while True:
+            page = self.query_messages(message_filter, limit=page_rows, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
     def _read(self, query: Callable[[], _T]) -> _T:
         """Run *query* in one read transaction, so it sees one snapshot."""
         conn = self._conn
@@ -848,3 +910,36 @@ class SqliteStore:
     async def integrity_check(self) -> str:
         """``PRAGMA integrity_check`` of the database (``"ok"`` when sound)."""
         return await self._run(self._reader_executor, self._reader.integrity_check)
+
+    # -- reports (smtp_tracker.store.reports; on the reader thread) -----------------------
+
+    async def query_messages(
+        self,
+        message_filter: reports.MessageFilter,
+        *,
+        limit: int = reports.DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> reports.MessagePage:
+        """See :meth:`SqliteDatabase.query_messages`; page through it for an export."""
+        reports.check_limit(limit)  # raise ValueError here, not in the thread
+        return await self._run(
+            self._reader_executor,
+            lambda: self._reader.query_messages(message_filter, limit=limit, cursor=cursor),
+        )
+
+    async def query_message(self, ident: str) -> reports.MessageDetail | None:
+        """See :meth:`SqliteDatabase.query_message`."""
+        return await self._run(self._reader_executor, lambda: self._reader.query_message(ident))
+
+    async def query_stats(
+        self,
+        *,
+        since: date | None = None,
+        until: date | None = None,
+        group: reports.StatsGroup = "day",
+    ) -> list[reports.StatsRow]:
+        """See :meth:`SqliteDatabase.query_stats`."""
+        return await self._run(
+            self._reader_executor,
+            lambda: self._reader.query_stats(since=since, until=until, group=group),
+        )

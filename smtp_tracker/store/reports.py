@@ -1,0 +1,625 @@
+"""Report queries over the tracking store: message lists, one message, statistics.
+
+Blocking functions over a :class:`sqlite3.Connection` of a store at schema v3 or
+newer; :class:`~smtp_tracker.store.sqlite.SqliteDatabase` and
+:class:`~smtp_tracker.store.sqlite.SqliteStore` wrap them (section "reports"),
+and the JSON API (:mod:`smtp_tracker.web.reports`), the dashboard and
+``smtp-tracker stats`` read through those wrappers.  Nothing here writes.
+
+Counting
+    An open or click event carries a verdict (``human``, ``privacy_proxy``,
+    ``mail_proxy``, ``scanner``, ``unknown``).  A message is **opened** when it
+    has at least one *counted* open, one whose verdict is in
+    :data:`COUNTED_VERDICTS` (``human`` and ``mail_proxy``); **opened_any**
+    counts messages with an open of any verdict, so the machine opens stay
+    visible beside the honest figure.  ``open_rate`` is opened / tracked.
+
+Messages (:func:`query_messages`)
+    Newest first, ordered by (relay time, row id), both descending, and paged
+    by keyset: the cursor names the last row of a page, so a page costs the
+    same at any depth and rows relayed meanwhile neither shift nor repeat the
+    pages after it.  Every filter uses an index: ``sender`` the
+    ``(sender, relayed_at_us, id)`` index, ``sender_domain`` its own,
+    ``recipient`` the ``message_recipients`` index, ``q`` the tracking id,
+    queue id and Message-ID indexes, the others the ``(relayed_at_us, id)``
+    index.
+
+Statistics (:func:`query_stats`)
+    Read only the ``daily_stats`` rollup, which the write paths keep current,
+    never the messages.  A **day is the UTC calendar day of the message's relay
+    time**: an open on 2 May of a message relayed on 1 May counts on 1 May, so
+    a day's open rate is the share of that day's messages that were opened.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import sqlite3
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Final, Literal
+
+from smtp_tracker.store.records import COUNTED_VERDICTS, VERDICTS
+
+__all__ = [
+    "COUNTED_VERDICTS",
+    "DEFAULT_LIMIT",
+    "EXPORT_PAGE_ROWS",
+    "MAX_LIMIT",
+    "VERDICTS",
+    "ClickEvent",
+    "MessageDetail",
+    "MessageFilter",
+    "MessagePage",
+    "MessageSummary",
+    "OpenEvent",
+    "StatsGroup",
+    "StatsRow",
+    "check_limit",
+    "decode_cursor",
+    "encode_cursor",
+    "export_rows",
+    "query_message",
+    "query_messages",
+    "query_stats",
+    "stats_total",
+]
+
+
+#: Page size of :func:`query_messages` when none is given.
+DEFAULT_LIMIT: Final = 50
+#: The largest page :func:`query_messages` returns.
+MAX_LIMIT: Final = 500
+#: Rows per read transaction in :func:`export_rows`.
+EXPORT_PAGE_ROWS: Final = 1000
+
+StatsGroup = Literal["day", "sender_domain"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_CURSOR_VERSION = 1
+_CURSOR = struct.Struct(">Bqq8s")  # version, relayed_at_us, id, filter digest
+
+
+# -- records --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageFilter:
+    """Which messages :func:`query_messages` and :func:`export_rows` select.
+
+    Every field is optional (``None``: no condition); given fields all apply (AND).
+
+    :param sender: the reverse-path exactly as recorded (``""`` selects bounces).
+    :param sender_domain: the reverse-path's domain, matched case-insensitively.
+    :param recipient: one forward-path, matched case-insensitively.
+    :param q: a tracking id, queue id or Message-ID (with or without its angle
+        brackets), exact.
+    :param since: relayed at or after this aware datetime (inclusive).
+    :param until: relayed before this aware datetime (exclusive).
+    :param opened: true: at least one counted open; false: none (untracked
+        messages included, combine with ``tracked=True`` to leave them out).
+    :param tracked: whether a pixel was injected.
+    """
+
+    sender: str | None = None
+    recipient: str | None = None
+    q: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    opened: bool | None = None
+    sender_domain: str | None = None
+    tracked: bool | None = None
+
+    def fingerprint(self) -> bytes:
+        """8 bytes naming this filter, which a cursor carries (not a secret)."""
+        canonical = json.dumps(
+            [
+                self.sender,
+                None if self.recipient is None else self.recipient.lower(),
+                self.q,
+                None if self.since is None else _to_us(self.since),
+                None if self.until is None else _to_us(self.until),
+                self.opened,
+                None if self.sender_domain is None else self.sender_domain.lower(),
+                self.tracked,
+            ]
+        )
+        return hashlib.blake2b(canonical.encode(), digest_size=8, person=b"smtp-tracker").digest()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageSummary:
+    """One message as a list shows it.
+
+    :param recipients: the forward-paths as recorded, in order.
+    :param subject: ``None`` unless the store keeps subjects.
+    :param relayed_at: when the upstream accepted it (UTC).
+    :param open_count: open events of any verdict.
+    :param counted_open_count: open events with a counted verdict.
+    :param first_open_at: the first counted open (UTC), or ``None``.
+    :param click_count: click events of any verdict.
+    :param counted_click_count: click events with a counted verdict.
+    """
+
+    tracking_id: str
+    queue_id: str
+    message_id: str | None
+    sender: str
+    recipients: tuple[str, ...]
+    subject: str | None
+    relayed_at: datetime
+    tracked: bool
+    not_tracked_reason: str | None
+    open_count: int
+    counted_open_count: int
+    first_open_at: datetime | None
+    click_count: int
+    counted_click_count: int = 0
+
+    @property
+    def opened(self) -> bool:
+        """Whether the message has at least one counted open."""
+        return self.counted_open_count > 0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessagePage:
+    """One page of :func:`query_messages`.
+
+    :param items: at most ``limit`` messages, newest first.
+    :param next_cursor: give it back as ``cursor`` for the next page; ``None``
+        on the last page.
+    """
+
+    items: list[MessageSummary]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OpenEvent:
+    """One pixel fetch of a message.
+
+    :param at: when it arrived (UTC).
+    :param ip: the client address as the store's ``ip_policy`` kept it, or ``None``.
+    :param verdict: one of :data:`VERDICTS`.
+    :param verdict_reason: why the classifier said so (e.g. ``"ua:GoogleImageProxy"``).
+    :param counted: whether *verdict* is in :data:`COUNTED_VERDICTS`.
+    """
+
+    at: datetime
+    ip: str | None
+    user_agent: str | None
+    verdict: str
+    verdict_reason: str | None
+    counted: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClickEvent:
+    """One followed link of a message; fields as :class:`OpenEvent`, plus the link's *url*."""
+
+    at: datetime
+    url: str
+    ip: str | None
+    user_agent: str | None
+    verdict: str
+    verdict_reason: str | None
+    counted: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageDetail:
+    """One message with its events, oldest first."""
+
+    summary: MessageSummary
+    size_bytes: int
+    received_at: datetime
+    upstream_reply: str
+    opens: tuple[OpenEvent, ...] = ()
+    clicks: tuple[ClickEvent, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StatsRow:
+    """The figures of one day or one sender domain.
+
+    :param key: ``"YYYY-MM-DD"`` (a UTC relay day) or a sender domain (``""``
+        for bounces and senders without a domain); ``"total"`` from :func:`stats_total`.
+    :param relayed: messages relayed.
+    :param tracked: of those, messages with a pixel.
+    :param opened: messages with at least one counted open (human, mail_proxy).
+    :param opened_any: messages with at least one open of any verdict.
+    :param opens: open events of any verdict.
+    :param opens_by_verdict: open events per verdict, every verdict of
+        :data:`VERDICTS` present (0 when none).
+    :param clicks: click events of any verdict.
+    :param clicked: messages with at least one counted click.
+    :param open_rate: opened / tracked in [0, 1], or ``None`` when nothing was tracked.
+    """
+
+    key: str
+    relayed: int
+    tracked: int
+    opened: int
+    opened_any: int
+    opens: int
+    opens_by_verdict: dict[str, int] = field(default_factory=dict)
+    clicks: int = 0
+    clicked: int = 0
+    open_rate: float | None = None
+
+
+# -- messages -------------------------------------------------------------------------------
+
+_SUMMARY_COLUMNS = (
+    "m.id, m.tracking_id, m.queue_id, m.message_id, m.sender, m.recipients, m.subject,"
+    " m.relayed_at_us, m.tracked, m.not_tracked_reason, m.open_count, m.counted_open_count,"
+    " m.first_open_at_us, m.click_count, m.counted_click_count"
+)
+_ORDER = "ORDER BY m.relayed_at_us DESC, m.id DESC"
+
+
+def encode_cursor(relayed_at_us: int, row_id: int, message_filter: MessageFilter) -> str:
+    """The opaque, URL-safe cursor after the row (*relayed_at_us*, *row_id*).
+
+    It binds the position to *message_filter*'s fingerprint: it is not a secret
+    and grants nothing (any page can be asked for), but a corrupted, edited or
+    reused-with-other-filters cursor is rejected rather than answered wrongly.
+    """
+    payload = _CURSOR.pack(
+        _CURSOR_VERSION,
+        relayed_at_us,
+        row_id,
+        _cursor_digest(relayed_at_us, row_id, message_filter),
+    )
+    return base64.urlsafe_b64encode(payload).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str, message_filter: MessageFilter) -> tuple[int, int]:
+    """The (relayed_at_us, id) position a cursor from :func:`encode_cursor` names.
+
+    :raises ValueError: when *cursor* is malformed, altered, or was made for
+        another filter.
+    """
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        version, relayed_at_us, row_id, digest = _CURSOR.unpack(raw)
+    except (binascii.Error, struct.error, ValueError):
+        raise ValueError("malformed cursor") from None
+    if version != _CURSOR_VERSION or digest != _cursor_digest(
+        relayed_at_us, row_id, message_filter
+    ):
+        raise ValueError("cursor does not belong to these filters")
+    return relayed_at_us, row_id
+
+
+def _cursor_digest(relayed_at_us: int, row_id: int, message_filter: MessageFilter) -> bytes:
+    position = struct.pack(">qq", relayed_at_us, row_id)
+    return hashlib.blake2b(
+        position + message_filter.fingerprint(), digest_size=8, person=b"st-cursor"
+    ).digest()
+
+
+def _where(message_filter: MessageFilter) -> tuple[list[str], list[Any]]:
+    """SQL conditions (on ``messages AS m``) and their parameters for *message_filter*."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    f = message_filter
+    if f.sender is not None:
+        conditions.append("m.sender = ?")
+        params.append(f.sender)
+    if f.sender_domain is not None:
+        conditions.append("m.sender_domain = ?")
+        params.append(f.sender_domain.lower())
+    if f.recipient is not None:
+        conditions.append(
+            "m.id IN (SELECT message_rowid FROM message_recipients WHERE address = ?)"
+        )
+        params.append(f.recipient.strip().lower())
+    if f.q is not None:
+        q = f.q.strip()
+        bare = q[1:-1] if q.startswith("<") and q.endswith(">") else q
+        conditions.append(
+            "(m.tracking_id = ? OR m.queue_id = ? OR m.message_id = ? OR m.message_id = ?)"
+        )
+        params.extend([q, q, bare, f"<{bare}>"])
+    if f.since is not None:
+        conditions.append("m.relayed_at_us >= ?")
+        params.append(_to_us(f.since))
+    if f.until is not None:
+        conditions.append("m.relayed_at_us < ?")
+        params.append(_to_us(f.until))
+    if f.opened is not None:
+        conditions.append("m.counted_open_count > 0" if f.opened else "m.counted_open_count = 0")
+    if f.tracked is not None:
+        conditions.append("m.tracked = ?")
+        params.append(int(f.tracked))
+    return conditions, params
+
+
+def check_limit(limit: int) -> int:
+    """*limit* if it is a page size :func:`query_messages` serves.
+
+    :raises ValueError: when it is outside 1..:data:`MAX_LIMIT`.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return limit
+
+
+def query_messages(
+    conn: sqlite3.Connection,
+    message_filter: MessageFilter,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+) -> MessagePage:
+    """One page of the messages *message_filter* selects, newest first.
+
+    Blocking; run it in a read transaction (one snapshot) from a worker thread.
+
+    :param limit: page size, 1..:data:`MAX_LIMIT` messages.
+    :param cursor: ``next_cursor`` of the previous page with the same filter,
+        or ``None`` for the first page.
+    :raises ValueError: when *limit* is out of range, *cursor* is invalid for
+        this filter, or a datetime in the filter is naive.
+    :raises sqlite3.Error: when the database cannot be read.
+    """
+    check_limit(limit)
+    conditions, params = _where(message_filter)
+    if cursor is not None:
+        relayed_at_us, row_id = decode_cursor(cursor, message_filter)
+        conditions.append("(m.relayed_at_us, m.id) < (?, ?)")
+        params.extend([relayed_at_us, row_id])
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    rows = conn.execute(
+        f"SELECT {_SUMMARY_COLUMNS} FROM messages AS m {where} {_ORDER} LIMIT ?",  # noqa: S608 - constants
+        [*params, limit + 1],
+    ).fetchall()
+    next_cursor = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        last = rows[-1]
+        next_cursor = encode_cursor(int(last[7]), int(last[0]), message_filter)
+    return MessagePage(items=[_summary(row) for row in rows], next_cursor=next_cursor)
+
+
+def export_rows(
+    conn: sqlite3.Connection,
+    message_filter: MessageFilter,
+    *,
+    page_rows: int = EXPORT_PAGE_ROWS,
+) -> Iterator[MessageSummary]:
+    """Every message *message_filter* selects, newest first, read *page_rows* at a time.
+
+    Each page is one query; keyset paging keeps memory flat however many rows
+    match, and rows relayed during the export (newer than its first row) are
+    not included.  Runs each page in its own read transaction when the
+    connection is in autocommit mode and none is open.
+
+    :raises ValueError: when a datetime in the filter is naive.
+    :raises sqlite3.Error: when the database cannot be read.
+    """
+    page_rows = max(1, min(page_rows, MAX_LIMIT * 10))
+    conditions, params = _where(message_filter)
+    position: tuple[int, int] | None = None
+    while True:
+        clauses = list(conditions)
+        page_params = list(params)
+        if position is not None:
+            clauses.append("(m.relayed_at_us, m.id) < (?, ?)")
+            page_params.extend(position)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = conn.execute(
+            f"SELECT {_SUMMARY_COLUMNS} FROM messages AS m {where} {_ORDER} LIMIT ?",  # noqa: S608 - constants
+            [*page_params, page_rows],
+        ).fetchall()
+        for row in rows:
+            yield _summary(row)
+        if len(rows) < page_rows:
+            return
+        position = (int(rows[-1][7]), int(rows[-1][0]))
+
+
+def query_message(conn: sqlite3.Connection, ident: str) -> MessageDetail | None:
+    """The message whose tracking id, else queue id, else Message-ID is *ident*, with its events.
+
+    A Message-ID matches with or without its angle brackets; of several
+    messages sharing a queue id or Message-ID, the newest.  Opens and clicks
+    come oldest first.
+
+    :raises sqlite3.Error: when the database cannot be read.
+    """
+    ident = ident.strip()
+    bare = ident[1:-1] if ident.startswith("<") and ident.endswith(">") else ident
+    candidates = [("tracking_id", ident), ("queue_id", ident), ("message_id", f"<{bare}>")]
+    candidates.append(("message_id", bare))
+    for column, value in candidates:
+        row = conn.execute(
+            f"SELECT {_SUMMARY_COLUMNS}, m.size_bytes, m.received_at_us, m.upstream_reply"  # noqa: S608 - constants
+            f" FROM messages AS m WHERE m.{column} = ? {_ORDER} LIMIT 1",
+            (value,),
+        ).fetchone()
+        if row is not None:
+            break
+    else:
+        return None
+    summary = _summary(row)
+    opens = tuple(
+        OpenEvent(
+            at=_from_us(at_us),
+            ip=ip,
+            user_agent=user_agent,
+            verdict=verdict,
+            verdict_reason=reason,
+            counted=verdict in COUNTED_VERDICTS,
+        )
+        for at_us, ip, user_agent, verdict, reason in conn.execute(
+            "SELECT at_us, ip, user_agent, verdict, verdict_reason FROM opens"
+            " WHERE tracking_id = ? ORDER BY at_us, id",
+            (summary.tracking_id,),
+        )
+    )
+    clicks = tuple(
+        ClickEvent(
+            at=_from_us(at_us),
+            url=url or "",
+            ip=ip,
+            user_agent=user_agent,
+            verdict=verdict,
+            verdict_reason=reason,
+            counted=verdict in COUNTED_VERDICTS,
+        )
+        for at_us, url, ip, user_agent, verdict, reason in conn.execute(
+            "SELECT c.at_us, l.url, c.ip, c.user_agent, c.verdict, c.verdict_reason"
+            " FROM clicks AS c LEFT JOIN links AS l ON l.token = c.link_token"
+            " WHERE c.tracking_id = ? ORDER BY c.at_us, c.id",
+            (summary.tracking_id,),
+        )
+    )
+    return MessageDetail(
+        summary=summary,
+        size_bytes=int(row[15]),
+        received_at=_from_us(int(row[16])),
+        upstream_reply=str(row[17]),
+        opens=opens,
+        clicks=clicks,
+    )
+
+
+def _summary(row: Sequence[Any]) -> MessageSummary:
+    (
+        _row_id,
+        tracking_id,
+        queue_id,
+        message_id,
+        sender,
+        recipients,
+        subject,
+        relayed_at_us,
+        tracked,
+        not_tracked_reason,
+        open_count,
+        counted_open_count,
+        first_open_at_us,
+        click_count,
+        counted_click_count,
+    ) = row[:15]
+    return MessageSummary(
+        tracking_id=tracking_id,
+        queue_id=queue_id,
+        message_id=message_id,
+        sender=sender,
+        recipients=tuple(str(r) for r in json.loads(recipients)),
+        subject=subject,
+        relayed_at=_from_us(int(relayed_at_us)),
+        tracked=bool(tracked),
+        not_tracked_reason=not_tracked_reason,
+        open_count=int(open_count),
+        counted_open_count=int(counted_open_count),
+        first_open_at=None if first_open_at_us is None else _from_us(int(first_open_at_us)),
+        click_count=int(click_count),
+        counted_click_count=int(counted_click_count),
+    )
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+_STATS_SUMS = ", ".join(
+    f"SUM({column})"
+    for column in (
+        "relayed",
+        "tracked",
+        "opened",
+        "opened_any",
+        "opens",
+        *(f"opens_{verdict}" for verdict in VERDICTS),
+        "clicks",
+        "clicked",
+    )
+)
+
+
+def query_stats(
+    conn: sqlite3.Connection,
+    *,
+    since: date | None = None,
+    until: date | None = None,
+    group: StatsGroup = "day",
+) -> list[StatsRow]:
+    """Figures per UTC relay day or per sender domain, from the ``daily_stats`` rollup.
+
+    :param since: first relay day included (UTC), or ``None``.
+    :param until: last relay day included (UTC), or ``None``.
+    :param group: ``"day"``: one row per day that relayed anything, oldest
+        first; ``"sender_domain"``: one row per sender domain over the period,
+        most relayed first (then by name).
+    :raises ValueError: when *group* is unknown or *since* is after *until*.
+    :raises sqlite3.Error: when the database cannot be read.
+    """
+    if group not in ("day", "sender_domain"):
+        raise ValueError(f"group must be day or sender_domain, got {group!r}")
+    if since is not None and until is not None and since > until:
+        raise ValueError("since is after until")
+    conditions: list[str] = []
+    params: list[str] = []
+    if since is not None:
+        conditions.append("day >= ?")
+        params.append(since.isoformat())
+    if until is not None:
+        conditions.append("day <= ?")
+        params.append(until.isoformat())
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    order = "ORDER BY day" if group == "day" else "ORDER BY SUM(relayed) DESC, sender_domain"
+    rows = conn.execute(
+        f"SELECT {group}, {_STATS_SUMS} FROM daily_stats {where} GROUP BY {group} {order}",  # noqa: S608 - constants
+        params,
+    ).fetchall()
+    return [_stats_row(str(row[0]), [int(v or 0) for v in row[1:]]) for row in rows]
+
+
+def _stats_row(key: str, sums: Sequence[int]) -> StatsRow:
+    relayed, tracked, opened, opened_any, opens, *by_verdict, clicks, clicked = sums
+    return StatsRow(
+        key=key,
+        relayed=relayed,
+        tracked=tracked,
+        opened=opened,
+        opened_any=opened_any,
+        opens=opens,
+        opens_by_verdict=dict(zip(VERDICTS, by_verdict, strict=True)),
+        clicks=clicks,
+        clicked=clicked,
+        open_rate=opened / tracked if tracked else None,
+    )
+
+
+def stats_total(rows: Sequence[StatsRow], *, key: str = "total") -> StatsRow:
+    """The sum of *rows* (open rate recomputed from the sums)."""
+    sums = [
+        sum(getattr(row, name) for row in rows)
+        for name in ("relayed", "tracked", "opened", "opened_any", "opens")
+    ]
+    by_verdict = [sum(row.opens_by_verdict.get(v, 0) for row in rows) for v in VERDICTS]
+    clicks = sum(row.clicks for row in rows)
+    clicked = sum(row.clicked for row in rows)
+    return _stats_row(key, [*sums, *by_verdict, clicks, clicked])
+
+
+# -- times ----------------------------------------------------------------------------------
+
+
+def _to_us(value: datetime) -> int:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"naive datetime {value.isoformat()}: give it a timezone (UTC)")
+    return (value - _EPOCH) // _US
+
+
+def _from_us(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
