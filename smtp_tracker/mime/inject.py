@@ -20,7 +20,14 @@ from collections.abc import Callable, Iterator
 
 from lxml import etree
 
-__all__ = ["PIXEL_STYLE", "InjectError", "find_insertion", "is_xhtml", "pixel_tag"]
+__all__ = [
+    "PIXEL_STYLE",
+    "InjectError",
+    "find_insertion",
+    "is_xhtml",
+    "pixel_tag",
+    "renders_at",
+]
 
 #: Inline style of the pixel.  Not ``display:none``: several mail clients and
 #: image proxies do not fetch images hidden that way (and spam filters score
@@ -64,8 +71,10 @@ class InjectError(ValueError):
     """The HTML could not be parsed within libxml2's resource limits (depth, size)."""
 
 
-def pixel_tag(url: str, *, xhtml: bool = False, newline: str = "", pad: int = 0) -> str:
-    """The pixel element, ASCII only.
+def pixel_tag(
+    url: str, *, xhtml: bool = False, newline: str = "", pad: int = 0, extra_html: str = ""
+) -> str:
+    """The pixel element, ASCII only, after ``extra_html`` (the disclosure footer) if given.
 
     ``<img src="URL" width="1" height="1" alt="" style="...">``, or ending
     ``" />"`` for XHTML.  The URL is made ASCII (other characters
@@ -76,6 +85,8 @@ def pixel_tag(url: str, *, xhtml: bool = False, newline: str = "", pad: int = 0)
         (RFC 5322 §2.1.1) without adding text outside the tag.
     :param pad: spaces added before the closing ``>`` (whitespace inside a tag
         changes nothing), to make the length a multiple of 3 for base64.
+    :param extra_html: HTML placed right before the element, as given; with
+        ``newline``, on lines of its own.
     """
     safe_url = urllib.parse.quote(url, safe=_URL_SAFE, encoding="utf-8", errors="strict")
     parts = [
@@ -88,8 +99,9 @@ def pixel_tag(url: str, *, xhtml: bool = False, newline: str = "", pad: int = 0)
     ]
     close = "/>" if xhtml else ">"
     if newline:
-        return newline.join(parts) + newline + " " * pad + close
-    return " ".join(parts) + " " * pad + (" " + close if xhtml else close)
+        before = newline + extra_html + newline if extra_html else ""
+        return before + newline.join(parts) + newline + " " * pad + close
+    return extra_html + " ".join(parts) + " " * pad + (" " + close if xhtml else close)
 
 
 def is_xhtml(text: str) -> bool:
@@ -129,6 +141,20 @@ def find_insertion(text: str, probe: Callable[[str], str]) -> int | None:
         if _accepts(text, index, tag, url):
             return index
     return None
+
+
+def renders_at(text: str, index: int, probe: Callable[[str], str]) -> bool:
+    """Whether the element ``probe`` builds, spliced at ``index``, parses as a rendered ``img``.
+
+    The check :func:`find_insertion` makes of each candidate, for one place
+    (the disclosure footer before the pixel, at the place found for the pixel).
+
+    :raises InjectError: as :func:`find_insertion`.
+    """
+    url = "urn:x-smtp-tracker:probe"
+    while url in text:
+        url += "-"
+    return _accepts(text, index, probe(url), url)
 
 
 def _accepts(text: str, index: int, tag: str, url: str) -> bool:
@@ -196,7 +222,7 @@ def _chunks(text: str, index: int, tag: str) -> Iterator[bytes]:
     """The document with the probe, as UTF-8, in pieces of about :data:`_CHUNK` characters."""
     for start in range(0, index, _CHUNK):
         yield text[start : min(start + _CHUNK, index)].encode("utf-8", "replace")
-    yield tag.encode("ascii")
+    yield tag.encode("utf-8", "replace")  # the footer before the probe may be non-ASCII
     for start in range(index, len(text), _CHUNK):
         yield text[start : start + _CHUNK].encode("utf-8", "replace")
 

@@ -20,7 +20,14 @@ import traceback
 from dataclasses import dataclass
 
 from smtp_tracker.mime.charset import CharsetError, decode_text
-from smtp_tracker.mime.inject import InjectError, find_insertion, is_xhtml, pixel_tag
+from smtp_tracker.mime.disclosure import footer_for_part
+from smtp_tracker.mime.inject import (
+    InjectError,
+    find_insertion,
+    is_xhtml,
+    pixel_tag,
+    renders_at,
+)
 from smtp_tracker.mime.policy import RewritePolicy
 from smtp_tracker.mime.selection import NotTracked, Selector
 from smtp_tracker.mime.structure import Field, Part, read_part
@@ -57,7 +64,9 @@ class RewriteResult:
         ``"multipart-signed"``, ``"multipart-encrypted"``, ``"pkcs7-mime"``,
         ``"dkim-signed"``, ``"null-reverse-path"``, ``"report"``,
         ``"auto-submitted"``, ``"opt-out"``, ``"no-opt-in"``,
-        ``"limits-exceeded"``, ``"html-too-large"`` or ``"rewrite-failed"``
+        ``"limits-exceeded"``, ``"html-too-large"``, ``"footer-not-placeable"``
+        (the disclosure footer would not render where the pixel goes), a
+        ``not_tracked`` reason given by the caller, or ``"rewrite-failed"``
         (the original octets, unchanged, control header included).
     :param defects: what was met on the way: email defect class names or
         short texts; never message content.
@@ -81,6 +90,8 @@ def rewrite(
     policy: RewritePolicy = RewritePolicy(),  # noqa: B008 - frozen, so a shared default is safe
     *,
     reverse_path: str | None = None,
+    extra_html: str = "",
+    not_tracked: str | None = None,
 ) -> RewriteResult:
     """Add one tracking pixel to the HTML body of ``message``.
 
@@ -106,12 +117,21 @@ def rewrite(
     :param pixel_url: the URL of this message's pixel.
     :param reverse_path: the envelope sender; None when unknown, ``""`` for
         the null reverse-path ``<>``.
+    :param extra_html: the disclosure footer, spliced right before the pixel
+        with the part's line endings (characters its charset lacks become
+        character references); ``""`` for none.
+    :param not_tracked: a reason decided before the content was read (the
+        envelope's domain lists, :mod:`smtp_tracker.privacy`): the message is
+        not tracked, for that reason, unless an earlier rule (null
+        reverse-path, opt-out) applies; the control header is removed as usual.
     :returns: the result; never raises: on any internal error the original
         octets are returned unchanged with ``reason="rewrite-failed"`` and a
         warning is logged on ``smtp_tracker.mime`` (without message content).
     """
     try:
-        return _Rewrite(bytes(message), pixel_url, policy, reverse_path).run()
+        return _Rewrite(
+            bytes(message), pixel_url, policy, reverse_path, extra_html, not_tracked
+        ).run()
     except Exception as exc:  # never raise: relay the original (fail open)
         frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f"{os.path.basename(frame[0].filename)}:{frame[0].lineno}" if frame else "?"
@@ -127,12 +147,20 @@ def rewrite(
 
 class _Rewrite:
     def __init__(
-        self, data: bytes, url: str, policy: RewritePolicy, reverse_path: str | None
+        self,
+        data: bytes,
+        url: str,
+        policy: RewritePolicy,
+        reverse_path: str | None,
+        extra_html: str = "",
+        not_tracked: str | None = None,
     ) -> None:
         self.data = data
         self.url = url
         self.policy = policy
         self.reverse_path = reverse_path
+        self.extra_html = extra_html
+        self.not_tracked = not_tracked
         self.defects: list[str] = []
 
     def run(self) -> RewriteResult:
@@ -177,6 +205,8 @@ class _Rewrite:
             raise NotTracked("null-reverse-path")
         if "no" in votes:
             raise NotTracked("opt-out")
+        if self.not_tracked:
+            raise NotTracked(self.not_tracked)
         if self.policy.tracking_requires_opt_in and "yes" not in votes:
             raise NotTracked("no-opt-in")
         if any(_token(str(v)) != "no" for v in headers.get_all("Auto-Submitted", [])):
@@ -219,8 +249,22 @@ class _Rewrite:
         text = decoded.text
         xhtml = is_xhtml(text)
         eol = line_ending(raw, line_ending(self.data[: part.body_start]))
+        extra = ""
+        if self.extra_html:
+            # RFC 2045 §6.7 rule 4: a line break in quoted-printable text is a
+            # hard line break, which the one-line splice cannot add: a space then
+            text_eol = line_ending(octets, eol).decode("ascii")
+            if encoding is TransferEncoding.QUOTED_PRINTABLE:
+                text_eol = " "
+            extra = footer_for_part(self.extra_html, decoded.codec, text_eol)
         try:
             index = find_insertion(text, lambda url: pixel_tag(url, xhtml=xhtml))
+            if extra and index is not None:
+                footer_fits = renders_at(
+                    text, index, lambda url: pixel_tag(url, xhtml=xhtml, extra_html=extra)
+                )
+                if not footer_fits:  # never a pixel without its disclosure
+                    raise NotTracked("footer-not-placeable")
         except InjectError as exc:
             self.defects.append("html-parse-limit")
             raise NotTracked("limits-exceeded") from exc
@@ -228,16 +272,16 @@ class _Rewrite:
             self.defects.append("no-insertion-point")
             raise NotTracked("no-html-body")
         prefix = text[:index]
-        tag = pixel_tag(self.url, xhtml=xhtml)
+        tag = pixel_tag(self.url, xhtml=xhtml, extra_html=extra)
         offset, insert = _encode_at(prefix, tag, decoded.codec)
         if encoding is TransferEncoding.BASE64:
             for pad in (1, 2):
                 if len(insert) % 3 == 0:
                     break
-                tag = pixel_tag(self.url, xhtml=xhtml, pad=pad)
+                tag = pixel_tag(self.url, xhtml=xhtml, pad=pad, extra_html=extra)
                 offset, insert = _encode_at(prefix, tag, decoded.codec)
         elif encoding is TransferEncoding.IDENTITY and _adds_long_line(octets, offset, insert):
-            tag = pixel_tag(self.url, xhtml=xhtml, newline=eol.decode("ascii"))
+            tag = pixel_tag(self.url, xhtml=xhtml, newline=eol.decode("ascii"), extra_html=extra)
             offset, insert = _encode_at(prefix, tag, decoded.codec)
             if _adds_long_line(octets, offset, insert):
                 raise _FailOpen("line-too-long")
