@@ -64,6 +64,7 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "export_rows",
+    "page_query",
     "query_message",
     "query_messages",
     "query_stats",
@@ -343,6 +344,23 @@ def _where(message_filter: MessageFilter) -> tuple[list[str], list[Any]]:
     return conditions, params
 
 
+def page_query(
+    message_filter: MessageFilter, *, after: tuple[int, int] | None, limit: int
+) -> tuple[str, list[Any]]:
+    """The SQL and parameters of one page: at most *limit* rows after position *after*.
+
+    :param after: (relayed_at_us, id) of the previous page's last row, or ``None``.
+    :raises ValueError: when a datetime in the filter is naive.
+    """
+    conditions, params = _where(message_filter)
+    if after is not None:
+        conditions.append("(m.relayed_at_us, m.id) < (?, ?)")
+        params.extend(after)
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    sql = f"SELECT {_SUMMARY_COLUMNS} FROM messages AS m {where} {_ORDER} LIMIT ?"  # noqa: S608 - constants
+    return sql, [*params, limit]
+
+
 def check_limit(limit: int) -> int:
     """*limit* if it is a page size :func:`query_messages` serves.
 
@@ -372,16 +390,8 @@ def query_messages(
     :raises sqlite3.Error: when the database cannot be read.
     """
     check_limit(limit)
-    conditions, params = _where(message_filter)
-    if cursor is not None:
-        relayed_at_us, row_id = decode_cursor(cursor, message_filter)
-        conditions.append("(m.relayed_at_us, m.id) < (?, ?)")
-        params.extend([relayed_at_us, row_id])
-    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-    rows = conn.execute(
-        f"SELECT {_SUMMARY_COLUMNS} FROM messages AS m {where} {_ORDER} LIMIT ?",  # noqa: S608 - constants
-        [*params, limit + 1],
-    ).fetchall()
+    after = None if cursor is None else decode_cursor(cursor, message_filter)
+    rows = conn.execute(*page_query(message_filter, after=after, limit=limit + 1)).fetchall()
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -407,19 +417,9 @@ def export_rows(
     :raises sqlite3.Error: when the database cannot be read.
     """
     page_rows = max(1, min(page_rows, MAX_LIMIT * 10))
-    conditions, params = _where(message_filter)
     position: tuple[int, int] | None = None
     while True:
-        clauses = list(conditions)
-        page_params = list(params)
-        if position is not None:
-            clauses.append("(m.relayed_at_us, m.id) < (?, ?)")
-            page_params.extend(position)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = conn.execute(
-            f"SELECT {_SUMMARY_COLUMNS} FROM messages AS m {where} {_ORDER} LIMIT ?",  # noqa: S608 - constants
-            [*page_params, page_rows],
-        ).fetchall()
+        rows = conn.execute(*page_query(message_filter, after=position, limit=page_rows)).fetchall()
         for row in rows:
             yield _summary(row)
         if len(rows) < page_rows:
