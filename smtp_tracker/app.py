@@ -24,17 +24,25 @@ from typing import Any
 from aiohttp import web
 
 from smtp_tracker.certificate import load_server_context, write_self_signed
+from smtp_tracker.classification import Classifier, load_networks
 from smtp_tracker.config import Config
 from smtp_tracker.errors import ConfigError, StartupError
 from smtp_tracker.mime import RewritePolicy
+from smtp_tracker.mime.disclosure import Disclosure, read_footer
+from smtp_tracker.privacy import DomainPolicy
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.relay import UpstreamSettings
-from smtp_tracker.smtp.server import RelaySMTP
+from smtp_tracker.smtp.server import ConnectionSlots, RelaySMTP
 from smtp_tracker.store import SqliteStore
 from smtp_tracker.tracking import Tracker, TrackerCounters
+from smtp_tracker.web.auth import install_auth, load_reports_token
+from smtp_tracker.web.dashboard import install_dashboard
+from smtp_tracker.web.limits import EventLimiter
 from smtp_tracker.web.pixel import WRITER_KEY, make_pixel_app
+from smtp_tracker.web.reports import create_token_file, make_reports_app
 from smtp_tracker.web.site import start_site
+from smtp_tracker.web.users import UserDirectory
 
 __all__ = ["Application", "run"]
 
@@ -94,6 +102,35 @@ def rewrite_policy(config: Config) -> RewritePolicy:
     )
 
 
+def domain_policy(config: Config) -> DomainPolicy:
+    """The sender and recipient domain lists (validated by :func:`~.config.build_config`)."""
+    return DomainPolicy(
+        include_sender_domains=config.include_sender_domains,
+        exclude_sender_domains=config.exclude_sender_domains,
+        include_recipient_domains=config.include_recipient_domains,
+        exclude_recipient_domains=config.exclude_recipient_domains,
+    )
+
+
+def disclosure(config: Config) -> Disclosure:
+    """The disclosure footer and header; reads ``disclosure_footer_file`` (blocking).
+
+    :raises ConfigError: when the footer file cannot be read or is not a
+        usable UTF-8 HTML fragment.
+    """
+    footer = ""
+    if config.disclosure_footer_file is not None:
+        try:
+            footer = read_footer(config.disclosure_footer_file)
+        except ValueError as exc:
+            raise ConfigError(f"disclosure_footer_file: {exc}") from None
+    return Disclosure(
+        footer_html=footer,
+        header_name=config.disclosure_header_name,
+        header_value=config.disclosure_header,
+    )
+
+
 def ensure_data_dir(path: Path) -> Path:
     """Create the data directory (mode 0700) if missing; check it is writable.
 
@@ -122,6 +159,14 @@ class Application:
         self.store: SqliteStore | None = None
         self.tracker: Tracker | None = None
         self.pixel_port: int | None = None
+        #: The port the reports listener is bound to (after :meth:`start`, with ``reports``).
+        self.reports_port: int | None = None
+        self._reports_runner: web.AppRunner | None = None
+        #: Limits recorded opens and clicks (one limiter for both endpoints).
+        self.limiter = EventLimiter(
+            per_token_per_min=config.max_events_per_token_per_min,
+            per_token_client_per_min=config.max_events_per_token_client_per_min,
+        )
         self._run_smtp = smtp
         self._upstream: UpstreamSettings | None = None
         if smtp:
@@ -144,6 +189,8 @@ class Application:
         self._pixel_runner: web.AppRunner | None = None
         self._pixel_app: web.Application | None = None
         self._protocols: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
+        #: the SMTP listener's ``max_connections``, shared by its connections
+        self.connection_slots = ConnectionSlots(config.max_connections)
 
     @property
     def handler(self) -> RelayHandler:
@@ -160,6 +207,7 @@ class Application:
             hostname=self.config.hostname,
             tls_context=self._server_tls,
             keep_transcript=self.capture.enabled,
+            slots=self.connection_slots,
         )
         self._protocols.add(protocol)
         return protocol
@@ -178,7 +226,9 @@ class Application:
             return {}
         writer = self._pixel_app[WRITER_KEY]
         names = ("offered", "recorded", "dropped", "unknown", "failed")
-        return {name: int(getattr(writer, name)) for name in names}
+        counters = {name: int(getattr(writer, name)) for name in names}
+        counters["limited"] = self.limiter.limited_token + self.limiter.limited_client
+        return counters
 
     async def start(self) -> None:
         """Open the store, bind the listeners and start serving.
@@ -188,15 +238,21 @@ class Application:
         """
         config = self.config
         await asyncio.to_thread(ensure_data_dir, config.data_dir)
-        if config.tracking or config.pixel:
+        if config.tracking or config.pixel or config.reports:
+            networks = await asyncio.to_thread(load_networks, config.data_dir)
             self.store = await SqliteStore.open(
-                config.data_dir, store_subject=config.store_subject, ip_policy=config.ip_policy
+                config.data_dir,
+                store_subject=config.store_subject,
+                ip_policy=config.ip_policy,
+                classifier=Classifier(networks, config.prefetch_window_s),
             )
         try:
             if config.pixel:
                 await self._start_pixel()
             if self._run_smtp:
                 await self._start_smtp()
+            if config.reports:
+                await self._start_reports()
         except BaseException:
             await self.stop(grace_s=0)
             raise
@@ -217,6 +273,8 @@ class Application:
                 pixel_base_url=base_url,
                 store=self.store,
                 rewrite_timeout_s=config.rewrite_timeout_s,
+                domains=domain_policy(config),
+                disclosure=await asyncio.to_thread(disclosure, config),
             )
         self._handler = RelayHandler(
             upstream=self._upstream,
@@ -251,7 +309,9 @@ class Application:
         ssl_context: ssl.SSLContext | None = None
         if not config.pixel_plain_http:
             ssl_context = self._server_tls or await asyncio.to_thread(_embedded_certificate, config)
-        self._pixel_app = make_pixel_app(store=self.store, trusted_proxies=config.trusted_proxies)
+        self._pixel_app = make_pixel_app(
+            store=self.store, trusted_proxies=config.trusted_proxies, limiter=self.limiter
+        )
         listen = config.pixel_listen
         self._pixel_runner, self.pixel_port = await start_site(
             self._pixel_app, host=listen.host, port=listen.port, ssl_context=ssl_context
@@ -259,6 +319,46 @@ class Application:
         scheme = "HTTP" if ssl_context is None else "HTTPS"
         log.info(
             "listening for %s (pixel) on %s", scheme, _address_text(listen.host, self.pixel_port)
+        )
+
+    async def _start_reports(self) -> None:
+        """The reports listener: JSON API and dashboard, behind the token and the logins."""
+        config = self.config
+        assert self.store is not None
+        token_path = config.reports_token_path
+        if await asyncio.to_thread(create_token_file, token_path):
+            log.info("made the reports API bearer token in %s (mode 0600)", token_path)
+        token = await asyncio.to_thread(load_reports_token, token_path)
+        ssl_context: ssl.SSLContext | None = None
+        if not config.reports_plain_http:  # allowed only on loopback (config check)
+            ssl_context = self._server_tls or await asyncio.to_thread(_embedded_certificate, config)
+        app = make_reports_app(store=self.store, auth_middleware=None)
+        install_auth(
+            app,
+            token=token,
+            users=await UserDirectory.open(config.reports_users_path),
+            session_s=config.reports_session_s,
+            login_failures_per_min=config.reports_login_failures_per_min,
+            trusted_proxies=config.trusted_proxies,
+        )
+        install_dashboard(app)
+        listen = config.reports_listen
+        try:
+            self._reports_runner, self.reports_port = await start_site(
+                app, host=listen.host, port=listen.port, ssl_context=ssl_context
+            )
+        except StartupError as exc:
+            cause = exc.__cause__
+            reason = getattr(cause, "strerror", None) or "cannot bind"
+            raise StartupError(
+                f"reports_listen: cannot listen on {listen} ({reason}); is another process "
+                "using it? Set reports_listen, or --no-reports"
+            ) from exc
+        scheme = "HTTP" if ssl_context is None else "HTTPS"
+        log.info(
+            "listening for %s (reports) on %s",
+            scheme,
+            _address_text(listen.host, self.reports_port),
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -297,8 +397,13 @@ class Application:
         if self._pixel_runner is not None:
             await self._pixel_runner.cleanup()
             self._pixel_runner = None
+        if self._reports_runner is not None:
+            await self._reports_runner.cleanup()
+            self._reports_runner = None
         if self._handler is not None:
-            log.info("relay counters: %s", _counters_text(self._handler.counters))
+            counters = dict(self._handler.counters)
+            counters["refused_connections"] = self.connection_slots.refused
+            log.info("relay counters: %s", _counters_text(counters))
         if self.tracker is not None:
             log.info("tracking counters: %s", _counters_text(vars_of(self.tracker.counters)))
             await asyncio.to_thread(self.tracker.close)
@@ -322,7 +427,7 @@ def _embedded_certificate(config: Config) -> ssl.SSLContext:
         names = list(dict.fromkeys([config.hostname, "localhost", "127.0.0.1"]))
         write_self_signed(cert, key, hostnames=names)
         log.warning(
-            "no tls_cert set: made a self-signed certificate in %s for the pixel endpoint; "
+            "no tls_cert set: made a self-signed certificate in %s for the HTTPS endpoints; "
             "mail clients will not trust it: set tls_cert and tls_key for real use",
             directory,
         )

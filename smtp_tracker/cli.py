@@ -40,6 +40,8 @@ KEY_HELP: dict[str, str] = {
     "max_message_bytes": "largest message accepted, in bytes; advertised as SIZE "
     "(default 52428800)",
     "max_recipients": "recipients accepted per transaction; more get 452 4.5.3 (default 1000)",
+    "max_connections": "SMTP connections served at once; more get 421 4.3.2 and are closed "
+    "(default 100)",
     "add_received_header": "prepend a Received: trace header (default on)",
     "tls_cert": "PEM certificate offered to clients with STARTTLS and by the HTTPS endpoints",
     "tls_key": "PEM private key for --tls-cert",
@@ -76,10 +78,41 @@ KEY_HELP: dict[str, str] = {
     "store_subject": "keep the Subject in the tracking store (default off)",
     "ip_policy": "how opens' client addresses are kept: full, truncate, hash or none "
     "(default truncate)",
+    "include_sender_domains": "track only mail from these sender domains and their "
+    "subdomains, comma-separated (default: all)",
+    "exclude_sender_domains": "never track mail from these sender domains and their "
+    "subdomains, comma-separated; wins over include",
+    "include_recipient_domains": "track only transactions whose every recipient is in these "
+    "domains or their subdomains, comma-separated (default: all)",
+    "exclude_recipient_domains": "never track a transaction with a recipient in these domains "
+    "or their subdomains, comma-separated; wins over include",
+    "disclosure_footer_file": "HTML fragment (UTF-8) added before the pixel of tracked "
+    "messages, read at start",
+    "disclosure_header": "value of a header field added to tracked messages, one line "
+    "(default: none)",
+    "disclosure_header_name": "name of that header field (default X-Tracking-Notice)",
+    "retention_days": "days message records and their events are kept; 0 keeps them forever "
+    "(default 365)",
+    "prefetch_window_s": "opens and clicks sooner than this after the relay count as "
+    "scanner (default 30)",
+    "max_events_per_token_per_min": "opens (or clicks) recorded per token per minute; "
+    "0 for no limit (default 30)",
+    "max_events_per_token_client_per_min": "opens (or clicks) recorded per token and "
+    "client address per minute; 0 for no limit (default 5)",
     "pixel": "run the HTTPS pixel endpoint in this process (default on)",
     "pixel_listen": "address of the pixel endpoint, HOST:PORT (default 0.0.0.0:8443)",
     "pixel_plain_http": "serve the pixel endpoint over plain HTTP, behind a TLS proxy",
     "trusted_proxies": "CIDR networks whose X-Forwarded-For is believed, comma-separated",
+    "reports": "run the reports listener (JSON API and dashboard) in serve (default on)",
+    "reports_listen": "address of the reports listener, HOST:PORT (default 127.0.0.1:8444)",
+    "reports_plain_http": "serve the reports over plain HTTP; only on a loopback reports_listen",
+    "reports_token_file": "file holding the API bearer token, created 0600 with a random "
+    "token when missing (default DATA_DIR/reports-token)",
+    "reports_users_file": "the dashboard's users and password hashes, managed by 'smtp-tracker "
+    "user' (default DATA_DIR/reports-users.json)",
+    "reports_session_s": "seconds a dashboard login lasts (default 43200, 12 hours)",
+    "reports_login_failures_per_min": "failed dashboard logins allowed per client address and "
+    "per user name in any minute; more get 429 (default 5)",
 }
 
 _KEYS = [f for f in dataclasses.fields(Config) if f.name != "upstream_password"]
@@ -108,7 +141,9 @@ def _metavar(name: str) -> str:
         return "SECONDS"
     if name.endswith("_bytes"):
         return "BYTES"
-    if name in {"listen", "upstream", "pixel_listen"}:
+    if name.endswith("_per_min"):
+        return "N"
+    if name in {"listen", "upstream", "pixel_listen", "reports_listen"}:
         return "HOST:PORT"
     if name in {"allowed_clients", "trusted_proxies"}:
         return "CIDR[,CIDR...]"
@@ -150,9 +185,101 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_pixel(args: argparse.Namespace) -> int:
     from smtp_tracker.app import run
 
-    config = dataclasses.replace(_load(args), pixel=True)
+    config = dataclasses.replace(_load(args), pixel=True, reports=False)
     configure_logging(config.log_level, config.log_format)
     return asyncio.run(run(config, smtp=False))
+
+
+def cmd_reports(args: argparse.Namespace) -> int:
+    from smtp_tracker.app import run
+
+    config = dataclasses.replace(_load(args), pixel=False, reports=True)
+    configure_logging(config.log_level, config.log_format)
+    return asyncio.run(run(config, smtp=False))
+
+
+def _parse_day(text: str | None, *, flag: str) -> Any:
+    from datetime import date
+
+    if text is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a date like 2026-11-21, got {text!r}") from None
+
+
+#: The columns of ``smtp-tracker stats``: (heading, key of the JSON row).
+_STATS_COLUMNS = (
+    ("relayed", "relayed"),
+    ("tracked", "tracked"),
+    ("opened", "opened"),
+    ("rate", "open_rate"),
+    ("opened_any", "opened_any"),
+    ("opens", "opens"),
+    ("human", "human"),
+    ("mail_proxy", "mail_proxy"),
+    ("privacy_proxy", "privacy_proxy"),
+    ("scanner", "scanner"),
+    ("unknown", "unknown"),
+    ("clicks", "clicks"),
+)
+
+
+def _stats_cells(item: dict[str, Any]) -> list[str]:
+    cells = [item["key"] or "(none)"]
+    for _, name in _STATS_COLUMNS:
+        if name == "open_rate":
+            rate = item["open_rate"]
+            cells.append("-" if rate is None else f"{rate * 100:.1f}%")
+        else:
+            cells.append(str(item["opens_by_verdict"].get(name, item.get(name))))
+    return cells
+
+
+def _print_stats_table(group: str, items: list[dict[str, Any]], total: dict[str, Any]) -> None:
+    header = [group, *(heading for heading, _ in _STATS_COLUMNS)]
+    body = [_stats_cells(item) for item in items]
+    footer = _stats_cells(total)
+    widths = [max(len(row[i]) for row in [header, *body, footer]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest])
+
+    print(line(header))
+    for row in body:
+        print(line(row))
+    print("  ".join("-" * width for width in widths))
+    print(line(footer))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from smtp_tracker.store.reports import stats_total
+    from smtp_tracker.web.reports import stats_row_to_dict
+
+    since = _parse_day(args.since, flag="--since")
+    until = _parse_day(args.until, flag="--until")
+    if since is not None and until is not None and since > until:
+        raise ConfigError("--since: must not be after --until")
+    with _open_database(args) as database:
+        rows = database.query_stats(since=since, until=until, group=args.group)
+    items = [stats_row_to_dict(row) for row in rows]
+    total = stats_row_to_dict(stats_total(rows))
+    if args.json:
+        document = {
+            "group": args.group,
+            "since": None if since is None else since.isoformat(),
+            "until": None if until is None else until.isoformat(),
+            "rows": items,
+            "total": total,
+        }
+        json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+    else:
+        _print_stats_table(args.group, items, total)
+    return EXIT_OK
 
 
 def _open_database(args: argparse.Namespace) -> Any:
@@ -223,7 +350,36 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         _print_messages([found], as_json=False)
         for event in found.opens:
-            print(f"  opened {event.at.isoformat()} from {event.ip or '-'}  {event.user_agent}")
+            print(
+                f"  opened {event.at.isoformat()} from {event.ip or '-'}  {event.verdict}"
+                f" ({event.verdict_reason or '-'})  {event.user_agent}"
+            )
+    return EXIT_OK
+
+
+def cmd_networks_list(args: argparse.Namespace) -> int:
+    from smtp_tracker.classification import load_networks
+
+    config = _load(args)
+    for network in load_networks(config.data_dir).values():
+        partial = " (partial)" if network.header.get("partial", "").startswith("yes") else ""
+        origin = "packaged" if network.origin == "packaged" else f"imported: {network.origin}"
+        print(
+            f"{network.name:<14} {network.count:>8} networks  date {network.date or '-'}  "
+            f"{origin}{partial}  source: {network.source or '-'}"
+        )
+    return EXIT_OK
+
+
+def cmd_networks_import(args: argparse.Namespace) -> int:
+    from smtp_tracker.classification import import_network_list
+
+    config = _load(args)
+    imported = import_network_list(config.data_dir, args.name, args.file)
+    print(
+        f"smtp-tracker: {imported.name}: {imported.count} networks written to "
+        f"{imported.origin}; restart smtp-tracker to use them"
+    )
     return EXIT_OK
 
 
@@ -247,12 +403,58 @@ def cmd_gencert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_new_password(args: argparse.Namespace) -> str:
+    """The password for ``user add``: one line of standard input, or asked twice on the TTY."""
+    import getpass
+
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        password = line[:-1] if line.endswith("\n") else line
+        return password[:-1] if password.endswith("\r") else password
+    if not sys.stdin.isatty():
+        raise InputError("no terminal to ask the password on: pipe it in with --password-stdin")
+    password = getpass.getpass("Password: ")
+    if getpass.getpass("Password (again): ") != password:
+        raise InputError("the two passwords differ; nothing changed")
+    return password
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    from smtp_tracker.web.users import add_user, check_password_rules, check_user_name
+
+    path = _load(args).reports_users_path
+    check_user_name(args.name)
+    password = check_password_rules(_read_new_password(args))
+    existed = add_user(path, args.name, password, replace=args.replace)
+    print(f"{'changed the password of' if existed else 'added'} user {args.name} in {path}")
+    return EXIT_OK
+
+
+def cmd_user_remove(args: argparse.Namespace) -> int:
+    from smtp_tracker.web.users import remove_user
+
+    path = _load(args).reports_users_path
+    remove_user(path, args.name)
+    print(f"removed user {args.name} from {path}; their sessions end at their next request")
+    return EXIT_OK
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    from smtp_tracker.web.users import read_users
+
+    users = read_users(_load(args).reports_users_path)
+    for entry in sorted(users.values(), key=lambda e: e.name):
+        print(f"{entry.name}\tadded {entry.created_at.isoformat(timespec='seconds')}")
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from smtp_tracker.app import server_tls_context, upstream_tls_context
+    from smtp_tracker.app import disclosure, server_tls_context, upstream_tls_context
 
     config = _load(args, require_upstream=True)
     upstream_tls_context(config)
     server_tls_context(config)
+    disclosure(config)
     print(
         f"smtp-tracker: config OK: relaying {config.listen} -> {config.upstream} "
         f"({config.upstream_tls})"
@@ -352,6 +554,35 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(pixel)
     pixel.set_defaults(func=cmd_pixel)
 
+    reports = commands.add_parser(
+        "reports",
+        help="run only the reports listener (JSON API and dashboard)",
+        description="Serve the reports (HTTPS, behind the API token and the dashboard "
+        "logins) alone, reading the data directory of a 'serve --no-reports' on the same host.",
+    )
+    _add_config_flags(reports)
+    reports.set_defaults(func=cmd_reports)
+
+    stats = commands.add_parser(
+        "stats",
+        help="print relayed, tracked, opened and opens per day or sender domain",
+        description="Print the figures of the reports per UTC relay day or per sender domain: "
+        "relayed, tracked, opened (messages with an open counted as real: human or "
+        "mail_proxy), the open rate (opened / tracked), opened_any (an open of any verdict), "
+        "opens (events) split by verdict, and clicks.",
+    )
+    stats.add_argument("--since", metavar="DATE", help="first UTC relay day, YYYY-MM-DD")
+    stats.add_argument("--until", metavar="DATE", help="last UTC relay day, YYYY-MM-DD (included)")
+    stats.add_argument(
+        "--group",
+        choices=["day", "sender_domain"],
+        default="day",
+        help="one row per day (default) or per sender domain",
+    )
+    stats.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_config_flags(stats)
+    stats.set_defaults(func=cmd_stats)
+
     messages = commands.add_parser(
         "messages",
         help="list relayed messages and their opens",
@@ -395,6 +626,72 @@ def _parser() -> argparse.ArgumentParser:
     gencert.add_argument("--force", action="store_true", help="replace existing files")
     _add_config_flags(gencert)
     gencert.set_defaults(func=cmd_gencert)
+
+    networks = commands.add_parser(
+        "networks",
+        help="show or refresh the network lists that classify opens",
+        description="The network lists (Apple's Private Relay, Google's, security gateways') "
+        "that the open and click classification matches client addresses against.",
+    )
+    network_commands = networks.add_subparsers(
+        dest="networks_command", required=True, metavar="ACTION"
+    )
+    networks_list = network_commands.add_parser(
+        "list",
+        help="each list's source, date and size",
+        description="One line per list: name, networks, date of its data, packaged or "
+        "imported, and its source.",
+    )
+    _add_config_flags(networks_list)
+    networks_list.set_defaults(func=cmd_networks_list)
+    networks_import = network_commands.add_parser(
+        "import",
+        help="replace a list with a file you downloaded",
+        description="Validate FILE (one CIDR per line, a CSV whose first column is a CIDR "
+        "such as Apple's egress-ip-ranges.csv, or Google's goog.json) and write it to "
+        "DATA_DIR/networks/NAME.txt, which replaces the packaged list at the next start.",
+    )
+    networks_import.add_argument("name", metavar="NAME", help="the list, e.g. apple-mpp")
+    networks_import.add_argument("file", type=Path, metavar="FILE", help="the downloaded file")
+    _add_config_flags(networks_import)
+    networks_import.set_defaults(func=cmd_networks_import)
+
+    user = commands.add_parser(
+        "user",
+        help="manage the users of the reports dashboard",
+        description="Add, remove and list the users who may log in to the reports dashboard "
+        "(reports_users_file, default DATA_DIR/reports-users.json; argon2id hashes, mode 0600). "
+        "A running smtp-tracker sees the change within a second.",
+    )
+    user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    user_add = user_commands.add_parser(
+        "add",
+        help="add a user (asks for the password)",
+        description="Add a user; the password (at least 10 characters) is asked twice on the "
+        "terminal, or read as one line from standard input with --password-stdin.",
+    )
+    user_add.add_argument("name", metavar="NAME", help="the user name (letters, digits, . _ @ + -)")
+    user_add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input",
+    )
+    user_add.add_argument(
+        "--replace", action="store_true", help="set a new password for an existing user"
+    )
+    _add_config_flags(user_add)
+    user_add.set_defaults(func=cmd_user_add)
+    user_remove = user_commands.add_parser(
+        "remove", help="remove a user", description="Remove a user; their sessions end."
+    )
+    user_remove.add_argument("name", metavar="NAME", help="the user name")
+    _add_config_flags(user_remove)
+    user_remove.set_defaults(func=cmd_user_remove)
+    user_list = user_commands.add_parser(
+        "list", help="list the users", description="List the users, one per line."
+    )
+    _add_config_flags(user_list)
+    user_list.set_defaults(func=cmd_user_list)
     return parser
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "IpPolicy",
     "UpstreamTLS",
     "build_config",
+    "is_loopback_host",
     "load_toml",
     "parse_host_port",
 ]
@@ -79,6 +80,7 @@ class Config:
     client_timeout_s: float = 300.0
     max_message_bytes: int = 52_428_800
     max_recipients: int = 1000
+    max_connections: int = 100
     add_received_header: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -114,11 +116,49 @@ class Config:
     store_subject: bool = False
     ip_policy: IpPolicy = "truncate"
 
+    # -- privacy ---------------------------------------------------------------
+    include_sender_domains: tuple[str, ...] = ()
+    exclude_sender_domains: tuple[str, ...] = ()
+    include_recipient_domains: tuple[str, ...] = ()
+    exclude_recipient_domains: tuple[str, ...] = ()
+    disclosure_footer_file: Path | None = None
+    disclosure_header: str | None = None
+    disclosure_header_name: str = "X-Tracking-Notice"
+    retention_days: int = 365
+
+    # -- open classification ---------------------------------------------------
+    prefetch_window_s: float = 30.0
+
+    # -- event rate limits (recorded events; the GIF is always served) -----------
+    max_events_per_token_per_min: int = 30
+    max_events_per_token_client_per_min: int = 5
+
     # -- pixel endpoint --------------------------------------------------------
     pixel: bool = True
     pixel_listen: HostPort = HostPort("0.0.0.0", 8443)  # noqa: S104 - public by design
     pixel_plain_http: bool = False
     trusted_proxies: tuple[IPNetwork, ...] = ()
+
+    # -- reports listener ------------------------------------------------------
+    reports: bool = True
+    reports_listen: HostPort = HostPort("127.0.0.1", 8444)
+    reports_plain_http: bool = False
+    reports_token_file: Path | None = None
+
+    # -- reports: dashboard users and sessions ----------------------------------
+    reports_users_file: Path | None = None
+    reports_session_s: float = 43_200.0
+    reports_login_failures_per_min: int = 5
+
+    @property
+    def reports_token_path(self) -> Path:
+        """The API bearer token file: ``reports_token_file``, else ``DATA_DIR/reports-token``."""
+        return self.reports_token_file or self.data_dir / "reports-token"
+
+    @property
+    def reports_users_path(self) -> Path:
+        """The dashboard's users: ``reports_users_file``, else ``DATA_DIR/reports-users.json``."""
+        return self.reports_users_file or self.data_dir / "reports-users.json"
 
     def upstream_address(self) -> HostPort:
         """The upstream, which :func:`build_config` guarantees for ``serve``.
@@ -134,6 +174,16 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 #: Keys that are never read from a flag (secrets) nor from TOML (derived).
 _NOT_IN_TOML = {"upstream_password"}
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether *host* is ``localhost`` or a loopback address (127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_host_port(text: str, *, what: str) -> HostPort:
@@ -186,7 +236,7 @@ def load_toml(path: Path) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or flag value into the field's type; raise ConfigError if it can't."""
     kind = _FIELDS[name].type
-    if name in {"listen", "upstream", "pixel_listen"}:
+    if name in {"listen", "upstream", "pixel_listen", "reports_listen"}:
         if isinstance(value, HostPort):
             return value
         if not isinstance(value, str):
@@ -328,19 +378,66 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         )
     if (get("tls_cert") is None) != (get("tls_key") is None):
         problems.append("tls_cert and tls_key go together: set both or neither")
-    for name in ("max_message_bytes", "max_recipients"):
+    for name in (
+        "max_message_bytes",
+        "max_recipients",
+        "max_connections",
+        "reports_login_failures_per_min",
+    ):
         if name in values and values[name] <= 0:
             problems.append(f"{name}: must be greater than 0")
+    for name in ("max_events_per_token_per_min", "max_events_per_token_client_per_min"):
+        if name in values and values[name] < 0:
+            problems.append(f"{name}: must be 0 (no limit) or more")
     for name in _FIELDS:
         if name.endswith("_s") and name in values and values[name] <= 0:
             problems.append(f"{name}: must be a positive number of seconds")
     header = get("control_header", "X-Track")
     if not header or any(c in header for c in ": \t\r\n") or not header.isascii():
         problems.append(f"control_header: {header!r} is not a valid header field name")
+    problems.extend(_check_privacy(values))
+    reports_listen = get("reports_listen", _FIELDS["reports_listen"].default)
+    if get("reports_plain_http") and not is_loopback_host(reports_listen.host):
+        problems.append(
+            f"reports_plain_http: only allowed when reports_listen is a loopback address "
+            f"(127.0.0.1, ::1, localhost), not {reports_listen}; the reports carry a bearer "
+            "token and session cookies"
+        )
     if get("tracking", True) and get("pixel_base_url") is not None:
         url = str(get("pixel_base_url"))
         if not url.startswith(("https://", "http://")):
             problems.append(f"pixel_base_url: expected an https:// URL, got {url!r}")
+    return problems
+
+
+def _check_privacy(values: Mapping[str, Any]) -> list[str]:
+    """The privacy keys: domain lists, disclosure header, retention."""
+    from smtp_tracker.mime.disclosure import Disclosure
+    from smtp_tracker.privacy import DomainPolicy
+
+    problems: list[str] = []
+    lists = (
+        "include_sender_domains",
+        "exclude_sender_domains",
+        "include_recipient_domains",
+        "exclude_recipient_domains",
+    )
+    for name in lists:
+        try:
+            DomainPolicy(**{name: values.get(name, ())})
+        except ValueError as exc:
+            problems.append(str(exc))
+    header = {
+        "disclosure_header_name": {"header_name": values.get("disclosure_header_name", "X-T")},
+        "disclosure_header": {"header_value": values.get("disclosure_header")},
+    }
+    for name, arguments in header.items():
+        try:
+            Disclosure(**arguments)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+    if values.get("retention_days", 0) < 0:
+        problems.append("retention_days: must be 0 (keep forever) or a number of days")
     return problems
 
 

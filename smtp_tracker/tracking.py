@@ -21,6 +21,8 @@ from email.policy import compat32
 from typing import TYPE_CHECKING
 
 from smtp_tracker.mime import RewritePolicy, RewriteResult, rewrite
+from smtp_tracker.mime.disclosure import Disclosure
+from smtp_tracker.privacy import DomainPolicy
 from smtp_tracker.smtp.handler import Prepared
 from smtp_tracker.smtp.reply import Reply
 from smtp_tracker.smtp.transaction import Transaction
@@ -87,6 +89,10 @@ class Tracker:
     :param workers: threads for rewrites (CPU-bound: about the number of cores).
     :param max_pending: rewrites allowed to wait for a thread; beyond that, and
         while they wait, messages go out unchanged rather than pile up in memory.
+    :param domains: the sender and recipient domain lists; an envelope they
+        refuse is not tracked, with the rule as the reason.
+    :param disclosure: footer spliced before the pixel and header field
+        prepended to tracked messages (none by default).
     """
 
     def __init__(
@@ -98,8 +104,12 @@ class Tracker:
         rewrite_timeout_s: float = 10.0,
         workers: int = 2,
         max_pending: int = 32,
+        domains: DomainPolicy | None = None,
+        disclosure: Disclosure | None = None,
     ) -> None:
         self._policy = policy
+        self._domains = domains or DomainPolicy()
+        self._disclosure = disclosure or Disclosure()
         self._base_url = pixel_base_url
         self._store = store
         self._timeout_s = rewrite_timeout_s
@@ -120,10 +130,20 @@ class Tracker:
             )
             self.counters.rewrite_busy += 1
             return Prepared(content, tracking_id, False, "rewrite-busy")
+        excluded = self._domains.not_tracked_reason(
+            transaction.reverse_path, [r.address for r in transaction.accepted]
+        )
         async with self._slots:
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(
-                self._pool, _rewrite, content, url, self._policy, transaction.reverse_path
+                self._pool,
+                _rewrite,
+                content,
+                url,
+                self._policy,
+                transaction.reverse_path,
+                self._disclosure.footer_html,
+                excluded,
             )
             try:
                 result = await asyncio.wait_for(future, self._timeout_s)
@@ -142,11 +162,13 @@ class Tracker:
                 transaction.queue_id,
                 ", ".join(result.defects[:3]) or "no detail",
             )
+        message = result.message
         if result.tracked:
             self.counters.tracked += 1
+            message = self._disclosure.add_header(message)
         else:
             self.counters.not_tracked += 1
-        return Prepared(result.message, tracking_id, result.tracked, result.reason)
+        return Prepared(message, tracking_id, result.tracked, result.reason)
 
     async def record(
         self, transaction: Transaction, prepared: Prepared, reply: Reply, size_bytes: int
@@ -182,5 +204,19 @@ class Tracker:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _rewrite(content: bytes, url: str, policy: RewritePolicy, reverse_path: str) -> RewriteResult:
-    return rewrite(content, url, policy, reverse_path=reverse_path)
+def _rewrite(
+    content: bytes,
+    url: str,
+    policy: RewritePolicy,
+    reverse_path: str,
+    footer_html: str = "",
+    not_tracked: str | None = None,
+) -> RewriteResult:
+    return rewrite(
+        content,
+        url,
+        policy,
+        reverse_path=reverse_path,
+        extra_html=footer_html,
+        not_tracked=not_tracked,
+    )

@@ -107,6 +107,9 @@ def test_example_config_lists_every_key_with_its_default() -> None:
         "upstream_user",
         "upstream_password_file",
         "pixel_base_url",
+        "reports_token_file",
+        "disclosure_footer_file",
+        "disclosure_header",
     }
     defaults = Config(hostname="example")
     for spec in dataclasses.fields(Config):

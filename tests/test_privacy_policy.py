@@ -169,3 +169,44 @@ def test_the_first_rule_that_applies_names_the_reason() -> None:
         policy.not_tracked_reason("a@shop.example", ["b@elsewhere.example"])
         == "recipient-domain-not-included"
     )
+
+
+# -- the configuration keys ------------------------------------------------------------------
+
+
+def test_privacy_keys_from_toml_and_flags() -> None:
+    from smtp_tracker.config import build_config
+
+    config = build_config(
+        {"exclude_recipient_domains": ["Bücher.example", "private.example"], "retention_days": 30},
+        {"include_sender_domains": "shop.example, news.shop.example", "disclosure_header": "x"},
+    )
+    assert config.exclude_recipient_domains == ("Bücher.example", "private.example")
+    assert config.include_sender_domains == ("shop.example", "news.shop.example")
+    assert (config.retention_days, config.disclosure_header) == (30, "x")
+    assert config.disclosure_header_name == "X-Tracking-Notice"
+    assert build_config({}, {}).retention_days == 365
+
+
+def test_bad_privacy_keys_are_one_problem_each() -> None:
+    from smtp_tracker.config import build_config
+    from smtp_tracker.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        build_config(
+            {
+                "exclude_sender_domains": ["ok.example", "not a domain"],
+                "include_recipient_domains": ["-x-.example"],
+                "disclosure_header": "notice\r\nBcc: someone@example.net",
+                "disclosure_header_name": "X Notice",
+                "retention_days": -1,
+            },
+            {},
+        )
+    problems = caught.value.problems
+    assert len(problems) == 5, problems
+    assert problems[0].startswith("exclude_sender_domains: 'not a domain' is not a domain name")
+    assert problems[1].startswith("include_recipient_domains: '-x-.example'")
+    assert problems[2] == "disclosure_header_name: 'X Notice' is not a header field name"
+    assert problems[3].startswith("disclosure_header: the disclosure header value must be one")
+    assert problems[4].startswith("retention_days: must be 0")
