@@ -7,12 +7,17 @@ conversation), a :class:`MessagePreparer` (the rewrite stage) and a
 downstream never hears 2xx for MAIL, RCPT or DATA unless the upstream said
 2xx to the same command first (RFC 5321 §6.1: a 2xx to DATA takes
 responsibility for the message).
+
+Bare CR and bare LF in a payload are rewritten to CRLF (:func:`normalize_line_endings`)
+before the rewrite stage and the upstream see it, so that no upstream can read
+one of them as the end of the data (SMTP smuggling; see :mod:`.server`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,9 +33,31 @@ from smtp_tracker.smtp.server import RelaySession, RelaySMTP
 from smtp_tracker.smtp.trace import received_header
 from smtp_tracker.smtp.transaction import Recipient, Transaction
 
-__all__ = ["DeliveryRecorder", "MessagePreparer", "Prepared", "RelayHandler"]
+__all__ = [
+    "DeliveryRecorder",
+    "MessagePreparer",
+    "Prepared",
+    "RelayHandler",
+    "normalize_line_endings",
+]
 
 log = logging.getLogger("smtp_tracker.relay")
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def normalize_line_endings(content: bytes) -> bytes | None:
+    """``content`` with every bare CR and bare LF made CRLF, or None if it has none.
+
+    RFC 5321 §2.3.8: in SMTP, CR and LF appear only together, as CRLF.  The
+    check is two byte counts; the rewrite runs only for a payload that needs it.
+
+    :param content: a received payload (after dot-unstuffing).
+    """
+    crlf = content.count(b"\r\n")
+    if content.count(b"\r") == crlf and content.count(b"\n") == crlf:
+        return None
+    return _LINE_END.sub(b"\r\n", content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +143,7 @@ class RelayHandler:
             "rejected": 0,
             "aborted": 0,
             "upstream_failures": 0,
+            "bare_line_endings": 0,
         }
 
     @property
@@ -192,6 +220,15 @@ class RelayHandler:
         if transaction.broken is not None:
             self._finish(session, transaction, _reply_of(transaction.broken), content, None)
             return transaction.broken.reply
+        received = content
+        normalized = normalize_line_endings(received)
+        if normalized is not None:
+            self.counters["bare_line_endings"] += 1
+            log.warning(
+                "%s: bare CR or LF in the message; relayed with CRLF line ends (RFC 5321 §2.3.8)",
+                transaction.queue_id,
+            )
+            content = normalized
         upstream = self._upstream(session)
         server.extend_timeout(self._settings.data_timeout_s + 30)
         prepared = await self._preparer.prepare(content, transaction)
@@ -202,11 +239,11 @@ class RelayHandler:
             reply = await upstream.data(data)
         except UpstreamError as exc:
             self.counters["upstream_failures"] += 1
-            self._finish(session, transaction, _reply_of(exc), content, data)
+            self._finish(session, transaction, _reply_of(exc), received, data)
             return exc.reply
         if reply.is_positive and self._recorder is not None:
-            await self._recorder.record(transaction, prepared, reply, len(content))
-        self._finish(session, transaction, reply, content, data, prepared=prepared)
+            await self._recorder.record(transaction, prepared, reply, len(received))
+        self._finish(session, transaction, reply, received, data, prepared=prepared)
         return str(reply)
 
     # -- MAIL and RCPT, called by RelaySMTP with parsed parameters ------------------

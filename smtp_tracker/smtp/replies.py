@@ -12,6 +12,8 @@ from __future__ import annotations
 __all__ = [
     "R221_BYE",
     "R250_OK",
+    "R421_TIMEOUT",
+    "R421_TOO_MANY_CONNECTIONS",
     "R451_INTERNAL_ERROR",
     "R451_UPSTREAM_AUTH_FAILED",
     "R451_UPSTREAM_LOST",
@@ -21,6 +23,8 @@ __all__ = [
     "R451_UPSTREAM_TLS_FAILED",
     "R451_UPSTREAM_UNAVAILABLE",
     "R452_TOO_MANY_RECIPIENTS",
+    "R500_UNRECOGNIZED",
+    "R501_CONTROL_CHARACTER",
     "R502_AUTH_NOT_OFFERED",
     "R503_NEED_MAIL",
     "R503_NEED_RCPT",
@@ -32,6 +36,13 @@ __all__ = [
 
 R221_BYE = "221 2.0.0 Bye"
 R250_OK = "250 2.0.0 OK"
+
+#: RFC 5321 §4.5.3.2 (a server may close an idle connection) with §3.8's 421;
+#: RFC 3463 X.4.2 "Bad connection", as Postfix says on its own timeout.
+R421_TIMEOUT = "421 4.4.2 timeout exceeded, closing connection"
+#: RFC 5321 §3.1 (421 at connection opening) and RFC 3463 X.3.2 "System not
+#: accepting network messages": ``max_connections`` reached; the client retries.
+R421_TOO_MANY_CONNECTIONS = "421 4.3.2 Too many connections, try again later"
 
 #: RFC 3463 X.4.1 "No answer from host": connection refused, unreachable, unresolvable.
 R451_UPSTREAM_UNAVAILABLE = "451 4.4.1 upstream unavailable, try again later"
@@ -54,6 +65,12 @@ R451_INTERNAL_ERROR = "451 4.3.0 internal error, try again later"
 
 #: RFC 5321 §4.5.3.1.10: 452 for too many recipients; RFC 3463 X.5.3.
 R452_TOO_MANY_RECIPIENTS = "452 4.5.3 too many recipients"
+
+#: RFC 5321 §4.2.4 and RFC 3463 X.5.1 "Invalid command"; the command is not echoed.
+R500_UNRECOGNIZED = "500 5.5.1 command not recognized"
+#: RFC 5321 §2.3.8: CR and LF only as the line's CRLF; other C0 controls have no
+#: place in a command either (RFC 3463 X.5.2 "Syntax error").
+R501_CONTROL_CHARACTER = "501 5.5.2 control character in command"
 
 #: RFC 4954 §4: AUTH is not offered here; access is by client address.
 R502_AUTH_NOT_OFFERED = "502 5.5.1 AUTH not offered"

@@ -11,7 +11,40 @@
   advertise ENHANCEDSTATUSCODES;
 - every command and reply is copied to the session's transcript when capture
   is on, and the handler hears when the connection is lost;
-- unexpected exceptions reply ``451 4.3.0`` and are logged, never echoed.
+- unexpected exceptions reply ``451 4.3.0`` and are logged, never echoed;
+- the limits a hostile client meets (below).
+
+Limits
+------
+- ``max_connections`` (:class:`ConnectionSlots`): a connection beyond it gets
+  ``421 4.3.2`` instead of the greeting and is closed (RFC 5321 §3.1); the
+  refusals are counted and logged at most once per :data:`REFUSAL_LOG_INTERVAL_S`.
+- ``client_timeout_s``: a client silent that long gets ``421 4.4.2`` and is
+  disconnected (RFC 5321 §4.5.3.2); an open transaction is aborted upstream.
+- Command lines over 512 octets (RFC 5321 §4.5.3.1.4; more after EHLO for the
+  SIZE and SMTPUTF8 parameters) get ``500 5.5.2`` and the connection stays usable.
+- A command argument holding CR, LF or another control character gets
+  ``501 5.5.2`` and is never forwarded (RFC 5321 §2.3.8).
+- A payload over ``max_message_bytes`` (``552 5.3.4``, RFC 1870 §6.3) or with a
+  line over 1000 octets (``500 5.5.2``, RFC 5321 §4.5.3.1.6) is refused after
+  the end of data, and its upstream transaction is aborted with RSET: the
+  upstream never sees DATA for it.
+
+SMTP smuggling
+--------------
+(SEC Consult, "SMTP Smuggling", December 2023; CVE-2023-51764/51765/51766.)
+A message may end only with ``<CRLF>.<CRLF>`` (RFC 5321 §4.1.1.4, §2.3.8):
+aiosmtpd (>= 1.4.5, CVE-2024-27305) never ends DATA at ``<LF>.<LF>``,
+``<LF>.<CRLF>``, ``<CR>.<CR>`` or any other bare-CR/LF variant, so what follows
+such a sequence stays part of the one message.  Bare CR and bare LF inside the
+payload are then rewritten to CRLF by the handler before anything else sees the
+message (Postfix 3.9's default, ``smtpd_forbid_bare_newline = normalize``,
+extended to bare CR), and the upstream client dot-stuffs every line: the
+upstream receives one message whose lines all end in CRLF, in which a smuggled
+``.`` line arrives as ``..``, so not even an upstream that honours bare-LF
+endings can be made to see a second transaction.  We normalize rather than
+reject (Postfix's ``reject`` mode) because our client is a trusted Postfix,
+whose mail must not bounce for line endings that a local program wrote.
 
 The handler (:mod:`.handler`) does the relaying.
 """
@@ -22,7 +55,9 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import re
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, AnyStr
 
@@ -38,11 +73,23 @@ if TYPE_CHECKING:
     from smtp_tracker.smtp.relay import UpstreamSession
     from smtp_tracker.smtp.transaction import Transaction
 
-__all__ = ["RelaySMTP", "RelaySession", "client_allowed"]
+__all__ = [
+    "REFUSAL_LOG_INTERVAL_S",
+    "ConnectionSlots",
+    "RelaySMTP",
+    "RelaySession",
+    "client_allowed",
+]
 
 log = logging.getLogger("smtp_tracker.smtpd")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Seconds between two log lines about connections refused for ``max_connections``.
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+#: C0 controls and DEL: never in a command argument (RFC 5321 §2.3.8, §4.1.2).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 #: aiosmtpd's stock replies, given the enhanced status codes RFC 2034 §3 asks for.
 _STOCK_REPLIES = {
@@ -65,6 +112,8 @@ _STOCK_REPLIES = {
     "554 Command refused due to lack of security": "554 5.7.0 command refused: TLS failed",
     "454 TLS not available": "454 4.7.0 TLS not available",
 }
+#: aiosmtpd's reply to an unknown command quotes it; ours does not.
+_UNRECOGNIZED_PREFIX = '500 Error: command "'
 
 
 def client_allowed(peer: Any, networks: Sequence[IPNetwork]) -> bool:
@@ -76,6 +125,58 @@ def client_allowed(peer: Any, networks: Sequence[IPNetwork]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
+
+
+class ConnectionSlots:
+    """How many downstream connections are served at once (``max_connections``).
+
+    One instance is shared by every :class:`RelaySMTP` of a listener: a
+    connection takes a slot when it is made and gives it back when it is lost;
+    one that finds none free is refused with ``421 4.3.2``.
+
+    :param limit: the most connections served at once (>= 1).
+    :ivar active: connections holding a slot now.
+    :ivar refused: connections refused since start.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+        self._logged_at = -REFUSAL_LOG_INTERVAL_S
+        self._refused_unlogged = 0
+
+    def take(self) -> bool:
+        """Take a slot; False (and counted as refused) when all are taken."""
+        if self.active >= self.limit:
+            self.refused += 1
+            self._refused_unlogged += 1
+            return False
+        self.active += 1
+        return True
+
+    def give_back(self) -> None:
+        """Return a slot taken with :meth:`take`."""
+        self.active -= 1
+
+    def log_refusal(self, peer: Any) -> None:
+        """Log a refusal, at most once per :data:`REFUSAL_LOG_INTERVAL_S` (a flood
+        of connections must not become a flood of log lines)."""
+        now = time.monotonic()
+        if now - self._logged_at < REFUSAL_LOG_INTERVAL_S:
+            return
+        log.warning(
+            "reject: connect from %s: too many connections (max_connections=%d); "
+            "%d refused since the last report, %d in all",
+            _peer_text(peer),
+            self.limit,
+            self._refused_unlogged,
+            self.refused,
+        )
+        self._logged_at = now
+        self._refused_unlogged = 0
 
 
 class RelaySession(Session):
@@ -97,6 +198,7 @@ class RelaySMTP(SMTP):
     :param max_message_bytes: SIZE limit (RFC 1870), in bytes.
     :param client_timeout_s: idle timeout for the client, in seconds.
     :param keep_transcript: whether to copy the conversation for capture files.
+    :param slots: the listener's ``max_connections`` slots; unlimited when None.
     """
 
     session: RelaySession | None
@@ -111,6 +213,7 @@ class RelaySMTP(SMTP):
         hostname: str,
         tls_context: ssl.SSLContext | None,
         keep_transcript: bool,
+        slots: ConnectionSlots | None = None,
     ) -> None:
         super().__init__(
             handler,
@@ -134,10 +237,11 @@ class RelaySMTP(SMTP):
         self._max_message_bytes = max_message_bytes
         self._keep_transcript = keep_transcript
         self._client_timeout_s = client_timeout_s
-        if keep_transcript:
-            self._smtp_methods = {
-                name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
-            }
+        self._slots = slots
+        self._holds_slot = False
+        self._smtp_methods = {
+            name: self._checked(name, method) for name, method in self._smtp_methods.items()
+        }
 
     # -- session and access control --------------------------------------------
 
@@ -147,8 +251,20 @@ class RelaySMTP(SMTP):
             session.transcript = Transcript()
         return session
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        upgrade = self._original_transport is not None  # the TLS layer after STARTTLS
+        super().connection_made(transport)
+        if not upgrade and self._slots is not None:
+            self._holds_slot = self._slots.take()
+
     async def _handle_client(self) -> None:
         assert self.session is not None
+        if self._slots is not None and not self._holds_slot:
+            self._slots.log_refusal(self.session.peer)
+            await self.push(replies.R421_TOO_MANY_CONNECTIONS)
+            assert self.transport is not None
+            self.transport.close()
+            return
         if not client_allowed(self.session.peer, self._allowed_clients):
             log.warning(
                 "reject: connect from %s: client not in allowed_clients",
@@ -163,6 +279,10 @@ class RelaySMTP(SMTP):
 
     def connection_lost(self, error: Exception | None) -> None:
         session = self.session
+        if self._holds_slot:
+            self._holds_slot = False
+            assert self._slots is not None
+            self._slots.give_back()
         super().connection_lost(error)
         if session is not None:
             handler: RelayHandler = self.event_handler
@@ -172,21 +292,46 @@ class RelaySMTP(SMTP):
         """Keep the client connection open while we wait on the upstream for ``seconds``."""
         self._reset_timeout(max(seconds, self._client_timeout_s))
 
+    def _timeout_cb(self) -> None:
+        """The client said nothing for ``client_timeout_s``: tell it so, then close."""
+        transport = self.transport
+        if transport is None:  # lost already; connection_lost did the rest
+            return
+        if not transport.is_closing():
+            peer = _peer_text(self.session.peer) if self.session is not None else "?"
+            log.info("%s: timeout after %g s without a command", peer, self._client_timeout_s)
+            if self.session is not None and self.session.transcript is not None:
+                self.session.transcript.add(WE_SAID_TO_CLIENT, replies.R421_TIMEOUT)
+            self._writer.write(replies.R421_TIMEOUT.encode("ascii") + b"\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
     # -- transcript and replies ---------------------------------------------------
 
-    def _transcribed(
+    def _checked(
         self, name: str, method: Callable[[str | None], Awaitable[None]]
     ) -> Callable[[str | None], Awaitable[None]]:
+        """Wrap a command: copy it to the transcript; refuse control characters in it."""
+
         async def call(arg: str | None) -> None:
             if self.session is not None and self.session.transcript is not None:
                 self.session.transcript.add(CLIENT_SAID, name if arg is None else f"{name} {arg}")
+            if arg is not None and _CONTROL.search(arg):
+                await self.push(replies.R501_CONTROL_CHARACTER)
+                return
             await method(arg)
+            # The idle clock runs from our reply, not from the command: a reply
+            # that waited on the upstream (extend_timeout) must not shorten it, nor
+            # leave the longer wait in force for the next command.
+            if self.transport is not None and not self.transport.is_closing():
+                self._reset_timeout()
 
         return call
 
     async def push(self, status: AnyStr) -> None:
         text = status if isinstance(status, str) else status.decode("utf-8", "replace")
         text = _STOCK_REPLIES.get(text, text)
+        if text.startswith(_UNRECOGNIZED_PREFIX):
+            text = replies.R500_UNRECOGNIZED
         if self.session is not None and self.session.transcript is not None:
             self.session.transcript.add(WE_SAID_TO_CLIENT, text)
         await super().push(text)
@@ -200,6 +345,18 @@ class RelaySMTP(SMTP):
         return replies.R451_INTERNAL_ERROR
 
     # -- commands -----------------------------------------------------------------
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        envelope = self.envelope
+        await super().smtp_DATA(arg or "")
+        session = self.session
+        refused = self.envelope is not envelope
+        if session is not None and session.transaction is not None and refused:
+            # aiosmtpd refused the payload itself (552 too big, 500 line too long) and
+            # reset the envelope without calling handle_DATA: end the upstream's side.
+            handler: RelayHandler = self.event_handler
+            await handler.abort_transaction(session, reason="payload refused")
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
