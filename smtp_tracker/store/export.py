@@ -29,7 +29,10 @@ def message_to_dict(record: MessageRecord, opens: Iterable[OpenRecord]) -> dict[
     ``upstream_reply``, ``tracked`` (bool), ``not_tracked_reason`` (str or
     null), ``subject`` (only when the store kept one), and ``opens``: a list,
     oldest first, of ``{"at": time, "ip": str or null, "user_agent": str or
-    null}``, where ``ip`` is what the store's ``ip_policy`` kept.
+    null, "verdict": str, "verdict_reason": str or null}``, where ``ip`` is
+    what the store's ``ip_policy`` kept and ``verdict`` one of ``human``,
+    ``privacy_proxy``, ``mail_proxy``, ``scanner``, ``unknown`` with the rule
+    that decided it (:mod:`smtp_tracker.classification`).
     """
     result: dict[str, Any] = {
         "tracking_id": record.tracking_id,
@@ -47,6 +50,13 @@ def message_to_dict(record: MessageRecord, opens: Iterable[OpenRecord]) -> dict[
     if record.subject is not None:
         result["subject"] = record.subject
     result["opens"] = [
-        {"at": format_time(o.at), "ip": o.ip, "user_agent": o.user_agent} for o in opens
+        {
+            "at": format_time(o.at),
+            "ip": o.ip,
+            "user_agent": o.user_agent,
+            "verdict": o.verdict,
+            "verdict_reason": o.verdict_reason,
+        }
+        for o in opens
     ]
     return result

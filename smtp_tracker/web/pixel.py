@@ -42,8 +42,10 @@ from smtp_tracker.store.token import PIXEL_PATH_PREFIX, is_well_formed_token
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.web.client import IPNetwork, client_address
 from smtp_tracker.web.gif import GIF_CONTENT_TYPE, TRANSPARENT_GIF
+from smtp_tracker.web.limits import EventLimiter
 
 __all__ = [
+    "LIMITER_KEY",
     "PIXEL_HEADERS",
     "SERVER_HEADER",
     "STORE_KEY",
@@ -58,6 +60,9 @@ STORE_KEY: Final = web.AppKey("store", Store)
 #: The app's event writer; read its counters (``dropped``, ``recorded``, ...).
 WRITER_KEY: Final = web.AppKey("writer", EventWriter)
 _TRUSTED_KEY: Final[web.AppKey[tuple[IPNetwork, ...]]] = web.AppKey("trusted_proxies")
+#: The app's rate limiter of recorded events, or ``None`` (no limit); the click
+#: endpoint uses the same one: ``app[LIMITER_KEY].allow(token, client)``.
+LIMITER_KEY: Final[web.AppKey[EventLimiter | None]] = web.AppKey("limiter")
 
 #: The ``Server`` header on every response (instead of aiohttp's version string).
 SERVER_HEADER: Final = "smtp-tracker"
@@ -84,6 +89,7 @@ def make_pixel_app(
     *,
     store: Store,
     trusted_proxies: Sequence[IPNetwork] = (),
+    limiter: EventLimiter | None = None,
     queue_size: int = 10_000,
     batch_max: int = 500,
     keepalive_timeout_s: float = 15.0,
@@ -98,6 +104,9 @@ def make_pixel_app(
     :param store: where opens are recorded; it applies its ``ip_policy``.
     :param trusted_proxies: networks whose ``X-Forwarded-For`` is believed
         (see :mod:`.client`).
+    :param limiter: limits the opens offered to the writer per token and per
+        token and client (:mod:`.limits`); the GIF is served either way.
+        ``None``: no limit.
     :param queue_size: bound of the event queue, in events; beyond it opens
         are dropped and counted (``app[WRITER_KEY].dropped``).
     :param batch_max: most opens per store transaction.
@@ -118,6 +127,7 @@ def make_pixel_app(
         store, queue_size=queue_size, batch_max=batch_max, flush_timeout_s=flush_timeout_s
     )
     app[_TRUSTED_KEY] = tuple(trusted_proxies)
+    app[LIMITER_KEY] = limiter
     app.router.add_get(PIXEL_PATH_PREFIX + "{token}.gif", _pixel)  # also HEAD
     app.router.add_get("/healthz", _healthz, allow_head=True)
     app.cleanup_ctx.append(_writer_lifecycle)
@@ -131,6 +141,8 @@ async def _writer_lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     await writer.stop()
     logger.info("pixel endpoint stopped: %r", writer)
+    if app[LIMITER_KEY] is not None:
+        logger.info("pixel endpoint event limits: %r", app[LIMITER_KEY])
 
 
 async def _pixel(request: web.Request) -> web.Response:
@@ -140,18 +152,21 @@ async def _pixel(request: web.Request) -> web.Response:
             app = request.app
             trusted: tuple[IPNetwork, ...] = app[_TRUSTED_KEY]
             user_agent = request.headers.get(hdrs.USER_AGENT)
-            app[WRITER_KEY].offer(
-                OpenHit(
-                    tracking_id=token,
-                    at=datetime.now(UTC),
-                    client_address=client_address(
-                        request.remote,
-                        request.headers.getall(hdrs.X_FORWARDED_FOR, ()),
-                        trusted,
-                    ),
-                    user_agent=None if user_agent is None else user_agent[:USER_AGENT_MAX_CHARS],
-                )
+            if user_agent is not None:
+                user_agent = user_agent[:USER_AGENT_MAX_CHARS]
+            client = client_address(
+                request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()), trusted
             )
+            limiter = app[LIMITER_KEY]
+            if limiter is None or limiter.allow(token, client):
+                app[WRITER_KEY].offer(
+                    OpenHit(
+                        tracking_id=token,
+                        at=datetime.now(UTC),
+                        client_address=client,
+                        user_agent=user_agent,
+                    )
+                )
     return web.Response(body=TRANSPARENT_GIF, headers=PIXEL_HEADERS)
 
 

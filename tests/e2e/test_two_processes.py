@@ -56,6 +56,10 @@ async def test_relay_and_pixel_processes_share_the_data_directory(
         "pixel",
         "--pixel-listen",
         "127.0.0.1:0",
+        # 25 opens per token from one client, all counted: no rate limit here
+        # (the limits have their own tests, tests/web/test_limits.py)
+        "--max-events-per-token-client-per-min",
+        "0",
         *common,
         env=env,
         ready="listening for HTTPS (pixel)",

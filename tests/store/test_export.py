@@ -13,7 +13,14 @@ from .store_helpers import T0, make_record, token
 def test_message_to_dict_exact_shape() -> None:
     record = make_record(1, subject=None)
     opens = [
-        OpenRecord(tracking_id=token(1), at=T0, ip="192.0.2.0/24", user_agent="Mail/1"),
+        OpenRecord(
+            tracking_id=token(1),
+            at=T0,
+            ip="192.0.2.0/24",
+            user_agent="Mail/1",
+            verdict="human",
+            verdict_reason="ua:mail-client",
+        ),
         OpenRecord(tracking_id=token(1), at=T0 + timedelta(seconds=5), ip=None, user_agent=None),
     ]
     assert message_to_dict(record, opens) == {
@@ -29,8 +36,20 @@ def test_message_to_dict_exact_shape() -> None:
         "tracked": True,
         "not_tracked_reason": None,
         "opens": [
-            {"at": "2024-05-01T12:00:00.123456Z", "ip": "192.0.2.0/24", "user_agent": "Mail/1"},
-            {"at": "2024-05-01T12:00:05.123456Z", "ip": None, "user_agent": None},
+            {
+                "at": "2024-05-01T12:00:00.123456Z",
+                "ip": "192.0.2.0/24",
+                "user_agent": "Mail/1",
+                "verdict": "human",
+                "verdict_reason": "ua:mail-client",
+            },
+            {
+                "at": "2024-05-01T12:00:05.123456Z",
+                "ip": None,
+                "user_agent": None,
+                "verdict": "unknown",
+                "verdict_reason": None,
+            },
         ],
     }
 

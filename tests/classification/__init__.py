@@ -1,0 +1,1 @@
+"""Tests of smtp_tracker.classification."""
