@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import reports
+from smtp_tracker.store import reports, retention
 from smtp_tracker.store.address import (
     HASH_KEY_FILENAME,
     AddressPolicy,
@@ -679,6 +679,64 @@ class SqliteDatabase:
                 return
             cursor = page.next_cursor
 
+    # -- retention (smtp_tracker.store.retention) --------------------------------------
+
+    def prune_batch(
+        self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> retention.Removed:
+        """See :func:`.retention.prune_batch`: one transaction, the oldest first.
+
+        :raises ValueError: when *before* is naive or *batch_rows* not positive.
+        :raises StoreError: when the store cannot be written.
+        """
+        before_us = to_us(before)
+        try:
+            return retention.prune_batch(self._conn, before_us, batch_rows=batch_rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot prune the store: {exc}") from exc
+
+    def prune(
+        self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> retention.Removed:
+        """Every message relayed before *before*, with its events, links and recipients.
+
+        In transactions of *batch_rows* messages (see :meth:`prune_batch`).
+        """
+        total = retention.Removed()
+        while True:
+            removed = self.prune_batch(before, batch_rows=batch_rows)
+            total += removed
+            if removed.messages < batch_rows:
+                return total
+
+    def count_prunable(self, before: datetime) -> retention.Removed:
+        """What :meth:`prune` would delete (see :func:`.retention.count_older`)."""
+        before_us = to_us(before)
+        return self._read(lambda: retention.count_older(self._conn, before_us))
+
+    def forget_recipient(
+        self, address: str, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> retention.Removed:
+        """Every message sent to *address*, whole (see :func:`.retention.forget_recipient_batch`).
+
+        :raises StoreError: when the store cannot be written.
+        """
+        total = retention.Removed()
+        while True:
+            try:
+                removed = retention.forget_recipient_batch(
+                    self._conn, address, batch_rows=batch_rows
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot forget {address}: {exc}") from exc
+            total += removed
+            if removed.messages < batch_rows:
+                return total
+
+    def count_recipient(self, address: str) -> retention.Removed:
+        """What :meth:`forget_recipient` would delete (see :func:`.retention.count_recipient`)."""
+        return self._read(lambda: retention.count_recipient(self._conn, address))
+
     def _read(self, query: Callable[[], _T]) -> _T:
         """Run *query* in one read transaction, so it sees one snapshot."""
         conn = self._conn
@@ -943,3 +1001,30 @@ class SqliteStore:
             self._reader_executor,
             lambda: self._reader.query_stats(since=since, until=until, group=group),
         )
+
+    # -- retention (on the writer thread, one job per batch) ----------------------------
+
+    async def prune(
+        self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> retention.Removed:
+        """See :meth:`SqliteDatabase.prune`; never holds the writer thread for long.
+
+        Each batch is its own job on the writer thread, so the relay's and the
+        pixel endpoint's writes queued meanwhile run between two batches.
+
+        :raises ValueError: when *before* is naive or *batch_rows* not positive.
+        :raises StoreError: when the store cannot be written.
+        """
+        to_us(before)  # raise ValueError here, not in the thread
+        total = retention.Removed()
+        try:
+            while True:
+                removed = await self._run(
+                    self._writer_executor,
+                    lambda: self._writer.prune_batch(before, batch_rows=batch_rows),
+                )
+                total += removed
+                if removed.messages < batch_rows:
+                    return total
+        finally:
+            self._known.clear()  # a pruned token is no longer known

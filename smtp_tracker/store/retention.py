@@ -1,0 +1,204 @@
+"""Retention and erasure in the store: prune old message records, forget a recipient.
+
+Functions over a :class:`sqlite3.Connection` in autocommit mode (the
+:class:`~smtp_tracker.store.sqlite.SqliteDatabase` connection), on the schema
+v3 tables.  A message record goes as a whole: the ``messages`` row with its
+``opens``, ``clicks``, ``links`` and ``message_recipients`` rows.  The
+``daily_stats`` rollup is left as it is: it holds counts per day and sender
+domain, nothing about a person, so reports over past days stay the same.
+
+Deletions run in batches of at most ``batch_rows`` messages, each batch its
+own ``BEGIN IMMEDIATE`` transaction, so the relay's and the pixel endpoint's
+writes get the lock between two batches instead of waiting for the whole run.
+Blocking: call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from smtp_tracker.store.migrations import immediate_transaction
+
+__all__ = [
+    "DEFAULT_BATCH_ROWS",
+    "Removed",
+    "count_older",
+    "count_recipient",
+    "forget_recipient_batch",
+    "prune_batch",
+    "recipient_forms",
+]
+
+#: Messages deleted per transaction, with their events, links and recipients.
+DEFAULT_BATCH_ROWS = 5000
+
+_OLDER = "SELECT id, tracking_id, queue_id FROM messages WHERE relayed_at_us < ?"
+_OLDER_ORDER = " ORDER BY relayed_at_us, id"
+_OF_RECIPIENT = (
+    "SELECT id, tracking_id, queue_id FROM messages WHERE id IN"
+    " (SELECT message_rowid FROM message_recipients"
+    "  WHERE address IN (SELECT value FROM json_each(?)))"
+)
+_OF_RECIPIENT_ORDER = " ORDER BY id"
+#: What hangs off a batch of messages, given as JSON arrays of ids / tracking ids.
+_DEPENDENTS = (
+    (
+        "opens",
+        "DELETE FROM opens WHERE tracking_id IN (SELECT value FROM json_each(:tracking_ids))",
+    ),
+    (
+        "clicks",
+        "DELETE FROM clicks WHERE tracking_id IN (SELECT value FROM json_each(:tracking_ids))",
+    ),
+    (
+        "links",
+        "DELETE FROM links WHERE tracking_id IN (SELECT value FROM json_each(:tracking_ids))",
+    ),
+    (
+        "recipients",
+        "DELETE FROM message_recipients WHERE message_rowid IN (SELECT value FROM json_each(:ids))",
+    ),
+    ("messages", "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(:ids))"),
+)
+_COUNTS = (
+    "SELECT (SELECT count(*) FROM sel),"
+    " (SELECT count(*) FROM opens WHERE tracking_id IN (SELECT tracking_id FROM sel)),"
+    " (SELECT count(*) FROM clicks WHERE tracking_id IN (SELECT tracking_id FROM sel)),"
+    " (SELECT count(*) FROM links WHERE tracking_id IN (SELECT tracking_id FROM sel)),"
+    " (SELECT count(*) FROM message_recipients WHERE message_rowid IN (SELECT id FROM sel))"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """Rows removed (or, for a dry run, that would be), per table.
+
+    :param queue_ids: smtp-tracker queue ids of the removed messages (kept by
+        :func:`forget_recipient_batch`, for their capture files; empty for a prune).
+    """
+
+    messages: int = 0
+    opens: int = 0
+    clicks: int = 0
+    links: int = 0
+    recipients: int = 0
+    queue_ids: tuple[str, ...] = ()
+
+    def __add__(self, other: Removed) -> Removed:
+        return Removed(
+            messages=self.messages + other.messages,
+            opens=self.opens + other.opens,
+            clicks=self.clicks + other.clicks,
+            links=self.links + other.links,
+            recipients=self.recipients + other.recipients,
+            queue_ids=self.queue_ids + other.queue_ids,
+        )
+
+    def counts(self) -> dict[str, int]:
+        """``{"messages": n, "opens": n, "clicks": n, "links": n, "recipients": n}``."""
+        return {
+            f.name: int(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "queue_ids"
+        }
+
+
+def _check_batch(batch_rows: int) -> None:
+    if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+        raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
+
+
+def _delete_batch(
+    conn: sqlite3.Connection, select: str, params: tuple[object, ...], batch_rows: int
+) -> Removed:
+    """Delete the first ``batch_rows`` messages ``select`` finds, with their dependents."""
+    with immediate_transaction(conn):
+        rows = conn.execute(f"{select} LIMIT ?", (*params, batch_rows)).fetchall()
+        if not rows:
+            return Removed()
+        batch = {
+            "ids": json.dumps([row[0] for row in rows]),
+            "tracking_ids": json.dumps([row[1] for row in rows]),
+        }
+        counts = {name: conn.execute(statement, batch).rowcount for name, statement in _DEPENDENTS}
+    return Removed(**counts, queue_ids=tuple(str(row[2]) for row in rows))
+
+
+def _count(conn: sqlite3.Connection, select: str, params: tuple[object, ...]) -> Removed:
+    row = conn.execute(f"WITH sel AS ({select}) {_COUNTS}", params).fetchone()
+    messages, opens, clicks, links, recipients = (int(v) for v in row)
+    return Removed(
+        messages=messages, opens=opens, clicks=clicks, links=links, recipients=recipients
+    )
+
+
+def prune_batch(
+    conn: sqlite3.Connection, before_us: int, *, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Removed:
+    """Delete, in one transaction, the ``batch_rows`` oldest messages relayed before ``before_us``.
+
+    Call it until it returns ``Removed().messages == 0``.
+
+    :param before_us: the cutoff, microseconds since the epoch (UTC):
+        messages with ``relayed_at_us < before_us`` go.
+    :returns: the rows deleted per table; ``queue_ids`` left empty.
+    :raises ValueError: when ``batch_rows`` is not a positive integer.
+    :raises sqlite3.Error: when the database cannot be written (the batch is rolled back).
+    """
+    _check_batch(batch_rows)
+    removed = _delete_batch(conn, _OLDER + _OLDER_ORDER, (before_us,), batch_rows)
+    return dataclasses.replace(removed, queue_ids=())
+
+
+def count_older(conn: sqlite3.Connection, before_us: int) -> Removed:
+    """What :func:`prune_batch` calls would delete for ``before_us`` (one statement)."""
+    return _count(conn, _OLDER, (before_us,))
+
+
+def recipient_forms(address: str) -> list[str]:
+    """The forms a forward-path may be stored in: lower case, domain as A-labels and as U-labels."""
+    from smtp_tracker.privacy import normalise_domain
+
+    text = address.strip().strip("<>").lower()
+    forms = [text]
+    local, at, domain = text.rpartition("@")
+    if at:
+        try:
+            a_labels = normalise_domain(domain)
+            forms.append(f"{local}@{a_labels}")
+            forms.append(f"{local}@{a_labels.encode('ascii').decode('idna')}")
+        except (ValueError, UnicodeError):
+            pass
+    return list(dict.fromkeys(forms))
+
+
+def _json(values: Iterable[str]) -> str:
+    return json.dumps(list(values), ensure_ascii=False)
+
+
+def forget_recipient_batch(
+    conn: sqlite3.Connection, address: str, *, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Removed:
+    """Delete, in one transaction, up to ``batch_rows`` messages sent to ``address``.
+
+    Every message record among whose forward-paths ``address`` is
+    (case-insensitively, its domain in either IDNA form) goes whole, other
+    recipients included: one pixel served them all, so their open events
+    cannot be told apart.  Call it until ``messages == 0``.
+
+    :returns: the rows deleted per table and the queue ids of the messages.
+    :raises ValueError: when ``batch_rows`` is not a positive integer.
+    :raises sqlite3.Error: when the database cannot be written (the batch is rolled back).
+    """
+    _check_batch(batch_rows)
+    forms = _json(recipient_forms(address))
+    return _delete_batch(conn, _OF_RECIPIENT + _OF_RECIPIENT_ORDER, (forms,), batch_rows)
+
+
+def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
+    """What :func:`forget_recipient_batch` calls would delete (one statement, one snapshot)."""
+    return _count(conn, _OF_RECIPIENT, (_json(recipient_forms(address)),))

@@ -1,0 +1,291 @@
+"""Retention in the store: prune by relay time, forget a recipient, in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtp_tracker.errors import StoreError
+from smtp_tracker.store import SqliteDatabase, SqliteStore
+from smtp_tracker.store.records import ClickHit, LinkRecord, OpenHit
+from smtp_tracker.store.retention import Removed, recipient_forms
+from tests.store.store_helpers import T0, make_record, token
+from tests.support.waiting import wait_until
+
+TABLES = ("messages", "opens", "clicks", "links", "message_recipients", "daily_stats")
+
+
+def link_token(i: int, n: int) -> str:
+    return token(10_000 + i * 10 + n)
+
+
+def full_record(i: int, **overrides: Any) -> Any:
+    """Message *i* (relayed T0 + i minutes) with two links."""
+    links = tuple(
+        LinkRecord(token=link_token(i, n), url=f"https://example.org/{i}/{n}", position=n)
+        for n in range(2)
+    )
+    return make_record(i, links=links, **overrides)
+
+
+def add_events(database: SqliteDatabase, i: int, *, opens: int, clicks: int) -> None:
+    at = T0 + timedelta(minutes=i, seconds=30)
+    database.record_opens(
+        [
+            OpenHit(tracking_id=token(i), at=at, client_address="192.0.2.1", user_agent="UA")
+            for _ in range(opens)
+        ]
+    )
+    database.record_clicks(
+        [
+            ClickHit(link_token=link_token(i, 0), at=at, client_address=None, user_agent=None)
+            for _ in range(clicks)
+        ]
+    )
+
+
+@pytest.fixture
+def database(data_dir: Path) -> Iterator[SqliteDatabase]:
+    """Ten messages, T0 + 0..9 minutes, each with links, i+1 opens and i % 3 clicks."""
+    with SqliteDatabase.open(data_dir) as opened:
+        for i in range(10):
+            opened.record_message(full_record(i))
+            add_events(opened, i, opens=i + 1, clicks=i % 3)
+        yield opened
+
+
+def conn_of(database: SqliteDatabase) -> sqlite3.Connection:
+    conn: sqlite3.Connection = database._conn  # the test looks at the tables themselves
+    return conn
+
+
+def counts(database: SqliteDatabase) -> dict[str, int]:
+    conn = conn_of(database)
+    return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}  # noqa: S608
+
+
+def rollup(database: SqliteDatabase) -> list[tuple[Any, ...]]:
+    return conn_of(database).execute("SELECT * FROM daily_stats ORDER BY 1, 2").fetchall()
+
+
+def tracking_ids(database: SqliteDatabase, table: str) -> set[str]:
+    conn = conn_of(database)
+    return {row[0] for row in conn.execute(f"SELECT tracking_id FROM {table}")}  # noqa: S608
+
+
+def test_prune_deletes_exactly_what_was_relayed_before_the_cutoff(
+    database: SqliteDatabase,
+) -> None:
+    before = counts(database)
+    assert before == {
+        "messages": 10,
+        "opens": 55,
+        "clicks": 9,
+        "links": 20,
+        "message_recipients": 20,
+        "daily_stats": 1,
+    }
+    stats = rollup(database)
+    cutoff = T0 + timedelta(minutes=5)  # messages 0..4 relayed before; 5 exactly at: kept
+
+    planned = database.count_prunable(cutoff)
+    assert counts(database) == before  # counting deletes nothing
+    removed = database.prune(cutoff)
+    assert removed == planned
+    # messages 0..4: opens 1+2+3+4+5, clicks 0+1+2+0+1, two links and two recipients each
+    assert removed.counts() == {
+        "messages": 5,
+        "opens": 15,
+        "clicks": 4,
+        "links": 10,
+        "recipients": 10,
+    }
+    kept = {token(i) for i in range(5, 10)}
+    for table in ("messages", "opens", "clicks", "links"):
+        assert tracking_ids(database, table) <= kept, table
+    assert tracking_ids(database, "messages") == kept
+    assert counts(database)["opens"] == 55 - 15
+    rowids = {
+        r[0] for r in conn_of(database).execute("SELECT message_rowid FROM message_recipients")
+    }
+    assert rowids == {r[0] for r in conn_of(database).execute("SELECT id FROM messages")}
+    assert rollup(database) == stats  # the aggregates stay
+    assert database.find_message(token(4)) is None
+    kept_message = database.find_message(token(5))
+    assert kept_message is not None and len(kept_message.opens) == 6
+    assert database.integrity_check() == "ok"
+    # again: nothing left to do
+    assert database.prune(cutoff) == Removed()
+
+
+def test_prune_runs_in_transactions_of_batch_rows_messages(database: SqliteDatabase) -> None:
+    statements: list[str] = []
+    conn_of(database).set_trace_callback(statements.append)
+    removed = database.prune(T0 + timedelta(minutes=7), batch_rows=3)
+    conn_of(database).set_trace_callback(None)
+    assert removed.messages == 7
+    transactions = [s for s in statements if s == "BEGIN IMMEDIATE"]
+    assert len(transactions) == 3  # 3 + 3 + 1
+    per_batch = [s for s in statements if s.startswith("DELETE FROM messages")]
+    assert len(per_batch) == 3
+    assert tracking_ids(database, "messages") == {token(i) for i in range(7, 10)}
+
+
+def test_one_batch_deletes_the_oldest_first(database: SqliteDatabase) -> None:
+    removed = database.prune_batch(T0 + timedelta(hours=1), batch_rows=2)
+    assert removed.messages == 2
+    assert tracking_ids(database, "messages") == {token(i) for i in range(2, 10)}
+
+
+def test_a_failing_batch_is_rolled_back_whole(database: SqliteDatabase) -> None:
+    conn_of(database).execute(
+        "CREATE TEMP TRIGGER refuse BEFORE DELETE ON messages"
+        " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    before = counts(database)
+    with pytest.raises(StoreError, match="cannot prune the store: refused"):
+        database.prune(T0 + timedelta(hours=1))
+    assert counts(database) == before  # opens, clicks, links deleted earlier in the batch came back
+
+
+@pytest.mark.parametrize("batch_rows", [0, -1, 1.5, True])
+def test_batch_rows_must_be_a_positive_integer(database: SqliteDatabase, batch_rows: Any) -> None:
+    with pytest.raises(ValueError, match="batch_rows"):
+        database.prune(T0, batch_rows=batch_rows)
+
+
+def test_a_naive_cutoff_is_refused(database: SqliteDatabase) -> None:
+    with pytest.raises(ValueError, match="naive"):
+        database.prune(T0.replace(tzinfo=None))
+
+
+# -- forget ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def people(data_dir: Path) -> Iterator[SqliteDatabase]:
+    """Messages to dave alone, dave with others, others alone; one to an IDN domain."""
+    recipients = {
+        0: ["Dave@Example.net"],
+        1: ["erin@example.org", "dave@example.net"],
+        2: ["erin@example.org"],
+        3: ["dave@example.network"],  # not dave@example.net
+        4: ["xdave@example.net"],
+        5: ["dave@bücher.example"],
+        6: ["frank@example.org"],
+    }
+    with SqliteDatabase.open(data_dir) as opened:
+        for i, rcpts in recipients.items():
+            opened.record_message(full_record(i, recipients=rcpts))
+            add_events(opened, i, opens=2, clicks=1)
+        yield opened
+
+
+def test_forget_removes_every_message_sent_to_the_address_and_nothing_else(
+    people: SqliteDatabase,
+) -> None:
+    stats = rollup(people)
+    planned = people.count_recipient("DAVE@example.NET")
+    removed = people.forget_recipient("DAVE@example.NET")
+    assert removed.counts() == planned.counts()
+    assert removed.counts() == {
+        "messages": 2,
+        "opens": 4,
+        "clicks": 2,
+        "links": 4,
+        "recipients": 3,  # erin's row of the shared message 1 goes with it
+    }
+    assert sorted(removed.queue_ids) == ["Q00000", "Q00001"]
+    assert tracking_ids(people, "messages") == {token(i) for i in (2, 3, 4, 5, 6)}
+    for table in ("opens", "clicks", "links"):
+        assert not tracking_ids(people, table) & {token(0), token(1)}, table
+    addresses = {r[0] for r in conn_of(people).execute("SELECT address FROM message_recipients")}
+    assert "dave@example.net" not in addresses
+    assert rollup(people) == stats
+    assert people.forget_recipient("dave@example.net") == Removed()
+
+
+@pytest.mark.parametrize("written", ["dave@xn--bcher-kva.example", "<DAVE@BÜCHER.example>"])
+def test_forget_matches_the_domain_in_either_idna_form(
+    people: SqliteDatabase, written: str
+) -> None:
+    removed = people.forget_recipient(written)
+    assert removed.messages == 1
+    assert token(5) not in tracking_ids(people, "messages")
+
+
+def test_recipient_forms() -> None:
+    assert recipient_forms(" <Bob@Bücher.Example> ") == [
+        "bob@bücher.example",
+        "bob@xn--bcher-kva.example",
+    ]
+    assert recipient_forms("postmaster") == ["postmaster"]
+    assert recipient_forms("x@under_score.example") == ["x@under_score.example"]
+
+
+def test_forget_in_batches(people: SqliteDatabase) -> None:
+    for i in range(10, 17):
+        people.record_message(full_record(i, recipients=["gina@example.com"]))
+    statements: list[str] = []
+    conn_of(people).set_trace_callback(statements.append)
+    removed = people.forget_recipient("gina@example.com", batch_rows=3)
+    conn_of(people).set_trace_callback(None)
+    assert removed.messages == 7
+    assert statements.count("BEGIN IMMEDIATE") == 3
+    assert people.count_recipient("gina@example.com") == Removed()
+
+
+# -- the async store: batches leave room for the relay's writes --------------------------
+
+
+async def test_store_prune_lets_other_writes_run_between_batches(data_dir: Path) -> None:
+    async with await SqliteStore.open(data_dir) as store:
+        for i in range(6):
+            await store.record_message(full_record(i))
+        assert await store.is_known_token(token(0))
+        order: list[str] = []
+        first_batch_started = threading.Event()
+        release = threading.Event()
+        writer = store._writer
+        real_batch = writer.prune_batch
+
+        def observed_batch(*args: Any, **kwargs: Any) -> Removed:
+            order.append("prune")
+            if not first_batch_started.is_set():
+                first_batch_started.set()
+                assert release.wait(10)
+            return real_batch(*args, **kwargs)
+
+        real_record = writer.record_message
+
+        def observed_record(record: Any) -> None:
+            order.append("record")
+            real_record(record)
+
+        writer.prune_batch = observed_batch  # type: ignore[method-assign]
+        writer.record_message = observed_record  # type: ignore[method-assign]
+        pruning = asyncio.ensure_future(store.prune(T0 + timedelta(hours=1), batch_rows=2))
+        await wait_until(first_batch_started.is_set, timeout_s=10, message="no batch started")
+        # what the relay would do meanwhile: a write queued on the writer thread
+        other = store.record_message(full_record(99, relayed_at=T0 + timedelta(days=1)))
+        recording = asyncio.ensure_future(other)
+        await wait_until(
+            lambda: store._writer_executor._work_queue.qsize() == 1,
+            timeout_s=10,
+            message="the other write was not queued",
+        )
+        release.set()
+        removed = await pruning
+        await recording
+        assert removed.messages == 6
+        # the relay's write ran right after the first batch, not after the whole prune
+        assert order == ["prune", "record", "prune", "prune", "prune"]  # 2, 2, 2, then none
+        assert [m.record.tracking_id for m in await store.list_messages()] == [token(99)]
+        assert not await store.is_known_token(token(0))  # the positive cache was cleared
