@@ -58,9 +58,10 @@ class _Windows:
 
     def has_room(self, key: Hashable, limit: int, now: float) -> bool:
         entry = self._entries.get(key)
-        if entry is None or now - entry[0] >= _WINDOW_S:
+        if entry is None:
             return True
-        return entry[1] < limit
+        self._entries.move_to_end(key)  # a refused key is in use too: keep it
+        return now - entry[0] >= _WINDOW_S or entry[1] < limit
 
     def count(self, key: Hashable, now: float) -> None:
         entries = self._entries
