@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import ssl
+import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,12 @@ from aiohttp import web
 
 from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.classification import Classifier, load_networks
-from smtp_tracker.config import Config
+from smtp_tracker.config import Config, HostPort
 from smtp_tracker.errors import ConfigError, StartupError
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
 from smtp_tracker.privacy import DomainPolicy
+from smtp_tracker.retention import FIRST_PRUNE_DELAY_S, PRUNE_INTERVAL_S, Pruner
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.relay import UpstreamSettings
@@ -99,6 +103,10 @@ def rewrite_policy(config: Config) -> RewritePolicy:
         dkim_policy=config.dkim_policy,
         tracking_requires_opt_in=config.tracking_requires_opt_in,
         control_header=config.control_header,
+        track_clicks=config.track_clicks,
+        track_text_links=config.track_text_links,
+        click_exclude_patterns=config.click_exclude_patterns,
+        click_notrack_attribute=config.click_notrack_attribute,
     )
 
 
@@ -136,12 +144,20 @@ def ensure_data_dir(path: Path) -> Path:
 
     :raises StartupError: when it cannot be created or written.
     """
+    if path.exists() and not path.is_dir():
+        raise StartupError(f"data_dir: {path} is not a directory")
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise StartupError(f"data_dir: cannot create {path} ({exc.strerror})") from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StartupError(f"data_dir: {path} is not writable by this user")
+    # Make and remove a file rather than ask os.access(): the error says why
+    # (read-only file system, permission denied, no space left).
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+    except OSError as exc:
+        raise StartupError(f"data_dir: cannot write in {path} ({exc.strerror})") from exc
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 
@@ -151,10 +167,23 @@ class Application:
     :param config: the validated configuration; ``config.upstream`` must be set
         when ``smtp`` is true.
     :param smtp: run the SMTP relay (false for the stand-alone ``pixel`` command).
+    :param prune_first_delay_s: seconds from start to the first automatic prune
+        (``retention_days``; ``serve`` only).
+    :param prune_interval_s: seconds between automatic prunes (a day).
     """
 
-    def __init__(self, config: Config, *, smtp: bool = True) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        smtp: bool = True,
+        prune_first_delay_s: float = FIRST_PRUNE_DELAY_S,
+        prune_interval_s: float = PRUNE_INTERVAL_S,
+    ) -> None:
         self.config = config
+        #: ``retention_days`` applied by ``serve`` (after :meth:`start`; None when 0 or no store).
+        self.pruner: Pruner | None = None
+        self._prune_schedule = (prune_first_delay_s, prune_interval_s)
         self.capture = CaptureWriter(config.data_dir / "capture", mode=config.capture)
         self.store: SqliteStore | None = None
         self.tracker: Tracker | None = None
@@ -251,6 +280,7 @@ class Application:
                 await self._start_pixel()
             if self._run_smtp:
                 await self._start_smtp()
+                self._start_pruner()
             if config.reports:
                 await self._start_reports()
         except BaseException:
@@ -290,12 +320,13 @@ class Application:
         try:
             self._server = await loop.create_server(self._protocol, listen.host, listen.port)
         except OSError as exc:
-            raise StartupError(
-                f"listen: cannot listen on {listen} ({exc.strerror or exc}); "
-                "is another process using it?"
-            ) from exc
+            raise bind_error("listen", listen, exc) from exc
         host, port = self.smtp_address
         log.info("listening for SMTP on %s", _address_text(host, port))
+        upstream = config.upstream_address()
+        await warn_if_unresolvable(
+            upstream.host, upstream.port, timeout_s=min(config.upstream_connect_timeout_s, 10.0)
+        )
         if not _is_loopback(listen.host):
             log.warning(
                 "listening on %s, beyond loopback: only clients in allowed_clients (%s) are served",
@@ -313,9 +344,14 @@ class Application:
             store=self.store, trusted_proxies=config.trusted_proxies, limiter=self.limiter
         )
         listen = config.pixel_listen
-        self._pixel_runner, self.pixel_port = await start_site(
-            self._pixel_app, host=listen.host, port=listen.port, ssl_context=ssl_context
-        )
+        try:
+            self._pixel_runner, self.pixel_port = await start_site(
+                self._pixel_app, host=listen.host, port=listen.port, ssl_context=ssl_context
+            )
+        except StartupError as exc:
+            raise bind_error(
+                "pixel_listen", listen, exc.__cause__, " Set pixel_listen, or --no-pixel"
+            ) from exc
         scheme = "HTTP" if ssl_context is None else "HTTPS"
         log.info(
             "listening for %s (pixel) on %s", scheme, _address_text(listen.host, self.pixel_port)
@@ -348,8 +384,7 @@ class Application:
                 app, host=listen.host, port=listen.port, ssl_context=ssl_context
             )
         except StartupError as exc:
-            cause = exc.__cause__
-            reason = getattr(cause, "strerror", None) or "cannot bind"
+            reason = os_reason(exc.__cause__)
             raise StartupError(
                 f"reports_listen: cannot listen on {listen} ({reason}); is another process "
                 "using it? Set reports_listen, or --no-reports"
@@ -408,9 +443,26 @@ class Application:
             log.info("tracking counters: %s", _counters_text(vars_of(self.tracker.counters)))
             await asyncio.to_thread(self.tracker.close)
             self.tracker = None
+        if self.pruner is not None:
+            await self.pruner.stop()
+            self.pruner = None
         if self.store is not None:
             await self.store.aclose()
             self.store = None
+
+    def _start_pruner(self) -> None:
+        """``serve`` (not the stand-alone pixel) applies ``retention_days`` to the data dir."""
+        if self.store is None or self.config.retention_days <= 0:
+            return
+        first_delay_s, interval_s = self._prune_schedule
+        self.pruner = Pruner(
+            self.store,
+            self.config.data_dir / "capture",
+            self.config.retention_days,
+            first_delay_s=first_delay_s,
+            interval_s=interval_s,
+        )
+        self.pruner.start()
 
 
 def _embedded_certificate(config: Config) -> ssl.SSLContext:
@@ -441,6 +493,61 @@ def vars_of(counters: TrackerCounters) -> dict[str, int]:
 
 def _counters_text(counters: dict[str, int]) -> str:
     return ", ".join(f"{name}={value}" for name, value in counters.items())
+
+
+def os_reason(exc: BaseException | None) -> str:
+    """The operating system's words for an ``OSError`` (``"Address already in use"``).
+
+    asyncio's bind errors carry a long ``strerror`` that repeats the address;
+    the errno's own text is what a user needs next to the address we name.
+    """
+    if isinstance(exc, OSError):
+        if exc.errno is not None and exc.errno > 0:
+            return os.strerror(exc.errno)
+        if exc.strerror:
+            return exc.strerror
+    return "unknown error"
+
+
+def bind_error(
+    key: str, listen: HostPort, exc: BaseException | None, advice: str = ""
+) -> StartupError:
+    """The one-line error for a listener that could not be bound.
+
+    :param key: the configuration key that names the address, e.g. ``"listen"``.
+    :param advice: a sentence to append (starting with a space), or nothing.
+    """
+    text = f"{key}: cannot listen on {listen} ({os_reason(exc)})"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        text += "; is another process using it?"
+    return StartupError(text + advice)
+
+
+async def warn_if_unresolvable(host: str, port: int, *, timeout_s: float) -> bool:
+    """Log a warning when the upstream's name does not resolve now; never raise.
+
+    Serving starts anyway: DNS may come back, and until it does each
+    transaction is deferred with ``451 4.4.1`` (Postfix keeps the mail).
+
+    :param timeout_s: how long to wait for the resolver, in seconds.
+    :returns: whether the name resolved.
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout=timeout_s
+        )
+    except (OSError, TimeoutError) as exc:
+        timed_out = isinstance(exc, TimeoutError)
+        reason = f"no answer within {timeout_s:g} s" if timed_out else os_reason(exc)
+        log.warning(
+            "upstream: cannot resolve %s (%s); serving anyway: mail is deferred "
+            "(451 4.4.1) until it resolves",
+            host,
+            reason,
+        )
+        return False
+    return True
 
 
 def _is_loopback(host: str) -> bool:

@@ -78,6 +78,14 @@ KEY_HELP: dict[str, str] = {
     "store_subject": "keep the Subject in the tracking store (default off)",
     "ip_policy": "how opens' client addresses are kept: full, truncate, hash or none "
     "(default truncate)",
+    "track_clicks": "wrap the http/https links of tracked HTML mail in click URLs on the "
+    "pixel endpoint, which redirect to the stored destination (default off)",
+    "track_text_links": "with track_clicks, also wrap URLs in the text/plain alternative "
+    "(default off)",
+    "click_exclude_patterns": "regular expressions (case-insensitive) of URLs never wrapped, "
+    "comma-separated (default: unsubscribe, opt-out and preference links)",
+    "click_notrack_attribute": "links whose tag has this attribute are never wrapped "
+    "(default data-notrack)",
     "include_sender_domains": "track only mail from these sender domains and their "
     "subdomains, comma-separated (default: all)",
     "exclude_sender_domains": "never track mail from these sender domains and their "
@@ -383,6 +391,62 @@ def cmd_networks_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _open_for_retention(config: Config) -> Any:
+    from smtp_tracker.store import DB_FILENAME, SqliteDatabase
+
+    if not (config.data_dir / DB_FILENAME).exists():
+        raise InputError(
+            f"no tracking store in {config.data_dir}: give --data-dir (or --config) of a "
+            "running smtp-tracker"
+        )
+    return SqliteDatabase.open(config.data_dir, create=False)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from smtp_tracker.retention import cutoff, prune_data_dir
+
+    config = _load(args)
+    before = cutoff(config.retention_days)
+    if before is None:
+        print("smtp-tracker: retention_days is 0: records are kept forever; nothing pruned")
+        return EXIT_OK
+    with _open_for_retention(config) as database:
+        try:
+            outcome = prune_data_dir(
+                database, config.data_dir / "capture", before, dry_run=args.dry_run
+            )
+        except OSError as exc:
+            raise InputError(f"cannot remove capture files: {exc.strerror or exc}") from exc
+    verb = "would delete" if args.dry_run else "deleted"
+    print(
+        f"smtp-tracker: {verb} what was relayed before {before:%Y-%m-%dT%H:%M:%SZ} "
+        f"(retention_days={config.retention_days}): {outcome.summary()}"
+    )
+    return EXIT_OK
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from smtp_tracker.retention import forget_recipient
+
+    address = args.recipient.strip().strip("<>")
+    if not address or any(c in address for c in " \t\r\n"):
+        raise ConfigError(f"--recipient: expected an address like bob@example.net, got {address!r}")
+    config = _load(args)
+    with _open_for_retention(config) as database:
+        try:
+            outcome = forget_recipient(
+                database, config.data_dir / "capture", address, dry_run=args.dry_run
+            )
+        except OSError as exc:
+            raise InputError(f"cannot remove capture files: {exc.strerror or exc}") from exc
+    verb = "would delete" if args.dry_run else "deleted"
+    print(
+        f"smtp-tracker: {verb} {outcome.removed.messages} message records sent to <{address}>, "
+        f"whole, other recipients included: {outcome.summary()}"
+    )
+    return EXIT_OK
+
+
 def cmd_gencert(args: argparse.Namespace) -> int:
     from smtp_tracker.certificate import write_self_signed
 
@@ -608,6 +672,32 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(show)
     show.set_defaults(func=cmd_show)
 
+    prune = commands.add_parser(
+        "prune",
+        help="delete records older than retention_days",
+        description="Delete the message records relayed more than retention_days ago, with "
+        "their opens, clicks, links and recipients, and capture files of those days; the "
+        "daily counts stay. serve does this once a day by itself.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    _add_config_flags(prune)
+    prune.set_defaults(func=cmd_prune)
+
+    forget = commands.add_parser(
+        "forget",
+        help="delete every record of mail sent to one recipient",
+        description="Delete every message record whose recipients include ADDRESS "
+        "(case-insensitive), whole: one pixel served all recipients of a message, so the "
+        "records of the other recipients of those messages go too. Capture files of those "
+        "transactions, and of any captured conversation naming the address, are deleted.",
+    )
+    forget.add_argument(
+        "--recipient", required=True, metavar="ADDRESS", help="the recipient's address"
+    )
+    forget.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
+    _add_config_flags(forget)
+    forget.set_defaults(func=cmd_forget)
+
     gencert = commands.add_parser(
         "gencert",
         help="write a self-signed certificate for trying it out",
@@ -710,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"smtp-tracker: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     except StartupError as exc:
-        print(f"smtp-tracker: fatal: {exc}", file=sys.stderr)
+        print(f"smtp-tracker: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except SmtpTrackerError as exc:
         print(f"smtp-tracker: error: {exc}", file=sys.stderr)

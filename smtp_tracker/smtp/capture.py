@@ -15,14 +15,23 @@ rather than letting memory grow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["Capture", "CaptureWriter"]
+__all__ = [
+    "CAPTURE_SUFFIXES",
+    "Capture",
+    "CaptureWriter",
+    "captures_before",
+    "captures_of",
+    "remove_files",
+]
 
 log = logging.getLogger("smtp_tracker.capture")
 
@@ -123,3 +132,88 @@ class CaptureWriter:
         """Wait until every queued capture is written (at shutdown, and in tests)."""
         while self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+
+# -- retention: removing capture files (prune, forget) -----------------------------------
+
+#: The files one captured transaction may leave, by suffix.
+CAPTURE_SUFFIXES = (".session.log", ".downstream.eml", ".upstream.eml")
+
+
+def _day_directories(root: Path) -> list[tuple[date, Path]]:
+    """The ``YYYY-MM-DD`` directories under ``root`` with their dates; others are ignored."""
+    days: list[tuple[date, Path]] = []
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return days
+    for entry in entries:
+        try:
+            day = datetime.strptime(entry.name, "%Y-%m-%d").date()
+        except ValueError:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            days.append((day, entry))
+    return sorted(days)
+
+
+def _transaction_files(directory: Path) -> list[Path]:
+    return [
+        path
+        for path in directory.iterdir()
+        if path.is_file() and path.name.endswith(CAPTURE_SUFFIXES)
+    ]
+
+
+def captures_before(root: Path, day: date) -> list[Path]:
+    """Capture files in day directories older than ``day`` (whole days, UTC)."""
+    return [
+        path
+        for directory_day, directory in _day_directories(root)
+        if directory_day < day
+        for path in _transaction_files(directory)
+    ]
+
+
+def captures_of(root: Path, queue_ids: Iterable[str], mentioning: Iterable[str] = ()) -> list[Path]:
+    """Capture files of the transactions ``queue_ids``, and of those whose session mentions a path.
+
+    :param mentioning: addresses (lower case) looked for as ``<address>`` in
+        each ``.session.log`` (MAIL FROM, RCPT TO), case-insensitively: it
+        finds the transactions that were not recorded (refused upstream,
+        ``capture = "errors"``) too.
+    """
+    wanted = set(queue_ids)
+    needles = [f"<{address.lower()}>" for address in mentioning]
+    found: list[Path] = []
+    for _day, directory in _day_directories(root):
+        files = _transaction_files(directory)
+        queue_ids_here = set(wanted)
+        if needles:
+            for path in files:
+                if path.name.endswith(".session.log"):
+                    text = path.read_text("utf-8", "replace").lower()
+                    if any(needle in text for needle in needles):
+                        queue_ids_here.add(path.name.removesuffix(".session.log"))
+        found += [p for p in files if p.name.split(".", 1)[0] in queue_ids_here]
+    return found
+
+
+def remove_files(paths: Iterable[Path]) -> int:
+    """Delete ``paths`` (already gone is fine) and day directories left empty; the count deleted.
+
+    :raises OSError: when a file cannot be deleted.
+    """
+    removed = 0
+    parents: set[Path] = set()
+    for path in paths:
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        parents.add(path.parent)
+    for parent in parents:
+        with contextlib.suppress(OSError):  # not empty: other files stay
+            parent.rmdir()
+    return removed

@@ -200,5 +200,11 @@ def forget_recipient_batch(
 
 
 def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
-    """What :func:`forget_recipient_batch` calls would delete (one statement, one snapshot)."""
-    return _count(conn, _OF_RECIPIENT, (_json(recipient_forms(address)),))
+    """What :func:`forget_recipient_batch` calls would delete, queue ids included.
+
+    Call it in a read transaction for one snapshot.
+    """
+    params = (_json(recipient_forms(address)),)
+    counted = _count(conn, _OF_RECIPIENT, params)
+    queue_ids = tuple(str(row[2]) for row in conn.execute(_OF_RECIPIENT, params))
+    return dataclasses.replace(counted, queue_ids=queue_ids)
