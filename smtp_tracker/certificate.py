@@ -118,6 +118,17 @@ def load_server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
         the right kind, the key is encrypted, or the key does not match the
         certificate.
     """
+    # Each file on its own first, so that the message names the one at fault.
+    for what, path, marker in (
+        ("certificate", cert_file, "BEGIN CERTIFICATE"),
+        ("key", key_file, "PRIVATE KEY"),
+    ):
+        try:
+            pem = Path(path).read_bytes()
+        except OSError as exc:
+            raise StartupError(f"cannot read TLS {what} {path}: {exc.strerror}") from exc
+        if f"{marker}-----".encode() not in pem:
+            raise StartupError(f"TLS {what} {path} is not valid PEM (no {marker} block)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

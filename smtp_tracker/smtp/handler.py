@@ -162,6 +162,8 @@ class RelayHandler:
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no transaction is in flight; False if ``timeout_s`` passed first."""
+        if self._idle.is_set():  # wait_for(..., 0) would time out even then
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
