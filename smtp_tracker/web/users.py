@@ -1,0 +1,292 @@
+"""The users of the reports dashboard: names and argon2id password hashes in one file.
+
+The file (default ``DATA_DIR/reports-users.json``, mode 0600) is managed by
+``smtp-tracker user add|remove|list`` and read by the reports listener, which
+notices changes without a restart (a removed user's sessions end at their
+next request)::
+
+    {"version": 1, "users": {"alice": {"hash": "$argon2id$v=19$...", "created_at": "..."}}}
+
+Writes are atomic (a temporary file in the same directory, ``fsync``, then
+``os.replace``), so a reader never sees half a file.  Hashes come from
+argon2-cffi's :class:`~argon2.PasswordHasher` (argon2id, RFC 9106 §4 parameters of
+the library's default profile); a password is never stored, logged or echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from smtp_tracker.errors import InputError, StartupError
+
+__all__ = [
+    "PASSWORD_MAX_CHARS",
+    "PASSWORD_MIN_CHARS",
+    "USERS_FILENAME",
+    "UserDirectory",
+    "UserEntry",
+    "add_user",
+    "check_password_rules",
+    "check_user_name",
+    "read_users",
+    "remove_user",
+    "write_users",
+]
+
+#: The users file's name in the data directory when ``reports_users_file`` is unset.
+USERS_FILENAME: Final = "reports-users.json"
+#: Shortest password ``user add`` accepts, in characters.
+PASSWORD_MIN_CHARS: Final = 10
+#: Longest password accepted, in characters (bounds the hashing work per login).
+PASSWORD_MAX_CHARS: Final = 1024
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+_FORMAT_VERSION = 1
+_HASHER: Final = PasswordHasher()
+
+
+@dataclass(frozen=True, slots=True)
+class UserEntry:
+    """One user: the argon2 encoded hash (``$argon2id$...``) and when it was set (UTC)."""
+
+    name: str
+    password_hash: str
+    created_at: datetime
+
+
+def check_user_name(name: str) -> str:
+    """Return *name* if it is a valid user name: 1-64 of ``A-Z a-z 0-9 . _ @ + -``, not
+    starting with punctuation.
+
+    :raises InputError: when it is not.
+    """
+    if not _NAME.fullmatch(name):
+        raise InputError(
+            f"user name {name!r}: use 1-64 letters, digits and . _ @ + -, starting with a "
+            "letter or digit"
+        )
+    return name
+
+
+def check_password_rules(password: str) -> str:
+    """Return *password* if ``user add`` accepts it (length only: NIST SP 800-63B §5.1.1.2).
+
+    :raises InputError: when it is shorter than :data:`PASSWORD_MIN_CHARS` or longer
+        than :data:`PASSWORD_MAX_CHARS` characters.
+    """
+    if len(password) < PASSWORD_MIN_CHARS:
+        raise InputError(f"the password must have at least {PASSWORD_MIN_CHARS} characters")
+    if len(password) > PASSWORD_MAX_CHARS:
+        raise InputError(f"the password must have at most {PASSWORD_MAX_CHARS} characters")
+    return password
+
+
+def read_users(path: Path) -> dict[str, UserEntry]:
+    """The users in the file at *path*; an empty mapping when the file does not exist.
+
+    :raises StartupError: when the file cannot be read or is not a users file.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise StartupError(f"users file: cannot read {path} ({exc.strerror})") from exc
+    try:
+        data = json.loads(text)
+        if data.get("version") != _FORMAT_VERSION or not isinstance(data.get("users"), dict):
+            raise ValueError("not a users file")
+        users: dict[str, UserEntry] = {}
+        for name, item in data["users"].items():
+            encoded = item["hash"]
+            if not isinstance(encoded, str) or not encoded.startswith("$argon2"):
+                raise ValueError("not an argon2 hash")
+            created = datetime.fromisoformat(item["created_at"])
+            users[check_user_name(name)] = UserEntry(name, encoded, created)
+    except (ValueError, TypeError, KeyError, AttributeError, InputError) as exc:
+        raise StartupError(
+            f"users file: {path} is not a smtp-tracker users file; fix or remove it"
+        ) from exc
+    return users
+
+
+def write_users(path: Path, users: Mapping[str, UserEntry]) -> None:
+    """Write *users* to *path* atomically, mode 0600 (the directory is created 0700).
+
+    :raises StartupError: when the file cannot be written.
+    """
+    document: dict[str, Any] = {
+        "version": _FORMAT_VERSION,
+        "users": {
+            name: {"hash": entry.password_hash, "created_at": entry.created_at.isoformat()}
+            for name, entry in sorted(users.items())
+        },
+    }
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise StartupError(f"users file: cannot write in {directory} ({exc.strerror})") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:  # mkstemp: mode 0600
+            json.dump(document, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise StartupError(f"users file: cannot write {path} ({exc.strerror})") from exc
+    with contextlib.suppress(OSError):  # make the rename durable; not fatal if unsupported
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def add_user(path: Path, name: str, password: str, *, replace: bool = False) -> bool:
+    """Add user *name* with *password* (hashed), or set their password with *replace*.
+
+    :returns: whether the user existed before.
+    :raises InputError: when the name or password is invalid, or the user exists
+        and *replace* is false.
+    :raises StartupError: when the file cannot be read or written.
+    """
+    check_user_name(name)
+    check_password_rules(password)
+    users = read_users(path)
+    existed = name in users
+    if existed and not replace:
+        raise InputError(f"user {name!r} exists; add --replace to set a new password")
+    users[name] = UserEntry(name, _HASHER.hash(password), datetime.now(UTC))
+    write_users(path, users)
+    return existed
+
+
+def remove_user(path: Path, name: str) -> None:
+    """Remove user *name*.
+
+    :raises InputError: when there is no such user.
+    :raises StartupError: when the file cannot be read or written.
+    """
+    users = read_users(path)
+    if users.pop(name, None) is None:
+        raise InputError(f"no user {name!r} in {path}")
+    write_users(path, users)
+
+
+class UserDirectory:
+    """The users file as the reports listener sees it: re-read when it changes.
+
+    Password checks are argon2 work (tens of milliseconds, tens of MiB): they run
+    in worker threads, at most ``max_concurrent_checks`` at a time.
+
+    :param path: the users file; it may not exist yet (nobody can log in then).
+    :param recheck_s: how often, at most, the file's modification is looked at, in seconds.
+    :param max_concurrent_checks: password checks running at once; more wait.
+    """
+
+    def __init__(
+        self, path: Path, *, recheck_s: float = 1.0, max_concurrent_checks: int = 2
+    ) -> None:
+        self.path = path
+        self._recheck_s = recheck_s
+        self._users: dict[str, UserEntry] = {}
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked_at = -float("inf")
+        self._lock = threading.Lock()
+        self._checks = asyncio.Semaphore(max_concurrent_checks)
+
+    @classmethod
+    async def open(cls, path: Path, **options: Any) -> UserDirectory:
+        """A directory over *path*, read once.
+
+        :raises StartupError: when the file exists but cannot be read or parsed.
+        """
+        directory = cls(path, **options)
+        await asyncio.to_thread(directory._reload, True)
+        return directory
+
+    def _reload(self, strict: bool = False) -> None:
+        """Re-read the file when its inode, size or mtime changed (blocking)."""
+        with self._lock:
+            self._checked_at = time.monotonic()
+            try:
+                info = self.path.stat()
+                stamp: tuple[int, int, int] | None = (info.st_ino, info.st_size, info.st_mtime_ns)
+            except FileNotFoundError:
+                stamp = None
+            except OSError as exc:
+                if strict:
+                    raise StartupError(f"users file: cannot read {self.path}") from exc
+                return  # keep what we had
+            if stamp == self._stamp:
+                return
+            try:
+                self._users = read_users(self.path) if stamp is not None else {}
+            except StartupError:
+                if strict:
+                    raise
+                return  # a broken edit: keep the last good list
+            self._stamp = stamp
+
+    async def refresh(self) -> None:
+        """Re-read the file if it changed and was not looked at in the last ``recheck_s``."""
+        if time.monotonic() - self._checked_at >= self._recheck_s:
+            await asyncio.to_thread(self._reload)
+
+    def exists(self, name: str) -> bool:
+        """Whether *name* is a user (as of the last :meth:`refresh`)."""
+        return name in self._users
+
+    @property
+    def names(self) -> list[str]:
+        """The user names, sorted."""
+        return sorted(self._users)
+
+    async def verify(self, name: str, password: str) -> bool:
+        """Whether *password* is *name*'s password.
+
+        An unknown name costs as much as a wrong password (a dummy hash is
+        checked), so response times do not tell which names exist.
+        """
+        await self.refresh()
+        entry = self._users.get(name)
+        if len(password) > PASSWORD_MAX_CHARS:
+            return False
+        encoded = entry.password_hash if entry is not None else _dummy_hash()
+        async with self._checks:
+            matched = await asyncio.to_thread(_verify, encoded, password)
+        return matched and entry is not None
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked when the name is unknown, so a wrong name costs as long as a wrong password."""
+    return _HASHER.hash("smtp-tracker: no such user")
+
+
+def _verify(encoded: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(encoded, password)
+    except (VerificationError, InvalidHashError):
+        return False
