@@ -7,9 +7,11 @@ v3 tables.  A message record goes as a whole: the ``messages`` row with its
 ``daily_stats`` rollup is left as it is: it holds counts per day and sender
 domain, nothing about a person, so reports over past days stay the same.
 
-Deletions run in batches of at most ``batch_rows`` messages, each batch its
-own ``BEGIN IMMEDIATE`` transaction, so the relay's and the pixel endpoint's
-writes get the lock between two batches instead of waiting for the whole run.
+Deletions run in batches of about ``batch_rows`` rows (whole messages with
+everything hanging off them, at least one message), each batch its own
+``BEGIN IMMEDIATE`` transaction, so the relay's and the pixel endpoint's
+writes get the lock between two batches instead of waiting for the whole run:
+a batch of 5,000 rows takes some 40 ms (``bench/retention.py``).
 Blocking: call them from a worker thread.
 """
 
@@ -20,6 +22,8 @@ import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+import idna
 
 from smtp_tracker.store.migrations import immediate_transaction
 
@@ -33,17 +37,32 @@ __all__ = [
     "recipient_forms",
 ]
 
-#: Messages deleted per transaction, with their events, links and recipients.
+#: Rows deleted per transaction: messages with their events, links and recipients.
 DEFAULT_BATCH_ROWS = 5000
 
-_OLDER = "SELECT id, tracking_id, queue_id FROM messages WHERE relayed_at_us < ?"
-_OLDER_ORDER = " ORDER BY relayed_at_us, id"
+_COLUMNS = "id, tracking_id, queue_id, relayed_at_us, open_count, click_count, recipients"
+_OLDER = f"SELECT {_COLUMNS} FROM messages WHERE relayed_at_us < :before_us"  # noqa: S608 - constants
+_OLDER_ORDER = "relayed_at_us, id"
 _OF_RECIPIENT = (
-    "SELECT id, tracking_id, queue_id FROM messages WHERE id IN"
+    f"SELECT {_COLUMNS} FROM messages WHERE id IN"  # noqa: S608 - constants
     " (SELECT message_rowid FROM message_recipients"
-    "  WHERE address IN (SELECT value FROM json_each(?)))"
+    "  WHERE address IN (SELECT value FROM json_each(:forms)))"
 )
-_OF_RECIPIENT_ORDER = " ORDER BY id"
+_OF_RECIPIENT_ORDER = "id"
+#: The first messages of ``{select}`` (in ``{order}``) whose rows add up to at most
+#: ``:batch_rows``, or the first message alone: each message counts for itself,
+#: its events (its counters), its recipients and its links.
+_BATCH = """
+SELECT id, tracking_id, queue_id FROM (
+    SELECT id, tracking_id, queue_id, row_number() OVER w AS n, sum(
+        1 + open_count + click_count + json_array_length(recipients)
+        + (SELECT count(*) FROM links WHERE links.tracking_id = candidate.tracking_id)
+    ) OVER w AS rows_so_far
+    FROM ({select} ORDER BY {order} LIMIT :batch_rows) AS candidate
+    WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)
+)
+WHERE n = 1 OR rows_so_far <= :batch_rows
+"""
 #: What hangs off a batch of messages, given as JSON arrays of ids / tracking ids.
 _DEPENDENTS = (
     (
@@ -113,11 +132,12 @@ def _check_batch(batch_rows: int) -> None:
 
 
 def _delete_batch(
-    conn: sqlite3.Connection, select: str, params: tuple[object, ...], batch_rows: int
+    conn: sqlite3.Connection, select: str, order: str, params: dict[str, object], batch_rows: int
 ) -> Removed:
-    """Delete the first ``batch_rows`` messages ``select`` finds, with their dependents."""
+    """Delete the first messages ``select`` finds: about ``batch_rows`` rows with dependents."""
+    statement = _BATCH.format(select=select, order=order)
     with immediate_transaction(conn):
-        rows = conn.execute(f"{select} LIMIT ?", (*params, batch_rows)).fetchall()
+        rows = conn.execute(statement, {**params, "batch_rows": batch_rows}).fetchall()
         if not rows:
             return Removed()
         batch = {
@@ -128,7 +148,7 @@ def _delete_batch(
     return Removed(**counts, queue_ids=tuple(str(row[2]) for row in rows))
 
 
-def _count(conn: sqlite3.Connection, select: str, params: tuple[object, ...]) -> Removed:
+def _count(conn: sqlite3.Connection, select: str, params: dict[str, object]) -> Removed:
     row = conn.execute(f"WITH sel AS ({select}) {_COUNTS}", params).fetchone()
     messages, opens, clicks, links, recipients = (int(v) for v in row)
     return Removed(
@@ -139,9 +159,10 @@ def _count(conn: sqlite3.Connection, select: str, params: tuple[object, ...]) ->
 def prune_batch(
     conn: sqlite3.Connection, before_us: int, *, batch_rows: int = DEFAULT_BATCH_ROWS
 ) -> Removed:
-    """Delete, in one transaction, the ``batch_rows`` oldest messages relayed before ``before_us``.
+    """Delete, in one transaction, the oldest messages relayed before ``before_us``.
 
-    Call it until it returns ``Removed().messages == 0``.
+    As many as fit in about ``batch_rows`` rows with their events, links and
+    recipients (at least one).  Call it until it returns ``messages == 0``.
 
     :param before_us: the cutoff, microseconds since the epoch (UTC):
         messages with ``relayed_at_us < before_us`` go.
@@ -150,13 +171,13 @@ def prune_batch(
     :raises sqlite3.Error: when the database cannot be written (the batch is rolled back).
     """
     _check_batch(batch_rows)
-    removed = _delete_batch(conn, _OLDER + _OLDER_ORDER, (before_us,), batch_rows)
+    removed = _delete_batch(conn, _OLDER, _OLDER_ORDER, {"before_us": before_us}, batch_rows)
     return dataclasses.replace(removed, queue_ids=())
 
 
 def count_older(conn: sqlite3.Connection, before_us: int) -> Removed:
     """What :func:`prune_batch` calls would delete for ``before_us`` (one statement)."""
-    return _count(conn, _OLDER, (before_us,))
+    return _count(conn, _OLDER, {"before_us": before_us})
 
 
 def recipient_forms(address: str) -> list[str]:
@@ -170,8 +191,8 @@ def recipient_forms(address: str) -> list[str]:
         try:
             a_labels = normalise_domain(domain)
             forms.append(f"{local}@{a_labels}")
-            forms.append(f"{local}@{a_labels.encode('ascii').decode('idna')}")
-        except (ValueError, UnicodeError):
+            forms.append(f"{local}@{idna.decode(a_labels)}")
+        except (ValueError, UnicodeError, idna.IDNAError):
             pass
     return list(dict.fromkeys(forms))
 
@@ -183,7 +204,7 @@ def _json(values: Iterable[str]) -> str:
 def forget_recipient_batch(
     conn: sqlite3.Connection, address: str, *, batch_rows: int = DEFAULT_BATCH_ROWS
 ) -> Removed:
-    """Delete, in one transaction, up to ``batch_rows`` messages sent to ``address``.
+    """Delete, in one transaction, messages sent to ``address`` (about ``batch_rows`` rows).
 
     Every message record among whose forward-paths ``address`` is
     (case-insensitively, its domain in either IDNA form) goes whole, other
@@ -195,8 +216,8 @@ def forget_recipient_batch(
     :raises sqlite3.Error: when the database cannot be written (the batch is rolled back).
     """
     _check_batch(batch_rows)
-    forms = _json(recipient_forms(address))
-    return _delete_batch(conn, _OF_RECIPIENT + _OF_RECIPIENT_ORDER, (forms,), batch_rows)
+    params: dict[str, object] = {"forms": _json(recipient_forms(address))}
+    return _delete_batch(conn, _OF_RECIPIENT, _OF_RECIPIENT_ORDER, params, batch_rows)
 
 
 def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
@@ -204,7 +225,7 @@ def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
 
     Call it in a read transaction for one snapshot.
     """
-    params = (_json(recipient_forms(address)),)
+    params: dict[str, object] = {"forms": _json(recipient_forms(address))}
     counted = _count(conn, _OF_RECIPIENT, params)
     queue_ids = tuple(str(row[2]) for row in conn.execute(_OF_RECIPIENT, params))
     return dataclasses.replace(counted, queue_ids=queue_ids)

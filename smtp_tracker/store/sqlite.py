@@ -700,13 +700,13 @@ class SqliteDatabase:
     ) -> retention.Removed:
         """Every message relayed before *before*, with its events, links and recipients.
 
-        In transactions of *batch_rows* messages (see :meth:`prune_batch`).
+        In transactions of about *batch_rows* rows (see :meth:`prune_batch`).
         """
         total = retention.Removed()
         while True:
             removed = self.prune_batch(before, batch_rows=batch_rows)
             total += removed
-            if removed.messages < batch_rows:
+            if removed.messages == 0:
                 return total
 
     def count_prunable(self, before: datetime) -> retention.Removed:
@@ -730,7 +730,7 @@ class SqliteDatabase:
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot forget {address}: {exc}") from exc
             total += removed
-            if removed.messages < batch_rows:
+            if removed.messages == 0:
                 return total
 
     def count_recipient(self, address: str) -> retention.Removed:
@@ -1024,7 +1024,7 @@ class SqliteStore:
                     lambda: self._writer.prune_batch(before, batch_rows=batch_rows),
                 )
                 total += removed
-                if removed.messages < batch_rows:
+                if removed.messages == 0:
                     return total
         finally:
             self._known.clear()  # a pruned token is no longer known

@@ -125,23 +125,37 @@ def test_prune_deletes_exactly_what_was_relayed_before_the_cutoff(
     assert database.prune(cutoff) == Removed()
 
 
-def test_prune_runs_in_transactions_of_batch_rows_messages(database: SqliteDatabase) -> None:
-    statements: list[str] = []
-    conn_of(database).set_trace_callback(statements.append)
-    removed = database.prune(T0 + timedelta(minutes=7), batch_rows=3)
-    conn_of(database).set_trace_callback(None)
-    assert removed.messages == 7
-    transactions = [s for s in statements if s == "BEGIN IMMEDIATE"]
-    assert len(transactions) == 3  # 3 + 3 + 1
-    per_batch = [s for s in statements if s.startswith("DELETE FROM messages")]
-    assert len(per_batch) == 3
+def rows_of(i: int) -> int:
+    """Rows of fixture message *i*: itself, i + 1 opens, i % 3 clicks, 2 recipients, 2 links."""
+    return 1 + (i + 1) + i % 3 + 2 + 2
+
+
+def test_each_batch_is_about_batch_rows_rows_of_whole_messages(database: SqliteDatabase) -> None:
+    assert [rows_of(i) for i in range(7)] == [6, 8, 10, 9, 11, 13, 12]
+    cutoff = T0 + timedelta(minutes=7)
+    batches = []
+    while (removed := database.prune_batch(cutoff, batch_rows=20)).messages:
+        batches.append((removed.messages, sum(removed.counts().values())))
+    # whole messages, oldest first, as many as fit in 20 rows
+    assert batches == [(2, 6 + 8), (2, 10 + 9), (1, 11), (1, 13), (1, 12)]
     assert tracking_ids(database, "messages") == {token(i) for i in range(7, 10)}
 
 
-def test_one_batch_deletes_the_oldest_first(database: SqliteDatabase) -> None:
-    removed = database.prune_batch(T0 + timedelta(hours=1), batch_rows=2)
-    assert removed.messages == 2
-    assert tracking_ids(database, "messages") == {token(i) for i in range(2, 10)}
+def test_a_message_larger_than_a_batch_goes_alone(database: SqliteDatabase) -> None:
+    removed = database.prune_batch(T0 + timedelta(hours=1), batch_rows=1)
+    assert (removed.messages, sum(removed.counts().values())) == (1, 6)
+    assert token(0) not in tracking_ids(database, "messages")
+
+
+def test_prune_runs_one_transaction_per_batch(database: SqliteDatabase) -> None:
+    statements: list[str] = []
+    conn_of(database).set_trace_callback(statements.append)
+    removed = database.prune(T0 + timedelta(minutes=7), batch_rows=20)
+    conn_of(database).set_trace_callback(None)
+    assert removed.messages == 7
+    assert statements.count("BEGIN IMMEDIATE") == 5 + 1  # five batches, then one finds none
+    assert len([s for s in statements if s.startswith("DELETE FROM messages")]) == 5
+    assert tracking_ids(database, "messages") == {token(i) for i in range(7, 10)}
 
 
 def test_a_failing_batch_is_rolled_back_whole(database: SqliteDatabase) -> None:
@@ -235,10 +249,10 @@ def test_forget_in_batches(people: SqliteDatabase) -> None:
         people.record_message(full_record(i, recipients=["gina@example.com"]))
     statements: list[str] = []
     conn_of(people).set_trace_callback(statements.append)
-    removed = people.forget_recipient("gina@example.com", batch_rows=3)
+    removed = people.forget_recipient("gina@example.com", batch_rows=10)  # 4 rows a message
     conn_of(people).set_trace_callback(None)
     assert removed.messages == 7
-    assert statements.count("BEGIN IMMEDIATE") == 3
+    assert statements.count("BEGIN IMMEDIATE") == 4 + 1  # 2 + 2 + 2 + 1, then none
     assert people.count_recipient("gina@example.com") == Removed()
 
 
@@ -286,6 +300,7 @@ async def test_store_prune_lets_other_writes_run_between_batches(data_dir: Path)
         await recording
         assert removed.messages == 6
         # the relay's write ran right after the first batch, not after the whole prune
-        assert order == ["prune", "record", "prune", "prune", "prune"]  # 2, 2, 2, then none
+        # (a message is 5 rows, over 2: one message a batch, then one batch finds none)
+        assert order == ["prune", "record"] + ["prune"] * 6
         assert [m.record.tracking_id for m in await store.list_messages()] == [token(99)]
         assert not await store.is_known_token(token(0))  # the positive cache was cleared
