@@ -435,7 +435,7 @@ class Application:
         if self._reports_runner is not None:
             await self._reports_runner.cleanup()
             self._reports_runner = None
-        if self._handler is not None:
+        if self._handler is not None and self._server is not None:  # it served
             counters = dict(self._handler.counters)
             counters["refused_connections"] = self.connection_slots.refused
             log.info("relay counters: %s", _counters_text(counters))
