@@ -11,6 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from smtp_tracker.mime.links import (
+    DEFAULT_CLICK_EXCLUDE_PATTERNS,
+    DEFAULT_NOTRACK_ATTRIBUTE,
+    LinkRules,
+)
+
 __all__ = ["MAX_DEPTH_LIMIT", "RewritePolicy"]
 
 #: Highest ``max_depth`` accepted: the walk recurses once per MIME level, and
@@ -42,6 +48,14 @@ class RewritePolicy:
         more is ``"limits-exceeded"``.
     :param max_html_bytes: bound in octets on the transfer-decoded HTML part; a
         larger one is not tracked, reason ``"html-too-large"``.
+    :param track_clicks: wrap the ``http``/``https`` links of the HTML body in
+        click URLs (given a click base URL; see :mod:`smtp_tracker.mime.links`).
+    :param track_text_links: also wrap the URLs of the ``text/plain``
+        alternatives of a tracked HTML body (with ``track_clicks``).
+    :param click_exclude_patterns: regular expressions searched,
+        case-insensitively, in each destination URL; a match is never wrapped.
+    :param click_notrack_attribute: a link whose tag carries this attribute is
+        never wrapped (the attribute stays).
     :raises ValueError: when a value is out of range or ``control_header`` is
         not an RFC 5322 field name.
     """
@@ -52,6 +66,10 @@ class RewritePolicy:
     max_depth: int = 32
     max_parts: int = 1000
     max_html_bytes: int = 64 * 1024 * 1024
+    track_clicks: bool = False
+    track_text_links: bool = False
+    click_exclude_patterns: tuple[str, ...] = DEFAULT_CLICK_EXCLUDE_PATTERNS
+    click_notrack_attribute: str = DEFAULT_NOTRACK_ATTRIBUTE
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -65,9 +83,33 @@ class RewritePolicy:
                 problems.append(f"{name} must be a positive integer, not {value!r}")
         if isinstance(self.max_depth, int) and self.max_depth > MAX_DEPTH_LIMIT:
             problems.append(f"max_depth must be at most {MAX_DEPTH_LIMIT}, not {self.max_depth}")
-        if not isinstance(self.tracking_requires_opt_in, bool):
-            problems.append(
-                f"tracking_requires_opt_in must be a bool, not {self.tracking_requires_opt_in!r}"
-            )
+        for name in ("tracking_requires_opt_in", "track_clicks", "track_text_links"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be a bool, not {getattr(self, name)!r}")
+        if not isinstance(self.click_exclude_patterns, tuple) or not all(
+            isinstance(p, str) for p in self.click_exclude_patterns
+        ):
+            problems.append("click_exclude_patterns must be a tuple of strings")
+        else:
+            try:
+                self.link_rules()
+            except ValueError as exc:
+                problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
+
+    def link_rules(
+        self, *, own_host: str | None = None, unsubscribe_urls: frozenset[str] = frozenset()
+    ) -> LinkRules:
+        """The click-tracking rules of this policy for one message.
+
+        :param own_host: the host of the click base URL.
+        :param unsubscribe_urls: the message's ``List-Unsubscribe`` URLs.
+        :raises ValueError: when a pattern or the attribute name is not valid.
+        """
+        return LinkRules(
+            exclude_patterns=self.click_exclude_patterns,
+            notrack_attribute=self.click_notrack_attribute,
+            own_host=own_host,
+            unsubscribe_urls=unsubscribe_urls,
+        )

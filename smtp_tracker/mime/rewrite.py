@@ -9,14 +9,22 @@ original octets by offset: the control header field is cut out and the body
 of that one part is replaced.  The :mod:`email` package is used only to read
 header fields; the message is never serialised again, so header folding,
 boundaries, preamble, epilogue and the other parts stay as they were.
+
+With click tracking (:mod:`~smtp_tracker.mime.links`), the ``href`` values of
+the links to wrap are replaced in the same pass: all the edits of the part are
+computed on the decoded text, then spliced at once
+(:func:`~smtp_tracker.mime.transfer.splice_edits`) and checked by decoding
+the result again.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import re
 import traceback
+import urllib.parse
 from dataclasses import dataclass
 
 from smtp_tracker.mime.charset import CharsetError, decode_text
@@ -28,6 +36,14 @@ from smtp_tracker.mime.inject import (
     pixel_tag,
     renders_at,
 )
+from smtp_tracker.mime.links import (
+    Href,
+    LinkRules,
+    click_url,
+    find_html_links,
+    find_text_links,
+    list_unsubscribe_urls,
+)
 from smtp_tracker.mime.policy import RewritePolicy
 from smtp_tracker.mime.selection import NotTracked, Selector
 from smtp_tracker.mime.structure import Field, Part, read_part
@@ -38,7 +54,10 @@ from smtp_tracker.mime.transfer import (
     line_ending,
     parse_transfer_encoding,
     splice,
+    splice_edits,
 )
+from smtp_tracker.store.records import LinkRecord
+from smtp_tracker.store.token import new_tracking_id
 
 __all__ = ["RewriteResult", "rewrite"]
 
@@ -70,12 +89,16 @@ class RewriteResult:
         (the original octets, unchanged, control header included).
     :param defects: what was met on the way: email defect class names or
         short texts; never message content.
+    :param links: the links wrapped for click tracking, in the order of the
+        message (HTML body first), each with its token and destination; empty
+        unless tracked.
     """
 
     message: bytes
     tracked: bool
     reason: str | None
     defects: tuple[str, ...]
+    links: tuple[LinkRecord, ...] = ()
 
 
 class _FailOpen(Exception):
@@ -92,8 +115,9 @@ def rewrite(
     reverse_path: str | None = None,
     extra_html: str = "",
     not_tracked: str | None = None,
+    click_base_url: str | None = None,
 ) -> RewriteResult:
-    """Add one tracking pixel to the HTML body of ``message``.
+    """Add one tracking pixel to the HTML body of ``message``, and wrap its links.
 
     The pixel goes just before the closing ``</body>`` of the HTML part the
     recipient sees (else at the end of the fragment), decoded and re-encoded
@@ -124,13 +148,21 @@ def rewrite(
         envelope's domain lists, :mod:`smtp_tracker.privacy`): the message is
         not tracked, for that reason, unless an earlier rule (null
         reverse-path, opt-out) applies; the control header is removed as usual.
+    :param click_base_url: with ``policy.track_clicks``, the base of the click
+        URLs (``<click_base_url>/c/<token>``): in the same pass as the pixel,
+        the value of each ``href`` that :class:`~smtp_tracker.mime.links.LinkRules`
+        lets be wrapped is replaced by a click URL with a fresh token (each
+        occurrence its own), every other character unchanged; with
+        ``policy.track_text_links`` the URLs of the ``text/plain``
+        alternatives too.  When the links cannot be wrapped exactly, the
+        pixel goes in alone (a defect says why).
     :returns: the result; never raises: on any internal error the original
         octets are returned unchanged with ``reason="rewrite-failed"`` and a
         warning is logged on ``smtp_tracker.mime`` (without message content).
     """
     try:
         return _Rewrite(
-            bytes(message), pixel_url, policy, reverse_path, extra_html, not_tracked
+            bytes(message), pixel_url, policy, reverse_path, extra_html, not_tracked, click_base_url
         ).run()
     except Exception as exc:  # never raise: relay the original (fail open)
         frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
@@ -154,6 +186,7 @@ class _Rewrite:
         reverse_path: str | None,
         extra_html: str = "",
         not_tracked: str | None = None,
+        click_base_url: str | None = None,
     ) -> None:
         self.data = data
         self.url = url
@@ -161,7 +194,11 @@ class _Rewrite:
         self.reverse_path = reverse_path
         self.extra_html = extra_html
         self.not_tracked = not_tracked
+        self.click_base_url = click_base_url
         self.defects: list[str] = []
+        self.rules: LinkRules | None = None
+        self.links: list[tuple[str, str]] = []  # (token, url) of each wrapped link
+        self.part_edits: list[tuple[int, int, bytes]] = []  # text/plain parts rewritten
 
     def run(self) -> RewriteResult:
         top = read_part(self.data, 0, len(self.data))
@@ -179,7 +216,7 @@ class _Rewrite:
             return RewriteResult(
                 message=self.data, tracked=False, reason="rewrite-failed", defects=self._defects()
             )
-        return self._result([*cuts, (part.body_start, part.end, body)], None)
+        return self._result([*cuts, (part.body_start, part.end, body), *self.part_edits], None)
 
     def _defects(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(self.defects))
@@ -192,8 +229,16 @@ class _Rewrite:
             out += replacement
             pos = end
         out += self.data[pos:]
+        links = tuple(
+            LinkRecord(token=token, url=url, position=position)
+            for position, (token, url) in enumerate(self.links if reason is None else ())
+        )
         return RewriteResult(
-            message=bytes(out), tracked=reason is None, reason=reason, defects=self._defects()
+            message=bytes(out),
+            tracked=reason is None,
+            reason=reason,
+            defects=self._defects(),
+            links=links,
         )
 
     # -- the decision ------------------------------------------------------------
@@ -215,10 +260,22 @@ class _Rewrite:
             raise NotTracked("report")
         if self.policy.dkim_policy == "skip" and headers.get_all("DKIM-Signature"):
             raise NotTracked("dkim-signed")
-        part = Selector(self.data, self.policy, self.defects).select(top)
+        selector = Selector(self.data, self.policy, self.defects)
+        part = selector.select(top)
         if part is None:
             raise NotTracked("no-html-body")
-        return part, self._rewrite_part(part)
+        if self.policy.track_clicks and self.click_base_url:
+            self.rules = self.policy.link_rules(
+                own_host=urllib.parse.urlsplit(self.click_base_url).hostname,
+                unsubscribe_urls=list_unsubscribe_urls(headers),
+            )
+        body = self._rewrite_part(part)
+        if self.rules is not None and self.policy.track_text_links:
+            for text_part in selector.text_alternatives:
+                text_body = self._wrap_text_part(text_part)
+                if text_body is not None:
+                    self.part_edits.append((text_part.body_start, text_part.end, text_body))
+        return part, body
 
     # -- the part ----------------------------------------------------------------
 
@@ -285,6 +342,12 @@ class _Rewrite:
             offset, insert = _encode_at(prefix, tag, decoded.codec)
             if _adds_long_line(octets, offset, insert):
                 raise _FailOpen("line-too-long")
+        if self.rules is not None:
+            wrapped = self._wrap_links(
+                raw, encoding, eol, octets, text, decoded.codec, (index, tag, offset, insert)
+            )
+            if wrapped is not None:
+                return wrapped
         new_octets = octets[:offset] + insert + octets[offset:]
         try:
             body = splice(raw, encoding, offset, insert, newline=eol)
@@ -294,6 +357,128 @@ class _Rewrite:
         del octets
         if not same or not _spliced(new_octets.decode(decoded.codec), text, prefix, tag):
             raise _FailOpen("round-trip-mismatch")
+        return body
+
+    # -- click tracking ----------------------------------------------------------
+
+    def _wrap_links(
+        self,
+        raw: bytes,
+        encoding: TransferEncoding,
+        eol: bytes,
+        octets: bytes,
+        text: str,
+        codec: str,
+        pixel: tuple[int, str, int, bytes],
+    ) -> bytes | None:
+        """The HTML body with the pixel and the wrapped links in one splice, or
+        None when there is nothing to wrap or it cannot be done exactly (the
+        pixel then goes in alone)."""
+        found, defect = find_html_links(text)
+        if defect:
+            self.defects.append(defect)
+        index, tag, offset, insert = pixel
+        plan = self._plan(found, text, octets, codec, encoding, html=True, pixel=(offset, insert))
+        if not plan:
+            return None
+        body = self._splice_plan(
+            raw, encoding, eol, octets, text, codec, plan, (index, tag, offset, insert)
+        )
+        if body is None:
+            self.defects.append("links-splice-failed")
+        return body
+
+    def _wrap_text_part(self, part: Part) -> bytes | None:
+        """A ``text/plain`` alternative with its URLs wrapped, or None to leave it as it is."""
+        raw = self.data[part.body_start : part.end]
+        cte = part.headers.get("Content-Transfer-Encoding")
+        encoding, _defect = parse_transfer_encoding(None if cte is None else str(cte), raw)
+        if encoding is None or len(raw) > 3 * self.policy.max_html_bytes + 4096:
+            return None
+        try:
+            octets = decode(raw, encoding)
+            decoded = decode_text(octets, part.headers.get_content_charset())
+        except (TransferError, CharsetError):
+            self.defects.append("text-links-undecodable")
+            return None
+        text = decoded.text
+        plan = self._plan(find_text_links(text), text, octets, decoded.codec, encoding, html=False)
+        if not plan:
+            return None
+        eol = line_ending(raw, line_ending(self.data[: part.body_start]))
+        body = self._splice_plan(raw, encoding, eol, octets, text, decoded.codec, plan, None)
+        if body is None:
+            self.defects.append("text-links-splice-failed")
+        return body
+
+    def _plan(
+        self,
+        found: list[Href],
+        text: str,
+        octets: bytes,
+        codec: str,
+        encoding: TransferEncoding,
+        *,
+        html: bool,
+        pixel: tuple[int, bytes] | None = None,
+    ) -> list[_Wrap]:
+        """The links of ``found`` to wrap, each with its token and octets."""
+        assert self.rules is not None and self.click_base_url is not None
+        chosen = [link for link in found if self.rules.skip_reason(link) is None]
+        if not chosen:
+            return []
+        if codec.startswith(("utf-16", "utf-32")) or (
+            codec in _STATEFUL and not codec.startswith("iso2022")
+        ):
+            self.defects.append("links-charset-unsupported")
+            return []
+        points = _octet_offsets(text, codec, [p for link in chosen for p in (link.start, link.end)])
+        plan: list[_Wrap] = []
+        for number, link in enumerate(chosen):
+            start, end = points[2 * number], points[2 * number + 1]
+            if octets[start:end] != text[link.start : link.end].encode(codec):
+                self.defects.append("links-offsets-mismatch")
+                return []
+            token = new_tracking_id()
+            value = click_url(self.click_base_url, token, html=html)
+            plan.append(_Wrap(link, token, value, start, end, value.encode(codec)))
+        if encoding is TransferEncoding.IDENTITY:
+            fitting = _fit_lines(octets, plan, pixel)
+            if len(fitting) < len(plan):
+                self.defects.append("links-line-too-long")
+            plan = fitting
+        return plan
+
+    def _splice_plan(
+        self,
+        raw: bytes,
+        encoding: TransferEncoding,
+        eol: bytes,
+        octets: bytes,
+        text: str,
+        codec: str,
+        plan: list[_Wrap],
+        pixel: tuple[int, str, int, bytes] | None,
+    ) -> bytes | None:
+        """The body with the links of ``plan`` (and the pixel) spliced, checked, or None."""
+        if not plan:
+            return None
+        octet_edits = [(w.start, w.end, w.new) for w in plan]
+        text_edits = [(w.link.start, w.link.end, w.value) for w in plan]
+        if pixel is not None:
+            index, tag, offset, insert = pixel
+            octet_edits = sorted([*octet_edits, (offset, offset, insert)], key=_first)
+            text_edits = sorted([*text_edits, (index, index, tag)], key=_first)
+        new_octets = _edited(octets, octet_edits)
+        try:
+            body = splice_edits(raw, encoding, octet_edits, newline=eol)
+            same = decode(body, encoding) == new_octets
+            same = same and new_octets.decode(codec) == _edited_text(text, text_edits)
+        except (TransferError, UnicodeError):
+            return None
+        if not same:
+            return None
+        self.links.extend((w.token, w.link.url) for w in plan)
         return body
 
 
@@ -336,3 +521,90 @@ def _token(value: str) -> str:
     """The first word of a field value, comments dropped, lowercased: ``" Yes (x)"`` → ``yes``."""
     words = _COMMENT.sub(" ", value).replace(";", " ").split()
     return words[0].lower() if words else ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Wrap:
+    """A link to wrap: ``octets[start:end]`` (its ``href`` value or URL) becomes ``new``."""
+
+    link: Href
+    token: str
+    value: str
+    start: int
+    end: int
+    new: bytes
+
+
+def _first(edit: tuple[int, int, object]) -> int:
+    return edit[0]
+
+
+def _octet_offsets(text: str, codec: str, points: list[int]) -> list[int]:
+    """The octet offsets of the character offsets ``points`` (ascending) in ``text``.
+
+    Encoded piece by piece: exact for stateless codecs, and for ISO-2022
+    wherever the character before each point is ASCII (the caller checks).
+    """
+    offsets: list[int] = []
+    pos = 0
+    total = 0
+    for point in points:
+        total += len(text[pos:point].encode(codec))
+        pos = point
+        offsets.append(total)
+    return offsets
+
+
+def _fit_lines(octets: bytes, plan: list[_Wrap], pixel: tuple[int, bytes] | None) -> list[_Wrap]:
+    """The links of ``plan`` whose wrapping adds no line over 998 octets (RFC 5322 §2.1.1).
+
+    A 7bit/8bit body is spliced as it is: a longer URL lengthens its line.  On
+    a line that would go over the limit, none of the links is wrapped; values
+    holding a line break are never wrapped there.
+    """
+    newlines = [m.start() for m in re.finditer(b"\n", octets)]
+
+    def line(offset: int) -> int:
+        return bisect.bisect_left(newlines, offset)
+
+    def length(number: int) -> int:
+        start = newlines[number - 1] + 1 if number else 0
+        end = newlines[number] if number < len(newlines) else len(octets)
+        return end - start - (1 if end > start and octets[end - 1] == 0x0D else 0)
+
+    growth: dict[int, int] = {}
+    candidates = [w for w in plan if b"\n" not in octets[w.start : w.end]]
+    for wrap in candidates:
+        number = line(wrap.start)
+        growth[number] = growth.get(number, 0) + len(wrap.new) - (wrap.end - wrap.start)
+    if pixel is not None:
+        number = line(pixel[0])
+        growth[number] = growth.get(number, 0) + len(pixel[1])
+    too_long = {
+        number
+        for number, grown in growth.items()
+        if grown > 0 and length(number) <= MAX_LINE < length(number) + grown
+    }
+    return [w for w in candidates if line(w.start) not in too_long]
+
+
+def _edited(octets: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    out = bytearray()
+    pos = 0
+    for start, end, insert in edits:
+        out += octets[pos:start]
+        out += insert
+        pos = end
+    out += octets[pos:]
+    return bytes(out)
+
+
+def _edited_text(text: str, edits: list[tuple[int, int, str]]) -> str:
+    pieces: list[str] = []
+    pos = 0
+    for start, end, insert in edits:
+        pieces.append(text[pos:start])
+        pieces.append(insert)
+        pos = end
+    pieces.append(text[pos:])
+    return "".join(pieces)

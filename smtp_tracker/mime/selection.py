@@ -43,6 +43,9 @@ class Selector:
         self._policy = policy
         self._defects = defects
         self._parts = 1
+        #: After :meth:`select`: the ``text/plain`` alternatives (RFC 2046 §5.1.4)
+        #: of the HTML body found, outermost last.
+        self.text_alternatives: list[Part] = []
 
     def select(self, top: Part) -> Part | None:
         """The HTML body part of the message whose top-level entity is ``top``.
@@ -74,9 +77,17 @@ class Selector:
         subtype = headers.get_content_subtype()
         children = self._children(part)
         if subtype == "alternative":
-            for child in reversed(list(children)):
+            alternatives = list(children)
+            for child in reversed(alternatives):
                 found = self._select(child, depth + 1)
                 if found is not None:
+                    self.text_alternatives.extend(
+                        other
+                        for other in alternatives
+                        if other is not child
+                        and other.headers.get_content_type() == "text/plain"
+                        and other.headers.get_content_disposition() != "attachment"
+                    )
                     return found
             return None
         if subtype == "related":

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import re
+from collections.abc import Sequence
 from enum import Enum
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "line_ending",
     "parse_transfer_encoding",
     "splice",
+    "splice_edits",
 ]
 
 #: Longest encoded line written, without its line ending (RFC 2045 §6.7 (5), §6.8).
@@ -142,6 +145,60 @@ def splice(
     if not 0 <= offset <= len(body):
         raise TransferError("offset outside the body")
     return body[:offset] + insert + body[offset:]
+
+
+#: One edit of the decoded octets: ``decoded[start:end]`` becomes ``insert``.
+Edit = tuple[int, int, bytes]
+
+
+def splice_edits(
+    body: bytes,
+    encoding: TransferEncoding,
+    edits: Sequence[Edit],
+    *,
+    newline: bytes = b"\r\n",
+) -> bytes:
+    """Apply several edits to the decoded body at once; return the new encoded body.
+
+    Identity: the octets are replaced as they are.  Quoted-printable: only the
+    encoded lines an edit touches are re-encoded (lines an edit spans are
+    re-encoded together), every other line stays as it was.  Base64: the
+    lines before the one holding the first edit stay, the rest is re-encoded
+    with the body's line width and line ending (the whole body when its lines
+    are not whole 4-character quanta).  The caller checks the result decodes
+    as expected.
+
+    :param edits: ``(start, end, insert)`` with offsets into
+        ``decode(body, encoding)``, sorted and not overlapping.
+    :param newline: the line ending for new lines when the body has none of its own.
+    :raises TransferError: when it cannot be done exactly.
+    """
+    previous = 0
+    for start, end, _insert in edits:
+        if not previous <= start <= end:
+            raise TransferError("edits overlap or are not sorted")
+        previous = end
+    if not edits:
+        return body
+    newline = line_ending(body, newline)
+    if encoding is TransferEncoding.QUOTED_PRINTABLE:
+        return _edit_qp(body, edits, newline)
+    if encoding is TransferEncoding.BASE64:
+        return _edit_base64(body, edits, newline)
+    if edits[-1][1] > len(body):
+        raise TransferError("edit outside the body")
+    return _apply(body, edits)
+
+
+def _apply(octets: bytes, edits: Sequence[Edit]) -> bytes:
+    out = bytearray()
+    pos = 0
+    for start, end, insert in edits:
+        out += octets[pos:start]
+        out += insert
+        pos = end
+    out += octets[pos:]
+    return bytes(out)
 
 
 def _lines(body: bytes) -> list[tuple[int, int]]:
@@ -274,7 +331,169 @@ def _splice_qp(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes
     return body[:start] + b"".join(lines) + body[end:]
 
 
+def _edit_qp(body: bytes, edits: Sequence[Edit], newline: bytes) -> bytes:
+    """Quoted-printable edits: re-encode the groups of lines the edits touch."""
+    spans = _lines(body) or [(0, 0)]
+    sizes = [len(binascii.a2b_qp(body[start:end])) for start, end in spans]
+    firsts = []  # decoded offset of each line's first octet
+    total = 0
+    for size in sizes:
+        firsts.append(total)
+        total += size
+    if edits[-1][1] > total:
+        raise TransferError("edit outside the body")
+
+    def line_at(offset: int) -> int:
+        """The line holding decoded ``offset`` (the last line for the very end)."""
+        return max(bisect.bisect_right(firsts, offset) - 1, 0)
+
+    groups: list[tuple[int, int, list[Edit]]] = []  # first line, last line, edits
+    for start, end, insert in edits:
+        first = line_at(start)
+        last = line_at(end - 1) if end > start else first
+        if end > start and end == firsts[last] + sizes[last] and last < len(spans) - 1:
+            last += 1  # the edit reaches the line's end: keep the next line's start with it
+        if groups and first <= groups[-1][1]:
+            group = groups[-1]
+            groups[-1] = (group[0], max(group[1], last), [*group[2], (start, end, insert)])
+        else:
+            groups.append((first, last, [(start, end, insert)]))
+    out: list[bytes] = []
+    pos = 0
+    for first, last, mine in groups:
+        out.append(body[pos : spans[first][0]])
+        out.append(_reencode_qp_lines(body, spans[first : last + 1], firsts[first], mine, newline))
+        pos = spans[last][1]
+    out.append(body[pos:])
+    return b"".join(out)
+
+
+def _reencode_qp_lines(
+    body: bytes, spans: Sequence[tuple[int, int]], first: int, edits: Sequence[Edit], newline: bytes
+) -> bytes:
+    """Lines ``spans`` of a quoted-printable body with ``edits`` applied, wrapped at 76.
+
+    Tokens and hard line breaks outside the edits are kept as written; soft
+    line breaks are laid out again.
+
+    :param first: the decoded offset of the first line.
+    :raises TransferError: when an edit does not fall on token boundaries.
+    """
+    units: list[tuple[bytes, int, bool, bool]] = []  # token, width, sticky, hard line break
+    final = b""
+    for index, (start, end) in enumerate(spans):
+        tokens, terminal = _qp_tokens(body[start:end])
+        units.extend((token, width, sticky, False) for token, width, sticky in tokens)
+        if terminal.startswith(b"="):  # a soft line break: laid out again, but the last
+            final = terminal if index == len(spans) - 1 else b""
+        elif terminal:
+            units.append((terminal, len(terminal), False, True))
+    eol = final[-2:] if final.endswith(b"\r\n") else final[-1:]
+    if eol not in (b"\r\n", b"\n"):
+        eol = newline
+    pieces: list[tuple[bytes, int, bool, bool]] = []
+    offset = first
+    following = 0  # the next edit
+    skip_until = first  # the end of the edit being applied
+
+    def begin_edits() -> None:
+        nonlocal following, skip_until
+        while following < len(edits) and edits[following][0] == offset >= skip_until:
+            pieces.extend((t, w, s, False) for t, w, s in _qp_encode(edits[following][2]))
+            skip_until = edits[following][1]
+            following += 1
+
+    for unit in units:
+        begin_edits()
+        if offset >= skip_until:
+            pieces.append(unit)
+        elif offset + unit[1] > skip_until:
+            raise TransferError("edit ends inside a line ending")
+        offset += unit[1]
+    begin_edits()
+    if following != len(edits) or skip_until > offset:
+        raise TransferError("edit not on token boundaries")
+    lines: list[bytes] = []
+    current = bytearray()
+    sticky = False
+    for token, _width, token_sticky, hard in pieces:
+        if hard:
+            lines.append(bytes(current) + token)
+            current = bytearray()
+            sticky = False
+            continue
+        if current and len(current) + len(token) > MAX_ENCODED_LINE - 1:
+            carry = current[-1:] if sticky else b""  # a literal "=" moves to the next line
+            lines.append(bytes(current[: len(current) - len(carry)]) + b"=" + eol)
+            current = bytearray(carry)
+        current += token
+        sticky = token_sticky
+    if current or final:
+        lines.append(bytes(current) + final)
+    return b"".join(lines)
+
+
 # base64 -------------------------------------------------------------------------
+
+
+def _edit_base64(body: bytes, edits: Sequence[Edit], newline: bytes) -> bytes:
+    decoded = decode(body, TransferEncoding.BASE64)
+    if edits[-1][1] > len(decoded):
+        raise TransferError("edit outside the body")
+    new = _apply(decoded, edits)
+    lines = _base64_lines(body)
+    if lines is None:
+        return _encode_base64_whole(body, new, newline)
+    width = lines[0][1] - lines[0][0]
+    if len(lines) == 1 or width > MAX_ENCODED_LINE:
+        width = MAX_ENCODED_LINE
+    # keep the lines whose octets all come before the first edit
+    keep = 0
+    kept_octets = 0
+    for start, data_end, _eol in lines[:-1]:
+        size = (data_end - start) // 4 * 3
+        if kept_octets + size > edits[0][0]:
+            break
+        kept_octets += size
+        keep += 1
+    first_start = lines[keep][0]
+    last_end = lines[-1][1]
+    eol = lines[keep][2] or lines[0][2] or newline
+    encoded = base64.b64encode(new[kept_octets:])
+    chunks = [encoded[i : i + width] for i in range(0, len(encoded), width)]
+    return body[:first_start] + eol.join(chunks) + body[last_end:]
+
+
+def _base64_lines(body: bytes) -> list[tuple[int, int, bytes]] | None:
+    """``(start, data end, line ending)`` of each data line, or None when they are
+    not all whole 4-character quanta (only the last may end with padding)."""
+    data_lines: list[tuple[int, int, bytes]] = []
+    for start, end in _lines(body):
+        eol = body[end - 2 : end] if body[start:end].endswith(b"\r\n") else body[end - 1 : end]
+        if eol not in (b"\r\n", b"\n"):
+            eol = b""
+        match = _BASE64_LINE.match(body, start, end - len(eol))
+        if match is None:
+            return None
+        if match.end(1) > start:
+            data_lines.append((start, match.end(1), eol))
+    if not data_lines:
+        return None
+    for start, data_end, _eol in data_lines[:-1]:
+        if (data_end - start) % 4 or body[data_end - 1] == 0x3D:
+            return None
+    if (data_lines[-1][1] - data_lines[-1][0]) % 4:
+        return None
+    return data_lines
+
+
+def _encode_base64_whole(body: bytes, octets: bytes, newline: bytes) -> bytes:
+    """``octets`` in base64 lines of 76 characters, with ``body``'s leading and trailing blanks."""
+    encoded = base64.b64encode(octets)
+    lines = [encoded[i : i + MAX_ENCODED_LINE] for i in range(0, len(encoded), MAX_ENCODED_LINE)]
+    lead = body[: len(body) - len(body.lstrip(_BLANKS))]
+    tail = body[len(body.rstrip(_BLANKS)) :]
+    return lead + newline.join(lines) + tail
 
 
 def _splice_base64(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes:
