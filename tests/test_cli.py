@@ -74,6 +74,7 @@ def test_port_in_use_is_a_fatal_line_and_exit_1(tmp_path: Path) -> None:
             str(tmp_path / "data"),
             "--no-tracking",
             "--no-pixel",
+            "--no-reports",
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

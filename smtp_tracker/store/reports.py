@@ -293,6 +293,8 @@ def decode_cursor(cursor: str, message_filter: MessageFilter) -> tuple[int, int]
         version, relayed_at_us, row_id, digest = _CURSOR.unpack(raw)
     except (binascii.Error, struct.error, ValueError):
         raise ValueError("malformed cursor") from None
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != cursor:
+        raise ValueError("malformed cursor")  # not the one canonical spelling (RFC 4648 §3.5)
     if version != _CURSOR_VERSION or digest != _cursor_digest(
         relayed_at_us, row_id, message_filter
     ):

@@ -44,14 +44,17 @@ import csv
 import io
 import json
 import logging
+import os
+import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
 from typing import Any, Final, Protocol, cast
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
-from smtp_tracker.errors import StoreError
+from smtp_tracker.errors import StartupError, StoreError
 from smtp_tracker.store.export import format_time
 from smtp_tracker.store.reports import (
     DEFAULT_LIMIT,
@@ -62,6 +65,7 @@ from smtp_tracker.store.reports import (
     MessageSummary,
     StatsGroup,
     StatsRow,
+    check_limit,
     stats_total,
 )
 
@@ -71,6 +75,7 @@ __all__ = [
     "REPORTS_STORE_KEY",
     "ReportsStore",
     "StatsQuery",
+    "create_token_file",
     "detail_to_dict",
     "make_reports_app",
     "parse_message_filter",
@@ -84,8 +89,9 @@ logger = logging.getLogger(__name__)
 #: Every route of the JSON API starts with this.
 API_PREFIX: Final = "/api/"
 
-#: Rows per store read while streaming the CSV export.
+#: Rows per store read while streaming the CSV export (the app's default).
 _EXPORT_PAGE_ROWS = MAX_LIMIT
+_EXPORT_PAGE_KEY: Final = web.AppKey("export_page_rows", int)
 _MAX_IDENT_CHARS = 1000
 _CLIENT_MAX_BYTES = 64 * 1024
 _SERVER_HEADER = "smtp-tracker"
@@ -113,6 +119,38 @@ class ReportsStore(Protocol):
 
 #: The app's store.
 REPORTS_STORE_KEY: Final = web.AppKey("reports_store", ReportsStore)
+
+#: Random bytes of a token made by :func:`create_token_file` (43 URL-safe characters).
+_TOKEN_BYTES = 32
+
+
+def create_token_file(path: Path) -> bool:
+    """Write a new random API bearer token to *path* (mode 0600) unless it exists.
+
+    The token is 32 random bytes, URL-safe base64 (RFC 4648 §5), on one line.
+    An existing file is left alone, whatever it holds (it is checked when it is
+    read, by :func:`smtp_tracker.web.auth.load_reports_token`).
+
+    :returns: whether the file was created.
+    :raises StartupError: when it cannot be written.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise StartupError(f"reports_token_file: cannot create {path} ({exc.strerror})") from exc
+    try:
+        os.fchmod(fd, 0o600)  # the mode given to open() is filtered by the umask
+        os.write(fd, (secrets.token_urlsafe(_TOKEN_BYTES) + "\n").encode("ascii"))
+        os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise StartupError(f"reports_token_file: cannot write {path} ({exc.strerror})") from exc
+    os.close(fd)
+    return True
+
 
 # -- parameters -----------------------------------------------------------------------------
 
@@ -416,8 +454,9 @@ async def _export(request: web.Request) -> web.StreamResponse:
     except ValueError as exc:
         raise _bad_request(str(exc)) from None
     store = _store(request)
+    page_rows = request.app[_EXPORT_PAGE_KEY]
     # the first page before the headers: a store failure is still a clean 503
-    page = await store.query_messages(message_filter, limit=_EXPORT_PAGE_ROWS)
+    page = await store.query_messages(message_filter, limit=page_rows)
     response = web.StreamResponse(
         headers={
             hdrs.CONTENT_TYPE: "text/csv; charset=utf-8; header=present",
@@ -439,7 +478,7 @@ async def _export(request: web.Request) -> web.StreamResponse:
             break
         try:
             page = await store.query_messages(
-                message_filter, limit=_EXPORT_PAGE_ROWS, cursor=page.next_cursor
+                message_filter, limit=page_rows, cursor=page.next_cursor
             )
         except StoreError:
             logger.exception("CSV export stopped: the tracking store cannot be read")
@@ -494,6 +533,7 @@ def make_reports_app(
     middlewares: Sequence[Middleware] = (),
     keepalive_timeout_s: float = 75.0,
     client_max_bytes: int = _CLIENT_MAX_BYTES,
+    export_page_rows: int = _EXPORT_PAGE_ROWS,
 ) -> web.Application:
     """The reports JSON API as an aiohttp application (not started).
 
@@ -507,6 +547,8 @@ def make_reports_app(
         closed, in seconds.
     :param client_max_bytes: largest request body accepted, in bytes (the
         API has none; the dashboard's forms do).
+    :param export_page_rows: messages per store read of the CSV export
+        (1..:data:`~smtp_tracker.store.reports.MAX_LIMIT`); memory holds one page.
     """
     chain: list[Middleware] = [_json_errors]
     if auth_middleware is not None:
@@ -518,6 +560,7 @@ def make_reports_app(
         handler_args={"keepalive_timeout": keepalive_timeout_s},
     )
     app[REPORTS_STORE_KEY] = store
+    app[_EXPORT_PAGE_KEY] = check_limit(export_page_rows)
     app.router.add_get("/api/messages", _messages)
     app.router.add_get("/api/messages/{id}", _message)
     app.router.add_get("/api/stats", _stats)

@@ -45,6 +45,7 @@ async def start_serve(upstream: Any, ca_pem_path: Path, data_dir: Path) -> Runni
         "relay.test",
         "--no-tracking",
         "--no-pixel",
+        "--no-reports",
         env=env,
         ready="listening for SMTP",
     )

@@ -68,6 +68,7 @@ async def test_relay_and_pixel_processes_share_the_data_directory(
     relay = await launch(
         "serve",
         "--no-pixel",
+        "--no-reports",
         "--listen",
         "127.0.0.1:0",
         "--upstream",

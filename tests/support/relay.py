@@ -35,6 +35,7 @@ async def relay_factory(
             "data_dir": str(tmp_path / "data"),
             "tracking": False,
             "pixel": False,
+            "reports": False,
             "upstream_connect_timeout_s": 5.0,
             "upstream_command_timeout_s": 5.0,
             "upstream_data_timeout_s": 5.0,
