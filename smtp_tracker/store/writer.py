@@ -6,7 +6,11 @@ has accumulated (up to *batch_max* hits) and records it in one
 :meth:`~smtp_tracker.store.base.Store.record_opens` transaction; while that
 transaction runs in the store's thread, the next batch accumulates, so the
 batch size follows the load.  Whether a token is known is decided by the store
-inside that transaction, so no request waits for the database.
+inside that transaction, so no request waits for the database.  Clicks
+(:class:`~smtp_tracker.store.records.ClickHit`, from the click endpoint) go
+through the same queue; a batch holding both is written with
+:meth:`~smtp_tracker.store.base.Store.record_opens` then
+:meth:`~smtp_tracker.store.base.Store.record_clicks`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import contextlib
 import logging
 
 from smtp_tracker.store.base import Store
-from smtp_tracker.store.records import OpenHit
+from smtp_tracker.store.records import ClickHit, OpenHit
 
 __all__ = ["EventWriter"]
 
@@ -24,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class EventWriter:
-    """Batches :class:`OpenHit` events from a bounded queue into a :class:`Store`.
+    """Batches :class:`OpenHit` and :class:`ClickHit` events from a bounded queue into a
+    :class:`Store`.
 
     Counters (plain ints, read them for logs and reports):
 
@@ -32,11 +37,11 @@ class EventWriter:
     * :attr:`dropped`: hits dropped because the queue was full, the writer was
       not running, or :meth:`stop` timed out (a write under way at that
       moment may or may not have been committed);
-    * :attr:`recorded`: opens the store recorded;
+    * :attr:`recorded`: opens and clicks the store recorded;
     * :attr:`unknown`: hits the store ignored (token not known);
     * :attr:`failed`: hits lost because the store raised (logged as warnings).
 
-    :param store: where the opens go.
+    :param store: where the opens and clicks go.
     :param queue_size: queue bound, in events (>= 1).
     :param batch_max: most events per transaction (>= 1).
     :param flush_timeout_s: how long :meth:`stop` waits for the queue to drain,
@@ -54,7 +59,7 @@ class EventWriter:
         if queue_size < 1 or batch_max < 1:
             raise ValueError("queue_size and batch_max must be at least 1")
         self._store = store
-        self._queue: asyncio.Queue[OpenHit | None] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[OpenHit | ClickHit | None] = asyncio.Queue(queue_size)
         self._batch_max = batch_max
         self._flush_timeout_s = flush_timeout_s
         self._task: asyncio.Task[None] | None = None
@@ -83,7 +88,7 @@ class EventWriter:
         """Whether the writer task is running."""
         return self._task is not None and not self._task.done()
 
-    def offer(self, hit: OpenHit) -> bool:
+    def offer(self, hit: OpenHit | ClickHit) -> bool:
         """Queue *hit* without waiting; ``False`` (and counted) when dropped."""
         self.offered += 1
         if not self._accepting:
@@ -126,7 +131,7 @@ class EventWriter:
         queue = self._queue
         while True:
             item = await queue.get()
-            batch: list[OpenHit] = []
+            batch: list[OpenHit | ClickHit] = []
             stopping = False
             while True:
                 if item is None:
@@ -141,21 +146,29 @@ class EventWriter:
             if stopping:
                 return
 
-    async def _write(self, batch: list[OpenHit]) -> None:
+    async def _write(self, batch: list[OpenHit | ClickHit]) -> None:
+        opens = [hit for hit in batch if isinstance(hit, OpenHit)]
+        clicks = [hit for hit in batch if isinstance(hit, ClickHit)]
         self._in_flight = len(batch)
-        try:
-            recorded = await self._store.record_opens(batch)
-        except Exception as exc:  # keep the writer alive whatever the store does
-            self._in_flight = 0
-            self.failed += len(batch)
-            logger.warning("event writer: %d opens lost: %s", len(batch), exc)
-            return
+        for kind, hits in (("opens", opens), ("clicks", clicks)):
+            if not hits:
+                continue
+            try:
+                if kind == "opens":
+                    recorded = await self._store.record_opens(opens)
+                else:
+                    recorded = await self._store.record_clicks(clicks)
+            except Exception as exc:  # keep the writer alive whatever the store does
+                self.failed += len(hits)
+                logger.warning("event writer: %d %s lost: %s", len(hits), kind, exc)
+            else:
+                self.recorded += recorded
+                self.unknown += len(hits) - recorded
+            self._in_flight -= len(hits)
         self._in_flight = 0  # (left set when cancelled: stop() counts it)
-        self.recorded += recorded
-        self.unknown += len(batch) - recorded
 
 
-def _drain(queue: asyncio.Queue[OpenHit | None]) -> list[OpenHit | None]:
+def _drain(queue: asyncio.Queue[OpenHit | ClickHit | None]) -> list[OpenHit | ClickHit | None]:
     items = []
     while not queue.empty():
         items.append(queue.get_nowait())

@@ -10,8 +10,12 @@ Routes
 
     ``GET /healthz``: 200 ``ok`` (text/plain), nothing else.
 
+    ``GET`` and ``HEAD`` ``/c/{token}``: the click endpoint (:mod:`.click`),
+    302 to the destination stored for a known link token, else 404.
+
     Anything else: 404 (other methods on the pixel path: 405).  No static
-    files, no directory listings, no redirects, no path normalisation.
+    files, no directory listings, no path normalisation, no redirect but to
+    a stored link.
 
 Caching
     ``Cache-Control: no-store, no-cache, must-revalidate, private`` (RFC 9111
@@ -40,6 +44,7 @@ from smtp_tracker.store.base import Store
 from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, OpenHit
 from smtp_tracker.store.token import PIXEL_PATH_PREFIX, is_well_formed_token
 from smtp_tracker.store.writer import EventWriter
+from smtp_tracker.web.click import add_click_route
 from smtp_tracker.web.client import IPNetwork, client_address
 from smtp_tracker.web.gif import GIF_CONTENT_TYPE, TRANSPARENT_GIF
 from smtp_tracker.web.limits import EventLimiter
@@ -129,6 +134,9 @@ def make_pixel_app(
     app[_TRUSTED_KEY] = tuple(trusted_proxies)
     app[LIMITER_KEY] = limiter
     app.router.add_get(PIXEL_PATH_PREFIX + "{token}.gif", _pixel)  # also HEAD
+    add_click_route(  # GET/HEAD /c/{token}: 302 to a stored link (click tracking)
+        app, store=store, writer=app[WRITER_KEY], limiter=limiter, trusted_proxies=trusted_proxies
+    )
     app.router.add_get("/healthz", _healthz, allow_head=True)
     app.cleanup_ctx.append(_writer_lifecycle)
     app.on_response_prepare.append(_set_server_header)
