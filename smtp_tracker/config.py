@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import stat
 import tomllib
@@ -115,6 +116,18 @@ class Config:
     rewrite_timeout_s: float = 10.0
     store_subject: bool = False
     ip_policy: IpPolicy = "truncate"
+
+    # -- click tracking ----------------------------------------------------------
+    track_clicks: bool = False
+    track_text_links: bool = False
+    #: the same as smtp_tracker.mime.links.DEFAULT_CLICK_EXCLUDE_PATTERNS (a test checks)
+    click_exclude_patterns: tuple[str, ...] = (
+        r"unsubscri",
+        r"\bunsub\b",
+        r"opt[-_.]?out",
+        r"preference",
+    )
+    click_notrack_attribute: str = "data-notrack"
 
     # -- privacy ---------------------------------------------------------------
     include_sender_domains: tuple[str, ...] = ()
@@ -396,6 +409,7 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
     if not header or any(c in header for c in ": \t\r\n") or not header.isascii():
         problems.append(f"control_header: {header!r} is not a valid header field name")
     problems.extend(_check_privacy(values))
+    problems.extend(_check_clicks(values))
     reports_listen = get("reports_listen", _FIELDS["reports_listen"].default)
     if get("reports_plain_http") and not is_loopback_host(reports_listen.host):
         problems.append(
@@ -407,6 +421,22 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         url = str(get("pixel_base_url"))
         if not url.startswith(("https://", "http://")):
             problems.append(f"pixel_base_url: expected an https:// URL, got {url!r}")
+    return problems
+
+
+def _check_clicks(values: Mapping[str, Any]) -> list[str]:
+    """The click-tracking keys: patterns compile, the marker is an attribute name."""
+    problems: list[str] = []
+    for pattern in values.get("click_exclude_patterns", ()):
+        try:
+            re.compile(pattern, re.IGNORECASE)
+        except re.error as exc:
+            problems.append(
+                f"click_exclude_patterns: {pattern!r} is not a regular expression ({exc})"
+            )
+    attribute = values.get("click_notrack_attribute", "data-notrack")
+    if not re.fullmatch(r"[^\s\"'/>=\x00]+", attribute):
+        problems.append(f"click_notrack_attribute: {attribute!r} is not an HTML attribute name")
     return problems
 
 

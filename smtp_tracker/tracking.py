@@ -26,12 +26,13 @@ from smtp_tracker.privacy import DomainPolicy
 from smtp_tracker.smtp.handler import Prepared
 from smtp_tracker.smtp.reply import Reply
 from smtp_tracker.smtp.transaction import Transaction
+from smtp_tracker.store.records import LinkRecord
 from smtp_tracker.store.token import new_tracking_id, pixel_url
 
 if TYPE_CHECKING:
     from smtp_tracker.store.base import Store
 
-__all__ = ["Tracker", "header_fields"]
+__all__ = ["TrackedMessage", "Tracker", "header_fields"]
 
 log = logging.getLogger("smtp_tracker.mime")
 
@@ -65,6 +66,16 @@ def _decode_subject(value: object) -> str:
         return str(make_header(decode_header(str(value))))[:998]
     except (ValueError, LookupError, UnicodeError):
         return str(value)[:998]
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedMessage(Prepared):
+    """:class:`Prepared` with the links wrapped for click tracking (stored with the record).
+
+    :ivar links: each wrapped link's token, destination and position.
+    """
+
+    links: tuple[LinkRecord, ...] = ()
 
 
 @dataclass(slots=True)
@@ -144,6 +155,7 @@ class Tracker:
                 transaction.reverse_path,
                 self._disclosure.footer_html,
                 excluded,
+                self._base_url if self._policy.track_clicks else None,
             )
             try:
                 result = await asyncio.wait_for(future, self._timeout_s)
@@ -168,7 +180,7 @@ class Tracker:
             message = self._disclosure.add_header(message)
         else:
             self.counters.not_tracked += 1
-        return Prepared(message, tracking_id, result.tracked, result.reason)
+        return TrackedMessage(message, tracking_id, result.tracked, result.reason, result.links)
 
     async def record(
         self, transaction: Transaction, prepared: Prepared, reply: Reply, size_bytes: int
@@ -192,6 +204,7 @@ class Tracker:
             tracked=prepared.tracked,
             not_tracked_reason=prepared.reason,
             subject=subject,
+            links=prepared.links if isinstance(prepared, TrackedMessage) else (),
         )
         try:
             await self._store.record_message(record)
@@ -211,6 +224,7 @@ def _rewrite(
     reverse_path: str,
     footer_html: str = "",
     not_tracked: str | None = None,
+    click_base_url: str | None = None,
 ) -> RewriteResult:
     return rewrite(
         content,
@@ -219,4 +233,5 @@ def _rewrite(
         reverse_path=reverse_path,
         extra_html=footer_html,
         not_tracked=not_tracked,
+        click_base_url=click_base_url,
     )

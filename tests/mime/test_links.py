@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from smtp_tracker.app import rewrite_policy
+from smtp_tracker.config import Config
 from smtp_tracker.mime import RewritePolicy, RewriteResult, rewrite
 from smtp_tracker.mime.links import (
     DEFAULT_CLICK_EXCLUDE_PATTERNS,
@@ -252,6 +254,9 @@ def test_configured_exclusions_and_marker_attribute() -> None:
 
 def test_default_patterns_are_the_documented_ones() -> None:
     assert DEFAULT_CLICK_EXCLUDE_PATTERNS == DEFAULT_EXCLUDES
+    config = Config(hostname="relay.test")
+    assert config.click_exclude_patterns == DEFAULT_CLICK_EXCLUDE_PATTERNS
+    assert rewrite_policy(config) == RewritePolicy()
     assert RewritePolicy().click_exclude_patterns == DEFAULT_EXCLUDES
     assert RewritePolicy().click_notrack_attribute == "data-notrack"
     assert (RewritePolicy().track_clicks, RewritePolicy().track_text_links) == (False, False)
