@@ -808,8 +808,9 @@ class SqliteStore:
     Open with ``await SqliteStore.open(data_dir, ...)`` (same options as
     :meth:`SqliteDatabase.open`) and close with :meth:`aclose`, or use
     ``async with``.  Positive :meth:`is_known_token` answers are kept in an
-    LRU cache of *known_cache_size* entries (tokens are never forgotten by the
-    store, so a positive answer never goes stale).
+    LRU cache of *known_cache_size* entries, emptied by :meth:`prune`; a token
+    pruned or forgotten by another process may stay cached, which is harmless:
+    recording an event looks the message up again and drops it when gone.
     """
 
     def __init__(
