@@ -1,6 +1,6 @@
 """Pixel-rewrite cost per message over the shared corpus, beside merely parsing it.
 
-Run: ``python bench/rewrite.py [--corpus DIR] [--rounds N]``
+Run: ``python bench/rewrite.py [--corpus DIR] [--rounds N] [--clicks]``
 
 Every ``eml/`` message and every ``html/`` template (wrapped in a
 multipart/alternative message, quoted-printable, base64 and 8bit, as the
@@ -9,6 +9,10 @@ the rounds.  Reported: the median and p99 of those per-message times, the
 throughput in MB/s (total octets / total time), the same for
 ``email.message_from_bytes`` (compat32) alone, and how many were tracked.
 The corpus directory defaults to ``$SMTP_TRACKER_CORPUS``.
+
+``--clicks`` also measures the rewrite with click tracking on (every eligible
+``href`` wrapped in the same pass as the pixel) and reports it beside the
+pixel-only rewrite, with the number of links wrapped.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from smtp_tracker.mime import RewritePolicy, rewrite
 from tests.corpus import CORPUS_ENV, html_as_message
 
 URL = "https://track.example.test/o/AAAAAAAAAAAAAAAAAAAAAA.gif"
+CLICK_BASE = "https://track.example.test:8443"
 VARIANTS = [("utf-8", "quoted-printable"), ("utf-8", "base64"), (None, "8bit")]
 
 
@@ -79,6 +84,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=os.environ.get(CORPUS_ENV))
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clicks", action="store_true", help="also measure with click tracking on")
     args = parser.parse_args()
     if args.corpus is None or not (args.corpus / "eml").is_dir():
         raise SystemExit(f"bench: give --corpus DIR or set {CORPUS_ENV} (a dir with eml/, html/)")
@@ -93,6 +99,18 @@ def main() -> int:
     rewrite_times = measure(messages, args.rounds, lambda m: rewrite(m, URL, policy))
     report("email parse (compat32)", parse_times, size)
     report("rewrite", rewrite_times, size)
+    if args.clicks:
+        clicks = RewritePolicy(track_clicks=True)
+        click_times = measure(
+            messages, args.rounds, lambda m: rewrite(m, URL, clicks, click_base_url=CLICK_BASE)
+        )
+        report("rewrite + clicks", click_times, size)
+        wrapped = sum(
+            len(rewrite(m, URL, clicks, click_base_url=CLICK_BASE).links) for _n, m in messages
+        )
+        median = statistics.median(click_times) / statistics.median(rewrite_times)
+        tail = p99(click_times) / p99(rewrite_times)
+        print(f"links wrapped: {wrapped}; clicks vs not: median x{median:.2f}, p99 x{tail:.2f}")
     outcomes = collections.Counter(
         rewrite(m, URL, policy).reason or "tracked" for _n, m in messages
     )
