@@ -283,6 +283,39 @@ def test_list_lookup_agrees_with_ipaddress_on_random_addresses() -> None:
         assert (str(address) in network) == any(address in n for n in nets), address
 
 
+def test_fast_cidr_parsing_agrees_with_ipaddress() -> None:
+    import random
+
+    rng = random.Random(11)
+    lines = []
+    for _ in range(2000):
+        if rng.random() < 0.5:
+            length = rng.randrange(0, 33)
+            net: ipaddress.IPv4Network | ipaddress.IPv6Network = ipaddress.IPv4Network(
+                (rng.getrandbits(32), length), strict=False
+            )
+        else:
+            length = rng.randrange(0, 129)
+            net = ipaddress.IPv6Network((rng.getrandbits(128), length), strict=False)
+        lines.append(str(net))
+    network = parse_network_list("\n".join(lines), name="r", origin="r")
+    assert network.count == 2000
+    for text in lines[:200]:
+        net = ipaddress.ip_network(text)
+        assert str(net.network_address) in network and str(net.broadcast_address) in network
+    # the netmask form is read too (by ipaddress, off the fast path)
+    assert "192.0.2.77" in parse_network_list("192.0.2.0/255.255.255.0", name="m", origin="m")
+
+
+def test_parse_ip() -> None:
+    assert parse_ip("192.0.2.1") == (4, 0xC0000201)
+    assert parse_ip("::ffff:192.0.2.1") == (4, 0xC0000201)
+    assert parse_ip("2001:db8::1") == (6, 0x20010DB8 << 96 | 1)
+    assert parse_ip("fe80::1%eth0") == (6, 0xFE80 << 112 | 1)
+    for junk in ("", None, "192.0.2", "192.0.2.256", "host.example", "2001:db8::g"):
+        assert parse_ip(junk) is None, junk
+
+
 @pytest.mark.parametrize(
     ("line", "complaint"),
     [
