@@ -14,12 +14,15 @@ import logging
 import os
 import re
 import resource
+import ssl
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 
 from smtp_tracker.app import Application
@@ -354,6 +357,37 @@ async def test_auth_is_refused_with_502_and_its_continuation_is_not_echoed(
 
 
 # -- many connections -----------------------------------------------------------------
+
+
+async def test_a_connection_upgraded_with_starttls_holds_one_slot(
+    relay_factory: Any,
+    upstream: Any,
+    cert_pem_path: Path,
+    key_pem_path: Path,
+    client_ssl_context: ssl.SSLContext,
+) -> None:
+    """STARTTLS makes aiosmtpd see a second connection_made: it must not take a second slot."""
+    app = await relay_factory(
+        max_connections=1, tls_cert=str(cert_pem_path), tls_key=str(key_pem_path)
+    )
+    host, port = app.smtp_address
+    smtp = aiosmtplib.SMTP(
+        hostname=host, port=port, start_tls=False, tls_context=client_ssl_context, timeout=10
+    )
+    await smtp.connect()
+    await smtp.starttls(server_hostname="localhost")
+    await smtp.ehlo(hostname="postfix.test")
+    assert app.connection_slots.active == 1
+    errors = await smtp.sendmail(
+        "alice@example.org", ["bob@example.net"], b"Subject: tls\r\n\r\nok\r\n"
+    )
+    assert errors[0] == {}
+    await smtp.quit()
+    await wait_until(
+        lambda: app.connection_slots.active == 0, timeout_s=10, message="slot not given back"
+    )
+    assert app.connection_slots.refused == 0
+    assert len(await upstream.wait_for_transactions(1)) == 1
 
 
 def _fd_count() -> int:
