@@ -108,6 +108,7 @@ def test_example_config_lists_every_key_with_its_default() -> None:
         "upstream_password_file",
         "pixel_base_url",
         "reports_token_file",
+        "reports_users_file",
         "disclosure_footer_file",
         "disclosure_header",
     }
