@@ -20,16 +20,18 @@ Headers
     ``Referrer-Policy: no-referrer`` (the destination does not learn our
     click URL).
 
-Positive lookups are cached in a bounded LRU (a link's destination never
-changes); unknown tokens are not cached.
+Positive lookups are cached in a bounded LRU for a few minutes (a link's
+destination never changes; the time limit lets a pruned or forgotten link stop
+redirecting soon); unknown tokens are not cached.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
@@ -48,6 +50,7 @@ from smtp_tracker.web.limits import EventLimiter
 __all__ = [
     "CLICK_KEY",
     "DEFAULT_CACHE_ENTRIES",
+    "DEFAULT_CACHE_TTL_S",
     "ClickEndpoint",
     "LinkCache",
     "add_click_route",
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 #: Destinations cached by default.
 DEFAULT_CACHE_ENTRIES: Final = 10_000
+#: Seconds a destination stays cached.
+DEFAULT_CACHE_TTL_S: Final = 300.0
 #: Printable ASCII stays as it is in ``Location``; anything else is percent-encoded.
 _URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
@@ -79,31 +84,49 @@ _UNAVAILABLE_BODY: Final = b"temporarily unavailable\n"
 
 
 class LinkCache:
-    """Destinations by link token, at most *max_entries*, least recently used out.
+    """Destinations by link token: at most *max_entries*, least recently used out,
+    each for *ttl_s* seconds.
 
     :param max_entries: bound (>= 1).
-    :raises ValueError: when *max_entries* < 1.
+    :param ttl_s: seconds an entry is kept (> 0).
+    :param clock: monotonic seconds (tests pass their own).
+    :raises ValueError: when *max_entries* < 1 or *ttl_s* <= 0.
     """
 
-    def __init__(self, max_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_CACHE_ENTRIES,
+        *,
+        ttl_s: float = DEFAULT_CACHE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
-        self._entries: OrderedDict[str, str] = OrderedDict()
+        if not ttl_s > 0:
+            raise ValueError("ttl_s must be a positive number of seconds")
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._max_entries = max_entries
+        self._ttl_s = ttl_s
+        self._clock = clock
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, token: str) -> str | None:
-        """The cached destination of *token*, or None."""
-        url = self._entries.get(token)
-        if url is not None:
-            self._entries.move_to_end(token)
+        """The cached destination of *token*, or None (never cached, or expired)."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        url, expires = entry
+        if self._clock() >= expires:
+            del self._entries[token]
+            return None
+        self._entries.move_to_end(token)
         return url
 
     def put(self, token: str, url: str) -> None:
         """Remember *token* → *url*, evicting the least recently used beyond the bound."""
-        self._entries[token] = url
+        self._entries[token] = (url, self._clock() + self._ttl_s)
         self._entries.move_to_end(token)
         if len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)

@@ -239,6 +239,19 @@ def test_link_cache_is_bounded_least_recently_used_out() -> None:
     assert len(cache) == 2
     with pytest.raises(ValueError):
         LinkCache(0)
+    with pytest.raises(ValueError):
+        LinkCache(1, ttl_s=0)
+
+
+def test_link_cache_entries_expire() -> None:
+    now = [100.0]
+    cache = LinkCache(10, ttl_s=300, clock=lambda: now[0])
+    cache.put("a", "https://a.example/")
+    now[0] += 299
+    assert cache.get("a") == "https://a.example/"
+    now[0] += 1
+    assert cache.get("a") is None
+    assert len(cache) == 0
 
 
 @pytest.mark.parametrize(
