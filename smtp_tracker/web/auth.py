@@ -44,6 +44,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -102,6 +103,7 @@ _LOGIN_CSRF_MAX_AGE_S: Final = 3600
 _NEXT_MAX_CHARS: Final = 2048
 _FIELD_MAX_CHARS: Final = 1024
 _SAFE_PATH_CHARS: Final = "/?&=%:;@+,!$'()*~-._"
+_LOGIN_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 
 
 def load_reports_token(path: Path) -> str:
@@ -412,7 +414,11 @@ def _login_form(
     username: str = "",
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    csrf = secrets.token_urlsafe(32)
+    # One value per browser: a login page loaded meanwhile (another tab, a redirected
+    # favicon request) must not invalidate the form already shown.
+    csrf = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not _LOGIN_TOKEN.fullmatch(csrf):
+        csrf = secrets.token_urlsafe(32)
     response = render(
         request,
         "login.html",
