@@ -5,8 +5,10 @@ Routes
     (:mod:`.gif`), for every token, known, unknown or malformed, so the
     endpoint reveals nothing about which tokens exist.  A ``GET`` with a
     well-formed token offers an open to the :class:`~smtp_tracker.store.writer.EventWriter`
-    (never waiting); the store records it only if the token is known.  ``HEAD``
-    records nothing: it does not fetch the image (link checkers, prefetchers).
+    (never waiting), within the event limits (:mod:`.limits`: per token, and
+    per token and client; the GIF is served either way); the store records it
+    only if the token is known.  ``HEAD`` records nothing: it does not fetch
+    the image (link checkers, prefetchers).
 
     ``GET /healthz``: 200 ``ok`` (text/plain), nothing else.
 
