@@ -294,3 +294,46 @@ async def test_a_browser_logs_in_finds_the_message_and_sees_its_open(
             await expect(page).to_have_url(re.compile(r"/login\?next="))
         finally:
             await context.close()
+
+
+async def test_login_over_plain_http_on_loopback(tmp_path: Path) -> None:
+    """``reports_plain_http`` (loopback only): the ``Secure`` ``__Host-`` cookie still works,
+    because browsers treat loopback origins as secure."""
+    from playwright.async_api import async_playwright, expect
+
+    from smtp_tracker.store import SqliteStore
+    from smtp_tracker.web.auth import auth_middleware, install_auth
+    from smtp_tracker.web.dashboard import install_dashboard
+    from smtp_tracker.web.reports import make_reports_app
+    from smtp_tracker.web.site import start_site
+    from smtp_tracker.web.users import UserDirectory, add_user
+
+    add_user(tmp_path / "users.json", USER, PASSWORD)
+    async with await SqliteStore.open(tmp_path / "data") as store:
+        app = make_reports_app(store=store, auth_middleware=auth_middleware)
+        users = await UserDirectory.open(tmp_path / "users.json")
+        install_auth(app, token="t" * 40, users=users, session_s=600)
+        install_dashboard(app)
+        runner, port = await start_site(app, host="127.0.0.1", port=0, ssl_context=None)
+        try:
+            async with async_playwright() as playwright:
+                context = await playwright.chromium.launch_persistent_context(
+                    str(tmp_path / "chromium-profile"),
+                    executable_path=str(CHROMIUM),
+                    headless=True,
+                    args=CHROMIUM_ARGS,
+                )
+                try:
+                    page = await context.new_page()
+                    page.set_default_timeout(20_000)
+                    for host in ("localhost", "127.0.0.1"):
+                        await page.goto(f"http://{host}:{port}/messages")
+                        await page.get_by_label("User name").fill(USER)
+                        await page.get_by_label("Password").fill(PASSWORD)
+                        await page.get_by_role("button", name="Log in").click()
+                        await expect(page).to_have_url(f"http://{host}:{port}/messages")
+                        await expect(page.get_by_role("heading", level=1)).to_have_text("Messages")
+                finally:
+                    await context.close()
+        finally:
+            await runner.cleanup()

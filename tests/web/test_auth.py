@@ -516,3 +516,21 @@ async def test_the_pixel_listener_serves_no_reports_route(
         ) as response:
             assert response.status == 404, path
             assert b"smtp-tracker reports" not in await response.read()
+
+
+async def test_a_second_login_page_load_keeps_the_first_form_valid(
+    reports: ReportsServer, browser: aiohttp.ClientSession
+) -> None:
+    """A browser loads /login again behind the user's back (a favicon redirected there, a
+    second tab): the form already on screen must still be accepted."""
+    async with browser.get(reports.base_url + "/login") as response:
+        first = form_token(await response.text())
+    async with browser.get(reports.base_url + "/login?next=/favicon.ico") as response:
+        assert form_token(await response.text()) == first
+    async with browser.post(
+        reports.base_url + "/login",
+        data={"csrf_token": first, "next": "/", "username": USER, "password": PASSWORD},
+        allow_redirects=False,
+    ) as response:
+        assert response.status == 303
+        assert set_cookie_headers(response, SESSION_COOKIE)
