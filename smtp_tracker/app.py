@@ -34,6 +34,7 @@ from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
 from smtp_tracker.privacy import DomainPolicy
 from smtp_tracker.retention import FIRST_PRUNE_DELAY_S, PRUNE_INTERVAL_S, Pruner
+from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.relay import UpstreamSettings
@@ -417,13 +418,18 @@ class Application:
                 self._handler.active_transactions,
             )
         for protocol in list(self._protocols):
-            if protocol.transport is not None:
+            session = protocol.session
+            # a transaction cut short: no QUIT upstream, which would wait behind its
+            # command (up to upstream_data_timeout_s) and might end in a delivery
+            unfinished = session is not None and session.transaction is not None
+            transport = protocol.transport  # None once the client is gone, even mid-push
+            if transport is not None:
                 with contextlib.suppress(ConnectionError, RuntimeError):
-                    await protocol.push("421 4.3.2 smtp-tracker shutting down")
-                protocol.transport.close()
+                    await protocol.push(replies.R421_SHUTTING_DOWN)
+                transport.close()
             # connection_lost runs on a later turn of the loop; close the upstream now
-            if self._handler is not None and protocol.session is not None:
-                await self._handler.close_session(protocol.session)
+            if self._handler is not None and session is not None:
+                await self._handler.close_session(session, quit_upstream=not unfinished)
         if self._server is not None:
             await self._server.wait_closed()
         if self._handler is not None:

@@ -349,10 +349,19 @@ class RelayHandler:
     async def _disconnected(self, session: RelaySession) -> None:
         await self.close_session(session)
 
-    async def close_session(self, session: RelaySession) -> None:
-        """End the session's transaction, if any, and close its upstream connection."""
+    async def close_session(self, session: RelaySession, *, quit_upstream: bool = True) -> None:
+        """End the session's transaction, if any, and close its upstream connection.
+
+        :param quit_upstream: say QUIT to the upstream first; False closes at once
+            (see :meth:`UpstreamSession.abort`).
+        """
         await self.abort_transaction(session, reason="disconnect", reset_upstream=False)
-        await self._close_upstream(session)
+        if quit_upstream:
+            await self._close_upstream(session)
+        else:
+            upstream, session.upstream = session.upstream, None
+            if upstream is not None:
+                upstream.abort()
 
     async def drain(self) -> None:
         """Wait for disconnect clean-ups still running (shutdown, tests)."""

@@ -346,6 +346,18 @@ class UpstreamSession:
             # cancels the hook that is waiting here for the upstream's 221
             client.close()
 
+    def abort(self) -> None:
+        """Close at once, without QUIT; never raises.
+
+        For a transaction cut short (shutdown after the grace period): a QUIT
+        would wait behind the command in progress, and the upstream would read
+        it as the end of a transaction it may then accept.
+        """
+        client, self._client = self._client, None
+        if client is not None:
+            self._note(NOTE, "closed without QUIT")
+            client.close()
+
 
 def _describe(exc: BaseException) -> str:
     """A short description for the log (never for an SMTP reply)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "R221_BYE",
     "R250_OK",
+    "R421_SHUTTING_DOWN",
     "R421_TIMEOUT",
     "R421_TOO_MANY_CONNECTIONS",
     "R451_INTERNAL_ERROR",
@@ -43,6 +44,9 @@ R421_TIMEOUT = "421 4.4.2 timeout exceeded, closing connection"
 #: RFC 5321 §3.1 (421 at connection opening) and RFC 3463 X.3.2 "System not
 #: accepting network messages": ``max_connections`` reached; the client retries.
 R421_TOO_MANY_CONNECTIONS = "421 4.3.2 Too many connections, try again later"
+#: RFC 5321 §3.8 (a server shutting down answers 421) and RFC 3463 X.3.2:
+#: SIGTERM, to idle sessions and to transactions outlasting ``shutdown_grace_s``.
+R421_SHUTTING_DOWN = "421 4.3.2 smtp-tracker shutting down"
 
 #: RFC 3463 X.4.1 "No answer from host": connection refused, unreachable, unresolvable.
 R451_UPSTREAM_UNAVAILABLE = "451 4.4.1 upstream unavailable, try again later"
