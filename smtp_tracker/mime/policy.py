@@ -56,6 +56,11 @@ class RewritePolicy:
         case-insensitively, in each destination URL; a match is never wrapped.
     :param click_notrack_attribute: a link whose tag carries this attribute is
         never wrapped (the attribute stays).
+    :param max_click_html_bytes: bound in octets on a part whose links are
+        wrapped (finding them costs about a second per megabyte of dense
+        markup); a larger part gets the pixel alone.
+    :param max_links: bound on the links wrapped in one message; a message
+        with more gets the pixel alone.
     :raises ValueError: when a value is out of range or ``control_header`` is
         not an RFC 5322 field name.
     """
@@ -70,6 +75,8 @@ class RewritePolicy:
     track_text_links: bool = False
     click_exclude_patterns: tuple[str, ...] = DEFAULT_CLICK_EXCLUDE_PATTERNS
     click_notrack_attribute: str = DEFAULT_NOTRACK_ATTRIBUTE
+    max_click_html_bytes: int = 2 * 1024 * 1024
+    max_links: int = 1000
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -77,7 +84,13 @@ class RewritePolicy:
             problems.append(f"dkim_policy must be 'skip' or 'track', not {self.dkim_policy!r}")
         if not isinstance(self.control_header, str) or not _FIELD_NAME.match(self.control_header):
             problems.append(f"control_header is not a header field name: {self.control_header!r}")
-        for name in ("max_depth", "max_parts", "max_html_bytes"):
+        for name in (
+            "max_depth",
+            "max_parts",
+            "max_html_bytes",
+            "max_click_html_bytes",
+            "max_links",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, not {value!r}")

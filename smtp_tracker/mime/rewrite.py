@@ -374,6 +374,9 @@ class _Rewrite:
         """The HTML body with the pixel and the wrapped links in one splice, or
         None when there is nothing to wrap or it cannot be done exactly (the
         pixel then goes in alone)."""
+        if len(octets) > self.policy.max_click_html_bytes:
+            self.defects.append("links-html-too-large")
+            return None
         found, defect = find_html_links(text)
         if defect:
             self.defects.append(defect)
@@ -393,10 +396,13 @@ class _Rewrite:
         raw = self.data[part.body_start : part.end]
         cte = part.headers.get("Content-Transfer-Encoding")
         encoding, _defect = parse_transfer_encoding(None if cte is None else str(cte), raw)
-        if encoding is None or len(raw) > 3 * self.policy.max_html_bytes + 4096:
+        if encoding is None or len(raw) > 3 * self.policy.max_click_html_bytes + 4096:
             return None
         try:
             octets = decode(raw, encoding)
+            if len(octets) > self.policy.max_click_html_bytes:
+                self.defects.append("links-text-too-large")
+                return None
             decoded = decode_text(octets, part.headers.get_content_charset())
         except (TransferError, CharsetError):
             self.defects.append("text-links-undecodable")
@@ -426,6 +432,9 @@ class _Rewrite:
         assert self.rules is not None and self.click_base_url is not None
         chosen = [link for link in found if self.rules.skip_reason(link) is None]
         if not chosen:
+            return []
+        if len(self.links) + len(chosen) > self.policy.max_links:
+            self.defects.append("links-too-many")
             return []
         if codec.startswith(("utf-16", "utf-32")) or (
             codec in _STATEFUL and not codec.startswith("iso2022")

@@ -350,6 +350,35 @@ def test_no_line_over_998_octets_in_7bit_and_8bit_parts() -> None:
     assert "links-line-too-long" in result.defects
 
 
+@pytest.mark.parametrize(
+    ("bounds", "defect"),
+    [
+        ({"max_click_html_bytes": 200}, "links-html-too-large"),
+        ({"max_links": 2}, "links-too-many"),
+    ],
+)
+def test_bounds_on_the_work_leave_the_pixel_alone(bounds: dict[str, int], defect: str) -> None:
+    html = page("".join(f'<a href="{SHOP}/{n}">{n}</a>\r\n' for n in range(3)))
+    original = html_message(html)
+    policy = RewritePolicy(track_clicks=True, **bounds)
+    result, wrapped = clicked(original, policy)
+    assert result.tracked and (result.links, wrapped) == ((), [])
+    assert defect in result.defects
+    assert result.message == rewrite(original, PIXEL_URL).message
+    # just within the bounds, every link is wrapped
+    roomy = {name: 3 if name == "max_links" else len(html.encode()) for name in bounds}
+    result, wrapped = clicked(original, RewritePolicy(track_clicks=True, **roomy))
+    assert len(wrapped) == 3
+
+
+def test_text_links_count_toward_max_links() -> None:
+    original = alternative(TEXT, page(f'<a href="{SHOP}">x</a>'))
+    policy = RewritePolicy(track_clicks=True, track_text_links=True, max_links=3)
+    result, _wrapped = clicked(original, policy)
+    assert urls(result) == [SHOP]  # the 5 text URLs would make 6
+    assert "links-too-many" in result.defects
+
+
 def test_iso_2022_jp_html() -> None:
     html = page(f'\u65e5\u672c\u8a9e <a href="{SHOP}?q=\u6771\u4eac">\u6771\u4eac</a> \u3067\u3059')
     original = html_message(html, charset="iso-2022-jp", cte="7bit")
@@ -392,6 +421,8 @@ def test_an_internal_error_relays_the_original(monkeypatch: pytest.MonkeyPatch) 
         {"click_notrack_attribute": ""},
         {"track_clicks": "yes"},
         {"track_text_links": 1},
+        {"max_links": 0},
+        {"max_click_html_bytes": -1},
     ],
 )
 def test_policy_rejects_bad_click_settings(kwargs: dict[str, Any]) -> None:
