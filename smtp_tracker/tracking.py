@@ -20,6 +20,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import TYPE_CHECKING
 
+from smtp_tracker.errors import StoreError
 from smtp_tracker.mime import RewritePolicy, RewriteResult, rewrite
 from smtp_tracker.mime.disclosure import Disclosure
 from smtp_tracker.privacy import DomainPolicy
@@ -208,9 +209,17 @@ class Tracker:
         )
         try:
             await self._store.record_message(record)
-        except Exception:  # the mail is accepted upstream: never fail the transaction
+        except Exception as exc:  # the mail is accepted upstream: never fail the transaction
+            # one line per message (a full or read-only disk fails every one of them);
+            # a traceback only for what the store did not foresee
             self.counters.record_failed += 1
-            log.warning("%s: not recorded in the store", transaction.queue_id, exc_info=True)
+            foreseen = isinstance(exc, StoreError)
+            log.warning(
+                "%s: relayed, but not recorded in the store (%s)",
+                transaction.queue_id,
+                exc.__cause__ if foreseen and exc.__cause__ is not None else type(exc).__name__,
+                exc_info=not foreseen,
+            )
 
     def close(self) -> None:
         """Stop the rewrite threads (waits for rewrites in progress)."""
