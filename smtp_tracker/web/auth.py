@@ -273,6 +273,14 @@ class FailureLimiter:
         while len(self._failures) > self._max_keys:
             self._failures.popitem(last=False)
 
+    def forgive(self, key: str) -> None:
+        """Take back the latest failure of *key* (it was an attempt that succeeded)."""
+        times = self._failures.get(key)
+        if times:
+            times.pop()
+            if not times:
+                del self._failures[key]
+
 
 @dataclass(slots=True)
 class AuthState:
@@ -456,9 +464,11 @@ async def _login(request: web.Request) -> web.StreamResponse:
             status=429,
             headers={hdrs.RETRY_AFTER: str(seconds)},
         )
+    # Counted as a failure before the (slow) check, so that attempts sent in parallel
+    # are counted too; forgiven if the password is right.
+    for key in keys:
+        state.limiter.record(key)
     if not username or not password or not await state.users.verify(username, password):
-        for key in keys:
-            state.limiter.record(key)
         return _login_form(
             request,
             target=target,
@@ -466,6 +476,8 @@ async def _login(request: web.Request) -> web.StreamResponse:
             error="Wrong user name or password.",
             status=200,
         )
+    for key in keys:
+        state.limiter.forgive(key)
     state.sessions.end(request.cookies.get(SESSION_COOKIE))  # never reuse a session id
     token, _ = state.sessions.create(username)
     response = _see_other(target)

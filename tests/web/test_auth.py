@@ -9,6 +9,7 @@ site; the pixel listener serves none of it.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import ssl
 from pathlib import Path
@@ -534,3 +535,37 @@ async def test_a_second_login_page_load_keeps_the_first_form_valid(
     ) as response:
         assert response.status == 303
         assert set_cookie_headers(response, SESSION_COOKIE)
+
+
+async def test_failed_logins_sent_in_parallel_are_all_counted(
+    reports: ReportsServer, browser: aiohttp.ClientSession
+) -> None:
+    """Attempts waiting for the (slow) password check count at once: a burst gets no more
+    guesses than the limit."""
+    async with browser.get(reports.base_url + "/login") as response:
+        token = form_token(await response.text())
+    fields = {"csrf_token": token, "next": "/", "username": USER}
+
+    async def attempt(i: int) -> int:
+        data = {**fields, "password": f"wrong guess {i}"}
+        async with browser.post(
+            reports.base_url + "/login", data=data, allow_redirects=False
+        ) as response:
+            await response.read()
+            return response.status
+
+    statuses = await asyncio.gather(*(attempt(i) for i in range(12)))
+    assert statuses.count(200) == 5
+    assert statuses.count(429) == 7
+
+
+async def test_a_successful_login_does_not_use_up_the_allowance(
+    reports: ReportsServer, browser: aiohttp.ClientSession
+) -> None:
+    for _ in range(6):
+        browser.cookie_jar.clear()  # signed out again
+        assert (await login(browser, reports)).status == 303
+    browser.cookie_jar.clear()
+    for _ in range(4):
+        assert (await login(browser, reports, password="wrong guess!")).status == 200
+    assert (await login(browser, reports)).status == 303  # 4 failures + 1 success: allowed
