@@ -326,6 +326,7 @@ def install_auth(
     static = setup_site(app)
     login = app.router.add_resource("/login", name="login")
     login.add_route(hdrs.METH_GET, _login_page)
+    login.add_route(hdrs.METH_HEAD, _login_page)
     login.add_route(hdrs.METH_POST, _login)
     app.router.add_post("/logout", _logout, name="logout")
     app[AUTH_KEY] = AuthState(
