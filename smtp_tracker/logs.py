@@ -85,5 +85,15 @@ def configure_logging(level: str, fmt: str = "text", *, stream: TextIO | None = 
     root.addHandler(handler)
     root.setLevel(level.upper())
     # aiosmtpd logs every command at info, with addresses; keep it to warnings
-    # unless asked for debug.
-    logging.getLogger("mail.log").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    # unless asked for debug, and never let it quote message content.
+    aiosmtpd_log = logging.getLogger("mail.log")
+    aiosmtpd_log.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    if not any(isinstance(f, _NoMessageContent) for f in aiosmtpd_log.filters):
+        aiosmtpd_log.addFilter(_NoMessageContent())
+
+
+class _NoMessageContent(logging.Filter):
+    """Drops aiosmtpd's debug records that quote the message (``DATA readline: b'...'``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("DATA readline")
