@@ -45,6 +45,7 @@ import hashlib
 import html
 import logging
 import re
+import signal
 import sys
 import time
 import traceback
@@ -449,23 +450,34 @@ def _run_target(
             last_failure[:] = [case]
             raise
         reasons[result.reason or "tracked"] += 1
+        if count[0] % 10_000 == 0:
+            seconds = time.monotonic() - started
+            rate = count[0] / seconds
+            print(f"fuzz: {count[0]} inputs, {seconds:.0f} s, {rate:.0f}/s", flush=True)
 
     if seed is not None:
         target = _seeded(target, seed)
     started = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a summary on SIGTERM
+    interrupted = False
     try:
         target()
+    except KeyboardInterrupt:
+        interrupted = True
     except Exception as exc:
+        signal.signal(signal.SIGTERM, previous)
         path = save_crash(last_failure[0].message, crash_dir) if last_failure else None
         traceback.print_exception(exc)  # with Hypothesis' notes: the falsifying case
         print(f"fuzz: FAILED after {count[0]} inputs: {type(exc).__name__}: {exc}", file=sys.stderr)
         if path is not None:
             print(f"fuzz: input saved as {path} (policy and reverse-path above)", file=sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, previous)
     elapsed = time.monotonic() - started
     print(
         f"fuzz: {count[0]} inputs from {len(seeds())} seeds in {elapsed:.0f} s "
         f"({count[0] / elapsed:.0f}/s), no invariant broken"
+        + (" (interrupted)" if interrupted else "")
     )
     print("fuzz: outcomes: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
     for (name, where), message in sorted(internal.found.items()):
