@@ -2,6 +2,7 @@
 
 * a real ``serve --log-level debug`` writes no password, no AUTH blob, no
   message body or Subject and no pixel User-Agent into its log;
+* only the pixel endpoint listens beyond loopback by default;
 * ``check-config`` warns, on standard error, about a secret file others can read;
 * ``serve`` warns when it listens beyond loopback;
 * the upstream's certificate must name the upstream (host name checked, not
@@ -31,7 +32,7 @@ import aiosmtplib
 import pytest
 import trustme
 
-from smtp_tracker.config import PASSWORD_ENV
+from smtp_tracker.config import PASSWORD_ENV, HostPort, build_config
 from smtp_tracker.smtp.handler import Prepared, RelayHandler
 from smtp_tracker.smtp.relay import UpstreamSettings
 from smtp_tracker.smtp.server import RelaySMTP
@@ -127,6 +128,14 @@ async def test_serve_at_debug_level_logs_no_secret_body_subject_or_user_agent(
     secrets = [upstream.password, auth_plain, base64.b64encode(upstream.password.encode()).decode()]
     for needle in [*secrets, BODY_MARKER, SUBJECT_MARKER, UA_MARKER]:
         assert needle not in log, needle
+
+
+def test_only_the_pixel_endpoint_listens_beyond_loopback_by_default() -> None:
+    config = build_config({}, {}, environ={})
+    assert config.listen == HostPort("127.0.0.1", 10025)
+    assert config.reports_listen == HostPort("127.0.0.1", 8444)
+    assert config.pixel_listen == HostPort("0.0.0.0", 8443)  # noqa: S104 - mail clients reach it
+    assert config.trusted_proxies == ()  # X-Forwarded-For believed from nobody
 
 
 def test_a_secret_file_others_can_read_is_warned_about(tmp_path: Path) -> None:
