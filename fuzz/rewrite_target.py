@@ -49,13 +49,14 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import Message
 from functools import cache
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from smtp_tracker.mime import RewritePolicy, RewriteResult, rewrite
@@ -456,7 +457,7 @@ def _run_target(
             print(f"fuzz: {count[0]} inputs, {seconds:.0f} s, {rate:.0f}/s", flush=True)
 
     if seed is not None:
-        target = _seeded(target, seed)
+        target = hypothesis_seed(seed)(target)
     started = time.monotonic()
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a summary on SIGTERM
     interrupted = False
@@ -484,12 +485,6 @@ def _run_target(
         path = save_crash(message, crash_dir)
         print(f"fuzz: internal error {name} at {where} (failed open), e.g. {path}")
     return 1 if strict and internal.found else 0
-
-
-def _seeded(test: Callable[[], None], seed: int) -> Callable[[], None]:
-    from hypothesis import seed as hypothesis_seed
-
-    return hypothesis_seed(seed)(test)  # type: ignore[no-any-return]
 
 
 def _atheris_run(libfuzzer_args: Sequence[str], *, crash_dir: Path) -> int:
