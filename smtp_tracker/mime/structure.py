@@ -189,7 +189,12 @@ def iter_children(data: bytes, part: Part, defects: list[str]) -> Iterator[Part]
     default_type = (
         "message/rfc822" if part.headers.get_content_type() == "multipart/digest" else "text/plain"
     )
-    delimiters = _delimiters(data, part, boundary.encode("ascii", "surrogateescape"))
+    try:
+        boundary_octets = boundary.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:  # RFC 2046 §5.1.1: boundaries are 7bit; RFC 2231 values may not be
+        defects.append("InvalidBoundaryDefect")
+        return
+    delimiters = _delimiters(data, part, boundary_octets)
     first = next(delimiters, None)
     if first is None or first.close:
         defects.append("StartBoundaryNotFoundDefect")

@@ -68,6 +68,23 @@ def test_boundary_with_regex_characters() -> None:
     assert run(original) == (True, None)
 
 
+def test_non_ascii_boundary_is_a_defect_not_a_failure() -> None:
+    # found by fuzz/rewrite_target.py: RFC 2231 lets a boundary parameter carry UTF-8
+    original = message(
+        b"Content-Type: multipart/alternative; boundary*=utf-8''%C3%A9\r\n\r\n"
+        b"--\xc3\xa9\r\nContent-Type: text/html\r\n\r\n<html><body>x</body></html>\r\n"
+        b"--\xc3\xa9--\r\n"
+    )
+    assert run(original) == (False, "no-html-body")
+    assert "InvalidBoundaryDefect" in rewrite(original, PIXEL_URL).defects
+
+
+def test_charset_label_with_a_nul_is_an_unknown_charset() -> None:
+    # found by fuzz/rewrite_target.py: codecs.lookup raises ValueError, not LookupError
+    original = html_message(b"<html><body>x</body></html>", charset="utf\x008")
+    assert run(original)[1] != "rewrite-failed"
+
+
 def test_unknown_charset_with_quoted_printable() -> None:
     original = html_message(
         "<html><body>caf\u00e9</body></html>".encode(), charset="x-martian", cte="quoted-printable"
