@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import ipaddress
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from aiohttp import web
 
 from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.classification import Classifier, load_networks
-from smtp_tracker.config import Config, HostPort
+from smtp_tracker.config import Config, HostPort, is_loopback_host
 from smtp_tracker.errors import ConfigError, StartupError
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
@@ -328,7 +327,7 @@ class Application:
         await warn_if_unresolvable(
             upstream.host, upstream.port, timeout_s=min(config.upstream_connect_timeout_s, 10.0)
         )
-        if not _is_loopback(listen.host):
+        if not is_loopback_host(listen.host):
             log.warning(
                 "listening on %s, beyond loopback: only clients in allowed_clients (%s) are served",
                 listen,
@@ -554,15 +553,6 @@ async def warn_if_unresolvable(host: str, port: int, *, timeout_s: float) -> boo
         )
         return False
     return True
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _address_text(host: str, port: int) -> str:

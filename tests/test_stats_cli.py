@@ -244,3 +244,20 @@ async def test_reports_command_serves_the_api_alone(
         running.process.terminate()
         assert await running.process.wait() == 0
         await running.finish()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """``smtp-tracker messages --json | head -c 1``: the pipe closes under us (EPIPE)."""
+    path = tmp_path / "data"
+    with SqliteDatabase.open(path) as database:
+        for i in range(2000):
+            database.record_message(make_record(i))
+    command = [sys.executable, "-m", "smtp_tracker", "messages", "--json", "--data-dir", str(path)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.read(1) == b"["  # then hang up, like `head -c 1`
+        process.stdout.close()
+        errors = process.stderr.read().decode()
+        assert process.wait(timeout=60) == 1
+    assert "Traceback" not in errors
+    assert "BrokenPipeError" not in errors
