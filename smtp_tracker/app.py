@@ -161,6 +161,10 @@ def ensure_data_dir(path: Path) -> Path:
     return path
 
 
+#: Seconds :meth:`Application.stop` waits to hand a session its ``421`` at shutdown.
+_GOODBYE_TIMEOUT_S = 2.0
+
+
 class Application:
     """Everything ``serve`` (or ``pixel``) runs, started and stopped as one.
 
@@ -423,8 +427,10 @@ class Application:
             unfinished = session is not None and session.transaction is not None
             transport = protocol.transport  # None once the client is gone, even mid-push
             if transport is not None:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await protocol.push(replies.R421_SHUTTING_DOWN)
+                # a client that does not read must not hold up the exit
+                with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+                    async with asyncio.timeout(_GOODBYE_TIMEOUT_S):
+                        await protocol.push(replies.R421_SHUTTING_DOWN)
                 transport.close()
             # connection_lost runs on a later turn of the loop; close the upstream now
             if self._handler is not None and session is not None:
