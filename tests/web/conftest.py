@@ -1,6 +1,8 @@
-"""Fixtures for the pixel endpoint tests: a session trustme CA, TLS contexts, servers.
+"""Fixtures for the pixel endpoint tests: servers and clients.
 
-Chain: ``ca`` (session) -> ``server_ssl_context`` / ``client_ssl_context`` ->
+The certificates are the session's (``tests/conftest.py``: one trustme CA for
+the whole run, so session-scoped fixtures built on it agree in every folder).
+Chain: ``server_ssl_context`` / ``client_ssl_context`` ->
 ``start_pixel`` (a factory starting the pixel app on 127.0.0.1 port 0 over
 HTTPS) -> ``client`` (an aiohttp session trusting the CA).
 """
@@ -14,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import trustme
 from aiohttp import web
 
 from smtp_tracker.store import SqliteStore
@@ -22,25 +23,6 @@ from smtp_tracker.store.base import Store
 from smtp_tracker.web import make_pixel_app, start_site
 
 from .web_helpers import PixelServer, StartPixel
-
-
-@pytest.fixture(scope="session")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="session")
-def server_ssl_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
-    return context
-
-
-@pytest.fixture(scope="session")
-def client_ssl_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ca.configure_trust(context)
-    return context
 
 
 @pytest.fixture
