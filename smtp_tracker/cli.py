@@ -320,7 +320,7 @@ def _parse_since(text: str | None) -> Any:
 def _print_messages(stored: list[Any], *, as_json: bool) -> None:
     from smtp_tracker.store import message_to_dict
 
-    items = [message_to_dict(m.record, m.opens) for m in stored]
+    items = [message_to_dict(m.record, m.opens, m.clicks) for m in stored]
     if as_json:
         json.dump(items, sys.stdout, indent=2, ensure_ascii=False)
         print()
@@ -353,7 +353,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         from smtp_tracker.store import message_to_dict
 
         json.dump(
-            message_to_dict(found.record, found.opens), sys.stdout, indent=2, ensure_ascii=False
+            message_to_dict(found.record, found.opens, found.clicks),
+            sys.stdout,
+            indent=2,
+            ensure_ascii=False,
         )
         print()
     else:

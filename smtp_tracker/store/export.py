@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from smtp_tracker.store.records import MessageRecord, OpenRecord
+from smtp_tracker.store.records import ClickRecord, MessageRecord, OpenRecord
 
 __all__ = ["format_time", "message_to_dict"]
 
@@ -20,8 +20,10 @@ def format_time(value: datetime) -> str:
     return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def message_to_dict(record: MessageRecord, opens: Iterable[OpenRecord]) -> dict[str, Any]:
-    """A JSON-ready dict for one message and its opens.
+def message_to_dict(
+    record: MessageRecord, opens: Iterable[OpenRecord], clicks: Iterable[ClickRecord] = ()
+) -> dict[str, Any]:
+    """A JSON-ready dict for one message, its opens and its clicks.
 
     Keys, in this order: ``tracking_id``, ``queue_id``, ``message_id`` (str or
     null), ``sender`` (``""`` for the null reverse-path), ``recipients`` (list
@@ -32,7 +34,10 @@ def message_to_dict(record: MessageRecord, opens: Iterable[OpenRecord]) -> dict[
     null, "verdict": str, "verdict_reason": str or null}``, where ``ip`` is
     what the store's ``ip_policy`` kept and ``verdict`` one of ``human``,
     ``privacy_proxy``, ``mail_proxy``, ``scanner``, ``unknown`` with the rule
-    that decided it (:mod:`smtp_tracker.classification`).
+    that decided it (:mod:`smtp_tracker.classification`); ``links``: the
+    links wrapped for click tracking, ``{"token": str, "url": str,
+    "position": int}`` in order; ``clicks``: like ``opens`` with the
+    ``link_token`` and ``url`` clicked.
     """
     result: dict[str, Any] = {
         "tracking_id": record.tracking_id,
@@ -58,5 +63,20 @@ def message_to_dict(record: MessageRecord, opens: Iterable[OpenRecord]) -> dict[
             "verdict_reason": o.verdict_reason,
         }
         for o in opens
+    ]
+    result["links"] = [
+        {"token": link.token, "url": link.url, "position": link.position} for link in record.links
+    ]
+    result["clicks"] = [
+        {
+            "at": format_time(c.at),
+            "link_token": c.link_token,
+            "url": c.url,
+            "ip": c.ip,
+            "user_agent": c.user_agent,
+            "verdict": c.verdict,
+            "verdict_reason": c.verdict_reason,
+        }
+        for c in clicks
     ]
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
-from smtp_tracker.store import OpenRecord, format_time, message_to_dict
+from smtp_tracker.store import ClickRecord, LinkRecord, OpenRecord, format_time, message_to_dict
 
 from .store_helpers import T0, make_record, token
 
@@ -51,13 +51,43 @@ def test_message_to_dict_exact_shape() -> None:
                 "verdict_reason": None,
             },
         ],
+        "links": [],
+        "clicks": [],
     }
+
+
+def test_links_and_clicks_are_listed() -> None:
+    link = LinkRecord(token="L" * 23, url="https://example.com/?a=1&b=2", position=0)
+    record = make_record(1, links=(link,))
+    click = ClickRecord(
+        link_token=link.token,
+        tracking_id=token(1),
+        url=link.url,
+        at=T0,
+        ip=None,
+        user_agent="Mail/1",
+        verdict="human",
+        verdict_reason="ua:mail-client",
+    )
+    as_dict = message_to_dict(record, [], [click])
+    assert as_dict["links"] == [{"token": "L" * 23, "url": link.url, "position": 0}]
+    assert as_dict["clicks"] == [
+        {
+            "at": "2024-05-01T12:00:00.123456Z",
+            "link_token": "L" * 23,
+            "url": "https://example.com/?a=1&b=2",
+            "ip": None,
+            "user_agent": "Mail/1",
+            "verdict": "human",
+            "verdict_reason": "ua:mail-client",
+        }
+    ]
 
 
 def test_subject_only_when_stored_and_json_serialisable() -> None:
     as_dict = message_to_dict(make_record(2, subject="Hi"), [])
     assert as_dict["subject"] == "Hi"
-    assert list(as_dict)[-1] == "opens"
+    assert list(as_dict)[-3:] == ["opens", "links", "clicks"]
     assert json.loads(json.dumps(as_dict)) == as_dict
 
 
