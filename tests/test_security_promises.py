@@ -18,7 +18,6 @@ import asyncio
 import base64
 import ipaddress
 import logging
-import os
 import re
 import signal
 import ssl
@@ -32,14 +31,14 @@ import aiosmtplib
 import pytest
 import trustme
 
-from smtp_tracker.config import PASSWORD_ENV, HostPort, build_config
+from smtp_tracker.config import HostPort, build_config
 from smtp_tracker.smtp.handler import Prepared, RelayHandler
 from smtp_tracker.smtp.relay import UpstreamSettings
 from smtp_tracker.smtp.server import RelaySMTP
 from smtp_tracker.smtp.transaction import Transaction
 from tests.support import certificates
-from tests.support.process import launch
 from tests.support.relay import relay_factory
+from tests.support.serve import launch_serve, tracking_args
 from tests.support.upstream import UpstreamOptions, UpstreamServer
 
 __all__ = ["relay_factory"]  # the fixture, used by the tests below
@@ -57,36 +56,15 @@ async def test_serve_at_debug_level_logs_no_secret_body_subject_or_user_agent(
     client_ssl_context: ssl.SSLContext,
     tmp_path: Path,
 ) -> None:
-    relay = await launch(
-        "serve",
+    relay = await launch_serve(
+        upstream,
+        ca_pem_path,
+        tmp_path / "data",
+        *tracking_args(cert_pem_path, key_pem_path, pixel_base_url="https://localhost:1"),
         "--log-level",
         "debug",
         "--log-format",
         "json",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        upstream.address,
-        "--upstream-ca-file",
-        str(ca_pem_path),
-        "--upstream-user",
-        upstream.user,
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--hostname",
-        "localhost",
-        "--tls-cert",
-        str(cert_pem_path),
-        "--tls-key",
-        str(key_pem_path),
-        "--tracking",
-        "--pixel-listen",
-        "127.0.0.1:0",
-        "--pixel-base-url",
-        "https://localhost:1",
-        "--no-reports",
-        env=dict(os.environ, **{PASSWORD_ENV: upstream.password}),
-        ready="listening for SMTP",
     )
     try:
         [pixel_port] = [

@@ -20,6 +20,7 @@ import aiosmtplib
 
 from smtp_tracker.store import LinkRecord
 from smtp_tracker.store.records import Verdict
+from tests.support.relay import tracking_over_tls
 from tests.support.waiting import wait_until
 
 HTML = (
@@ -73,12 +74,7 @@ async def test_a_wrapped_link_relayed_through_the_relay_redirects_to_its_destina
     client_ssl_context: ssl.SSLContext,
 ) -> None:
     app = await relay_factory(
-        tracking=True,
-        pixel=True,
-        pixel_listen="127.0.0.1:0",
-        hostname="localhost",
-        tls_cert=str(cert_pem_path),
-        tls_key=str(key_pem_path),
+        **tracking_over_tls(cert_pem_path, key_pem_path),
         track_clicks=True,
         track_text_links=True,
     )

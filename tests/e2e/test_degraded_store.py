@@ -36,6 +36,7 @@ import aiohttp
 import aiosmtplib
 import pytest
 
+from tests.support.relay import tracking_over_tls
 from tests.support.upstream import UpstreamServer
 from tests.support.waiting import wait_until
 
@@ -181,12 +182,7 @@ async def test_mail_relays_and_tracking_degrades_when_the_data_disk_fails(
 ) -> None:
     app = await relay_factory(
         data_dir=str(mount_point / "data"),
-        tracking=True,
-        pixel=True,
-        pixel_listen="127.0.0.1:0",
-        hostname="localhost",
-        tls_cert=str(cert_pem_path),
-        tls_key=str(key_pem_path),
+        **tracking_over_tls(cert_pem_path, key_pem_path),
     )
     assert app.tracker is not None and app.store is not None
     _, before = await relay_one(app, upstream, 1)

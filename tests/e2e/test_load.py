@@ -13,7 +13,6 @@ figures.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections import Counter
@@ -22,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from smtp_tracker.config import PASSWORD_ENV
 from tests.support.load import (
     POSTFIX_LOAD_SETTINGS,
     ProcessSampler,
@@ -33,7 +31,7 @@ from tests.support.load import (
     numbered,
     status_kib,
 )
-from tests.support.process import launch
+from tests.support.serve import launch_serve, tracking_args
 from tests.support.waiting import wait_until
 
 MESSAGES = 1000
@@ -53,32 +51,11 @@ async def test_1000_messages_50_at_once_none_lost_descriptors_back_rss_bounded(
     tmp_path: Path,
 ) -> None:
     messages = numbered(message_pool(), MESSAGES, seed=1)
-    relay = await launch(
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        upstream.address,
-        "--upstream-ca-file",
-        str(ca_pem_path),
-        "--upstream-user",
-        upstream.user,
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--hostname",
-        "localhost",
-        "--tls-cert",
-        str(cert_pem_path),
-        "--tls-key",
-        str(key_pem_path),
-        "--tracking",
-        "--pixel-listen",
-        "127.0.0.1:0",
-        "--pixel-base-url",
-        "https://localhost:8443",
-        "--no-reports",
-        env=dict(os.environ, **{PASSWORD_ENV: upstream.password}),
-        ready="listening for SMTP",
+    relay = await launch_serve(
+        upstream,
+        ca_pem_path,
+        tmp_path / "data",
+        *tracking_args(cert_pem_path, key_pem_path, pixel_base_url="https://localhost:8443"),
     )
     pid = relay.process.pid
     try:

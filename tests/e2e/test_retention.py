@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from smtp_tracker.app import Application
-from smtp_tracker.config import PASSWORD_ENV, build_config
 from smtp_tracker.store import SqliteDatabase
 from smtp_tracker.store.records import OpenHit
 from tests.store.store_helpers import make_record, token
@@ -40,35 +39,23 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def start_app(upstream: Any, ca_pem_path: Path, data_dir: Path) -> AsyncIterator[Factory]:
-    started: list[Application] = []
+def start_app(relay_factory: Factory, data_dir: Path) -> Factory:
+    """:func:`relay_factory` on ``data_dir``, tracking on, pruning at once and then hourly."""
 
     async def make(*, smtp: bool = True, **overrides: Any) -> Application:
         values: dict[str, Any] = {
-            "upstream": upstream.address,
-            "upstream_ca_file": str(ca_pem_path),
-            "upstream_user": upstream.user,
-            "listen": "127.0.0.1:0",
-            "hostname": "relay.test",
             "data_dir": str(data_dir),
             "tracking": True,
             "pixel_base_url": "https://track.example.test",
-            "pixel": False,
-            "reports": False,
             "retention_days": 365,
             "pixel_listen": "127.0.0.1:0",
             "pixel_plain_http": True,
+            **overrides,
         }
-        values.update(overrides)
-        config = build_config(values, {}, environ={PASSWORD_ENV: upstream.password})
-        app = Application(config, smtp=smtp, prune_first_delay_s=0.0, prune_interval_s=3600.0)
-        await app.start()
-        started.append(app)
-        return app
+        options = {"smtp": smtp, "prune_first_delay_s": 0.0, "prune_interval_s": 3600.0}
+        return await relay_factory(app_options=options, **values)
 
-    yield make
-    for app in started:
-        await app.stop(grace_s=5.0)
+    return make
 
 
 async def test_serve_prunes_old_records_shortly_after_start(

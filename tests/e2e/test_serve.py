@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import signal
@@ -13,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from smtp_tracker.config import PASSWORD_ENV
-from tests.support.process import Running, launch
+from tests.support.process import Running
+from tests.support.serve import launch_serve
 
 TRANSACTION = re.compile(
     r"smtp-tracker/relay\[\d+\]: (?P<queue_id>[0-9A-F]{12}): from=<alice@example\.org>, "
@@ -27,33 +26,9 @@ swaks_missing = pytest.mark.skipif(
 )
 
 
-async def start_serve(upstream: Any, ca_pem_path: Path, data_dir: Path) -> Running:
-    env = dict(os.environ, **{PASSWORD_ENV: upstream.password})
-    return await launch(
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        upstream.address,
-        "--upstream-ca-file",
-        str(ca_pem_path),
-        "--upstream-user",
-        upstream.user,
-        "--data-dir",
-        str(data_dir),
-        "--hostname",
-        "relay.test",
-        "--no-tracking",
-        "--no-pixel",
-        "--no-reports",
-        env=env,
-        ready="listening for SMTP",
-    )
-
-
 @pytest.fixture
 async def served(upstream: Any, ca_pem_path: Path, tmp_path: Path) -> AsyncIterator[Running]:
-    running = await start_serve(upstream, ca_pem_path, tmp_path / "data")
+    running = await launch_serve(upstream, ca_pem_path, tmp_path / "data")
     yield running
     await running.finish()
 

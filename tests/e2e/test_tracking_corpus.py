@@ -32,6 +32,7 @@ from smtp_tracker.cli import main as cli_main
 from smtp_tracker.mime import RewritePolicy, rewrite
 from tests.corpus import corpus_root, eml_paths, skip_reason
 from tests.support.postfix import without_bounces
+from tests.support.relay import tracking_over_tls
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.corpus, pytest.mark.postfix]
@@ -92,12 +93,7 @@ async def test_every_corpus_message_relayed_through_postfix_with_its_pixel(
         pytest.skip(skip_reason())
     paths = eml_paths()
     app = await relay_factory(
-        tracking=True,
-        pixel=True,
-        pixel_listen="127.0.0.1:0",
-        hostname="localhost",
-        tls_cert=str(cert_pem_path),
-        tls_key=str(key_pem_path),
+        **tracking_over_tls(cert_pem_path, key_pem_path),
         capture="all",
     )
     data_dir = tmp_path / "data"

@@ -24,6 +24,7 @@ import aiosmtplib
 
 from smtp_tracker.config import PASSWORD_ENV
 from tests.support.process import launch
+from tests.support.serve import launch_serve
 
 PIXEL = re.compile(rb"https://localhost:\d+/o/([A-Za-z0-9_-]{23})\.gif")
 HTML = (
@@ -41,10 +42,7 @@ async def test_relay_and_pixel_processes_share_the_data_directory(
     tmp_path: Path,
 ) -> None:
     data_dir = tmp_path / "data"
-    env = dict(os.environ, **{PASSWORD_ENV: upstream.password})
-    common = [
-        "--data-dir",
-        str(data_dir),
+    tls = [
         "--tls-cert",
         str(cert_pem_path),
         "--tls-key",
@@ -60,28 +58,21 @@ async def test_relay_and_pixel_processes_share_the_data_directory(
         # (the limits have their own tests, tests/web/test_limits.py)
         "--max-events-per-token-client-per-min",
         "0",
-        *common,
-        env=env,
+        "--data-dir",
+        str(data_dir),
+        *tls,
+        env=dict(os.environ, **{PASSWORD_ENV: upstream.password}),
         ready="listening for HTTPS (pixel)",
     )
     pixel_port = pixel.port
-    relay = await launch(
-        "serve",
-        "--no-pixel",
-        "--no-reports",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        upstream.address,
-        "--upstream-ca-file",
-        str(ca_pem_path),
-        "--upstream-user",
-        upstream.user,
+    relay = await launch_serve(
+        upstream,
+        ca_pem_path,
+        data_dir,
+        "--tracking",
         "--pixel-base-url",
         f"https://localhost:{pixel_port}",
-        *common,
-        env=env,
-        ready="listening for SMTP",
+        *tls,
     )
     smtp_port = relay.port
     try:

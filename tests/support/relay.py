@@ -22,10 +22,14 @@ RelayFactory = Callable[..., Awaitable[Application]]
 async def relay_factory(
     upstream: Any, ca_pem_path: Path, tmp_path: Path
 ) -> AsyncIterator[RelayFactory]:
-    """Start smtp-tracker on 127.0.0.1 port 0 relaying to ``upstream``; keys may be overridden."""
+    """Start smtp-tracker on 127.0.0.1 port 0 relaying to ``upstream``; keys may be overridden.
+
+    A key given as None is left at the config's default; ``app_options`` are
+    :class:`Application`'s own keyword arguments (``smtp``, the prune schedule).
+    """
     started: list[Application] = []
 
-    async def make(**overrides: Any) -> Application:
+    async def make(*, app_options: dict[str, Any] | None = None, **overrides: Any) -> Application:
         values: dict[str, Any] = {
             "upstream": upstream.address,
             "upstream_ca_file": str(ca_pem_path),
@@ -43,7 +47,7 @@ async def relay_factory(
         values.update(overrides)
         values = {k: v for k, v in values.items() if v is not None}
         config = build_config(values, {}, environ={PASSWORD_ENV: upstream.password})
-        app = Application(config)
+        app = Application(config, **(app_options or {}))
         await app.start()
         started.append(app)
         return app
@@ -51,6 +55,21 @@ async def relay_factory(
     yield make
     for app in started:
         await app.stop(grace_s=5.0)
+
+
+def tracking_over_tls(cert_pem_path: Path, key_pem_path: Path) -> dict[str, Any]:
+    """:func:`relay_factory` keys: tracking on, the pixel endpoint on ``127.0.0.1:0``.
+
+    The relay is ``localhost`` with the test certificate (STARTTLS and HTTPS).
+    """
+    return {
+        "tracking": True,
+        "pixel": True,
+        "pixel_listen": "127.0.0.1:0",
+        "hostname": "localhost",
+        "tls_cert": str(cert_pem_path),
+        "tls_key": str(key_pem_path),
+    }
 
 
 @pytest.fixture

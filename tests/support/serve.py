@@ -13,7 +13,7 @@ from typing import Any
 from smtp_tracker.config import PASSWORD_ENV
 from tests.support.process import Running, launch
 
-__all__ = ["launch_serve"]
+__all__ = ["launch_serve", "tracking_args"]
 
 
 async def launch_serve(
@@ -49,3 +49,25 @@ async def launch_serve(
         env=env,
         ready="listening for SMTP",
     )
+
+
+def tracking_args(cert_pem_path: Path, key_pem_path: Path, *, pixel_base_url: str) -> list[str]:
+    """``extra`` flags for :func:`launch_serve`: tracking on, pixel endpoint on ``127.0.0.1:0``.
+
+    The process is ``localhost`` with the test certificate (STARTTLS and HTTPS);
+    ``pixel_base_url`` goes into the messages, whether or not anything serves it.
+    """
+    return [
+        "--hostname",
+        "localhost",
+        "--tls-cert",
+        str(cert_pem_path),
+        "--tls-key",
+        str(key_pem_path),
+        "--tracking",
+        "--pixel",
+        "--pixel-listen",
+        "127.0.0.1:0",
+        "--pixel-base-url",
+        pixel_base_url,
+    ]
