@@ -30,8 +30,10 @@ __all__ = [
     "R503_NEED_MAIL",
     "R503_NEED_RCPT",
     "R503_NESTED_MAIL",
+    "R503_TRANSACTION_IN_PROGRESS",
     "R552_MESSAGE_TOO_BIG",
     "R554_ACCESS_DENIED",
+    "R554_TLS_ALREADY_ACTIVE",
     "R555_UNKNOWN_PARAMETER",
 ]
 
@@ -81,10 +83,14 @@ R502_AUTH_NOT_OFFERED = "502 5.5.1 AUTH not offered"
 R503_NESTED_MAIL = "503 5.5.1 nested MAIL command"
 R503_NEED_MAIL = "503 5.5.1 need MAIL command"
 R503_NEED_RCPT = "503 5.5.1 need RCPT command"
+#: RFC 3207 §4: STARTTLS inside a mail transaction (the client SHOULD NOT); Postfix's words.
+R503_TRANSACTION_IN_PROGRESS = "503 5.5.1 Error: MAIL transaction in progress"
 
 #: RFC 1870 §6.1 and RFC 3463 X.3.4 "Message too big for system".
 R552_MESSAGE_TOO_BIG = "552 5.3.4 message size exceeds fixed maximum message size"
 #: RFC 3463 X.7.1 "Delivery not authorized": client outside allowed_clients.
 R554_ACCESS_DENIED = "554 5.7.1 access denied"
+#: RFC 3207 §4.2: STARTTLS again over TLS; Postfix's words.
+R554_TLS_ALREADY_ACTIVE = "554 5.5.1 Error: TLS already active"
 #: RFC 1869 §6 / RFC 5321 §4.1.1.11, X.5.4 "Invalid command arguments".
 R555_UNKNOWN_PARAMETER = "555 5.5.4 parameter not recognized or not implemented"

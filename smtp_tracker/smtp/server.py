@@ -12,6 +12,10 @@
 - every command and reply is copied to the session's transcript when capture
   is on, and the handler hears when the connection is lost;
 - unexpected exceptions reply ``451 4.3.0`` and are logged, never echoed;
+- STARTTLS inside a mail transaction gets ``503 5.5.1`` and over TLS already
+  ``554 5.5.1``, as Postfix answers; an accepted STARTTLS first closes the
+  session's upstream connection, since RFC 3207 §4.2 has both sides start
+  afresh and aiosmtpd gives the TLS layer a new session;
 - the limits a hostile client meets (below).
 
 Limits
@@ -357,6 +361,28 @@ class RelaySMTP(SMTP):
             # reset the envelope without calling handle_DATA: end the upstream's side.
             handler: RelayHandler = self.event_handler
             await handler.abort_transaction(session, reason="payload refused")
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """Refuse STARTTLS in a transaction or over TLS; otherwise end the upstream side first.
+
+        RFC 3207 §4.2: after the handshake the server discards what it knew of
+        the client, and aiosmtpd starts a new session; the old one's upstream
+        connection (open since an earlier MAIL) is closed here with QUIT, so
+        that nothing is left behind on the smarthost.
+        """
+        session = self.session
+        if not arg and self.tls_context is not None and session is not None:
+            if self._tls_protocol is not None:
+                await self.push(replies.R554_TLS_ALREADY_ACTIVE)
+                return
+            in_transaction = self.envelope is not None and self.envelope.mail_from is not None
+            if in_transaction or session.transaction is not None:
+                await self.push(replies.R503_TRANSACTION_IN_PROGRESS)
+                return
+            handler: RelayHandler = self.event_handler
+            await handler.close_session(session)
+        await super().smtp_STARTTLS(arg or "")
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
