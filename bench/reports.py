@@ -49,8 +49,8 @@ import aiohttp
 
 from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.store import SqliteDatabase, SqliteStore
-from smtp_tracker.store.records import COUNTED_VERDICTS, VERDICTS
-from smtp_tracker.store.reports import MessageFilter, page_query
+from smtp_tracker.store.records import COUNTED_VERDICTS
+from smtp_tracker.store.reports import ROLLUP_COLUMNS, MessageFilter, page_query
 from smtp_tracker.store.sqlite import DB_FILENAME
 from smtp_tracker.web.auth import install_auth
 from smtp_tracker.web.reports import make_reports_app
@@ -73,17 +73,7 @@ VERDICT_WEIGHTS = {
 }
 START_US = (START - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
 DAYS = [(START.date() + timedelta(days=d)).isoformat() for d in range(SPAN_DAYS + 1)]
-_ROLLUP = (
-    "relayed",
-    "tracked",
-    "opened",
-    "opened_any",
-    "opens",
-    *(f"opens_{v}" for v in VERDICTS),
-    "clicks",
-    "clicked",
-)
-_COLUMN = {name: index for index, name in enumerate(_ROLLUP)}
+_COLUMN = {name: index for index, name in enumerate(ROLLUP_COLUMNS)}
 
 
 def tracking_id(k: int) -> str:
@@ -137,7 +127,7 @@ def fill(data_dir: Path, *, messages: int, opens: int, seed: int) -> Filled:
         key = (DAYS[(relayed[k] - START_US) // DAY_US], sender_of(sender_ids[k])[1])
         row = rollup.get(key)
         if row is None:
-            row = rollup[key] = [0] * len(_ROLLUP)
+            row = rollup[key] = [0] * len(ROLLUP_COLUMNS)
         row[_COLUMN[column]] += by
 
     for k in range(messages):
@@ -249,8 +239,8 @@ def fill(data_dir: Path, *, messages: int, opens: int, seed: int) -> Filled:
     conn.executemany(
         "INSERT INTO message_recipients (message_rowid, address) VALUES (?,?)", recipient_rows()
     )
-    columns = ", ".join(_ROLLUP)
-    marks = ", ".join("?" * (len(_ROLLUP) + 2))
+    columns = ", ".join(ROLLUP_COLUMNS)
+    marks = ", ".join("?" * (len(ROLLUP_COLUMNS) + 2))
     conn.executemany(
         f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES ({marks})",  # noqa: S608 - constants
         ((day, domain, *row) for (day, domain), row in rollup.items()),

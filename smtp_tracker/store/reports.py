@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_LIMIT",
     "EXPORT_PAGE_ROWS",
     "MAX_LIMIT",
+    "ROLLUP_COLUMNS",
     "VERDICTS",
     "ClickEvent",
     "MessageDetail",
@@ -533,19 +534,18 @@ def _summary(row: Sequence[Any]) -> MessageSummary:
 
 # -- statistics -----------------------------------------------------------------------------
 
-_STATS_SUMS = ", ".join(
-    f"SUM({column})"
-    for column in (
-        "relayed",
-        "tracked",
-        "opened",
-        "opened_any",
-        "opens",
-        *(f"opens_{verdict}" for verdict in VERDICTS),
-        "clicks",
-        "clicked",
-    )
+#: The ``daily_stats`` rollup's counters, in table order (after ``day`` and ``sender_domain``).
+ROLLUP_COLUMNS: Final[tuple[str, ...]] = (
+    "relayed",
+    "tracked",
+    "opened",
+    "opened_any",
+    "opens",
+    *(f"opens_{verdict}" for verdict in VERDICTS),
+    "clicks",
+    "clicked",
 )
+_STATS_SUMS = ", ".join(f"SUM({column})" for column in ROLLUP_COLUMNS)
 
 
 def query_stats(
