@@ -26,10 +26,8 @@ import base64
 import random
 import re
 import ssl
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import aiohttp
@@ -75,26 +73,7 @@ async def older_link(session: aiohttp.ClientSession, base: str, path: str, depth
     return path
 
 
-async def time_page(
-    session: aiohttp.ClientSession, url: str, params: dict[str, str], *, repeat: int
-) -> tuple[float, float, float, str]:
-    samples: list[float] = []
-    body = b""
-    for attempt in range(repeat + 3):
-        started = time.perf_counter()
-        async with session.get(url, params=params, allow_redirects=False) as response:
-            body = await response.read()
-            if response.status != 200:
-                raise SystemExit(f"{url}: HTTP {response.status}")
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        if attempt >= 3:
-            samples.append(elapsed_ms)
-    samples.sort()
-    p95 = samples[min(len(samples) - 1, int(len(samples) * 0.95))]
-    return statistics.median(samples), p95, samples[-1], describe_page(body)
-
-
-def describe_page(body: bytes) -> str:
+def describe_page(body: bytes, content_type: str) -> str:
     """What a page showed: rows of its record tables, chart bars, size."""
     html = body.decode()
     rows = html.count("<tr>\n") - html.count("<thead>")
@@ -143,12 +122,19 @@ async def run(data_dir: Path, filled: data.Filled, repeat: int) -> int:
                 ]  # fmt: skip
                 print(f"{'page':30} {'median':>8} {'p95':>8} {'max':>8}  shown", file=sys.stderr)
                 for name, path, params in cases:
-                    median, p95, top, shown = await time_page(
-                        session, base + path, params, repeat=repeat
+                    timing = await data.time_call(
+                        session,
+                        base + path,
+                        params,
+                        repeat=repeat,
+                        name=name,
+                        allow_redirects=False,
+                        describe=describe_page,
                     )
-                    worst = max(worst, p95)
+                    worst = max(worst, timing.p95_ms)
                     print(
-                        f"{name:30} {median:6.1f}ms {p95:6.1f}ms {top:6.1f}ms  {shown}",
+                        f"{name:30} {timing.median_ms:6.1f}ms {timing.p95_ms:6.1f}ms"
+                        f" {timing.max_ms:6.1f}ms  {timing.detail}",
                         file=sys.stderr,
                     )
         finally:

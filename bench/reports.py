@@ -39,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -298,13 +298,23 @@ async def time_call(
     *,
     repeat: int,
     name: str,
-    headers: dict[str, str],
+    headers: dict[str, str] | None = None,
+    allow_redirects: bool = True,
+    describe: Callable[[bytes, str], str] | None = None,
 ) -> Timing:
+    """GET *url* ``repeat`` times, one after another, after three warm-up requests.
+
+    :param describe: what the first answer showed, from its body and content
+        type; :func:`summarize` (the JSON API's) when None.
+    :raises SystemExit: an answer other than 200.
+    """
     samples: list[float] = []
     detail = ""
     for attempt in range(repeat + 3):
         started = time.perf_counter()
-        async with session.get(url, params=params, headers=headers) as response:
+        async with session.get(
+            url, params=params, headers=headers, allow_redirects=allow_redirects
+        ) as response:
             body = await response.read()
             if response.status != 200:
                 raise SystemExit(f"{name}: HTTP {response.status}: {body[:200]!r}")
@@ -312,7 +322,7 @@ async def time_call(
         if attempt >= 3:
             samples.append(elapsed_ms)
         if not detail:
-            detail = summarize(body, response.content_type)
+            detail = (describe or summarize)(body, response.content_type)
     samples.sort()
     p95 = samples[min(len(samples) - 1, int(len(samples) * 0.95))]
     return Timing(name, statistics.median(samples), p95, samples[-1], detail)
