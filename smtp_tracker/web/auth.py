@@ -15,7 +15,8 @@ Every other path
     (:mod:`.users`).  Without a valid one: ``303`` to ``/login?next=PATH``.
     Sessions live in memory (a server restart signs everyone out), keyed by
     the SHA-256 of the cookie's 256-bit random value, and end after
-    ``reports_session_s``, at ``POST /logout``, or when the user is removed.
+    ``reports_session_s``, at ``POST /logout``, or when the user is removed or
+    given a new password.
     The cookie is ``Secure; HttpOnly; SameSite=Strict; Path=/`` with the
     ``__Host-`` name prefix (RFC 6265bis §4.1.3.2: no Domain, so no other host
     can set or read it).
@@ -27,8 +28,8 @@ CSRF
     must equal the one in a short-lived ``__Host-`` cookie (double submit).
 
 Failed logins
-    At most ``login_failures_per_min`` per client address and per user name
-    in any 60 seconds; beyond that ``POST /login`` answers ``429`` with
+    At most ``login_failures_per_min`` per client address (per /64 for IPv6)
+    and per user name in any 60 seconds; beyond that ``POST /login`` answers ``429`` with
     ``Retry-After`` (RFC 6585 §4) without checking the password.  The memory
     used is bounded (least recently failed keys are forgotten first).
 
@@ -43,9 +44,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import math
 import re
 import secrets
+import stat
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,7 +61,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from aiohttp import hdrs, web
 
 from smtp_tracker.errors import StartupError
-from smtp_tracker.web.client import IPNetwork, client_address
+from smtp_tracker.web.client import IPNetwork, client_address, parse_address
 from smtp_tracker.web.templating import CurrentSession, current_session, render, setup_site
 from smtp_tracker.web.users import UserDirectory
 
@@ -77,6 +81,8 @@ __all__ = [
     "load_reports_token",
     "safe_next",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Paths under this prefix are the JSON API (bearer token); all others are pages (session).
 API_PREFIX: Final = "/api/"
@@ -109,15 +115,22 @@ _LOGIN_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(
 def load_reports_token(path: Path) -> str:
     """The API bearer token: the contents of *path*, without surrounding whitespace.
 
+    Logs a warning (never the token) when group or others may read or write the file.
+
     :raises StartupError: when the file cannot be read, or holds fewer than
         :data:`REPORTS_TOKEN_MIN_CHARS` characters or characters outside
         printable ASCII (RFC 6750 §2.1 ``b64token`` is ASCII).
     """
     try:
         token = path.read_text(encoding="utf-8").strip()
+        mode = path.stat().st_mode
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or "not UTF-8 text"
         raise StartupError(f"reports_token_file: cannot read {path} ({reason})") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning(
+            "reports_token_file: %s is readable by group or others; run: chmod 600 %s", path, path
+        )
     if len(token) < REPORTS_TOKEN_MIN_CHARS:
         raise StartupError(
             f"reports_token_file: {path} holds fewer than {REPORTS_TOKEN_MIN_CHARS} characters; "
@@ -153,6 +166,7 @@ class _Session:
     user: str
     csrf_token: str
     expires_at: float  # time.monotonic()
+    stamp: str = ""  # the user's password stamp at login
 
 
 class SessionStore:
@@ -178,15 +192,17 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, user: str) -> tuple[str, CurrentSession]:
-        """Start a session for *user*; return the cookie value and the session."""
+    def create(self, user: str, *, stamp: str = "") -> tuple[str, CurrentSession]:
+        """Start a session for *user* whose password has *stamp*; return the cookie value
+        and the session."""
         self._purge()
         while len(self._sessions) >= self._max:
             self._sessions.popitem(last=False)
         token = secrets.token_urlsafe(32)
-        session = _Session(user, secrets.token_urlsafe(32), self._clock() + self.lifetime_s)
+        expires_at = self._clock() + self.lifetime_s
+        session = _Session(user, secrets.token_urlsafe(32), expires_at, stamp)
         self._sessions[_digest(token)] = session
-        return token, CurrentSession(session.user, session.csrf_token)
+        return token, CurrentSession(session.user, session.csrf_token, session.stamp)
 
     def get(self, token: str | None) -> CurrentSession | None:
         """The live session whose cookie value is *token*, or ``None``."""
@@ -199,7 +215,7 @@ class SessionStore:
         if session.expires_at <= self._clock():
             del self._sessions[key]
             return None
-        return CurrentSession(session.user, session.csrf_token)
+        return CurrentSession(session.user, session.csrf_token, session.stamp)
 
     def end(self, token: str | None) -> None:
         """End the session whose cookie value is *token*, if any."""
@@ -318,8 +334,8 @@ def install_auth(
     :param token: the API bearer token (:func:`load_reports_token`).
     :param users: who may log in to the pages.
     :param session_s: a session's lifetime, in seconds.
-    :param login_failures_per_min: failed logins allowed per client address and
-        per user name in any 60 seconds.
+    :param login_failures_per_min: failed logins allowed per client address (IPv6:
+        per /64) and per user name in any 60 seconds.
     :param trusted_proxies: networks whose ``X-Forwarded-For`` names the client
         (for the per-address limit).
     """
@@ -354,11 +370,16 @@ async def auth_middleware(request: web.Request, handler: _Handler) -> web.Stream
         return await handler(request)
     if request.path == API_PREFIX.rstrip("/") or request.path.startswith(API_PREFIX):
         return await _check_bearer(request, handler, state)
-    session = state.sessions.get(request.cookies.get(SESSION_COOKIE))
+    cookie = request.cookies.get(SESSION_COOKIE)
+    session = state.sessions.get(cookie)
     if session is not None:
         await state.users.refresh()
-        if not state.users.exists(session.user):
+        stamp = state.users.stamp(session.user)
+        if stamp is None:  # removed
             state.sessions.end_user(session.user)
+            session = None
+        elif not _same(stamp, session.stamp):  # signed in with a password since replaced
+            state.sessions.end(cookie)
             session = None
     if session is None:
         query = {"next": request.rel_url.raw_path_qs} if request.path != "/" else {}
@@ -453,7 +474,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
     client = client_address(
         request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()), state.trusted_proxies
     )
-    keys = (f"address:{client or '-'}", f"user:{username.casefold()}")
+    keys = (f"address:{_address_key(client)}", f"user:{username.casefold()}")
     wait_s = max(state.limiter.retry_after_s(key) for key in keys)
     if wait_s > 0:
         seconds = max(1, math.ceil(wait_s))
@@ -469,7 +490,8 @@ async def _login(request: web.Request) -> web.StreamResponse:
     # are counted too; forgiven if the password is right.
     for key in keys:
         state.limiter.record(key)
-    if not username or not password or not await state.users.verify(username, password):
+    stamp = await state.users.check(username, password) if username and password else None
+    if stamp is None:
         return _login_form(
             request,
             target=target,
@@ -480,7 +502,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
     for key in keys:
         state.limiter.forgive(key)
     state.sessions.end(request.cookies.get(SESSION_COOKIE))  # never reuse a session id
-    token, _ = state.sessions.create(username)
+    token, _ = state.sessions.create(username, stamp=stamp)
     response = _see_other(target)
     _set_cookie(response, SESSION_COOKIE, token, max_age_s=int(state.sessions.lifetime_s))
     _set_cookie(response, LOGIN_CSRF_COOKIE, "", max_age_s=0)  # used up
@@ -526,6 +548,15 @@ def _same(sent: str, expected: str) -> bool:
 
 def _text(value: object) -> str:
     return value[:_FIELD_MAX_CHARS] if isinstance(value, str) else ""
+
+
+def _address_key(client: str | None) -> str:
+    """The address failed logins are counted under: an IPv6 client's /64 (RFC 4291 §2.5.1:
+    one host's or LAN's prefix, whose interface identifiers it picks freely), else the address."""
+    ip = parse_address(client) if client else None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip) if ip is not None else "-"
 
 
 def _digest(token: str) -> bytes:

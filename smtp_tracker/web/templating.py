@@ -41,13 +41,15 @@ class CurrentSession:
 
     :param user: the user name.
     :param csrf_token: the value every state-changing form of this session carries.
+    :param stamp: the user's password stamp at login (``UserDirectory.stamp``).
     """
 
-    __slots__ = ("csrf_token", "user")
+    __slots__ = ("csrf_token", "stamp", "user")
 
-    def __init__(self, user: str, csrf_token: str) -> None:
+    def __init__(self, user: str, csrf_token: str, stamp: str = "") -> None:
         self.user = user
         self.csrf_token = csrf_token
+        self.stamp = stamp
 
 
 #: The session of the request being handled (set by the auth middleware, which runs

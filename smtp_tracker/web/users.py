@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
+import logging
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -48,6 +51,8 @@ __all__ = [
     "remove_user",
     "write_users",
 ]
+
+log = logging.getLogger(__name__)
 
 #: The users file's name in the data directory when ``reports_users_file`` is unset.
 USERS_FILENAME: Final = "reports-users.json"
@@ -218,12 +223,15 @@ class UserDirectory:
 
     @classmethod
     async def open(cls, path: Path, **options: Any) -> UserDirectory:
-        """A directory over *path*, read once.
+        """A directory over *path*, read once; a warning is logged when group or others
+        may read or write the file (it holds password hashes).
 
         :raises StartupError: when the file exists but cannot be read or parsed.
         """
         directory = cls(path, **options)
         await asyncio.to_thread(directory._reload, True)
+        await asyncio.to_thread(_dummy_hash)  # made now, not during the first unknown login
+        await asyncio.to_thread(_warn_if_shared, path)
         return directory
 
     def _reload(self, strict: bool = False) -> None:
@@ -263,8 +271,18 @@ class UserDirectory:
         """The user names, sorted."""
         return sorted(self._users)
 
+    def stamp(self, name: str) -> str | None:
+        """What names *name*'s current password (a digest of its hash), or ``None`` for no
+        such user: a session made under another stamp is stale (the password was changed)."""
+        entry = self._users.get(name)
+        return None if entry is None else _stamp(entry)
+
     async def verify(self, name: str, password: str) -> bool:
-        """Whether *password* is *name*'s password.
+        """Whether *password* is *name*'s password (see :meth:`check`)."""
+        return await self.check(name, password) is not None
+
+    async def check(self, name: str, password: str) -> str | None:
+        """The :meth:`stamp` of *name*'s password if *password* is it, else ``None``.
 
         An unknown name costs as much as a wrong password (a dummy hash is
         checked), so response times do not tell which names exist.
@@ -272,11 +290,23 @@ class UserDirectory:
         await self.refresh()
         entry = self._users.get(name)
         if len(password) > PASSWORD_MAX_CHARS:
-            return False
+            return None
         encoded = entry.password_hash if entry is not None else _dummy_hash()
         async with self._checks:
             matched = await asyncio.to_thread(_verify, encoded, password)
-        return matched and entry is not None
+        return _stamp(entry) if matched and entry is not None else None
+
+
+def _stamp(entry: UserEntry) -> str:
+    return hashlib.sha256(entry.password_hash.encode()).hexdigest()[:32]
+
+
+def _warn_if_shared(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a missing file is fine: nobody can log in yet
+        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            log.warning(
+                "users file: %s is readable by group or others; run: chmod 600 %s", path, path
+            )
 
 
 @functools.cache
