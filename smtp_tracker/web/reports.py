@@ -206,6 +206,8 @@ def _moment(text: str, *, name: str, end_of_day: bool) -> datetime:
             start = datetime.combine(day, time(0), tzinfo=UTC)
             return start + timedelta(days=1) if end_of_day else start
         moment = datetime.fromisoformat(text)
+    except OverflowError:  # the day after 9999-12-31
+        raise ValueError(f"{name}: expected a date before 9999-12-31") from None
     except ValueError:
         raise ValueError(
             f"{name}: expected an ISO 8601 date (2024-05-01) or datetime (2024-05-01T12:00:00Z)"
