@@ -10,10 +10,11 @@ so the store calls it inside its write transaction.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from smtp_tracker.classification.networks import NetworkList, parse_ip
+from smtp_tracker.classification.networks import NetworkList, ParsedIP, parse_ip
 from smtp_tracker.classification.rules import (
     NO_MATCH,
     PREFETCH_WINDOW_PLACEHOLDER,
@@ -26,6 +27,9 @@ __all__ = ["DEFAULT_PREFETCH_WINDOW_S", "Classifier"]
 
 #: Default of the ``prefetch_window_s`` key: fetches this soon after the relay are scans.
 DEFAULT_PREFETCH_WINDOW_S = 30.0
+
+#: How many distinct User-Agents' matching rules a classifier remembers.
+_AGENT_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,8 @@ class Classifier:
     :param rules: the table (default :data:`~.rules.RULES`).
     :raises ValueError: when *prefetch_window_s* is not positive or a rule
         names a list that *networks* lacks.
+
+    Not thread-safe (it keeps a cache): the store calls it from its one writer thread.
     """
 
     def __init__(
@@ -70,26 +76,50 @@ class Classifier:
             )
             for rule in rules
         )
+        self._agent_cache: OrderedDict[str, tuple[_CompiledRule, ...]] = OrderedDict()
 
     def __call__(self, event: EventContext) -> tuple[Verdict, str]:
         """``(verdict, reason)`` for *event*; ``("unknown", "no-rule")`` if no rule matches."""
         user_agent = event.user_agent.strip() if event.user_agent else ""
-        ip = parse_ip(event.client_address)
+        ip: ParsedIP | None = None
+        parsed = False  # the address is parsed only if a network rule is reached
         elapsed_s = (event.at - event.relayed_at).total_seconds()
         early = elapsed_s < self.prefetch_window_s
-        for compiled in self._rules:
+        for compiled in self._rules_for_agent(user_agent):
             rule = compiled.rule
             if event.kind not in rule.kinds:
                 continue
-            if rule.no_user_agent and user_agent:
-                continue
-            if rule.user_agent is not None and not (
-                user_agent and rule.user_agent.search(user_agent)
-            ):
-                continue
             if rule.within_prefetch_window and not early:
                 continue
-            if compiled.network is not None and not compiled.network.contains(ip):
-                continue
+            if compiled.network is not None:
+                if not parsed:
+                    ip, parsed = parse_ip(event.client_address), True
+                if not compiled.network.contains(ip):
+                    continue
             return rule.verdict, compiled.reason
         return "unknown", NO_MATCH
+
+    def _rules_for_agent(self, user_agent: str) -> tuple[_CompiledRule, ...]:
+        """The rules whose User-Agent conditions *user_agent* meets, in table order.
+
+        The regular expressions are most of a classification's cost, and a
+        relay sees few distinct User-Agents (proxies, a few clients), so the
+        answer is kept for the last :data:`_AGENT_CACHE_SIZE` of them.
+        """
+        cached = self._agent_cache.get(user_agent)
+        if cached is not None:
+            self._agent_cache.move_to_end(user_agent)
+            return cached
+        matching = tuple(
+            compiled
+            for compiled in self._rules
+            if not (compiled.rule.no_user_agent and user_agent)
+            and (
+                compiled.rule.user_agent is None
+                or (user_agent and compiled.rule.user_agent.search(user_agent))
+            )
+        )
+        self._agent_cache[user_agent] = matching
+        if len(self._agent_cache) > _AGENT_CACHE_SIZE:
+            self._agent_cache.popitem(last=False)
+        return matching

@@ -74,6 +74,10 @@ class AddressPolicy:
         """The value to store for *address* (see the module docstring)."""
         if self.policy == "none" or address is None:
             return None
+        if self.policy == "truncate":
+            fast = _truncate_ipv4(address)
+            if fast is not None:
+                return fast
         try:
             ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
         except ValueError:
@@ -87,6 +91,27 @@ class AddressPolicy:
             return str(ipaddress.ip_network((ip, prefix), strict=False))
         assert self._key is not None
         return hmac.new(self._key, ip.packed, hashlib.sha256).hexdigest()
+
+
+def _truncate_ipv4(address: str) -> str | None:
+    """``"a.b.c.0/24"`` for a plain dotted-quad IPv4 *address*, else ``None``.
+
+    The common case of :meth:`AddressPolicy.apply` without :mod:`ipaddress`'s
+    parsing (a third of the cost of recording an open); anything unusual
+    (spaces, zone, IPv6, leading zeros, out-of-range octets) returns ``None``
+    and takes the general path.
+    """
+    if _IPV4_PREFIX != 24:  # the fast path keeps whole octets
+        return None
+    parts = address.split(".")
+    if len(parts) != 4:
+        return None
+    for part in parts:
+        if not (part.isdigit() and part.isascii() and len(part) <= 3):
+            return None
+        if int(part) > 255 or (len(part) > 1 and part[0] == "0"):
+            return None
+    return f"{parts[0]}.{parts[1]}.{parts[2]}.0/{_IPV4_PREFIX}"
 
 
 def load_or_create_hash_key(path: Path) -> bytes:

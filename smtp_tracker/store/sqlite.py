@@ -92,16 +92,6 @@ _INSERT_CLICK = (
 _ORDER = "ORDER BY relayed_at_us DESC, id DESC"
 #: The rollup's columns counting open events by verdict.
 _OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
-_ROLLUP_COLUMNS = (
-    "relayed",
-    "tracked",
-    "opened",
-    "opened_any",
-    "opens",
-    *_OPENS_BY_VERDICT.values(),
-    "clicks",
-    "clicked",
-)
 
 
 def sender_domain_of(reverse_path: str) -> str:
@@ -120,12 +110,12 @@ def _add_to_rollup(conn: sqlite3.Connection, day: str, domain: str, counts: dict
     counts = {column: value for column, value in counts.items() if value}
     if not counts:
         return
-    assert set(counts) <= set(_ROLLUP_COLUMNS), counts
+    assert set(counts) <= set(reports.ROLLUP_COLUMNS), counts
     columns = ", ".join(counts)
     marks = ", ".join("?" * len(counts))
     updates = ", ".join(f"{column} = {column} + excluded.{column}" for column in counts)
     conn.execute(
-        f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from _ROLLUP_COLUMNS
+        f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from ROLLUP_COLUMNS
         f" ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
         (day, domain, *counts.values()),
     )
@@ -162,6 +152,14 @@ class _MessageState:
         "sender_domain",
     )
 
+    #: The tracking id, then the columns :meth:`__init__` takes, of the messages
+    #: whose tracking ids fill the ``IN ({})`` (see :func:`_select_rows_in`).
+    SELECT_BY_TRACKING_IDS = (
+        "SELECT tracking_id, id, relayed_at_us, sender_domain, open_count,"
+        " counted_open_count, first_open_at_us, click_count, counted_click_count"
+        " FROM messages WHERE tracking_id IN ({})"
+    )
+
     def __init__(self, row: Sequence[Any]) -> None:
         (
             self.rowid,
@@ -175,16 +173,6 @@ class _MessageState:
         ) = row
         self.initial = tuple(row[3:])
         self.rollup: dict[str, int] = {}
-
-    @classmethod
-    def load(cls, conn: sqlite3.Connection, tracking_id: str) -> _MessageState | None:
-        row = conn.execute(
-            "SELECT id, relayed_at_us, sender_domain, open_count, counted_open_count,"
-            " first_open_at_us, click_count, counted_click_count"
-            " FROM messages WHERE tracking_id = ?",
-            (tracking_id,),
-        ).fetchone()
-        return None if row is None else cls(row)
 
     def _bump(self, column: str) -> None:
         self.rollup[column] = self.rollup.get(column, 0) + 1
@@ -211,25 +199,51 @@ class _MessageState:
             if self.first_open_at_us is None or at_us < self.first_open_at_us:
                 self.first_open_at_us = at_us
 
-    def save(self, conn: sqlite3.Connection) -> None:
-        current = (
-            self.open_count,
-            self.counted_open_count,
-            self.first_open_at_us,
-            self.click_count,
-            self.counted_click_count,
-        )
-        if current == self.initial:
-            return
-        conn.execute(
+    @staticmethod
+    def save_all(conn: sqlite3.Connection, states: Iterable[_MessageState]) -> None:
+        """Write the changed counters, and the rollup increments summed per day and domain."""
+        updates = []
+        rollup: dict[tuple[str, str], dict[str, int]] = {}
+        for state in states:
+            current = (
+                state.open_count,
+                state.counted_open_count,
+                state.first_open_at_us,
+                state.click_count,
+                state.counted_click_count,
+            )
+            if current == state.initial:
+                continue
+            updates.append((*current, state.rowid))
+            counts = rollup.setdefault((day_of(state.relayed_at_us), state.sender_domain), {})
+            for column, value in state.rollup.items():
+                counts[column] = counts.get(column, 0) + value
+        conn.executemany(
             "UPDATE messages SET open_count = ?, counted_open_count = ?, first_open_at_us = ?,"
             " click_count = ?, counted_click_count = ? WHERE id = ?",
-            (*current, self.rowid),
+            updates,
         )
-        _add_to_rollup(conn, day_of(self.relayed_at_us), self.sender_domain, self.rollup)
+        for (day, domain), counts in rollup.items():
+            _add_to_rollup(conn, day, domain, counts)
 
 
-_UNSEEN: Any = object()
+def _select_rows_in(
+    conn: sqlite3.Connection, query: str, keys: Iterable[str]
+) -> Iterator[Sequence[Any]]:
+    """Rows of *query* (with one ``IN ({})``) for *keys*, in chunks within SQLite's limits."""
+    pending = list(keys)
+    for start in range(0, len(pending), _IN_CHUNK):
+        chunk = pending[start : start + _IN_CHUNK]
+        yield from conn.execute(query.format(", ".join("?" * len(chunk))), chunk)
+
+
+def _select_in(conn: sqlite3.Connection, query: str, keys: Iterable[str]) -> dict[str, str]:
+    """``{first column: second column}`` of :func:`_select_rows_in`."""
+    return {str(row[0]): str(row[1]) for row in _select_rows_in(conn, query, keys)}
+
+
+#: Keys per ``IN (...)`` look-up (SQLite allows 32,766 variables since 3.32).
+_IN_CHUNK = 500
 
 
 class SqliteDatabase:
@@ -420,31 +434,36 @@ class SqliteDatabase:
         apply = self.address_policy.apply
         classify = self.classifier
         conn = self._conn
-        recorded = 0
         try:
             with immediate_transaction(conn):
-                messages: dict[str, _MessageState | None] = {}
-                link_owners: dict[str, str | None] = {}
+                owners: dict[str, str] = {}  # link token → tracking id
+                if kind == "click":
+                    owners = _select_in(
+                        conn,
+                        "SELECT token, tracking_id FROM links WHERE token IN ({})",
+                        {hit.link_token for hit in hits if isinstance(hit, ClickHit)},
+                    )
+                messages = {
+                    str(row[0]): _MessageState(row[1:])
+                    for row in _select_rows_in(
+                        conn,
+                        _MessageState.SELECT_BY_TRACKING_IDS,
+                        {
+                            owners.get(hit.link_token, "")
+                            if isinstance(hit, ClickHit)
+                            else hit.tracking_id
+                            for hit in hits
+                        }
+                        - {""},
+                    )
+                }
                 rows: list[tuple[Any, ...]] = []
                 for hit in hits:
                     if isinstance(hit, ClickHit):
-                        if hit.link_token in link_owners:
-                            owner = link_owners[hit.link_token]
-                        else:
-                            found = conn.execute(
-                                "SELECT tracking_id FROM links WHERE token = ?", (hit.link_token,)
-                            ).fetchone()
-                            owner = link_owners[hit.link_token] = (
-                                None if found is None else str(found[0])
-                            )
-                        if owner is None:
-                            continue
-                        tracking_id = owner
+                        tracking_id = owners.get(hit.link_token, "")
                     else:
                         tracking_id = hit.tracking_id
-                    state = messages.get(tracking_id, _UNSEEN)
-                    if state is _UNSEEN:
-                        state = messages[tracking_id] = _MessageState.load(conn, tracking_id)
+                    state = messages.get(tracking_id)
                     if state is None:
                         continue
                     user_agent = (
@@ -471,13 +490,10 @@ class SqliteDatabase:
                     else:
                         rows.append((tracking_id, at_us, ip, user_agent, verdict, reason))
                 conn.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
-                recorded = len(rows)
-                for state in messages.values():
-                    if state is not None:
-                        state.save(conn)
+                _MessageState.save_all(conn, messages.values())
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record {len(hits)} {kind}s: {exc}") from exc
-        return recorded
+        return len(rows)
 
     # -- reads ------------------------------------------------------------------
 

@@ -460,3 +460,21 @@ async def test_a_google_image_proxy_fetch_is_stored_as_mail_proxy_and_shown(
     assert main(["show", token(1), "--data-dir", str(tmp_path / "data")]) == 0
     [opened] = [line for line in capsys.readouterr().out.splitlines() if "opened" in line]
     assert f"mail_proxy (ua:GoogleImageProxy)  {GOOGLE_PROXY}" in opened
+
+
+def test_the_user_agent_cache_changes_no_verdict() -> None:
+    """One classifier judging the table twice, in both orders, agrees with a fresh one per case."""
+    shared = Classifier(load_networks(), prefetch_window_s=30)
+    for cases in (CASES, CASES[::-1]):
+        for user_agent, address, kind, verdict, reason in cases:
+            assert shared(event(user_agent, address, kind=kind)) == (verdict, reason)
+            # the same User-Agent soon after the relay: the timing rule still applies
+            fresh = Classifier(load_networks(), prefetch_window_s=30)
+            early = event(user_agent, address, kind=kind, after_s=1)
+            assert shared(early) == fresh(early)
+
+
+def test_the_user_agent_cache_is_bounded(classifier: Classifier) -> None:
+    for i in range(5000):
+        classifier(event(f"Agent/{i}", ELSEWHERE))
+    assert len(classifier._agent_cache) == 4096

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import AddressPolicy, IpPolicy, OpenHit, SqliteStore
-from smtp_tracker.store.address import HASH_KEY_FILENAME, load_or_create_hash_key
+from smtp_tracker.store.address import (
+    HASH_KEY_FILENAME,
+    _truncate_ipv4,
+    load_or_create_hash_key,
+)
 
 from .store_helpers import T0, make_record, token
 
@@ -100,3 +107,25 @@ def test_address_policy_validation() -> None:
 async def test_unknown_policy_is_a_store_error(data_dir: Path) -> None:
     with pytest.raises(StoreError, match="ip_policy"):
         await SqliteStore.open(data_dir, ip_policy="some")  # type: ignore[arg-type]
+
+
+@given(
+    st.one_of(
+        st.ip_addresses(v=4).map(str),
+        st.lists(st.text("0123456789 x-", max_size=4), min_size=1, max_size=6).map(".".join),
+    )
+)
+def test_the_ipv4_fast_path_agrees_with_ipaddress(address: str) -> None:
+    fast = _truncate_ipv4(address)
+    if fast is not None:
+        network = ipaddress.ip_network((ipaddress.IPv4Address(address), 24), strict=False)
+        assert fast == str(network)
+    assert AddressPolicy("truncate").apply(address) == _general_truncate(address)
+
+
+def _general_truncate(address: str) -> str | None:
+    try:
+        ip = ipaddress.ip_address(address.strip().split("%", 1)[0])
+    except ValueError:
+        return None
+    return str(ipaddress.ip_network((ip, 24 if ip.version == 4 else 48), strict=False))
