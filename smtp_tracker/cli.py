@@ -18,12 +18,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smtp_tracker import __version__
 from smtp_tracker.config import PASSWORD_ENV, Config, config_from_sources
 from smtp_tracker.errors import ConfigError, InputError, SmtpTrackerError, StartupError
 from smtp_tracker.logs import configure_logging
+
+if TYPE_CHECKING:
+    from smtp_tracker.retention import Outcome
 
 __all__ = ["main"]
 
@@ -395,7 +398,13 @@ def cmd_networks_import(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_for_retention(config: Config) -> Any:
+def _delete_records(
+    config: Config, delete: Callable[..., Outcome], what: object, *, dry_run: bool
+) -> Outcome:
+    """``delete(database, DATA_DIR/capture, what, dry_run=dry_run)`` on ``config``'s store.
+
+    :raises InputError: when there is no store, or a capture file cannot be removed.
+    """
     from smtp_tracker.store import DB_FILENAME, SqliteDatabase
 
     if not (config.data_dir / DB_FILENAME).exists():
@@ -403,7 +412,11 @@ def _open_for_retention(config: Config) -> Any:
             f"no tracking store in {config.data_dir}: give --data-dir (or --config) of a "
             "running smtp-tracker"
         )
-    return SqliteDatabase.open(config.data_dir, create=False)
+    with SqliteDatabase.open(config.data_dir, create=False) as database:
+        try:
+            return delete(database, config.data_dir / "capture", what, dry_run=dry_run)
+        except OSError as exc:
+            raise InputError(f"cannot remove capture files: {exc.strerror or exc}") from exc
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -414,13 +427,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if before is None:
         print("smtp-tracker: retention_days is 0: records are kept forever; nothing pruned")
         return EXIT_OK
-    with _open_for_retention(config) as database:
-        try:
-            outcome = prune_data_dir(
-                database, config.data_dir / "capture", before, dry_run=args.dry_run
-            )
-        except OSError as exc:
-            raise InputError(f"cannot remove capture files: {exc.strerror or exc}") from exc
+    outcome = _delete_records(config, prune_data_dir, before, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(
         f"smtp-tracker: {verb} what was relayed before {before:%Y-%m-%dT%H:%M:%SZ} "
@@ -436,13 +443,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if not address or any(c in address for c in " \t\r\n"):
         raise ConfigError(f"--recipient: expected an address like bob@example.net, got {address!r}")
     config = _load(args)
-    with _open_for_retention(config) as database:
-        try:
-            outcome = forget_recipient(
-                database, config.data_dir / "capture", address, dry_run=args.dry_run
-            )
-        except OSError as exc:
-            raise InputError(f"cannot remove capture files: {exc.strerror or exc}") from exc
+    outcome = _delete_records(config, forget_recipient, address, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     print(
         f"smtp-tracker: {verb} {outcome.removed.messages} message records sent to <{address}>, "
