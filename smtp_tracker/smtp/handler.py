@@ -42,6 +42,7 @@ __all__ = [
 
 log = logging.getLogger("smtp_tracker.relay")
 
+
 def normalize_line_endings(content: bytes) -> bytes | None:
     """``content`` with every bare CR and bare LF made CRLF, or None if it has none.
 
@@ -152,10 +153,19 @@ class RelayHandler:
         self._active += 1
         self._idle.clear()
 
-    def _end(self) -> None:
+    def _end(self, transaction: Transaction) -> bool:
+        """Count ``transaction`` as ended; False, and nothing counted, if it was already.
+
+        At shutdown ``close_session`` may end a transaction whose DATA hook is
+        still waiting on the upstream and ends it again when that wait fails.
+        """
+        if transaction.ended:
+            return False
+        transaction.ended = True
         self._active -= 1
         if self._active == 0:
             self._idle.set()
+        return True
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no transaction is in flight; False if ``timeout_s`` passed first."""
@@ -325,9 +335,8 @@ class RelayHandler:
             could be read as the reply to an unfinished command).
         """
         transaction, session.transaction = session.transaction, None
-        if transaction is None:
+        if transaction is None or not self._end(transaction):
             return
-        self._end()
         self.counters["aborted"] += 1
         if reset_upstream and session.upstream is not None and transaction.broken is None:
             await session.upstream.rset()
@@ -406,11 +415,12 @@ class RelayHandler:
         *,
         prepared: Prepared | None = None,
     ) -> None:
-        session.transaction = None
-        self._end()
-        session.transactions += 1
+        if session.transaction is transaction:
+            session.transaction = None
         status = {2: "sent", 4: "deferred"}.get(reply.code // 100, "bounced")
-        self.counters[{"sent": "relayed", "deferred": "deferred"}.get(status, "rejected")] += 1
+        if self._end(transaction):  # else counted already, as aborted (shutdown)
+            session.transactions += 1
+            self.counters[{"sent": "relayed", "deferred": "deferred"}.get(status, "rejected")] += 1
         tracking = ""
         if prepared is not None and prepared.tracking_id is not None:
             tracking = (

@@ -37,6 +37,8 @@ class Transaction:
 
     :ivar broken: set when the upstream connection failed mid-transaction;
         every later command of the transaction gets its 4xx reply.
+    :ivar ended: set by the relay handler when it counted the end (DATA reply,
+        RSET, drop, shutdown); a second end of the same transaction is ignored.
     """
 
     reverse_path: str
@@ -48,6 +50,7 @@ class Transaction:
     accepted: list[Recipient] = field(default_factory=list)
     refused: list[Recipient] = field(default_factory=list)
     broken: UpstreamError | None = None
+    ended: bool = False
 
     @property
     def delay_s(self) -> float:

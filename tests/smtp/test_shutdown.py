@@ -1,4 +1,5 @@
-"""``Application.stop`` is bounded even when a client never reads what we send it."""
+"""``Application.stop``: bounded even when a client never reads what we send it, and
+it ends each transaction once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import socket
 import time
 from typing import Any
 
-from smtp_tracker.app import _GOODBYE_TIMEOUT_S
+import aiosmtplib
+import pytest
+
+from smtp_tracker.app import _GOODBYE_TIMEOUT_S, Application
+from tests.support.waiting import wait_until
 
 
 async def test_a_client_that_never_reads_does_not_hold_up_the_stop(relay_factory: Any) -> None:
@@ -34,3 +39,32 @@ async def test_a_client_that_never_reads_does_not_hold_up_the_stop(relay_factory
     finally:
         sock.close()
     assert time.monotonic() - started < 0.5 + _GOODBYE_TIMEOUT_S + 5
+
+
+@pytest.mark.upstream(delay_s={"EOM": 3.0})
+async def test_a_transaction_ended_by_the_stop_and_by_its_data_hook_is_ended_once(
+    relay: Application, client: aiosmtplib.SMTP, upstream: Any
+) -> None:
+    """``stop()`` ends a cut-off transaction (``close_session``) while its DATA hook
+    still waits on the upstream; the hook, failing then, ends it again: once counts."""
+    message = b"From: alice@example.org\r\nSubject: cut off\r\n\r\nhello\r\n"
+    sending = asyncio.create_task(
+        client.sendmail("alice@example.org", ["bob@example.net"], message)
+    )
+    await wait_until(
+        lambda: any(line.startswith("354") for line in upstream.transcript),
+        timeout_s=10,
+        message="DATA not under way upstream",
+    )
+    handler = relay.handler
+    assert handler.active_transactions == 1
+    [protocol] = list(relay._protocols)
+    assert protocol.session is not None
+    await handler.close_session(protocol.session, quit_upstream=False)  # what stop() does
+    with pytest.raises(aiosmtplib.SMTPDataError) as deferred:
+        await sending
+    assert deferred.value.code == 451
+    await handler.drain()
+    assert handler.active_transactions == 0
+    assert await handler.wait_idle(0)
+    assert (handler.counters["aborted"], handler.counters["deferred"]) == (1, 0)
