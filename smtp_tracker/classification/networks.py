@@ -311,7 +311,9 @@ def import_network_list(data_dir: Path, name: str, source_file: Path) -> Network
         "imported": f"{now} by 'smtp-tracker networks import' from {source_file}",
         "count": str(parsed.count),
     }
-    lines = [f"# {key}: {value}" for key, value in header.items() if value]
+    # one line each: a line break in a value (a JSON date, the file's name) would add a
+    # network nobody validated
+    lines = [f"# {key}: {' '.join(value.split())}" for key, value in header.items() if value]
     lines.extend(_networks_of(text))
     target_dir = data_dir / NETWORKS_DIRNAME
     target = target_dir / f"{name}.txt"

@@ -8,6 +8,8 @@
   client cannot skip the per-address limit by changing its interface identifier.
 * An unknown user name costs one argon2 check with the same parameters as a known
   one's, and no hashing at login time.
+* ``networks import``: a header value read from the file (a JSON ``creationTime``)
+  cannot put a line break, and so a network nobody validated, into the list written.
 * Neither listener sends ``Strict-Transport-Security``: it would pin the whole host
   name (every port, RFC 6797 §8.1, §14.4), the pixel host's and ``localhost`` included.
 """
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import ssl
 from pathlib import Path
@@ -24,6 +27,7 @@ import argon2
 import pytest
 from aiohttp import web
 
+from smtp_tracker.classification import import_network_list
 from smtp_tracker.store import SqliteStore
 from smtp_tracker.web import make_pixel_app, start_site
 from smtp_tracker.web import users as users_module
@@ -227,3 +231,20 @@ async def test_neither_listener_sends_strict_transport_security(
         async with browser.get(url, allow_redirects=False) as response:
             await response.read()
             assert "Strict-Transport-Security" not in response.headers, url
+
+
+# -- networks import: the header cannot smuggle a network in ----------------------------------
+
+
+@pytest.mark.parametrize("line_break", ["\n", "\r", "\u2028", "\x1c"])
+def test_an_imported_lists_header_cannot_add_a_network(tmp_path: Path, line_break: str) -> None:
+    source = tmp_path / "goog.json"
+    created = f"2024-04-25{line_break}0.0.0.0/0"
+    source.write_text(
+        json.dumps({"creationTime": created, "prefixes": [{"ipv4Prefix": "192.0.2.0/24"}]})
+    )
+    imported = import_network_list(tmp_path / "data", "google", source)
+    assert imported.count == 1
+    assert "192.0.2.7" in imported
+    assert "198.51.100.1" not in imported
+    assert imported.date == "2024-04-25 0.0.0.0/0"  # kept, on its one line
