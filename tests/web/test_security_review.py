@@ -10,6 +10,8 @@
   one's, and no hashing at login time.
 * ``networks import``: a header value read from the file (a JSON ``creationTime``)
   cannot put a line break, and so a network nobody validated, into the list written.
+* What a recipient controls (the User-Agent of a pixel or click fetch) and a sender's
+  link are escaped on the pages, and a stored URL is never made a link there.
 * Neither listener sends ``Strict-Transport-Security``: it would pin the whole host
   name (every port, RFC 6797 §8.1, §14.4), the pixel host's and ``localhost`` included.
 """
@@ -20,6 +22,7 @@ import ipaddress
 import json
 import logging
 import ssl
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
@@ -28,7 +31,8 @@ import pytest
 from aiohttp import web
 
 from smtp_tracker.classification import import_network_list
-from smtp_tracker.store import SqliteStore
+from smtp_tracker.store import OpenHit, SqliteStore
+from smtp_tracker.store.records import ClickHit, LinkRecord
 from smtp_tracker.web import make_pixel_app, start_site
 from smtp_tracker.web import users as users_module
 from smtp_tracker.web.auth import SESSION_COOKIE, load_reports_token
@@ -37,16 +41,20 @@ from smtp_tracker.web.users import UserDirectory, add_user, read_users
 from .dashboard_support import (
     API_TOKEN,
     PASSWORD,
+    T_DAY,
     USER,
     ReportsServer,
     browser,
     login,
+    page,
+    record,
     reports,
     runners,
     set_cookie_headers,
     start_reports,
     store,
 )
+from .web_helpers import token
 
 __all__ = ["browser", "reports", "runners", "store"]  # fixtures
 
@@ -248,3 +256,38 @@ def test_an_imported_lists_header_cannot_add_a_network(tmp_path: Path, line_brea
     assert "192.0.2.7" in imported
     assert "198.51.100.1" not in imported
     assert imported.date == "2024-04-25 0.0.0.0/0"  # kept, on its one line
+
+
+# -- what a recipient controls is escaped --------------------------------------------------
+
+
+async def test_a_recipients_user_agent_and_a_senders_link_are_escaped_on_the_pages(
+    store: SqliteStore, reports: ReportsServer, browser: aiohttp.ClientSession
+) -> None:
+    # anyone holding a pixel or click URL chooses the User-Agent stored with the event
+    hostile_agent = '"><svg onload=alert(1)><script>alert(2)</script>'
+    hostile_url = 'https://example.org/?"><img src=x onerror=alert(3)>'
+    link_token = "L" + "h" * 22
+    await store.record_message(
+        record(5, links=(LinkRecord(token=link_token, url=hostile_url, position=0),))
+    )
+    at = T_DAY + timedelta(hours=1)
+    await store.record_opens(
+        [OpenHit(tracking_id=token(5), at=at, client_address="192.0.2.9", user_agent=hostile_agent)]
+    )
+    assert await store.record_clicks(
+        [
+            ClickHit(
+                link_token=link_token, at=at, client_address="192.0.2.9", user_agent=hostile_agent
+            )
+        ]
+    )
+    await login(browser, reports)
+    async with browser.get(reports.base_url + f"/messages/{token(5)}") as response:
+        assert response.status == 200
+        text = await response.text()
+    doc = page(text)
+    assert doc.xpath("//script | //svg[@onload] | //img | //*[@onerror]") == []
+    assert doc.xpath("//a[contains(@href, 'example.org')]") == []  # a stored URL is never a link
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in text
+    assert hostile_url in doc.xpath("string(//td[@data-label='Link'])")
