@@ -1,5 +1,7 @@
 """Findings of the security review of the reports listener, each a test that failed first.
 
+* Path tricks (``//api``, ``/%61pi``, ``/static/..``, trailing slashes, ``;``), with
+  any method, reach no route without credentials.
 * A password set with ``user add --replace`` ends the sessions signed in with the old one.
 * A reports token file or users file that group or others can read is warned about.
 * A date the server cannot represent (``until=9999-12-31``) is a 400, not a 500 with a
@@ -54,7 +56,7 @@ from .dashboard_support import (
     start_reports,
     store,
 )
-from .web_helpers import token
+from .web_helpers import raw_request, token
 
 __all__ = ["browser", "reports", "runners", "store"]  # fixtures
 
@@ -65,6 +67,49 @@ async def _status(browser: aiohttp.ClientSession, server: ReportsServer, path: s
     async with browser.get(server.base_url + path, allow_redirects=False) as response:
         await response.read()
         return response.status
+
+
+# -- path tricks --------------------------------------------------------------------------
+
+TRICK_PATHS = [
+    "//api/messages",
+    "/api//messages",
+    "/%61pi/messages",
+    "/API/messages",
+    "/api/messages/",
+    "/./api/messages",
+    "/x/../api/messages",
+    "/static/../api/messages",
+    "/static/%2e%2e/api/messages",
+    "/static/..%2f..%2fauth.py",
+    "/static/%2e%2e/templates/base.html",
+    "/static/",
+    "/login/../messages",
+    "/login/..%2fmessages",
+    "/login;x",
+    "/login/",
+    "/messages/%2e%2e",
+    "/api",
+]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "POST"])
+async def test_path_tricks_never_reach_a_route_without_credentials(
+    reports: ReportsServer, client_ssl_context: ssl.SSLContext, method: str
+) -> None:
+    for path in TRICK_PATHS:
+        request = (
+            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("latin-1")
+        status, headers, body = await raw_request(
+            reports.port, request, ssl_context=client_ssl_context
+        )
+        # refused (401, 303 to the login), or nothing there: never a page or data
+        assert status in (303, 401, 403, 404, 405), (method, path, status)
+        if status == 303:
+            assert headers["location"].startswith("/login"), (method, path)
+        assert b"tracking_id" not in body and b"{%" not in body, (method, path)
 
 
 # -- sessions end when the password changes ---------------------------------------------------
