@@ -50,6 +50,7 @@ from smtp_tracker.mime.structure import Field, Part, read_part
 from smtp_tracker.mime.transfer import (
     TransferEncoding,
     TransferError,
+    apply_edits,
     decode,
     line_ending,
     parse_transfer_encoding,
@@ -478,11 +479,11 @@ class _Rewrite:
             index, tag, offset, insert = pixel
             octet_edits = sorted([*octet_edits, (offset, offset, insert)], key=_first)
             text_edits = sorted([*text_edits, (index, index, tag)], key=_first)
-        new_octets = _edited(octets, octet_edits)
+        new_octets = apply_edits(octets, octet_edits)
         try:
             body = splice_edits(raw, encoding, octet_edits, newline=eol)
             same = decode(body, encoding) == new_octets
-            same = same and new_octets.decode(codec) == _edited_text(text, text_edits)
+            same = same and new_octets.decode(codec) == apply_edits(text, text_edits)
         except (TransferError, UnicodeError):
             return None
         if not same:
@@ -595,25 +596,3 @@ def _fit_lines(octets: bytes, plan: list[_Wrap], pixel: tuple[int, bytes] | None
         if grown > 0 and length(number) <= MAX_LINE < length(number) + grown
     }
     return [w for w in candidates if line(w.start) not in too_long]
-
-
-def _edited(octets: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
-    out = bytearray()
-    pos = 0
-    for start, end, insert in edits:
-        out += octets[pos:start]
-        out += insert
-        pos = end
-    out += octets[pos:]
-    return bytes(out)
-
-
-def _edited_text(text: str, edits: list[tuple[int, int, str]]) -> str:
-    pieces: list[str] = []
-    pos = 0
-    for start, end, insert in edits:
-        pieces.append(text[pos:start])
-        pieces.append(insert)
-        pos = end
-    pieces.append(text[pos:])
-    return "".join(pieces)

@@ -16,10 +16,12 @@ import bisect
 import re
 from collections.abc import Sequence
 from enum import Enum
+from typing import AnyStr
 
 __all__ = [
     "TransferEncoding",
     "TransferError",
+    "apply_edits",
     "decode",
     "line_ending",
     "parse_transfer_encoding",
@@ -187,18 +189,23 @@ def splice_edits(
         return _edit_base64(body, edits, newline)
     if edits[-1][1] > len(body):
         raise TransferError("edit outside the body")
-    return _apply(body, edits)
+    return apply_edits(body, edits)
 
 
-def _apply(octets: bytes, edits: Sequence[Edit]) -> bytes:
-    out = bytearray()
+def apply_edits(data: AnyStr, edits: Sequence[tuple[int, int, AnyStr]]) -> AnyStr:
+    """``data`` with each ``(start, end, insert)``: ``data[start:end]`` replaced by ``insert``.
+
+    :param edits: offsets into ``data`` (octets or characters), sorted and not
+        overlapping; not checked.
+    """
+    pieces: list[AnyStr] = []
     pos = 0
     for start, end, insert in edits:
-        out += octets[pos:start]
-        out += insert
+        pieces.append(data[pos:start])
+        pieces.append(insert)
         pos = end
-    out += octets[pos:]
-    return bytes(out)
+    pieces.append(data[pos:])
+    return data[:0].join(pieces)
 
 
 def _lines(body: bytes) -> list[tuple[int, int]]:
@@ -440,7 +447,7 @@ def _edit_base64(body: bytes, edits: Sequence[Edit], newline: bytes) -> bytes:
     decoded = decode(body, TransferEncoding.BASE64)
     if edits[-1][1] > len(decoded):
         raise TransferError("edit outside the body")
-    new = _apply(decoded, edits)
+    new = apply_edits(decoded, edits)
     lines = _base64_lines(body)
     if lines is None:
         return _encode_base64_whole(body, new, newline)
