@@ -492,6 +492,10 @@ async def _login(request: web.Request) -> web.StreamResponse:
         state.limiter.record(key)
     stamp = await state.users.check(username, password) if username and password else None
     if stamp is None:
+        # like Postfix's "SASL LOGIN authentication failed", for fail2ban; never the password
+        log.warning(
+            "reports: login failed for user=%s from [%s]", _printable(username), client or "unknown"
+        )
         return _login_form(
             request,
             target=target,
@@ -503,6 +507,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
         state.limiter.forgive(key)
     state.sessions.end(request.cookies.get(SESSION_COOKIE))  # never reuse a session id
     token, _ = state.sessions.create(username, stamp=stamp)
+    log.info("reports: user=%s logged in from [%s]", _printable(username), client or "unknown")
     response = _see_other(target)
     _set_cookie(response, SESSION_COOKIE, token, max_age_s=int(state.sessions.lifetime_s))
     _set_cookie(response, LOGIN_CSRF_COOKIE, "", max_age_s=0)  # used up
@@ -544,6 +549,12 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 def _same(sent: str, expected: str) -> bool:
     return hmac.compare_digest(sent.encode(), expected.encode())
+
+
+def _printable(text: str) -> str:
+    """*text* with control and non-ASCII characters escaped, at most 64 of them, for a log line."""
+    escaped = text[:64].encode("ascii", "backslashreplace").decode("ascii")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in escaped)
 
 
 def _text(value: object) -> str:

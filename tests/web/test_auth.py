@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import ssl
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -226,6 +227,18 @@ async def test_a_wrong_password_or_user_sets_no_session(
         assert not set_cookie_headers(response, SESSION_COOKIE)
     async with browser.get(reports.base_url + "/", allow_redirects=False) as home:
         assert home.status == 303
+
+
+async def test_logins_are_logged_for_fail2ban_without_the_password(
+    reports: ReportsServer, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="smtp_tracker.web.auth")
+    await login(browser, reports, user="mal\nlory\u00e9", password="guess-1234")
+    await login(browser, reports)
+    lines = [record.getMessage() for record in caplog.records]
+    assert "reports: login failed for user=mal\\x0alory\\xe9 from [127.0.0.1]" in lines
+    assert f"reports: user={USER} logged in from [127.0.0.1]" in lines
+    assert not any("guess-1234" in line or PASSWORD in line for line in lines)
 
 
 async def test_logout_ends_the_session_on_the_server(
