@@ -14,7 +14,7 @@ import base64
 import binascii
 import bisect
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import Enum
 from typing import AnyStr
 
@@ -324,18 +324,8 @@ def _splice_qp(body: bytes, offset: int, insert: bytes, newline: bytes) -> bytes
     if eol not in (b"\r\n", b"\n"):
         eol = newline
     pieces = tokens[:cut] + _qp_encode(insert) + tokens[cut:]
-    lines: list[bytes] = []
-    current = bytearray()
-    sticky = False
-    for token, _width, token_sticky in pieces:
-        if current and len(current) + len(token) > MAX_ENCODED_LINE - 1:
-            carry = current[-1:] if sticky else b""  # a literal "=" moves to the next line
-            lines.append(bytes(current[: len(current) - len(carry)]) + b"=" + eol)
-            current = bytearray(carry)
-        current += token
-        sticky = token_sticky
-    lines.append(bytes(current) + terminal)
-    return body[:start] + b"".join(lines) + body[end:]
+    lines, rest = _fill_qp_lines(((t, w, s, False) for t, w, s in pieces), eol)
+    return body[:start] + b"".join(lines) + rest + terminal + body[end:]
 
 
 def _edit_qp(body: bytes, edits: Sequence[Edit], newline: bytes) -> bytes:
@@ -420,6 +410,23 @@ def _reencode_qp_lines(
     begin_edits()
     if following != len(edits) or skip_until > offset:
         raise TransferError("edit not on token boundaries")
+    lines, rest = _fill_qp_lines(pieces, eol)
+    if rest or final:
+        lines.append(rest + final)
+    return b"".join(lines)
+
+
+def _fill_qp_lines(
+    pieces: Iterable[tuple[bytes, int, bool, bool]], eol: bytes
+) -> tuple[list[bytes], bytes]:
+    """Quoted-printable tokens laid out in lines of at most 76 characters (RFC 2045 §6.7 (5)).
+
+    :param pieces: ``(token, width, sticky, hard)``; a hard piece is a line
+        ending, kept as it is; elsewhere a soft line break (``=`` and ``eol``)
+        ends a line that is full.
+    :returns: the finished lines (each with its line ending), and the rest of
+        the last line, without one.
+    """
     lines: list[bytes] = []
     current = bytearray()
     sticky = False
@@ -435,9 +442,7 @@ def _reencode_qp_lines(
             current = bytearray(carry)
         current += token
         sticky = token_sticky
-    if current or final:
-        lines.append(bytes(current) + final)
-    return b"".join(lines)
+    return lines, bytes(current)
 
 
 # base64 -------------------------------------------------------------------------
