@@ -453,8 +453,11 @@ def _edit_base64(body: bytes, edits: Sequence[Edit], newline: bytes) -> bytes:
     if edits[-1][1] > len(decoded):
         raise TransferError("edit outside the body")
     new = apply_edits(decoded, edits)
-    lines = _base64_lines(body)
-    if lines is None:
+    try:
+        lines = _base64_lines(body)
+    except _IrregularBase64:
+        lines = []
+    if not lines:
         return _encode_base64_whole(body, new, newline)
     width = lines[0][1] - lines[0][0]
     if len(lines) == 1 or width > MAX_ENCODED_LINE:
@@ -476,9 +479,12 @@ def _edit_base64(body: bytes, edits: Sequence[Edit], newline: bytes) -> bytes:
     return body[:first_start] + eol.join(chunks) + body[last_end:]
 
 
-def _base64_lines(body: bytes) -> list[tuple[int, int, bytes]] | None:
-    """``(start, data end, line ending)`` of each data line, or None when they are
-    not all whole 4-character quanta (only the last may end with padding)."""
+def _base64_lines(body: bytes) -> list[tuple[int, int, bytes]]:
+    """``(start, data end, line ending)`` of each data line (none: an empty body).
+
+    :raises _IrregularBase64: when they are not all whole 4-character quanta
+        (only the last may end with padding), or a line has blanks inside.
+    """
     data_lines: list[tuple[int, int, bytes]] = []
     for start, end in _lines(body):
         eol = body[end - 2 : end] if body[start:end].endswith(b"\r\n") else body[end - 1 : end]
@@ -486,16 +492,16 @@ def _base64_lines(body: bytes) -> list[tuple[int, int, bytes]] | None:
             eol = b""
         match = _BASE64_LINE.match(body, start, end - len(eol))
         if match is None:
-            return None
+            raise _IrregularBase64("blanks inside a base64 line")
         if match.end(1) > start:
             data_lines.append((start, match.end(1), eol))
     if not data_lines:
-        return None
+        return data_lines
     for start, data_end, _eol in data_lines[:-1]:
         if (data_end - start) % 4 or body[data_end - 1] == 0x3D:
-            return None
+            raise _IrregularBase64("base64 lines are not whole quanta")
     if (data_lines[-1][1] - data_lines[-1][0]) % 4:
-        return None
+        raise _IrregularBase64("base64 lines are not whole quanta")
     return data_lines
 
 
@@ -523,23 +529,9 @@ def _splice_base64_line(body: bytes, offset: int, insert: bytes, newline: bytes)
     """Re-encode only the base64 line holding ``offset`` (every line whole quanta)."""
     if len(insert) % 3:
         raise _IrregularBase64("base64 insert length is not a multiple of 3")
-    data_lines: list[tuple[int, int, bytes]] = []  # (start, data end, eol)
-    for start, end in _lines(body):
-        eol = body[end - 2 : end] if body[start:end].endswith(b"\r\n") else body[end - 1 : end]
-        if eol not in (b"\r\n", b"\n"):
-            eol = b""
-        match = _BASE64_LINE.match(body, start, end - len(eol))
-        if match is None:
-            raise _IrregularBase64("blanks inside a base64 line")
-        if match.end(1) > start:
-            data_lines.append((start, match.end(1), eol))
+    data_lines = _base64_lines(body)
     if not data_lines:
         raise TransferError("empty base64 body")
-    for start, data_end, _eol in data_lines[:-1]:
-        if (data_end - start) % 4 or body[data_end - 1] == 0x3D:
-            raise _IrregularBase64("base64 lines are not whole quanta")
-    if (data_lines[-1][1] - data_lines[-1][0]) % 4:
-        raise _IrregularBase64("base64 lines are not whole quanta")
     width = data_lines[0][1] - data_lines[0][0]
     if width % 4 or width > MAX_ENCODED_LINE or len(data_lines) == 1:
         width = MAX_ENCODED_LINE
@@ -569,8 +561,4 @@ def _reencode_base64(body: bytes, offset: int, insert: bytes, newline: bytes) ->
     decoded = decode(body, TransferEncoding.BASE64)
     if not 0 <= offset <= len(decoded):
         raise TransferError("offset outside the body")
-    encoded = base64.b64encode(decoded[:offset] + insert + decoded[offset:])
-    lines = [encoded[i : i + MAX_ENCODED_LINE] for i in range(0, len(encoded), MAX_ENCODED_LINE)]
-    lead = body[: len(body) - len(body.lstrip(_BLANKS))]
-    tail = body[len(body.rstrip(_BLANKS)) :]
-    return lead + newline.join(lines) + tail
+    return _encode_base64_whole(body, decoded[:offset] + insert + decoded[offset:], newline)
