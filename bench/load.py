@@ -54,6 +54,7 @@ from tests.support.load import (
 )
 from tests.support.postfix import Postfix, missing_reason
 from tests.support.process import launch
+from tests.support.serve import tracking_args
 from tests.support.waiting import wait_until
 
 
@@ -133,17 +134,7 @@ async def run(args: argparse.Namespace) -> int:
         str(ca_file),
         "--data-dir",
         str(work / "data"),
-        "--hostname",
-        "localhost",
-        "--tls-cert",
-        str(cert_file),
-        "--tls-key",
-        str(key_file),
-        "--tracking",
-        "--pixel-listen",
-        "127.0.0.1:0",
-        "--pixel-base-url",
-        "https://localhost:8443",
+        *tracking_args(cert_file, key_file, pixel_base_url="https://localhost:8443"),
         "--no-reports",
         env=dict(os.environ),
         ready="listening for SMTP",
