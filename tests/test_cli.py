@@ -1,28 +1,16 @@
 """The smtp-tracker command: one clear line per problem, an exit status, no traceback."""
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 from smtp_tracker.config import Config
-
-
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "smtp_tracker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        check=False,
-    )
+from tests.support.process import run_cli
 
 
 def test_bad_config_is_one_line_per_problem_and_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('upstream_tls = "ssl3"\nlisten = 25\n')
-    result = run("check-config", "--config", str(config), "--upstream", "mx:25")
+    result = run_cli("check-config", "--config", str(config), "--upstream", "mx:25")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "smtp-tracker: error: upstream_tls: expected one of starttls, implicit, none, got 'ssl3'",
@@ -32,23 +20,23 @@ def test_bad_config_is_one_line_per_problem_and_exit_2(tmp_path: Path) -> None:
 
 
 def test_unreadable_or_invalid_toml_is_one_line(tmp_path: Path) -> None:
-    missing = run("check-config", "--config", str(tmp_path / "nope.toml"))
+    missing = run_cli("check-config", "--config", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2
     assert missing.stderr.startswith("smtp-tracker: error: ") and missing.stderr.count("\n") == 1
     broken = tmp_path / "broken.toml"
     broken.write_text("upstream = \n")
-    result = run("check-config", "--config", str(broken))
+    result = run_cli("check-config", "--config", str(broken))
     assert result.returncode == 2 and "not valid TOML" in result.stderr
 
 
 def test_check_config_accepts_a_good_config(tmp_path: Path) -> None:
-    result = run("check-config", "--upstream", "smtp.example.net:587")
+    result = run_cli("check-config", "--upstream", "smtp.example.net:587")
     assert result.returncode == 0, result.stderr
     assert "config OK" in result.stdout
 
 
 def test_serve_help_documents_every_key() -> None:
-    result = run("serve", "--help")
+    result = run_cli("serve", "--help")
     assert result.returncode == 0
     for spec in dataclasses.fields(Config):
         if spec.name == "upstream_password":
@@ -64,7 +52,7 @@ def test_port_in_use_is_a_fatal_line_and_exit_1(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run(
+        result = run_cli(
             "serve",
             "--upstream",
             "127.0.0.1:1",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,18 +10,9 @@ import pytest
 from smtp_tracker.store import SqliteDatabase
 from smtp_tracker.store.records import OpenHit
 from tests.store.store_helpers import make_record, token
+from tests.support.process import run_cli
 
 NOW = datetime.now(UTC)
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "smtp_tracker", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def capture(data_dir: Path, day: datetime, queue_id: str, rcpt: str) -> list[Path]:
@@ -77,7 +66,7 @@ def capture_names(data_dir: Path) -> list[str]:
 
 
 def test_prune_dry_run_says_what_it_would_delete_and_deletes_nothing(data_dir: Path) -> None:
-    result = run("prune", "--dry-run", "--data-dir", str(data_dir), "--retention-days", "30")
+    result = run_cli("prune", "--dry-run", "--data-dir", str(data_dir), "--retention-days", "30")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("smtp-tracker: would delete what was relayed before ")
     assert result.stdout.rstrip().endswith(
@@ -88,7 +77,7 @@ def test_prune_dry_run_says_what_it_would_delete_and_deletes_nothing(data_dir: P
 
 
 def test_prune_deletes_what_is_older_than_retention_days(data_dir: Path) -> None:
-    result = run("prune", "--data-dir", str(data_dir), "--retention-days", "30")
+    result = run_cli("prune", "--data-dir", str(data_dir), "--retention-days", "30")
     assert result.returncode == 0, result.stderr
     assert "smtp-tracker: deleted what was relayed before " in result.stdout
     assert "2 messages, 2 opens, 0 clicks, 0 links, 3 recipients, 6 capture files" in (
@@ -105,7 +94,7 @@ def test_prune_deletes_what_is_older_than_retention_days(data_dir: Path) -> None
 
 
 def test_prune_with_retention_days_0_keeps_everything(data_dir: Path) -> None:
-    result = run("prune", "--data-dir", str(data_dir), "--retention-days", "0")
+    result = run_cli("prune", "--data-dir", str(data_dir), "--retention-days", "0")
     assert result.returncode == 0
     assert result.stdout == (
         "smtp-tracker: retention_days is 0: records are kept forever; nothing pruned\n"
@@ -116,7 +105,7 @@ def test_prune_with_retention_days_0_keeps_everything(data_dir: Path) -> None:
 def test_prune_reads_retention_days_from_the_config_file(data_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "smtp-tracker.toml"
     config.write_text(f'data_dir = "{data_dir}"\nretention_days = 5\n')
-    result = run("prune", "--config", str(config))
+    result = run_cli("prune", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "(retention_days=5): 4 messages," in result.stdout
     assert stored_ids(data_dir) == []
@@ -125,13 +114,15 @@ def test_prune_reads_retention_days_from_the_config_file(data_dir: Path, tmp_pat
 def test_forget_deletes_every_record_sent_to_the_address_and_its_captures(
     data_dir: Path,
 ) -> None:
-    dry = run("forget", "--recipient", "BOB@example.net", "--dry-run", "--data-dir", str(data_dir))
+    dry = run_cli(
+        "forget", "--recipient", "BOB@example.net", "--dry-run", "--data-dir", str(data_dir)
+    )
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith("smtp-tracker: would delete 2 message records sent to")
     assert dry.stdout.rstrip().endswith("3 recipients, 9 capture files")
     assert len(stored_ids(data_dir)) == 4
 
-    result = run("forget", "--recipient", "<BOB@example.net>", "--data-dir", str(data_dir))
+    result = run_cli("forget", "--recipient", "<BOB@example.net>", "--data-dir", str(data_dir))
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
         "smtp-tracker: deleted 2 message records sent to <BOB@example.net>, whole, other "
@@ -142,13 +133,13 @@ def test_forget_deletes_every_record_sent_to_the_address_and_its_captures(
     assert stored_ids(data_dir) == sorted([token(2), token(3)])
     # the recorded transactions' captures, and the unrecorded one naming bob, are gone
     assert capture_names(data_dir) == ["Q00002.session.log", "Q00003.session.log"]
-    again = run("forget", "--recipient", "bob@example.net", "--data-dir", str(data_dir))
+    again = run_cli("forget", "--recipient", "bob@example.net", "--data-dir", str(data_dir))
     assert again.stdout.startswith("smtp-tracker: deleted 0 message records")
 
 
 @pytest.mark.parametrize("command", [["prune"], ["forget", "--recipient", "bob@example.net"]])
 def test_no_store_is_one_line_and_exit_1(tmp_path: Path, command: list[str]) -> None:
-    result = run(*command, "--data-dir", str(tmp_path / "nothing"))
+    result = run_cli(*command, "--data-dir", str(tmp_path / "nothing"))
     assert result.returncode == 1
     assert result.stderr.startswith("smtp-tracker: error: no tracking store in ")
     assert result.stderr.count("\n") == 1
@@ -156,6 +147,6 @@ def test_no_store_is_one_line_and_exit_1(tmp_path: Path, command: list[str]) -> 
 
 
 def test_forget_refuses_a_blank_address(data_dir: Path) -> None:
-    result = run("forget", "--recipient", " ", "--data-dir", str(data_dir))
+    result = run_cli("forget", "--recipient", " ", "--data-dir", str(data_dir))
     assert result.returncode == 2
     assert result.stderr.startswith("smtp-tracker: error: --recipient: expected an address")

@@ -14,13 +14,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.process import launch
+from tests.support.process import launch, run_cli
 from tests.support.waiting import wait_until
 
 #: serve with nothing but the SMTP listener, on a free port.  Log lines at info
@@ -41,23 +40,8 @@ def serve(
     *args: str, data_dir: Path, wrapper: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     """Run ``smtp-tracker serve ARGS`` to its end (it must fail at start)."""
-    return subprocess.run(
-        [
-            *wrapper,
-            sys.executable,
-            "-m",
-            "smtp_tracker",
-            "serve",
-            "--upstream",
-            "127.0.0.1:1",
-            "--data-dir",
-            str(data_dir),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    return run_cli(
+        "serve", "--upstream", "127.0.0.1:1", "--data-dir", str(data_dir), *args, wrapper=wrapper
     )
 
 

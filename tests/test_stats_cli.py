@@ -17,7 +17,7 @@ import pytest
 from smtp_tracker.store import OpenHit, SqliteDatabase
 from smtp_tracker.store.records import VERDICTS, EventContext, Verdict
 from tests.store.store_helpers import make_record, token
-from tests.support.process import launch
+from tests.support.process import launch, run_cli
 
 DAY1 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 DAY2 = datetime(2024, 5, 2, 9, 0, tzinfo=UTC)
@@ -58,13 +58,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def stats(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "smtp_tracker", "stats", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli("stats", *args)
 
 
 def test_table_by_day_is_aligned_with_a_total(data_dir: Path) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -56,3 +59,20 @@ async def launch(*args: str, env: dict[str, str], ready: str, timeout_s: float =
 
     running.reader = asyncio.create_task(read_log())
     return running
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, wrapper: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``smtp-tracker ARGS`` to its end (60 s at most), its output captured as text.
+
+    :param wrapper: a command to run it under, e.g. ``("prlimit", "--nofile=16")``.
+    """
+    return subprocess.run(
+        [*wrapper, sys.executable, "-m", "smtp_tracker", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        check=False,
+    )
