@@ -307,6 +307,7 @@ class Application:
                 pixel_base_url=base_url,
                 store=self.store,
                 rewrite_timeout_s=config.rewrite_timeout_s,
+                rewrite_queue_wait_s=config.rewrite_queue_wait_s,
                 domains=domain_policy(config),
                 disclosure=await asyncio.to_thread(disclosure, config),
             )

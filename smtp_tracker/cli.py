@@ -80,6 +80,8 @@ KEY_HELP: dict[str, str] = {
     "rewrite_timeout_s": "seconds the pixel rewrite may take before the original is relayed "
     "(default 10)",
     "store_subject": "keep the Subject in the tracking store (default off)",
+    "rewrite_queue_wait_s": "seconds a message waits for a free rewrite thread before the "
+    "original is relayed untracked (default 5)",
     "ip_policy": "how opens' client addresses are kept: full, truncate, hash or none "
     "(default truncate)",
     "track_clicks": "wrap the http/https links of tracked HTML mail in click URLs on the "

@@ -117,6 +117,9 @@ class Config:
     store_subject: bool = False
     ip_policy: IpPolicy = "truncate"
 
+    # -- rewrite threads (a burst waits for one, bounded) ----------------------
+    rewrite_queue_wait_s: float = 5.0
+
     # -- click tracking ----------------------------------------------------------
     track_clicks: bool = False
     track_text_links: bool = False

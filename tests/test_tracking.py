@@ -1,0 +1,150 @@
+"""The tracking stage's rewrite threads: a message waits for one, for a bounded time.
+
+The rewrite runs in a thread pool with two slots per thread (the rewrite it
+runs and one submitted behind it).  A message that finds every slot taken
+waits for one in the event loop, without blocking it, and goes out untracked,
+counted as ``rewrite_busy``, only if no thread has started its rewrite within
+``rewrite_queue_wait_s``; a slot stays taken until its thread has really
+finished, even when the message was given up after ``rewrite_timeout_s``.
+
+The worker is held busy by a gate around the module's rewrite function, so
+that which message waits is certain, not a matter of timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from smtp_tracker import tracking
+from smtp_tracker.mime import RewritePolicy
+from smtp_tracker.smtp.handler import Prepared
+from smtp_tracker.smtp.transaction import Transaction
+from smtp_tracker.tracking import Tracker
+from tests.support.waiting import wait_until
+
+HTML_MESSAGE = (
+    b"From: alice@example.org\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: hello\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/html; charset=utf-8\r\n"
+    b"\r\n"
+    b"<html><body><p>Hello Bob</p></body></html>\r\n"
+)
+
+
+class Gate:
+    """Blocks every rewrite thread until :meth:`open` (or the test's end)."""
+
+    def __init__(self) -> None:
+        self.opened = threading.Event()
+        self.entered = 0
+
+    def wrap(self, rewrite: Callable[..., Any]) -> Callable[..., Any]:
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            self.entered += 1
+            assert self.opened.wait(30), "gate never opened"
+            return rewrite(*args, **kwargs)
+
+        return gated
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    gate = Gate()
+    monkeypatch.setattr(tracking, "_rewrite", gate.wrap(tracking._rewrite))
+    yield gate
+    gate.open()  # never leave a worker thread blocked
+
+
+def _tracker(**overrides: Any) -> Tracker:
+    values: dict[str, Any] = {
+        "policy": RewritePolicy(),
+        "pixel_base_url": "https://pixel.test",
+        "workers": 1,
+        "rewrite_timeout_s": 10.0,
+        "rewrite_queue_wait_s": 10.0,
+    }
+    values.update(overrides)
+    return Tracker(**values)
+
+
+def _transaction() -> Transaction:
+    return Transaction("alice@example.org", (), False)
+
+
+async def _prepare_three(tracker: Tracker) -> list[asyncio.Task[Prepared]]:
+    return [asyncio.create_task(tracker.prepare(HTML_MESSAGE, _transaction())) for _ in range(3)]
+
+
+async def test_messages_wait_for_the_one_thread_and_all_are_tracked(gate: Gate) -> None:
+    tracker = _tracker()
+    try:
+        tasks = await _prepare_three(tracker)
+        await wait_until(
+            lambda: gate.entered == 1 and tracker.counters.rewrite_queued == 1,
+            timeout_s=10,
+            message="one rewrite running, one submitted behind it, one waiting for a slot",
+        )
+        assert not any(task.done() for task in tasks)
+        gate.open()
+        prepared = await asyncio.gather(*tasks)
+    finally:
+        await asyncio.to_thread(tracker.close)
+    assert [p.tracked for p in prepared] == [True, True, True]
+    assert all(b"https://pixel.test/" in p.data for p in prepared)
+    assert len({p.tracking_id for p in prepared}) == 3
+    assert tracker.counters.tracked == 3
+    assert tracker.counters.rewrite_busy == 0
+    assert tracker.counters.rewrite_queued == 1
+    assert gate.entered == 3
+
+
+async def test_a_message_that_waits_too_long_goes_out_untracked_and_counted(gate: Gate) -> None:
+    tracker = _tracker(rewrite_queue_wait_s=0.05)
+    try:
+        tasks = await _prepare_three(tracker)
+        done, _ = await asyncio.wait(tasks[1:], timeout=10)
+        # given up while the first still runs: the second unstarted behind it,
+        # the third without a slot
+        assert done == set(tasks[1:])
+        assert not tasks[0].done()
+        gate.open()
+        first = await tasks[0]
+    finally:
+        await asyncio.to_thread(tracker.close)
+    assert first.tracked
+    for task in tasks[1:]:
+        busy = task.result()
+        assert (busy.tracked, busy.reason, busy.data) == (False, "rewrite-busy", HTML_MESSAGE)
+        assert busy.tracking_id is not None  # still recorded, as relayed untracked
+    assert (tracker.counters.rewrite_busy, tracker.counters.tracked) == (2, 1)
+    assert gate.entered == 1
+
+
+async def test_a_thread_stays_taken_until_its_timed_out_rewrite_really_ends(gate: Gate) -> None:
+    """After ``rewrite_timeout_s`` the message goes out unchanged, but the thread
+    still runs: the next message waits behind it and is given up, unstarted,
+    after ``rewrite_queue_wait_s``."""
+    tracker = _tracker(rewrite_timeout_s=0.05, rewrite_queue_wait_s=0.2)
+    try:
+        first = await tracker.prepare(HTML_MESSAGE, _transaction())
+        assert (first.tracked, first.reason) == (False, "rewrite-timeout")
+        second = await tracker.prepare(HTML_MESSAGE, _transaction())
+        assert (second.tracked, second.reason) == (False, "rewrite-busy")
+        gate.open()
+        third = await tracker.prepare(HTML_MESSAGE, _transaction())
+    finally:
+        await asyncio.to_thread(tracker.close)
+    assert third.tracked
+    assert tracker.counters.rewrite_timeouts == 1
+    assert tracker.counters.rewrite_busy == 1
+    assert gate.entered == 2  # the second message never reached a thread
