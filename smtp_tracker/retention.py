@@ -114,7 +114,7 @@ class Pruner:
     :param retention_days: days records are kept (> 0).
     :param first_delay_s: seconds from :meth:`start` to the first prune.
     :param interval_s: seconds between prunes.
-    :param batch_rows: messages deleted per transaction.
+    :param batch_rows: rows deleted per transaction (whole messages, at least one).
     """
 
     def __init__(
