@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtp_tracker.store import MessageRecord, SqliteDatabase, SqliteStore
 from smtp_tracker.store.records import OpenHit
+from smtp_tracker.store.retention import DEFAULT_BATCH_ROWS
 from smtp_tracker.store.token import new_tracking_id
 
 NOW = datetime.now(UTC)
@@ -97,7 +98,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=50_000)
     parser.add_argument("--opens", type=int, default=2)
-    parser.add_argument("--batch-rows", type=int, default=5000)
+    parser.add_argument("--batch-rows", type=int, default=DEFAULT_BATCH_ROWS)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
