@@ -389,10 +389,8 @@ class Application:
                 app, host=listen.host, port=listen.port, ssl_context=ssl_context
             )
         except StartupError as exc:
-            reason = os_reason(exc.__cause__)
-            raise StartupError(
-                f"reports_listen: cannot listen on {listen} ({reason}); is another process "
-                "using it? Set reports_listen, or --no-reports"
+            raise bind_error(
+                "reports_listen", listen, exc.__cause__, " Set reports_listen, or --no-reports"
             ) from exc
         scheme = "HTTP" if ssl_context is None else "HTTPS"
         log.info(

@@ -90,6 +90,27 @@ def test_pixel_port_in_use(
     )
 
 
+def test_reports_port_in_use(
+    tmp_path: Path, busy_port: int, cert_pem_path: Path, key_pem_path: Path
+) -> None:
+    result = serve(
+        *SMTP_ONLY,
+        "--reports",
+        "--reports-listen",
+        f"127.0.0.1:{busy_port}",
+        "--tls-cert",
+        str(cert_pem_path),
+        "--tls-key",
+        str(key_pem_path),
+        data_dir=tmp_path / "data",
+    )
+    assert_one_line(
+        result,
+        f"reports_listen: cannot listen on 127.0.0.1:{busy_port} (Address already in use); "
+        "is another process using it? Set reports_listen, or --no-reports",
+    )
+
+
 @pytest.mark.parametrize("which", ["missing", "directory"])
 def test_certificate_unreadable(tmp_path: Path, key_pem_path: Path, which: str) -> None:
     cert = tmp_path / "missing.pem"
