@@ -40,6 +40,7 @@ from smtp_tracker.store.reports import (
 from smtp_tracker.web.reports import (
     API_PREFIX,
     REPORTS_STORE_KEY,
+    find_message_detail,
     parse_message_filter,
     parse_stats_query,
 )
@@ -348,12 +349,7 @@ async def _messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _message(request: web.Request) -> web.StreamResponse:
-    ident = request.match_info["id"]
-    if not ident or len(ident) > 1000:
-        raise web.HTTPNotFound()
-    detail = await request.app[REPORTS_STORE_KEY].query_message(ident)
-    if detail is None:
-        raise web.HTTPNotFound()
+    detail = await find_message_detail(request)
     context: dict[str, Any] = {
         "title": f"Message {detail.summary.message_id or detail.summary.queue_id}",
         "nav": "messages",

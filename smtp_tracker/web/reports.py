@@ -77,6 +77,7 @@ __all__ = [
     "StatsQuery",
     "create_token_file",
     "detail_to_dict",
+    "find_message_detail",
     "make_reports_app",
     "parse_message_filter",
     "parse_stats_query",
@@ -418,14 +419,22 @@ async def _messages(request: web.Request) -> web.Response:
     )
 
 
-async def _message(request: web.Request) -> web.Response:
+async def find_message_detail(request: web.Request) -> MessageDetail:
+    """The message the route's ``{id}`` names (see ``query_message``).
+
+    :raises web.HTTPNotFound: when the id is empty or too long, or names no message.
+    """
     ident = request.match_info["id"]
     if not ident or len(ident) > _MAX_IDENT_CHARS:
         raise web.HTTPNotFound()
     detail = await _store(request).query_message(ident)
     if detail is None:
         raise web.HTTPNotFound()
-    return _json(detail_to_dict(detail))
+    return detail
+
+
+async def _message(request: web.Request) -> web.Response:
+    return _json(detail_to_dict(await find_message_detail(request)))
 
 
 async def _stats(request: web.Request) -> web.Response:
