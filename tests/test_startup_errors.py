@@ -69,13 +69,14 @@ def test_smtp_port_in_use(tmp_path: Path, busy_port: int) -> None:
     )
 
 
-def test_pixel_port_in_use(
-    tmp_path: Path, busy_port: int, cert_pem_path: Path, key_pem_path: Path
+@pytest.mark.parametrize("listener", ["pixel", "reports"])
+def test_https_listener_port_in_use(
+    tmp_path: Path, busy_port: int, cert_pem_path: Path, key_pem_path: Path, listener: str
 ) -> None:
     result = serve(
         *SMTP_ONLY,
-        "--pixel",
-        "--pixel-listen",
+        f"--{listener}",
+        f"--{listener}-listen",
         f"127.0.0.1:{busy_port}",
         "--tls-cert",
         str(cert_pem_path),
@@ -85,29 +86,8 @@ def test_pixel_port_in_use(
     )
     assert_one_line(
         result,
-        f"pixel_listen: cannot listen on 127.0.0.1:{busy_port} (Address already in use); "
-        "is another process using it? Set pixel_listen, or --no-pixel",
-    )
-
-
-def test_reports_port_in_use(
-    tmp_path: Path, busy_port: int, cert_pem_path: Path, key_pem_path: Path
-) -> None:
-    result = serve(
-        *SMTP_ONLY,
-        "--reports",
-        "--reports-listen",
-        f"127.0.0.1:{busy_port}",
-        "--tls-cert",
-        str(cert_pem_path),
-        "--tls-key",
-        str(key_pem_path),
-        data_dir=tmp_path / "data",
-    )
-    assert_one_line(
-        result,
-        f"reports_listen: cannot listen on 127.0.0.1:{busy_port} (Address already in use); "
-        "is another process using it? Set reports_listen, or --no-reports",
+        f"{listener}_listen: cannot listen on 127.0.0.1:{busy_port} (Address already in use); "
+        f"is another process using it? Set {listener}_listen, or --no-{listener}",
     )
 
 
