@@ -16,7 +16,7 @@ Measures, on this host, single-threaded:
   with :mod:`ipaddress` objects, on a 1,000-network slice (the naive way over
   287,000 networks would take seconds per lookup);
 * the classifier with the big list in place;
-* :meth:`~smtp_tracker.web.limits.EventLimiter.allow` per call, and the memory
+* :meth:`~smtp_tracker.web.public.limits.EventLimiter.allow` per call, and the memory
   of its tables full (100,000 keys each).
 """
 
@@ -44,7 +44,7 @@ from smtp_tracker.classification import (
     parse_network_list,
 )
 from smtp_tracker.store.records import EventContext
-from smtp_tracker.web.limits import EventLimiter
+from smtp_tracker.web.public.limits import EventLimiter
 
 RELAYED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 

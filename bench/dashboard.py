@@ -36,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reports as data  # bench/reports.py: the synthetic store
 
-from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.store import SqliteStore
 from smtp_tracker.store.sqlite import DB_FILENAME
-from smtp_tracker.web.auth import install_auth
-from smtp_tracker.web.dashboard import install_dashboard
-from smtp_tracker.web.reports import make_reports_app
+from smtp_tracker.tls import load_server_context, write_self_signed
+from smtp_tracker.web.reports.api import make_reports_app
+from smtp_tracker.web.reports.auth import install_auth
+from smtp_tracker.web.reports.dashboard import install_dashboard
+from smtp_tracker.web.reports.users import UserDirectory, add_user
 from smtp_tracker.web.site import start_site
-from smtp_tracker.web.users import UserDirectory, add_user
 
 TARGET_MS = 200.0
 USER, PASSWORD = "bench", "benchmark password"

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtp_tracker.classification import Classifier, load_networks
 from smtp_tracker.store import MessageRecord, OpenHit, SqliteDatabase
-from smtp_tracker.store.token import new_tracking_id
+from smtp_tracker.tokens import new_tracking_id
 
 USER_AGENTS = (
     "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Thunderbird/128.4.0",

@@ -47,15 +47,15 @@ from typing import Any
 
 import aiohttp
 
-from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.store import SqliteDatabase, SqliteStore
+from smtp_tracker.store.queries import ROLLUP_COLUMNS, MessageFilter, page_query
 from smtp_tracker.store.records import COUNTED_VERDICTS
-from smtp_tracker.store.reports import ROLLUP_COLUMNS, MessageFilter, page_query
 from smtp_tracker.store.sqlite import DB_FILENAME
-from smtp_tracker.web.auth import install_auth
-from smtp_tracker.web.reports import make_reports_app
+from smtp_tracker.tls import load_server_context, write_self_signed
+from smtp_tracker.web.reports.api import make_reports_app
+from smtp_tracker.web.reports.auth import install_auth
+from smtp_tracker.web.reports.users import UserDirectory
 from smtp_tracker.web.site import start_site
-from smtp_tracker.web.users import UserDirectory
 
 TARGET_MS = 200.0
 START = datetime(2025, 1, 1, tzinfo=UTC)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from smtp_tracker.store import MessageRecord, SqliteDatabase, SqliteStore
 from smtp_tracker.store.records import OpenHit
 from smtp_tracker.store.retention import DEFAULT_BATCH_ROWS
-from smtp_tracker.store.token import new_tracking_id
+from smtp_tracker.tokens import new_tracking_id
 
 NOW = datetime.now(UTC)
 

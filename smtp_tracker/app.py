@@ -25,28 +25,28 @@ from typing import Any
 
 from aiohttp import web
 
-from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.classification import Classifier, load_networks
 from smtp_tracker.config import Config, HostPort, is_loopback_host
 from smtp_tracker.errors import ConfigError, StartupError
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
-from smtp_tracker.privacy import DomainPolicy
-from smtp_tracker.retention import FIRST_PRUNE_DELAY_S, PRUNE_INTERVAL_S, Pruner
+from smtp_tracker.pruner import FIRST_PRUNE_DELAY_S, PRUNE_INTERVAL_S, Pruner
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.handler import RelayHandler
-from smtp_tracker.smtp.relay import UpstreamSettings
 from smtp_tracker.smtp.server import ConnectionSlots, RelaySMTP
+from smtp_tracker.smtp.upstream import UpstreamSettings
 from smtp_tracker.store import SqliteStore
-from smtp_tracker.tracking import Tracker, TrackerCounters
-from smtp_tracker.web.auth import install_auth, load_reports_token
-from smtp_tracker.web.dashboard import install_dashboard
-from smtp_tracker.web.limits import EventLimiter
-from smtp_tracker.web.pixel import WRITER_KEY, make_pixel_app
-from smtp_tracker.web.reports import create_token_file, make_reports_app
+from smtp_tracker.tls import load_server_context, write_self_signed
+from smtp_tracker.tracking.domains import DomainPolicy
+from smtp_tracker.tracking.stage import Tracker, TrackerCounters
+from smtp_tracker.web.public.limits import EventLimiter
+from smtp_tracker.web.public.pixel import WRITER_KEY, make_pixel_app
+from smtp_tracker.web.reports.api import create_token_file, make_reports_app
+from smtp_tracker.web.reports.auth import install_auth, load_reports_token
+from smtp_tracker.web.reports.dashboard import install_dashboard
+from smtp_tracker.web.reports.users import UserDirectory
 from smtp_tracker.web.site import start_site
-from smtp_tracker.web.users import UserDirectory
 
 __all__ = ["Application", "run"]
 

@@ -446,7 +446,7 @@ def _check_clicks(values: Mapping[str, Any]) -> list[str]:
 def _check_privacy(values: Mapping[str, Any]) -> list[str]:
     """The privacy keys: domain lists, disclosure header, retention."""
     from smtp_tracker.mime.disclosure import Disclosure
-    from smtp_tracker.privacy import DomainPolicy
+    from smtp_tracker.tracking.domains import DomainPolicy
 
     problems: list[str] = []
     lists = (

@@ -58,7 +58,7 @@ from smtp_tracker.mime.transfer import (
     splice_edits,
 )
 from smtp_tracker.store.records import LinkRecord
-from smtp_tracker.store.token import new_tracking_id
+from smtp_tracker.tokens import new_tracking_id
 
 __all__ = ["RewriteResult", "rewrite"]
 
@@ -146,7 +146,7 @@ def rewrite(
         with the part's line endings (characters its charset lacks become
         character references); ``""`` for none.
     :param not_tracked: a reason decided before the content was read (the
-        envelope's domain lists, :mod:`smtp_tracker.privacy`): the message is
+        envelope's domain lists, :mod:`smtp_tracker.tracking.domains`): the message is
         not tracked, for that reason, unless an earlier rule (null
         reverse-path, opt-out) applies; the control header is removed as usual.
     :param click_base_url: with ``policy.track_clicks``, the base of the click

@@ -1,7 +1,7 @@
 """aiosmtpd handler hooks that relay each command to the upstream, in step.
 
 The hooks are thin: they keep the transaction's state on the session and
-delegate to :class:`~smtp_tracker.smtp.relay.UpstreamSession` (the upstream
+delegate to :class:`~smtp_tracker.smtp.upstream.UpstreamSession` (the upstream
 conversation), a :class:`MessagePreparer` (the rewrite stage) and a
 :class:`DeliveryRecorder` (the tracking store).  The rule they keep: the
 downstream never hears 2xx for MAIL, RCPT or DATA unless the upstream said
@@ -26,11 +26,11 @@ from smtp_tracker.errors import UpstreamError
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.capture import Capture, CaptureWriter
 from smtp_tracker.smtp.parameters import MailParameters
-from smtp_tracker.smtp.relay import UpstreamSession, UpstreamSettings
+from smtp_tracker.smtp.received import received_header
 from smtp_tracker.smtp.reply import Reply
 from smtp_tracker.smtp.server import RelaySession, RelaySMTP
-from smtp_tracker.smtp.trace import received_header
 from smtp_tracker.smtp.transaction import Recipient, Transaction
+from smtp_tracker.smtp.upstream import UpstreamSession, UpstreamSettings
 
 __all__ = [
     "DeliveryRecorder",

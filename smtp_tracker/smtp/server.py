@@ -74,8 +74,8 @@ from smtp_tracker.smtp.transcript import CLIENT_SAID, WE_SAID_TO_CLIENT, Transcr
 
 if TYPE_CHECKING:
     from smtp_tracker.smtp.handler import RelayHandler
-    from smtp_tracker.smtp.relay import UpstreamSession
     from smtp_tracker.smtp.transaction import Transaction
+    from smtp_tracker.smtp.upstream import UpstreamSession
 
 __all__ = [
     "REFUSAL_LOG_INTERVAL_S",

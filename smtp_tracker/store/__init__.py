@@ -25,7 +25,7 @@ from smtp_tracker.store.records import (
     Verdict,
 )
 from smtp_tracker.store.sqlite import DB_FILENAME, SqliteDatabase, SqliteStore
-from smtp_tracker.store.token import is_well_formed_token, new_tracking_id, pixel_url
+from smtp_tracker.tokens import is_well_formed_token, new_tracking_id, pixel_url
 
 __all__ = [
     "COUNTED_VERDICTS",

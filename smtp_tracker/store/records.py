@@ -60,7 +60,7 @@ class MessageRecord:
     once the upstream accepted the message (final reply to DATA was 2xx); a
     transaction the upstream refused leaves no record.
 
-    :param tracking_id: the pixel token (:func:`~smtp_tracker.store.token.new_tracking_id`),
+    :param tracking_id: the pixel token (:func:`~smtp_tracker.tokens.new_tracking_id`),
         unique per message; also recorded for untracked messages.
     :param queue_id: smtp-tracker's own queue id for the transaction.
     :param message_id: the ``Message-ID`` header as found (RFC 5322 §3.6.4), or ``None``.

@@ -185,7 +185,7 @@ def count_older(conn: sqlite3.Connection, before_us: int) -> Removed:
 
 def recipient_forms(address: str) -> list[str]:
     """The forms a forward-path may be stored in: lower case, domain as A-labels and as U-labels."""
-    from smtp_tracker.privacy import normalise_domain
+    from smtp_tracker.tracking.domains import normalise_domain
 
     text = address.strip().strip("<>").lower()
     forms = [text]

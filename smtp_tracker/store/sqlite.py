@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import reports, retention
+from smtp_tracker.store import queries, retention
 from smtp_tracker.store.address import (
     HASH_KEY_FILENAME,
     AddressPolicy,
@@ -110,7 +110,7 @@ def _add_to_rollup(conn: sqlite3.Connection, day: str, domain: str, counts: dict
     counts = {column: value for column, value in counts.items() if value}
     if not counts:
         return
-    assert set(counts) <= set(reports.ROLLUP_COLUMNS), counts
+    assert set(counts) <= set(queries.ROLLUP_COLUMNS), counts
     columns = ", ".join(counts)
     marks = ", ".join("?" * len(counts))
     updates = ", ".join(f"{column} = {column} + excluded.{column}" for column in counts)
@@ -634,50 +634,50 @@ class SqliteDatabase:
             for record in records
         ]
 
-    # -- reports (smtp_tracker.store.reports) ----------------------------------------
+    # -- reports (smtp_tracker.store.queries) ----------------------------------------
 
     def query_messages(
         self,
-        message_filter: reports.MessageFilter,
+        message_filter: queries.MessageFilter,
         *,
-        limit: int = reports.DEFAULT_LIMIT,
+        limit: int = queries.DEFAULT_LIMIT,
         cursor: str | None = None,
-    ) -> reports.MessagePage:
-        """See :func:`.reports.query_messages` (one snapshot).
+    ) -> queries.MessagePage:
+        """See :func:`.queries.query_messages` (one snapshot).
 
         :raises ValueError: when *limit* or *cursor* is invalid, or a filter time naive.
         :raises StoreError: when the store cannot be read.
         """
         return self._read(
-            lambda: reports.query_messages(self._conn, message_filter, limit=limit, cursor=cursor)
+            lambda: queries.query_messages(self._conn, message_filter, limit=limit, cursor=cursor)
         )
 
-    def query_message(self, ident: str) -> reports.MessageDetail | None:
-        """See :func:`.reports.query_message` (one snapshot).
+    def query_message(self, ident: str) -> queries.MessageDetail | None:
+        """See :func:`.queries.query_message` (one snapshot).
 
         :raises StoreError: when the store cannot be read.
         """
-        return self._read(lambda: reports.query_message(self._conn, ident))
+        return self._read(lambda: queries.query_message(self._conn, ident))
 
     def query_stats(
         self,
         *,
         since: date | None = None,
         until: date | None = None,
-        group: reports.StatsGroup = "day",
-    ) -> list[reports.StatsRow]:
-        """See :func:`.reports.query_stats`.
+        group: queries.StatsGroup = "day",
+    ) -> list[queries.StatsRow]:
+        """See :func:`.queries.query_stats`.
 
         :raises ValueError: when *group* is unknown or *since* after *until*.
         :raises StoreError: when the store cannot be read.
         """
         return self._read(
-            lambda: reports.query_stats(self._conn, since=since, until=until, group=group)
+            lambda: queries.query_stats(self._conn, since=since, until=until, group=group)
         )
 
     def export_rows(
-        self, message_filter: reports.MessageFilter, *, page_rows: int = reports.MAX_LIMIT
-    ) -> Iterator[reports.MessageSummary]:
+        self, message_filter: queries.MessageFilter, *, page_rows: int = queries.MAX_LIMIT
+    ) -> Iterator[queries.MessageSummary]:
         """Every message *message_filter* selects, newest first, *page_rows* per read.
 
         Memory stays flat: one page at a time, each in its own short read
@@ -986,23 +986,23 @@ class SqliteStore:
         """``PRAGMA integrity_check`` of the database (``"ok"`` when sound)."""
         return await self._run(self._reader_executor, self._reader.integrity_check)
 
-    # -- reports (smtp_tracker.store.reports; on the reader thread) -----------------------
+    # -- reports (smtp_tracker.store.queries; on the reader thread) -----------------------
 
     async def query_messages(
         self,
-        message_filter: reports.MessageFilter,
+        message_filter: queries.MessageFilter,
         *,
-        limit: int = reports.DEFAULT_LIMIT,
+        limit: int = queries.DEFAULT_LIMIT,
         cursor: str | None = None,
-    ) -> reports.MessagePage:
+    ) -> queries.MessagePage:
         """See :meth:`SqliteDatabase.query_messages`; page through it for an export."""
-        reports.check_limit(limit)  # raise ValueError here, not in the thread
+        queries.check_limit(limit)  # raise ValueError here, not in the thread
         return await self._run(
             self._reader_executor,
             lambda: self._reader.query_messages(message_filter, limit=limit, cursor=cursor),
         )
 
-    async def query_message(self, ident: str) -> reports.MessageDetail | None:
+    async def query_message(self, ident: str) -> queries.MessageDetail | None:
         """See :meth:`SqliteDatabase.query_message`."""
         return await self._run(self._reader_executor, lambda: self._reader.query_message(ident))
 
@@ -1011,8 +1011,8 @@ class SqliteStore:
         *,
         since: date | None = None,
         until: date | None = None,
-        group: reports.StatsGroup = "day",
-    ) -> list[reports.StatsRow]:
+        group: queries.StatsGroup = "day",
+    ) -> list[queries.StatsRow]:
         """See :meth:`SqliteDatabase.query_stats`."""
         return await self._run(
             self._reader_executor,

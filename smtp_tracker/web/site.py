@@ -26,7 +26,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from smtp_tracker.errors import StartupError
-from smtp_tracker.web.pixel import SERVER_HEADER
+from smtp_tracker.web.public.pixel import SERVER_HEADER
 
 __all__ = ["LINGER_S", "TLS_HANDSHAKE_TIMEOUT_S", "start_site"]
 

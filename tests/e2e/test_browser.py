@@ -302,11 +302,11 @@ async def test_login_over_plain_http_on_loopback(tmp_path: Path) -> None:
     from playwright.async_api import async_playwright, expect
 
     from smtp_tracker.store import SqliteStore
-    from smtp_tracker.web.auth import auth_middleware, install_auth
-    from smtp_tracker.web.dashboard import install_dashboard
-    from smtp_tracker.web.reports import make_reports_app
+    from smtp_tracker.web.reports.api import make_reports_app
+    from smtp_tracker.web.reports.auth import auth_middleware, install_auth
+    from smtp_tracker.web.reports.dashboard import install_dashboard
+    from smtp_tracker.web.reports.users import UserDirectory, add_user
     from smtp_tracker.web.site import start_site
-    from smtp_tracker.web.users import UserDirectory, add_user
 
     add_user(tmp_path / "users.json", USER, PASSWORD)
     async with await SqliteStore.open(tmp_path / "data") as store:

@@ -16,7 +16,7 @@ from smtp_tracker.app import Application
 from smtp_tracker.errors import ConfigError
 from smtp_tracker.mime.inject import pixel_tag
 from smtp_tracker.store import StoredMessage
-from smtp_tracker.store.token import pixel_url
+from smtp_tracker.tokens import pixel_url
 from tests.support.waiting import wait_until
 
 BASE_URL = "https://track.example.test"

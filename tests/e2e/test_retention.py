@@ -61,7 +61,7 @@ def start_app(relay_factory: Factory, data_dir: Path) -> Factory:
 async def test_serve_prunes_old_records_shortly_after_start(
     start_app: Factory, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="smtp_tracker.retention")
+    caplog.set_level(logging.INFO, logger="smtp_tracker.pruner")
     app = await start_app()
     store = app.store
     assert store is not None and app.pruner is not None
@@ -76,7 +76,7 @@ async def test_serve_prunes_old_records_shortly_after_start(
     assert kept is not None and len(kept.opens) == 1
     days = sorted(p.name for p in (data_dir / "capture").iterdir())
     assert days == [NOW.strftime("%Y-%m-%d")]
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "smtp_tracker.retention"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "smtp_tracker.pruner"]
     assert line.startswith("pruned records relayed before ")
     assert line.endswith(
         "(retention_days=365): 1 messages, 1 opens, 0 clicks, 0 links, 2 recipients, "

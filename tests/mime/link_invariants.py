@@ -20,7 +20,7 @@ from lxml import etree
 
 from smtp_tracker.mime import RewriteResult
 from smtp_tracker.mime.charset import decode_text
-from smtp_tracker.store.token import is_well_formed_token
+from smtp_tracker.tokens import is_well_formed_token
 from tests.mime.invariants import _raw, decoded_payload, leaves, long_lines
 
 #: The default exclusions, written out again (not read from the package).

@@ -2,7 +2,7 @@
 
 import email
 
-from smtp_tracker.smtp.trace import received_header
+from smtp_tracker.smtp.received import received_header
 
 
 def _header(**overrides: object) -> bytes:

@@ -1,4 +1,4 @@
-"""The report queries (smtp_tracker.store.reports) over a real store with known data.
+"""The report queries (smtp_tracker.store.queries) over a real store with known data.
 
 Filters are checked against a plain-Python oracle over the same records, each
 alone and combined; pagination walks every page; stats are computed by hand.
@@ -16,6 +16,15 @@ import pytest
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import SqliteDatabase, SqliteStore
+from smtp_tracker.store.queries import (
+    MAX_LIMIT,
+    MessageFilter,
+    MessageSummary,
+    decode_cursor,
+    encode_cursor,
+    page_query,
+    stats_total,
+)
 from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
     VERDICTS,
@@ -24,15 +33,6 @@ from smtp_tracker.store.records import (
     LinkRecord,
     OpenHit,
     Verdict,
-)
-from smtp_tracker.store.reports import (
-    MAX_LIMIT,
-    MessageFilter,
-    MessageSummary,
-    decode_cursor,
-    encode_cursor,
-    page_query,
-    stats_total,
 )
 
 from .store_helpers import make_record, token

@@ -1,1 +1,1 @@
-"""Tests of smtp_tracker.web and smtp_tracker.certificate."""
+"""Tests of smtp_tracker.web and smtp_tracker.tls."""

@@ -22,11 +22,11 @@ from aiohttp import web
 
 from smtp_tracker.store import MessageRecord, OpenHit, SqliteStore
 from smtp_tracker.store.records import EventContext, Verdict
-from smtp_tracker.web.auth import auth_middleware, install_auth
-from smtp_tracker.web.dashboard import install_dashboard
-from smtp_tracker.web.reports import make_reports_app
+from smtp_tracker.web.reports.api import make_reports_app
+from smtp_tracker.web.reports.auth import auth_middleware, install_auth
+from smtp_tracker.web.reports.dashboard import install_dashboard
+from smtp_tracker.web.reports.users import UserDirectory, add_user
 from smtp_tracker.web.site import start_site
-from smtp_tracker.web.users import UserDirectory, add_user
 
 from .web_helpers import token
 

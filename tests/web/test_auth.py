@@ -23,7 +23,7 @@ from yarl import URL
 
 from smtp_tracker.store import SqliteStore
 from smtp_tracker.web import make_pixel_app, start_site
-from smtp_tracker.web.auth import (
+from smtp_tracker.web.reports.auth import (
     AUTH_KEY,
     LOGIN_CSRF_COOKIE,
     SECURITY_HEADERS,
@@ -33,7 +33,7 @@ from smtp_tracker.web.auth import (
     load_reports_token,
     safe_next,
 )
-from smtp_tracker.web.users import add_user, remove_user
+from smtp_tracker.web.reports.users import add_user, remove_user
 
 from .dashboard_support import (
     API_TOKEN,
@@ -232,7 +232,7 @@ async def test_a_wrong_password_or_user_sets_no_session(
 async def test_logins_are_logged_for_fail2ban_without_the_password(
     reports: ReportsServer, browser: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="smtp_tracker.web.auth")
+    caplog.set_level(logging.INFO, logger="smtp_tracker.web.reports.auth")
     await login(browser, reports, user="mal\nlory\u00e9", password="guess-1234")
     await login(browser, reports)
     lines = [record.getMessage() for record in caplog.records]

@@ -12,8 +12,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from smtp_tracker.certificate import load_server_context, write_self_signed
 from smtp_tracker.errors import StartupError
+from smtp_tracker.tls import load_server_context, write_self_signed
 
 
 def test_generated_pair_loads_and_names_its_hosts(tmp_path: Path) -> None:

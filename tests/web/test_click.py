@@ -14,9 +14,9 @@ from smtp_tracker.classification import Classifier
 from smtp_tracker.classification.networks import load_networks
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import LinkRecord, SqliteStore
-from smtp_tracker.store.token import new_tracking_id
-from smtp_tracker.web.click import CLICK_KEY, LinkCache, location
-from smtp_tracker.web.limits import EventLimiter
+from smtp_tracker.tokens import new_tracking_id
+from smtp_tracker.web.public.click import CLICK_KEY, LinkCache, location
+from smtp_tracker.web.public.limits import EventLimiter
 from tests.support.stores import OpensOnlyStore
 
 from .web_helpers import StartPixel, get, make_record, raw_request, token, wait_until

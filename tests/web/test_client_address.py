@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from smtp_tracker.web.client import client_address, parse_address
+from smtp_tracker.web.client_address import client_address, parse_address
 
 TRUSTED = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8:ffff::/48")]
 

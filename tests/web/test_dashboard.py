@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from smtp_tracker.store import SqliteStore
-from smtp_tracker.store.reports import StatsRow
-from smtp_tracker.web.dashboard import CHART_HEIGHT, MESSAGES_PAGE_SIZE, opens_chart
+from smtp_tracker.store.queries import StatsRow
+from smtp_tracker.web.reports.dashboard import CHART_HEIGHT, MESSAGES_PAGE_SIZE, opens_chart
 
 from .dashboard_support import (
     T_DAY,

@@ -16,8 +16,8 @@ import pytest
 
 from smtp_tracker.store import SqliteStore
 from smtp_tracker.web import TRANSPARENT_GIF, WRITER_KEY
-from smtp_tracker.web.limits import EventLimiter
-from smtp_tracker.web.pixel import LIMITER_KEY
+from smtp_tracker.web.public.limits import EventLimiter
+from smtp_tracker.web.public.pixel import LIMITER_KEY
 
 from .web_helpers import StartPixel, make_record, token, wait_until
 
@@ -118,7 +118,7 @@ async def test_a_flood_on_one_token_gets_every_gif_and_records_the_limit(
     found = await store.find_message(token(1))
     assert found is not None and len(found.opens) == 5
     assert limiter.counters == {"allowed": 5, "limited_token": 0, "limited_client": 495}
-    with caplog.at_level(logging.INFO, logger="smtp_tracker.web.pixel"):
+    with caplog.at_level(logging.INFO, logger="smtp_tracker.web.public.pixel"):
         await server.runner.cleanup()
     expected = "EventLimiter(allowed=5, limited_token=0, limited_client=495)"
     assert f"pixel endpoint event limits: {expected}" in caplog.text

@@ -35,7 +35,7 @@ from smtp_tracker.store.records import (
     OpenHit,
     Verdict,
 )
-from smtp_tracker.web.reports import CSV_COLUMNS, make_reports_app
+from smtp_tracker.web.reports.api import CSV_COLUMNS, make_reports_app
 from smtp_tracker.web.site import start_site
 
 from .web_helpers import make_record, token

@@ -36,9 +36,9 @@ from smtp_tracker.classification import import_network_list
 from smtp_tracker.store import OpenHit, SqliteStore
 from smtp_tracker.store.records import ClickHit, LinkRecord
 from smtp_tracker.web import make_pixel_app, start_site
-from smtp_tracker.web import users as users_module
-from smtp_tracker.web.auth import SESSION_COOKIE, load_reports_token
-from smtp_tracker.web.users import UserDirectory, add_user, read_users
+from smtp_tracker.web.reports import users as users_module
+from smtp_tracker.web.reports.auth import SESSION_COOKIE, load_reports_token
+from smtp_tracker.web.reports.users import UserDirectory, add_user, read_users
 
 from .dashboard_support import (
     API_TOKEN,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from smtp_tracker.errors import InputError, StartupError
-from smtp_tracker.web.users import (
+from smtp_tracker.web.reports.users import (
     UserDirectory,
     add_user,
     read_users,

@@ -14,7 +14,7 @@ Pages (``GET``, behind the login of :mod:`.auth`)
 "Opened" counts the verdicts ``human`` and ``mail_proxy`` (a person's mail
 client, or a provider's image proxy fetching for a reader); the other
 verdicts are shown beside them, never hidden.  Every figure comes from the
-reports store (:class:`~smtp_tracker.web.reports.ReportsStore`): this
+reports store (:class:`~smtp_tracker.web.reports.api.ReportsStore`): this
 module writes no SQL.
 """
 
@@ -31,20 +31,20 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store.reports import (
+from smtp_tracker.store.queries import (
     COUNTED_VERDICTS,
     VERDICTS,
     StatsRow,
     stats_total,
 )
-from smtp_tracker.web.reports import (
+from smtp_tracker.web.reports.api import (
     API_PREFIX,
     REPORTS_STORE_KEY,
     find_message_detail,
     parse_message_filter,
     parse_stats_query,
 )
-from smtp_tracker.web.templating import render, setup_site
+from smtp_tracker.web.reports.templating import render, setup_site
 
 __all__ = [
     "CHART_HEIGHT",
@@ -219,7 +219,7 @@ def install_dashboard(app: web.Application) -> None:
     """Add the dashboard's pages to the reports app (which holds ``REPORTS_STORE_KEY``).
 
     The pages are behind whatever authentication *app* has
-    (:func:`~smtp_tracker.web.auth.install_auth`).
+    (:func:`~smtp_tracker.web.reports.auth.install_auth`).
     """
     setup_site(app)
     app.router.add_get("/", _overview, name="overview")

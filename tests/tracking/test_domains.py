@@ -1,10 +1,10 @@
-"""The envelope's include/exclude domain lists (smtp_tracker.privacy)."""
+"""The envelope's include/exclude domain lists (smtp_tracker.tracking.domains)."""
 
 from __future__ import annotations
 
 import pytest
 
-from smtp_tracker.privacy import DomainPolicy, address_domain, normalise_domain
+from smtp_tracker.tracking.domains import DomainPolicy, address_domain, normalise_domain
 
 
 @pytest.mark.parametrize(

@@ -44,12 +44,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from smtp_tracker.store.base import Store
 from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, OpenHit
-from smtp_tracker.store.token import PIXEL_PATH_PREFIX, is_well_formed_token
 from smtp_tracker.store.writer import EventWriter
-from smtp_tracker.web.click import add_click_route
-from smtp_tracker.web.client import IPNetwork, client_address
-from smtp_tracker.web.gif import GIF_CONTENT_TYPE, TRANSPARENT_GIF
-from smtp_tracker.web.limits import EventLimiter
+from smtp_tracker.tokens import PIXEL_PATH_PREFIX, is_well_formed_token
+from smtp_tracker.web.client_address import IPNetwork, client_address
+from smtp_tracker.web.public.click import add_click_route
+from smtp_tracker.web.public.gif import GIF_CONTENT_TYPE, TRANSPARENT_GIF
+from smtp_tracker.web.public.limits import EventLimiter
 
 __all__ = [
     "LIMITER_KEY",

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from smtp_tracker import tracking
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.smtp.handler import Prepared
 from smtp_tracker.smtp.transaction import Transaction
-from smtp_tracker.tracking import Tracker
+from smtp_tracker.tracking.stage import Tracker
+from smtp_tracker.tracking import stage as tracking
 from tests.support.waiting import wait_until
 
 HTML_MESSAGE = (

@@ -26,7 +26,7 @@ from smtp_tracker.errors import ConfigError, InputError, SmtpTrackerError, Start
 from smtp_tracker.logs import configure_logging
 
 if TYPE_CHECKING:
-    from smtp_tracker.retention import Outcome
+    from smtp_tracker.pruner import Outcome
 
 __all__ = ["main"]
 
@@ -270,8 +270,8 @@ def _print_stats_table(group: str, items: list[dict[str, Any]], total: dict[str,
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from smtp_tracker.store.reports import stats_total
-    from smtp_tracker.web.reports import stats_row_to_dict
+    from smtp_tracker.store.queries import stats_total
+    from smtp_tracker.web.reports.api import stats_row_to_dict
 
     since = _parse_day(args.since, flag="--since")
     until = _parse_day(args.until, flag="--until")
@@ -422,7 +422,7 @@ def _delete_records(
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from smtp_tracker.retention import cutoff, prune_data_dir
+    from smtp_tracker.pruner import cutoff, prune_data_dir
 
     config = _load(args)
     before = cutoff(config.retention_days)
@@ -439,7 +439,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from smtp_tracker.retention import forget_recipient
+    from smtp_tracker.pruner import forget_recipient
 
     address = args.recipient.strip().strip("<>")
     if not address or any(c in address for c in " \t\r\n"):
@@ -455,7 +455,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def cmd_gencert(args: argparse.Namespace) -> int:
-    from smtp_tracker.certificate import write_self_signed
+    from smtp_tracker.tls import write_self_signed
 
     config = _load(args)
     directory = config.data_dir / "tls"
@@ -491,7 +491,7 @@ def _read_new_password(args: argparse.Namespace) -> str:
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
-    from smtp_tracker.web.users import add_user, check_password_rules, check_user_name
+    from smtp_tracker.web.reports.users import add_user, check_password_rules, check_user_name
 
     path = _load(args).reports_users_path
     check_user_name(args.name)
@@ -502,7 +502,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def cmd_user_remove(args: argparse.Namespace) -> int:
-    from smtp_tracker.web.users import remove_user
+    from smtp_tracker.web.reports.users import remove_user
 
     path = _load(args).reports_users_path
     remove_user(path, args.name)
@@ -511,7 +511,7 @@ def cmd_user_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:
-    from smtp_tracker.web.users import read_users
+    from smtp_tracker.web.reports.users import read_users
 
     users = read_users(_load(args).reports_users_path)
     for entry in sorted(users.values(), key=lambda e: e.name):

@@ -3,7 +3,7 @@
 Blocking functions over a :class:`sqlite3.Connection` of a store at schema v3 or
 newer; :class:`~smtp_tracker.store.sqlite.SqliteDatabase` and
 :class:`~smtp_tracker.store.sqlite.SqliteStore` wrap them (section "reports"),
-and the JSON API (:mod:`smtp_tracker.web.reports`), the dashboard and
+and the JSON API (:mod:`smtp_tracker.web.reports.api`), the dashboard and
 ``smtp-tracker stats`` read through those wrappers.  Nothing here writes.
 
 Counting

@@ -61,9 +61,9 @@ from urllib.parse import quote, urlencode, urlsplit
 from aiohttp import hdrs, web
 
 from smtp_tracker.errors import StartupError
-from smtp_tracker.web.client import IPNetwork, client_address, parse_address
-from smtp_tracker.web.templating import CurrentSession, current_session, render, setup_site
-from smtp_tracker.web.users import UserDirectory
+from smtp_tracker.web.client_address import IPNetwork, client_address, parse_address
+from smtp_tracker.web.reports.templating import CurrentSession, current_session, render, setup_site
+from smtp_tracker.web.reports.users import UserDirectory
 
 __all__ = [
     "API_PREFIX",
@@ -328,7 +328,7 @@ def install_auth(
     """Put every route of *app* behind authentication; add ``/login`` and ``/logout``.
 
     *app* runs :func:`auth_middleware` before its routes: give it to
-    :func:`~smtp_tracker.web.reports.make_reports_app` (``auth_middleware=``);
+    :func:`~smtp_tracker.web.reports.api.make_reports_app` (``auth_middleware=``);
     when *app* does not have it yet, it is put first in its middlewares.
 
     :param token: the API bearer token (:func:`load_reports_token`).

@@ -86,7 +86,7 @@ class EventLimiter:
     """Decides whether an open or click event is recorded; bounded memory.
 
     Shared by the pixel endpoint and the click endpoint (one object per app,
-    ``app[LIMITER_KEY]`` in :mod:`smtp_tracker.web.pixel`): call
+    ``app[LIMITER_KEY]`` in :mod:`smtp_tracker.web.public.pixel`): call
     ``limiter.allow(token, client)`` before offering the event to the writer,
     and offer it only when that returns ``True``; answer the request the same
     either way.  Not thread-safe: call it from the event loop only.

@@ -29,7 +29,7 @@ from smtp_tracker.store.sqlite import SqliteDatabase, SqliteStore
 
 __all__ = ["Outcome", "Pruner", "cutoff", "forget_recipient", "prune_data_dir"]
 
-log = logging.getLogger("smtp_tracker.retention")
+log = logging.getLogger("smtp_tracker.pruner")
 
 #: Seconds after start before serve's first prune (lets start-up finish first).
 FIRST_PRUNE_DELAY_S = 60.0

@@ -42,10 +42,10 @@ from smtp_tracker.errors import StoreError
 from smtp_tracker.mime.links import CLICK_PATH_PREFIX
 from smtp_tracker.store.base import Store
 from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, ClickHit
-from smtp_tracker.store.token import is_well_formed_token
 from smtp_tracker.store.writer import EventWriter
-from smtp_tracker.web.client import IPNetwork, client_address
-from smtp_tracker.web.limits import EventLimiter
+from smtp_tracker.tokens import is_well_formed_token
+from smtp_tracker.web.client_address import IPNetwork, client_address
+from smtp_tracker.web.public.limits import EventLimiter
 
 __all__ = [
     "CLICK_KEY",

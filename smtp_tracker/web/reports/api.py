@@ -56,7 +56,7 @@ from aiohttp.typedefs import Middleware
 
 from smtp_tracker.errors import StartupError, StoreError
 from smtp_tracker.store.export import format_time
-from smtp_tracker.store.reports import (
+from smtp_tracker.store.queries import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     MessageDetail,
@@ -104,17 +104,17 @@ class ReportsStore(Protocol):
     async def query_messages(
         self, message_filter: MessageFilter, *, limit: int = ..., cursor: str | None = ...
     ) -> MessagePage:
-        """See :func:`smtp_tracker.store.reports.query_messages`."""
+        """See :func:`smtp_tracker.store.queries.query_messages`."""
         ...
 
     async def query_message(self, ident: str) -> MessageDetail | None:
-        """See :func:`smtp_tracker.store.reports.query_message`."""
+        """See :func:`smtp_tracker.store.queries.query_message`."""
         ...
 
     async def query_stats(
         self, *, since: date | None = ..., until: date | None = ..., group: StatsGroup = ...
     ) -> list[StatsRow]:
-        """See :func:`smtp_tracker.store.reports.query_stats`."""
+        """See :func:`smtp_tracker.store.queries.query_stats`."""
         ...
 
 
@@ -130,7 +130,7 @@ def create_token_file(path: Path) -> bool:
 
     The token is 32 random bytes, URL-safe base64 (RFC 4648 §5), on one line.
     An existing file is left alone, whatever it holds (it is checked when it is
-    read, by :func:`smtp_tracker.web.auth.load_reports_token`).
+    read, by :func:`smtp_tracker.web.reports.auth.load_reports_token`).
 
     :returns: whether the file was created.
     :raises StartupError: when it cannot be written.
@@ -499,7 +499,7 @@ async def _export(request: web.Request) -> web.StreamResponse:
 
 
 async def _openapi(request: web.Request) -> web.Response:
-    from smtp_tracker.web.openapi import OPENAPI
+    from smtp_tracker.web.reports.openapi import OPENAPI
 
     return _json(OPENAPI)
 
@@ -559,7 +559,7 @@ def make_reports_app(
     :param client_max_bytes: largest request body accepted, in bytes (the
         API has none; the dashboard's forms do).
     :param export_page_rows: messages per store read of the CSV export
-        (1..:data:`~smtp_tracker.store.reports.MAX_LIMIT`); memory holds one page.
+        (1..:data:`~smtp_tracker.store.queries.MAX_LIMIT`); memory holds one page.
     """
     chain: list[Middleware] = [_json_errors]
     if auth_middleware is not None:

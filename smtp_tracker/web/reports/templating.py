@@ -1,9 +1,9 @@
 """The reports site's page machinery: Jinja2 templates (autoescaped) and static files.
 
-Templates live in ``smtp_tracker/web/templates/`` and static files (one CSS
-file, no JavaScript) in ``smtp_tracker/web/static/``; both ship in the wheel.
-:func:`setup_site` is idempotent, so :func:`~smtp_tracker.web.auth.install_auth`
-(the login page) and :func:`~smtp_tracker.web.dashboard.install_dashboard`
+Templates live in ``smtp_tracker/web/reports/templates/`` and static files (one CSS
+file, no JavaScript) in ``smtp_tracker/web/reports/static/``; both ship in the wheel.
+:func:`setup_site` is idempotent, so :func:`~smtp_tracker.web.reports.auth.install_auth`
+(the login page) and :func:`~smtp_tracker.web.reports.dashboard.install_dashboard`
 can both call it.
 """
 
@@ -69,7 +69,7 @@ def setup_site(app: web.Application) -> web.AbstractResource:
         return app[_STATIC_KEY]
     environment = aiohttp_jinja2.setup(
         app,
-        loader=jinja2.PackageLoader("smtp_tracker.web", "templates"),
+        loader=jinja2.PackageLoader("smtp_tracker.web.reports", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

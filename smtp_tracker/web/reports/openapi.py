@@ -1,6 +1,6 @@
 """The OpenAPI 3.1 description of the reports JSON API, served at ``/api/openapi.json``.
 
-Written by hand beside :mod:`smtp_tracker.web.reports`; a test validates it
+Written by hand beside :mod:`smtp_tracker.web.reports.api`; a test validates it
 with ``openapi-spec-validator`` and checks every route of the app is in it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from smtp_tracker import __version__
-from smtp_tracker.store.reports import DEFAULT_LIMIT, MAX_LIMIT, VERDICTS
+from smtp_tracker.store.queries import DEFAULT_LIMIT, MAX_LIMIT, VERDICTS
 
 __all__ = ["OPENAPI"]
 

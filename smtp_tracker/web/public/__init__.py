@@ -1,0 +1,1 @@
+"""The public, unauthenticated HTTPS listener: the pixel and click endpoints."""

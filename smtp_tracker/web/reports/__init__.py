@@ -1,0 +1,1 @@
+"""The authenticated reports listener: the JSON API, the dashboard and their logins."""
