@@ -55,7 +55,7 @@ def test_template(path: Path, variant: tuple[str | None, str]) -> None:
 def test_totals() -> None:
     """Whole corpus in one pass: enough messages tracked, reasons as expected, in time."""
     reasons: collections.Counter[str] = collections.Counter()
-    started = time.perf_counter()
+    started = time.process_time()  # CPU seconds: not stretched by a busy machine
     for path in eml_paths():
         result = rewrite(path.read_bytes(), URL)
         reasons[result.reason or "tracked"] += 1
@@ -63,7 +63,7 @@ def test_totals() -> None:
         for charset, cte in VARIANTS:
             message = html_as_message(path.read_bytes(), charset=charset, cte=cte)  # type: ignore[arg-type]
             reasons[rewrite(message, URL).reason or "tracked"] += 1
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     templates = 3 * len(html_paths())
     assert reasons["tracked"] >= templates + 100, reasons
     assert reasons["dkim-signed"] >= 30, reasons
@@ -71,4 +71,4 @@ def test_totals() -> None:
     assert reasons["multipart-signed"] >= 5, reasons
     assert reasons["auto-submitted"] >= 5, reasons
     assert reasons["rewrite-failed"] <= len(FAIL_OPEN), reasons
-    assert elapsed < 60, f"whole corpus took {elapsed:.1f} s"
+    assert elapsed < 60, f"whole corpus took {elapsed:.1f} CPU s"

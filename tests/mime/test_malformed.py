@@ -155,9 +155,9 @@ def test_thousand_level_nesting_is_bounded() -> None:
             + f"\r\n--n{level}--\r\n".encode()
         )
     original = message(entity)
-    started = time.perf_counter()
+    started = time.process_time()
     result = rewrite(original, PIXEL_URL)
-    assert time.perf_counter() - started < 5
+    assert time.process_time() - started < 5  # CPU seconds: a busy machine does not change it
     # (the email package itself cannot parse this deep: RecursionError; no check() here)
     assert (result.tracked, result.reason, result.message) == (False, "limits-exceeded", original)
 
@@ -171,10 +171,21 @@ def test_nesting_within_bounds_is_tracked() -> None:
 
 
 def test_deeply_nested_html_elements_are_bounded() -> None:
+    """5,000 nested elements: bounded CPU time, relayed unchanged, a reason recorded.
+
+    Which reason depends on libxml2's own depth limit (lxml 5 stops the parse
+    with an error: ``limits-exceeded``; lxml 6.2 drops the elements past its
+    limit and finds no ``</body>``: ``no-html-body``); either way the message
+    is relayed as it came.
+    """
     html = "<html><body>" + "<div>" * 5000 + "x" + "</div>" * 5000 + "</body></html>"
-    started = time.perf_counter()
-    assert run(html_message(html)) == (False, "limits-exceeded")
-    assert time.perf_counter() - started < 5
+    original = html_message(html)
+    started = time.process_time()
+    result = rewrite(original, PIXEL_URL)
+    assert time.process_time() - started < 5  # CPU seconds
+    check(original, result, PIXEL_URL)
+    assert (result.tracked, result.message) == (False, original)
+    assert result.reason in ("limits-exceeded", "no-html-body")
     html = "<html><body>" + "<div>" * 1000 + "x" + "</div>" * 1000 + "</body></html>"
     assert run(html_message(html)) == (True, None)
 
@@ -202,11 +213,11 @@ def test_fifty_megabyte_html_part(cte: str) -> None:
     rows = row * (50 * 1024 * 1024 // len(row.encode()))
     html = f"<html><body><table>\r\n{rows}</table></body></html>\r\n"
     original = html_message(html, cte=cte)
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: what a busy machine does not stretch
     result = rewrite(original, PIXEL_URL)
-    elapsed = time.perf_counter() - started
+    cpu_s = time.process_time() - started
     assert result.tracked, (result.reason, result.defects)
-    assert elapsed < 10, f"{elapsed:.1f} s"
+    assert cpu_s < 10, f"{cpu_s:.1f} CPU s"
     out = result.message
     head = len(original) - 4096
     assert out[:head] == original[:head]  # the change is at the end only
