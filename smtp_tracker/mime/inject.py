@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import html
 import re
-import urllib.parse
 from collections.abc import Callable, Iterator
 
 from lxml import etree
+
+from smtp_tracker.tokens import to_ascii_url
 
 __all__ = [
     "PIXEL_STYLE",
@@ -35,8 +36,6 @@ __all__ = [
 #: transparent image takes no visible room instead.
 PIXEL_STYLE = "border:0;width:1px;height:1px;margin:0;padding:0;opacity:0"
 
-#: Printable ASCII is kept in the URL; anything else is percent-encoded (RFC 3986 §2.1).
-_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 _XHTML_DOCTYPE = re.compile(r"<!DOCTYPE\s+html\s+PUBLIC\s+\"-//W3C//DTD\s+XHTML", re.IGNORECASE)
 _BODY_END = re.compile(r"</body[\t\n\f\r />]", re.IGNORECASE)
 _HTML_END = re.compile(r"</html[\t\n\f\r />]", re.IGNORECASE)
@@ -88,7 +87,7 @@ def pixel_tag(
     :param extra_html: HTML placed right before the element, as given; with
         ``newline``, on lines of its own.
     """
-    safe_url = urllib.parse.quote(url, safe=_URL_SAFE, encoding="utf-8", errors="strict")
+    safe_url = to_ascii_url(url)
     parts = [
         "<img",
         f'src="{html.escape(safe_url, quote=True)}"',

@@ -34,25 +34,21 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from email.message import Message
-from html import escape, unescape
+from html import unescape
 
 from lxml import etree
 
 __all__ = [
-    "CLICK_PATH_PREFIX",
     "DEFAULT_CLICK_EXCLUDE_PATTERNS",
     "DEFAULT_NOTRACK_ATTRIBUTE",
     "Href",
     "LinkRules",
-    "click_url",
     "destination",
     "find_html_links",
     "find_text_links",
     "list_unsubscribe_urls",
 ]
 
-#: The click URL path is ``/c/<link_token>``.
-CLICK_PATH_PREFIX = "/c/"
 #: Links never wrapped by default: unsubscribe, opt-out and preference pages.
 DEFAULT_CLICK_EXCLUDE_PATTERNS: tuple[str, ...] = (
     r"unsubscri",
@@ -82,8 +78,6 @@ _ANGLE_URI = re.compile(r"<([^<>]*)>")
 _WHITESPACE = re.compile(r"\s+")
 #: HTML attribute names: no space, quote, "/", ">" or "=" (HTML §13.1.2.3).
 _ATTRIBUTE_NAME = re.compile(r"[^\s\"'/>=\x00]+\Z")
-#: Printable ASCII is kept in a URL; anything else is percent-encoded (RFC 3986 §2.1).
-_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 #: Characters fed to lxml at a time.
 _CHUNK = 1 << 20
 
@@ -118,21 +112,6 @@ def destination(value: str) -> str:
     spaces are dropped, ASCII tabs and newlines removed anywhere.
     """
     return value.strip(_C0_OR_SPACE).translate(_TAB_OR_NEWLINE)
-
-
-def click_url(base_url: str, token: str, *, html: bool = False) -> str:
-    """The click URL of ``token`` under ``base_url`` (the pixel base URL).
-
-    The URL is made ASCII (other characters percent-encoded as UTF-8, RFC 3986
-    §2.1); with ``html``, escaped for an attribute value in any quoting
-    (``html.escape(url, quote=True)``).
-
-    :returns: e.g. ``"https://track.example.com:8443/c/<token>"``.
-    """
-    url = urllib.parse.quote(
-        f"{base_url.rstrip('/')}{CLICK_PATH_PREFIX}{token}", safe=_URL_SAFE, encoding="utf-8"
-    )
-    return escape(url, quote=True) if html else url
 
 
 def list_unsubscribe_urls(headers: Message) -> frozenset[str]:

@@ -26,6 +26,7 @@ import re
 import traceback
 import urllib.parse
 from dataclasses import dataclass
+from html import escape
 
 from smtp_tracker.mime.charset import CharsetError, decode_text
 from smtp_tracker.mime.disclosure import footer_for_part
@@ -39,7 +40,6 @@ from smtp_tracker.mime.inject import (
 from smtp_tracker.mime.links import (
     Href,
     LinkRules,
-    click_url,
     find_html_links,
     find_text_links,
     list_unsubscribe_urls,
@@ -57,8 +57,7 @@ from smtp_tracker.mime.transfer import (
     splice,
     splice_edits,
 )
-from smtp_tracker.store.records import LinkRecord
-from smtp_tracker.tokens import new_tracking_id
+from smtp_tracker.tokens import LinkRecord, click_url, new_link_token
 
 __all__ = ["RewriteResult", "rewrite"]
 
@@ -449,8 +448,10 @@ class _Rewrite:
             if octets[start:end] != text[link.start : link.end].encode(codec):
                 self.defects.append("links-offsets-mismatch")
                 return []
-            token = new_tracking_id()
-            value = click_url(self.click_base_url, token, html=html)
+            token = new_link_token()
+            value = click_url(self.click_base_url, token)
+            if html:  # an attribute value in any quoting
+                value = escape(value, quote=True)
             plan.append(_Wrap(link, token, value, start, end, value.encode(codec)))
         if encoding is TransferEncoding.IDENTITY:
             fitting = _fit_lines(octets, plan, pixel)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Literal
 
+from smtp_tracker.tokens import LinkRecord
+
 __all__ = [
     "COUNTED_VERDICTS",
     "USER_AGENT_MAX_CHARS",
@@ -128,21 +130,6 @@ class OpenRecord:
     user_agent: str | None
     verdict: Verdict = "unknown"
     verdict_reason: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LinkRecord:
-    """One wrapped link of a tracked message.
-
-    :param token: the click token in ``/c/<token>`` (unguessable, unique).
-    :param url: the destination, exactly as the sender wrote it with HTML
-        entities decoded; the click endpoint redirects only to this.
-    :param position: the link's index among the message's wrapped links (0-based).
-    """
-
-    token: str
-    url: str
-    position: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -184,15 +184,19 @@ def count_older(conn: sqlite3.Connection, before_us: int) -> Removed:
 
 
 def recipient_forms(address: str) -> list[str]:
-    """The forms a forward-path may be stored in: lower case, domain as A-labels and as U-labels."""
-    from smtp_tracker.tracking.domains import normalise_domain
+    """The forms a forward-path may be stored in: lower case, domain as A-labels and as U-labels.
 
+    A-labels as :func:`smtp_tracker.tracking.domains.normalise_domain` writes
+    them (IDNA 2008 with the UTS #46 mapping), computed here with :mod:`idna`
+    because the store sits below the tracking stage and never imports it.
+    """
     text = address.strip().strip("<>").lower()
     forms = [text]
     local, at, domain = text.rpartition("@")
-    if at:
+    domain = domain.rstrip(".")
+    if at and domain and not domain.startswith("["):
         try:
-            a_labels = normalise_domain(domain)
+            a_labels = idna.encode(domain, uts46=True).decode("ascii").lower()
             forms.append(f"{local}@{a_labels}")
             forms.append(f"{local}@{idna.decode(a_labels)}")
         except (ValueError, UnicodeError, idna.IDNAError):

@@ -16,12 +16,12 @@ from smtp_tracker.mime.links import (
     DEFAULT_CLICK_EXCLUDE_PATTERNS,
     Href,
     LinkRules,
-    click_url,
     find_html_links,
     find_text_links,
     list_unsubscribe_urls,
 )
 from smtp_tracker.mime.structure import read_part
+from smtp_tracker.tokens import click_url
 from tests.mime.link_invariants import (
     DEFAULT_EXCLUDES,
     Wrapped,
@@ -464,5 +464,17 @@ def test_find_html_links_spans_and_skip_reasons() -> None:
 
 def test_click_url() -> None:
     assert click_url(BASE + "/", "T") == BASE + "/c/T"
-    assert click_url("https://t.example/x&y", "T", html=True) == "https://t.example/x&amp;y/c/T"
+    assert click_url("https://t.example/x&y", "T") == "https://t.example/x&y/c/T"
     assert click_url("https://t\u00e9.example", "T") == "https://t%C3%A9.example/c/T"
+
+
+def test_click_url_is_escaped_in_an_html_attribute_not_in_text() -> None:
+    base = "https://t.example/x&y"
+    html = page(f'<a href="{SHOP}">sale</a>')
+    original = multipart("alternative", leaf(f"See {SHOP} now", ctype="text/plain"), leaf(html))
+    policy = dataclasses.replace(CLICKS, track_text_links=True)
+    result = rewrite(message(original), PIXEL_URL, policy, click_base_url=base)
+    assert result.tracked and len(result.links) == 2, result.defects
+    html_token, text_token = (link.token for link in result.links)
+    assert f'href="https://t.example/x&amp;y/c/{html_token}"'.encode() in result.message
+    assert f"See https://t.example/x&y/c/{text_token} now".encode() in result.message

@@ -39,11 +39,10 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.mime.links import CLICK_PATH_PREFIX
 from smtp_tracker.store.base import Store
 from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, ClickHit
 from smtp_tracker.store.writer import EventWriter
-from smtp_tracker.tokens import is_well_formed_token
+from smtp_tracker.tokens import CLICK_PATH_PREFIX, URL_SAFE, is_well_formed_token
 from smtp_tracker.web.client_address import IPNetwork, client_address
 from smtp_tracker.web.public.limits import EventLimiter
 
@@ -63,8 +62,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_ENTRIES: Final = 10_000
 #: Seconds a destination stays cached.
 DEFAULT_CACHE_TTL_S: Final = 300.0
-#: Printable ASCII stays as it is in ``Location``; anything else is percent-encoded.
-_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
 
 _REDIRECT_HEADERS: Final = {
     hdrs.CACHE_CONTROL: "no-store",
@@ -137,7 +134,7 @@ def location(url: str) -> str:
     outside printable ASCII percent-encoded as UTF-8 (``%`` kept as it is)."""
     if url.isascii() and url.isprintable() and " " not in url:
         return url
-    return urllib.parse.quote(url, safe=_URL_SAFE, encoding="utf-8", errors="strict")
+    return urllib.parse.quote(url, safe=URL_SAFE, encoding="utf-8", errors="strict")
 
 
 class ClickEndpoint:
