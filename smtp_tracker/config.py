@@ -36,6 +36,7 @@ __all__ = [
     "UpstreamTLS",
     "build_config",
     "is_loopback_host",
+    "key",
     "load_toml",
     "parse_host_port",
 ]
@@ -64,107 +65,317 @@ class HostPort:
         return f"{host}:{self.port}"
 
 
+def key(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    section: str | None = None,
+    default_text: str | None = None,
+    example: str | None = None,
+    default_factory: Any = dataclasses.MISSING,
+    repr: bool = True,
+) -> Any:
+    """A :class:`Config` field and its documentation, written once.
+
+    The flag's help, the example file and the docs' configuration page all come
+    from here (:mod:`smtp_tracker.cli.flags`).  Units come from the key's name
+    (``_s`` seconds, ``_bytes`` bytes, ``_days`` days, ``_per_min`` per minute).
+
+    :param help: what the key does, one or two sentences, without its default.
+    :param section: the heading of the group this key starts (in field order).
+    :param default_text: the default in words, when the value alone would mislead
+        (e.g. "this host's FQDN" for a default computed at start).
+    :param example: a TOML value for the example file, for a key without a
+        default worth showing (a path, a host name).
+    :returns: a :func:`dataclasses.field`.
+    """
+    metadata = {
+        "help": help,
+        "section": section,
+        "default_text": default_text,
+        "example": example,
+    }
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, repr=repr, metadata=metadata)
+    return field(default=default, repr=repr, metadata=metadata)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     """Everything smtp-tracker is told, validated.
 
-    Durations are in seconds (``*_s``), sizes in bytes (``*_bytes``).
+    Durations are in seconds (``*_s``), sizes in bytes (``*_bytes``).  Each field
+    is written with :func:`key`, which holds its help, once.
     """
 
-    # -- SMTP listener (downstream: Postfix) ---------------------------------
-    listen: HostPort = HostPort("127.0.0.1", 10025)
-    hostname: str = field(default_factory=socket.getfqdn)
-    allowed_clients: tuple[IPNetwork, ...] = (
-        ipaddress.ip_network("127.0.0.0/8"),
-        ipaddress.ip_network("::1/128"),
+    listen: HostPort = key(
+        HostPort("127.0.0.1", 10025),
+        section="SMTP listener (Postfix connects here)",
+        help="address to accept SMTP from Postfix on, HOST:PORT",
     )
-    client_timeout_s: float = 300.0
-    max_message_bytes: int = 52_428_800
-    max_recipients: int = 1000
-    max_connections: int = 100
-    add_received_header: bool = True
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+    hostname: str = key(
+        default_factory=socket.getfqdn,
+        default_text="this host's FQDN",
+        example='"mx.example.com"',
+        help="our host name in the greeting and the Received: header",
+    )
+    allowed_clients: tuple[IPNetwork, ...] = key(
+        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        help="CIDR networks allowed to connect (comma-separated as a flag); others get "
+        "554 5.7.1; an empty list is refused",
+    )
+    client_timeout_s: float = key(300.0, help="seconds a downstream client may stay idle")
+    max_message_bytes: int = key(
+        52_428_800, help="largest message accepted, in bytes; advertised as SIZE"
+    )
+    max_recipients: int = key(1000, help="recipients accepted per transaction; more get 452 4.5.3")
+    max_connections: int = key(
+        100, help="SMTP connections served at once; more get 421 4.3.2 and are closed"
+    )
+    add_received_header: bool = key(True, help="prepend a Received: trace header")
+    tls_cert: Path | None = key(
+        None,
+        example='"/etc/smtp-tracker/tls/cert.pem"',
+        help="PEM certificate offered to clients with STARTTLS and by the HTTPS endpoints",
+    )
+    tls_key: Path | None = key(
+        None, example='"/etc/smtp-tracker/tls/key.pem"', help="PEM private key for tls_cert"
+    )
 
-    # -- upstream (the smarthost) ---------------------------------------------
-    upstream: HostPort | None = None
-    upstream_tls: UpstreamTLS = "starttls"
-    upstream_ca_file: Path | None = None
-    insecure_skip_verify: bool = False
-    upstream_user: str | None = None
-    upstream_password: str | None = field(default=None, repr=False)
-    upstream_password_file: Path | None = None
-    upstream_connect_timeout_s: float = 30.0
-    upstream_command_timeout_s: float = 300.0
-    upstream_data_timeout_s: float = 600.0
+    upstream: HostPort | None = key(
+        None,
+        section="Upstream smarthost",
+        example='"smtp.example.net:587"',
+        help="the smarthost to relay to, HOST:PORT (required for serve)",
+    )
+    upstream_tls: UpstreamTLS = key(
+        "starttls",
+        help="starttls (required, never falls back to plaintext), implicit, or none",
+    )
+    upstream_ca_file: Path | None = key(
+        None,
+        default_text="the system's CA certificates",
+        example='"/etc/ssl/certs/ca-certificates.crt"',
+        help="PEM CA bundle to verify the upstream's certificate",
+    )
+    insecure_skip_verify: bool = key(
+        False, help="do not verify the upstream's certificate (testing only)"
+    )
+    upstream_user: str | None = key(
+        None,
+        example='"relay@example.com"',
+        help=f"SMTP AUTH user at the upstream; the password comes from {PASSWORD_ENV} "
+        "or upstream_password_file, never a flag",
+    )
+    upstream_password: str | None = key(
+        None,
+        repr=False,
+        help=f"never a key nor a flag: read from {PASSWORD_ENV} or upstream_password_file",
+    )
+    upstream_password_file: Path | None = key(
+        None,
+        example='"/etc/smtp-tracker/upstream-password"',
+        help="file holding the upstream password (mode 0600)",
+    )
+    upstream_connect_timeout_s: float = key(
+        30.0, help="seconds to connect, handshake and get the upstream's greeting"
+    )
+    upstream_command_timeout_s: float = key(300.0, help="seconds to wait for each upstream reply")
+    upstream_data_timeout_s: float = key(
+        600.0, help="seconds to wait for the upstream's reply to the message"
+    )
 
-    # -- data directory, capture, logs ----------------------------------------
-    data_dir: Path = Path("smtp-tracker-data")
-    capture: CaptureMode = "off"
-    log_level: LogLevel = "info"
-    log_format: LogFormat = "text"
+    data_dir: Path = key(
+        Path("smtp-tracker-data"),
+        section="Data directory, capture files, logs",
+        help="directory for the tracking store and capture files, created if missing "
+        "(a relative path is taken from the working directory)",
+    )
+    capture: CaptureMode = key(
+        "off", help="debug capture files: off, errors (transactions not ending 2xx), or all"
+    )
+    log_level: LogLevel = key("info", help="debug, info, warning or error")
+    log_format: LogFormat = key("text", help="text (Postfix-like) or json")
 
-    # -- service life cycle ----------------------------------------------------
-    shutdown_grace_s: float = 30.0
+    shutdown_grace_s: float = key(
+        30.0,
+        section="Service life cycle",
+        help="seconds SIGTERM waits for transactions in flight before telling their "
+        "clients 421 4.3.2 and exiting; keep it below systemd's TimeoutStopSec",
+    )
 
-    # -- tracking --------------------------------------------------------------
-    tracking: bool = True
-    pixel_base_url: str | None = None
-    dkim_policy: DkimPolicy = "skip"
-    tracking_requires_opt_in: bool = False
-    control_header: str = "X-Track"
-    rewrite_timeout_s: float = 10.0
-    store_subject: bool = False
-    ip_policy: IpPolicy = "truncate"
+    tracking: bool = key(
+        True, section="Tracking", help="inject the open-tracking pixel into HTML mail"
+    )
+    pixel_base_url: str | None = key(
+        None,
+        example='"https://track.example.com:8443"',
+        help="public URL of the pixel endpoint, e.g. https://track.example.com:8443",
+    )
+    dkim_policy: DkimPolicy = key("skip", help="skip (never touch DKIM-signed mail) or track")
+    tracking_requires_opt_in: bool = key(
+        False, help="track only messages whose control header says yes"
+    )
+    control_header: str = key(
+        "X-Track",
+        help="header that opts a message in (yes) or out (no); removed before relay",
+    )
+    rewrite_timeout_s: float = key(
+        10.0, help="seconds the pixel rewrite may take before the original is relayed"
+    )
+    store_subject: bool = key(False, help="keep the Subject in the tracking store")
+    ip_policy: IpPolicy = key(
+        "truncate", help="how opens' client addresses are kept: full, truncate, hash or none"
+    )
 
-    # -- rewrite threads (a burst waits for one, bounded) ----------------------
-    rewrite_queue_wait_s: float = 5.0
+    rewrite_queue_wait_s: float = key(
+        5.0,
+        help="seconds a message waits for a free rewrite thread before the original is "
+        "relayed untracked",
+    )
 
-    # -- click tracking ----------------------------------------------------------
-    track_clicks: bool = False
-    track_text_links: bool = False
+    track_clicks: bool = key(
+        False,
+        section="Click tracking",
+        help="wrap the http/https links of tracked HTML mail in click URLs on the pixel "
+        "endpoint (PIXEL_BASE_URL/c/TOKEN), which redirect to the stored destination",
+    )
+    track_text_links: bool = key(
+        False, help="with track_clicks, also wrap URLs in the text/plain alternative"
+    )
     #: the same as smtp_tracker.mime.links.DEFAULT_CLICK_EXCLUDE_PATTERNS (a test checks)
-    click_exclude_patterns: tuple[str, ...] = (
-        r"unsubscri",
-        r"\bunsub\b",
-        r"opt[-_.]?out",
-        r"preference",
+    click_exclude_patterns: tuple[str, ...] = key(
+        (r"unsubscri", r"\bunsub\b", r"opt[-_.]?out", r"preference"),
+        help="regular expressions (case-insensitive, searched in the URL; comma-separated "
+        "as a flag) of links never wrapped; links named in List-Unsubscribe, mailto:, tel:, "
+        "#... and relative URLs are never wrapped either",
     )
-    click_notrack_attribute: str = "data-notrack"
+    click_notrack_attribute: str = key(
+        "data-notrack", help="links whose tag has this attribute are never wrapped"
+    )
 
-    # -- privacy ---------------------------------------------------------------
-    include_sender_domains: tuple[str, ...] = ()
-    exclude_sender_domains: tuple[str, ...] = ()
-    include_recipient_domains: tuple[str, ...] = ()
-    exclude_recipient_domains: tuple[str, ...] = ()
-    disclosure_footer_file: Path | None = None
-    disclosure_header: str | None = None
-    disclosure_header_name: str = "X-Tracking-Notice"
-    retention_days: int = 365
+    include_sender_domains: tuple[str, ...] = key(
+        (),
+        section="Privacy",
+        default_text="all",
+        help="track only mail from these sender domains and their subdomains "
+        "(comma-separated as a flag; either IDNA form, case-insensitive)",
+    )
+    exclude_sender_domains: tuple[str, ...] = key(
+        (),
+        help="never track mail from these sender domains and their subdomains; wins over include",
+    )
+    include_recipient_domains: tuple[str, ...] = key(
+        (),
+        default_text="all",
+        help="track only transactions whose every recipient is in these domains or "
+        "their subdomains",
+    )
+    exclude_recipient_domains: tuple[str, ...] = key(
+        (),
+        help="never track a transaction with any recipient in these domains or their "
+        "subdomains (one pixel serves them all); wins over include",
+    )
+    disclosure_footer_file: Path | None = key(
+        None,
+        example='"/etc/smtp-tracker/disclosure.html"',
+        help="HTML fragment (UTF-8, up to 64 KiB) added just before the pixel of tracked "
+        "messages; read once at start, an unreadable or invalid file is an error at start",
+    )
+    disclosure_header: str | None = key(
+        None,
+        example='"This message contains an image that tells the sender when it is opened"',
+        help="value of a header field added to tracked messages only; one line, folded at "
+        "78 characters, non-ASCII sent as RFC 2047 encoded-words",
+    )
+    disclosure_header_name: str = key(
+        "X-Tracking-Notice", help="name of the disclosure_header field"
+    )
+    retention_days: int = key(
+        365,
+        help="days message records, their opens, clicks, links and recipients are kept, "
+        "counted from the relay time; 0 keeps them forever; serve prunes once a day, the "
+        "daily counts stay (see 'smtp-tracker prune')",
+    )
 
-    # -- open classification ---------------------------------------------------
-    prefetch_window_s: float = 30.0
+    prefetch_window_s: float = key(
+        30.0,
+        section="Open classification",
+        help="opens and clicks sooner than this after the relay count as scanner "
+        "(security gateways fetch at delivery); network lists: 'smtp-tracker networks list'",
+    )
 
-    # -- event rate limits (recorded events; the GIF is always served) -----------
-    max_events_per_token_per_min: int = 30
-    max_events_per_token_client_per_min: int = 5
+    max_events_per_token_per_min: int = key(
+        30,
+        section="Event rate limits (recorded events; the GIF is always served)",
+        help="opens (or clicks) recorded per token per minute; 0 for no limit",
+    )
+    max_events_per_token_client_per_min: int = key(
+        5,
+        help="opens (or clicks) recorded per token and client address per minute; 0 for no "
+        "limit; never per client address alone: one provider's proxy fetches for many "
+        "recipients",
+    )
 
-    # -- pixel endpoint --------------------------------------------------------
-    pixel: bool = True
-    pixel_listen: HostPort = HostPort("0.0.0.0", 8443)  # noqa: S104 - public by design
-    pixel_plain_http: bool = False
-    trusted_proxies: tuple[IPNetwork, ...] = ()
+    pixel: bool = key(
+        True,
+        section="Pixel endpoint (HTTPS)",
+        help="run the HTTPS pixel endpoint in this process",
+    )
+    pixel_listen: HostPort = key(
+        HostPort("0.0.0.0", 8443),  # noqa: S104 - public by design
+        help="address of the pixel endpoint, HOST:PORT",
+    )
+    pixel_plain_http: bool = key(
+        False, help="serve the pixel endpoint over plain HTTP, behind a TLS proxy"
+    )
+    trusted_proxies: tuple[IPNetwork, ...] = key(
+        (),
+        help="CIDR networks whose X-Forwarded-For is believed (comma-separated as a flag)",
+    )
 
-    # -- reports listener ------------------------------------------------------
-    reports: bool = True
-    reports_listen: HostPort = HostPort("127.0.0.1", 8444)
-    reports_plain_http: bool = False
-    reports_token_file: Path | None = None
+    reports: bool = key(
+        True,
+        section="Reports listener (JSON API and dashboard, HTTPS)",
+        help="run the reports listener in serve; 'smtp-tracker reports' runs it alone",
+    )
+    reports_listen: HostPort = key(
+        HostPort("127.0.0.1", 8444), help="address of the reports listener, HOST:PORT"
+    )
+    reports_plain_http: bool = key(
+        False, help="serve the reports over plain HTTP; only allowed on a loopback reports_listen"
+    )
+    reports_token_file: Path | None = key(
+        None,
+        default_text="DATA_DIR/reports-token",
+        example='"/var/lib/smtp-tracker/reports-token"',
+        help="file holding the API bearer token, created 0600 with a random token when missing",
+    )
 
-    # -- reports: dashboard users and sessions ----------------------------------
-    reports_users_file: Path | None = None
-    reports_session_s: float = 43_200.0
-    reports_login_failures_per_min: int = 5
+    reports_users_file: Path | None = key(
+        None,
+        section="Reports: dashboard users and sessions",
+        default_text="DATA_DIR/reports-users.json",
+        example='"/var/lib/smtp-tracker/reports-users.json"',
+        help="the dashboard's users and password hashes (argon2id), managed by 'smtp-tracker user'",
+    )
+    reports_session_s: float = key(43_200.0, help="seconds a dashboard login lasts (12 hours)")
+    reports_login_failures_per_min: int = key(
+        5,
+        help="failed dashboard logins allowed per client address and per user name in any "
+        "minute; more get 429 with Retry-After",
+    )
+
+    metrics: bool = key(
+        False,
+        section="Prometheus metrics",
+        help="serve Prometheus metrics (GET /metrics, plain HTTP) on metrics_listen",
+    )
+    metrics_listen: HostPort = key(
+        HostPort("127.0.0.1", 9425),
+        help="address of the metrics endpoint, HOST:PORT; keep it on loopback or a "
+        "private network: it has no authentication",
+    )
 
     @property
     def reports_token_path(self) -> Path:
@@ -252,7 +463,7 @@ def load_toml(path: Path) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or flag value into the field's type; raise ConfigError if it can't."""
     kind = _FIELDS[name].type
-    if name in {"listen", "upstream", "pixel_listen", "reports_listen"}:
+    if name in {"listen", "upstream", "pixel_listen", "reports_listen", "metrics_listen"}:
         if isinstance(value, HostPort):
             return value
         if not isinstance(value, str):

@@ -92,6 +92,24 @@ def test_auth_without_password_or_without_tls_is_refused() -> None:
         )
 
 
+def test_every_key_has_its_help_in_its_field() -> None:
+    """Each key's help is written once, in its Config field (flags, file and docs use it)."""
+    for spec in dataclasses.fields(Config):
+        text = spec.metadata.get("help")
+        assert isinstance(text, str) and text.strip(), f"Config.{spec.name} has no help"
+        assert "(default" not in text, f"Config.{spec.name}: the default is added by the tools"
+
+
+def test_example_config_is_generated_from_the_fields() -> None:
+    from smtp_tracker.cli.flags import example_toml
+
+    text = (REPO / "conf" / "smtp-tracker.toml").read_text()
+    assert text == example_toml(), (
+        "conf/smtp-tracker.toml is out of date: "
+        "python -m smtp_tracker.cli.flags toml > conf/smtp-tracker.toml"
+    )
+
+
 def test_example_config_lists_every_key_with_its_default() -> None:
     text = (REPO / "conf" / "smtp-tracker.toml").read_text()
     uncommented = "\n".join(

@@ -1,0 +1,75 @@
+"""The long-running commands: ``serve`` and the listeners run alone, ``pixel`` and ``reports``.
+
+They take every configuration key: each part they start reads its own keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+
+from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.logs import configure_logging
+
+__all__ = ["add_commands", "cmd_pixel", "cmd_reports", "cmd_serve"]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``smtp-tracker serve``: relay (and track, and serve the pixel and reports) until SIGTERM."""
+    from smtp_tracker.app import run
+
+    config = load_config(args, require_upstream=True)
+    configure_logging(config.log_level, config.log_format)
+    return asyncio.run(run(config))
+
+
+def cmd_pixel(args: argparse.Namespace) -> int:
+    """``smtp-tracker pixel``: the pixel endpoint alone."""
+    from smtp_tracker.app import run
+
+    config = dataclasses.replace(load_config(args), pixel=True, reports=False)
+    configure_logging(config.log_level, config.log_format)
+    return asyncio.run(run(config, smtp=False))
+
+
+def cmd_reports(args: argparse.Namespace) -> int:
+    """``smtp-tracker reports``: the reports listener alone."""
+    from smtp_tracker.app import run
+
+    config = dataclasses.replace(load_config(args), pixel=False, reports=True)
+    configure_logging(config.log_level, config.log_format)
+    return asyncio.run(run(config, smtp=False))
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``serve``, ``pixel`` and ``reports`` to the command line."""
+    serve = add_command(
+        commands,
+        "serve",
+        help="relay mail from Postfix to the upstream",
+        description="Accept SMTP from Postfix and relay each transaction to the upstream "
+        "in step, giving Postfix the upstream's own replies.",
+    )
+    add_config_flags(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    pixel = add_command(
+        commands,
+        "pixel",
+        help="run only the HTTPS pixel endpoint",
+        description="Serve the pixel endpoint alone, sharing the data directory with a "
+        "'serve --no-pixel' on the same host.",
+    )
+    add_config_flags(pixel)
+    pixel.set_defaults(func=cmd_pixel)
+
+    reports = add_command(
+        commands,
+        "reports",
+        help="run only the reports listener (JSON API and dashboard)",
+        description="Serve the reports (HTTPS, behind the API token and the dashboard "
+        "logins) alone, reading the data directory of a 'serve --no-reports' on the same host.",
+    )
+    add_config_flags(reports)
+    reports.set_defaults(func=cmd_reports)
