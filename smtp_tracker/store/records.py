@@ -7,6 +7,7 @@ datetimes to UTC when it writes them and rejects naive ones
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +30,7 @@ __all__ = [
     "OpenRecord",
     "StoredMessage",
     "Verdict",
+    "header_text",
     "unclassified",
 ]
 
@@ -52,6 +54,29 @@ EventKind = Literal["open", "click"]
 
 #: User-Agent values are cut to this many characters before they are stored.
 USER_AGENT_MAX_CHARS = 512
+
+#: Lone surrogates that are not surrogateescape'd octets (those are U+DC80..U+DCFF), and NUL.
+_NOT_ESCAPED_OCTET = re.compile(r"[\ud800-\udc7f\udd00-\udfff\x00]")
+
+
+def header_text(value: str | None) -> str | None:
+    r"""*value* (an untrusted header or protocol text) as text any UTF-8 store can keep.
+
+    HTTP field values are octets (RFC 9110 §5.5); aiohttp and the :mod:`email`
+    package hand octets that are not UTF-8 on as lone surrogates
+    (``surrogateescape``: ``\xff`` becomes ``'\udcff'``), which no UTF-8
+    encoder takes.  The octets are put back and decoded as UTF-8 with
+    replacement (U+FFFD), so valid multi-octet sequences come back whole;
+    any other lone surrogate and NUL become U+FFFD too.  Never raises.
+
+    :returns: a string that ``str.encode("utf-8")`` accepts; ``None`` for ``None``.
+    """
+    if value is None:
+        return None
+    if value.isascii() and "\x00" not in value:
+        return value
+    value = _NOT_ESCAPED_OCTET.sub("\ufffd", value)
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

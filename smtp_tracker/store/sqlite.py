@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -61,10 +62,13 @@ from smtp_tracker.store.records import (
     OpenRecord,
     StoredMessage,
     Verdict,
+    header_text,
     unclassified,
 )
 
 __all__ = ["DB_FILENAME", "SqliteDatabase", "SqliteStore", "day_of", "sender_domain_of"]
+
+log = logging.getLogger("smtp_tracker.store")
 
 #: The database file's name inside the data directory.
 DB_FILENAME = "tracker.sqlite3"
@@ -371,6 +375,7 @@ class SqliteDatabase:
 
     def record_message(self, record: MessageRecord) -> None:
         """See :meth:`.base.Store.record_message`."""
+        record = _storable(record)
         row = (
             record.tracking_id,
             record.queue_id,
@@ -466,23 +471,28 @@ class SqliteDatabase:
                     state = messages.get(tracking_id)
                     if state is None:
                         continue
-                    user_agent = (
-                        None if hit.user_agent is None else hit.user_agent[:USER_AGENT_MAX_CHARS]
-                    )
+                    # untrusted octets: text any UTF-8 encoder takes (issue 12, item 1)
+                    user_agent = header_text(hit.user_agent)
+                    if user_agent is not None:
+                        user_agent = user_agent[:USER_AGENT_MAX_CHARS]
+                    client = header_text(hit.client_address)
                     at_us = to_us(hit.at)
-                    verdict, reason = classify(
-                        EventContext(
-                            kind=kind,
-                            at=hit.at,
-                            client_address=hit.client_address,
-                            user_agent=user_agent,
-                            relayed_at=from_us(state.relayed_at_us),
-                        )
+                    event = EventContext(
+                        kind=kind,
+                        at=hit.at,
+                        client_address=client,
+                        user_agent=user_agent,
+                        relayed_at=from_us(state.relayed_at_us),
                     )
+                    try:
+                        verdict, reason = classify(event)
+                    except Exception as exc:  # one event's classification never costs the batch
+                        log.warning("classifier failed on one %s (%s)", kind, type(exc).__name__)
+                        verdict, reason = "unknown", "classifier-failed"
                     if verdict not in _OPENS_BY_VERDICT:
                         verdict, reason = "unknown", f"bad verdict from {reason}"
                     state.add(kind, verdict, at_us)
-                    ip = apply(hit.client_address)
+                    ip = apply(client)
                     if isinstance(hit, ClickHit):
                         rows.append(
                             (hit.link_token, tracking_id, at_us, ip, user_agent, verdict, reason)
@@ -764,6 +774,41 @@ class SqliteDatabase:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the store: {exc}") from exc
+
+
+def _storable(record: MessageRecord) -> MessageRecord:
+    """*record* with its texts made UTF-8-encodable (:func:`.records.header_text`).
+
+    Header fields (``Subject``, ``Message-ID``) read with the :mod:`email`
+    package and SMTP arguments may carry octets that are not UTF-8 as lone
+    surrogates; SQLite's binding would refuse them and the message would go
+    unrecorded.
+    """
+    texts = (
+        record.queue_id,
+        record.message_id,
+        record.sender,
+        *record.recipients,
+        record.upstream_reply,
+        record.not_tracked_reason,
+        record.subject,
+        *(link.url for link in record.links),
+    )
+    if all(text is None or text.isascii() for text in texts):
+        return record
+    return dataclasses.replace(
+        record,
+        queue_id=str(header_text(record.queue_id)),
+        message_id=header_text(record.message_id),
+        sender=str(header_text(record.sender)),
+        recipients=[str(header_text(r)) for r in record.recipients],
+        upstream_reply=str(header_text(record.upstream_reply)),
+        not_tracked_reason=header_text(record.not_tracked_reason),
+        subject=header_text(record.subject),
+        links=tuple(
+            dataclasses.replace(link, url=str(header_text(link.url))) for link in record.links
+        ),
+    )
 
 
 def _message_from_row(row: Sequence[Any]) -> MessageRecord:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
 from smtp_tracker.store.base import Store
 from smtp_tracker.store.records import ClickHit, OpenHit
@@ -25,6 +26,9 @@ from smtp_tracker.store.records import ClickHit, OpenHit
 __all__ = ["EventWriter"]
 
 logger = logging.getLogger(__name__)
+
+#: Single events failing in a row, none recorded, before a failed batch's rest is given up.
+_GIVE_UP_AFTER = 3
 
 
 class EventWriter:
@@ -40,6 +44,10 @@ class EventWriter:
     * :attr:`recorded`: opens and clicks the store recorded;
     * :attr:`unknown`: hits the store ignored (token not known);
     * :attr:`failed`: hits lost because the store raised (logged as warnings).
+      When a batch fails, its events are written again one by one, so an
+      event the store cannot take costs only itself, never its neighbours;
+      a store failing :data:`_GIVE_UP_AFTER` single events in a row (down,
+      not fed a bad event) is not tried for the rest of that batch.
 
     :param store: where the opens and clicks go.
     :param queue_size: queue bound, in events (>= 1).
@@ -154,18 +162,57 @@ class EventWriter:
             if not hits:
                 continue
             try:
-                if kind == "opens":
-                    recorded = await self._store.record_opens(opens)
-                else:
-                    recorded = await self._store.record_clicks(clicks)
+                recorded = await self._record(kind, hits)
             except Exception as exc:  # keep the writer alive whatever the store does
-                self.failed += len(hits)
-                logger.warning("event writer: %d %s lost: %s", len(hits), kind, exc)
+                if len(hits) == 1:
+                    self.failed += 1
+                    logger.warning("event writer: 1 %s lost: %s", kind[:-1], exc)
+                else:
+                    logger.warning(
+                        "event writer: a batch of %d %s failed (%s); writing them one by one",
+                        len(hits),
+                        kind,
+                        exc,
+                    )
+                    await self._write_one_by_one(kind, hits)
             else:
                 self.recorded += recorded
                 self.unknown += len(hits) - recorded
             self._in_flight -= len(hits)
         self._in_flight = 0  # (left set when cancelled: stop() counts it)
+
+    async def _record(self, kind: str, hits: Sequence[OpenHit | ClickHit]) -> int:
+        if kind == "opens":
+            return await self._store.record_opens([h for h in hits if isinstance(h, OpenHit)])
+        return await self._store.record_clicks([h for h in hits if isinstance(h, ClickHit)])
+
+    async def _write_one_by_one(self, kind: str, hits: Sequence[OpenHit | ClickHit]) -> None:
+        """After a failed batch: each event alone, so a bad one costs only itself.
+
+        A store that fails :data:`_GIVE_UP_AFTER` single events in a row
+        without one success is down, not fed a bad event: the rest of the
+        batch is counted as failed without trying each.
+        """
+        in_a_row = 0
+        for done, hit in enumerate(hits):
+            try:
+                recorded = await self._record(kind, [hit])
+            except Exception as exc:
+                self.failed += 1
+                in_a_row += 1
+                logger.warning("event writer: 1 %s lost: %s", kind[:-1], exc)
+                if in_a_row >= _GIVE_UP_AFTER:
+                    left = len(hits) - done - 1
+                    self.failed += left
+                    if left:
+                        logger.warning(
+                            "event writer: the store keeps failing; %d %s lost", left, kind
+                        )
+                    return
+            else:
+                in_a_row = 0
+                self.recorded += recorded
+                self.unknown += 1 - recorded
 
 
 def _drain(queue: asyncio.Queue[OpenHit | ClickHit | None]) -> list[OpenHit | ClickHit | None]:
