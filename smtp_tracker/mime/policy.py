@@ -7,6 +7,7 @@ builds it from the configuration and hands the same instance to every
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -33,7 +34,9 @@ class RewritePolicy:
     :param dkim_policy: ``"skip"`` (default) leaves messages with a
         ``DKIM-Signature`` field untouched, since adding the pixel breaks the
         body hash (RFC 6376 §3.7) unless the signer used ``l=``; ``"track"``
-        tracks them anyway (for relays that sign after us).
+        tracks them anyway (for relays that sign after us); ``"resign"`` tracks
+        them like ``"track"``, and the tracking stage then re-signs them with the
+        signer's own key or relays the original (:mod:`smtp_tracker.dkim`).
     :param tracking_requires_opt_in: when true, only messages carrying
         ``<control_header>: yes`` are tracked.
     :param control_header: field name of the per-message control header;
@@ -61,11 +64,15 @@ class RewritePolicy:
         markup); a larger part gets the pixel alone.
     :param max_links: bound on the links wrapped in one message; a message
         with more gets the pixel alone.
+    :param time_limit_s: seconds (wall clock, from the start of the rewrite)
+        after which the rewrite stops where it is and relays the original,
+        reason ``"rewrite-timeout"`` (:mod:`~smtp_tracker.mime.deadline`: checked
+        inside its loops, so the thread really stops); None for no limit.
     :raises ValueError: when a value is out of range or ``control_header`` is
         not an RFC 5322 field name.
     """
 
-    dkim_policy: Literal["skip", "track"] = "skip"
+    dkim_policy: Literal["skip", "track", "resign"] = "skip"
     tracking_requires_opt_in: bool = False
     control_header: str = "X-Track"
     max_depth: int = 32
@@ -77,11 +84,22 @@ class RewritePolicy:
     click_notrack_attribute: str = DEFAULT_NOTRACK_ATTRIBUTE
     max_click_html_bytes: int = 2 * 1024 * 1024
     max_links: int = 1000
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if self.dkim_policy not in ("skip", "track"):
-            problems.append(f"dkim_policy must be 'skip' or 'track', not {self.dkim_policy!r}")
+        limit = self.time_limit_s
+        if limit is not None and (
+            isinstance(limit, bool)
+            or not isinstance(limit, int | float)
+            or not math.isfinite(limit)
+            or limit <= 0
+        ):
+            problems.append(f"time_limit_s must be a positive number of seconds, not {limit!r}")
+        if self.dkim_policy not in ("skip", "track", "resign"):
+            problems.append(
+                f"dkim_policy must be 'skip', 'track' or 'resign', not {self.dkim_policy!r}"
+            )
         if not isinstance(self.control_header, str) or not _FIELD_NAME.match(self.control_header):
             problems.append(f"control_header is not a header field name: {self.control_header!r}")
         for name in (
