@@ -4,13 +4,16 @@ The README stays short, its test command is the one CI runs, its links reach
 pages of the site; every page is in mkdocs.yml's navigation and the site
 builds with ``mkdocs build --strict`` (the configuration page generated from
 the Config fields: every key documented); the files and tests the pages name
-exist; the reference sections moved out of the README stay in docs/.
+exist, and the ``smtp-tracker`` commands they show are ones the command line
+takes; the reference sections moved out of the README stay in docs/.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import os
 import re
 import shlex
@@ -25,6 +28,7 @@ import yaml
 from markdown.extensions.toc import slugify
 from mkdocs.exceptions import PluginError
 
+from smtp_tracker.cli import _parser
 from smtp_tracker.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -198,6 +202,51 @@ def test_the_files_and_tests_the_pages_name_exist() -> None:
             ):
                 problems.append(f"{name}: {current}::{test}")
     assert problems == []
+
+
+def _shown_commands(text: str) -> list[list[str]]:
+    """The ``smtp-tracker ...`` commands in *text*'s fenced code blocks, as words:
+    continuation lines joined, comments, redirections and ``[ ]`` around an
+    optional part dropped, each command of a ``&&``/``|``/``;``/``&`` chain apart."""
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    commands = []
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError:  # not shell (a Postfix table, a log line)
+            continue
+        command: list[str] = []
+        skip = False
+        for word in [*words, ";"]:
+            if skip:
+                skip = False
+            elif word in ("<", ">", "2>"):
+                skip = True
+            elif word in ("&&", "||", "|", ";", "&"):
+                if command[:1] == ["smtp-tracker"]:
+                    commands.append(command)
+                command = []
+            else:
+                command.append(word.removeprefix("[").removesuffix("]"))
+    return commands
+
+
+def test_the_commands_the_pages_show_are_ones_the_command_line_takes() -> None:
+    shown = [
+        (source.relative_to(ROOT).as_posix(), command)
+        for source in [README, *sorted(DOCS.rglob("*.md"))]
+        for command in _shown_commands(source.read_text(encoding="utf-8"))
+    ]
+    assert len(shown) >= 20
+    refused = []
+    for where, command in shown:
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                _parser().parse_args(command[1:])
+        except SystemExit:
+            refused.append(f"{where}: {shlex.join(command)}: {stderr.getvalue().strip()}")
+    assert refused == []
 
 
 def test_the_docs_build_strictly_with_every_config_key(tmp_path: Path) -> None:
