@@ -1,0 +1,366 @@
+"""Prometheus metrics: what the relay, the tracking stage and the pixel endpoint count.
+
+The counters already kept by the parts (:class:`~smtp_tracker.smtp.handler.RelayHandler`,
+:class:`~smtp_tracker.tracking.stage.Tracker`, the event writer and limiter of
+the pixel endpoint, :class:`~smtp_tracker.smtp.listener.ConnectionSlots`) are
+read at scrape time by :class:`_PartsCollector`, so the hot paths pay nothing
+for metrics.  Three things no part counted are measured by small hooks:
+upstream connect and reply times and connect failures
+(:class:`UpstreamMetrics`, an :class:`~smtp_tracker.smtp.upstream.UpstreamObserver`),
+and open and click verdicts (:meth:`Metrics.counting_verdicts`, around the
+store's classifier).
+
+:class:`Metrics` serves them in the Prometheus text format (version 0.0.4) on
+``metrics_listen`` over plain HTTP, ``GET /metrics``.  Every name starts with
+``smtp_tracker_``; ``docs/metrics.md`` lists them.  One process, one registry:
+``serve`` and a stand-alone ``pixel`` process each serve their own, on their
+own ``metrics_listen``.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final, Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, Info
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from smtp_tracker import __version__
+from smtp_tracker.errors import UpstreamAuthError, UpstreamError, UpstreamTLSError
+from smtp_tracker.store.records import EventClassifier, EventContext, Verdict
+
+if TYPE_CHECKING:
+    from smtp_tracker.smtp.handler import RelayHandler
+    from smtp_tracker.smtp.listener import ConnectionSlots
+    from smtp_tracker.store.writer import EventWriter
+    from smtp_tracker.tracking.stage import Tracker
+    from smtp_tracker.web.public.limits import EventLimiter
+
+__all__ = ["METRICS_PATH", "Metrics", "MetricsSource", "UpstreamMetrics"]
+
+#: The path Prometheus scrapes.
+METRICS_PATH: Final = "/metrics"
+#: The text format every Prometheus server reads; our names and labels need
+#: nothing newer (prometheus_client's latest, 1.0.0, is for UTF-8 names).
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Upstream connect (TCP, implicit TLS, greeting) buckets, in seconds.
+_CONNECT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Upstream reply buckets, in seconds (DATA replies may wait for content filters).
+_REPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class MetricsSource(Protocol):
+    """What :class:`Metrics` reads at scrape time (:class:`~smtp_tracker.app.Application`).
+
+    Each part is None until it runs (or when it does not run in this process).
+    """
+
+    @property
+    def relay_handler(self) -> RelayHandler | None:
+        """The SMTP relay handler."""
+
+    @property
+    def tracker(self) -> Tracker | None:
+        """The tracking stage."""
+
+    @property
+    def event_writer(self) -> EventWriter | None:
+        """The pixel and click endpoint's event writer."""
+
+    @property
+    def limiter(self) -> EventLimiter:
+        """The open and click rate limiter."""
+
+    @property
+    def connection_slots(self) -> ConnectionSlots:
+        """The SMTP listener's connection slots."""
+
+
+class UpstreamMetrics:
+    """The upstream's timings, reply classes and connect failures, as they happen.
+
+    An :class:`~smtp_tracker.smtp.upstream.UpstreamObserver`; its methods run
+    in the event loop and do not block.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connect_seconds = Histogram(
+            "smtp_tracker_upstream_connect_seconds",
+            "Time to connect to the upstream: TCP, implicit TLS and its greeting, in seconds.",
+            buckets=_CONNECT_BUCKETS,
+            registry=registry,
+        )
+        self.reply_seconds = Histogram(
+            "smtp_tracker_upstream_reply_seconds",
+            "Time the upstream took to reply to MAIL, RCPT and DATA, in seconds.",
+            ["command"],
+            buckets=_REPLY_BUCKETS,
+            registry=registry,
+        )
+        self.replies = PromCounter(
+            "smtp_tracker_upstream_replies",
+            "Upstream replies to MAIL, RCPT and DATA, by command and reply class.",
+            ["command", "class"],
+            registry=registry,
+        )
+        self.connect_failures = PromCounter(
+            "smtp_tracker_upstream_connect_failures",
+            "Failed upstream connections, by reason (tls, auth, unavailable).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("tls", "auth", "unavailable"):
+            self.connect_failures.labels(reason)
+
+    def connected(self, seconds: float) -> None:
+        """See :meth:`~smtp_tracker.smtp.upstream.UpstreamObserver.connected`."""
+        self.connect_seconds.observe(seconds)
+
+    def connect_failed(self, error: UpstreamError) -> None:
+        """See :meth:`~smtp_tracker.smtp.upstream.UpstreamObserver.connect_failed`."""
+        if isinstance(error, UpstreamTLSError):
+            reason = "tls"
+        elif isinstance(error, UpstreamAuthError):
+            reason = "auth"
+        else:
+            reason = "unavailable"
+        self.connect_failures.labels(reason).inc()
+
+    def replied(self, command: str, code: int, seconds: float) -> None:
+        """See :meth:`~smtp_tracker.smtp.upstream.UpstreamObserver.replied`."""
+        self.reply_seconds.labels(command).observe(seconds)
+        self.replies.labels(command, f"{code // 100}xx").inc()
+
+
+class _VerdictCounts:
+    """Open and click events by verdict, counted as the store classifies them.
+
+    The store classifies in its writer thread; scrapes read from the event loop.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[tuple[str, str]] = Counter()
+
+    def wrap(self, classifier: EventClassifier) -> EventClassifier:
+        def counted(context: EventContext) -> tuple[Verdict, str]:
+            verdict, reason = classifier(context)
+            with self._lock:
+                self._counts[(context.kind, verdict)] += 1
+            return verdict, reason
+
+        return counted
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class _PartsCollector(Collector):
+    """Reads the parts' own counters at scrape time."""
+
+    def __init__(self, source: MetricsSource, verdicts: _VerdictCounts) -> None:
+        self._source = source
+        self._verdicts = verdicts
+
+    def collect(self) -> Iterator[Metric]:
+        source = self._source
+        yield from _relay_metrics(source.relay_handler, source.connection_slots)
+        tracker = source.tracker
+        writer = source.event_writer
+        depths = GaugeMetricFamily(
+            "smtp_tracker_queue_depth",
+            "Items waiting: rewrite (messages waiting for a rewrite thread), events (opens "
+            "and clicks waiting for the store).",
+            labels=["queue"],
+        )
+        failed = CounterMetricFamily(
+            "smtp_tracker_store_writes_failed",
+            "Records the tracking store failed to write, by what: message (a relayed "
+            "message, still relayed) or event (an open or click, lost).",
+            labels=["what"],
+        )
+        if tracker is not None:
+            yield from _tracking_metrics(tracker)
+            depths.add_metric(["rewrite"], tracker.waiting)
+            failed.add_metric(["message"], tracker.counters.record_failed)
+        if writer is not None:
+            yield from _event_metrics(writer, source.limiter, self._verdicts.snapshot())
+            depths.add_metric(["events"], writer.pending)
+            failed.add_metric(["event"], writer.failed)
+        if tracker is not None or writer is not None:
+            yield depths
+            yield failed
+
+
+def _relay_metrics(handler: RelayHandler | None, slots: ConnectionSlots) -> Iterator[Metric]:
+    if handler is None:
+        return
+    counts = handler.counters
+    outcomes = CounterMetricFamily(
+        "smtp_tracker_transactions",
+        "Mail transactions ended, by outcome: relayed (upstream 2xx), deferred (4xx, "
+        "the upstream's or ours), bounced (5xx), aborted (RSET, QUIT, drop before the end).",
+        labels=["outcome"],
+    )
+    for outcome, key in (
+        ("relayed", "relayed"),
+        ("deferred", "deferred"),
+        ("bounced", "rejected"),
+        ("aborted", "aborted"),
+    ):
+        outcomes.add_metric([outcome], counts[key])
+    yield outcomes
+    yield CounterMetricFamily(
+        "smtp_tracker_upstream_errors",
+        "Upstream connections that failed or were lost (answered 4xx by us).",
+        value=counts["upstream_failures"],
+    )
+    yield CounterMetricFamily(
+        "smtp_tracker_bare_line_endings",
+        "Messages received with a bare CR or LF, relayed with CRLF.",
+        value=counts["bare_line_endings"],
+    )
+    yield GaugeMetricFamily(
+        "smtp_tracker_transactions_active",
+        "Mail transactions between an accepted MAIL and their end.",
+        value=handler.active_transactions,
+    )
+    yield GaugeMetricFamily(
+        "smtp_tracker_sessions_active",
+        "SMTP connections open now (of max_connections).",
+        value=slots.active,
+    )
+    yield CounterMetricFamily(
+        "smtp_tracker_connections_refused",
+        "SMTP connections refused because max_connections were open.",
+        value=slots.refused,
+    )
+
+
+def _tracking_metrics(tracker: Tracker) -> Iterator[Metric]:
+    counts = tracker.counters
+    reasons = {r: n for r, n in tracker.not_tracked_reasons.items() if r != "rewrite-failed"}
+    rewrites = CounterMetricFamily(
+        "smtp_tracker_rewrites",
+        "Pixel rewrites by result: tracked, not_tracked (see "
+        "smtp_tracker_rewrites_not_tracked_total), failed_open, timed_out and busy "
+        "(each of the last three relayed the original).",
+        labels=["result"],
+    )
+    rewrites.add_metric(["tracked"], counts.tracked)
+    rewrites.add_metric(["not_tracked"], sum(reasons.values()))
+    rewrites.add_metric(["failed_open"], counts.rewrite_failed)
+    rewrites.add_metric(["timed_out"], counts.rewrite_timeouts)
+    rewrites.add_metric(["busy"], counts.rewrite_busy)
+    yield rewrites
+    not_tracked = CounterMetricFamily(
+        "smtp_tracker_rewrites_not_tracked",
+        "Messages relayed untracked by choice, by reason (not-html, dkim-signed, ...).",
+        labels=["reason"],
+    )
+    for reason, count in sorted(reasons.items()):
+        not_tracked.add_metric([reason], count)
+    yield not_tracked
+    yield CounterMetricFamily(
+        "smtp_tracker_rewrites_queued",
+        "Messages that waited for a rewrite thread.",
+        value=counts.rewrite_queued,
+    )
+
+
+def _event_metrics(
+    writer: EventWriter, limiter: EventLimiter, verdicts: dict[tuple[str, str], int]
+) -> Iterator[Metric]:
+    events = CounterMetricFamily(
+        "smtp_tracker_events",
+        "Opens and clicks of known tokens classified, by kind and verdict.",
+        labels=["kind", "verdict"],
+    )
+    for (kind, verdict), count in sorted(verdicts.items()):
+        events.add_metric([kind, verdict], count)
+    yield events
+    yield CounterMetricFamily(
+        "smtp_tracker_events_offered",
+        "Opens and clicks with a well-formed token, within the limits, offered to the writer.",
+        value=writer.offered,
+    )
+    yield CounterMetricFamily(
+        "smtp_tracker_events_unknown",
+        "Opens and clicks whose token the store does not know.",
+        value=writer.unknown,
+    )
+    yield CounterMetricFamily(
+        "smtp_tracker_events_dropped",
+        "Opens and clicks dropped: the queue was full or the writer stopping.",
+        value=writer.dropped,
+    )
+    limited = CounterMetricFamily(
+        "smtp_tracker_events_limited",
+        "Opens and clicks not recorded because of a rate limit, by limit (token, client).",
+        labels=["limit"],
+    )
+    limited.add_metric(["token"], limiter.limited_token)
+    limited.add_metric(["client"], limiter.limited_client)
+    yield limited
+
+
+class Metrics:
+    """The registry of one process and its ``/metrics`` HTTP listener.
+
+    :param source: the parts to read at scrape time.
+    """
+
+    def __init__(self, source: MetricsSource) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        #: the upstream observer to give :class:`~smtp_tracker.smtp.upstream.UpstreamSettings`
+        self.upstream = UpstreamMetrics(self.registry)
+        self._verdicts = _VerdictCounts()
+        Info("smtp_tracker_build", "The running version.", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version()}
+        )
+        self.registry.register(_PartsCollector(source, self._verdicts))
+        self._runner: web.AppRunner | None = None
+        #: the port bound (after :meth:`start`)
+        self.port: int | None = None
+
+    def counting_verdicts(self, classifier: EventClassifier) -> EventClassifier:
+        """``classifier``, counting each verdict it gives (``smtp_tracker_events_total``)."""
+        return self._verdicts.wrap(classifier)
+
+    def exposition(self) -> bytes:
+        """The metrics now, in the Prometheus text format 0.0.4."""
+        return generate_latest(self.registry)
+
+    async def start(self, host: str, port: int) -> int:
+        """Serve ``GET /metrics`` over plain HTTP on ``host:port``.
+
+        :returns: the port bound (``port`` resolved when 0).
+        :raises StartupError: when the address cannot be bound.
+        """
+        from smtp_tracker.web.site import start_site
+
+        app = web.Application()
+        app.router.add_get(METRICS_PATH, self._serve)
+        self._runner, self.port = await start_site(app, host=host, port=port, ssl_context=None)
+        return self.port
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        # collecting reads plain ints; the text for a few hundred series takes
+        # well under a millisecond, so it runs in the loop, where the counters live
+        body = self.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def stop(self) -> None:
+        """Close the listener (scrapes in progress are cut)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
