@@ -1,4 +1,4 @@
-"""Which address a pixel request came from, believing proxies only when trusted.
+"""Which address an HTTP request came from, believing proxies only when trusted.
 
 ``X-Forwarded-For`` (de facto; the standard form is RFC 7239 ``Forwarded``,
 which is not consulted) lists the client and the proxies a request went
@@ -13,7 +13,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-__all__ = ["IPAddress", "IPNetwork", "client_address", "parse_address"]
+from aiohttp import hdrs, web
+
+__all__ = ["IPAddress", "IPNetwork", "client_address", "parse_address", "request_client_address"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -74,6 +76,20 @@ def client_address(
         if not _trusted(ip, trusted_proxies):
             break
     return str(current)
+
+
+def request_client_address(
+    request: web.BaseRequest, trusted_proxies: Sequence[IPNetwork]
+) -> str | None:
+    """The client address of an aiohttp *request*: :func:`client_address` of its TCP
+    peer and its ``X-Forwarded-For`` headers.
+
+    :param trusted_proxies: networks whose members may set ``X-Forwarded-For``.
+    :returns: the address as text, or ``None`` when unknown (see :func:`client_address`).
+    """
+    return client_address(
+        request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()), trusted_proxies
+    )
 
 
 def _trusted(ip: IPAddress, networks: Sequence[IPNetwork]) -> bool:

@@ -302,18 +302,14 @@ async def test_login_over_plain_http_on_loopback(tmp_path: Path) -> None:
     from playwright.async_api import async_playwright, expect
 
     from smtp_tracker.store import SqliteStore
-    from smtp_tracker.web.reports.api import make_reports_app
-    from smtp_tracker.web.reports.auth import auth_middleware, install_auth
-    from smtp_tracker.web.reports.dashboard import install_dashboard
+    from smtp_tracker.web.reports.app import build_reports_app
     from smtp_tracker.web.reports.users import UserDirectory, add_user
     from smtp_tracker.web.site import start_site
 
     add_user(tmp_path / "users.json", USER, PASSWORD)
     async with await SqliteStore.open(tmp_path / "data") as store:
-        app = make_reports_app(store=store, auth_middleware=auth_middleware)
         users = await UserDirectory.open(tmp_path / "users.json")
-        install_auth(app, token="t" * 40, users=users, session_s=600)
-        install_dashboard(app)
+        app = build_reports_app(store=store, token="t" * 40, users=users, session_s=600)
         runner, port = await start_site(app, host="127.0.0.1", port=0, ssl_context=None)
         try:
             async with async_playwright() as playwright:

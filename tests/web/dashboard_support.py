@@ -22,9 +22,7 @@ from aiohttp import web
 
 from smtp_tracker.store import MessageRecord, OpenHit, SqliteStore
 from smtp_tracker.store.records import EventContext, Verdict
-from smtp_tracker.web.reports.api import make_reports_app
-from smtp_tracker.web.reports.auth import auth_middleware, install_auth
-from smtp_tracker.web.reports.dashboard import install_dashboard
+from smtp_tracker.web.reports.app import build_reports_app
 from smtp_tracker.web.reports.users import UserDirectory, add_user
 from smtp_tracker.web.site import start_site
 
@@ -84,21 +82,25 @@ async def start_reports(
     session_s: float = 3600.0,
     login_failures_per_min: int = 5,
     trusted_proxies: Sequence[Any] = (),
+    **limits: Any,
 ) -> ReportsServer:
-    """The reports app wired as the composition root wires it, started on port 0."""
+    """The reports app built by the factory the composition root uses, started on port 0.
+
+    :param limits: ``header_timeout_s``, ``body_timeout_s``, ``max_connections`` (of
+        :func:`build_reports_app`).
+    """
     if not users_path.exists():
         add_user(users_path, USER, PASSWORD)
     users = await UserDirectory.open(users_path, recheck_s=0.0)
-    app = make_reports_app(store=store, auth_middleware=auth_middleware)
-    install_auth(
-        app,
+    app = build_reports_app(
+        store=store,
         token=API_TOKEN,
         users=users,
         session_s=session_s,
         login_failures_per_min=login_failures_per_min,
         trusted_proxies=trusted_proxies,
+        **limits,
     )
-    install_dashboard(app)
     runner, port = await start_site(app, host="127.0.0.1", port=0, ssl_context=ssl_context)
     runners.append(runner)
     return ReportsServer(app=app, port=port, users_path=users_path)

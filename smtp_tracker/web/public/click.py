@@ -43,7 +43,7 @@ from smtp_tracker.store.base import Store
 from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, ClickHit
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tokens import CLICK_PATH_PREFIX, URL_SAFE, is_well_formed_token
-from smtp_tracker.web.client_address import IPNetwork, client_address
+from smtp_tracker.web.client_address import IPNetwork, request_client_address
 from smtp_tracker.web.public.limits import EventLimiter
 
 __all__ = [
@@ -209,9 +209,7 @@ class ClickEndpoint:
         user_agent = request.headers.get(hdrs.USER_AGENT)
         if user_agent is not None:
             user_agent = user_agent[:USER_AGENT_MAX_CHARS]
-        client = client_address(
-            request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()), self._trusted
-        )
+        client = request_client_address(request, self._trusted)
         if self._limiter is not None and not self._limiter.allow(token, client):
             self.limited += 1
             return

@@ -46,15 +46,21 @@ from smtp_tracker.store.base import Store
 from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, OpenHit
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tokens import PIXEL_PATH_PREFIX, is_well_formed_token
-from smtp_tracker.web.client_address import IPNetwork, client_address
+from smtp_tracker.web.client_address import IPNetwork, request_client_address
 from smtp_tracker.web.public.click import add_click_route
 from smtp_tracker.web.public.gif import GIF_CONTENT_TYPE, TRANSPARENT_GIF
 from smtp_tracker.web.public.limits import EventLimiter
+from smtp_tracker.web.site import (
+    HEADER_TIMEOUT_S,
+    MAX_FIELD_BYTES,
+    MAX_HEADERS,
+    MAX_LINE_BYTES,
+    SERVER_HEADER,
+)
 
 __all__ = [
     "LIMITER_KEY",
     "PIXEL_HEADERS",
-    "SERVER_HEADER",
     "STORE_KEY",
     "WRITER_KEY",
     "make_pixel_app",
@@ -71,9 +77,6 @@ _TRUSTED_KEY: Final[web.AppKey[tuple[IPNetwork, ...]]] = web.AppKey("trusted_pro
 #: endpoint uses the same one: ``app[LIMITER_KEY].allow(token, client)``.
 LIMITER_KEY: Final[web.AppKey[EventLimiter | None]] = web.AppKey("limiter")
 
-#: The ``Server`` header on every response (instead of aiohttp's version string).
-SERVER_HEADER: Final = "smtp-tracker"
-
 #: Headers of every pixel response (besides Content-Length, Date, Server).
 PIXEL_HEADERS: Final = CIMultiDictProxy(
     CIMultiDict(
@@ -86,9 +89,6 @@ PIXEL_HEADERS: Final = CIMultiDictProxy(
     )
 )
 
-_MAX_LINE_BYTES = 8190
-_MAX_FIELD_BYTES = 8190
-_MAX_HEADERS = 64
 _CLIENT_MAX_BYTES = 1024
 
 
@@ -99,7 +99,7 @@ def make_pixel_app(
     limiter: EventLimiter | None = None,
     queue_size: int = 10_000,
     batch_max: int = 500,
-    keepalive_timeout_s: float = 15.0,
+    keepalive_timeout_s: float = HEADER_TIMEOUT_S,
     flush_timeout_s: float = 10.0,
 ) -> web.Application:
     """The pixel endpoint as an aiohttp application.
@@ -110,7 +110,7 @@ def make_pixel_app(
 
     :param store: where opens are recorded; it applies its ``ip_policy``.
     :param trusted_proxies: networks whose ``X-Forwarded-For`` is believed
-        (see :mod:`.client`).
+        (see :mod:`smtp_tracker.web.client_address`).
     :param limiter: limits the opens offered to the writer per token and per
         token and client (:mod:`.limits`); the GIF is served either way.
         ``None``: no limit.
@@ -123,9 +123,9 @@ def make_pixel_app(
     app = web.Application(
         client_max_size=_CLIENT_MAX_BYTES,
         handler_args={
-            "max_line_size": _MAX_LINE_BYTES,
-            "max_field_size": _MAX_FIELD_BYTES,
-            "max_headers": _MAX_HEADERS,
+            "max_line_size": MAX_LINE_BYTES,
+            "max_field_size": MAX_FIELD_BYTES,
+            "max_headers": MAX_HEADERS,
             "keepalive_timeout": keepalive_timeout_s,
         },
     )
@@ -164,9 +164,7 @@ async def _pixel(request: web.Request) -> web.Response:
             user_agent = request.headers.get(hdrs.USER_AGENT)
             if user_agent is not None:
                 user_agent = user_agent[:USER_AGENT_MAX_CHARS]
-            client = client_address(
-                request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()), trusted
-            )
+            client = request_client_address(request, trusted)
             limiter = app[LIMITER_KEY]
             if limiter is None or limiter.allow(token, client):
                 app[WRITER_KEY].offer(

@@ -68,6 +68,15 @@ from smtp_tracker.store.queries import (
     check_limit,
     stats_total,
 )
+from smtp_tracker.web.site import (
+    BODY_TIMEOUT_S,
+    HEADER_TIMEOUT_S,
+    MAX_FIELD_BYTES,
+    MAX_HEADERS,
+    MAX_LINE_BYTES,
+    SERVER_HEADER,
+    body_deadline,
+)
 
 __all__ = [
     "API_PREFIX",
@@ -95,7 +104,6 @@ _EXPORT_PAGE_ROWS = MAX_LIMIT
 _EXPORT_PAGE_KEY: Final = web.AppKey("export_page_rows", int)
 _MAX_IDENT_CHARS = 1000
 _CLIENT_MAX_BYTES = 64 * 1024
-_SERVER_HEADER = "smtp-tracker"
 
 
 class ReportsStore(Protocol):
@@ -531,7 +539,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 async def _response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers[hdrs.SERVER] = _SERVER_HEADER
+    response.headers[hdrs.SERVER] = SERVER_HEADER
     response.headers["X-Content-Type-Options"] = "nosniff"
     if request.path.startswith(API_PREFIX) or request.path == API_PREFIX.rstrip("/"):
         response.headers[hdrs.CACHE_CONTROL] = "no-store"
@@ -542,11 +550,18 @@ def make_reports_app(
     store: ReportsStore,
     auth_middleware: Middleware | None,
     middlewares: Sequence[Middleware] = (),
-    keepalive_timeout_s: float = 75.0,
+    keepalive_timeout_s: float = HEADER_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
     client_max_bytes: int = _CLIENT_MAX_BYTES,
     export_page_rows: int = _EXPORT_PAGE_ROWS,
 ) -> web.Application:
     """The reports JSON API as an aiohttp application (not started).
+
+    The whole reports listener (API, logins, dashboard) is
+    :func:`smtp_tracker.web.reports.app.build_reports_app`, built on this.
+    Middlewares, outermost first: the body deadline
+    (:func:`~smtp_tracker.web.site.body_deadline`), the JSON errors,
+    *auth_middleware*, then *middlewares*.
 
     :param store: what the routes read; the caller opens and closes it.
     :param auth_middleware: the authentication (see the module docstring),
@@ -554,21 +569,28 @@ def make_reports_app(
         tests and for callers that authenticate in front of it.
     :param middlewares: more middlewares, run inside the authentication (the
         dashboard's, e.g. CSRF).
-    :param keepalive_timeout_s: idle time before a kept-alive connection is
-        closed, in seconds.
+    :param keepalive_timeout_s: seconds a connection has to send a request's
+        headers, and may stay idle between requests.
+    :param body_timeout_s: seconds a request body has to arrive once its
+        headers have (``408`` and closed after that).
     :param client_max_bytes: largest request body accepted, in bytes (the
         API has none; the dashboard's forms do).
     :param export_page_rows: messages per store read of the CSV export
         (1..:data:`~smtp_tracker.store.queries.MAX_LIMIT`); memory holds one page.
     """
-    chain: list[Middleware] = [_json_errors]
+    chain: list[Middleware] = [body_deadline(body_timeout_s), _json_errors]
     if auth_middleware is not None:
         chain.append(auth_middleware)
     chain.extend(middlewares)
     app = web.Application(
         middlewares=chain,
         client_max_size=client_max_bytes,
-        handler_args={"keepalive_timeout": keepalive_timeout_s},
+        handler_args={
+            "max_line_size": MAX_LINE_BYTES,
+            "max_field_size": MAX_FIELD_BYTES,
+            "max_headers": MAX_HEADERS,
+            "keepalive_timeout": keepalive_timeout_s,
+        },
     )
     app[REPORTS_STORE_KEY] = store
     app[_EXPORT_PAGE_KEY] = check_limit(export_page_rows)

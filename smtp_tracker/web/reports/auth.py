@@ -59,14 +59,15 @@ from typing import Final
 from urllib.parse import quote, urlencode, urlsplit
 
 from aiohttp import hdrs, web
+from multidict import MultiDictProxy
 
 from smtp_tracker.errors import StartupError
-from smtp_tracker.web.client_address import IPNetwork, client_address, parse_address
+from smtp_tracker.web.client_address import IPNetwork, parse_address, request_client_address
+from smtp_tracker.web.reports.api import API_PREFIX
 from smtp_tracker.web.reports.templating import CurrentSession, current_session, render, setup_site
 from smtp_tracker.web.reports.users import UserDirectory
 
 __all__ = [
-    "API_PREFIX",
     "AUTH_KEY",
     "CSRF_FIELD",
     "LOGIN_CSRF_COOKIE",
@@ -84,8 +85,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Paths under this prefix are the JSON API (bearer token); all others are pages (session).
-API_PREFIX: Final = "/api/"
 #: The session cookie.
 SESSION_COOKIE: Final = "__Host-smtp-tracker-session"
 #: The login form's double-submit cookie.
@@ -386,7 +385,7 @@ async def auth_middleware(request: web.Request, handler: _Handler) -> web.Stream
         location = "/login" + (f"?{urlencode(query)}" if query else "")
         raise web.HTTPSeeOther(location=location)
     if request.method not in (hdrs.METH_GET, hdrs.METH_HEAD):
-        form = await request.post()
+        form = await _form(request)
         sent = form.get(CSRF_FIELD)
         if not isinstance(sent, str) or not _same(sent, session.csrf_token):
             return _forbidden(request)
@@ -400,7 +399,8 @@ async def _check_bearer(
     scheme, _, credentials = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         return _unauthorized("a bearer token is required", challenge=_REALM)
-    if not hmac.compare_digest(credentials.strip().encode(), state.token):
+    if not hmac.compare_digest(_raw(credentials.strip()), state.token):
+        log.debug("reports: refused an API request with a wrong bearer token")
         return _unauthorized(
             "the bearer token is not valid", challenge=f'{_REALM}, error="invalid_token"'
         )
@@ -462,7 +462,7 @@ def _login_form(
 
 async def _login(request: web.Request) -> web.StreamResponse:
     state = request.app[AUTH_KEY]
-    form = await request.post()
+    form = await _form(request)
     sent = form.get(CSRF_FIELD)
     cookie = request.cookies.get(LOGIN_CSRF_COOKIE)
     if not isinstance(sent, str) or not cookie or not _same(sent, cookie):
@@ -471,9 +471,7 @@ async def _login(request: web.Request) -> web.StreamResponse:
     username = _text(form.get("username")).strip()
     sent_password = form.get("password")
     password = sent_password if isinstance(sent_password, str) else ""
-    client = client_address(
-        request.remote, request.headers.getall(hdrs.X_FORWARDED_FOR, ()), state.trusted_proxies
-    )
+    client = request_client_address(request, state.trusted_proxies)
     keys = (f"address:{_address_key(client)}", f"user:{username.casefold()}")
     wait_s = max(state.limiter.retry_after_s(key) for key in keys)
     if wait_s > 0:
@@ -522,6 +520,20 @@ async def _logout(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | web.FileField]:
+    """The request's form fields.
+
+    :raises aiohttp.web.HTTPBadRequest: when the body cannot be decoded (bytes that are
+        not in its charset, an unknown charset, a malformed multipart body); logged at
+        debug level, as a client's mistake.
+    """
+    try:
+        return await request.post()
+    except (ValueError, LookupError) as exc:  # UnicodeDecodeError is a ValueError
+        log.debug("reports: refused a form that cannot be decoded (%s)", type(exc).__name__)
+        raise web.HTTPBadRequest() from None
+
+
 def _see_other(location: str) -> web.Response:
     """A 303 to *location* (a local path) that can carry cookies."""
     return web.Response(status=303, headers={hdrs.LOCATION: location})
@@ -548,7 +560,13 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 
 def _same(sent: str, expected: str) -> bool:
-    return hmac.compare_digest(sent.encode(), expected.encode())
+    return hmac.compare_digest(_raw(sent), _raw(expected))
+
+
+def _raw(text: str) -> bytes:
+    """*text* as UTF-8, lone surrogates included: aiohttp decodes header bytes that are not
+    UTF-8 to surrogates (``surrogateescape``), which plain ``encode()`` refuses."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def _printable(text: str) -> str:
@@ -571,4 +589,4 @@ def _address_key(client: str | None) -> str:
 
 
 def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    return hashlib.sha256(_raw(token)).digest()
