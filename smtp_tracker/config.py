@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -28,6 +29,7 @@ from typing import Any, Literal, get_args
 from smtp_tracker.errors import ConfigError
 
 __all__ = [
+    "MAX_SECONDS",
     "PASSWORD_ENV",
     "CaptureMode",
     "Config",
@@ -42,6 +44,10 @@ __all__ = [
 ]
 
 PASSWORD_ENV = "SMTP_TRACKER_UPSTREAM_PASSWORD"  # noqa: S105 - a variable name
+
+#: The largest duration a key takes, in seconds (ten years): far beyond any sensible
+#: timeout, far below what threading and the event loop's timers can hold.
+MAX_SECONDS = 315_360_000
 
 UpstreamTLS = Literal["starttls", "implicit", "none"]
 CaptureMode = Literal["off", "errors", "all"]
@@ -100,6 +106,12 @@ def key(
     return field(default=default, repr=repr, metadata=metadata)
 
 
+_DEFAULT_ALLOWED_CLIENTS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     """Everything smtp-tracker is told, validated.
@@ -120,7 +132,7 @@ class Config:
         help="our host name in the greeting and the Received: header",
     )
     allowed_clients: tuple[IPNetwork, ...] = key(
-        (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")),
+        _DEFAULT_ALLOWED_CLIENTS,
         help="CIDR networks allowed to connect (comma-separated as a flag); others get "
         "554 5.7.1; an empty list is refused",
     )
@@ -377,18 +389,6 @@ class Config:
         "private network: it has no authentication",
     )
 
-    milter_listen: str = key(
-        "127.0.0.1:8892",
-        section="Milter mode ('smtp-tracker milter')",
-        help="address of the milter listener: HOST:PORT, or unix:/path for a Unix-domain "
-        "socket (mode 0660); Postfix's smtpd_milters names it (inet:HOST:PORT or unix:/path)",
-    )
-    milter_timeout_s: float = key(
-        20.0,
-        help="seconds from end of message the milter may take to rewrite and record before "
-        "it passes the message on unchanged; keep it below Postfix's milter_content_timeout",
-    )
-
     @property
     def reports_token_path(self) -> Path:
         """The API bearer token file: ``reports_token_file``, else ``DATA_DIR/reports-token``."""
@@ -459,15 +459,26 @@ def _parse_networks(value: Any, *, what: str) -> tuple[IPNetwork, ...]:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    """Read a TOML configuration file.
+    """Read a TOML configuration file (UTF-8, as TOML 1.0 requires).
 
-    :raises ConfigError: when the file cannot be read or is not valid TOML.
+    :raises ConfigError: when the file cannot be read, is not UTF-8 (naming the line,
+        column and byte offset of the first bad byte), or is not valid TOML.
     """
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8: byte 0x{data[exc.start]:02x} at line {line}, column {column} "
+            f"(offset {exc.start}); a TOML file must be saved as UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
 
@@ -502,9 +513,14 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"{name}: expected a number of seconds")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{name}: expected a number of seconds, got {value!r}") from None
+        if not math.isfinite(number):  # nan would turn every comparison (timeouts) off
+            raise ConfigError(f"{name}: expected a finite number of seconds, got {value!r}")
+        if number > MAX_SECONDS:  # threads and timers overflow long before inf
+            raise ConfigError(f"{name}: at most {MAX_SECONDS} seconds (ten years), got {value!r}")
+        return number
     literal = {
         "UpstreamTLS": UpstreamTLS,
         "CaptureMode": CaptureMode,
@@ -614,6 +630,17 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         problems.append(
             "upstream_user needs TLS: AUTH is never sent in plaintext; "
             "set upstream_tls to starttls or implicit"
+        )
+    if "allowed_clients" in values and not values["allowed_clients"]:
+        default = ", ".join(f'"{network}"' for network in _DEFAULT_ALLOWED_CLIENTS)
+        problems.append(
+            "allowed_clients: empty, so every client would be refused (554 5.7.1); list the "
+            f"networks Postfix connects from, e.g. allowed_clients = [{default}] (the default, "
+            "also had by leaving the key out)"
+        )
+    if get("dkim_policy") == "resign" and get("dkim_key_table") is None:
+        problems.append(
+            "dkim_policy = resign needs dkim_key_table: the OpenDKIM KeyTable with the keys"
         )
     if (get("tls_cert") is None) != (get("tls_key") is None):
         problems.append("tls_cert and tls_key go together: set both or neither")

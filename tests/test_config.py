@@ -2,12 +2,13 @@
 
 import dataclasses
 import ipaddress
+import math
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from smtp_tracker.config import PASSWORD_ENV, Config, HostPort, build_config
+from smtp_tracker.config import MAX_SECONDS, PASSWORD_ENV, Config, HostPort, build_config, load_toml
 from smtp_tracker.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,7 +107,8 @@ def test_example_config_is_generated_from_the_fields() -> None:
     text = (REPO / "conf" / "smtp-tracker.toml").read_text()
     assert text == example_toml(), (
         "conf/smtp-tracker.toml is out of date: "
-        "python -m smtp_tracker.cli.flags toml > conf/smtp-tracker.toml"
+        "python -c 'from smtp_tracker.cli import flags; print(flags.example_toml(), end=\"\")' "
+        "> conf/smtp-tracker.toml"
     )
 
 
@@ -140,3 +142,59 @@ def test_example_config_lists_every_key_with_its_default() -> None:
             continue
         parsed = build_config({spec.name: values[spec.name]}, {}, environ={})
         assert getattr(parsed, spec.name) == getattr(defaults, spec.name), spec.name
+
+
+#: Every number-of-seconds key, read from Config: a new one is covered without a change here.
+FLOAT_KEYS = [spec.name for spec in dataclasses.fields(Config) if spec.type == "float"]
+
+
+def test_float_keys_are_found() -> None:
+    assert "client_timeout_s" in FLOAT_KEYS and "reports_session_s" in FLOAT_KEYS
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "+inf"])
+@pytest.mark.parametrize("name", FLOAT_KEYS)
+def test_non_finite_numbers_are_refused_for_every_float_key(name: str, text: str) -> None:
+    """``client_timeout_s = nan`` turned the idle timeout off; ``reports_session_s = inf``
+    made every login a 500 (issue 12, item 7)."""
+    from_file = tomllib.loads(f"{name} = {text}")[name]
+    assert not math.isfinite(from_file)
+    with pytest.raises(ConfigError) as caught:
+        build_config({name: from_file}, {}, environ={})
+    assert caught.value.problems == (
+        f"{name}: expected a finite number of seconds, got {text.lstrip('+')}",
+    )
+    with pytest.raises(ConfigError) as caught:
+        build_config({}, {name: text}, environ={})
+    assert caught.value.problems == (f"{name}: expected a finite number of seconds, got {text!r}",)
+
+
+@pytest.mark.parametrize("name", FLOAT_KEYS)
+def test_durations_beyond_ten_years_are_refused(name: str) -> None:
+    assert build_config({name: MAX_SECONDS}, {}, environ={}).__getattribute__(name) == MAX_SECONDS
+    with pytest.raises(ConfigError, match=f"^{name}: at most {MAX_SECONDS} seconds"):
+        build_config({name: 1e300}, {}, environ={})
+
+
+@pytest.mark.parametrize("value", [[], ["", " "], ","])
+def test_an_empty_client_list_is_refused(value: object) -> None:
+    """Every client would get 554 5.7.1: refused, saying what to write instead."""
+    with pytest.raises(ConfigError) as caught:
+        build_config({"allowed_clients": value}, {}, environ={})
+    (problem,) = caught.value.problems
+    assert problem.startswith("allowed_clients: empty, so every client would be refused")
+    assert 'allowed_clients = ["127.0.0.0/8", "::1/128"]' in problem
+    assert build_config({}, {"allowed_clients": "10.0.0.0/8"}, environ={}).allowed_clients == (
+        ipaddress.ip_network("10.0.0.0/8"),
+    )
+
+
+def test_a_file_that_is_not_utf8_names_the_byte(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('upstream = "mx:25"\n# caf\u00e9\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_toml(path)
+    assert caught.value.problems == (
+        f"{path}: not UTF-8: byte 0xe9 at line 2, column 6 (offset 24); "
+        "a TOML file must be saved as UTF-8",
+    )

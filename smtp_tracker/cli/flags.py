@@ -9,7 +9,10 @@ this module presents it three ways:
   its default (a test checks the file is this text);
 - :func:`reference_markdown`: the docs site's configuration page.
 
-``python -m smtp_tracker.cli.flags toml`` (or ``markdown``) prints either document.
+To write the example file again after a key changes::
+
+    python -c 'from smtp_tracker.cli import flags; print(flags.example_toml(), end="")' \
+        > conf/smtp-tracker.toml
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import dataclasses
 import json
 import sys
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -249,7 +252,7 @@ _TOML_HEADER = f"""\
 # The upstream password is never a key or a flag: set {PASSWORD_ENV}
 # or upstream_password_file (a file of mode 0600).
 #
-# Generated from smtp_tracker/config.py: python -m smtp_tracker.cli.flags toml
+# Generated from smtp_tracker/config.py (smtp_tracker.cli.flags.example_toml).
 """
 
 
@@ -314,18 +317,3 @@ def reference_markdown() -> str:
             f"| `{name}` | {flag} | {_type_text(name)} | {default} | {_cell(help_of(name))} |"
         )
     return "\n".join(out) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m smtp_tracker.cli.flags toml|markdown``: print that document."""
-    which = list(sys.argv[1:] if argv is None else argv)
-    documents = {"toml": example_toml, "markdown": reference_markdown}
-    if which not in ([name] for name in documents):
-        print("usage: python -m smtp_tracker.cli.flags toml|markdown", file=sys.stderr)
-        return 2
-    sys.stdout.write(documents[which[0]]())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
