@@ -389,6 +389,18 @@ class Config:
         "private network: it has no authentication",
     )
 
+    milter_listen: str = key(
+        "127.0.0.1:8892",
+        section="Milter mode ('smtp-tracker milter')",
+        help="address of the milter listener: HOST:PORT, or unix:/path for a Unix-domain "
+        "socket (mode 0660); Postfix's smtpd_milters names it (inet:HOST:PORT or unix:/path)",
+    )
+    milter_timeout_s: float = key(
+        20.0,
+        help="seconds from end of message the milter may take to rewrite and record before "
+        "it passes the message on unchanged; keep it below Postfix's milter_content_timeout",
+    )
+
     @property
     def reports_token_path(self) -> Path:
         """The API bearer token file: ``reports_token_file``, else ``DATA_DIR/reports-token``."""

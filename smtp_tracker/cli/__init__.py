@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from smtp_tracker import __version__
-from smtp_tracker.cli import admin, records, serve
+from smtp_tracker.cli import admin, milter, records, serve
 from smtp_tracker.errors import ConfigError, SmtpTrackerError, StartupError
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smtp-tracker {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve.add_commands(commands)
+    milter.add_commands(commands)
     records.add_commands(commands)
     admin.add_commands(commands)
     return parser
