@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 from lxml import etree
 
+from smtp_tracker.mime import deadline
 from smtp_tracker.tokens import to_ascii_url
 
 __all__ = [
@@ -175,6 +176,7 @@ def _accepts(text: str, index: int, tag: str, url: str) -> bool:
     )
     scan = _Scan(url)
     for chunk in _chunks(text, index, tag):
+        deadline.check()
         parser.feed(chunk)
         if scan.read(parser) is not None:
             return scan.found is True

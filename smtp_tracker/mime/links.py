@@ -38,6 +38,8 @@ from html import unescape
 
 from lxml import etree
 
+from smtp_tracker.mime import deadline
+
 __all__ = [
     "DEFAULT_CLICK_EXCLUDE_PATTERNS",
     "DEFAULT_NOTRACK_ATTRIBUTE",
@@ -80,6 +82,12 @@ _WHITESPACE = re.compile(r"\s+")
 _ATTRIBUTE_NAME = re.compile(r"[^\s\"'/>=\x00]+\Z")
 #: Characters fed to lxml at a time.
 _CHUNK = 1 << 20
+#: html.parser gets the text in at most this many pieces of at least _MIN_FEED characters.
+_FEEDS = 8
+_MIN_FEED = 1 << 18
+#: Characters html.parser may hold unread at the end and still be closed (close() is
+#: quadratic in them).
+_MAX_UNREAD_AT_CLOSE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +222,29 @@ class _StartTags(html.parser.HTMLParser):
         #: (offset of "<", source text, attributes as the parser read them)
         self.tags: list[tuple[int, str, list[tuple[str, str | None]]]] = []
 
+    def scan(self, text: str) -> bool:
+        """Feed all of ``text``; False when the end could not be read in linear time.
+
+        :class:`html.parser.HTMLParser` waits at a construct it cannot finish
+        (a ``<`` with no ``>`` after it, an unclosed comment) and scans again
+        from there at each :meth:`feed`; at :meth:`close` it steps over such
+        a construct two characters at a time, scanning to the end each time:
+        quadratic (``"<a" * 131072`` took 93 s).  So the text goes in at most
+        :data:`_FEEDS` pieces (each rescan is linear, their number bounded),
+        the deadline is checked between them, and :meth:`close` runs only
+        when what is left unread is short: else the tags there are not
+        reported, which lxml's reading then shows (no link is wrapped).
+        """
+        size = max(_MIN_FEED, -(-len(text) // _FEEDS))
+        for start in range(0, len(text), size):
+            deadline.check()
+            self.feed(text[start : start + size])
+        deadline.check()
+        if len(self.rawdata) > _MAX_UNREAD_AT_CLOSE:
+            return False
+        self.close()
+        return True
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in _RAW_TEXT:
             self.set_cdata_mode(tag)  # what follows up to </tag> is text
@@ -281,11 +312,13 @@ def _lxml_links(text: str) -> list[_Element]:
         events=("start", "end"), encoding="utf-8", huge_tree=True, no_network=True
     )
     found: list[_Element] = []
+    vml = [0]  # open VML elements (counted, not looked up: deep nesting stays linear)
 
     def read() -> None:
         for event, element in parser.read_events():
             if not isinstance(element, etree._Element) or not isinstance(element.tag, str):
                 continue
+            is_vml = element.tag.lower().startswith("v:")
             if event == "start":
                 if element.tag in _LINK_TAGS:
                     found.append(
@@ -293,13 +326,12 @@ def _lxml_links(text: str) -> list[_Element]:
                             element.tag,
                             element.get("href"),
                             frozenset(str(k).lower() for k in element.keys()),  # noqa: SIM118
-                            any(
-                                isinstance(a.tag, str) and a.tag.lower().startswith("v:")
-                                for a in element.iterancestors()
-                            ),
+                            vml[0] > 0,
                         )
                     )
+                vml[0] += is_vml
                 continue
+            vml[0] -= is_vml
             element.clear()
             parent = element.getparent()
             if parent is not None:
@@ -307,8 +339,10 @@ def _lxml_links(text: str) -> list[_Element]:
                     del parent[0]
 
     for start in range(0, len(text), _CHUNK):
+        deadline.check()
         parser.feed(text[start : start + _CHUNK].encode("utf-8", "replace"))
         read()
+    deadline.check()
     try:
         parser.close()
     except etree.XMLSyntaxError:  # nothing but comments or white space
@@ -341,11 +375,16 @@ def find_html_links(text: str) -> tuple[list[Href], str | None]:
     :param text: the decoded HTML.
     :returns: ``(links, defect)``: the links in document order with their
         spans in ``text``; when the two parsers disagree, no links and a short
-        defect text (``"links-not-aligned"``).
+        defect text (``"links-not-aligned"``); when the markup ends inside a
+        construct html.parser could only finish in quadratic time (over 1,024
+        characters left unread), no links and ``"links-markup-unfinished"``.
+        Linear in ``len(text)``.
+    :raises ~smtp_tracker.mime.deadline.TimeLimitExceeded: when the rewrite's
+        deadline passes (checked between pieces of 256 Ki characters or more).
     """
     scanner = _StartTags(text)
-    scanner.feed(text)
-    scanner.close()
+    if not scanner.scan(text):
+        return [], "links-markup-unfinished"
     spans: list[tuple[int, int] | None] = []
     try:
         for offset, source, attrs in scanner.tags:

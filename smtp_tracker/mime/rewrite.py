@@ -28,6 +28,7 @@ import urllib.parse
 from dataclasses import dataclass
 from html import escape
 
+from smtp_tracker.mime import deadline
 from smtp_tracker.mime.charset import CharsetError, decode_text
 from smtp_tracker.mime.disclosure import footer_for_part
 from smtp_tracker.mime.inject import (
@@ -85,8 +86,10 @@ class RewriteResult:
         ``"auto-submitted"``, ``"opt-out"``, ``"no-opt-in"``,
         ``"limits-exceeded"``, ``"html-too-large"``, ``"footer-not-placeable"``
         (the disclosure footer would not render where the pixel goes), a
-        ``not_tracked`` reason given by the caller, or ``"rewrite-failed"``
-        (the original octets, unchanged, control header included).
+        ``not_tracked`` reason given by the caller, ``"rewrite-failed"``
+        (the original octets, unchanged, control header included), or
+        ``"rewrite-timeout"`` (``policy.time_limit_s`` passed; the original
+        octets too).
     :param defects: what was met on the way: email defect class names or
         short texts; never message content.
     :param links: the links wrapped for click tracking, in the order of the
@@ -161,9 +164,23 @@ def rewrite(
         warning is logged on ``smtp_tracker.mime`` (without message content).
     """
     try:
-        return _Rewrite(
-            bytes(message), pixel_url, policy, reverse_path, extra_html, not_tracked, click_base_url
-        ).run()
+        with deadline.time_limit(policy.time_limit_s):
+            return _Rewrite(
+                bytes(message),
+                pixel_url,
+                policy,
+                reverse_path,
+                extra_html,
+                not_tracked,
+                click_base_url,
+            ).run()
+    except deadline.TimeLimitExceeded:
+        log.warning(
+            "rewrite stopped after %g s (time_limit_s); relaying the original", policy.time_limit_s
+        )
+        return RewriteResult(
+            message=bytes(message), tracked=False, reason="rewrite-timeout", defects=("time-limit",)
+        )
     except Exception as exc:  # never raise: relay the original (fail open)
         frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f"{os.path.basename(frame[0].filename)}:{frame[0].lineno}" if frame else "?"
@@ -260,8 +277,10 @@ class _Rewrite:
             raise NotTracked("report")
         if self.policy.dkim_policy == "skip" and headers.get_all("DKIM-Signature"):
             raise NotTracked("dkim-signed")
+        deadline.check()
         selector = Selector(self.data, self.policy, self.defects)
         part = selector.select(top)
+        deadline.check()
         if part is None:
             raise NotTracked("no-html-body")
         if self.policy.track_clicks and self.click_base_url:
@@ -272,6 +291,7 @@ class _Rewrite:
         body = self._rewrite_part(part)
         if self.rules is not None and self.policy.track_text_links:
             for text_part in selector.text_alternatives:
+                deadline.check()
                 text_body = self._wrap_text_part(text_part)
                 if text_body is not None:
                     self.part_edits.append((text_part.body_start, text_part.end, text_body))
@@ -377,6 +397,7 @@ class _Rewrite:
         if len(octets) > self.policy.max_click_html_bytes:
             self.defects.append("links-html-too-large")
             return None
+        deadline.check()
         found, defect = find_html_links(text)
         if defect:
             self.defects.append(defect)
@@ -430,7 +451,12 @@ class _Rewrite:
     ) -> list[_Wrap]:
         """The links of ``found`` to wrap, each with its token and octets."""
         assert self.rules is not None and self.click_base_url is not None
-        chosen = [link for link in found if self.rules.skip_reason(link) is None]
+        chosen = []
+        for number, link in enumerate(found):
+            if number % 1024 == 0:
+                deadline.check()
+            if self.rules.skip_reason(link) is None:
+                chosen.append(link)
         if not chosen:
             return []
         if len(self.links) + len(chosen) > self.policy.max_links:
@@ -480,6 +506,7 @@ class _Rewrite:
             index, tag, offset, insert = pixel
             octet_edits = sorted([*octet_edits, (offset, offset, insert)], key=_first)
             text_edits = sorted([*text_edits, (index, index, tag)], key=_first)
+        deadline.check()
         new_octets = apply_edits(octets, octet_edits)
         try:
             body = splice_edits(raw, encoding, octet_edits, newline=eol)

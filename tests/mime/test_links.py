@@ -256,7 +256,9 @@ def test_default_patterns_are_the_documented_ones() -> None:
     assert DEFAULT_CLICK_EXCLUDE_PATTERNS == DEFAULT_EXCLUDES
     config = Config(hostname="relay.test")
     assert config.click_exclude_patterns == DEFAULT_CLICK_EXCLUDE_PATTERNS
-    assert rewrite_policy(config) == RewritePolicy()
+    policy = rewrite_policy(config)
+    assert policy.time_limit_s == config.rewrite_timeout_s  # the rewrite thread stops then
+    assert dataclasses.replace(policy, time_limit_s=None) == RewritePolicy()
     assert RewritePolicy().click_exclude_patterns == DEFAULT_EXCLUDES
     assert RewritePolicy().click_notrack_attribute == "data-notrack"
     assert (RewritePolicy().track_clicks, RewritePolicy().track_text_links) == (False, False)
