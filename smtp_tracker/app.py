@@ -19,9 +19,7 @@ import signal
 import socket
 import ssl
 import tempfile
-import weakref
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -31,10 +29,9 @@ from smtp_tracker.errors import ConfigError, StartupError
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
 from smtp_tracker.pruner import FIRST_PRUNE_DELAY_S, PRUNE_INTERVAL_S, Pruner
-from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.handler import RelayHandler
-from smtp_tracker.smtp.server import ConnectionSlots, RelaySMTP
+from smtp_tracker.smtp.listener import ConnectionSlots, Listener
 from smtp_tracker.smtp.upstream import UpstreamSettings
 from smtp_tracker.store import SqliteStore
 from smtp_tracker.tls import load_server_context, write_self_signed
@@ -107,7 +104,6 @@ def rewrite_policy(config: Config) -> RewritePolicy:
         track_text_links=config.track_text_links,
         click_exclude_patterns=config.click_exclude_patterns,
         click_notrack_attribute=config.click_notrack_attribute,
-        time_limit_s=config.rewrite_timeout_s,  # the rewrite thread itself stops then
     )
 
 
@@ -160,10 +156,6 @@ def ensure_data_dir(path: Path) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
-
-
-#: Seconds :meth:`Application.stop` waits to hand a session its ``421`` at shutdown.
-_GOODBYE_TIMEOUT_S = 2.0
 
 
 class Application:
@@ -219,12 +211,15 @@ class Application:
             )
         self._server_tls = server_tls_context(config)
         self._handler: RelayHandler | None = None
-        self._server: asyncio.Server | None = None
+        #: the SMTP listener (after :meth:`start`, when it runs the relay)
+        self.listener: Listener | None = None
         self._pixel_runner: web.AppRunner | None = None
         self._pixel_app: web.Application | None = None
-        self._protocols: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
         #: the SMTP listener's ``max_connections``, shared by its connections
         self.connection_slots = ConnectionSlots(config.max_connections)
+        #: what :meth:`stop` undoes, in the reverse order of :meth:`start`
+        self._running = contextlib.AsyncExitStack()
+        self._grace_s = config.shutdown_grace_s
 
     @property
     def handler(self) -> RelayHandler:
@@ -232,26 +227,11 @@ class Application:
         assert self._handler is not None, "not started"
         return self._handler
 
-    def _protocol(self) -> RelaySMTP:
-        protocol = RelaySMTP(
-            self.handler,
-            allowed_clients=self.config.allowed_clients,
-            max_message_bytes=self.config.max_message_bytes,
-            client_timeout_s=self.config.client_timeout_s,
-            hostname=self.config.hostname,
-            tls_context=self._server_tls,
-            keep_transcript=self.capture.enabled,
-            slots=self.connection_slots,
-        )
-        self._protocols.add(protocol)
-        return protocol
-
     @property
     def smtp_address(self) -> tuple[str, int]:
         """The (host, port) the SMTP listener is bound to (port 0 is resolved)."""
-        assert self._server is not None, "not started"
-        sockname: Any = self._server.sockets[0].getsockname()
-        return str(sockname[0]), int(sockname[1])
+        assert self.listener is not None, "not started"
+        return self.listener.address
 
     @property
     def pixel_counters(self) -> dict[str, int]:
@@ -267,10 +247,16 @@ class Application:
     async def start(self) -> None:
         """Open the store, bind the listeners and start serving.
 
+        Each part started registers its own stop on an
+        :class:`contextlib.AsyncExitStack`; :meth:`stop` (or a failed start)
+        unwinds it: the parts stop in the reverse order of their start.
+
         :raises StartupError: when the data directory, a certificate or an address
             cannot be had.
         """
         config = self.config
+        running = self._running
+        running.push_async_callback(self._stop_store)
         await asyncio.to_thread(ensure_data_dir, config.data_dir)
         if config.tracking or config.pixel or config.reports:
             networks = await asyncio.to_thread(load_networks, config.data_dir)
@@ -282,11 +268,14 @@ class Application:
             )
         try:
             if config.pixel:
+                running.push_async_callback(self._stop_pixel)
                 await self._start_pixel()
             if self._run_smtp:
                 await self._start_smtp()
                 self._start_pruner()
+                running.push_async_callback(self._stop_pruner)
             if config.reports:
+                running.push_async_callback(self._stop_reports)
                 await self._start_reports()
         except BaseException:
             await self.stop(grace_s=0)
@@ -312,6 +301,7 @@ class Application:
                 domains=domain_policy(config),
                 disclosure=await asyncio.to_thread(disclosure, config),
             )
+        self._running.push_async_callback(self._stop_tracker)
         self._handler = RelayHandler(
             upstream=self._upstream,
             hostname=config.hostname,
@@ -322,12 +312,25 @@ class Application:
             capture=self.capture,
         )
         listen = config.listen
-        loop = asyncio.get_running_loop()
+        listener = Listener(
+            self._handler,
+            host=listen.host,
+            port=listen.port,
+            allowed_clients=config.allowed_clients,
+            slots=self.connection_slots,
+            max_message_bytes=config.max_message_bytes,
+            client_timeout_s=config.client_timeout_s,
+            hostname=config.hostname,
+            tls_context=self._server_tls,
+            keep_transcript=self.capture.enabled,
+        )
         try:
-            self._server = await loop.create_server(self._protocol, listen.host, listen.port)
+            await listener.start()
         except OSError as exc:
             raise bind_error("listen", listen, exc) from exc
-        host, port = self.smtp_address
+        self.listener = listener
+        self._running.push_async_callback(self._stop_smtp)
+        host, port = listener.address
         log.info("listening for SMTP on %s", _address_text(host, port))
         upstream = config.upstream_address()
         await warn_if_unresolvable(
@@ -401,62 +404,51 @@ class Application:
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting, let transactions in flight finish, then close everything.
+        """Stop every part started, in the reverse order of :meth:`start`.
 
-        New connections are refused at once (the listening socket is closed).
-        Transactions that outlast the grace period, and idle sessions, are told
-        ``421 4.3.2`` (RFC 5321 §3.8, RFC 3463 X.3.2 "System not accepting
-        network messages") and closed; their clients keep the message and retry.
+        The SMTP listener stops accepting, lets transactions in flight finish,
+        then tells idle sessions and transactions that outlast the grace period
+        ``421 4.3.2`` and closes them (:meth:`.Listener.stop`); their clients keep
+        the message and retry.  Then the tracker, the HTTP listeners and the store.
 
         :param grace_s: seconds to wait for transactions in flight; ``None`` means
             the configured ``shutdown_grace_s``.
         """
-        if grace_s is None:
-            grace_s = self.config.shutdown_grace_s
-        if self._server is not None:
-            self._server.close()
-        if self._handler is not None and not await self._handler.wait_idle(grace_s):
-            log.warning(
-                "stopping with %d transactions unfinished; the client will retry",
-                self._handler.active_transactions,
-            )
-        for protocol in list(self._protocols):
-            session = protocol.session
-            # a transaction cut short: no QUIT upstream, which would wait behind its
-            # command (up to upstream_data_timeout_s) and might end in a delivery
-            unfinished = session is not None and session.transaction is not None
-            transport = protocol.transport  # None once the client is gone, even mid-push
-            if transport is not None:
-                # a client that does not read must not hold up the exit
-                with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
-                    async with asyncio.timeout(_GOODBYE_TIMEOUT_S):
-                        await protocol.push(replies.R421_SHUTTING_DOWN)
-                transport.close()
-            # connection_lost runs on a later turn of the loop; close the upstream now
-            if self._handler is not None and session is not None:
-                await self._handler.close_session(session, quit_upstream=not unfinished)
-        if self._server is not None:
-            await self._server.wait_closed()
-        if self._handler is not None:
-            await self._handler.drain()
+        self._grace_s = self.config.shutdown_grace_s if grace_s is None else grace_s
+        running, self._running = self._running, contextlib.AsyncExitStack()
+        await running.aclose()
+
+    async def _stop_smtp(self) -> None:
+        listener, handler = self.listener, self._handler
+        assert listener is not None and handler is not None
+        await listener.stop(self._grace_s)
         await self.capture.drain()
-        if self._pixel_runner is not None:
-            await self._pixel_runner.cleanup()
-            self._pixel_runner = None
-        if self._reports_runner is not None:
-            await self._reports_runner.cleanup()
-            self._reports_runner = None
-        if self._handler is not None and self._server is not None:  # it served
-            counters = dict(self._handler.counters)
-            counters["refused_connections"] = self.connection_slots.refused
-            log.info("relay counters: %s", _counters_text(counters))
+        counters = dict(handler.counters)
+        counters["refused_connections"] = self.connection_slots.refused
+        log.info("relay counters: %s", _counters_text(counters))
+
+    async def _stop_tracker(self) -> None:
         if self.tracker is not None:
             log.info("tracking counters: %s", _counters_text(vars_of(self.tracker.counters)))
             await asyncio.to_thread(self.tracker.close)
             self.tracker = None
+
+    async def _stop_pruner(self) -> None:
         if self.pruner is not None:
             await self.pruner.stop()
             self.pruner = None
+
+    async def _stop_pixel(self) -> None:
+        if self._pixel_runner is not None:
+            await self._pixel_runner.cleanup()
+            self._pixel_runner = None
+
+    async def _stop_reports(self) -> None:
+        if self._reports_runner is not None:
+            await self._reports_runner.cleanup()
+            self._reports_runner = None
+
+    async def _stop_store(self) -> None:
         if self.store is not None:
             await self.store.aclose()
             self.store = None

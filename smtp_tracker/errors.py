@@ -11,28 +11,33 @@
     └── UpstreamError               the upstream could not take the transaction
         ├── UpstreamUnavailable     refused, unresolvable, timed out, dropped (4.4.x)
         ├── UpstreamTLSError        STARTTLS missing or the handshake/verification failed (4.7.x)
-        ├── UpstreamAuthError       the upstream refused our credentials (4.7.8)
-        └── UpstreamReplyError      the upstream answered with a non-2xx reply
+        └── UpstreamAuthError       the upstream refused our credentials (4.7.8)
 
-Every :class:`UpstreamError` carries the SMTP reply that smtp-tracker gives the
-downstream client for it (``code``, ``enhanced_status``, ``text``): the mapping
-from a failure to a reply lives here, in one place, and never echoes the text
-of a lower-level exception.  Lower libraries' exceptions (aiosmtplib, ssl,
+Every :class:`CommandRejected` and :class:`UpstreamError` carries the reply
+that smtp-tracker gives the downstream client for it: a
+:class:`~smtp_tracker.smtp.replies.Reply` (one of the constants of
+:mod:`smtp_tracker.smtp.replies`, or an upstream reply made transient), never
+the text of a lower-level exception.  This module sits below ``smtp/``, so it
+names the reply's shape (:class:`SMTPReply`), not its class.
+An upstream's non-2xx reply to a command is not an exception: it is passed on
+as a :class:`~smtp_tracker.smtp.replies.Reply`.  Lower libraries' exceptions (aiosmtplib, ssl,
 sqlite3) are translated at the boundary with ``raise ... from exc``.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 __all__ = [
     "CommandRejected",
     "ConfigError",
     "InputError",
+    "SMTPReply",
     "SmtpTrackerError",
     "StartupError",
     "StoreError",
     "UpstreamAuthError",
     "UpstreamError",
-    "UpstreamReplyError",
     "UpstreamTLSError",
     "UpstreamUnavailable",
 ]
@@ -65,36 +70,54 @@ class StoreError(SmtpTrackerError):
     """The tracking store could not be opened, migrated, read or written."""
 
 
+class SMTPReply(Protocol):
+    """An SMTP reply as the exceptions below carry it: :class:`smtp_tracker.smtp.replies.Reply`.
+
+    ``str(reply)`` is the one reply line (``"451 4.4.1 upstream unavailable, ..."``).
+    """
+
+    @property
+    def code(self) -> int:
+        """The three-digit reply code (RFC 5321 §4.2.2)."""
+        ...
+
+    @property
+    def enhanced_status(self) -> str:
+        """``"C.S.D"`` (RFC 3463 §2)."""
+        ...
+
+    @property
+    def text(self) -> str:
+        """Printable ASCII, one line."""
+        ...
+
+    @property
+    def is_positive(self) -> bool:
+        """Whether the reply is a 2xx completion (RFC 5321 §4.2.1)."""
+        ...
+
+
 class CommandRejected(SmtpTrackerError):
     """A downstream client's command that we refuse ourselves.
 
-    :param reply: the whole SMTP reply line for the client, e.g. ``"555 5.5.4 ..."``.
+    :param reply: the reply for the client, e.g. :data:`~smtp_tracker.smtp.replies.R501_BAD_SIZE`.
     """
 
-    def __init__(self, reply: str) -> None:
+    def __init__(self, reply: SMTPReply) -> None:
         self.reply = reply
-        super().__init__(reply)
+        super().__init__(str(reply))
 
 
 class UpstreamError(SmtpTrackerError):
     """The upstream smarthost could not take (part of) the transaction.
 
-    :param code: the SMTP reply code to give the downstream client (RFC 5321 §4.2).
-    :param enhanced_status: the enhanced status code for that reply (RFC 3463),
-        e.g. ``"4.4.1"``.
-    :param text: the reply text, free of exception details.
+    :param reply: the reply to give the downstream client (RFC 5321 §4.2): a 4xx
+        with its enhanced status code (RFC 3463), free of exception details.
     """
 
-    def __init__(self, code: int, enhanced_status: str, text: str) -> None:
-        self.code = code
-        self.enhanced_status = enhanced_status
-        self.text = text
-        super().__init__(f"{code} {enhanced_status} {text}")
-
-    @property
-    def reply(self) -> str:
-        """The one-line SMTP reply for the downstream client."""
-        return f"{self.code} {self.enhanced_status} {self.text}"
+    def __init__(self, reply: SMTPReply) -> None:
+        self.reply = reply
+        super().__init__(str(reply))
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -107,7 +130,3 @@ class UpstreamTLSError(UpstreamError):
 
 class UpstreamAuthError(UpstreamError):
     """The upstream refused our SMTP AUTH credentials (RFC 4954 §6, X.7.8)."""
-
-
-class UpstreamReplyError(UpstreamError):
-    """The upstream answered a command with a non-2xx reply, passed on as it was."""

@@ -34,7 +34,7 @@ import trustme
 from smtp_tracker.config import HostPort, build_config
 from smtp_tracker.smtp.handler import Prepared, RelayHandler
 from smtp_tracker.smtp.server import RelaySMTP
-from smtp_tracker.smtp.transaction import Transaction
+from smtp_tracker.smtp.session import Transaction
 from smtp_tracker.smtp.upstream import UpstreamSettings
 from tests.support import certificates
 from tests.support.relay import relay_factory

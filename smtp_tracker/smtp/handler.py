@@ -22,14 +22,14 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import Envelope
 
-from smtp_tracker.errors import UpstreamError
+from smtp_tracker.errors import CommandRejected, SMTPReply, UpstreamError
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.capture import Capture, CaptureWriter
 from smtp_tracker.smtp.parameters import MailParameters
 from smtp_tracker.smtp.received import received_header
-from smtp_tracker.smtp.reply import Reply
-from smtp_tracker.smtp.server import RelaySession, RelaySMTP
-from smtp_tracker.smtp.transaction import Recipient, Transaction
+from smtp_tracker.smtp.replies import Reply
+from smtp_tracker.smtp.server import RelaySMTP
+from smtp_tracker.smtp.session import Recipient, RelaySession, Transaction
 from smtp_tracker.smtp.upstream import UpstreamSession, UpstreamSettings
 
 __all__ = [
@@ -204,20 +204,20 @@ class RelayHandler:
     async def handle_NOOP(
         self, server: RelaySMTP, session: RelaySession, envelope: Envelope, arg: str
     ) -> str:
-        return replies.R250_OK
+        return str(replies.R250_OK)
 
     async def handle_RSET(
         self, server: RelaySMTP, session: RelaySession, envelope: Envelope
     ) -> str:
         await self.abort_transaction(session, reason="RSET")
-        return replies.R250_OK
+        return str(replies.R250_OK)
 
     async def handle_QUIT(
         self, server: RelaySMTP, session: RelaySession, envelope: Envelope
     ) -> str:
         await self.abort_transaction(session, reason="QUIT")
         await self._close_upstream(session)
-        return replies.R221_BYE
+        return str(replies.R221_BYE)
 
     async def handle_DATA(
         self, server: RelaySMTP, session: RelaySession, envelope: Envelope
@@ -225,10 +225,10 @@ class RelayHandler:
         transaction = session.transaction
         content = envelope.original_content
         if transaction is None or not transaction.accepted or content is None:
-            return replies.R503_NEED_RCPT
+            return str(replies.R503_NEED_RCPT)
         if transaction.broken is not None:
-            self._finish(session, transaction, _reply_of(transaction.broken), content, None)
-            return transaction.broken.reply
+            self._finish(session, transaction, transaction.broken.reply, content, None)
+            return str(transaction.broken.reply)
         received = content
         normalized = normalize_line_endings(received)
         if normalized is not None:
@@ -248,8 +248,8 @@ class RelayHandler:
             reply = await upstream.data(data)
         except UpstreamError as exc:
             self.counters["upstream_failures"] += 1
-            self._finish(session, transaction, _reply_of(exc), received, data)
-            return exc.reply
+            self._finish(session, transaction, exc.reply, received, data)
+            return str(exc.reply)
         if reply.is_positive and self._recorder is not None:
             await self._recorder.record(transaction, prepared, reply, len(received))
         self._finish(session, transaction, reply, received, data, prepared=prepared)
@@ -264,31 +264,34 @@ class RelayHandler:
         envelope: Envelope,
         reverse_path: str,
         parameters: MailParameters,
-    ) -> str:
+    ) -> SMTPReply:
         """Open the upstream if needed and forward MAIL FROM; return the reply to give."""
         transaction = Transaction(reverse_path, parameters.raw, parameters.smtputf8)
         upstream = self._upstream(session)
         server.extend_timeout(
             self._settings.connect_timeout_s * 2 + self._settings.command_timeout_s
         )
+        reply: SMTPReply
         try:
             await upstream.ensure_open()
             if parameters.smtputf8 and "smtputf8" not in upstream.extensions:
-                reply = Reply.parse(replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED)
+                reply = replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED
             else:
                 reply = await upstream.mail(reverse_path, parameters.raw)
         except UpstreamError as exc:
             self.counters["upstream_failures"] += 1
-            reply = _reply_of(exc)
+            reply = exc.reply
+        except CommandRejected as exc:  # an argument the upstream client cannot send
+            reply = exc.reply
         if not reply.is_positive:
             self._log_rejected(transaction, None, reply)
             self._maybe_capture(session, transaction, reply, None, None)
-            return str(reply)
+            return reply
         envelope.mail_from = reverse_path
         envelope.mail_options = list(parameters.raw)
         session.transaction = transaction
         self._begin()
-        return str(reply)
+        return reply
 
     async def rcpt(
         self,
@@ -297,7 +300,7 @@ class RelayHandler:
         envelope: Envelope,
         forward_path: str,
         parameters: tuple[str, ...],
-    ) -> str:
+    ) -> SMTPReply:
         """Forward RCPT TO; only a recipient the upstream accepted joins the envelope."""
         transaction = session.transaction
         if transaction is None:
@@ -313,6 +316,8 @@ class RelayHandler:
             self.counters["upstream_failures"] += 1
             transaction.broken = exc
             return exc.reply
+        except CommandRejected as exc:  # this recipient alone; the transaction goes on
+            return exc.reply
         recipient = Recipient(forward_path, parameters, reply)
         if reply.is_positive:
             transaction.accepted.append(recipient)
@@ -321,7 +326,7 @@ class RelayHandler:
         else:
             transaction.refused.append(recipient)
             self._log_rejected(transaction, forward_path, reply)
-        return str(reply)
+        return reply
 
     # -- session life -----------------------------------------------------------------
 
@@ -409,7 +414,7 @@ class RelayHandler:
         self,
         session: RelaySession,
         transaction: Transaction,
-        reply: Reply,
+        reply: SMTPReply,
         received: bytes | None,
         sent: bytes | None,
         *,
@@ -443,7 +448,7 @@ class RelayHandler:
         self._maybe_capture(session, transaction, reply, received, sent)
 
     def _log_rejected(
-        self, transaction: Transaction, forward_path: str | None, reply: Reply
+        self, transaction: Transaction, forward_path: str | None, reply: SMTPReply
     ) -> None:
         who = (
             f"to=<{forward_path}>"
@@ -464,7 +469,7 @@ class RelayHandler:
         self,
         session: RelaySession,
         transaction: Transaction,
-        reply: Reply | None,
+        reply: SMTPReply | None,
         received: bytes | None,
         sent: bytes | None,
     ) -> None:
@@ -477,7 +482,3 @@ class RelayHandler:
             capture.submit(
                 Capture(transaction.queue_id, transaction.received_at, lines, received, sent)
             )
-
-
-def _reply_of(exc: UpstreamError) -> Reply:
-    return Reply(exc.code, exc.enhanced_status, exc.text)

@@ -12,8 +12,15 @@ import re
 from dataclasses import dataclass
 
 from smtp_tracker.errors import CommandRejected
+from smtp_tracker.smtp import replies
 
-__all__ = ["MailParameters", "parse_mail_parameters", "parse_rcpt_parameters"]
+__all__ = ["MailParameters", "parse_mail_parameters", "parse_rcpt_parameters", "sendable"]
+
+#: C0 controls (TAB included) and DEL: allowed nowhere in a path or a parameter
+#: (RFC 5321 §4.1.2: not even in a quoted local part, whose qtextSMTP and
+#: quoted-pairSMTP are %d32-126), and refused by aiosmtplib in any command
+#: argument (its guard against command injection), so never sent upstream.
+_UNSENDABLE = re.compile(rb"[\x00-\x1f\x7f]")
 
 #: RFC 3461 §4: xtext = *( xchar / hexchar ), printable US-ASCII except "+" and "=".
 _XTEXT = re.compile(r"^(?:[!-*,-<>-~]|\+[0-9A-F]{2})+$")
@@ -38,12 +45,23 @@ class MailParameters:
     eight_bit: bool
 
 
+def sendable(argument: str | bytes) -> bool:
+    """Whether a command argument can be sent upstream as it is (no C0 control, no DEL).
+
+    :param argument: a path or parameter; text is taken as UTF-8 with the
+        client's undecodable bytes kept (``surrogateescape``, aiosmtpd's decoding).
+    """
+    if isinstance(argument, str):
+        argument = argument.encode("utf-8", "surrogateescape")
+    return _UNSENDABLE.search(argument) is None
+
+
 def _split(text: str) -> list[tuple[str, str | None, str]]:
     items = []
     for word in text.split():
         keyword, eq, value = word.partition("=")
         if not _KEYWORD.match(keyword) or (eq and not value):
-            raise CommandRejected("501 5.5.4 syntax error in parameters")
+            raise CommandRejected(replies.R501_PARAMETER_SYNTAX)
         items.append((keyword.upper(), value if eq else None, word))
     return items
 
@@ -63,30 +81,30 @@ def parse_mail_parameters(text: str, *, max_message_bytes: int) -> MailParameter
     raw = []
     for keyword, value, word in _split(text):
         if keyword in seen:
-            raise CommandRejected(f"501 5.5.4 duplicate {keyword} parameter")
+            raise CommandRejected(replies.R501_DUPLICATE_PARAMETER.format(keyword=keyword))
         seen.add(keyword)
         if keyword == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
-                raise CommandRejected("501 5.5.4 bad SIZE value")
+                raise CommandRejected(replies.R501_BAD_SIZE)
             size = int(value)
             if size > max_message_bytes:
-                raise CommandRejected("552 5.3.4 message size exceeds fixed maximum message size")
+                raise CommandRejected(replies.R552_MESSAGE_TOO_BIG)
         elif keyword == "BODY":
             if value is None or value.upper() not in {"7BIT", "8BITMIME"}:
-                raise CommandRejected("501 5.5.4 BODY can only be 7BIT or 8BITMIME")
+                raise CommandRejected(replies.R501_BAD_BODY)
             eight_bit = value.upper() == "8BITMIME"
         elif keyword == "SMTPUTF8":
             if value is not None:
-                raise CommandRejected("501 5.5.4 SMTPUTF8 takes no value")
+                raise CommandRejected(replies.R501_SMTPUTF8_VALUE)
             smtputf8 = True
         elif keyword == "RET":
             if value is None or value.upper() not in {"FULL", "HDRS"}:
-                raise CommandRejected("501 5.5.4 RET can only be FULL or HDRS")
+                raise CommandRejected(replies.R501_BAD_RET)
         elif keyword == "ENVID":
             if value is None or len(value) > 100 or not _XTEXT.match(value):
-                raise CommandRejected("501 5.5.4 bad ENVID value")
+                raise CommandRejected(replies.R501_BAD_ENVID)
         else:
-            raise CommandRejected("555 5.5.4 MAIL parameter not recognized or not implemented")
+            raise CommandRejected(replies.R555_MAIL_PARAMETER_UNKNOWN)
         raw.append(word)
     return MailParameters(tuple(raw), size, smtputf8, eight_bit)
 
@@ -101,16 +119,16 @@ def parse_rcpt_parameters(text: str) -> tuple[str, ...]:
     raw = []
     for keyword, value, word in _split(text):
         if keyword in seen:
-            raise CommandRejected(f"501 5.5.4 duplicate {keyword} parameter")
+            raise CommandRejected(replies.R501_DUPLICATE_PARAMETER.format(keyword=keyword))
         seen.add(keyword)
         if keyword == "NOTIFY":
             values = {v.upper() for v in (value or "").split(",")}
             if not (values == {"NEVER"} or (values and values <= _NOTIFY_VALUES)):
-                raise CommandRejected("501 5.5.4 bad NOTIFY value")
+                raise CommandRejected(replies.R501_BAD_NOTIFY)
         elif keyword == "ORCPT":
             if value is None or len(value) > 500 or not _ORCPT.match(value):
-                raise CommandRejected("501 5.5.4 bad ORCPT value")
+                raise CommandRejected(replies.R501_BAD_ORCPT)
         else:
-            raise CommandRejected("555 5.5.4 RCPT parameter not recognized or not implemented")
+            raise CommandRejected(replies.R555_RCPT_PARAMETER_UNKNOWN)
         raw.append(word)
     return tuple(raw)

@@ -16,19 +16,32 @@
   ``554 5.5.1``, as Postfix answers; an accepted STARTTLS first closes the
   session's upstream connection, since RFC 3207 §4.2 has both sides start
   afresh and aiosmtpd gives the TLS layer a new session;
+- VRFY gets ``252 2.0.0``, EXPN ``502 5.5.1``, HELP ``214 2.0.0`` with the
+  commands we implement, STARTTLS ``220 2.0.0``;
 - the limits a hostile client meets (below).
+
+The handler is anything with the :class:`RelayHooks` methods besides
+aiosmtpd's ``handle_<VERB>`` hooks; this module never imports :mod:`.handler`
+(aiosmtpd's protocol names its handler's hooks the same way).
 
 Limits
 ------
-- ``max_connections`` (:class:`ConnectionSlots`): a connection beyond it gets
-  ``421 4.3.2`` instead of the greeting and is closed (RFC 5321 §3.1); the
-  refusals are counted and logged at most once per :data:`REFUSAL_LOG_INTERVAL_S`.
+- ``max_connections`` (:class:`~smtp_tracker.smtp.listener.ConnectionSlots`): a
+  connection beyond it gets ``421 4.3.2`` instead of the greeting and is closed
+  (RFC 5321 §3.1).
 - ``client_timeout_s``: a client silent that long gets ``421 4.4.2`` and is
   disconnected (RFC 5321 §4.5.3.2); an open transaction is aborted upstream.
 - Command lines over 512 octets (RFC 5321 §4.5.3.1.4; more after EHLO for the
   SIZE and SMTPUTF8 parameters) get ``500 5.5.2`` and the connection stays usable.
 - A command argument holding CR, LF or another control character gets
-  ``501 5.5.2`` and is never forwarded (RFC 5321 §2.3.8).
+  ``501 5.5.2`` and is never forwarded (RFC 5321 §2.3.8); a MAIL or RCPT path
+  holding a TAB too (RFC 5321 §4.1.2; aiosmtplib would refuse to send it): that
+  MAIL, or that recipient alone, is refused and the session goes on.
+- A client that talks before our greeting, sends more after EHLO or HELO
+  before our reply (RFC 2920 §3.1: EHLO ends a group; HELO allows no
+  pipelining), or sends message content before our 354, gets ``554 5.5.0 Error:
+  SMTP protocol synchronization`` and is disconnected, as Postfix does
+  (``smtpd_forbid_unauth_pipelining``); PIPELINING after EHLO is kept.
 - A payload over ``max_message_bytes`` (``552 5.3.4``, RFC 1870 §6.3) or with a
   line over 1000 octets (``500 5.5.2``, RFC 5321 §4.5.3.1.6) is refused after
   the end of data, and its upstream transaction is aborted with RSET: the
@@ -57,67 +70,77 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import functools
 import ipaddress
 import logging
 import re
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, AnyStr
+from typing import TYPE_CHECKING, Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Session, syntax
+from aiosmtpd.smtp import SMTP, Envelope, syntax
 
-from smtp_tracker.errors import CommandRejected
+from smtp_tracker.errors import CommandRejected, SMTPReply
 from smtp_tracker.smtp import replies
-from smtp_tracker.smtp.parameters import parse_mail_parameters, parse_rcpt_parameters
+from smtp_tracker.smtp.parameters import (
+    MailParameters,
+    parse_mail_parameters,
+    parse_rcpt_parameters,
+    sendable,
+)
+from smtp_tracker.smtp.replies import Reply
+from smtp_tracker.smtp.session import RelaySession
 from smtp_tracker.smtp.transcript import CLIENT_SAID, WE_SAID_TO_CLIENT, Transcript
 
 if TYPE_CHECKING:
-    from smtp_tracker.smtp.handler import RelayHandler
-    from smtp_tracker.smtp.transaction import Transaction
-    from smtp_tracker.smtp.upstream import UpstreamSession
+    from smtp_tracker.smtp.listener import ConnectionSlots
 
 __all__ = [
-    "REFUSAL_LOG_INTERVAL_S",
-    "ConnectionSlots",
+    "RelayHooks",
     "RelaySMTP",
-    "RelaySession",
     "client_allowed",
+    "peer_text",
 ]
 
 log = logging.getLogger("smtp_tracker.smtpd")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-#: Seconds between two log lines about connections refused for ``max_connections``.
-REFUSAL_LOG_INTERVAL_S = 10.0
-
-#: C0 controls and DEL: never in a command argument (RFC 5321 §2.3.8, §4.1.2).
+#: C0 controls but TAB, and DEL: never in a command argument (RFC 5321 §2.3.8,
+#: §4.1.2).  TAB is left to the MAIL and RCPT checks, which refuse it in a path
+#: (:func:`~.parameters.sendable`) and take it as a space between parameters.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 #: aiosmtpd's stock replies, given the enhanced status codes RFC 2034 §3 asks for.
-_STOCK_REPLIES = {
-    "500 Error: bad syntax": "500 5.5.2 syntax error",
-    "500 Command line too long": "500 5.5.2 command line too long",
-    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 line too long (RFC 5321 §4.5.3.1.6)",
-    "500 Error: strict ASCII mode": "500 5.5.2 non-ASCII data without SMTPUTF8",
+_STOCK_REPLIES: dict[str, Reply] = {
+    "500 Error: bad syntax": replies.R500_SYNTAX_ERROR,
+    "500 Command line too long": replies.R500_COMMAND_TOO_LONG,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": replies.R500_LINE_TOO_LONG,
+    "500 Error: strict ASCII mode": replies.R500_NON_ASCII,
     "552 Error: Too much mail data": replies.R552_MESSAGE_TOO_BIG,
     "503 Error: need RCPT command": replies.R503_NEED_RCPT,
     "503 Error: need MAIL command": replies.R503_NEED_MAIL,
-    "503 Error: send HELO first": "503 5.5.1 send HELO or EHLO first",
-    "501 Syntax: DATA": "501 5.5.4 syntax: DATA",
-    "501 Syntax: RSET": "501 5.5.4 syntax: RSET",
-    "501 Syntax: QUIT": "501 5.5.4 syntax: QUIT",
-    "501 Syntax: EHLO hostname": "501 5.5.4 syntax: EHLO hostname",
-    "501 Syntax: HELO hostname": "501 5.5.4 syntax: HELO hostname",
+    "503 Error: send HELO first": replies.R503_NEED_HELO,
+    "501 Syntax: DATA": replies.R501_DATA_SYNTAX,
+    "501 Syntax: RSET": replies.R501_RSET_SYNTAX,
+    "501 Syntax: QUIT": replies.R501_QUIT_SYNTAX,
+    "501 Syntax: EHLO hostname": replies.R501_EHLO_SYNTAX,
+    "501 Syntax: HELO hostname": replies.R501_HELO_SYNTAX,
     "250 OK": replies.R250_OK,
     "221 Bye": replies.R221_BYE,
-    "530 Must issue a STARTTLS command first": "530 5.7.0 must issue a STARTTLS command first",
-    "554 Command refused due to lack of security": "554 5.7.0 command refused: TLS failed",
-    "454 TLS not available": "454 4.7.0 TLS not available",
+    "220 Ready to start TLS": replies.R220_READY_TO_START_TLS,
+    "530 Must issue a STARTTLS command first": replies.R530_STARTTLS_FIRST,
+    "554 Command refused due to lack of security": replies.R554_TLS_FAILED,
+    "454 TLS not available": replies.R454_TLS_NOT_AVAILABLE,
 }
 #: aiosmtpd's reply to an unknown command quotes it; ours does not.
 _UNRECOGNIZED_PREFIX = '500 Error: command "'
+#: Commands after which a client must wait for our reply: EHLO ends a pipelined
+#: group (RFC 2920 §3.1) and HELO negotiates no pipelining at all.
+_ENDS_GROUP = frozenset({"EHLO", "HELO"})
+#: Commands HELP does not list: AUTH is refused (502), EXPN is not implemented.
+_NOT_LISTED = frozenset({"AUTH", "EXPN"})
 
 
 def client_allowed(peer: Any, networks: Sequence[IPNetwork]) -> bool:
@@ -131,73 +154,62 @@ def client_allowed(peer: Any, networks: Sequence[IPNetwork]) -> bool:
     return any(address in network for network in networks)
 
 
-class ConnectionSlots:
-    """How many downstream connections are served at once (``max_connections``).
+def peer_text(peer: Any) -> str:
+    """A peer address for the log: ``[host]:port``, or ``unknown``."""
+    try:
+        host, port = peer[0], peer[1]
+    except (TypeError, IndexError):
+        return "unknown"
+    return f"[{host}]:{port}"
 
-    One instance is shared by every :class:`RelaySMTP` of a listener: a
-    connection takes a slot when it is made and gives it back when it is lost;
-    one that finds none free is refused with ``421 4.3.2``.
 
-    :param limit: the most connections served at once (>= 1).
-    :ivar active: connections holding a slot now.
-    :ivar refused: connections refused since start.
+class RelayHooks(Protocol):
+    """What :class:`RelaySMTP` calls on its handler besides aiosmtpd's ``handle_<VERB>`` hooks.
+
+    :class:`~smtp_tracker.smtp.handler.RelayHandler` implements it.
     """
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"limit must be at least 1, got {limit}")
-        self.limit = limit
-        self.active = 0
-        self.refused = 0
-        self._logged_at = -REFUSAL_LOG_INTERVAL_S
-        self._refused_unlogged = 0
+    async def mail(
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        reverse_path: str,
+        parameters: MailParameters,
+    ) -> SMTPReply:
+        """MAIL FROM with a checked path and parameters; the reply to give."""
+        ...
 
-    def take(self) -> bool:
-        """Take a slot; False (and counted as refused) when all are taken."""
-        if self.active >= self.limit:
-            self.refused += 1
-            self._refused_unlogged += 1
-            return False
-        self.active += 1
-        return True
+    async def rcpt(
+        self,
+        server: RelaySMTP,
+        session: RelaySession,
+        envelope: Envelope,
+        forward_path: str,
+        parameters: tuple[str, ...],
+    ) -> SMTPReply:
+        """RCPT TO with a checked path and parameters; the reply to give."""
+        ...
 
-    def give_back(self) -> None:
-        """Return a slot taken with :meth:`take`."""
-        self.active -= 1
+    async def abort_transaction(
+        self, session: RelaySession, *, reason: str, reset_upstream: bool = True
+    ) -> None:
+        """End the session's unfinished transaction, if any."""
+        ...
 
-    def log_refusal(self, peer: Any) -> None:
-        """Log a refusal, at most once per :data:`REFUSAL_LOG_INTERVAL_S` (a flood
-        of connections must not become a flood of log lines)."""
-        now = time.monotonic()
-        if now - self._logged_at < REFUSAL_LOG_INTERVAL_S:
-            return
-        log.warning(
-            "reject: connect from %s: too many connections (max_connections=%d); "
-            "%d refused since the last report, %d in all",
-            _peer_text(peer),
-            self.limit,
-            self._refused_unlogged,
-            self.refused,
-        )
-        self._logged_at = now
-        self._refused_unlogged = 0
+    async def close_session(self, session: RelaySession, *, quit_upstream: bool = True) -> None:
+        """End the transaction, if any, and close the session's upstream connection."""
+        ...
 
-
-class RelaySession(Session):
-    """aiosmtpd's Session plus the relay's state for one connection."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self.upstream: UpstreamSession | None = None
-        self.transaction: Transaction | None = None
-        self.transcript: Transcript | None = None
-        self.transactions = 0
+    def schedule_disconnect(self, session: RelaySession) -> None:
+        """The client's connection is lost: clean up (in a task)."""
+        ...
 
 
 class RelaySMTP(SMTP):
     """One downstream connection; see the module docstring for what differs from aiosmtpd.
 
-    :param handler: the :class:`~smtp_tracker.smtp.handler.RelayHandler`.
+    :param handler: the handler (:class:`RelayHooks` and aiosmtpd's ``handle_<VERB>`` hooks).
     :param allowed_clients: networks whose clients may connect (RFC 5321 §7.1).
     :param max_message_bytes: SIZE limit (RFC 1870), in bytes.
     :param client_timeout_s: idle timeout for the client, in seconds.
@@ -209,7 +221,7 @@ class RelaySMTP(SMTP):
 
     def __init__(
         self,
-        handler: RelayHandler,
+        handler: RelayHooks,
         *,
         allowed_clients: Sequence[IPNetwork],
         max_message_bytes: int,
@@ -231,6 +243,7 @@ class RelaySMTP(SMTP):
             timeout=client_timeout_s,
             auth_require_tls=True,
         )
+        self._hooks = handler
         # aiosmtpd keeps these in a class attribute that every new connection clears
         # and every EHLO raises (RFC 1870 §3: +26 for SIZE); keep them per connection.
         base = self.command_size_limit
@@ -243,6 +256,8 @@ class RelaySMTP(SMTP):
         self._client_timeout_s = client_timeout_s
         self._slots = slots
         self._holds_slot = False
+        self._greeted = False
+        self._spoke_first = False
         self._smtp_methods = {
             name: self._checked(name, method) for name, method in self._smtp_methods.items()
         }
@@ -261,6 +276,11 @@ class RelaySMTP(SMTP):
         if not upgrade and self._slots is not None:
             self._holds_slot = self._slots.take()
 
+    def data_received(self, data: bytes) -> None:
+        if not self._greeted:
+            self._spoke_first = True
+        super().data_received(data)
+
     async def _handle_client(self) -> None:
         assert self.session is not None
         if self._slots is not None and not self._holds_slot:
@@ -272,13 +292,19 @@ class RelaySMTP(SMTP):
         if not client_allowed(self.session.peer, self._allowed_clients):
             log.warning(
                 "reject: connect from %s: client not in allowed_clients",
-                _peer_text(self.session.peer),
+                peer_text(self.session.peer),
             )
             await self.push(replies.R554_ACCESS_DENIED)
             assert self.transport is not None
             self.transport.close()
             return
-        log.info("connect from %s", _peer_text(self.session.peer))
+        log.info("connect from %s", peer_text(self.session.peer))
+        if self._spoke_first:  # RFC 5321 §4.3.1: the client waits for our greeting
+            await self._out_of_sync("CONNECT")
+            return
+        # aiosmtpd's _handle_client greets with no await before its write: input
+        # that arrives from here on came after our greeting was sent.
+        self._greeted = True
         await super()._handle_client()
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -289,8 +315,7 @@ class RelaySMTP(SMTP):
             self._slots.give_back()
         super().connection_lost(error)
         if session is not None:
-            handler: RelayHandler = self.event_handler
-            handler.schedule_disconnect(session)
+            self._hooks.schedule_disconnect(session)
 
     def extend_timeout(self, seconds: float) -> None:
         """Keep the client connection open while we wait on the upstream for ``seconds``."""
@@ -302,25 +327,61 @@ class RelaySMTP(SMTP):
         if transport is None:  # lost already; connection_lost did the rest
             return
         if not transport.is_closing():
-            peer = _peer_text(self.session.peer) if self.session is not None else "?"
+            peer = peer_text(self.session.peer) if self.session is not None else "?"
             log.info("%s: timeout after %g s without a command", peer, self._client_timeout_s)
+            reply = str(replies.R421_TIMEOUT)
             if self.session is not None and self.session.transcript is not None:
-                self.session.transcript.add(WE_SAID_TO_CLIENT, replies.R421_TIMEOUT)
-            self._writer.write(replies.R421_TIMEOUT.encode("ascii") + b"\r\n")
+                self.session.transcript.add(WE_SAID_TO_CLIENT, reply)
+            self._writer.write(reply.encode("ascii") + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    # -- pipelining (RFC 2920) ----------------------------------------------------
+
+    def _pending_input(self) -> int:
+        """Bytes the client sent that no command has read yet.
+
+        asyncio's StreamReader has no public peek; its ``_buffer`` is what
+        aiosmtpd itself clears after STARTTLS (a canary test watches it).
+        """
+        buffer: bytearray = self._reader._buffer  # type: ignore[attr-defined]
+        return len(buffer)
+
+    async def _out_of_sync(self, after: str) -> None:
+        """Refuse a client that did not wait for our reply, and close: Postfix's answer.
+
+        RFC 5321 §4.3.1 (the greeting first), RFC 2920 §3.1 (EHLO and DATA end a
+        pipelined group), RFC 5321 §4.1.1.4 (content only after 354).  Postfix
+        3.9's ``smtpd_forbid_unauth_pipelining`` answers ``554 5.5.0`` and
+        disconnects; the transaction, if any, is aborted upstream.
+        """
+        peer = peer_text(self.session.peer) if self.session is not None else "?"
+        log.warning("reject: improper command pipelining after %s from %s", after, peer)
+        with contextlib.suppress(ConnectionError):
+            await self.push(replies.R554_PROTOCOL_SYNCHRONIZATION)
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()  # the command loop ends at its next await
 
     # -- transcript and replies ---------------------------------------------------
 
     def _checked(
         self, name: str, method: Callable[[str | None], Awaitable[None]]
     ) -> Callable[[str | None], Awaitable[None]]:
-        """Wrap a command: copy it to the transcript; refuse control characters in it."""
+        """Wrap a command: copy it to the transcript; refuse control characters in it.
 
+        ``functools.wraps`` keeps aiosmtpd's ``@syntax`` attributes, which HELP reads.
+        """
+
+        @functools.wraps(method)
         async def call(arg: str | None) -> None:
             if self.session is not None and self.session.transcript is not None:
                 self.session.transcript.add(CLIENT_SAID, name if arg is None else f"{name} {arg}")
             if arg is not None and _CONTROL.search(arg):
                 await self.push(replies.R501_CONTROL_CHARACTER)
+                return
+            if name in _ENDS_GROUP and self._pending_input():
+                await self._out_of_sync(name)
                 return
             await method(arg)
             # The idle clock runs from our reply, not from the command: a reply
@@ -331,36 +392,53 @@ class RelaySMTP(SMTP):
 
         return call
 
-    async def push(self, status: AnyStr) -> None:
-        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
-        text = _STOCK_REPLIES.get(text, text)
-        if text.startswith(_UNRECOGNIZED_PREFIX):
-            text = replies.R500_UNRECOGNIZED
+    async def push(self, status: str | bytes | SMTPReply) -> None:
+        """Send one reply line; aiosmtpd's own replies get their enhanced status codes.
+
+        :param status: a :class:`~.replies.Reply`, or a reply line (aiosmtpd's, a handler's).
+        """
+        if not isinstance(status, str | bytes):
+            text = str(status)
+        else:
+            text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+            stock = _STOCK_REPLIES.get(text)
+            if stock is not None:
+                text = str(stock)
+            elif text.startswith(_UNRECOGNIZED_PREFIX):
+                text = str(replies.R500_UNRECOGNIZED)
         if self.session is not None and self.session.transcript is not None:
             self.session.transcript.add(WE_SAID_TO_CLIENT, text)
         await super().push(text)
 
     async def handle_exception(self, error: Exception) -> str:
-        peer = _peer_text(self.session.peer) if self.session is not None else "?"
+        peer = peer_text(self.session.peer) if self.session is not None else "?"
         log.error("%s: unexpected error", peer, exc_info=error)
         if self.session is not None:
-            handler: RelayHandler = self.event_handler
-            await handler.abort_transaction(self.session, reason="internal error")
-        return replies.R451_INTERNAL_ERROR
+            await self._hooks.abort_transaction(self.session, reason="internal error")
+        return str(replies.R451_INTERNAL_ERROR)
 
     # -- commands -----------------------------------------------------------------
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         envelope = self.envelope
+        if (
+            not arg
+            and envelope is not None
+            and envelope.rcpt_tos
+            and self.session is not None
+            and self.session.host_name
+            and self._pending_input()
+        ):
+            await self._out_of_sync("DATA")  # content before our 354
+            return
         await super().smtp_DATA(arg or "")
         session = self.session
         refused = self.envelope is not envelope
         if session is not None and session.transaction is not None and refused:
             # aiosmtpd refused the payload itself (552 too big, 500 line too long) and
             # reset the envelope without calling handle_DATA: end the upstream's side.
-            handler: RelayHandler = self.event_handler
-            await handler.abort_transaction(session, reason="payload refused")
+            await self._hooks.abort_transaction(session, reason="payload refused")
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str | None) -> None:
@@ -380,30 +458,61 @@ class RelaySMTP(SMTP):
             if in_transaction or session.transaction is not None:
                 await self.push(replies.R503_TRANSACTION_IN_PROGRESS)
                 return
-            handler: RelayHandler = self.event_handler
-            await handler.close_session(session)
+            await self._hooks.close_session(session)
         await super().smtp_STARTTLS(arg or "")
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         await self.push(replies.R502_AUTH_NOT_OFFERED)
 
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str | None) -> None:
+        """RFC 5321 §4.1.1.8: the commands we implement, or one command's syntax (214)."""
+        listed = sorted(
+            name
+            for name, method in self._smtp_methods.items()
+            if name not in _NOT_LISTED and self._syntax_available(method)
+        )
+        if not arg:
+            await self.push(replies.R214_HELP.format(commands=" ".join(listed)))
+            return
+        name = arg.upper()
+        if name not in listed:
+            await self.push(replies.R501_HELP_UNKNOWN_COMMAND.format(commands=" ".join(listed)))
+            return
+        method: Any = self._smtp_methods[name]
+        text: str = method.__smtp_syntax__
+        if self.session is not None and self.session.extended_smtp:
+            text += method.__smtp_syntax_extended__ or ""
+        await self.push(replies.R214_SYNTAX.format(syntax=text))
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """RFC 5321 §3.5.3: we cannot verify (the upstream decides at RCPT): 252."""
+        await self.push(replies.R252_CANNOT_VRFY if arg else replies.R501_VRFY_SYNTAX)
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        """RFC 5321 §3.5.2, §7.3: EXPN is not implemented (and not listed by HELP)."""
+        await self.push(replies.R502_EXPN_NOT_IMPLEMENTED)
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
         assert self.session is not None and self.envelope is not None
-        syntax_error = "501 5.5.4 syntax: MAIL FROM:<address> [SP <mail-parameters>]"
         rest = self._strip_command_keyword("FROM:", arg or "")
         if rest is None:
-            await self.push(syntax_error)
+            await self.push(replies.R501_MAIL_SYNTAX)
             return
         address, parameter_text = self._getaddr(rest)
         if address is None:
-            await self.push("553 5.1.7 malformed address")
+            await self.push(replies.R553_MALFORMED_SENDER)
             return
         if not address or (parameter_text and not self.session.extended_smtp):
-            await self.push(syntax_error)
+            await self.push(replies.R501_MAIL_SYNTAX)
+            return
+        if not sendable(address):
+            await self.push(replies.R501_CONTROL_CHARACTER)
             return
         if self.envelope.mail_from is not None:
             await self.push(replies.R503_NESTED_MAIL)
@@ -418,9 +527,8 @@ class RelaySMTP(SMTP):
         if address == "<>":
             address = ""
         self.envelope.smtp_utf8 = parameters.smtputf8
-        handler: RelayHandler = self.event_handler
-        status = await handler.mail(self, self.session, self.envelope, address, parameters)
-        await self.push(status)
+        reply = await self._hooks.mail(self, self.session, self.envelope, address, parameters)
+        await self.push(reply)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -430,31 +538,24 @@ class RelaySMTP(SMTP):
         if self.envelope.mail_from is None:
             await self.push(replies.R503_NEED_MAIL)
             return
-        syntax_error = "501 5.5.4 syntax: RCPT TO:<address> [SP <mail-parameters>]"
         rest = self._strip_command_keyword("TO:", arg or "")
         if rest is None:
-            await self.push(syntax_error)
+            await self.push(replies.R501_RCPT_SYNTAX)
             return
         address, parameter_text = self._getaddr(rest)
         if address is None:
-            await self.push("553 5.1.3 malformed address")
+            await self.push(replies.R553_MALFORMED_RECIPIENT)
             return
         if not address or address == "<>" or (parameter_text and not self.session.extended_smtp):
-            await self.push(syntax_error)
+            await self.push(replies.R501_RCPT_SYNTAX)
+            return
+        if not sendable(address):
+            await self.push(replies.R501_CONTROL_CHARACTER)  # this recipient alone
             return
         try:
             parameters = parse_rcpt_parameters(parameter_text or "")
         except CommandRejected as exc:
             await self.push(exc.reply)
             return
-        handler: RelayHandler = self.event_handler
-        status = await handler.rcpt(self, self.session, self.envelope, address, parameters)
-        await self.push(status)
-
-
-def _peer_text(peer: Any) -> str:
-    try:
-        host, port = peer[0], peer[1]
-    except (TypeError, IndexError):
-        return "unknown"
-    return f"[{host}]:{port}"
+        reply = await self._hooks.rcpt(self, self.session, self.envelope, address, parameters)
+        await self.push(reply)

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from smtp_tracker.errors import (
+    CommandRejected,
     UpstreamAuthError,
     UpstreamError,
     UpstreamTLSError,
     UpstreamUnavailable,
 )
 from smtp_tracker.smtp import replies
-from smtp_tracker.smtp.reply import Reply
+from smtp_tracker.smtp.parameters import sendable
+from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.transcript import NOTE, UPSTREAM_SAID, WE_SAID_TO_UPSTREAM, Transcript
 
 __all__ = ["UpstreamSession", "UpstreamSettings", "filter_parameters"]
@@ -60,10 +62,9 @@ def _translate(exc: BaseException) -> UpstreamError:
     return _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
 
 
-def _error(kind: type[UpstreamError], reply: str) -> UpstreamError:
-    """The exception of ``kind`` carrying one of our reply lines from :mod:`.replies`."""
-    parsed = Reply.parse(reply)
-    return kind(parsed.code, parsed.enhanced_status, parsed.text)
+def _error(kind: type[UpstreamError], reply: Reply) -> UpstreamError:
+    """The exception of ``kind`` carrying one of our replies from :mod:`.replies`."""
+    return kind(reply)
 
 
 def filter_parameters(parameters: Sequence[str], extensions: dict[str, str]) -> list[str]:
@@ -181,7 +182,7 @@ class UpstreamSession:
             client.close()
             self._note_reply(exc.code, exc.message)
             reply = Reply.from_upstream(exc.code, exc.message, command="CONNECT").as_transient()
-            raise UpstreamUnavailable(reply.code, reply.enhanced_status, reply.text) from exc
+            raise UpstreamUnavailable(reply) from exc
         except UpstreamError:
             client.close()
             raise
@@ -189,7 +190,7 @@ class UpstreamSession:
             client.close()
             error = _translate(exc)
             self._note(NOTE, f"failed: {type(exc).__name__}")
-            log.warning("upstream %s: %s (%s)", settings.label, error.text, _describe(exc))
+            log.warning("upstream %s: %s (%s)", settings.label, error.reply.text, _describe(exc))
             raise error from exc
         self._client = client
 
@@ -200,7 +201,7 @@ class UpstreamSession:
         except aiosmtplib.SMTPHeloError as exc:
             self._note_reply(exc.code, exc.message)
             reply = Reply.from_upstream(exc.code, exc.message, command="EHLO").as_transient()
-            raise UpstreamUnavailable(reply.code, reply.enhanced_status, reply.text) from exc
+            raise UpstreamUnavailable(reply) from exc
         self._note_reply(response.code, response.message)
 
     async def _starttls(self, client: aiosmtplib.SMTP) -> None:
@@ -217,7 +218,7 @@ class UpstreamSession:
             self._note_reply(exc.code, exc.message)
             log.warning("upstream %s: STARTTLS refused: %s", settings.label, exc.code)
             reply = Reply.from_upstream(exc.code, exc.message, command="STARTTLS").as_transient()
-            raise UpstreamTLSError(reply.code, reply.enhanced_status, reply.text) from exc
+            raise UpstreamTLSError(reply) from exc
         except (ssl.SSLError, ssl.CertificateError) as exc:
             log.warning("upstream %s: TLS handshake failed: %s", settings.label, _describe(exc))
             raise _error(UpstreamTLSError, replies.R451_UPSTREAM_TLS_FAILED) from exc
@@ -253,16 +254,22 @@ class UpstreamSession:
         if client is None or not client.is_connected:
             raise _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
         words = [argument, *(p.encode("utf-8", "surrogateescape") for p in parameters)]
+        if not all(sendable(word) for word in words):
+            # aiosmtplib would refuse it (ValueError); the connection stays as it was
+            self._note(NOTE, f"{command} not sent: control character in its argument")
+            raise CommandRejected(replies.R501_CONTROL_CHARACTER)
         self._note(WE_SAID_TO_UPSTREAM, f"{command} {b' '.join(words).decode('utf-8', 'replace')}")
         try:
             response = await client.execute_command(command.encode("ascii"), *words)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError, ValueError) as exc:
+        except ValueError as exc:
+            # an argument aiosmtplib refuses before writing anything: the
+            # connection is intact, so only this command fails
+            self._note(NOTE, f"{command} not sent: {type(exc).__name__}")
+            log.warning("upstream %s: %s not sent: %s", self._settings.label, command, exc)
+            raise CommandRejected(replies.R451_INTERNAL_ERROR) from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
-            error = (
-                _translate(exc)
-                if not isinstance(exc, ValueError)
-                else _error(UpstreamUnavailable, replies.R451_INTERNAL_ERROR)
-            )
+            error = _translate(exc)
             self._note(NOTE, f"failed: {type(exc).__name__}")
             log.warning("upstream %s: %s: %s", self._settings.label, command, _describe(exc))
             raise error from exc

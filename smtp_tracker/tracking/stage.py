@@ -30,8 +30,8 @@ from smtp_tracker.errors import StoreError
 from smtp_tracker.mime import RewritePolicy, RewriteResult, rewrite
 from smtp_tracker.mime.disclosure import Disclosure
 from smtp_tracker.smtp.handler import Prepared
-from smtp_tracker.smtp.reply import Reply
-from smtp_tracker.smtp.transaction import Transaction
+from smtp_tracker.smtp.replies import Reply
+from smtp_tracker.smtp.session import Transaction
 from smtp_tracker.store.records import LinkRecord
 from smtp_tracker.tokens import new_tracking_id, pixel_url
 from smtp_tracker.tracking.domains import DomainPolicy

@@ -11,7 +11,8 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from smtp_tracker.app import _GOODBYE_TIMEOUT_S, Application
+from smtp_tracker.app import Application
+from smtp_tracker.smtp.listener import GOODBYE_TIMEOUT_S
 from tests.support.waiting import wait_until
 
 
@@ -22,6 +23,9 @@ async def test_a_client_that_never_reads_does_not_hold_up_the_stop(relay_factory
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
+    # The greeting first: a client that talks before it is refused (554 5.5.0).
+    greeting = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+    assert greeting.startswith(b"220 ")
     # Pipeline NOOPs and never read: the replies fill our socket buffers, and
     # aiosmtpd's push() (which drains) waits for a reader that never comes.
     sent = 0
@@ -35,10 +39,10 @@ async def test_a_client_that_never_reads_does_not_hold_up_the_stop(relay_factory
     assert sent > 0
     started = time.monotonic()
     try:
-        await asyncio.wait_for(relay.stop(grace_s=0.5), timeout=0.5 + _GOODBYE_TIMEOUT_S + 10)
+        await asyncio.wait_for(relay.stop(grace_s=0.5), timeout=0.5 + GOODBYE_TIMEOUT_S + 10)
     finally:
         sock.close()
-    assert time.monotonic() - started < 0.5 + _GOODBYE_TIMEOUT_S + 5
+    assert time.monotonic() - started < 0.5 + GOODBYE_TIMEOUT_S + 5
 
 
 @pytest.mark.upstream(delay_s={"EOM": 3.0})
@@ -58,7 +62,8 @@ async def test_a_transaction_ended_by_the_stop_and_by_its_data_hook_is_ended_onc
     )
     handler = relay.handler
     assert handler.active_transactions == 1
-    [protocol] = list(relay._protocols)
+    assert relay.listener is not None
+    [protocol] = relay.listener.protocols
     assert protocol.session is not None
     await handler.close_session(protocol.session, quit_upstream=False)  # what stop() does
     with pytest.raises(aiosmtplib.SMTPDataError) as deferred:

@@ -75,7 +75,7 @@ async def test_starttls_inside_a_transaction_is_503_as_postfix_says(
     await plain_client.mail("alice@example.org")
     response = await plain_client.execute_command(b"STARTTLS")
     assert (response.code, response.message) == (503, "5.5.1 Error: MAIL transaction in progress")
-    assert str(response.code) + " " + response.message == replies.R503_TRANSACTION_IN_PROGRESS
+    assert str(response.code) + " " + response.message == str(replies.R503_TRANSACTION_IN_PROGRESS)
     # the transaction is intact: it completes, in plaintext, without a new MAIL
     await plain_client.rcpt("bob@example.net")
     await plain_client.data(MESSAGE)

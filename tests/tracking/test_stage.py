@@ -22,7 +22,7 @@ import pytest
 
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.smtp.handler import Prepared
-from smtp_tracker.smtp.transaction import Transaction
+from smtp_tracker.smtp.session import Transaction
 from smtp_tracker.tracking.stage import Tracker
 from smtp_tracker.tracking import stage as tracking
 from tests.support.waiting import wait_until

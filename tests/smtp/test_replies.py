@@ -1,6 +1,6 @@
 """Upstream replies are passed on with their code, enhanced status code and text."""
 
-from smtp_tracker.smtp.reply import Reply
+from smtp_tracker.smtp.replies import Reply
 
 
 def test_enhanced_status_and_text_are_kept() -> None:

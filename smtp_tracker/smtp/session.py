@@ -1,16 +1,28 @@
-"""One SMTP mail transaction (RFC 5321 §3.3): MAIL, RCPTs, DATA, as we relay it."""
+"""What one downstream connection carries: its session, and the mail transaction in it.
+
+:class:`RelaySession` is aiosmtpd's per-connection ``Session`` plus the relay's
+state (the upstream connection, the open transaction, the transcript);
+:class:`Transaction` is one SMTP mail transaction (RFC 5321 §3.3): MAIL,
+RCPTs, DATA, as we relay it.  Both the protocol (:mod:`.server`) and the
+handler (:mod:`.handler`) use them; neither module imports the other for them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from smtp_tracker.errors import UpstreamError
-from smtp_tracker.smtp.reply import Reply
+from aiosmtpd.smtp import Session
 
-__all__ = ["Recipient", "Transaction", "new_queue_id"]
+from smtp_tracker.errors import UpstreamError
+from smtp_tracker.smtp.replies import Reply
+from smtp_tracker.smtp.transcript import Transcript
+from smtp_tracker.smtp.upstream import UpstreamSession
+
+__all__ = ["Recipient", "RelaySession", "Transaction", "new_queue_id"]
 
 
 def new_queue_id() -> str:
@@ -56,3 +68,20 @@ class Transaction:
     def delay_s(self) -> float:
         """Seconds since MAIL FROM."""
         return time.monotonic() - self.started
+
+
+class RelaySession(Session):
+    """aiosmtpd's Session plus the relay's state for one connection.
+
+    :ivar upstream: the upstream connection, opened at the first MAIL (None before).
+    :ivar transaction: the transaction between an accepted MAIL and its end, or None.
+    :ivar transcript: the conversation, kept when capture is on.
+    :ivar transactions: transactions ended with a reply to DATA in this session.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.upstream: UpstreamSession | None = None
+        self.transaction: Transaction | None = None
+        self.transcript: Transcript | None = None
+        self.transactions = 0
