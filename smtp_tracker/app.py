@@ -25,6 +25,7 @@ from aiohttp import web
 
 from smtp_tracker.classification import Classifier, load_networks
 from smtp_tracker.config import Config, HostPort, is_loopback_host
+from smtp_tracker.dkim import Resigner, describe_key, keyring_for_config
 from smtp_tracker.errors import ConfigError, StartupError
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
@@ -134,6 +135,25 @@ def disclosure(config: Config) -> Disclosure:
         header_name=config.disclosure_header_name,
         header_value=config.disclosure_header,
     )
+
+
+def dkim_resigner(config: Config) -> Resigner | None:
+    """The DKIM re-signer of ``dkim_policy = "resign"``, with the KeyTable's keys
+    (blocking: reads the tables and key files once, at start); None otherwise.
+
+    :raises ConfigError: one line per bad table line or key file, naming it.
+    """
+    if config.dkim_policy != "resign":
+        return None
+    warnings: list[str] = []
+    keyring = keyring_for_config(config, warnings=warnings)
+    for warning in warnings:
+        log.warning("%s", warning)
+    if keyring is None:  # build_config requires dkim_key_table with "resign"
+        raise ConfigError("dkim_policy = resign needs dkim_key_table")
+    for key in keyring.keys.values():
+        log.info("DKIM: re-signing for %s", describe_key(key))
+    return Resigner(keyring)
 
 
 def ensure_data_dir(path: Path) -> Path:
@@ -300,6 +320,7 @@ class Application:
                 rewrite_queue_wait_s=config.rewrite_queue_wait_s,
                 domains=domain_policy(config),
                 disclosure=await asyncio.to_thread(disclosure, config),
+                resigner=await asyncio.to_thread(dkim_resigner, config),
             )
         self._running.push_async_callback(self._stop_tracker)
         self._handler = RelayHandler(

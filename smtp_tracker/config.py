@@ -52,7 +52,7 @@ MAX_SECONDS = 315_360_000
 UpstreamTLS = Literal["starttls", "implicit", "none"]
 CaptureMode = Literal["off", "errors", "all"]
 IpPolicy = Literal["full", "truncate", "hash", "none"]
-DkimPolicy = Literal["skip", "track"]
+DkimPolicy = Literal["skip", "track", "resign"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 
@@ -224,7 +224,24 @@ class Config:
         example='"https://track.example.com:8443"',
         help="public URL of the pixel endpoint, e.g. https://track.example.com:8443",
     )
-    dkim_policy: DkimPolicy = key("skip", help="skip (never touch DKIM-signed mail) or track")
+    dkim_policy: DkimPolicy = key(
+        "skip",
+        help="DKIM-signed mail: skip (relay it untracked), track (breaks the signature: for a "
+        "signer after smtp-tracker) or resign (re-sign with the signer's own key from "
+        "dkim_key_table; mail it cannot re-sign goes untracked, byte for byte)",
+    )
+    dkim_key_table: Path | None = key(
+        None,
+        example='"/etc/opendkim/KeyTable"',
+        help="OpenDKIM KeyTable (keyname domain:selector:keyfile) holding the keys "
+        "dkim_policy = resign re-signs with; the file OpenDKIM already uses",
+    )
+    dkim_signing_table: Path | None = key(
+        None,
+        example='"refile:/etc/opendkim/SigningTable"',
+        help="OpenDKIM SigningTable (pattern keyname; plain or refile:), checked against "
+        "the KeyTable and reported by check-config",
+    )
     tracking_requires_opt_in: bool = key(
         False, help="track only messages whose control header says yes"
     )

@@ -131,6 +131,8 @@ def test_example_config_lists_every_key_with_its_default() -> None:
         "reports_users_file",
         "disclosure_footer_file",
         "disclosure_header",
+        "dkim_key_table",
+        "dkim_signing_table",
     }
     defaults = Config(hostname="example")
     for spec in dataclasses.fields(Config):

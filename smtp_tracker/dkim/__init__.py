@@ -6,7 +6,13 @@ hold and verify is re-signed over the rewritten octets (:class:`Resigner`).
 
 from smtp_tracker.dkim.keys import DkimKey, DkimKeyError, load_key, parse_key
 from smtp_tracker.dkim.resign import Check, Resigner, ResignError
-from smtp_tracker.dkim.tables import Keyring, SigningEntry, load_keyring
+from smtp_tracker.dkim.tables import (
+    Keyring,
+    SigningEntry,
+    describe_key,
+    keyring_for_config,
+    load_keyring,
+)
 
 __all__ = [
     "Check",
@@ -16,6 +22,8 @@ __all__ = [
     "ResignError",
     "Resigner",
     "SigningEntry",
+    "describe_key",
+    "keyring_for_config",
     "load_key",
     "load_keyring",
     "parse_key",

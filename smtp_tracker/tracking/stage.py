@@ -11,6 +11,11 @@ load; the waiting messages are bounded by ``max_connections`` (one per
 session, already received), and they wait in the event loop, never blocking it.
 Recording happens only once the upstream has accepted the message, so a
 transaction that Postfix retries is never counted twice.
+
+With ``dkim_policy = "resign"`` the same thread then re-signs a changed message
+whose DKIM signatures are all ours and verify (:mod:`smtp_tracker.dkim`), after
+the rewrite and the disclosure header and before the relay; a message it may not
+or cannot re-sign is relayed as received, byte for byte, with the reason.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import TYPE_CHECKING, Any
 
+from smtp_tracker.dkim import Resigner, ResignError
 from smtp_tracker.errors import StoreError
 from smtp_tracker.mime import RewritePolicy, RewriteResult, rewrite
 from smtp_tracker.mime.disclosure import Disclosure
@@ -80,9 +86,24 @@ class TrackedMessage(Prepared):
     """:class:`Prepared` with the links wrapped for click tracking (stored with the record).
 
     :ivar links: each wrapped link's token, destination and position.
+    :ivar dkim: ``"resigned"``, or why a signed message was relayed as received
+        (``dkim-invalid``, ``dkim-foreign``, ``dkim-length-tag``, ``arc-sealed``,
+        ``dkim-resign-failed``); None when no signature was touched.
     """
 
     links: tuple[LinkRecord, ...] = ()
+    dkim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What the rewrite thread made of a message: the rewrite, then the DKIM step."""
+
+    rewrite: RewriteResult
+    message: bytes
+    tracked: bool
+    reason: str | None
+    dkim: str | None = None
 
 
 @dataclass(slots=True)
@@ -96,6 +117,8 @@ class TrackerCounters:
     rewrite_busy: int = 0
     rewrite_queued: int = 0
     record_failed: int = 0
+    resigned: int = 0
+    resign_failed: int = 0
 
 
 class Tracker:
@@ -114,6 +137,8 @@ class Tracker:
         refuse is not tracked, with the rule as the reason.
     :param disclosure: footer spliced before the pixel and header field
         prepended to tracked messages (none by default).
+    :param resigner: re-signs DKIM-signed messages after the rewrite
+        (``dkim_policy = "resign"``); none: signatures are left as they are.
     """
 
     def __init__(
@@ -127,8 +152,10 @@ class Tracker:
         workers: int = 2,
         domains: DomainPolicy | None = None,
         disclosure: Disclosure | None = None,
+        resigner: Resigner | None = None,
     ) -> None:
         self._policy = policy
+        self._resigner = resigner
         self._domains = domains or DomainPolicy()
         self._disclosure = disclosure or Disclosure()
         self._base_url = pixel_base_url
@@ -162,7 +189,7 @@ class Tracker:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
             loop.call_soon_threadsafe(self._slots.release)
 
-    async def _run_rewrite(self, *args: Any) -> RewriteResult | str:
+    async def _run_rewrite(self, *args: Any) -> _Outcome | str:
         """:func:`_rewrite` in a thread: its result, ``"rewrite-busy"`` when no thread
         started it within ``rewrite_queue_wait_s``, or ``"rewrite-timeout"`` when it ran
         longer than ``rewrite_timeout_s`` (the thread runs on, holding its slot)."""
@@ -172,7 +199,9 @@ class Tracker:
         loop = asyncio.get_running_loop()
         started: list[float] = []  # the thread appends its start time
         try:
-            job = self._pool.submit(_started_rewrite, started, *args)
+            job = self._pool.submit(
+                _started_rewrite, started, self._disclosure, self._resigner, *args
+            )
         except BaseException:  # the pool is shut down: nothing will give the slot back
             self._slots.release()
             raise
@@ -221,7 +250,7 @@ class Tracker:
             )
             self.counters.rewrite_busy += 1
             return Prepared(content, tracking_id, False, "rewrite-busy")
-        if not isinstance(result, RewriteResult):  # "rewrite-timeout"
+        if not isinstance(result, _Outcome):  # "rewrite-timeout"
             self.counters.rewrite_timeouts += 1
             log.warning(
                 "%s: rewrite took over %.1f s; relaying the original",
@@ -229,20 +258,33 @@ class Tracker:
                 self._timeout_s,
             )
             return Prepared(content, tracking_id, False, "rewrite-timeout")
-        if result.reason == "rewrite-failed":
+        if result.rewrite.reason == "rewrite-failed":
             self.counters.rewrite_failed += 1
             log.warning(
                 "%s: rewrite failed; relaying the original (%s)",
                 transaction.queue_id,
-                ", ".join(result.defects[:3]) or "no detail",
+                ", ".join(result.rewrite.defects[:3]) or "no detail",
             )
-        message = result.message
+        if result.dkim == "resigned":
+            self.counters.resigned += 1
+            log.info("%s: dkim=resigned", transaction.queue_id)
+        elif result.dkim is not None:
+            self.counters.resign_failed += result.dkim == "dkim-resign-failed"
+            log.info(
+                "%s: dkim=%s: relaying the message as received", transaction.queue_id, result.dkim
+            )
         if result.tracked:
             self.counters.tracked += 1
-            message = self._disclosure.add_header(message)
         else:
             self.counters.not_tracked += 1
-        return TrackedMessage(message, tracking_id, result.tracked, result.reason, result.links)
+        return TrackedMessage(
+            result.message,
+            tracking_id,
+            result.tracked,
+            result.reason,
+            result.rewrite.links if result.tracked else (),
+            result.dkim,
+        )
 
     async def record(
         self, transaction: Transaction, prepared: Prepared, reply: Reply, size_bytes: int
@@ -287,10 +329,45 @@ class Tracker:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _started_rewrite(started: list[float], *args: Any) -> RewriteResult:
-    """:func:`_rewrite`, noting first when a thread began it (the time limit runs from then)."""
+def _started_rewrite(
+    started: list[float], disclosure: Disclosure, resigner: Resigner | None, *args: Any
+) -> _Outcome:
+    """:func:`_rewrite`, the disclosure header and the DKIM step, noting first when a
+    thread began it (the time limit runs from then)."""
     started.append(time.monotonic())
-    return _rewrite(*args)
+    content: bytes = args[0]
+    result = _rewrite(*args)
+    message = disclosure.add_header(result.message) if result.tracked else result.message
+    outcome = _Outcome(result, message, result.tracked, result.reason)
+    if resigner is None or message == content:
+        return outcome
+    return _resign(content, outcome, resigner)
+
+
+def _resign(content: bytes, outcome: _Outcome, resigner: Resigner) -> _Outcome:
+    """Re-sign the changed message, or fall back to ``content`` as received (fail open)."""
+    reason: str
+    try:
+        check = resigner.check(content)
+        if check.signatures == 0:
+            return outcome
+        if check.reason is None:
+            signed = resigner.resign(outcome.message, check)
+            return _Outcome(outcome.rewrite, signed, outcome.tracked, outcome.reason, "resigned")
+        reason = check.reason
+    except ResignError as exc:
+        log.warning("DKIM re-sign failed (%s); relaying the message as received", exc)
+        reason = "dkim-resign-failed"
+    except Exception:  # a defect of ours must not lose or break the mail
+        log.exception("DKIM re-sign failed; relaying the message as received")
+        reason = "dkim-resign-failed"
+    return _Outcome(
+        outcome.rewrite,
+        content,
+        False,
+        reason if outcome.tracked else outcome.reason,
+        reason,
+    )
 
 
 def _rewrite(
