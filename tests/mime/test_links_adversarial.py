@@ -95,7 +95,7 @@ def test_links_inside_vml_are_still_marked_as_such() -> None:
 
 @pytest.mark.parametrize("cte", ["8bit", "base64"])
 def test_a_hostile_html_part_with_clicks_is_rewritten_in_bounded_cpu_time(cte: str) -> None:
-    html = LINK + ("<a" * 400 + "\r\n") * 900  # the part as the probe sent it: no ">" after
+    html = f"<html><body>{LINK}</body></html>\r\n" + ("<a" * 400 + "\r\n") * 900  # no ">" after
     original = html_message(html, cte=cte)
     policy = RewritePolicy(track_clicks=True)
     results = []
@@ -107,7 +107,8 @@ def test_a_hostile_html_part_with_clicks_is_rewritten_in_bounded_cpu_time(cte: s
     assert spent < CPU_BOUND_S, f"{spent:.2f} CPU s"
     (result,) = results
     check_rewrite(original, result, PIXEL_URL)
-    assert result.links == ()  # no link wrapped: fail open to the pixel alone (or untracked)
+    assert (result.tracked, result.links) == (True, ())  # fail open to the pixel alone
+    assert "links-markup-unfinished" in result.defects
 
 
 def test_the_deadline_stops_a_rewrite_from_inside() -> None:
