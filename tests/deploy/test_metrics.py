@@ -267,3 +267,30 @@ async def test_metrics_port_in_use_is_one_line(relay_factory: RelayFactory) -> N
 def test_metrics_listen_is_a_host_port_key() -> None:
     config = build_config({"metrics": True, "metrics_listen": "[::1]:9999"}, {}, environ={})
     assert (config.metrics_listen.host, config.metrics_listen.port) == ("::1", 9999)
+
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+SHIPPED = [
+    CONF / "prometheus" / "smtp-tracker-rules.yml",
+    CONF / "grafana" / "smtp-tracker-dashboard.json",
+]
+
+
+async def test_alert_rules_and_dashboard_name_only_metrics_we_serve(
+    metered: Application, upstream: UpstreamServer, client_ssl_context: ssl.SSLContext
+) -> None:
+    await send(metered, 1)
+    await send(metered, 2, html=False)  # so that a not-tracked reason has a series
+    delivered, _ = await upstream.wait_for_transactions(2)
+    found = PIXEL.search(delivered.data)
+    assert found is not None
+    await fetch_pixel(metered, found.group(1).decode(), client_ssl_context)
+    writer = metered.event_writer
+    assert writer is not None
+    await wait_until(lambda: writer.recorded == 1, timeout_s=10, message="open not recorded")
+    samples, _ = await scrape(metered)
+    served = {name for name, _ in samples}
+    for path in SHIPPED:
+        named = set(re.findall(r"\bsmtp_tracker_\w+", path.read_text()))
+        assert named, path
+        assert named <= served, (path.name, sorted(named - served))
