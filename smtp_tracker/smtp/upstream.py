@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiosmtplib
 
@@ -31,7 +33,7 @@ from smtp_tracker.smtp.parameters import sendable
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.transcript import NOTE, UPSTREAM_SAID, WE_SAID_TO_UPSTREAM, Transcript
 
-__all__ = ["UpstreamSession", "UpstreamSettings", "filter_parameters"]
+__all__ = ["UpstreamObserver", "UpstreamSession", "UpstreamSettings", "filter_parameters"]
 
 log = logging.getLogger("smtp_tracker.relay")
 
@@ -86,6 +88,19 @@ def filter_parameters(parameters: Sequence[str], extensions: dict[str, str]) -> 
     return kept
 
 
+class UpstreamObserver(Protocol):
+    """What an :class:`UpstreamSession` reports as it goes (for :mod:`smtp_tracker.metrics`)."""
+
+    def connected(self, seconds: float) -> None:
+        """TCP connect, implicit TLS and the greeting took ``seconds``."""
+
+    def connect_failed(self, error: UpstreamError) -> None:
+        """Opening the connection failed with ``error`` (TLS, AUTH, unavailable)."""
+
+    def replied(self, command: str, code: int, seconds: float) -> None:
+        """The upstream answered ``command`` (MAIL, RCPT, DATA) with ``code`` in ``seconds``."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class UpstreamSettings:
     """How to reach the upstream smarthost.
@@ -110,6 +125,8 @@ class UpstreamSettings:
     connect_timeout_s: float = 30.0
     command_timeout_s: float = 300.0
     data_timeout_s: float = 600.0
+    #: told of connect times, connect failures and reply times (none: nobody)
+    observer: UpstreamObserver | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -147,6 +164,10 @@ class UpstreamSession:
             for line in message.split("\n") or [""]:
                 self._transcript.add(UPSTREAM_SAID, f"{code} {line}")
 
+    def _observe_reply(self, command: str, code: int, started: float) -> None:
+        if self._settings.observer is not None:
+            self._settings.observer.replied(command, code, time.monotonic() - started)
+
     async def ensure_open(self) -> None:
         """Connect, say EHLO, STARTTLS and AUTH as configured, unless already open.
 
@@ -170,8 +191,12 @@ class UpstreamSession:
             tls_context=settings.tls_context,
         )
         self._note(NOTE, f"connecting to {settings.label} (tls={settings.tls})")
+        observer = settings.observer
+        started = time.monotonic()
         try:
             greeting = await client.connect(timeout=settings.connect_timeout_s)
+            if observer is not None:
+                observer.connected(time.monotonic() - started)
             self._note_reply(greeting.code, greeting.message)
             await self._ehlo(client)
             if settings.tls == "starttls":
@@ -182,13 +207,20 @@ class UpstreamSession:
             client.close()
             self._note_reply(exc.code, exc.message)
             reply = Reply.from_upstream(exc.code, exc.message, command="CONNECT").as_transient()
-            raise UpstreamUnavailable(reply) from exc
-        except UpstreamError:
+            error: UpstreamError = UpstreamUnavailable(reply)
+            if observer is not None:
+                observer.connect_failed(error)
+            raise error from exc
+        except UpstreamError as exc:
             client.close()
+            if observer is not None:
+                observer.connect_failed(exc)
             raise
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
             error = _translate(exc)
+            if observer is not None:
+                observer.connect_failed(error)
             self._note(NOTE, f"failed: {type(exc).__name__}")
             log.warning("upstream %s: %s (%s)", settings.label, error.reply.text, _describe(exc))
             raise error from exc
@@ -259,6 +291,7 @@ class UpstreamSession:
             self._note(NOTE, f"{command} not sent: control character in its argument")
             raise CommandRejected(replies.R501_CONTROL_CHARACTER)
         self._note(WE_SAID_TO_UPSTREAM, f"{command} {b' '.join(words).decode('utf-8', 'replace')}")
+        started = time.monotonic()
         try:
             response = await client.execute_command(command.encode("ascii"), *words)
         except ValueError as exc:
@@ -274,6 +307,7 @@ class UpstreamSession:
             log.warning("upstream %s: %s: %s", self._settings.label, command, _describe(exc))
             raise error from exc
         self._note_reply(response.code, response.message)
+        self._observe_reply(command, response.code, started)
         return Reply.from_upstream(response.code, response.message, command=command)
 
     async def mail(self, reverse_path: str, parameters: Sequence[str]) -> Reply:
@@ -311,10 +345,12 @@ class UpstreamSession:
         if client is None or not client.is_connected:
             raise _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
         self._note(WE_SAID_TO_UPSTREAM, f"DATA ({len(content)} bytes)")
+        started = time.monotonic()
         try:
             response = await client.data(content, timeout=self._settings.data_timeout_s)
         except aiosmtplib.SMTPDataError as exc:
             self._note_reply(exc.code, exc.message)
+            self._observe_reply("DATA", exc.code, started)
             return Reply.from_upstream(exc.code, exc.message, command="DATA")
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             client.close()
@@ -322,6 +358,7 @@ class UpstreamSession:
             log.warning("upstream %s: DATA: %s", self._settings.label, _describe(exc))
             raise _translate(exc) from exc
         self._note_reply(response.code, response.message)
+        self._observe_reply("DATA", response.code, started)
         return Reply.from_upstream(response.code, response.message, command="DATA")
 
     async def rset(self) -> None:

@@ -21,6 +21,7 @@ or cannot re-sign is relayed as received, byte for byte, with the reason.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import logging
@@ -171,17 +172,24 @@ class Tracker:
         #: before a rewrite is submitted and given back when its thread has ended it.
         self._slots = asyncio.Semaphore(2 * workers)
         self.counters = TrackerCounters()
+        #: messages relayed untracked, by reason (``not-html``, ``dkim-signed``, ...)
+        self.not_tracked_reasons: collections.Counter[str] = collections.Counter()
+        #: messages waiting for a rewrite thread now
+        self.waiting = 0
 
     async def _take_slot(self, deadline: float) -> bool:
         """Take a rewrite slot, waiting until ``deadline`` (monotonic); False if none came."""
         if not self._slots.locked():
             return await self._slots.acquire()  # at once, without suspending
         self.counters.rewrite_queued += 1
+        self.waiting += 1
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 await self._slots.acquire()
         except TimeoutError:
             return False
+        finally:
+            self.waiting -= 1
         return True
 
     def _give_back_slot(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -277,6 +285,7 @@ class Tracker:
             self.counters.tracked += 1
         else:
             self.counters.not_tracked += 1
+            self.not_tracked_reasons[result.reason or "unknown"] += 1
         return TrackedMessage(
             result.message,
             tracking_id,
