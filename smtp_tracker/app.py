@@ -280,7 +280,7 @@ class Application:
         await asyncio.to_thread(ensure_data_dir, config.data_dir)
         if config.tracking or config.pixel or config.reports:
             networks = await asyncio.to_thread(load_networks, config.data_dir)
-            self.store = await SqliteStore.open(
+            self.store = await SqliteStore.open_or_suspend(  # a damaged store: mail flows
                 config.data_dir,
                 store_subject=config.store_subject,
                 ip_policy=config.ip_policy,

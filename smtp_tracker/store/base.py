@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from smtp_tracker.store.records import ClickHit, LinkRecord, MessageRecord, OpenHit, StoredMessage
 
-__all__ = ["Store"]
+__all__ = ["HealthReporting", "Store", "store_degraded"]
 
 
 class Store(Protocol):
@@ -92,3 +92,18 @@ class Store(Protocol):
     async def aclose(self) -> None:
         """Finish pending writes and release the store; later calls raise StoreError."""
         ...
+
+
+@runtime_checkable
+class HealthReporting(Protocol):
+    """A store that knows whether it keeps what it is given."""
+
+    @property
+    def degraded(self) -> str | None:
+        """None when sound; else one line saying why records are not being kept."""
+        ...
+
+
+def store_degraded(store: object) -> str | None:
+    """*store*'s :attr:`HealthReporting.degraded`, or None when it does not report its health."""
+    return store.degraded if isinstance(store, HealthReporting) else None

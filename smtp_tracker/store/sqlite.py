@@ -24,6 +24,7 @@ Threads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -33,10 +34,11 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import queries, retention
@@ -45,6 +47,12 @@ from smtp_tracker.store.address import (
     AddressPolicy,
     IpPolicy,
     load_or_create_hash_key,
+)
+from smtp_tracker.store.integrity import (
+    DB_FILENAME,
+    StoreSuspendedError,
+    probe,
+    wal_header_problem,
 )
 from smtp_tracker.store.migrations import check_known_version, immediate_transaction, migrate
 from smtp_tracker.store.records import (
@@ -70,8 +78,9 @@ __all__ = ["DB_FILENAME", "SqliteDatabase", "SqliteStore", "day_of", "sender_dom
 
 log = logging.getLogger("smtp_tracker.store")
 
-#: The database file's name inside the data directory.
-DB_FILENAME = "tracker.sqlite3"
+#: Seconds between two health checks of an open store (:meth:`SqliteStore.check_health`).
+DEFAULT_HEALTH_INTERVAL_S = 300.0
+
 
 _T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -86,12 +95,12 @@ _INSERT_MESSAGE = (
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_OPEN = (
-    "INSERT INTO opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason)"
-    " VALUES (?,?,?,?,?,?)"
+    "INSERT INTO opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason, signals)"
+    " VALUES (?,?,?,?,?,?,?)"
 )
 _INSERT_CLICK = (
-    "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason)"
-    " VALUES (?,?,?,?,?,?,?)"
+    "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
+    " signals) VALUES (?,?,?,?,?,?,?,?)"
 )
 _ORDER = "ORDER BY relayed_at_us DESC, id DESC"
 #: The rollup's columns counting open events by verdict.
@@ -178,16 +187,21 @@ class _MessageState:
         self.initial = tuple(row[3:])
         self.rollup: dict[str, int] = {}
 
-    def _bump(self, column: str) -> None:
-        self.rollup[column] = self.rollup.get(column, 0) + 1
+    def _bump(self, column: str, by: int = 1) -> None:
+        self.rollup[column] = self.rollup.get(column, 0) + by
 
     def add(self, kind: EventKind, verdict: Verdict, at_us: int) -> None:
+        # a counted click means the message was read: opened, via the click
+        # until a counted open comes (queries.opened_via)
         counted = verdict in COUNTED_VERDICTS
         if kind == "click":
             self._bump("clicks")
             if counted:
                 if self.counted_click_count == 0:
                     self._bump("clicked")
+                    if self.counted_open_count == 0:
+                        self._bump("opened")
+                        self._bump("opened_via_click")
                 self.counted_click_count += 1
             self.click_count += 1
             return
@@ -198,7 +212,10 @@ class _MessageState:
         self.open_count += 1
         if counted:
             if self.counted_open_count == 0:
-                self._bump("opened")
+                if self.counted_click_count == 0:
+                    self._bump("opened")
+                else:
+                    self._bump("opened_via_click", -1)
             self.counted_open_count += 1
             if self.first_open_at_us is None or at_us < self.first_open_at_us:
                 self.first_open_at_us = at_us
@@ -268,6 +285,8 @@ class SqliteDatabase:
     ) -> None:
         self._conn = conn
         self.data_dir = data_dir
+        #: ``messages.id`` of the last message committed here (:func:`.integrity.probe` reads it).
+        self.last_message_rowid: int | None = None
         self.store_subject = store_subject
         self.address_policy = address_policy
         self.classifier = classifier
@@ -416,6 +435,14 @@ class SqliteDatabase:
             raise StoreError(f"tracking id {record.tracking_id} is already recorded") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record message {record.queue_id}: {exc}") from exc
+        self.last_message_rowid = rowid
+
+    def has_message_row(self, rowid: int) -> bool:
+        """Whether this connection sees ``messages.id == rowid`` (pruned or forgotten: no)."""
+        return (
+            self._conn.execute("SELECT 1 FROM messages WHERE id = ?", (rowid,)).fetchone()
+            is not None
+        )
 
     def record_opens(self, hits: Sequence[OpenHit]) -> int:
         """See :meth:`.base.Store.record_opens`; each open is classified first."""
@@ -484,8 +511,11 @@ class SqliteDatabase:
                         user_agent=user_agent,
                         relayed_at=from_us(state.relayed_at_us),
                     )
+                    signals: str | None = None
                     try:
-                        verdict, reason = classify(event)
+                        judged = classify(event)
+                        verdict, reason = judged[0], judged[1]
+                        signals = getattr(judged, "signals", None)
                     except Exception as exc:  # one event's classification never costs the batch
                         log.warning("classifier failed on one %s (%s)", kind, type(exc).__name__)
                         verdict, reason = "unknown", "classifier-failed"
@@ -496,9 +526,10 @@ class SqliteDatabase:
                     if isinstance(hit, ClickHit):
                         rows.append(
                             (hit.link_token, tracking_id, at_us, ip, user_agent, verdict, reason)
+                            + (signals,)
                         )
                     else:
-                        rows.append((tracking_id, at_us, ip, user_agent, verdict, reason))
+                        rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
                 conn.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
                 _MessageState.save_all(conn, messages.values())
         except sqlite3.Error as exc:
@@ -811,6 +842,32 @@ def _storable(record: MessageRecord) -> MessageRecord:
     )
 
 
+@dataclass
+class StoreCounters:
+    """What the store counts about its own health (plain ints; logged when it closes degraded).
+
+    :ivar suspended_calls: calls refused because the store is suspended
+        (records and look-ups that did not happen).
+    :ivar health_checks: health checks run.
+    :ivar health_failures: health checks that found the store damaged or losing writes.
+    """
+
+    suspended_calls: int = 0
+    health_checks: int = 0
+    health_failures: int = 0
+
+
+class _Suspended:
+    """Stands for both connections of a suspended store: closes, and nothing else."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.last_message_rowid: int | None = None
+
+    def close(self) -> None:
+        pass
+
+
 def _message_from_row(row: Sequence[Any]) -> MessageRecord:
     (
         tracking_id,
@@ -890,6 +947,21 @@ class SqliteStore:
         self._known: OrderedDict[str, None] = OrderedDict()
         self._known_cache_size = known_cache_size
         self._closed = False
+        #: Why records are suspended (the store could not be opened at start), or None.
+        self.suspended: str | None = None
+        self._degraded: str | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self.counters = StoreCounters()
+
+    @property
+    def degraded(self) -> str | None:
+        """None when the store is sound; else why records are not being kept (one line).
+
+        Set when the store was suspended at start, or when a health check
+        (:meth:`check_health`) found it damaged or not keeping what it was
+        given; cleared by a later check that finds it sound again.
+        """
+        return self.suspended or self._degraded
 
     @property
     def data_dir(self) -> Path:
@@ -951,11 +1023,121 @@ class SqliteStore:
             known_cache_size=known_cache_size,
         )
 
+    @classmethod
+    async def open_or_suspend(
+        cls,
+        data_dir: Path,
+        *,
+        health_interval_s: float | None = DEFAULT_HEALTH_INTERVAL_S,
+        **options: Any,
+    ) -> SqliteStore:
+        """:meth:`open`, or, when the database cannot be opened, a suspended store.
+
+        Mail must not depend on the store (issue 12, item 8): a damaged
+        ``tracker.sqlite3`` at start is logged as an error (with the commands
+        that check and recover it) and gives a store whose every call raises
+        :class:`~.integrity.StoreSuspendedError` (counted in
+        ``counters.suspended_calls``) and whose :attr:`degraded` says why.
+        An opened store checks itself at once and every *health_interval_s*
+        seconds (:meth:`check_health`).
+
+        :param health_interval_s: seconds between health checks; None for none.
+        :param options: as :meth:`open`.
+        :raises StoreError: only for what is not the database's fault (the data
+            directory cannot be created).
+        """
+        data_dir = Path(data_dir)
+        db_path = data_dir / DB_FILENAME
+        try:
+            # a damaged log would be discarded by the first connection: keep it for recovery
+            wal_problem = await asyncio.to_thread(wal_header_problem, db_path)
+            if wal_problem is not None:
+                raise StoreError(wal_problem)
+            store = await cls.open(data_dir, **options)
+        except StoreError as exc:
+            if not db_path.is_file():
+                raise
+            log.error(
+                "TRACKING SUSPENDED: the tracking store %s cannot be opened (%s); mail is "
+                "relayed untracked and unrecorded until it is repaired: stop smtp-tracker, "
+                "run 'smtp-tracker store check' and 'smtp-tracker store recover', start again",
+                db_path,
+                exc.__cause__ or exc,
+            )
+            return cls._suspended_store(data_dir, f"store suspended: {exc.__cause__ or exc}")
+        if health_interval_s is not None:
+            store._health_task = asyncio.create_task(
+                store._check_health_every(health_interval_s), name="smtp-tracker-store-health"
+            )
+        return store
+
+    @classmethod
+    def _suspended_store(cls, data_dir: Path, reason: str) -> SqliteStore:
+        stand_in = cast(SqliteDatabase, _Suspended(data_dir))
+        store = cls(
+            stand_in,
+            stand_in,
+            ThreadPoolExecutor(1, thread_name_prefix="store-suspended"),
+            ThreadPoolExecutor(1, thread_name_prefix="store-suspended"),
+            known_cache_size=0,
+        )
+        store.suspended = reason
+        return store
+
+    async def check_health(self) -> str | None:
+        """Check the database on disk now; :attr:`degraded` follows the answer.
+
+        :func:`.integrity.probe` on a connection of its own (``PRAGMA
+        quick_check``; the last message row written must read back), in a
+        thread of its own so that the writer and reader threads are not held.
+        A change either way is logged (an error when it goes bad).
+
+        :returns: None when sound, else what is wrong (one line).
+        """
+        if self.suspended is not None:
+            return self.suspended
+        self.counters.health_checks += 1
+        last = self._writer.last_message_rowid
+        problem = await asyncio.to_thread(probe, self._writer.data_dir / DB_FILENAME, last)
+        if (
+            problem is not None
+            and last is not None
+            and "read back" in problem
+            and not await self._run(
+                self._writer_executor, lambda: self._writer.has_message_row(last)
+            )
+        ):
+            problem = None  # gone for the writer too (pruned, forgotten): not a lost write
+        if problem is not None:
+            self.counters.health_failures += 1
+            if self._degraded is None:
+                log.error(
+                    "TRACKING STORE DEGRADED: %s; records may be lost: stop smtp-tracker and run "
+                    "'smtp-tracker store check'",
+                    problem,
+                )
+        elif self._degraded is not None:
+            log.warning("tracking store sound again")
+        self._degraded = problem and f"store: {problem}"
+        return self._degraded
+
+    async def _check_health_every(self, interval_s: float) -> None:
+        while True:
+            with contextlib.suppress(StoreError):  # closed under us
+                await self.check_health()
+            await asyncio.sleep(interval_s)
+
     async def aclose(self) -> None:
         """Let queued work finish, close both connections and their threads."""
         if self._closed:
             return
         self._closed = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self.degraded is not None:
+            log.warning("tracking store closed degraded (%s): %s", self.degraded, self.counters)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer_executor, self._writer.close)
         await loop.run_in_executor(self._reader_executor, self._reader.close)
@@ -976,6 +1158,9 @@ class SqliteStore:
     async def _run(self, executor: ThreadPoolExecutor, call: Callable[[], _T]) -> _T:
         if self._closed:
             raise StoreError("the tracking store is closed")
+        if self.suspended is not None:
+            self.counters.suspended_calls += 1
+            raise StoreSuspendedError(self.suspended)
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     async def record_message(self, record: MessageRecord) -> None:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Sequence
 
 from smtp_tracker.store.base import Store
+from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import ClickHit, OpenHit
 
 __all__ = ["EventWriter"]
@@ -163,6 +164,8 @@ class EventWriter:
                 continue
             try:
                 recorded = await self._record(kind, hits)
+            except StoreSuspendedError:  # said loudly once, at start; counted here
+                self.failed += len(hits)
             except Exception as exc:  # keep the writer alive whatever the store does
                 if len(hits) == 1:
                     self.failed += 1

@@ -10,7 +10,11 @@ Routes
     only if the token is known.  ``HEAD`` records nothing: it does not fetch
     the image (link checkers, prefetchers).
 
-    ``GET /healthz``: 200 ``ok`` (text/plain), nothing else.
+    ``GET /healthz``: 200 ``ok`` (text/plain), or 200 ``degraded: store``
+    when the tracking store is suspended or not keeping what it is given
+    (:attr:`~smtp_tracker.store.sqlite.SqliteStore.degraded`): still 200,
+    because the GIFs are still served and a load balancer must not take the
+    endpoint out for it; alert on the body (or the logs) instead.
 
     ``GET`` and ``HEAD`` ``/c/{token}``: the click endpoint (:mod:`.click`),
     302 to the destination stored for a known link token, else 404.
@@ -42,7 +46,7 @@ from typing import Final
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from smtp_tracker.store.base import Store
+from smtp_tracker.store.base import Store, store_degraded
 from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, OpenHit
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tokens import PIXEL_PATH_PREFIX, is_well_formed_token
@@ -179,7 +183,11 @@ async def _pixel(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok", content_type="text/plain")
+    # 200 either way: the GIFs are served whatever the store does, so a load
+    # balancer must keep sending opens here; monitoring reads the body.
+    degraded = store_degraded(request.app[STORE_KEY])
+    text = "ok" if degraded is None else "degraded: store"
+    return web.Response(text=text, content_type="text/plain")
 
 
 async def _set_server_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -1,0 +1,211 @@
+"""A damaged store: checked, recovered, and never in the way of mail (issue 12, item 8).
+
+The damage is real: octets of the database file or of its write-ahead log
+overwritten on disk, as a failing disk or a stray write does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from smtp_tracker.errors import StoreError
+from smtp_tracker.store import CURRENT_VERSION, DB_FILENAME, OpenHit, SqliteDatabase, SqliteStore
+from smtp_tracker.store.base import store_degraded
+from smtp_tracker.store.integrity import (
+    SQLITE_MAGIC,
+    StoreSuspendedError,
+    check_store,
+    recover_store,
+)
+
+from .store_helpers import T0, make_record, token
+
+GARBAGE = b"\xde\xad\xbe\xef" * 8
+MESSAGES = 200
+
+
+def build_store(data_dir: Path, *, messages: int = MESSAGES, keep_wal: bool = False) -> None:
+    """A store of *messages* records; with *keep_wal*, the last ones only in its WAL.
+
+    The files are copied while the writer is still open (a closed connection
+    checkpoints and removes its log), so the copy has a ``-wal`` holding them.
+    """
+    source = data_dir.parent / f"{data_dir.name}-source"
+    db = SqliteDatabase.open(source)
+    try:
+        for i in range(1, messages + 1):
+            db.record_message(make_record(i))
+            if keep_wal and i == messages // 2:
+                db._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if not keep_wal:
+            db._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        data_dir.mkdir(mode=0o700)
+        for name in (DB_FILENAME, DB_FILENAME + "-wal"):
+            if (source / name).is_file() and (source / name).stat().st_size:
+                shutil.copyfile(source / name, data_dir / name)
+    finally:
+        db.close()
+
+
+def overwrite(path: Path, offset: int, data: bytes = GARBAGE) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+def count_messages(data_dir: Path) -> int:
+    conn = sqlite3.connect(data_dir / DB_FILENAME)
+    try:
+        return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_sound_store_checks_ok(tmp_path: Path) -> None:
+    build_store(tmp_path / "data")
+    report = check_store(tmp_path / "data")
+    assert (report.ok, report.problems, report.schema_version) == (True, (), CURRENT_VERSION)
+    assert report.lines()[0].endswith(": ok")
+
+
+def test_check_reports_an_overwritten_header_and_writes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    build_store(data)
+    overwrite(data / DB_FILENAME, 0)
+    before = (data / DB_FILENAME).read_bytes()
+    report = check_store(data)
+    assert not report.ok
+    assert "the file header is not SQLite's (overwritten?)" in report.problems
+    assert (data / DB_FILENAME).read_bytes() == before
+    assert report.lines()[0].endswith(": DAMAGED")
+
+
+def test_check_reports_an_overwritten_write_ahead_log(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    build_store(data, keep_wal=True)
+    overwrite(data / (DB_FILENAME + "-wal"), 0)
+    report = check_store(data)
+    assert not report.ok
+    assert any("write-ahead log header" in p for p in report.problems), report.problems
+
+
+def test_check_reports_damaged_pages(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    build_store(data)
+    size = (data / DB_FILENAME).stat().st_size
+    overwrite(data / DB_FILENAME, size // 2, GARBAGE * 64)  # in the middle of the b-trees
+    report = check_store(data)
+    assert not report.ok
+    assert any("quick_check" in p or "cannot read" in p for p in report.problems), report
+
+
+def test_check_of_a_missing_store(tmp_path: Path) -> None:
+    report = check_store(tmp_path)
+    assert (report.ok, report.problems) == (False, ("no database file",))
+
+
+@pytest.mark.parametrize("shell", [True, False], ids=["sqlite3-recover", "iterdump"])
+@pytest.mark.parametrize("damage", ["header", "pages"])
+def test_recover_rebuilds_the_store_and_keeps_the_damaged_file_aside(
+    tmp_path: Path, damage: str, shell: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if shell and shutil.which("sqlite3") is None:
+        pytest.skip("the sqlite3 shell is not installed")
+    if not shell:
+        monkeypatch.setattr("smtp_tracker.store.integrity.shutil.which", lambda _name: None)
+    data = tmp_path / "data"
+    build_store(data)
+    db_file = data / DB_FILENAME
+    if damage == "header":
+        overwrite(db_file, 0, b"\0" * len(SQLITE_MAGIC))
+    else:
+        overwrite(db_file, db_file.stat().st_size - 4096 * 3, GARBAGE * 64)
+    damaged = db_file.read_bytes()
+    aside = recover_store(data, now=datetime(2026, 12, 7, 5, 30, 0, tzinfo=UTC))
+    assert aside == data / "tracker.sqlite3.damaged-20261207T053000Z"
+    assert aside.read_bytes() == damaged  # kept as it was
+    assert check_store(data).ok, check_store(data).problems
+    recovered = count_messages(data)
+    assert 0 < recovered <= MESSAGES
+    if damage == "header":
+        assert recovered == MESSAGES  # only the magic string was lost
+    assert oct(db_file.stat().st_mode & 0o777) == "0o600"
+    with SqliteDatabase.open(data) as db:  # serve opens it again, at the current schema
+        found = db.find_message(token(1))
+    assert found is None or found.record.queue_id == "Q00001"
+
+
+def test_recover_without_a_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no tracking store"):
+        recover_store(tmp_path)
+
+
+async def test_a_store_that_cannot_be_opened_is_suspended_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    build_store(data)
+    overwrite(data / DB_FILENAME, 0)
+    with pytest.raises(StoreError):
+        await SqliteStore.open(data)  # what serve used to do: exit 1
+    store = await SqliteStore.open_or_suspend(data)
+    try:
+        assert store.suspended is not None and store_degraded(store) == store.suspended
+        assert "TRACKING SUSPENDED" in caplog.text and "store recover" in caplog.text
+        with pytest.raises(StoreSuspendedError):
+            await store.record_message(make_record(999))
+        with pytest.raises(StoreSuspendedError):
+            await store.record_opens(
+                [OpenHit(tracking_id=token(1), at=T0, client_address=None, user_agent=None)]
+            )
+        assert store.counters.suspended_calls == 2
+    finally:
+        await store.aclose()
+    assert (data / DB_FILENAME).read_bytes()[:32] == GARBAGE  # left as it was, for recovery
+
+
+async def test_a_damaged_write_ahead_log_suspends_rather_than_being_discarded(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    build_store(data, keep_wal=True)
+    overwrite(data / (DB_FILENAME + "-wal"), 0)
+    wal = (data / (DB_FILENAME + "-wal")).read_bytes()
+    store = await SqliteStore.open_or_suspend(data)
+    try:
+        assert store.suspended is not None and "write-ahead log" in store.suspended
+    finally:
+        await store.aclose()
+    assert (data / (DB_FILENAME + "-wal")).read_bytes() == wal
+
+
+async def test_a_store_overwritten_while_open_is_reported_degraded(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = await SqliteStore.open_or_suspend(data, health_interval_s=None)
+    try:
+        await store.record_message(make_record(1))
+        assert await store.check_health() is None
+        assert store.degraded is None
+        overwrite(data / DB_FILENAME, 0)  # the headers go under the running process
+        await store.record_message(make_record(2))  # "succeeds"
+        problem = await store.check_health()
+        assert problem is not None and store.degraded == problem
+        assert store.counters.health_failures == 1
+    finally:
+        await store.aclose()
+
+
+async def test_a_pruned_last_message_is_not_taken_for_a_lost_write(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    store = await SqliteStore.open_or_suspend(data, health_interval_s=None)
+    try:
+        await store.record_message(make_record(1))
+        await store.prune(datetime(2100, 1, 1, tzinfo=UTC))
+        assert await store.check_health() is None
+    finally:
+        await store.aclose()
