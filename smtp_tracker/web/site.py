@@ -8,7 +8,8 @@ client's full address; :class:`_RequestHandler` answers with the status and
 its reason phrase only, under our ``Server`` name, and logs one debug line
 without the address or the request.
 
-Also refused with 400, before any middleware of the app (authentication
+An ``Expect`` other than ``100-continue`` gets a fixed ``417`` (aiohttp's
+quotes the header back).  Also refused with 400, before any middleware of the app (authentication
 included): HTTP/0.9 requests (no version in the request line), which aiohttp
 would otherwise serve.  A request body no handler read is drained for at most
 :data:`LINGER_S` seconds after the response, then the connection is closed
@@ -36,6 +37,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -141,6 +143,25 @@ def body_deadline(timeout_s: float = BODY_TIMEOUT_S) -> Middleware:
         return await handler(request)
 
     return read_body_in_time
+
+
+def _known_expectations_only(
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    """*handler*, behind a fixed ``417`` for an ``Expect`` other than ``100-continue``.
+
+    aiohttp's own answer (before any middleware) quotes the header back, and
+    fails with a 500 when its bytes are not UTF-8.  RFC 9110 §10.1.1 allows the 417.
+    """
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.lower() != "100-continue":
+            log.debug("refused a request with an unknown expectation")
+            return _status_response(HTTPStatus.EXPECTATION_FAILED)
+        return await handler(request)
+
+    return handle
 
 
 class ConnectionCap:
@@ -291,6 +312,7 @@ class _TCPSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         # the app's handler_args (limits, timeouts) win over our lingering time
         handler_args = {"lingering_time": LINGER_S, **server._kwargs}
+        server.request_handler = _known_expectations_only(server.request_handler)
         cap = self._cap
 
         def protocol() -> web.RequestHandler:

@@ -113,6 +113,18 @@ JUNK = {
     "http-0.9": (b"GET /healthz\r\n\r\n", 400, BAD_REQUEST),
     "http-0.9-pixel": (f"GET /o/{token(1)}.gif\r\n\r\n".encode(), 400, BAD_REQUEST),
     "http-9.9": (request("/healthz", version=" HTTP/9.9"), 400, BAD_REQUEST),
+    # aiohttp's own answer quoted the header back, and was a 500 for bytes not UTF-8
+    "unknown-expect": (
+        request("/healthz", f"Expect: {MARKER}"),
+        417,
+        b"417: Expectation Failed",
+    ),
+    "non-utf-8-expect": (request("/healthz", b"Expect: \x80"), 417, b"417: Expectation Failed"),
+    "non-utf-8-expect-on-a-pixel": (
+        request(f"/o/{token(1)}.gif", b"Expect: \xff" + MARKER.encode()),
+        417,
+        b"417: Expectation Failed",
+    ),
     "garbage-line": (f"HELLO {MARKER}\r\n\r\n".encode(), 400, BAD_REQUEST),
     "tls-inside-tls": (
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,
