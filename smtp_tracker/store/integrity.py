@@ -42,6 +42,7 @@ __all__ = [
     "StoreReport",
     "StoreSuspendedError",
     "check_store",
+    "header_problem",
     "probe",
     "quick_check",
     "recover_store",
@@ -124,15 +125,9 @@ def probe(db_path: Path, last_rowid: int | None) -> str | None:
     """
     # A connection trusts the shared WAL index and reads on through overwritten
     # headers; the next start would not: the headers are read from disk here.
-    try:
-        with db_path.open("rb") as handle:
-            if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-                return "the database file header is not SQLite's (overwritten?)"
-    except OSError as exc:
-        return f"cannot read {db_path}: {exc.strerror}"
-    wal_problem = wal_header_problem(db_path)
-    if wal_problem is not None:
-        return wal_problem
+    problem = header_problem(db_path)
+    if problem is not None:
+        return problem
     try:
         conn = _open_read_only(db_path)
     except sqlite3.Error as exc:
@@ -170,6 +165,27 @@ def wal_header_problem(db_path: Path) -> str | None:
     if head and head not in _WAL_MAGICS:
         return "the write-ahead log header is not SQLite's: the writes it holds are lost"
     return None
+
+
+def header_problem(db_path: Path) -> str | None:
+    """What is wrong with the headers of *db_path* and its write-ahead log, read from disk.
+
+    Looked at before any connection is made: SQLite, failing to read an
+    overwritten database header, may still remove the log beside it, and
+    would ignore (and overwrite) a log whose header is damaged; either way the
+    writes the log holds would be lost to ``store recover``.  An empty or
+    missing file is a new store: nothing wrong.
+    """
+    try:
+        with db_path.open("rb") as handle:
+            head = handle.read(len(SQLITE_MAGIC))
+    except FileNotFoundError:
+        head = b""
+    except OSError as exc:
+        return f"cannot read {db_path}: {exc.strerror}"
+    if head and head != SQLITE_MAGIC:
+        return "the database file header is not SQLite's (overwritten?)"
+    return wal_header_problem(db_path)
 
 
 def check_store(data_dir: Path) -> StoreReport:

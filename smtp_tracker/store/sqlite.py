@@ -51,8 +51,8 @@ from smtp_tracker.store.address import (
 from smtp_tracker.store.integrity import (
     DB_FILENAME,
     StoreSuspendedError,
+    header_problem,
     probe,
-    wal_header_problem,
 )
 from smtp_tracker.store.migrations import check_known_version, immediate_transaction, migrate
 from smtp_tracker.store.records import (
@@ -1037,10 +1037,10 @@ class SqliteStore:
         data_dir = Path(data_dir)
         db_path = data_dir / DB_FILENAME
         try:
-            # a damaged log would be discarded by the first connection: keep it for recovery
-            wal_problem = await asyncio.to_thread(wal_header_problem, db_path)
-            if wal_problem is not None:
-                raise StoreError(wal_problem)
+            # damaged headers: no connection at all, which could lose the log's writes
+            problem = await asyncio.to_thread(header_problem, db_path)
+            if problem is not None:
+                raise StoreError(problem)
             store = await cls.open(data_dir, **options)
         except StoreError as exc:
             if not db_path.is_file():

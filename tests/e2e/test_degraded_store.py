@@ -16,6 +16,13 @@ message (tracking fails open); the record that fails is counted
 (``record_failed``) and logged once with its queue id; the pixel endpoint still
 serves the GIF and counts the opens it could not write (``failed``); nothing
 crashes and the relay stops cleanly.
+
+A store damaged before the start (headers of the database file, of its
+write-ahead log, or both, overwritten) no longer stops ``serve``: it starts
+with records suspended, relays (the upstream's own 250), says ``degraded:
+store`` on ``/healthz`` and counts what it could not record; the damaged files
+are left as they were for ``smtp-tracker store recover``.  Headers overwritten
+under a running relay are found by the store's periodic check.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import aiohttp
 import aiosmtplib
 import pytest
 
+from smtp_tracker.store import DB_FILENAME
+from tests.store.store_helpers import build_store, overwrite
 from tests.support.relay import tracking_over_tls
 from tests.support.upstream import UpstreamServer
 from tests.support.waiting import wait_until
@@ -214,3 +223,80 @@ async def test_mail_relays_and_tracking_degrades_when_the_data_disk_fails(
     )
     assert app.pixel_counters["recorded"] == 1
     assert len(upstream.transactions) == 3
+
+
+# -- a store damaged before the start (issue 12, item 8) ----------------------------------
+
+
+def damage(data_dir: Path, where: str) -> None:
+    """A store of 20 messages, its last ones in the WAL, with headers overwritten."""
+    build_store(data_dir, messages=20, keep_wal=True)
+    if where in ("main", "main-and-wal"):
+        overwrite(data_dir / DB_FILENAME, 0)
+    if where in ("wal", "main-and-wal"):
+        overwrite(data_dir / (DB_FILENAME + "-wal"), 0)
+
+
+async def healthz(app: Any, context: ssl.SSLContext) -> str:
+    url = f"https://localhost:{app.pixel_port}/healthz"
+    async with aiohttp.ClientSession() as session, session.get(url, ssl=context) as response:
+        assert response.status == 200  # the GIFs are still served: stay in rotation
+        return await response.text()
+
+
+@pytest.mark.parametrize("where", ["main", "wal", "main-and-wal"])
+async def test_a_corrupt_store_at_start_suspends_tracking_and_mail_still_relays(
+    where: str,
+    tmp_path: Path,
+    relay_factory: Any,
+    upstream: UpstreamServer,
+    cert_pem_path: Path,
+    key_pem_path: Path,
+    client_ssl_context: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data_dir = tmp_path / "damaged"
+    damage(data_dir, where)
+    damaged = {p.name: p.read_bytes() for p in data_dir.iterdir()}
+    app = await relay_factory(
+        data_dir=str(data_dir), **tracking_over_tls(cert_pem_path, key_pem_path)
+    )  # used to be StartupError: "database disk image is malformed", exit 1
+    assert app.tracker is not None and app.store is not None
+    assert app.store.suspended is not None
+    assert "TRACKING SUSPENDED" in caplog.text
+    _, tracking_id = await relay_one(app, upstream, 1)  # the upstream's own 250
+    assert app.tracker.counters.record_failed == 1
+    assert await healthz(app, client_ssl_context) == "degraded: store"
+    await fetch_pixel(app, tracking_id, client_ssl_context)  # the GIF all the same
+    await wait_until(
+        lambda: app.pixel_counters["failed"] == 1, timeout_s=10, message="the open not counted"
+    )
+    assert app.store.counters.suspended_calls >= 2  # the record and the open
+    assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
+    await app.stop(grace_s=1.0)
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir()} == damaged  # left for recovery
+
+
+async def test_headers_overwritten_under_a_running_relay_are_reported(
+    tmp_path: Path,
+    relay_factory: Any,
+    upstream: UpstreamServer,
+    cert_pem_path: Path,
+    key_pem_path: Path,
+    client_ssl_context: ssl.SSLContext,
+) -> None:
+    data_dir = tmp_path / "data"
+    app = await relay_factory(
+        data_dir=str(data_dir), **tracking_over_tls(cert_pem_path, key_pem_path)
+    )
+    assert app.store is not None
+    await relay_one(app, upstream, 1)
+    assert await app.store.check_health() is None
+    assert await healthz(app, client_ssl_context) == "ok"
+    overwrite(data_dir / DB_FILENAME, 0)
+    overwrite(data_dir / (DB_FILENAME + "-wal"), 0)
+    await relay_one(app, upstream, 2)  # "recorded": the writer reads on through the headers
+    assert await app.store.check_health() is not None  # the periodic check, run now
+    assert await healthz(app, client_ssl_context) == "degraded: store"
+    assert app.store.counters.health_failures == 1
+    await relay_one(app, upstream, 3)  # mail goes on

@@ -23,39 +23,9 @@ from smtp_tracker.store.integrity import (
     recover_store,
 )
 
-from .store_helpers import T0, make_record, token
+from .store_helpers import GARBAGE, T0, build_store, make_record, overwrite, token
 
-GARBAGE = b"\xde\xad\xbe\xef" * 8
 MESSAGES = 200
-
-
-def build_store(data_dir: Path, *, messages: int = MESSAGES, keep_wal: bool = False) -> None:
-    """A store of *messages* records; with *keep_wal*, the last ones only in its WAL.
-
-    The files are copied while the writer is still open (a closed connection
-    checkpoints and removes its log), so the copy has a ``-wal`` holding them.
-    """
-    source = data_dir.parent / f"{data_dir.name}-source"
-    db = SqliteDatabase.open(source)
-    try:
-        for i in range(1, messages + 1):
-            db.record_message(make_record(i))
-            if keep_wal and i == messages // 2:
-                db._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        if not keep_wal:
-            db._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        data_dir.mkdir(mode=0o700)
-        for name in (DB_FILENAME, DB_FILENAME + "-wal"):
-            if (source / name).is_file() and (source / name).stat().st_size:
-                shutil.copyfile(source / name, data_dir / name)
-    finally:
-        db.close()
-
-
-def overwrite(path: Path, offset: int, data: bytes = GARBAGE) -> None:
-    with path.open("r+b") as handle:
-        handle.seek(offset)
-        handle.write(data)
 
 
 def count_messages(data_dir: Path) -> int:
