@@ -1,4 +1,4 @@
-"""The classification rules: one ordered table, the first rule that matches decides.
+"""The classification rules: one ordered table of signals; the first that holds decides.
 
 Each :class:`Rule` is a row: its name (the ``reason`` stored with the event,
 ``"ua:GoogleImageProxy"``), the verdict, and a predicate made of conditions
@@ -12,6 +12,20 @@ that must ALL hold:
   seconds after the message was relayed;
 * ``kinds``: the event kinds the rule applies to (``open``, ``click``).
 
+Every rule that holds for an event is a *signal*; the classifier stores them
+all with the event (:class:`~.classifier.Signals`: the rule names that held,
+the seconds since the relay, the network lists the address is in), and the
+verdict is that of the first signal in table order, so it can be recomputed
+from the stored signals, and again by ``smtp-tracker reclassify`` when the
+table or the lists change.  The order is the policy (issue 19): what
+identifies the client outranks the time since the relay.  A security
+gateway's network, a script, a headless browser, a known prefetcher, Apple's
+proxy, a provider's image proxy (which fetches only when its user opens the
+message), a crawler and a mail client all decide before the timing rule,
+however soon after the relay they come; the timing window downgrades only
+what nothing else identifies: a generic browser User-Agent, an unknown one,
+or none.
+
 Adding a rule is adding a row to :data:`RULES` (and a case to
 ``tests/classification/test_rules.py``); ``source`` says where the pattern
 comes from.  Events no rule matches get ``("unknown", "no-rule")``.
@@ -21,8 +35,8 @@ mail client or browser; ``privacy_proxy`` a fetch made when mail is
 downloaded, which says nothing of reading (Apple MPP); ``mail_proxy`` a
 provider's image proxy fetching for a reader who opened the message
 (GoogleImageProxy, YahooMailProxy); ``scanner`` security gateways, link
-checkers, crawlers, scripts, and any fetch within the prefetch window;
-``unknown`` no User-Agent at all, or nothing recognisable.
+checkers, crawlers, scripts, and unidentified fetches within the prefetch
+window; ``unknown`` no User-Agent at all, or nothing recognisable.
 """
 
 from __future__ import annotations
@@ -104,14 +118,6 @@ RULES: Final[tuple[Rule, ...]] = (
         network="barracuda",
         source=_SCANNER_NETWORK_SOURCE.format("barracuda"),
     ),
-    # -- no User-Agent: nothing to judge by ----------------------------------------
-    Rule(
-        name="ua:missing",
-        verdict="unknown",
-        no_user_agent=True,
-        source="RFC 9110 §10.1.5: a user agent SHOULD send User-Agent; every mail client "
-        "and proxy we know of does, so its absence tells us nothing reliable",
-    ),
     # -- scripts, libraries, headless browsers: never a reader ----------------------
     Rule(
         name="ua:http-library",
@@ -173,15 +179,6 @@ RULES: Final[tuple[Rule, ...]] = (
         source="ua-parser/uap-core issue #509 (MPP's User-Agent is exactly 'Mozilla/5.0'); "
         "the packaged egress list is a sample, so the User-Agent alone decides",
     ),
-    # -- timing: fetched right after the relay ----------------------------------------
-    Rule(
-        name=f"timing:<{PREFETCH_WINDOW_PLACEHOLDER}s after relay",
-        verdict="scanner",
-        within_prefetch_window=True,
-        source="gateways scan at delivery, seconds after sending (MetaCompliance: 'a difference "
-        "of several seconds' means a scanner; Hunto bot detection windows of 5 to 60 s); a "
-        "reader this fast is rare, and the window is configurable (prefetch_window_s)",
-    ),
     # -- providers' image proxies: they fetch when the reader opens -------------------
     Rule(
         name="ua:GoogleImageProxy",
@@ -230,7 +227,7 @@ RULES: Final[tuple[Rule, ...]] = (
         "fetches from Google's own service networks (data/google.txt) are its crawlers, Safe "
         "Browsing and prefetchers, not readers",
     ),
-    # -- mail clients and browsers: a person -----------------------------------------
+    # -- mail clients: a person, however soon after the relay ------------------------
     Rule(
         name="ua:mail-client",
         verdict="human",
@@ -247,6 +244,26 @@ RULES: Final[tuple[Rule, ...]] = (
         "yauaa #224 (Outlook-iOS/709.2226530.prod.iphone (3.24.1)); uap-python #43 "
         "(Outlook-Express/7.0); Thunderbird's 'Thunderbird/<version>' token",
     ),
+    # -- timing: what nothing above identified, fetched right after the relay ----------
+    Rule(
+        name=f"timing:<{PREFETCH_WINDOW_PLACEHOLDER}s after relay",
+        verdict="scanner",
+        within_prefetch_window=True,
+        source="gateways scan at delivery, seconds after sending (MetaCompliance: 'a difference "
+        "of several seconds' means a scanner; Hunto bot detection windows of 5 to 60 s); it "
+        "judges only what no rule above identified (a generic browser, an unknown or missing "
+        "User-Agent): a Gmail proxy or mail client fetch seconds after the relay is a reader "
+        "(transactional mail is opened at once); the window is prefetch_window_s",
+    ),
+    # -- no User-Agent: nothing to judge by ----------------------------------------
+    Rule(
+        name="ua:missing",
+        verdict="unknown",
+        no_user_agent=True,
+        source="RFC 9110 §10.1.5: a user agent SHOULD send User-Agent; every mail client "
+        "and proxy we know of does, so its absence tells us nothing reliable",
+    ),
+    # -- browsers: a person reading webmail, once past the window -------------------
     Rule(
         name="ua:browser",
         verdict="human",

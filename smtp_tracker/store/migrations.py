@@ -20,6 +20,13 @@ recipients as a JSON array of strings.
   one row per UTC relay day and sender domain, kept current by every write so
   that reports never scan messages.  Existing data is carried over into the
   new columns, tables and rollup (old opens become ``unknown``).
+* **v4** - signals (issue 19): ``opens.signals`` and ``clicks.signals``, the
+  JSON of what each event was judged on (rules that held, seconds since the
+  relay, network lists hit), for ``smtp-tracker reclassify``; a counted click
+  means the message was read: ``daily_stats.opened`` now also counts messages
+  with a counted click and no counted open, and ``daily_stats.opened_via_click``
+  counts those.  Existing rollup rows are brought to that meaning from the
+  messages' counters.
 """
 
 from __future__ import annotations
@@ -156,6 +163,20 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         SELECT date(relayed_at_us / 1000000, 'unixepoch'), sender_domain, count(*),
                sum(tracked), sum(open_count > 0), sum(open_count), sum(open_count)
         FROM messages GROUP BY 1, 2
+        """,
+    ),
+    # v4: the signals of each event; a counted click counts as an open (opened_via_click)
+    (
+        "ALTER TABLE opens ADD COLUMN signals TEXT",
+        "ALTER TABLE clicks ADD COLUMN signals TEXT",
+        "ALTER TABLE daily_stats ADD COLUMN opened_via_click INTEGER NOT NULL DEFAULT 0",
+        """
+        INSERT INTO daily_stats (day, sender_domain, opened, opened_via_click)
+        SELECT date(relayed_at_us / 1000000, 'unixepoch'), sender_domain, count(*), count(*)
+        FROM messages WHERE counted_open_count = 0 AND counted_click_count > 0 GROUP BY 1, 2
+        ON CONFLICT (day, sender_domain) DO UPDATE SET
+            opened = opened + excluded.opened,
+            opened_via_click = opened_via_click + excluded.opened_via_click
         """,
     ),
 )

@@ -10,9 +10,12 @@ Counting
     An open or click event carries a verdict (``human``, ``privacy_proxy``,
     ``mail_proxy``, ``scanner``, ``unknown``).  A message is **opened** when it
     has at least one *counted* open, one whose verdict is in
-    :data:`COUNTED_VERDICTS` (``human`` and ``mail_proxy``); **opened_any**
-    counts messages with an open of any verdict, so the machine opens stay
-    visible beside the honest figure.  ``open_rate`` is opened / tracked.
+    :data:`COUNTED_VERDICTS` (``human`` and ``mail_proxy``), or, failing that,
+    a counted click: a link followed by a person means the message was read
+    though its pixel was not fetched (images blocked, clipped mail), and
+    ``opened_via`` says which (``"pixel"``, ``"click"``, or None).
+    **opened_any** counts messages with an open of any verdict, so the machine
+    opens stay visible beside the honest figure.  ``open_rate`` is opened / tracked.
 
 Messages (:func:`query_messages`)
     Newest first, ordered by (relay time, row id), both descending, and paged
@@ -59,6 +62,7 @@ __all__ = [
     "MessagePage",
     "MessageSummary",
     "OpenEvent",
+    "OpenedVia",
     "StatsGroup",
     "StatsRow",
     "check_limit",
@@ -81,6 +85,8 @@ MAX_LIMIT: Final = 500
 EXPORT_PAGE_ROWS: Final = 1000
 
 StatsGroup = Literal["day", "sender_domain"]
+#: How a message came to count as opened: its pixel (a counted open) or a counted click.
+OpenedVia = Literal["pixel", "click"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -104,8 +110,9 @@ class MessageFilter:
         brackets), exact.
     :param since: relayed at or after this aware datetime (inclusive).
     :param until: relayed before this aware datetime (exclusive).
-    :param opened: true: at least one counted open; false: none (untracked
-        messages included, combine with ``tracked=True`` to leave them out).
+    :param opened: true: opened (a counted open, or a counted click); false:
+        neither (untracked messages included, combine with ``tracked=True`` to
+        leave them out).
     :param tracked: whether a pixel was injected.
     """
 
@@ -166,8 +173,16 @@ class MessageSummary:
 
     @property
     def opened(self) -> bool:
-        """Whether the message has at least one counted open."""
-        return self.counted_open_count > 0
+        """Whether the message counts as opened: a counted open, or a counted click."""
+        return self.counted_open_count > 0 or self.counted_click_count > 0
+
+    @property
+    def opened_via(self) -> OpenedVia | None:
+        """``"pixel"`` (a counted open), ``"click"`` (a counted click and no counted
+        open: read, its pixel not fetched), or None (not opened)."""
+        if self.counted_open_count > 0:
+            return "pixel"
+        return "click" if self.counted_click_count > 0 else None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -235,7 +250,8 @@ class StatsRow:
         for bounces and senders without a domain); ``"total"`` from :func:`stats_total`.
     :param relayed: messages relayed.
     :param tracked: of those, messages with a pixel.
-    :param opened: messages with at least one counted open (human, mail_proxy).
+    :param opened: messages opened: with at least one counted open (human,
+        mail_proxy), or with a counted click and no counted open.
     :param opened_any: messages with at least one open of any verdict.
     :param opens: open events of any verdict.
     :param opens_by_verdict: open events per verdict, every verdict of
@@ -243,6 +259,8 @@ class StatsRow:
     :param clicks: click events of any verdict.
     :param clicked: messages with at least one counted click.
     :param open_rate: opened / tracked in [0, 1], or ``None`` when nothing was tracked.
+    :param opened_via_click: of *opened*, the messages opened by a counted
+        click alone (no counted open).
     """
 
     key: str
@@ -255,6 +273,7 @@ class StatsRow:
     clicks: int = 0
     clicked: int = 0
     open_rate: float | None = None
+    opened_via_click: int = 0
 
 
 # -- messages -------------------------------------------------------------------------------
@@ -340,7 +359,11 @@ def _where(message_filter: MessageFilter) -> tuple[list[str], list[Any]]:
         conditions.append("m.relayed_at_us < ?")
         params.append(_to_us(f.until))
     if f.opened is not None:
-        conditions.append("m.counted_open_count > 0" if f.opened else "m.counted_open_count = 0")
+        conditions.append(
+            "(m.counted_open_count > 0 OR m.counted_click_count > 0)"
+            if f.opened
+            else "m.counted_open_count = 0 AND m.counted_click_count = 0"
+        )
     if f.tracked is not None:
         conditions.append("m.tracked = ?")
         params.append(int(f.tracked))
@@ -544,6 +567,7 @@ ROLLUP_COLUMNS: Final[tuple[str, ...]] = (
     *(f"opens_{verdict}" for verdict in VERDICTS),
     "clicks",
     "clicked",
+    "opened_via_click",
 )
 _STATS_SUMS = ", ".join(f"SUM({column})" for column in ROLLUP_COLUMNS)
 
@@ -587,7 +611,7 @@ def query_stats(
 
 
 def _stats_row(key: str, sums: Sequence[int]) -> StatsRow:
-    relayed, tracked, opened, opened_any, opens, *by_verdict, clicks, clicked = sums
+    relayed, tracked, opened, opened_any, opens, *by_verdict, clicks, clicked, via_click = sums
     return StatsRow(
         key=key,
         relayed=relayed,
@@ -599,6 +623,7 @@ def _stats_row(key: str, sums: Sequence[int]) -> StatsRow:
         clicks=clicks,
         clicked=clicked,
         open_rate=opened / tracked if tracked else None,
+        opened_via_click=via_click,
     )
 
 
@@ -611,7 +636,8 @@ def stats_total(rows: Sequence[StatsRow], *, key: str = "total") -> StatsRow:
     by_verdict = [sum(row.opens_by_verdict.get(v, 0) for row in rows) for v in VERDICTS]
     clicks = sum(row.clicks for row in rows)
     clicked = sum(row.clicked for row in rows)
-    return _stats_row(key, [*sums, *by_verdict, clicks, clicked])
+    via_click = sum(row.opened_via_click for row in rows)
+    return _stats_row(key, [*sums, *by_verdict, clicks, clicked, via_click])
 
 
 # -- times ----------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 from smtp_tracker.tokens import LinkRecord
 
@@ -24,6 +24,7 @@ __all__ = [
     "EventClassifier",
     "EventContext",
     "EventKind",
+    "Judgement",
     "LinkRecord",
     "MessageRecord",
     "OpenHit",
@@ -194,6 +195,10 @@ class EventContext:
         ``ip_policy`` (so network lists can match), or ``None``.
     :param user_agent: the ``User-Agent`` header (cut to 512 characters), or ``None``.
     :param relayed_at: when the message was relayed (UTC).
+    :param networks: for a reclassification only: the network lists the
+        address was found in when the event was recorded, used instead of
+        looking *client_address* up (the store kept a hash or nothing of it);
+        ``None``: look the address up.
     """
 
     kind: EventKind
@@ -201,10 +206,26 @@ class EventContext:
     client_address: str | None
     user_agent: str | None
     relayed_at: datetime
+    networks: frozenset[str] | None = None
 
 
-#: Judges one event: returns the verdict and the reason (the rule's name).
-EventClassifier = Callable[[EventContext], tuple[Verdict, str]]
+class Judgement(NamedTuple):
+    """What a classifier says of one event.
+
+    :param verdict: one of :data:`VERDICTS`.
+    :param reason: the rule that decided (``"ua:GoogleImageProxy"``).
+    :param signals: what it was judged on, as JSON (stored in the event's
+        ``signals`` column), or None.
+    """
+
+    verdict: Verdict
+    reason: str
+    signals: str | None = None
+
+
+#: Judges one event: returns the verdict and the reason (the rule's name), and
+#: optionally (a :class:`Judgement`) the signals it was judged on.
+EventClassifier = Callable[[EventContext], tuple[Verdict, str] | Judgement]
 
 
 def unclassified(event: EventContext) -> tuple[Verdict, str]:

@@ -95,12 +95,12 @@ _INSERT_MESSAGE = (
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_OPEN = (
-    "INSERT INTO opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason)"
-    " VALUES (?,?,?,?,?,?)"
+    "INSERT INTO opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason, signals)"
+    " VALUES (?,?,?,?,?,?,?)"
 )
 _INSERT_CLICK = (
-    "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason)"
-    " VALUES (?,?,?,?,?,?,?)"
+    "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
+    " signals) VALUES (?,?,?,?,?,?,?,?)"
 )
 _ORDER = "ORDER BY relayed_at_us DESC, id DESC"
 #: The rollup's columns counting open events by verdict.
@@ -187,16 +187,21 @@ class _MessageState:
         self.initial = tuple(row[3:])
         self.rollup: dict[str, int] = {}
 
-    def _bump(self, column: str) -> None:
-        self.rollup[column] = self.rollup.get(column, 0) + 1
+    def _bump(self, column: str, by: int = 1) -> None:
+        self.rollup[column] = self.rollup.get(column, 0) + by
 
     def add(self, kind: EventKind, verdict: Verdict, at_us: int) -> None:
+        # a counted click means the message was read: opened, via the click
+        # until a counted open comes (queries.opened_via)
         counted = verdict in COUNTED_VERDICTS
         if kind == "click":
             self._bump("clicks")
             if counted:
                 if self.counted_click_count == 0:
                     self._bump("clicked")
+                    if self.counted_open_count == 0:
+                        self._bump("opened")
+                        self._bump("opened_via_click")
                 self.counted_click_count += 1
             self.click_count += 1
             return
@@ -207,7 +212,10 @@ class _MessageState:
         self.open_count += 1
         if counted:
             if self.counted_open_count == 0:
-                self._bump("opened")
+                if self.counted_click_count == 0:
+                    self._bump("opened")
+                else:
+                    self._bump("opened_via_click", -1)
             self.counted_open_count += 1
             if self.first_open_at_us is None or at_us < self.first_open_at_us:
                 self.first_open_at_us = at_us
@@ -503,8 +511,11 @@ class SqliteDatabase:
                         user_agent=user_agent,
                         relayed_at=from_us(state.relayed_at_us),
                     )
+                    signals: str | None = None
                     try:
-                        verdict, reason = classify(event)
+                        judged = classify(event)
+                        verdict, reason = judged[0], judged[1]
+                        signals = getattr(judged, "signals", None)
                     except Exception as exc:  # one event's classification never costs the batch
                         log.warning("classifier failed on one %s (%s)", kind, type(exc).__name__)
                         verdict, reason = "unknown", "classifier-failed"
@@ -513,11 +524,10 @@ class SqliteDatabase:
                     state.add(kind, verdict, at_us)
                     ip = apply(client)
                     if isinstance(hit, ClickHit):
-                        rows.append(
-                            (hit.link_token, tracking_id, at_us, ip, user_agent, verdict, reason)
-                        )
+                        click = (hit.link_token, tracking_id, at_us, ip, user_agent, verdict)
+                        rows.append((*click, reason, signals))
                     else:
-                        rows.append((tracking_id, at_us, ip, user_agent, verdict, reason))
+                        rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
                 conn.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
                 _MessageState.save_all(conn, messages.values())
         except sqlite3.Error as exc:

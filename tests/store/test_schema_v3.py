@@ -138,6 +138,7 @@ def test_opens_are_classified_counted_and_rolled_up(
         "opens_unknown": 0,
         "clicks": 0,
         "clicked": 0,
+        "opened_via_click": 0,
     }
     other = stats[("2024-05-01", "other.org")]
     assert (other["opened"], other["opened_any"], other["opens_scanner"]) == (1, 1, 1)
