@@ -22,8 +22,8 @@ from __future__ import annotations
 import platform
 import threading
 from collections import Counter
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, Info
@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 
 from smtp_tracker import __version__
 from smtp_tracker.errors import UpstreamAuthError, UpstreamError, UpstreamTLSError
-from smtp_tracker.store.records import EventClassifier, EventContext, Verdict
+from smtp_tracker.store.records import EventContext
 
 if TYPE_CHECKING:
     from smtp_tracker.smtp.handler import RelayHandler
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from smtp_tracker.web.public.limits import EventLimiter
 
 __all__ = ["METRICS_PATH", "Metrics", "MetricsSource", "UpstreamMetrics"]
+
+#: What a store classifier returns: a tuple whose first item is the verdict.
+_J = TypeVar("_J", bound=tuple[Any, ...])
 
 #: The path Prometheus scrapes.
 METRICS_PATH: Final = "/metrics"
@@ -150,12 +153,12 @@ class _VerdictCounts:
         self._lock = threading.Lock()
         self._counts: Counter[tuple[str, str]] = Counter()
 
-    def wrap(self, classifier: EventClassifier) -> EventClassifier:
-        def counted(context: EventContext) -> tuple[Verdict, str]:
-            verdict, reason = classifier(context)
+    def wrap(self, classifier: Callable[[EventContext], _J]) -> Callable[[EventContext], _J]:
+        def counted(context: EventContext) -> _J:
+            judged = classifier(context)  # (verdict, reason, ...), passed on as it is
             with self._lock:
-                self._counts[(context.kind, verdict)] += 1
-            return verdict, reason
+                self._counts[(context.kind, str(judged[0]))] += 1
+            return judged
 
         return counted
 
@@ -332,7 +335,9 @@ class Metrics:
         #: the port bound (after :meth:`start`)
         self.port: int | None = None
 
-    def counting_verdicts(self, classifier: EventClassifier) -> EventClassifier:
+    def counting_verdicts(
+        self, classifier: Callable[[EventContext], _J]
+    ) -> Callable[[EventContext], _J]:
         """``classifier``, counting each verdict it gives (``smtp_tracker_events_total``)."""
         return self._verdicts.wrap(classifier)
 

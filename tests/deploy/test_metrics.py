@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple, cast
 
 import aiohttp
 import aiosmtplib
@@ -22,6 +24,8 @@ from smtp_tracker import __version__
 from smtp_tracker.app import Application
 from smtp_tracker.config import build_config
 from smtp_tracker.errors import StartupError
+from smtp_tracker.metrics import Metrics
+from smtp_tracker.store.records import EventContext
 from tests.support.relay import RelayFactory, tracking_over_tls
 from tests.support.upstream import UpstreamServer
 from tests.support.waiting import wait_until
@@ -294,3 +298,22 @@ async def test_alert_rules_and_dashboard_name_only_metrics_we_serve(
         named = set(re.findall(r"\bsmtp_tracker_\w+", path.read_text()))
         assert named, path
         assert named <= served, (path.name, sorted(named - served))
+
+
+class Judged(NamedTuple):
+    verdict: str
+    reason: str
+    signals: str | None
+
+
+def test_counting_verdicts_passes_the_classifiers_answer_on_whole() -> None:
+    answer = Judged("human", "ua:reader", '{"ua": "reader"}')
+    metrics = Metrics(cast(Application, None))  # nothing is scraped here
+    counted = metrics.counting_verdicts(lambda event: answer)
+    now = datetime.now(UTC)
+    event = EventContext(
+        kind="click", at=now, client_address="192.0.2.1", user_agent="reader", relayed_at=now
+    )
+    assert counted(event) is answer
+    assert counted(event) is answer
+    assert metrics._verdicts.snapshot() == {("click", "human"): 2}
