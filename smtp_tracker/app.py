@@ -27,6 +27,7 @@ from smtp_tracker.classification import Classifier, load_networks
 from smtp_tracker.config import Config, HostPort, is_loopback_host
 from smtp_tracker.dkim import Resigner, describe_key, keyring_for_config
 from smtp_tracker.errors import ConfigError, StartupError
+from smtp_tracker.metrics import Metrics
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
 from smtp_tracker.pruner import FIRST_PRUNE_DELAY_S, PRUNE_INTERVAL_S, Pruner
@@ -34,7 +35,8 @@ from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.listener import ConnectionSlots, Listener
 from smtp_tracker.smtp.upstream import UpstreamSettings
-from smtp_tracker.store import SqliteStore
+from smtp_tracker.store import EventClassifier, SqliteStore
+from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tls import load_server_context, write_self_signed
 from smtp_tracker.tracking.domains import DomainPolicy
 from smtp_tracker.tracking.stage import Tracker, TrackerCounters
@@ -214,6 +216,8 @@ class Application:
             per_token_client_per_min=config.max_events_per_token_client_per_min,
         )
         self._run_smtp = smtp
+        #: Prometheus metrics, served on ``metrics_listen`` (None unless ``metrics``).
+        self.metrics = Metrics(self) if config.metrics else None
         self._upstream: UpstreamSettings | None = None
         if smtp:
             upstream = config.upstream_address()
@@ -228,6 +232,7 @@ class Application:
                 connect_timeout_s=config.upstream_connect_timeout_s,
                 command_timeout_s=config.upstream_command_timeout_s,
                 data_timeout_s=config.upstream_data_timeout_s,
+                observer=self.metrics.upstream if self.metrics is not None else None,
             )
         self._server_tls = server_tls_context(config)
         self._handler: RelayHandler | None = None
@@ -252,6 +257,16 @@ class Application:
         """The (host, port) the SMTP listener is bound to (port 0 is resolved)."""
         assert self.listener is not None, "not started"
         return self.listener.address
+
+    @property
+    def relay_handler(self) -> RelayHandler | None:
+        """The relay handler, or None (not started, or no SMTP in this process)."""
+        return self._handler
+
+    @property
+    def event_writer(self) -> EventWriter | None:
+        """The pixel and click endpoint's event writer, or None (no pixel endpoint)."""
+        return self._pixel_app[WRITER_KEY] if self._pixel_app is not None else None
 
     @property
     def pixel_counters(self) -> dict[str, int]:
@@ -280,13 +295,19 @@ class Application:
         await asyncio.to_thread(ensure_data_dir, config.data_dir)
         if config.tracking or config.pixel or config.reports:
             networks = await asyncio.to_thread(load_networks, config.data_dir)
+            classifier: EventClassifier = Classifier(networks, config.prefetch_window_s)
+            if self.metrics is not None:
+                classifier = self.metrics.counting_verdicts(classifier)
             self.store = await SqliteStore.open_or_suspend(  # a damaged store: mail flows
                 config.data_dir,
                 store_subject=config.store_subject,
                 ip_policy=config.ip_policy,
-                classifier=Classifier(networks, config.prefetch_window_s),
+                classifier=classifier,
             )
         try:
+            if self.metrics is not None:
+                running.push_async_callback(self.metrics.stop)
+                await self._start_metrics()
             if config.pixel:
                 running.push_async_callback(self._stop_pixel)
                 await self._start_pixel()
@@ -300,6 +321,18 @@ class Application:
         except BaseException:
             await self.stop(grace_s=0)
             raise
+
+    async def _start_metrics(self) -> None:
+        """``GET /metrics`` on ``metrics_listen``, plain HTTP (Prometheus)."""
+        assert self.metrics is not None
+        listen = self.config.metrics_listen
+        try:
+            port = await self.metrics.start(listen.host, listen.port)
+        except StartupError as exc:
+            raise bind_error(
+                "metrics_listen", listen, exc.__cause__, " Set metrics_listen, or --no-metrics"
+            ) from exc
+        log.info("serving metrics on http://%s/metrics", _address_text(listen.host, port))
 
     async def _start_smtp(self) -> None:
         config = self.config
