@@ -23,7 +23,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 work=${BUILD_CHECK_DIR:-/var/tmp/smtp-tracker-build-check}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-base=localhost/smtp-tracker-base:bookworm
 image=${IMAGE:-localhost/smtp-tracker:build-check}
 
 for tool in podman debootstrap chroot; do
@@ -39,14 +38,18 @@ step() {
 }
 
 mkdir -p "$work"
-if [ ! -x "$work/rootfs/usr/bin/python3" ]; then
+# what python:3.11-slim-bookworm has: Python 3.11 with venv, pip and its C headers
+packages=python3,python3-venv,python3-pip,python3-dev,ca-certificates
+if [ ! -f "$work/rootfs/usr/include/python3.11/Python.h" ] || [ ! -f "$work/rootfs.stamp" ]; then
     rm -rf "$work/rootfs.partial"
-    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+    debootstrap --variant=minbase --include="$packages" \
         bookworm "$work/rootfs.partial" "$mirror" >"$work/debootstrap.log"
     rm -rf "$work/rootfs"
     mv "$work/rootfs.partial" "$work/rootfs"
+    date +%Y%m%d%H%M%S >"$work/rootfs.stamp"
     step "debootstrap: Debian bookworm root in $work/rootfs"
 fi
+base=localhost/smtp-tracker-base:bookworm-$(cat "$work/rootfs.stamp")
 if ! podman image exists "$base"; then
     # This machine's own extra certificate authorities (a TLS-inspecting proxy's),
     # so that pip in the build trusts what this machine trusts; python:3.11-slim
