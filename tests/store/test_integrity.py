@@ -22,6 +22,7 @@ from smtp_tracker.store.integrity import (
     check_store,
     recover_store,
 )
+from tests.support.process import run_cli
 
 from .store_helpers import GARBAGE, T0, build_store, make_record, overwrite, token
 
@@ -179,3 +180,33 @@ async def test_a_pruned_last_message_is_not_taken_for_a_lost_write(tmp_path: Pat
         assert await store.check_health() is None
     finally:
         await store.aclose()
+
+
+def test_the_store_commands_check_and_recover_a_damaged_store(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    build_store(data)
+    checked = run_cli("store", "check", "--data-dir", str(data))
+    assert (checked.returncode, checked.stderr) == (0, "")
+    assert checked.stdout.splitlines()[0] == f"{data / DB_FILENAME}: ok"
+
+    overwrite(data / DB_FILENAME, 0, b"\0" * len(SQLITE_MAGIC))
+    checked = run_cli("store", "check", "--data-dir", str(data))
+    assert checked.returncode == 1
+    assert "DAMAGED" in checked.stdout and "the file header is not SQLite's" in checked.stdout
+    assert "store recover" in checked.stdout
+
+    recovered = run_cli("store", "recover", "--data-dir", str(data))
+    assert recovered.returncode == 0, recovered.stderr
+    (aside,) = data.glob("tracker.sqlite3.damaged-*Z")  # (its -wal, -shm beside it)
+    assert f"kept as {aside}" in recovered.stdout
+    assert f"{data / DB_FILENAME}: ok" in recovered.stdout
+    assert count_messages(data) == MESSAGES
+    assert run_cli("store", "check", "--data-dir", str(data)).returncode == 0
+
+
+def test_the_store_commands_without_a_store_say_so_in_one_line(tmp_path: Path) -> None:
+    for action in ("check", "recover"):
+        done = run_cli("store", action, "--data-dir", str(tmp_path / "none"))
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and "no tracking store" in done.stderr
+        assert "Traceback" not in done.stderr

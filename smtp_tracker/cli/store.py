@@ -1,0 +1,78 @@
+"""``smtp-tracker store check`` and ``store recover``: the tracking store's own health.
+
+A damaged ``tracker.sqlite3`` does not stop ``serve`` (it runs with records
+suspended and ``/healthz`` says ``degraded: store``); these commands say what
+is wrong and rebuild the store (:mod:`smtp_tracker.store.integrity`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.errors import InputError
+
+__all__ = ["add_commands", "cmd_store_check", "cmd_store_recover"]
+
+EXIT_OK = 0
+EXIT_DAMAGED = 1
+
+
+def cmd_store_check(args: argparse.Namespace) -> int:
+    """Print what :func:`~smtp_tracker.store.integrity.check_store` found; 1 when damaged."""
+    from smtp_tracker.store.integrity import check_store
+
+    data_dir = load_config(args).data_dir
+    report = check_store(data_dir)
+    if not report.path.is_file():
+        raise InputError(f"no tracking store in {data_dir}: give --data-dir (or --config)")
+    for line in report.lines():
+        print(line)
+    if not report.ok:
+        print("smtp-tracker: stop smtp-tracker, then run 'smtp-tracker store recover'")
+    return EXIT_OK if report.ok else EXIT_DAMAGED
+
+
+def cmd_store_recover(args: argparse.Namespace) -> int:
+    """Rebuild the store; the damaged file is kept aside (its path is printed)."""
+    from smtp_tracker.store.integrity import check_store, recover_store
+
+    data_dir = load_config(args).data_dir
+    aside = recover_store(data_dir)  # StoreError: one line, exit 1 (cli.main)
+    print(f"smtp-tracker: the damaged store is kept as {aside}")
+    for line in check_store(data_dir).lines():
+        print(line)
+    return EXIT_OK
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``store check`` and ``store recover`` to the command line."""
+    store = add_command(
+        commands,
+        "store",
+        help="check or recover the tracking store (tracker.sqlite3)",
+        description="Check the tracking store in the data directory, or rebuild a damaged "
+        "one. serve keeps relaying mail with a damaged store (tracking records suspended, "
+        "/healthz says 'degraded: store'); stop it before 'store recover'.",
+    )
+    actions = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    check = add_command(
+        actions,
+        "check",
+        help="check the store without writing it (exit 1 when damaged)",
+        description="Read the database file and its write-ahead log without writing either: "
+        "their headers, PRAGMA quick_check, the schema version. Exit 0 when sound, 1 when not.",
+    )
+    add_config_flags(check, ("data_dir",))
+    check.set_defaults(func=cmd_store_check)
+    recover = add_command(
+        actions,
+        "recover",
+        help="rebuild a damaged store, keeping the damaged file aside",
+        description="Move tracker.sqlite3 (and its -wal, -shm) aside as "
+        "tracker.sqlite3.damaged-<UTC time> and rebuild the store from what can be read of "
+        "it: SQLite's .recover (the sqlite3 shell) when installed, else table by table. "
+        "Stop smtp-tracker first.",
+    )
+    add_config_flags(recover, ("data_dir",))
+    recover.set_defaults(func=cmd_store_recover)
