@@ -42,9 +42,9 @@ from smtp_tracker.tracking.domains import DomainPolicy
 from smtp_tracker.tracking.stage import Tracker, TrackerCounters
 from smtp_tracker.web.public.limits import EventLimiter
 from smtp_tracker.web.public.pixel import WRITER_KEY, make_pixel_app
-from smtp_tracker.web.reports.api import create_token_file, make_reports_app
-from smtp_tracker.web.reports.auth import install_auth, load_reports_token
-from smtp_tracker.web.reports.dashboard import install_dashboard
+from smtp_tracker.web.reports.api import create_token_file
+from smtp_tracker.web.reports.app import build_reports_app
+from smtp_tracker.web.reports.auth import load_reports_token
 from smtp_tracker.web.reports.users import UserDirectory
 from smtp_tracker.web.site import start_site
 
@@ -431,16 +431,14 @@ class Application:
         ssl_context: ssl.SSLContext | None = None
         if not config.reports_plain_http:  # allowed only on loopback (config check)
             ssl_context = self._server_tls or await asyncio.to_thread(_embedded_certificate, config)
-        app = make_reports_app(store=self.store, auth_middleware=None)
-        install_auth(
-            app,
+        app = build_reports_app(
+            store=self.store,
             token=token,
             users=await UserDirectory.open(config.reports_users_path),
             session_s=config.reports_session_s,
             login_failures_per_min=config.reports_login_failures_per_min,
             trusted_proxies=config.trusted_proxies,
         )
-        install_dashboard(app)
         listen = config.reports_listen
         try:
             self._reports_runner, self.reports_port = await start_site(
