@@ -77,7 +77,7 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from aiosmtpd.smtp import SMTP, Envelope, syntax
 
@@ -93,12 +93,10 @@ from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.session import RelaySession
 from smtp_tracker.smtp.transcript import CLIENT_SAID, WE_SAID_TO_CLIENT, Transcript
 
-if TYPE_CHECKING:
-    from smtp_tracker.smtp.listener import ConnectionSlots
-
 __all__ = [
     "RelayHooks",
     "RelaySMTP",
+    "Slots",
     "client_allowed",
     "peer_text",
 ]
@@ -139,6 +137,9 @@ _UNRECOGNIZED_PREFIX = '500 Error: command "'
 #: Commands after which a client must wait for our reply: EHLO ends a pipelined
 #: group (RFC 2920 §3.1) and HELO negotiates no pipelining at all.
 _ENDS_GROUP = frozenset({"EHLO", "HELO"})
+#: Turns of the event loop the greeting waits, so that input sent with the
+#: connection is seen as sent before it (two suffice with asyncio's selector loop).
+_TURNS_BEFORE_GREETING = 3
 #: Commands HELP does not list: AUTH is refused (502), EXPN is not implemented.
 _NOT_LISTED = frozenset({"AUTH", "EXPN"})
 
@@ -161,6 +162,23 @@ def peer_text(peer: Any) -> str:
     except (TypeError, IndexError):
         return "unknown"
     return f"[{host}]:{port}"
+
+
+class Slots(Protocol):
+    """A listener's ``max_connections``, as each connection uses it
+    (:class:`~smtp_tracker.smtp.listener.ConnectionSlots`)."""
+
+    def take(self) -> bool:
+        """Take a slot for a new connection; False when none is free."""
+        ...
+
+    def give_back(self) -> None:
+        """Return the slot of a connection that is gone."""
+        ...
+
+    def log_refusal(self, peer: Any) -> None:
+        """Log (at a bounded rate) that ``peer`` was refused for lack of a slot."""
+        ...
 
 
 class RelayHooks(Protocol):
@@ -229,7 +247,7 @@ class RelaySMTP(SMTP):
         hostname: str,
         tls_context: ssl.SSLContext | None,
         keep_transcript: bool,
-        slots: ConnectionSlots | None = None,
+        slots: Slots | None = None,
     ) -> None:
         super().__init__(
             handler,
@@ -299,6 +317,10 @@ class RelaySMTP(SMTP):
             self.transport.close()
             return
         log.info("connect from %s", peer_text(self.session.peer))
+        # Bytes already waiting when we accepted are read on the loop's next turns
+        # (asyncio registers the reader after connection_made): let them arrive.
+        for _ in range(_TURNS_BEFORE_GREETING):
+            await asyncio.sleep(0)
         if self._spoke_first:  # RFC 5321 §4.3.1: the client waits for our greeting
             await self._out_of_sync("CONNECT")
             return
@@ -395,8 +417,13 @@ class RelaySMTP(SMTP):
     async def push(self, status: str | bytes | SMTPReply) -> None:
         """Send one reply line; aiosmtpd's own replies get their enhanced status codes.
 
+        Nothing is written once the connection is closing (the client is gone,
+        or we closed it after a last reply).
+
         :param status: a :class:`~.replies.Reply`, or a reply line (aiosmtpd's, a handler's).
         """
+        if self.transport is None or self.transport.is_closing():
+            return
         if not isinstance(status, str | bytes):
             text = str(status)
         else:
@@ -411,7 +438,30 @@ class RelaySMTP(SMTP):
         await super().push(text)
 
     async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd's hook for an exception in its command loop: 451, logged, never echoed.
+
+        A client gone where a command was due (end of stream, reset) is a
+        disconnect, not an error: aiosmtpd cancels the loop on EOF, but a hook
+        awaiting the upstream can lose that cancellation (Python 3.11's
+        ``asyncio.wait_for``, in aiosmtplib, returns a reply that arrived with
+        it), and the loop's next read then raises ``IncompleteReadError``.
+        Postfix's ``smtp`` client does this after every QUIT
+        (``smtp_skip_quit_response = yes``).
+
+        :raises asyncio.CancelledError: after a disconnect, to end the loop.
+        """
         peer = peer_text(self.session.peer) if self.session is not None else "?"
+        if isinstance(error, asyncio.IncompleteReadError | ConnectionError):
+            log.info("disconnect from %s", peer)
+            if self.session is not None:
+                await self._hooks.abort_transaction(
+                    self.session, reason="disconnect", reset_upstream=False
+                )
+            if self.transport is not None:
+                self.transport.close()
+            if self._handler_coroutine is not None:
+                self._handler_coroutine.cancel()
+            await asyncio.sleep(0)  # the cancellation is delivered here
         log.error("%s: unexpected error", peer, exc_info=error)
         if self.session is not None:
             await self._hooks.abort_transaction(self.session, reason="internal error")

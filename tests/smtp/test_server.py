@@ -1,5 +1,6 @@
 """RelaySMTP where it differs from aiosmtpd's SMTP."""
 
+import asyncio
 import ipaddress
 
 from smtp_tracker.smtp.server import RelaySMTP, client_allowed
@@ -34,3 +35,13 @@ def test_client_allowed_matches_networks_and_v4_mapped_v6() -> None:
     assert not client_allowed(("192.0.2.1", 1), loopback)
     assert not client_allowed(None, loopback)
     assert not client_allowed(("not-an-address", 1), loopback)
+
+
+async def test_canary_pending_input_reads_asyncio_streamreaders_buffer() -> None:
+    """RelaySMTP._pending_input reads StreamReader._buffer (asyncio has no public peek):
+    if a Python release renames it, this fails here rather than in the pipelining checks."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"EHLO a\r\nMAIL FROM:<b@c>\r\n")
+    assert await reader.readuntil() == b"EHLO a\r\n"
+    buffer = reader._buffer  # type: ignore[attr-defined]
+    assert isinstance(buffer, bytearray) and bytes(buffer) == b"MAIL FROM:<b@c>\r\n"
