@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from smtp_tracker.cli import reclassify
 from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
 from smtp_tracker.config import Config
 from smtp_tracker.errors import ConfigError, InputError
@@ -245,7 +246,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``stats``, ``messages``, ``show``, ``prune`` and ``forget`` to the command line."""
+    """Add ``stats``, ``messages``, ``show``, ``prune``, ``forget`` and ``reclassify``
+    (:mod:`.reclassify`) to the command line."""
     stats = add_command(
         commands,
         "stats",
@@ -321,3 +323,5 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     forget.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     add_config_flags(forget, STORE_KEYS)
     forget.set_defaults(func=cmd_forget)
+
+    reclassify.add_commands(commands)

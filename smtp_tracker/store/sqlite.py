@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import queries, retention
+from smtp_tracker.store import queries, reclassify, retention
 from smtp_tracker.store.address import (
     HASH_KEY_FILENAME,
     AddressPolicy,
@@ -791,6 +791,52 @@ class SqliteDatabase:
     def count_recipient(self, address: str) -> retention.Removed:
         """What :meth:`forget_recipient` would delete (see :func:`.retention.count_recipient`)."""
         return self._read(lambda: retention.count_recipient(self._conn, address))
+
+    # -- reclassification (smtp_tracker.store.reclassify) ------------------------------
+
+    def reclassify_scope(self, since: date | None) -> tuple[int, list[str]]:
+        """How many messages :meth:`reclassify_batch` will read, and the days to rebuild.
+
+        :raises StoreError: when the store cannot be read.
+        """
+        return self._read(
+            lambda: (
+                reclassify.count_messages(self._conn, since),
+                reclassify.days_from(self._conn, since),
+            )
+        )
+
+    def reclassify_batch(
+        self,
+        *,
+        since: date | None = None,
+        after_rowid: int = 0,
+        batch_messages: int = reclassify.DEFAULT_BATCH_MESSAGES,
+    ) -> reclassify.Batch:
+        """See :func:`.reclassify.reclassify_batch`, with this store's classifier.
+
+        :raises StoreError: when the store cannot be written.
+        """
+        try:
+            return reclassify.reclassify_batch(
+                self._conn,
+                self.classifier,
+                since=since,
+                after_rowid=after_rowid,
+                batch_messages=batch_messages,
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot reclassify: {exc}") from exc
+
+    def rebuild_rollup_day(self, day: str) -> reclassify.DayRebuild:
+        """See :func:`.reclassify.rebuild_rollup_day`.
+
+        :raises StoreError: when the store cannot be written.
+        """
+        try:
+            return reclassify.rebuild_rollup_day(self._conn, day)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot rebuild the daily counts of {day}: {exc}") from exc
 
     def _read(self, query: Callable[[], _T]) -> _T:
         """Run *query* in one read transaction, so it sees one snapshot."""
