@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import io
 import json
+import os
 import re
+import shutil
+import signal
 import socket
 import ssl
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +28,8 @@ from tests.milter.support import (
     postfix_queue_id,
     send_to_postfix,
 )
-from tests.support.postfix import without_bounces
-from tests.support.process import run_cli
+from tests.support.postfix import free_port, without_bounces
+from tests.support.process import launch, run_cli
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.postfix, pytest.mark.upstream(auth_required=False)]
@@ -186,3 +192,53 @@ def test_milter_listen_not_bindable_is_one_line_and_exit_2(tmp_path: Path) -> No
         "smtp-tracker: error: milter_listen: cannot listen on 192.0.2.1:8892 "
         "(Cannot assign requested address)"
     ]
+
+
+async def test_unix_socket_mode_0660_serves_postfix_and_is_removed_at_exit(
+    upstream: Any,
+    postfix_factory: Any,
+    tmp_path: Path,
+    cert_pem_path: Path,
+    key_pem_path: Path,
+) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="milter-sock-", dir="/tmp"))
+    directory.chmod(0o755)  # Postfix's smtpd runs as postfix and must reach the socket
+    path = directory / "milter.sock"
+    pixel_port = free_port()
+    running = await launch(
+        "milter",
+        "--milter-listen",
+        f"unix:{path}",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--hostname",
+        "localhost",
+        "--tls-cert",
+        str(cert_pem_path),
+        "--tls-key",
+        str(key_pem_path),
+        "--pixel-listen",
+        f"127.0.0.1:{pixel_port}",
+        "--pixel-base-url",
+        f"https://localhost:{pixel_port}",
+        "--no-reports",
+        env=dict(os.environ),
+        ready="listening for HTTPS (pixel)",  # after the socket is bound
+    )
+    try:
+        mode = path.stat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+        os.chown(path, -1, grp.getgrnam("postfix").gr_gid)  # the admin gives Postfix the group
+        postfix = await postfix_factory(
+            upstream.port, smtpd_milters=f"unix:{path}", milter_default_action="tempfail"
+        )
+        await send_to_postfix(postfix.smtpd_port, SENDER, ["reader@example.net"], HTML)
+        [delivered] = without_bounces(await upstream.wait_for_transactions(1, timeout_s=60))
+        assert len(pixel_tokens(delivered.data)) == 1
+    finally:
+        running.process.send_signal(signal.SIGTERM)
+        status = await running.process.wait()
+        await running.finish()
+    assert status == 0
+    assert not path.exists()
+    shutil.rmtree(directory, ignore_errors=True)
