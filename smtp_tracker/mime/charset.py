@@ -6,7 +6,10 @@ near the start of the document, else UTF-8 when the octets are valid UTF-8.
 Whenever the named codec cannot decode the octets strictly, or re-encoding
 the text would not give the same octets back, the octets are read as
 ISO-8859-1 instead: one character per octet, so re-encoding restores them
-exactly (only ASCII markup is searched and only ASCII is inserted).
+exactly (only ASCII markup is searched and only ASCII is inserted).  UTF-7
+is the exception: another encoder may have written any character in base64
+(``+ADw-`` for ``<``, RFC 2152), so its text is kept when it decodes, marked
+not canonical, and the rewrite finds its offsets in the octets themselves.
 """
 
 from __future__ import annotations
@@ -55,12 +58,17 @@ class DecodedText:
     :param codec: a Python codec name.
     :param ascii_compatible: ASCII characters encode as themselves.
     :param defects: short texts on what was wrong with the declared charset.
+    :param canonical: ``text.encode(codec) == octets``; False only for UTF-7
+        that another encoder wrote (RFC 2152 lets it encode any character in
+        base64, ``+ADw-`` for ``<``): the text is exact, but offsets into the
+        octets are not those of the text encoded again.
     """
 
     text: str
     codec: str
     ascii_compatible: bool
     defects: tuple[str, ...]
+    canonical: bool = True
 
 
 def meta_charset(octets: bytes) -> str | None:
@@ -123,6 +131,10 @@ def decode_text(octets: bytes, declared: str | None) -> DecodedText:
             text = octets.decode(codec)
             if text.encode(codec) == octets:
                 return DecodedText(text, codec, _ascii_compatible(codec), tuple(defects))
+            if codec == "utf-7" and octets.isascii():  # e.g. every "<" and ">" as base64
+                return DecodedText(
+                    text, codec, _ascii_compatible(codec), tuple(defects), canonical=False
+                )
         except UnicodeError:
             pass
         if codec in declared_codecs:

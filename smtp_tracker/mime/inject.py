@@ -36,6 +36,9 @@ __all__ = [
 #: hidden images), so the open would never be seen; a 1x1 borderless,
 #: transparent image takes no visible room instead.
 PIXEL_STYLE = "border:0;width:1px;height:1px;margin:0;padding:0;opacity:0"
+#: The same style 0, 1 and 2 characters longer (``pixel_tag(pad=...)``): a trailing
+#: ";" is an empty declaration (CSS Syntax §5.4.5), 0.0 is 0.
+_PADDED_STYLES = (PIXEL_STYLE, PIXEL_STYLE + ";", PIXEL_STYLE.removesuffix(":0") + ":0.0")
 
 _XHTML_DOCTYPE = re.compile(r"<!DOCTYPE\s+html\s+PUBLIC\s+\"-//W3C//DTD\s+XHTML", re.IGNORECASE)
 _BODY_END = re.compile(r"</body[\t\n\f\r />]", re.IGNORECASE)
@@ -83,8 +86,10 @@ def pixel_tag(
     :param newline: when given (``"\\r\\n"`` or ``"\\n"``), it separates the
         attributes instead of spaces, to keep long lines under 998 octets
         (RFC 5322 §2.1.1) without adding text outside the tag.
-    :param pad: spaces added before the closing ``>`` (whitespace inside a tag
-        changes nothing), to make the length a multiple of 3 for base64.
+    :param pad: 0, 1 or 2 characters more, to make the length a multiple of 3
+        for base64, written inside the style so that it means the same:
+        ``opacity:0;`` (an empty declaration after it) or ``opacity:0.0``
+        (rather than spaces before ``>``, which left ``opacity:0"  >``).
     :param extra_html: HTML placed right before the element, as given; with
         ``newline``, on lines of its own.
     """
@@ -95,13 +100,13 @@ def pixel_tag(
         'width="1"',
         'height="1"',
         'alt=""',
-        f'style="{PIXEL_STYLE}"',
+        f'style="{_PADDED_STYLES[pad]}"',
     ]
     close = "/>" if xhtml else ">"
     if newline:
         before = newline + extra_html + newline if extra_html else ""
-        return before + newline.join(parts) + newline + " " * pad + close
-    return extra_html + " ".join(parts) + " " * pad + (" " + close if xhtml else close)
+        return before + newline.join(parts) + newline + close
+    return extra_html + " ".join(parts) + (" " + close if xhtml else close)
 
 
 def is_xhtml(text: str) -> bool:

@@ -20,6 +20,7 @@ the result again.
 from __future__ import annotations
 
 import bisect
+import codecs
 import logging
 import os
 import re
@@ -350,6 +351,8 @@ class _Rewrite:
             raise NotTracked("no-html-body")
         prefix = text[:index]
         tag = pixel_tag(self.url, xhtml=xhtml, extra_html=extra)
+        if not decoded.canonical:  # UTF-7 whose markup another encoder put in base64
+            return self._splice_utf7(raw, encoding, eol, octets, text, index, xhtml, extra)
         offset, insert = _encode_at(prefix, tag, decoded.codec)
         if encoding is TransferEncoding.BASE64:
             for pad in (1, 2):
@@ -376,6 +379,43 @@ class _Rewrite:
             raise _FailOpen("splice-failed") from exc
         del octets
         if not same or not _spliced(new_octets.decode(decoded.codec), text, prefix, tag):
+            raise _FailOpen("round-trip-mismatch")
+        return body
+
+    def _splice_utf7(
+        self,
+        raw: bytes,
+        encoding: TransferEncoding,
+        eol: bytes,
+        octets: bytes,
+        text: str,
+        index: int,
+        xhtml: bool,
+        extra: str,
+    ) -> bytes:
+        """The body with the pixel at ``text[index]`` of UTF-7 that is not Python's own.
+
+        The place is found in the octets (:func:`_utf7_edit`): in a run of
+        directly written characters, the pixel goes in as it is; inside a
+        base64 run (``+AD4APA-`` for ``><``), that run alone is written again,
+        split around the pixel.  No link is wrapped in UTF-7 (see ``_plan``).
+        """
+        tag = pixel_tag(self.url, xhtml=xhtml, extra_html=extra)
+        try:
+            edit = _utf7_edit(octets, index, tag)
+            if encoding is TransferEncoding.IDENTITY and _edit_adds_long_line(octets, edit):
+                newline = eol.decode("ascii")
+                tag = pixel_tag(self.url, xhtml=xhtml, newline=newline, extra_html=extra)
+                edit = _utf7_edit(octets, index, tag)
+                if _edit_adds_long_line(octets, edit):
+                    raise _FailOpen("line-too-long")
+            new_octets = apply_edits(octets, [edit])
+            body = splice_edits(raw, encoding, [edit], newline=eol)
+            same = decode(body, encoding) == new_octets
+            new_text = new_octets.decode("utf-7")
+        except (TransferError, UnicodeError, ValueError) as exc:
+            raise _FailOpen("splice-failed") from exc
+        if not same or not _spliced(new_text, text, text[:index], tag):
             raise _FailOpen("round-trip-mismatch")
         return body
 
@@ -539,6 +579,56 @@ def _encode_at(prefix: str, tag: str, codec: str) -> tuple[int, bytes]:
     if codec.startswith(("utf-16", "utf-32")):
         insert = (prefix + tag).encode(codec)[len(before) :]  # no second byte order mark
     return len(before), insert
+
+
+#: A UTF-7 base64 run: "+", modified base64, and the "-" that may end it (RFC 2152).
+_UTF7_RUN = re.compile(rb"\+[A-Za-z0-9+/]*-?")
+
+
+def _utf7_edit(octets: bytes, index: int, tag: str) -> tuple[int, int, bytes]:
+    """The edit of UTF-7 ``octets`` that puts ``tag`` before their ``index``-th character.
+
+    Directly written characters are one octet each; each base64 run is decoded
+    on its own (a run ends the shift state).  Between characters written
+    directly (or before a run) the tag's octets are inserted; inside a run,
+    the run is replaced by its characters before the place, the tag and its
+    characters after, each encoded by Python (which ends each piece back in
+    the direct state).
+
+    :returns: ``(start, end, new)``: ``octets[start:end]`` becomes ``new``.
+    :raises ValueError: when ``index`` is past the end, or a run does not decode.
+    """
+    insert = tag.encode("utf-7")
+    chars = 0
+    pos = 0
+    for match in _UTF7_RUN.finditer(octets):
+        direct = match.start() - pos
+        if index <= chars + direct:
+            at = pos + index - chars
+            return at, at, insert
+        chars += direct
+        run = codecs.utf_7_decode(match.group(), "strict", True)[0]
+        if index < chars + len(run):
+            cut = index - chars
+            new = run[:cut].encode("utf-7") + insert + run[cut:].encode("utf-7")
+            return match.start(), match.end(), new
+        chars += len(run)
+        pos = match.end()
+    at = pos + index - chars
+    if at > len(octets):
+        raise ValueError("index past the end of the text")
+    return at, at, insert
+
+
+def _edit_adds_long_line(octets: bytes, edit: tuple[int, int, bytes]) -> bool:
+    """Whether replacing ``octets[start:end]`` by ``new`` makes a line over 998 octets."""
+    start, end, new = edit
+    first = octets.rfind(b"\n", 0, start) + 1
+    last = octets.find(b"\n", end)
+    last = len(octets) if last < 0 else last
+    if _longest_line(octets[first:last]) > MAX_LINE:
+        return False  # already too long: nothing new is introduced
+    return _longest_line(octets[first:start] + new + octets[end:last]) > MAX_LINE
 
 
 def _adds_long_line(octets: bytes, offset: int, insert: bytes) -> bool:

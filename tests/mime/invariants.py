@@ -156,6 +156,7 @@ def check_tracked(base: bytes, out: bytes, url: str) -> Change:
     assert not pattern.search(old_text)
     pixel = found[0]
     assert PIXEL_SHAPE.match(pixel), pixel
+    assert b"  " not in pixel, f"two spaces in the pixel: {pixel!r}"
     assert pixel.isascii()
     assert new_text.replace(pixel, b"", 1) == old_text, "decoded text changed beyond the pixel"
     total = sum(decoded_payload(p).count(escaped) for p in new_parts if not p.is_multipart())
