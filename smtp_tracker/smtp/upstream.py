@@ -336,7 +336,9 @@ class UpstreamSession:
         """Send DATA and the message; return the upstream's final reply.
 
         aiosmtplib dot-stuffs the content and ends it with ``CRLF.CRLF``
-        (RFC 5321 §4.5.2); bare CR and LF become CRLF on the way (§2.3.8).
+        (RFC 5321 §4.5.2); bare CR and LF become CRLF on the way (§2.3.8).  An
+        empty message is sent empty, as Postfix relays one: DATA, then the
+        end-of-data line alone (aiosmtplib's ``data()`` would add an empty line).
 
         :param content: the message bytes, header and body, CRLF line ends.
         :raises UpstreamError: the connection was lost or timed out during DATA (4xx).
@@ -347,7 +349,10 @@ class UpstreamSession:
         self._note(WE_SAID_TO_UPSTREAM, f"DATA ({len(content)} bytes)")
         started = time.monotonic()
         try:
-            response = await client.data(content, timeout=self._settings.data_timeout_s)
+            if content:
+                response = await client.data(content, timeout=self._settings.data_timeout_s)
+            else:
+                response = await self._empty_message(client)
         except aiosmtplib.SMTPDataError as exc:
             self._note_reply(exc.code, exc.message)
             self._observe_reply("DATA", exc.code, started)
@@ -360,6 +365,20 @@ class UpstreamSession:
         self._note_reply(response.code, response.message)
         self._observe_reply("DATA", response.code, started)
         return Reply.from_upstream(response.code, response.message, command="DATA")
+
+    async def _empty_message(self, client: aiosmtplib.SMTP) -> aiosmtplib.SMTPResponse:
+        """DATA and, after 354, the end-of-data line alone: a message of no bytes.
+
+        :raises aiosmtplib.SMTPDataError: the upstream refused DATA or the message.
+        """
+        timeout = self._settings.data_timeout_s
+        start = await client.execute_command(b"DATA", timeout=timeout)
+        if start.code != aiosmtplib.SMTPStatus.start_input:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        response = await client.execute_command(b".", timeout=timeout)
+        if response.code != aiosmtplib.SMTPStatus.completed:
+            raise aiosmtplib.SMTPDataError(response.code, response.message)
+        return response
 
     async def rset(self) -> None:
         """Abort the upstream transaction (RFC 5321 §4.1.1.5); close the connection on failure."""

@@ -302,3 +302,19 @@ async def test_an_empty_message_is_relayed_as_postfix_relays_it(
     assert header.startswith(b"Received: from postfix.test ([127.0.0.1])\r\n\tby relay.test ")
     trace_end = rest.index(b"\r\n") + 2  # the date ends our one (folded) field
     assert rest[trace_end:] == after_our_header
+
+
+@pytest.mark.parametrize("content", [b"", b"\r\n"], ids=["empty", "one-empty-line"])
+async def test_without_our_header_an_empty_message_reaches_the_upstream_unchanged(
+    relay_factory: Any, upstream: Any, content: bytes
+) -> None:
+    """With ``add_received_header = false`` there is nothing to add: an empty DATA
+    reached the upstream as one empty line (aiosmtplib's data() ends every message
+    with CRLF); it is now sent as DATA and the end-of-data line alone."""
+    relay = await relay_factory(add_received_header=False)
+    async with greeted(relay) as client:
+        await open_transaction(client)
+        assert (await client.command("DATA")).startswith("354 ")
+        assert (await client.command(content + b".")).startswith("250 2.0.0 Ok: queued as UP")
+    (delivered,) = await upstream.wait_for_transactions(1)
+    assert delivered.data == content
