@@ -54,6 +54,7 @@ _STATS_COLUMNS = (
     ("scanner", "scanner"),
     ("unknown", "unknown"),
     ("clicks", "clicks"),
+    ("via_click", "opened_via_click"),
 )
 
 
@@ -254,8 +255,9 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="print relayed, tracked, opened and opens per day or sender domain",
         description="Print the figures of the reports per UTC relay day or per sender domain: "
         "relayed, tracked, opened (messages with an open counted as real: human or "
-        "mail_proxy), the open rate (opened / tracked), opened_any (an open of any verdict), "
-        "opens (events) split by verdict, and clicks.",
+        "mail_proxy, or failing that a counted click), the open rate (opened / tracked), "
+        "opened_any (an open of any verdict), opens (events) split by verdict, clicks, and "
+        "via_click (of opened, the messages opened by a counted click alone).",
     )
     stats.add_argument("--since", metavar="DATE", help="first UTC relay day, YYYY-MM-DD")
     stats.add_argument("--until", metavar="DATE", help="last UTC relay day, YYYY-MM-DD (included)")

@@ -80,6 +80,7 @@ def test_table_by_day_is_aligned_with_a_total(data_dir: Path) -> None:
         "scanner",
         "unknown",
         "clicks",
+        "via_click",
     ]
     assert day1.split() == [
         "2024-05-01",
@@ -95,6 +96,7 @@ def test_table_by_day_is_aligned_with_a_total(data_dir: Path) -> None:
         "1",
         "0",
         "0",
+        "0",
     ]
     assert day2.split() == [
         "2024-05-02",
@@ -102,6 +104,7 @@ def test_table_by_day_is_aligned_with_a_total(data_dir: Path) -> None:
         "1",
         "0",
         "0.0%",
+        "0",
         "0",
         "0",
         "0",
@@ -162,6 +165,7 @@ def test_json_has_the_same_figures_as_the_api(data_dir: Path) -> None:
         },
         "clicks": 0,
         "clicked": 0,
+        "opened_via_click": 0,
         "open_rate": pytest.approx(1 / 3),
     }
     assert document["total"]["relayed"] == 4

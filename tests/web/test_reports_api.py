@@ -254,6 +254,7 @@ async def test_messages_first_page_newest_first(reports: Reports) -> None:
         "tracked",
         "not_tracked_reason",
         "opened",
+        "opened_via",
         "open_count",
         "counted_open_count",
         "first_open_at",

@@ -299,6 +299,7 @@ def summary_to_dict(summary: MessageSummary) -> dict[str, Any]:
         "tracked": summary.tracked,
         "not_tracked_reason": summary.not_tracked_reason,
         "opened": summary.opened,
+        "opened_via": summary.opened_via,
         "open_count": summary.open_count,
         "counted_open_count": summary.counted_open_count,
         "first_open_at": _time(summary.first_open_at),
@@ -351,6 +352,7 @@ def stats_row_to_dict(row: StatsRow) -> dict[str, Any]:
         "opens_by_verdict": dict(row.opens_by_verdict),
         "clicks": row.clicks,
         "clicked": row.clicked,
+        "opened_via_click": row.opened_via_click,
         "open_rate": row.open_rate,
     }
 
@@ -367,6 +369,7 @@ CSV_COLUMNS: Final = (
     "tracked",
     "not_tracked_reason",
     "opened",
+    "opened_via",
     "open_count",
     "counted_open_count",
     "first_open_at",

@@ -54,7 +54,8 @@ _FILTER_PARAMETERS: Final = [
     ),
     _param(
         "opened",
-        "true: at least one counted open (human or mail_proxy); false: none.",
+        "true: opened (a counted open, human or mail_proxy, or failing that a counted "
+        "click); false: neither.",
         _BOOLEAN_TEXT,
     ),
     _param("tracked", "Whether a pixel was injected.", _BOOLEAN_TEXT),
@@ -85,7 +86,17 @@ _SUMMARY_PROPERTIES: Final[dict[str, Any]] = {
     "relayed_at": {"type": "string", "format": "date-time"},
     "tracked": {"type": "boolean"},
     "not_tracked_reason": _NULLABLE_STRING,
-    "opened": {"type": "boolean", "description": "At least one counted open."},
+    "opened": {
+        "type": "boolean",
+        "description": "At least one counted open, or a counted click (a link followed by a "
+        "person means the message was read, its pixel not fetched).",
+    },
+    "opened_via": {
+        "type": ["string", "null"],
+        "enum": ["pixel", "click", None],
+        "description": "pixel: a counted open; click: a counted click and no counted open; "
+        "null: not opened.",
+    },
     "open_count": {"type": "integer", "minimum": 0, "description": "Opens of any verdict."},
     "counted_open_count": {
         "type": "integer",
@@ -119,7 +130,8 @@ _STATS_PROPERTIES: Final[dict[str, Any]] = {
     "opened": {
         "type": "integer",
         "minimum": 0,
-        "description": "Messages with at least one counted open (human, mail_proxy).",
+        "description": "Messages opened: at least one counted open (human, mail_proxy), or a "
+        "counted click and no counted open (see opened_via_click).",
     },
     "opened_any": {
         "type": "integer",
@@ -135,6 +147,11 @@ _STATS_PROPERTIES: Final[dict[str, Any]] = {
     },
     "clicks": {"type": "integer", "minimum": 0},
     "clicked": {"type": "integer", "minimum": 0},
+    "opened_via_click": {
+        "type": "integer",
+        "minimum": 0,
+        "description": "Of opened, the messages opened by a counted click alone.",
+    },
     "open_rate": {
         "type": ["number", "null"],
         "minimum": 0,
