@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -31,6 +32,9 @@ from smtp_tracker.metrics import Metrics
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
 from smtp_tracker.pruner import FIRST_PRUNE_DELAY_S, PRUNE_INTERVAL_S, Pruner
+from smtp_tracker.reload import ReloadError, SwappableClassifier
+from smtp_tracker.reload import apply as apply_reload
+from smtp_tracker.reload import prepare as prepare_reload
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.listener import ConnectionSlots, Listener
@@ -235,6 +239,8 @@ class Application:
                 observer=self.metrics.upstream if self.metrics is not None else None,
             )
         self._server_tls = server_tls_context(config)
+        #: the store's classifier, which a reload replaces (after :meth:`start`)
+        self._classifier: SwappableClassifier | None = None
         self._handler: RelayHandler | None = None
         #: the SMTP listener (after :meth:`start`, when it runs the relay)
         self.listener: Listener | None = None
@@ -295,7 +301,8 @@ class Application:
         await asyncio.to_thread(ensure_data_dir, config.data_dir)
         if config.tracking or config.pixel or config.reports:
             networks = await asyncio.to_thread(load_networks, config.data_dir)
-            classifier: EventClassifier = Classifier(networks, config.prefetch_window_s)
+            self._classifier = SwappableClassifier(Classifier(networks, config.prefetch_window_s))
+            classifier: EventClassifier = self._classifier
             if self.metrics is not None:
                 classifier = self.metrics.counting_verdicts(classifier)
             self.store = await SqliteStore.open_or_suspend(  # a damaged store: mail flows
@@ -321,6 +328,37 @@ class Application:
         except BaseException:
             await self.stop(grace_s=0)
             raise
+
+    async def reload(self, config: Config) -> bool:
+        """SIGHUP: apply what can change without a restart (:mod:`smtp_tracker.reload`).
+
+        Connections and transactions in flight go on untouched.
+
+        :param config: the configuration read again.
+        :returns: False when it failed: nothing changed, one line logged.
+        """
+        try:
+            plan = await asyncio.to_thread(
+                prepare_reload,
+                self.config,
+                config,
+                tls_reloadable=self._server_tls is not None,
+                classify=self._classifier is not None,
+            )
+            apply_reload(
+                plan,
+                tls_context=self._server_tls,
+                tracker=self.tracker,
+                classifier=self._classifier,
+            )
+        except ReloadError as exc:
+            log.error("reload failed, nothing changed: %s", exc)
+            return False
+        self.config = plan.config
+        if plan.restart_keys:
+            log.warning("reload: %s changed; restart to apply", ", ".join(plan.restart_keys))
+        log.info("reloaded: certificate, domain lists, disclosure and network lists")
+        return True
 
     async def _start_metrics(self) -> None:
         """``GET /metrics`` on ``metrics_listen``, plain HTTP (Prometheus)."""
@@ -609,11 +647,15 @@ def _address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run(config: Config, *, smtp: bool = True) -> int:
+async def run(
+    config: Config, *, smtp: bool = True, reload_config: Callable[[], Config] | None = None
+) -> int:
     """Run ``serve`` (or ``pixel`` with ``smtp=False``) until SIGTERM or SIGINT.
 
     On the signal: stop accepting, drain for up to ``config.shutdown_grace_s``
-    seconds (see :meth:`Application.stop`), exit.
+    seconds (see :meth:`Application.stop`), exit.  On SIGHUP: read the
+    configuration again with ``reload_config`` (blocking: run in a thread) and
+    apply it (:meth:`Application.reload`), one reload at a time.
 
     :returns: the exit status, 0.
     :raises StartupError: when something needed at start-up is unavailable.
@@ -624,7 +666,32 @@ async def run(config: Config, *, smtp: bool = True) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+    one_at_a_time = asyncio.Lock()
+
+    async def reload() -> None:
+        async with one_at_a_time:
+            if reload_config is None:
+                log.warning("SIGHUP: nothing to reload in this process")
+                return
+            log.info("reloading the configuration (SIGHUP)")
+            try:
+                new = await asyncio.to_thread(reload_config)
+            except ConfigError as exc:
+                log.error("reload failed, nothing changed: %s", "; ".join(exc.problems))
+                return
+            await app.reload(new)
+
+    def on_hangup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
+    for task in list(reloads):
+        task.cancel()
     grace_s = config.shutdown_grace_s
     log.info("stopping: draining transactions in flight (up to %g s)", grace_s)
     await app.stop(grace_s)

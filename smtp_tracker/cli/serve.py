@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 
 from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.config import Config
 from smtp_tracker.logs import configure_logging
 
 __all__ = ["add_commands", "cmd_pixel", "cmd_reports", "cmd_serve"]
@@ -21,25 +22,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args, require_upstream=True)
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(run(config))
+    return asyncio.run(run(config, reload_config=lambda: load_config(args, require_upstream=True)))
 
 
 def cmd_pixel(args: argparse.Namespace) -> int:
     """``smtp-tracker pixel``: the pixel endpoint alone."""
     from smtp_tracker.app import run
 
-    config = dataclasses.replace(load_config(args), pixel=True, reports=False)
+    def load() -> Config:
+        return dataclasses.replace(load_config(args), pixel=True, reports=False)
+
+    config = load()
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(run(config, smtp=False))
+    return asyncio.run(run(config, smtp=False, reload_config=load))
 
 
 def cmd_reports(args: argparse.Namespace) -> int:
     """``smtp-tracker reports``: the reports listener alone."""
     from smtp_tracker.app import run
 
-    config = dataclasses.replace(load_config(args), pixel=False, reports=True)
+    def load() -> Config:
+        return dataclasses.replace(load_config(args), pixel=False, reports=True)
+
+    config = load()
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(run(config, smtp=False))
+    return asyncio.run(run(config, smtp=False, reload_config=load))
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

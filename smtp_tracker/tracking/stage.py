@@ -333,6 +333,14 @@ class Tracker:
                 exc_info=not foreseen,
             )
 
+    def reconfigure(self, *, domains: DomainPolicy, disclosure: Disclosure) -> None:
+        """Domain lists and disclosure for the messages prepared from now on (SIGHUP).
+
+        A message whose rewrite is already submitted keeps what it was given.
+        """
+        self._domains = domains
+        self._disclosure = disclosure
+
     def close(self) -> None:
         """Stop the rewrite threads (waits for rewrites in progress)."""
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,9 +1,9 @@
 """The systemd units in ``conf/systemd/``: valid, hardened, and runnable under their rules.
 
 * ``systemd-analyze verify`` passes on each unit, in a temporary root that
-  holds the host's system units and a stub ``/usr/local/bin/smtp-tracker``
-  (verify checks that ``ExecStart=`` names an executable; the package is not
-  installed at that path here).
+  holds the host's system units and stubs of ``/usr/local/bin/smtp-tracker``
+  and ``kill`` (verify checks that ``ExecStart=`` and ``ExecReload=`` name
+  executables in that root; the package is not installed at that path here).
 * ``systemd-analyze security --offline=true`` rates each unit at most 2.5 (OK).
 * Each ``ExecStart=`` command line is one our command line accepts.
 * ``MemoryDenyWriteExecute=yes``: systemd enforces it with a seccomp filter
@@ -88,10 +88,11 @@ def verify_root(tmp_path: Path) -> Path:
         pytest.skip(f"{HOST_UNITS} is missing: no systemd units to verify against")
     root = tmp_path / "root"
     shutil.copytree(HOST_UNITS, root / "usr/lib/systemd/system", symlinks=True)
-    stub = root / "usr/local/bin/smtp-tracker"
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#!/bin/sh\nexit 0\n")
-    stub.chmod(0o755)
+    # ExecStart= and ExecReload= (kill, found in the root's /usr/bin) name these
+    for stub in (root / "usr/local/bin/smtp-tracker", root / "usr/bin/kill"):
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
     (root / "etc/systemd/system").mkdir(parents=True)
     return root
 
