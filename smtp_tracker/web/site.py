@@ -119,28 +119,43 @@ async def _http_1_only(request: web.Request, handler: Handler) -> web.StreamResp
     return await handler(request)
 
 
+class _BodyTimeout(Exception):
+    """Set on a request body that did not arrive in time (raised where the handler reads it)."""
+
+
 def body_deadline(timeout_s: float = BODY_TIMEOUT_S) -> Middleware:
-    """A middleware that reads a request's body, if it has one, within *timeout_s* seconds.
+    """A middleware that gives a request's body *timeout_s* seconds to arrive.
 
-    The body is read before the handler runs (``request.read()`` and
-    ``request.post()`` then return it at once), so a client that trickles its
-    body (one byte every few seconds) cannot hold a connection and a handler:
-    it gets ``408 Request Timeout`` (RFC 9110 §15.5.9) and the connection is
-    closed.  A body over the app's ``client_max_size`` gets ``413``.
+    When the body is still incomplete that long after the handler started (a
+    client that trickles it, one byte every few seconds), reading it fails in
+    the handler, and the request gets ``408 Request Timeout`` (RFC 9110
+    §15.5.9) and the connection is closed; it cannot hold a connection and a
+    handler.  The body is not read here, so the handler reads it as it likes
+    (``request.post()`` for a form, multipart included).  A body over the
+    app's ``client_max_size`` gets ``413``.
 
-    :param timeout_s: seconds from the end of the headers to the end of the body.
+    :param timeout_s: seconds from the start of handling (the end of the
+        headers) to the end of the body.
     """
 
     @web.middleware
     async def read_body_in_time(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.body_exists:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await request.read()
-            except TimeoutError:
-                log.debug("closed a request whose body took longer than %s s", timeout_s)
-                return _status_response(HTTPStatus.REQUEST_TIMEOUT)
-        return await handler(request)
+        if not request.body_exists:
+            return await handler(request)
+        payload = request.content
+
+        def expire() -> None:
+            if not payload.is_eof():
+                payload.set_exception(_BodyTimeout())
+
+        timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+        try:
+            return await handler(request)
+        except _BodyTimeout:
+            log.debug("closed a request whose body took longer than %s s", timeout_s)
+            return _status_response(HTTPStatus.REQUEST_TIMEOUT)
+        finally:
+            timer.cancel()
 
     return read_body_in_time
 

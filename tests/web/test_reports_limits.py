@@ -31,6 +31,8 @@ from smtp_tracker.web.site import CONNECTIONS_KEY
 
 from .dashboard_support import (
     API_TOKEN,
+    PASSWORD,
+    USER,
     ReportsServer,
     browser,
     form_token,
@@ -434,3 +436,20 @@ async def test_a_normal_login_still_works_with_the_limits(
     limited: ReportsServer, browser: aiohttp.ClientSession
 ) -> None:
     assert (await login(browser, limited)).status == 303
+
+
+async def test_a_multipart_login_form_is_read_within_the_deadline(
+    limited: ReportsServer, browser: aiohttp.ClientSession
+) -> None:
+    """The body deadline leaves the body to the handler: a multipart form still logs in."""
+    async with browser.get(limited.base_url + "/login") as response:
+        token = form_token(await response.text())
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in {"csrf_token": token, "next": "/", "username": USER}.items():
+        form.add_field(name, value)
+    form.add_field("password", PASSWORD)
+    async with browser.post(
+        limited.base_url + "/login", data=form(), allow_redirects=False
+    ) as response:
+        assert response.status == 303
+        assert response.headers["Location"] == "/"
