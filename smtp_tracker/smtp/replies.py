@@ -64,6 +64,7 @@ __all__ = [
     "R501_RCPT_SYNTAX",
     "R501_RSET_SYNTAX",
     "R501_SMTPUTF8_VALUE",
+    "R501_STARTTLS_SYNTAX",
     "R501_VRFY_SYNTAX",
     "R502_AUTH_NOT_OFFERED",
     "R502_EXPN_NOT_IMPLEMENTED",
@@ -238,6 +239,7 @@ R501_QUIT_SYNTAX = Reply(501, "5.5.4", "syntax: QUIT")
 R501_EHLO_SYNTAX = Reply(501, "5.5.4", "syntax: EHLO hostname")
 R501_HELO_SYNTAX = Reply(501, "5.5.4", "syntax: HELO hostname")
 R501_VRFY_SYNTAX = Reply(501, "5.5.4", "syntax: VRFY <address>")
+R501_STARTTLS_SYNTAX = Reply(501, "5.5.4", "syntax: STARTTLS")
 R501_MAIL_SYNTAX = Reply(501, "5.5.4", "syntax: MAIL FROM:<address> [SP <mail-parameters>]")
 R501_RCPT_SYNTAX = Reply(501, "5.5.4", "syntax: RCPT TO:<address> [SP <mail-parameters>]")
 #: RFC 5321 §4.1.1.8: HELP with a command we do not implement; X.5.4.

@@ -128,6 +128,7 @@ _STOCK_REPLIES: dict[str, Reply] = {
     "250 OK": replies.R250_OK,
     "221 Bye": replies.R221_BYE,
     "220 Ready to start TLS": replies.R220_READY_TO_START_TLS,
+    "501 Syntax: STARTTLS": replies.R501_STARTTLS_SYNTAX,
     "530 Must issue a STARTTLS command first": replies.R530_STARTTLS_FIRST,
     "554 Command refused due to lack of security": replies.R554_TLS_FAILED,
     "454 TLS not available": replies.R454_TLS_NOT_AVAILABLE,

@@ -276,6 +276,7 @@ async def test_starttls_is_answered_220_2_0_0(
     try:
         assert (await client.reply()).startswith("220 ")
         assert (await client.command("EHLO postfix.test")).startswith("250 ")
+        assert await client.command("STARTTLS now") == "501 5.5.4 syntax: STARTTLS"
         assert await client.command("STARTTLS") == "220 2.0.0 Ready to start TLS"
     finally:
         client.writer.transport.abort()

@@ -1,5 +1,6 @@
 """Upstream replies are passed on with their code, enhanced status code and text."""
 
+from smtp_tracker.smtp import replies, server
 from smtp_tracker.smtp.replies import Reply
 
 
@@ -43,3 +44,27 @@ def test_421_and_5xx_made_transient_keep_the_detail() -> None:
     )
     same = Reply.from_upstream(452, "4.5.3 too many", command="RCPT")
     assert same.as_transient() is same
+
+
+def test_every_reply_we_compose_is_a_constant_with_a_matching_enhanced_status() -> None:
+    """RFC 2034 §3 and RFC 3463 §2: the enhanced status class is the reply's class;
+    each constant's name starts with its code; one line within 512 octets."""
+    constants = {
+        name: getattr(replies, name) for name in replies.__all__ if name[:2] in {"R2", "R4", "R5"}
+    }
+    assert len(constants) >= 50
+    for name, reply in constants.items():
+        assert isinstance(reply, Reply), name
+        assert name.startswith(f"R{reply.code}_"), name
+        klass, subject, detail = reply.enhanced_status.split(".")
+        assert int(klass) == reply.code // 100, name
+        assert subject.isdigit() and detail.isdigit(), name
+        line = str(reply)
+        assert line.isprintable() and len(line.encode()) <= 510, name
+
+
+def test_aiosmtpds_own_replies_get_enhanced_status_codes() -> None:
+    """Each aiosmtpd reply the protocol rewrites maps to one of our constants."""
+    for stock, ours in server._STOCK_REPLIES.items():
+        assert ours.code == int(stock[:3]), stock
+        assert ours in vars(replies).values(), stock
