@@ -111,6 +111,7 @@ def rewrite_policy(config: Config) -> RewritePolicy:
         track_text_links=config.track_text_links,
         click_exclude_patterns=config.click_exclude_patterns,
         click_notrack_attribute=config.click_notrack_attribute,
+        time_limit_s=config.rewrite_timeout_s,  # the rewrite thread itself stops then
     )
 
 
