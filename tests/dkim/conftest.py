@@ -1,14 +1,23 @@
-"""DKIM test keys, made once per session with ``cryptography``."""
+"""DKIM test keys, made once per session with ``cryptography``; the relay fixtures;
+the OpenDKIM signer's keys and tables (``dkim_keys``)."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from tests.support.opendkim import DkimKeys, make_keys
+from tests.support.opendkim import missing_reason as opendkim_missing
+from tests.support.relay import relay_factory
+
+__all__ = ["relay_factory"]
 
 KeyFiles = Callable[..., Path]
 
@@ -65,3 +74,16 @@ def key_table(
         f"ed  example.com:ed:{keys / 'ed.private'}   # the Ed25519 one\n"
     )
     return table
+
+
+@pytest.fixture(scope="session")
+def dkim_keys() -> Iterator[DkimKeys]:
+    """The session's signer keys and tables, under a /tmp directory OpenDKIM can read."""
+    reason = opendkim_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="dkim-keys-", dir="/tmp"))
+    try:
+        yield make_keys(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
