@@ -14,6 +14,8 @@
 # 3. `podman image mount` + chroot run the image's entry point as its user:
 #    `smtp-tracker --help` and `smtp-tracker check-config` on the image's own
 #    configuration file (with an upstream, which that file leaves to the user).
+# 4. The compose stack's Postfix image (docker/postfix/) is built on the same
+#    base and its entry point's configuration passes `postfix check`.
 #
 # Outside the CI test run: it downloads ~60 MB of Debian packages and the
 # wheels. Prints each step's time.
@@ -85,4 +87,17 @@ run --help | head -n 3
 run check-config --config /etc/smtp-tracker/smtp-tracker.toml --upstream upstream.example:25
 run --version
 step "entry point: --help, check-config and --version answer as user $user"
+
+# The compose stack's Postfix image, on the same base: it builds, and its
+# entry point writes a configuration that `postfix check` accepts.
+podman build --isolation=chroot --force-rm --format docker --build-arg "BASE=$base" \
+    --tag "$image-postfix" "$here/postfix"
+# a container's root (not the image's, which is mounted read-only), never started
+container=$(podman create --pull=never "$image-postfix")
+postfix_root=$(podman mount "$container")
+trap 'podman image unmount "$image" >/dev/null; podman unmount "$container" >/dev/null; podman rm "$container" >/dev/null 2>&1' EXIT
+chroot "$postfix_root" /usr/local/bin/postfix-entrypoint postconf -n \
+    | grep -E '^(transport_maps|mynetworks|smtpd_relay_restrictions) '
+chroot "$postfix_root" /usr/local/bin/postfix-entrypoint postfix check
+step "postfix image: configured by its entry point, postfix check passes"
 echo "build-check: OK in $((SECONDS - all_started)) s"

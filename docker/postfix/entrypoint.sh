@@ -1,5 +1,6 @@
 #!/bin/sh
-# Configure Postfix from the environment, then run it in the foreground.
+# Configure Postfix from the environment, then run the command (default: Postfix
+# in the foreground; `postconf -n` shows the configuration).
 #   POSTFIX_HOSTNAME  myhostname (default postfix.example.test)
 #   POSTFIX_NETWORKS  mynetworks: who may relay (default the compose subnet)
 #   TRACKER_NEXTHOP   where all mail goes (default [smtp-tracker]:10025)
@@ -20,4 +21,4 @@ postconf -e \
 # no chroot: the container is the boundary, and the chroot would lack /etc/resolv.conf
 postconf -F '*/*/chroot = n'
 newaliases
-exec postfix start-fg
+exec "$@"
