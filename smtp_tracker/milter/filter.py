@@ -205,6 +205,8 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
         self.context = context
         self.message: MilterMessage | None = None
         self.started_at = datetime.now(UTC)
+        #: whether changes were asked for at this end of message (then it is not "unchanged")
+        self.applied = False
 
     # -- callbacks: each one fails open -------------------------------------------------
 
@@ -264,6 +266,7 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
         message = self.message
         if message is None:
             return CONTINUE
+        self.applied = False
         try:
             if message.oversized:
                 self._oversized(message)
@@ -271,6 +274,8 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
                 self._end_of_message(message)
         except Exception:
             self._failed("end of message")
+            if not self.applied:
+                self.context.count("unchanged")
         finally:
             self._end()
         return CONTINUE
@@ -302,8 +307,6 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
         log.error("milter: error in %s; passing the message on unchanged", where, exc_info=True)
 
     def _oversized(self, message: MilterMessage) -> None:
-        if message.size_bytes < 0:  # already counted (body then eom)
-            return
         self.context.count("messages")
         self.context.count("oversized")
         self.context.count("unchanged")
@@ -312,8 +315,7 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
             self._queue_id(),
             self.context.max_message_bytes,
         )
-        message.size_bytes = -1
-        self._end()
+        self._end()  # libmilter sends no more of this message
 
     def _end_of_message(self, message: MilterMessage) -> None:
         context = self.context
@@ -373,6 +375,7 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
 
     def _apply(self, edits: MilterEdits) -> None:
         """Ask the MTA for the changes; all are queued by libmilter until end of message."""
+        self.applied = True
         for change in edits.removals:
             self.chgheader(change.name, change.index, None)
         for change in edits.insertions:
