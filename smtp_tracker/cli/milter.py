@@ -21,7 +21,7 @@ def cmd_milter(args: argparse.Namespace) -> int:
 
     config = load_config(args)
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(run(config))
+    return asyncio.run(run(config, reload_config=lambda: load_config(args)))
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

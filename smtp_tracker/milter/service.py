@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 
 from smtp_tracker import app as parts
 from smtp_tracker.config import Config
+from smtp_tracker.errors import ConfigError
 from smtp_tracker.milter.filter import MilterContext
 from smtp_tracker.milter.listener import MilterListener, parse_milter_listen
 from smtp_tracker.pruner import Pruner
@@ -64,6 +66,7 @@ class MilterService:
             if config.tracking:
                 self.tracker = await self._tracker()
                 self.context.stage = self.tracker
+                app.tracker = self.tracker  # Application.reload reconfigures it (SIGHUP)
             if app.store is not None and config.retention_days > 0:
                 self.pruner = Pruner(app.store, config.data_dir / "capture", config.retention_days)
                 self.pruner.start()
@@ -101,7 +104,7 @@ class MilterService:
         if self.tracker is not None:
             log.info("tracking counters: %s", _text(parts.vars_of(self.tracker.counters)))
             await asyncio.to_thread(self.tracker.close)
-            self.tracker = None
+            self.tracker = self.app.tracker = None
         if self.pruner is not None:
             await self.pruner.stop()
             self.pruner = None
@@ -112,8 +115,13 @@ def _text(counters: dict[str, int]) -> str:
     return ", ".join(f"{name}={value}" for name, value in counters.items())
 
 
-async def run(config: Config) -> int:
+async def run(config: Config, *, reload_config: Callable[[], Config] | None = None) -> int:
     """Run ``milter`` until SIGTERM or SIGINT (or libmilter ends on its own).
+
+    On SIGHUP: read the configuration again with ``reload_config`` (in a thread)
+    and apply what can change without a restart, as ``serve`` does
+    (:meth:`~smtp_tracker.app.Application.reload`: certificate, domain lists,
+    disclosure, network lists), one reload at a time.
 
     :returns: the exit status, 0.
     :raises StartupError: when something needed at start-up is unavailable.
@@ -125,11 +133,36 @@ async def run(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    one_at_a_time = asyncio.Lock()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        async with one_at_a_time:
+            if reload_config is None:
+                log.warning("SIGHUP: nothing to reload in this process")
+                return
+            log.info("reloading the configuration (SIGHUP)")
+            try:
+                new = await asyncio.to_thread(reload_config)
+            except ConfigError as exc:
+                log.error("reload failed, nothing changed: %s", "; ".join(exc.problems))
+                return
+            await service.app.reload(new)
+
+    def on_hangup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     ended = asyncio.ensure_future(service.listener.ended.wait())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
     ended.cancel()
     stopping.cancel()
+    loop.remove_signal_handler(signal.SIGHUP)
+    for task in list(reloads):
+        task.cancel()
     grace_s = config.shutdown_grace_s
     log.info("stopping: draining milter transactions in flight (up to %g s)", grace_s)
     await service.stop(grace_s)

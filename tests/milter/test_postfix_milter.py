@@ -242,3 +242,34 @@ async def test_unix_socket_mode_0660_serves_postfix_and_is_removed_at_exit(
     assert status == 0
     assert not path.exists()
     shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_sighup_reloads_the_disclosure_without_a_restart(
+    upstream: Any,
+    postfix_factory: Any,
+    tmp_path: Path,
+    cert_pem_path: Path,
+    key_pem_path: Path,
+) -> None:
+    config = tmp_path / "smtp-tracker.toml"
+    config.write_text('disclosure_header = "first notice"\n')
+    milter = await launch_milter(
+        tmp_path / "data", cert_pem_path, key_pem_path, "--config", str(config)
+    )
+    try:
+        postfix = await postfix_factory(upstream.port, **milter_main_cf(milter.milter_port))
+        await send_to_postfix(postfix.smtpd_port, SENDER, ["one@example.net"], HTML)
+        await upstream.wait_for_transactions(1, timeout_s=60)
+        config.write_text('disclosure_header = "second notice"\n')
+        milter.running.process.send_signal(signal.SIGHUP)
+        await wait_until(
+            lambda: "reloaded:" in milter.log, timeout_s=30, message="no reload logged"
+        )
+        await send_to_postfix(postfix.smtpd_port, SENDER, ["two@example.net"], HTML)
+        delivered = without_bounces(await upstream.wait_for_transactions(2, timeout_s=60))
+        notices = {t.rcpt_tos[0]: header_of(t.data) for t in delivered}
+        assert b"X-Tracking-Notice: first notice\r\n" in notices["one@example.net"]
+        assert b"X-Tracking-Notice: second notice\r\n" in notices["two@example.net"]
+    finally:
+        status = await milter.terminate()
+    assert status == 0
