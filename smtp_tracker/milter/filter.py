@@ -219,6 +219,7 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
             self.started_at = datetime.now(UTC)
             self.context.transaction_started()
             self.message.auth_authen = self.getsymval("{auth_authen}")
+            log.debug("milter: MAIL FROM:<%s>", self.message.sender)
         except Exception:
             self._failed("MAIL FROM")
         return CONTINUE
