@@ -4,9 +4,10 @@ Topology 1, re-signing: Postfix signs with OpenDKIM as a milter, then its
 ``transport_maps`` hand every message to smtp-tracker (``dkim_policy = "resign"``,
 the same KeyTable and SigningTable), which relays to the STARTTLS upstream.
 
-Topology 2, signing after tracking (Postfix's FILTER_README pattern, as in
-``conf/postfix/``): Postfix → smtp-tracker → a second Postfix ``smtpd`` whose
-milter is OpenDKIM → the upstream.
+Topology 2, signing after tracking (Postfix's FILTER_README after-queue filter,
+set up with ``conf/postfix/sign-after-tracking.*`` as shipped): Postfix →
+``content_filter`` → smtp-tracker → a second Postfix ``smtpd`` whose milter is
+OpenDKIM → the queue → the upstream.
 
 Each message must arrive with exactly one pixel and exactly one DKIM signature,
 which two independent verifiers pass: dkimpy (``dnsfunc`` with the session's
@@ -37,7 +38,7 @@ import pytest
 from smtp_tracker.mime import RewritePolicy, rewrite
 from tests.corpus import corpus_root, eml_paths, html_as_message, html_paths, skip_reason
 from tests.support.opendkim import DOMAIN, DkimKeys, OpenDkim, opendkim_verify
-from tests.support.postfix import without_bounces
+from tests.support.postfix import Postfix, free_port, without_bounces
 from tests.support.relay import tracking_over_tls
 
 pytestmark = [pytest.mark.postfix]
@@ -261,31 +262,65 @@ async def test_signed_by_opendkim_tracked_and_resigned(
     assert caplog.text.count("dkim=resigned") == len(expected)
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def shipped(name: str, replacements: dict[str, str]) -> str:
+    """A file of ``conf/postfix/`` with the test's ports and milter put in."""
+    text = (REPO / "conf" / "postfix" / name).read_text()
+    for old, new in replacements.items():
+        assert old in text, f"{name} no longer has {old!r}"
+        text = text.replace(old, new)
+    return text
+
+
+def main_cf_settings(text: str) -> dict[str, str]:
+    """The ``name = value`` lines of a main.cf snippet (comments left out)."""
+    settings = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            settings[name.strip()] = value.strip()
+    return settings
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.upstream(auth_required=False)
 async def test_signed_after_tracking(
     dkim_keys: DkimKeys,
     relay_factory: Any,
     upstream: Any,
-    postfix_factory: Any,
     tmp_path: Path,
     cert_pem_path: Path,
     key_pem_path: Path,
 ) -> None:
-    """Postfix:25 → smtp-tracker → Postfix smtpd with the OpenDKIM milter → upstream."""
+    """Postfix → content_filter → smtp-tracker → Postfix smtpd with the OpenDKIM
+    milter → upstream, one Postfix set up with ``conf/postfix/sign-after-tracking.*``."""
     canon = "relaxed/simple"
     signer = await OpenDkim.start(dkim_keys, canonicalization=canon)
+    upstream_port = int(upstream.address.rpartition(":")[2])
+    signing_port = free_port()
+    postfix: Postfix | None = None
     try:
-        upstream_port = int(upstream.address.rpartition(":")[2])
-        after = await postfix_factory(upstream_port, smtpd_milters=signer.milter)
         app = await relay_factory(
             **tracking_over_tls(cert_pem_path, key_pem_path),
-            upstream=after.smtpd_address,
+            upstream=f"127.0.0.1:{signing_port}",
             upstream_tls="none",
             upstream_user=None,
             upstream_ca_file=None,
         )
-        before = await postfix_factory(app.smtp_address[1])
+        main_cf = main_cf_settings(
+            shipped(
+                "sign-after-tracking.main.cf",
+                {"[127.0.0.1]:10025": f"[127.0.0.1]:{app.smtp_address[1]}"},
+            )
+        )
+        master_cf = shipped(
+            "sign-after-tracking.master.cf",
+            {"127.0.0.1:10026": f"127.0.0.1:{signing_port}", "inet:localhost:8891": signer.milter},
+        )
+        # transport_maps (the test instance's default) send what leaves to the upstream
+        postfix = await Postfix.create(upstream_port, main_cf, master_cf_extra=master_cf)
         items = [
             (name, message)
             for i, (name, message) in enumerate(corpus_items())
@@ -293,12 +328,17 @@ async def test_signed_after_tracking(
         ]
         items.insert(0, ("simple", SIMPLE_HTML))
         for number, (_, message) in enumerate(items):
-            await before.send(
-                ENVELOPE_SENDER, [f"reader+{number}@example.net"], as_written(message, RSA_FROM)
+            await postfix.send(
+                ENVELOPE_SENDER,
+                [f"reader+{number}@example.net"],
+                as_written(message, RSA_FROM),
             )
         await upstream.wait_for_transactions(len(items), timeout_s=240)
+        await postfix.wait_until_queue_empty(timeout_s=60)
     finally:
         await signer.stop()
+        if postfix is not None:
+            await postfix.destroy(keep_log=tmp_path / "postfix.maillog")
     delivered = {t.rcpt_tos[0]: t.data for t in without_bounces(upstream.transactions)}
     assert len(delivered) == len(items)
     for number, (name, _) in enumerate(items):

@@ -262,3 +262,6 @@ def test_dkimpy_helpers_we_build_on_canary() -> None:
     headers, body = dkim.rfc822_parse(b"A: 1\r\n b\r\nC: 2\r\n\r\nbody\r\n")
     assert headers == [[b"A", b" 1\r\n b\r\n"], [b"C", b" 2\r\n"]]
     assert body == b"body\r\n"
+    # the verifier is given our parse through the attributes set_message sets
+    verifier = dkim.DKIM(b"A: 1\r\n b\r\nC: 2\r\n\r\nbody\r\n")
+    assert (verifier.headers, verifier.body) == (headers, body)

@@ -196,6 +196,8 @@ class Postfix:
         self.data_dir = root / "data"
         self.maillog_path = root / "maillog"
         self.running = False
+        #: services appended to master.cf (e.g. a second smtpd with its own -o options)
+        self.master_cf_extra = ""
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -206,6 +208,7 @@ class Postfix:
         main_cf_overrides: Mapping[str, str | int | bool] | None = None,
         *,
         smtpd_port: int | None = None,
+        master_cf_extra: str = "",
     ) -> Postfix:
         """Write the configuration and start the instance.
 
@@ -213,6 +216,7 @@ class Postfix:
             that receives every message.
         :param main_cf_overrides: main.cf parameters replacing or adding to the defaults
             (``True``/``False`` become ``yes``/``no``).
+        :param master_cf_extra: master.cf lines appended to the default services.
         :raises PostfixError: ``postfix start`` failed.
         """
         root = Path(tempfile.mkdtemp(prefix="pf-", dir="/tmp"))
@@ -248,6 +252,7 @@ class Postfix:
         }
         main_cf.update({key: _format(value) for key, value in (main_cf_overrides or {}).items()})
         instance = cls(root, relay_port, port, main_cf)
+        instance.master_cf_extra = master_cf_extra
         instance._write_configuration()
         await instance.start()
         return instance
@@ -260,7 +265,8 @@ class Postfix:
         lines = [f"{key} = {value}".rstrip() for key, value in self.main_cf.items()]
         files = {
             self.config_dir / "main.cf": "\n".join(lines) + "\n",
-            self.config_dir / "master.cf": MASTER_CF.format(smtpd_port=self.smtpd_port),
+            self.config_dir / "master.cf": MASTER_CF.format(smtpd_port=self.smtpd_port)
+            + self.master_cf_extra,
         }
         # Postfix re-reads a configuration file every 0.3 s until its mtime is over a
         # second old (it might still be being edited): backdate ours by a minute.
