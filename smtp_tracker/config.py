@@ -27,13 +27,16 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from smtp_tracker.errors import ConfigError
+from smtp_tracker.webhooks.settings import WebhookSettings
 
 __all__ = [
     "MAX_SECONDS",
     "PASSWORD_ENV",
     "CaptureMode",
     "Config",
+    "CopySpec",
     "HostPort",
+    "HostPorts",
     "IpPolicy",
     "UpstreamTLS",
     "build_config",
@@ -53,6 +56,7 @@ UpstreamTLS = Literal["starttls", "implicit", "none"]
 CaptureMode = Literal["off", "errors", "all"]
 IpPolicy = Literal["full", "truncate", "hash", "none"]
 DkimPolicy = Literal["skip", "track", "resign"]
+PixelPosition = Literal["end", "start", "both", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 
@@ -69,6 +73,36 @@ class HostPort:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+class HostPorts(tuple[HostPort, ...]):
+    """An ordered list of ``HOST:PORT`` (``upstream``); written comma-separated."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return ",".join(str(item) for item in self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CopySpec:
+    """One ``[[copies]]`` table: a server that receives every message in step.
+
+    It is reached with the upstream's TLS and AUTH settings (``upstream_tls``,
+    ``upstream_ca_file``, ``upstream_user``, the password).
+
+    :ivar upstream: the copy's ``HOST:PORT``.
+    :ivar required: the client hears 2xx only when this copy said 2xx too.
+    :ivar untracked: the copy receives the message as received (no pixel).
+    """
+
+    upstream: HostPort
+    required: bool = False
+    untracked: bool = False
+
+    def __str__(self) -> str:
+        flags = [name for name in ("required", "untracked") if getattr(self, name)]
+        return "/".join([str(self.upstream), *flags])
 
 
 def key(
@@ -154,11 +188,19 @@ class Config:
         None, example='"/etc/smtp-tracker/tls/key.pem"', help="PEM private key for tls_cert"
     )
 
-    upstream: HostPort | None = key(
-        None,
+    upstream: HostPorts = key(
+        HostPorts(),
         section="Upstream smarthost",
-        example='"smtp.example.net:587"',
-        help="the smarthost to relay to, HOST:PORT (required for serve)",
+        default_text="none",
+        example='["smtp1.example.net:587", "smtp2.example.net:587"]',
+        help="the smarthost to relay to, HOST:PORT, or an ordered list of them (comma-separated "
+        "as a flag): each transaction goes to the first that is up, and moves to the next in "
+        "the same transaction if one fails before it accepted MAIL (required for serve)",
+    )
+    upstream_retry_s: float = key(
+        60.0,
+        help="seconds a failed upstream (or copy) is skipped before a probe (connect and EHLO) "
+        "checks it again; doubled while it keeps failing, up to 900",
     )
     upstream_tls: UpstreamTLS = key(
         "starttls",
@@ -195,6 +237,31 @@ class Config:
     upstream_command_timeout_s: float = key(300.0, help="seconds to wait for each upstream reply")
     upstream_data_timeout_s: float = key(
         600.0, help="seconds to wait for the upstream's reply to the message"
+    )
+
+    copies: tuple[CopySpec, ...] = key(
+        (),
+        section="In-step copies",
+        default_text="none",
+        example='[{ upstream = "archive.example.net:25", required = true, untracked = false }]',
+        help="servers that receive every message in step with the upstream, with its TLS and "
+        "AUTH settings; as [[copies]] tables (upstream, required, untracked) or inline tables; "
+        "a required copy must say 2xx too or the client gets 4xx; untracked ones get the "
+        "message as received (as a flag: HOST:PORT[/required][/untracked], comma-separated)",
+    )
+
+    lmtp_listen: HostPort | None = key(
+        None,
+        section="LMTP listener (one pixel per recipient)",
+        example='"127.0.0.1:10024"',
+        help="address to accept LMTP from Postfix on (transport lmtp:[HOST]:PORT): each "
+        "recipient of a delivery gets its own copy, pixel, token and record, relayed upstream "
+        "as its own transaction, and its own LMTP reply; off when not set",
+    )
+    lmtp_parallel_copies: int = key(
+        4,
+        help="upstream connections one LMTP delivery's recipients are relayed on at once "
+        "(1: one connection, each recipient in turn)",
     )
 
     data_dir: Path = key(
@@ -248,6 +315,12 @@ class Config:
     control_header: str = key(
         "X-Track",
         help="header that opts a message in (yes) or out (no); removed before relay",
+    )
+    pixel_position: PixelPosition = key(
+        "end",
+        help="where the pixel goes in the HTML body: end (before </body>), start (right "
+        "after <body>: still fetched when Gmail clips a message over about 102 KB), both (one "
+        "at each place, the same URL: one open), or auto (both for HTML bodies over 90 KB)",
     )
     rewrite_timeout_s: float = key(
         10.0, help="seconds the pixel rewrite may take before the original is relayed"
@@ -406,6 +479,42 @@ class Config:
         "private network: it has no authentication",
     )
 
+    webhooks: tuple[WebhookSettings, ...] = key(
+        (),
+        section="Events out: webhooks and the event log",
+        default_text="none",
+        example='[{ url = "https://crm.example.com/hooks/mail", secret_file = '
+        '"/etc/smtp-tracker/webhook.secret", events = ["message.opened", "link.clicked"], '
+        "counted_only = true }]",
+        help="webhooks that get each event as a POST signed per Standard Webhooks; as "
+        "[[webhooks]] tables (url, secret_file, events, counted_only, allow_plain_http, "
+        "ca_file, name) or inline tables (as a flag: a TOML array of inline tables); "
+        "'smtp-tracker webhooks new-secret FILE' makes a secret; docs/webhooks.md",
+    )
+    webhook_retry_hours: float = key(
+        24.0,
+        help="hours an event is retried (exponential backoff with jitter) before it becomes a "
+        "dead letter ('smtp-tracker webhooks list-failed', 'webhooks retry')",
+    )
+    webhook_outbox_max_events: int = key(
+        100_000,
+        help="events the outbox in the store holds at most; beyond, new events are dropped and "
+        "counted (mail and records go on)",
+    )
+    webhook_timeout_s: float = key(
+        10.0, help="seconds a webhook has to answer an event (connect included)"
+    )
+    webhook_backoff_base_s: float = key(
+        5.0, help="seconds before the first retry of a failed event; doubled at each retry"
+    )
+    webhook_backoff_max_s: float = key(3600.0, help="longest wait between two retries, seconds")
+    events_log: Path | None = key(
+        None,
+        example='"/var/log/smtp-tracker/events.ndjson"',
+        help="file the same events are appended to as JSON lines (NDJSON), for log shippers; "
+        "reopened on SIGHUP (logrotate)",
+    )
+
     milter_listen: str = key(
         "127.0.0.1:8892",
         section="Milter mode ('smtp-tracker milter')",
@@ -429,13 +538,13 @@ class Config:
         return self.reports_users_file or self.data_dir / "reports-users.json"
 
     def upstream_address(self) -> HostPort:
-        """The upstream, which :func:`build_config` guarantees for ``serve``.
+        """The first upstream, which :func:`build_config` guarantees for ``serve``.
 
         :raises ConfigError: when no upstream is configured.
         """
-        if self.upstream is None:
+        if not self.upstream:
             raise ConfigError("no upstream: set --upstream HOST:PORT or the key 'upstream'")
-        return self.upstream
+        return self.upstream[0]
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -515,7 +624,11 @@ def load_toml(path: Path) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or flag value into the field's type; raise ConfigError if it can't."""
     kind = _FIELDS[name].type
-    if name in {"listen", "upstream", "pixel_listen", "reports_listen", "metrics_listen"}:
+    if name == "upstream":
+        return _parse_host_ports(value, what=name)
+    if name == "copies":
+        return _parse_copies(value)
+    if name in {"listen", "pixel_listen", "reports_listen", "metrics_listen", "lmtp_listen"}:
         if isinstance(value, HostPort):
             return value
         if not isinstance(value, str):
@@ -555,6 +668,7 @@ def _coerce(name: str, value: Any) -> Any:
         "CaptureMode": CaptureMode,
         "IpPolicy": IpPolicy,
         "DkimPolicy": DkimPolicy,
+        "PixelPosition": PixelPosition,
         "LogLevel": LogLevel,
         "LogFormat": LogFormat,
     }.get(str(kind))
@@ -564,11 +678,72 @@ def _coerce(name: str, value: Any) -> Any:
         if text not in choices:
             raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         return text
+    if name == "webhooks":
+        return _parse_webhooks(value)
     if kind == "tuple[str, ...]":
         return _parse_strings(value, what=name)
     if not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string")
     return value
+
+
+def _parse_host_ports(value: Any, *, what: str) -> HostPorts:
+    """``HOST:PORT``, a list of them (TOML) or ``HOST:PORT,HOST:PORT`` (a flag)."""
+    if isinstance(value, HostPort):
+        return HostPorts((value,))
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{what}: expected HOST:PORT or a list of them")
+    parsed: list[HostPort] = []
+    for item in items:
+        if isinstance(item, HostPort):
+            parsed.append(item)
+        elif isinstance(item, str):
+            if item.strip():
+                parsed.append(parse_host_port(item.strip(), what=what))
+        else:
+            raise ConfigError(f"{what}: expected HOST:PORT strings, got {item!r}")
+    if len(set(parsed)) != len(parsed):
+        raise ConfigError(f"{what}: an address is listed twice")
+    return HostPorts(parsed)
+
+
+def _parse_copies(value: Any) -> tuple[CopySpec, ...]:
+    """``[[copies]]`` tables (TOML: a list of tables), or the flag's
+    ``HOST:PORT[/required][/untracked],...``: the one place copies are read."""
+    if isinstance(value, str):
+        tables: list[Any] = []
+        for item in value.split(","):
+            address, *words = item.strip().split("/")
+            if not address:
+                continue
+            unknown = set(words) - {"required", "untracked"}
+            if unknown:
+                raise ConfigError(f"copies: unknown option {sorted(unknown)[0]!r} in {item!r}")
+            tables.append({"upstream": address, **{word: True for word in words}})
+        value = tables
+    if not isinstance(value, list | tuple):
+        raise ConfigError("copies: expected [[copies]] tables (upstream, required, untracked)")
+    copies: list[CopySpec] = []
+    for number, table in enumerate(value, 1):
+        if isinstance(table, CopySpec):
+            copies.append(table)
+            continue
+        what = f"copies #{number}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{what}: expected a table with upstream, required, untracked")
+        unknown = set(table) - {"upstream", "required", "untracked"}
+        if unknown:
+            raise ConfigError(f"{what}: unknown key {sorted(unknown)[0]!r}")
+        target: Any = table.get("upstream")
+        if not isinstance(target, str):
+            raise ConfigError(f'{what}: upstream = "HOST:PORT" is required')
+        flags = {name: table.get(name, False) for name in ("required", "untracked")}
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{what}: {name}: expected true or false")
+        copies.append(CopySpec(upstream=parse_host_port(target, what=what), **flags))
+    return tuple(copies)
 
 
 def _parse_strings(value: Any, *, what: str) -> tuple[str, ...]:
@@ -577,6 +752,38 @@ def _parse_strings(value: Any, *, what: str) -> tuple[str, ...]:
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise ConfigError(f"{what}: expected a list of strings")
     return tuple(text for text in (item.strip() for item in items) if text)
+
+
+def _parse_webhooks(value: Any) -> tuple[WebhookSettings, ...]:
+    """``[[webhooks]]`` tables (TOML: a list of tables), or the flag's TOML array of
+    inline tables: the one place webhooks are read (each by
+    :meth:`~smtp_tracker.webhooks.settings.WebhookSettings.from_table`)."""
+    if isinstance(value, str):
+        try:
+            value = tomllib.loads(f"webhooks = {value}")["webhooks"]
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"webhooks: expected a TOML array of inline tables ({exc})") from None
+    if not isinstance(value, list | tuple):
+        raise ConfigError("webhooks: expected [[webhooks]] tables (url, secret_file, ...)")
+    hooks: list[WebhookSettings] = []
+    problems: list[str] = []
+    for number, table in enumerate(value, 1):
+        if isinstance(table, WebhookSettings):
+            hooks.append(table)
+            continue
+        if not isinstance(table, Mapping):
+            problems.append(f"webhooks #{number}: expected a table with url and secret_file")
+            continue
+        try:
+            hooks.append(WebhookSettings.from_table(table))
+        except ValueError as exc:
+            problems.extend(f"webhooks #{number}: {line}" for line in str(exc).splitlines())
+    names = [hook.hook for hook in hooks]
+    if len(set(names)) != len(names):
+        problems.append("webhooks: two hooks have the same url (or name); give each a name")
+    if problems:
+        raise ConfigError(*problems)
+    return tuple(hooks)
 
 
 def _read_secret_file(path: Path, *, what: str, warnings: list[str]) -> str:
@@ -648,7 +855,7 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
     """Cross-field rules; returns the problems found."""
     problems: list[str] = []
     get = values.get
-    if require_upstream and get("upstream") is None:
+    if require_upstream and not get("upstream"):
         problems.append("no upstream: set --upstream HOST:PORT or the key 'upstream'")
     if get("upstream_user") and not get("upstream_password"):
         problems.append(
@@ -671,6 +878,11 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         problems.append(
             "dkim_policy = resign needs dkim_key_table: the OpenDKIM KeyTable with the keys"
         )
+    copied = {copy.upstream for copy in get("copies", ())}
+    if copied & set(get("upstream", ())):
+        problems.append("copies: a copy's upstream is also in upstream; it would get mail twice")
+    if len(copied) != len(get("copies", ())):
+        problems.append("copies: an address is listed twice")
     if (get("tls_cert") is None) != (get("tls_key") is None):
         problems.append("tls_cert and tls_key go together: set both or neither")
     for name in (
@@ -678,6 +890,7 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         "max_recipients",
         "max_connections",
         "reports_login_failures_per_min",
+        "lmtp_parallel_copies",
     ):
         if name in values and values[name] <= 0:
             problems.append(f"{name}: must be greater than 0")
@@ -692,6 +905,10 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         problems.append(f"control_header: {header!r} is not a valid header field name")
     problems.extend(_check_privacy(values))
     problems.extend(_check_clicks(values))
+    if values.get("webhook_retry_hours", 1.0) <= 0:
+        problems.append("webhook_retry_hours: must be a positive number of hours")
+    if values.get("webhook_outbox_max_events", 1) < 1:
+        problems.append("webhook_outbox_max_events: must be at least 1")
     reports_listen = get("reports_listen", _FIELDS["reports_listen"].default)
     if get("reports_plain_http") and not is_loopback_host(reports_listen.host):
         problems.append(

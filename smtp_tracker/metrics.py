@@ -202,6 +202,9 @@ class _PartsCollector(Collector):
         if tracker is not None or writer is not None:
             yield depths
             yield failed
+        webhooks = getattr(source, "webhooks", None)  # the Application's WebhookSender
+        if webhooks is not None:
+            yield from webhooks.metrics()
 
 
 def _relay_metrics(handler: RelayHandler | None, slots: ConnectionSlots) -> Iterator[Metric]:

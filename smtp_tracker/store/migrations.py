@@ -27,6 +27,11 @@ recipients as a JSON array of strings.
   with a counted click and no counted open, and ``daily_stats.opened_via_click``
   counts those.  Existing rollup rows are brought to that meaning from the
   messages' counters.
+* **v5** - the webhook outbox (issue 18, :mod:`smtp_tracker.webhooks.outbox`):
+  ``webhook_events`` (one row per event), ``webhook_deliveries`` (one per event
+  and target), ``webhook_hooks`` (hooks a 410 disabled) and
+  ``webhook_outbox_state`` (the outbox's depth, kept by triggers, and the
+  events dropped when it was full).
 """
 
 from __future__ import annotations
@@ -177,6 +182,62 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         ON CONFLICT (day, sender_domain) DO UPDATE SET
             opened = opened + excluded.opened,
             opened_via_click = opened_via_click + excluded.opened_via_click
+        """,
+    ),
+    # v5: the webhook outbox (smtp_tracker.webhooks.outbox)
+    (
+        """
+        CREATE TABLE webhook_events (
+            seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+            id         TEXT    NOT NULL UNIQUE,
+            type       TEXT    NOT NULL,
+            created_us INTEGER NOT NULL,
+            body       TEXT    NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE webhook_deliveries (
+            hook       TEXT    NOT NULL,
+            seq        INTEGER NOT NULL,
+            order_key  TEXT    NOT NULL,
+            state      TEXT    NOT NULL DEFAULT 'pending',
+            attempts   INTEGER NOT NULL DEFAULT 0,
+            due_us     INTEGER NOT NULL,
+            since_us   INTEGER NOT NULL,
+            last_error TEXT,
+            PRIMARY KEY (hook, seq)
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (hook, state, due_us)",
+        "CREATE INDEX webhook_deliveries_order ON webhook_deliveries (hook, order_key, seq)",
+        "CREATE INDEX webhook_deliveries_seq ON webhook_deliveries (seq)",
+        """
+        CREATE TABLE webhook_hooks (
+            hook            TEXT    PRIMARY KEY,
+            disabled_at_us  INTEGER NOT NULL,
+            disabled_reason TEXT    NOT NULL
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE webhook_outbox_state (
+            one     INTEGER PRIMARY KEY CHECK (one = 1),
+            depth   INTEGER NOT NULL,
+            dropped INTEGER NOT NULL
+        )
+        """,
+        "INSERT INTO webhook_outbox_state (one, depth, dropped) VALUES (1, 0, 0)",
+        """
+        CREATE TRIGGER webhook_events_added AFTER INSERT ON webhook_events
+        BEGIN UPDATE webhook_outbox_state SET depth = depth + 1; END
+        """,
+        """
+        CREATE TRIGGER webhook_events_removed AFTER DELETE ON webhook_events
+        BEGIN UPDATE webhook_outbox_state SET depth = depth - 1; END
+        """,
+        """
+        CREATE TRIGGER webhook_deliveries_done AFTER DELETE ON webhook_deliveries
+        WHEN NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE seq = old.seq)
+        BEGIN DELETE FROM webhook_events WHERE seq = old.seq; END
         """,
     ),
 )

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Protocol, Self, TypeVar, cast
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import queries, reclassify, retention
@@ -74,7 +74,14 @@ from smtp_tracker.store.records import (
     unclassified,
 )
 
-__all__ = ["DB_FILENAME", "SqliteDatabase", "SqliteStore", "day_of", "sender_domain_of"]
+__all__ = [
+    "DB_FILENAME",
+    "OutboxHook",
+    "SqliteDatabase",
+    "SqliteStore",
+    "day_of",
+    "sender_domain_of",
+]
 
 log = logging.getLogger("smtp_tracker.store")
 
@@ -267,6 +274,24 @@ def _select_in(conn: sqlite3.Connection, query: str, keys: Iterable[str]) -> dic
 _IN_CHUNK = 500
 
 
+class OutboxHook(Protocol):
+    """Called inside the store's write transactions (the webhook outbox, issue 18).
+
+    Must not raise: what it writes is its own business, never the record's.
+    """
+
+    def message_recorded(self, conn: sqlite3.Connection, record: MessageRecord) -> None:
+        """*record* was inserted; the transaction is still open."""
+        ...
+
+    def events_recorded(
+        self, conn: sqlite3.Connection, kind: EventKind, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """*rows* (``_INSERT_OPEN`` or ``_INSERT_CLICK`` columns) were inserted, before
+        the messages' counters were updated; the transaction is still open."""
+        ...
+
+
 class SqliteDatabase:
     """The blocking store over one SQLite connection; for one thread at a time.
 
@@ -287,6 +312,8 @@ class SqliteDatabase:
         self.data_dir = data_dir
         #: ``messages.id`` of the last message committed here (:func:`.integrity.probe` reads it).
         self.last_message_rowid: int | None = None
+        #: told of each record and event inside the transaction that writes it (webhooks)
+        self.outbox: OutboxHook | None = None
         self.store_subject = store_subject
         self.address_policy = address_policy
         self.classifier = classifier
@@ -431,6 +458,8 @@ class SqliteDatabase:
                     row[12],
                     {"relayed": 1, "tracked": int(bool(record.tracked))},
                 )
+                if self.outbox is not None:
+                    self.outbox.message_recorded(conn, record)
         except sqlite3.IntegrityError as exc:
             raise StoreError(f"tracking id {record.tracking_id} is already recorded") from exc
         except sqlite3.Error as exc:
@@ -529,6 +558,8 @@ class SqliteDatabase:
                     else:
                         rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
                 conn.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
+                if self.outbox is not None:
+                    self.outbox.events_recorded(conn, kind, rows)
                 _MessageState.save_all(conn, messages.values())
         except sqlite3.Error as exc:
             raise StoreError(f"cannot record {len(hits)} {kind}s: {exc}") from exc
@@ -1206,6 +1237,11 @@ class SqliteStore:
             self.counters.suspended_calls += 1
             raise StoreSuspendedError(self.suspended)
         return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+    def set_outbox(self, hook: OutboxHook | None) -> None:
+        """Have *hook* told of each record and event as it is written (not when suspended)."""
+        if self.suspended is None:
+            self._writer.outbox = hook
 
     async def record_message(self, record: MessageRecord) -> None:
         """See :meth:`.base.Store.record_message`."""

@@ -1,0 +1,184 @@
+"""``smtp-tracker webhooks status|list-failed|retry|new-secret``: the outbox by hand.
+
+``status`` and ``list-failed`` read the outbox in the store; ``retry`` makes
+dead letters pending again (a running ``serve`` sends them within a second or
+two); ``new-secret`` writes a Standard Webhooks secret for a ``[[webhooks]]``
+table's ``secret_file``.  They are safe beside a running ``serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.errors import InputError, StoreError
+
+__all__ = ["add_commands"]
+
+EXIT_OK = 0
+
+
+def _open(args: argparse.Namespace) -> sqlite3.Connection:
+    from smtp_tracker.store import SqliteDatabase
+    from smtp_tracker.store.integrity import DB_FILENAME
+    from smtp_tracker.webhooks import outbox
+
+    data_dir = load_config(args).data_dir
+    if not (data_dir / DB_FILENAME).is_file():
+        raise InputError(f"no tracking store in {data_dir}: give --data-dir (or --config)")
+    SqliteDatabase.open(data_dir, create=False).close()  # migrated to the outbox's schema
+    try:
+        return outbox.connect(data_dir)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the store in {data_dir}: {exc}") from exc
+
+
+def _when(value_us: int | None) -> str:
+    if value_us is None:
+        return "-"
+    return datetime.fromtimestamp(value_us / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The outbox's depth, its dropped events and each target's pending and dead deliveries."""
+    from smtp_tracker.webhooks import outbox
+
+    with _open(args) as conn:
+        state = outbox.status(conn)
+    if args.json:
+        document = {
+            "depth": state.depth,
+            "dropped": state.dropped,
+            "hooks": [
+                {
+                    "hook": h.hook,
+                    "pending": h.pending,
+                    "dead": h.dead,
+                    "oldest_pending": _when(h.oldest_pending_us) if h.oldest_pending_us else None,
+                    "disabled": h.disabled,
+                }
+                for h in state.hooks
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    print(f"outbox: {state.depth} events, {state.dropped} dropped (outbox full)")
+    for h in state.hooks:
+        line = f"{h.hook}: {h.pending} pending (oldest {_when(h.oldest_pending_us)}), {h.dead} dead"
+        if h.disabled:
+            line += f", DISABLED ({h.disabled})"
+        print(line)
+    return EXIT_OK
+
+
+def cmd_list_failed(args: argparse.Namespace) -> int:
+    """The dead letters, oldest first: event id, type, hook, attempts, last error."""
+    from smtp_tracker.webhooks import outbox
+
+    with _open(args) as conn:
+        rows = outbox.list_failed(conn, limit=args.limit)
+    if args.json:
+        for row in rows:
+            row["created"] = _when(row.pop("created_us"))
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        print(
+            f"{row['id']}  {row['type']}  {_when(row['created_us'])}  {row['hook']}  "
+            f"attempts={row['attempts']}  {row['last_error'] or ''}".rstrip()
+        )
+    if not rows:
+        print("no dead letters")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Dead deliveries of one event (or all, enabling every hook a 410 disabled) pending again."""
+    from smtp_tracker.webhooks import outbox
+
+    if (args.id is None) == (not args.all):
+        raise InputError("webhooks retry: give an event id or --all")
+    with _open(args) as conn:
+        count = outbox.retry(conn, None if args.all else args.id, now_us=time.time_ns() // 1000)
+    if args.id is not None and count == 0:
+        raise InputError(f"no dead letter with event id {args.id}")
+    print(f"{count} deliveries pending again")
+    return EXIT_OK
+
+
+def cmd_new_secret(args: argparse.Namespace) -> int:
+    """Write a new ``whsec_`` secret to FILE (mode 0600, never overwritten); print it."""
+    from smtp_tracker.webhooks.signing import write_secret
+
+    path: Path = args.file
+    try:
+        secret = write_secret(path)
+    except FileExistsError:
+        raise InputError(
+            f"{path} exists; give a new file name (a secret is never overwritten)"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"cannot write {path} ({exc.strerror})") from None
+    print(f"wrote a new webhook secret to {path} (mode 0600); give the receiver the same:")
+    print(secret)
+    return EXIT_OK
+
+
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``webhooks status|list-failed|retry|new-secret`` to the command line."""
+    webhooks = add_command(
+        commands,
+        "webhooks",
+        help="the webhook outbox: status, dead letters, retry, new secrets",
+        description="Events (message.relayed, message.opened, link.clicked, ...) wait in an "
+        "outbox in the store until each webhook answers 2xx; after webhook_retry_hours of "
+        "failures they are dead letters. See docs/webhooks.md.",
+    )
+    actions = webhooks.add_subparsers(dest="webhooks_command", required=True, metavar="ACTION")
+    status = add_command(
+        actions,
+        "status",
+        help="events in the outbox, dropped, and each hook's pending and dead",
+        description="The outbox's depth and dropped events, and per hook its pending and "
+        "dead deliveries and whether a 410 disabled it.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    add_config_flags(status, ("data_dir",))
+    status.set_defaults(func=cmd_status)
+    failed = add_command(
+        actions,
+        "list-failed",
+        help="the dead letters, oldest first",
+        description="Deliveries given up after webhook_retry_hours, or buried by a 410: "
+        "event id, type, time, hook, attempts, last error.",
+    )
+    failed.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
+    failed.add_argument("--json", action="store_true", help="print JSON")
+    add_config_flags(failed, ("data_dir",))
+    failed.set_defaults(func=cmd_list_failed)
+    retry = add_command(
+        actions,
+        "retry",
+        help="send dead letters again: one event id, or --all",
+        description="Make dead deliveries pending again with a new retry window; a running "
+        "serve sends them. --all also enables every hook a 410 disabled.",
+    )
+    retry.add_argument("id", nargs="?", help="the event id (webhook-id) to send again")
+    retry.add_argument("--all", action="store_true", help="every dead letter")
+    add_config_flags(retry, ("data_dir",))
+    retry.set_defaults(func=cmd_retry)
+    secret = add_command(
+        actions,
+        "new-secret",
+        help="write a new whsec_ secret to FILE (mode 0600)",
+        description="Write a Standard Webhooks secret (whsec_ and base64 of 32 random bytes) "
+        "to FILE, created mode 0600, never overwritten; name it in a [[webhooks]] table's "
+        "secret_file and give the receiver the same text.",
+    )
+    secret.add_argument("file", type=Path, metavar="FILE")
+    secret.set_defaults(func=cmd_new_secret)

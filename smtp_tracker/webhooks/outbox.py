@@ -1,0 +1,492 @@
+"""The outbox: events kept in the store until every target has them.
+
+Tables (schema v5, :mod:`smtp_tracker.store.migrations`):
+
+``webhook_events``
+    One row per event: ``seq`` (the order written), ``id`` (UUIDv7), ``type``,
+    ``created_us``, ``body`` (the JSON).  Deleted with its last delivery.
+``webhook_deliveries``
+    One row per event and target (a webhook's name, or ``events_log``):
+    ``state`` ``pending`` or ``dead``, ``attempts``, ``due_us`` (the next
+    attempt, or the end of a claim), ``since_us`` (the start of its retry
+    window), ``order_key`` (the message) and ``last_error``.
+``webhook_hooks``
+    Hooks disabled by a ``410 Gone``.
+``webhook_outbox_state``
+    One row: ``depth`` (events in the outbox, kept by triggers) and
+    ``dropped`` (events not written because the outbox was full).
+
+Events are written by :class:`Outbox` inside the store's own transaction (the
+message record, the batch of opens or clicks): a crash either keeps both or
+neither.  A failure to write them costs only the events (a savepoint is rolled
+back, logged once, counted): never the record, never the mail.
+
+The functions below run on a connection in autocommit mode, each in one
+``BEGIN IMMEDIATE`` transaction; they are blocking (run them in a thread).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from smtp_tracker.store.integrity import DB_FILENAME
+from smtp_tracker.store.migrations import immediate_transaction
+from smtp_tracker.store.records import COUNTED_VERDICTS, MessageRecord
+from smtp_tracker.webhooks.events import Event
+
+__all__ = [
+    "Claimed",
+    "HookStatus",
+    "Outbox",
+    "OutboxStatus",
+    "Settled",
+    "claim",
+    "connect",
+    "disable_hook",
+    "disabled_hooks",
+    "list_failed",
+    "retry",
+    "settle",
+    "status",
+]
+
+log = logging.getLogger("smtp_tracker.webhooks")
+
+#: A target: its name and whether it takes an event of a type (and counted or not).
+Target = tuple[str, Callable[[str, bool], bool]]
+
+
+def connect(data_dir: Path, *, busy_timeout_s: float = 5.0) -> sqlite3.Connection:
+    """A connection of its own to the store in *data_dir* (autocommit; the store made it WAL).
+
+    :raises sqlite3.Error: when it cannot be opened.
+    """
+    conn = sqlite3.connect(
+        data_dir / DB_FILENAME,
+        timeout=busy_timeout_s,
+        isolation_level=None,
+        check_same_thread=False,
+    )
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+class Outbox:
+    """Writes events to the outbox in the caller's transaction; the store calls it.
+
+    :param targets: the webhooks (and ``events_log``) with their filters.
+    :param max_events: the most events the outbox holds; beyond, new events
+        are dropped and counted (:attr:`dropped`, and ``dropped`` in the
+        outbox's state row).
+    :param on_written: called (from the writing thread) after events were
+        written, to wake the sender.
+
+    Counters: :attr:`written`, :attr:`dropped` (the outbox full), :attr:`failed`
+    (events lost because writing them raised).
+    """
+
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        *,
+        max_events: int,
+        on_written: Callable[[], None] | None = None,
+    ) -> None:
+        self._targets = list(targets)
+        self._max_events = max_events
+        self.on_written = on_written
+        #: hooks disabled by a 410 (the sender keeps it current)
+        self.disabled: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+        self._full = False
+        self._failing = False
+        self.written = 0
+        self.dropped = 0
+        self.failed = 0
+
+    # -- the store's hooks (called in its writer thread, inside its transaction) --------
+
+    def message_recorded(self, conn: sqlite3.Connection, record: MessageRecord) -> None:
+        """``message.relayed`` for *record*, in the transaction that records it."""
+        if not self._targets:
+            return
+        event = Event.make(
+            "message.relayed",
+            occurred_at=record.relayed_at,
+            tracking_id=record.tracking_id,
+            queue_id=record.queue_id,
+            message_id=record.message_id,
+            sender=record.sender,
+            recipients=list(record.recipients),
+            tracked=bool(record.tracked),
+            not_tracked_reason=record.not_tracked_reason,
+            size_bytes=int(record.size_bytes),
+            upstream_reply=record.upstream_reply,
+        )
+        self.add(conn, [event])
+
+    def events_recorded(
+        self, conn: sqlite3.Connection, kind: str, rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """``message.opened`` or ``link.clicked`` for each row the store inserts.
+
+        Called before the messages' counters are updated, in the same transaction.
+
+        :param kind: ``"open"`` or ``"click"``.
+        :param rows: as inserted: opens ``(tracking_id, at_us, ip, user_agent,
+            verdict, verdict_reason, signals)``; clicks ``(link_token,
+            tracking_id, at_us, ...)`` (the same after the token).
+        """
+        if not self._targets or not rows:
+            return
+        try:
+            events = _hit_events(conn, kind, rows)
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            self._lost(len(rows), exc)
+            return
+        self.add(conn, events)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def add(self, conn: sqlite3.Connection, events: Iterable[Event]) -> int:
+        """Write *events* for the targets that want them, inside the caller's transaction.
+
+        Never raises: a failure rolls back these events alone (a savepoint),
+        is logged once and counted in :attr:`failed`.
+
+        :returns: how many events were written.
+        """
+        events = list(events)
+        written = 0
+        try:
+            conn.execute("SAVEPOINT webhook_outbox")
+            try:
+                written = self._insert(conn, events)
+            except BaseException:
+                conn.execute("ROLLBACK TO webhook_outbox")
+                raise
+            finally:
+                conn.execute("RELEASE webhook_outbox")
+        except sqlite3.Error as exc:
+            self._lost(len(events), exc)
+            return 0
+        with self._lock:
+            self.written += written
+            self._failing = False
+        if written and self.on_written is not None:
+            self.on_written()
+        return written
+
+    def _insert(self, conn: sqlite3.Connection, events: list[Event]) -> int:
+        row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
+        depth = int(row[0]) if row else 0
+        disabled = self.disabled
+        written = dropped = 0
+        for event in events:
+            targets = [
+                name
+                for name, wants in self._targets
+                if name not in disabled and wants(event.type, event.counted)
+            ]
+            if not targets:
+                continue
+            if depth >= self._max_events:
+                dropped += 1
+                continue
+            created_us = event.occurred_us
+            seq = conn.execute(
+                "INSERT INTO webhook_events (id, type, created_us, body) VALUES (?, ?, ?, ?)",
+                (event.id, event.type, created_us, event.body),
+            ).lastrowid
+            conn.executemany(
+                "INSERT INTO webhook_deliveries (hook, seq, order_key, due_us, since_us)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(name, seq, event.order_key, created_us, created_us) for name in targets],
+            )
+            depth += 1
+            written += 1
+        if dropped:
+            conn.execute("UPDATE webhook_outbox_state SET dropped = dropped + ?", (dropped,))
+            with self._lock:
+                self.dropped += dropped
+                first = not self._full
+                self._full = True
+            if first:
+                log.error(
+                    "webhook outbox full (webhook_outbox_max_events = %d): new events are "
+                    "dropped and counted until the receivers catch up ('smtp-tracker "
+                    "webhooks status')",
+                    self._max_events,
+                )
+        elif written:
+            with self._lock:
+                if self._full:
+                    log.warning("webhook outbox has room again; events are kept again")
+                self._full = False
+        return written
+
+    def _lost(self, count: int, exc: BaseException) -> None:
+        with self._lock:
+            self.failed += count
+            first = not self._failing
+            self._failing = True
+        if first:
+            log.error(
+                "webhook outbox: %d events not written (%s); records and mail go on",
+                count,
+                exc,
+            )
+
+
+def _hit_events(conn: sqlite3.Connection, kind: str, rows: Sequence[Sequence[Any]]) -> list[Event]:
+    from datetime import UTC, datetime, timedelta
+
+    click = kind == "click"
+    hits = [tuple(row[1:]) for row in rows] if click else [tuple(row) for row in rows]
+    tokens = [str(row[0]) for row in rows] if click else []
+    ids = sorted({str(hit[0]) for hit in hits})
+    marks = ", ".join("?" * len(ids))
+    messages = {
+        str(r[0]): r
+        for r in conn.execute(
+            "SELECT tracking_id, queue_id, message_id, sender, recipients, counted_open_count,"  # noqa: S608 - marks
+            f" counted_click_count FROM messages WHERE tracking_id IN ({marks})",
+            ids,
+        )
+    }
+    links: dict[str, tuple[str, int]] = {}
+    if click:
+        token_marks = ", ".join("?" * len(set(tokens)))
+        links = {
+            str(r[0]): (str(r[1]), int(r[2]))
+            for r in conn.execute(
+                f"SELECT token, url, position FROM links WHERE token IN ({token_marks})",  # noqa: S608
+                sorted(set(tokens)),
+            )
+        }
+    counted_before = {tid: int(m[6] if click else m[5]) for tid, m in messages.items()}
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    events = []
+    for index, (tracking_id, at_us, ip, user_agent, verdict, reason, *_rest) in enumerate(hits):
+        message = messages.get(str(tracking_id))
+        if message is None:
+            continue
+        counted = verdict in COUNTED_VERDICTS
+        first = counted and counted_before[str(tracking_id)] == 0
+        if counted:
+            counted_before[str(tracking_id)] += 1
+        extra: dict[str, Any] = {}
+        if click:
+            url, position = links.get(tokens[index], ("", -1))
+            extra["link"] = {"position": position, "url": url}
+        events.append(
+            Event.make(
+                "link.clicked" if click else "message.opened",
+                occurred_at=epoch + timedelta(microseconds=int(at_us)),
+                tracking_id=str(tracking_id),
+                queue_id=str(message[1]),
+                message_id=message[2],
+                sender=str(message[3]),
+                recipients=list(json.loads(message[4])),
+                counted=counted,
+                verdict=verdict,
+                verdict_reason=reason,
+                first=first,
+                ip=ip,
+                user_agent=user_agent,
+                **extra,
+            )
+        )
+    return events
+
+
+# -- the sender's side and the CLI's -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """One delivery taken for an attempt."""
+
+    hook: str
+    seq: int
+    event_id: str
+    body: str
+    attempts: int
+    since_us: int
+    created_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What became of one attempt.
+
+    :ivar outcome: ``"delivered"``, ``"retry"`` (at *due_us*) or ``"dead"``.
+    """
+
+    hook: str
+    seq: int
+    outcome: str
+    attempts: int = 0
+    due_us: int = 0
+    error: str | None = None
+
+
+def claim(
+    conn: sqlite3.Connection, hook: str, *, now_us: int, limit: int, lease_us: int
+) -> list[Claimed]:
+    """Take up to *limit* due deliveries of *hook*, oldest first, at most one per message.
+
+    A delivery is due when pending, its time has come, and no earlier pending
+    delivery of the same message to the same hook is left (order per message).
+    Taking it moves its time to ``now + lease`` so that another sender (a
+    second process on the same store) leaves it alone while it is tried.
+    """
+    with immediate_transaction(conn):
+        rows = conn.execute(
+            "SELECT d.seq, e.id, e.body, d.attempts, d.since_us, e.created_us"
+            " FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq"
+            " WHERE d.hook = ? AND d.state = 'pending' AND d.due_us <= ?"
+            " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.hook = d.hook"
+            "   AND p.order_key = d.order_key AND p.seq < d.seq AND p.state = 'pending')"
+            " ORDER BY d.seq LIMIT ?",
+            (hook, now_us, limit),
+        ).fetchall()
+        conn.executemany(
+            "UPDATE webhook_deliveries SET due_us = ? WHERE hook = ? AND seq = ?",
+            [(now_us + lease_us, hook, row[0]) for row in rows],
+        )
+    return [
+        Claimed(hook, int(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), int(r[5]))
+        for r in rows
+    ]
+
+
+def settle(conn: sqlite3.Connection, results: Sequence[Settled]) -> None:
+    """Write what became of attempts: delete the delivered, reschedule or bury the rest."""
+    if not results:
+        return
+    with immediate_transaction(conn):
+        conn.executemany(
+            "DELETE FROM webhook_deliveries WHERE hook = ? AND seq = ?",
+            [(r.hook, r.seq) for r in results if r.outcome == "delivered"],
+        )
+        conn.executemany(
+            "UPDATE webhook_deliveries SET attempts = ?, due_us = ?, last_error = ?,"
+            " state = CASE WHEN ? THEN 'dead' ELSE 'pending' END WHERE hook = ? AND seq = ?",
+            [
+                (r.attempts, r.due_us, r.error, r.outcome == "dead", r.hook, r.seq)
+                for r in results
+                if r.outcome != "delivered"
+            ],
+        )
+
+
+def disable_hook(conn: sqlite3.Connection, hook: str, *, reason: str, now_us: int) -> int:
+    """Disable *hook* (it answered 410 Gone): its pending deliveries become dead.
+
+    :returns: how many deliveries became dead.
+    """
+    with immediate_transaction(conn):
+        conn.execute(
+            "INSERT INTO webhook_hooks (hook, disabled_at_us, disabled_reason) VALUES (?, ?, ?)"
+            " ON CONFLICT (hook) DO UPDATE SET disabled_at_us = excluded.disabled_at_us,"
+            " disabled_reason = excluded.disabled_reason",
+            (hook, now_us, reason),
+        )
+        return conn.execute(
+            "UPDATE webhook_deliveries SET state = 'dead', last_error = ?"
+            " WHERE hook = ? AND state = 'pending'",
+            (reason, hook),
+        ).rowcount
+
+
+def disabled_hooks(conn: sqlite3.Connection) -> frozenset[str]:
+    """The hooks a 410 disabled (until ``webhooks retry``)."""
+    return frozenset(str(r[0]) for r in conn.execute("SELECT hook FROM webhook_hooks"))
+
+
+@dataclass(frozen=True, slots=True)
+class HookStatus:
+    """One target's deliveries: pending, dead, the oldest pending's creation, disabled."""
+
+    hook: str
+    pending: int
+    dead: int
+    oldest_pending_us: int | None
+    disabled: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """The outbox as a whole: events held, events dropped (full), and each target."""
+
+    depth: int
+    dropped: int
+    hooks: tuple[HookStatus, ...]
+
+
+def status(conn: sqlite3.Connection) -> OutboxStatus:
+    """The outbox's state (one read snapshot)."""
+    with immediate_transaction(conn):
+        depth, dropped = conn.execute(
+            "SELECT depth, dropped FROM webhook_outbox_state"
+        ).fetchone() or (0, 0)
+        disabled = dict(conn.execute("SELECT hook, disabled_reason FROM webhook_hooks").fetchall())
+        rows = conn.execute(
+            "SELECT d.hook, sum(d.state = 'pending'), sum(d.state = 'dead'),"
+            " min(CASE WHEN d.state = 'pending' THEN e.created_us END)"
+            " FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq GROUP BY d.hook"
+        ).fetchall()
+    hooks = {
+        str(r[0]): HookStatus(str(r[0]), int(r[1]), int(r[2]), r[3], disabled.get(r[0]))
+        for r in rows
+    }
+    for hook, reason in disabled.items():
+        hooks.setdefault(hook, HookStatus(hook, 0, 0, None, reason))
+    return OutboxStatus(int(depth), int(dropped), tuple(hooks[h] for h in sorted(hooks)))
+
+
+def list_failed(conn: sqlite3.Connection, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Dead deliveries, oldest first: event id, type, hook, attempts, last error, created."""
+    rows = conn.execute(
+        "SELECT e.id, e.type, d.hook, d.attempts, d.last_error, e.created_us"
+        " FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq"
+        " WHERE d.state = 'dead' ORDER BY d.seq LIMIT ?",
+        (limit,),
+    ).fetchall()
+    keys = ("id", "type", "hook", "attempts", "last_error", "created_us")
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def retry(conn: sqlite3.Connection, event_id: str | None, *, now_us: int) -> int:
+    """Make dead deliveries pending again, due now, with a new retry window.
+
+    :param event_id: one event's id, or None for every dead delivery; every
+        hook a 410 disabled is enabled again then.
+    :returns: how many deliveries were made pending.
+    """
+    with immediate_transaction(conn):
+        where, params = "state = 'dead'", []
+        if event_id is not None:
+            where += " AND seq IN (SELECT seq FROM webhook_events WHERE id = ?)"
+            params.append(event_id)
+            conn.execute(
+                "DELETE FROM webhook_hooks WHERE hook IN (SELECT hook FROM webhook_deliveries"  # noqa: S608 - constant
+                f" WHERE {where})",
+                params,
+            )
+        else:
+            conn.execute("DELETE FROM webhook_hooks")
+        return conn.execute(
+            "UPDATE webhook_deliveries SET state = 'pending', attempts = 0, last_error = NULL,"  # noqa: S608 - constant
+            f" due_us = ?, since_us = ? WHERE {where}",
+            (now_us, now_us, *params),
+        ).rowcount
