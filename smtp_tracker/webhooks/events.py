@@ -133,6 +133,8 @@ class Event:
             "recipients": recipients,
             **fields,
         }
+        if type in ("message.opened", "link.clicked"):
+            document["counted"] = counted
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
         occurred_us = (occurred_at - _EPOCH) // timedelta(microseconds=1)
         return cls(event_id, type, tracking_id or queue_id, counted, body, occurred_us)

@@ -52,6 +52,7 @@ __all__ = [
     "disable_hook",
     "disabled_hooks",
     "list_failed",
+    "next_due",
     "retry",
     "settle",
     "status",
@@ -367,6 +368,17 @@ def claim(
         Claimed(hook, int(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), int(r[5]))
         for r in rows
     ]
+
+
+def next_due(conn: sqlite3.Connection, hook: str) -> int | None:
+    """When the next delivery of *hook* that :func:`claim` could take comes due, or None."""
+    row = conn.execute(
+        "SELECT min(d.due_us) FROM webhook_deliveries d WHERE d.hook = ? AND d.state = 'pending'"
+        " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.hook = d.hook"
+        "   AND p.order_key = d.order_key AND p.seq < d.seq AND p.state = 'pending')",
+        (hook,),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def settle(conn: sqlite3.Connection, results: Sequence[Settled]) -> None:

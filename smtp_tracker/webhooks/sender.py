@@ -139,7 +139,7 @@ class WebhookSender:
         backoff_base_s: float = 5.0,
         backoff_max_s: float = 3600.0,
         concurrency: int = 16,
-        poll_interval_s: float = 1.0,
+        poll_interval_s: float = 2.0,
     ) -> None:
         self._data_dir = data_dir
         self._hooks = {hook.settings.hook: hook for hook in hooks}
@@ -323,32 +323,38 @@ class WebhookSender:
         batch = self._concurrency * 4 if name != EVENTS_LOG_HOOK else 1000
         while True:
             wake.clear()
+            wait_s = self._poll_s
             try:
-                claimed = await self._claim(name, batch)
+                claimed, next_due_us = await self._claim(name, batch)
                 if claimed:
                     await self._deliver(name, claimed)
                     continue
+                if next_due_us is not None:
+                    wait_s = min(wait_s, max(0.01, (next_due_us - _now_us()) / 1_000_000))
             except sqlite3.Error as exc:
                 log.warning("webhooks: the outbox cannot be read or written (%s)", exc)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_s):
+                async with asyncio.timeout(wait_s):
                     await wake.wait()
 
-    async def _claim(self, name: str, limit: int) -> list[Claimed]:
+    async def _claim(self, name: str, limit: int) -> tuple[list[Claimed], int | None]:
+        """Due deliveries of *name*; when none, the time the next one comes due."""
         conn = self._conn_()
         now_us = _now_us()
 
-        def take() -> tuple[list[Claimed], frozenset[str], int]:
+        def take() -> tuple[list[Claimed], int | None, frozenset[str], int]:
             disabled = outbox.disabled_hooks(conn)
-            if name in disabled:
-                return [], disabled, 0
-            taken = outbox.claim(conn, name, now_us=now_us, limit=limit, lease_us=self._lease_us)
             row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
-            return taken, disabled, int(row[0]) if row else 0
+            depth = int(row[0]) if row else 0
+            if name in disabled:
+                return [], None, disabled, depth
+            taken = outbox.claim(conn, name, now_us=now_us, limit=limit, lease_us=self._lease_us)
+            next_due = None if taken else outbox.next_due(conn, name)
+            return taken, next_due, disabled, depth
 
-        claimed, disabled, self.depth = await self._db(take)
+        claimed, next_due_us, disabled, self.depth = await self._db(take)
         self.outbox.disabled = disabled
-        return claimed
+        return claimed, next_due_us
 
     async def _deliver(self, name: str, claimed: list[Claimed]) -> None:
         if name == EVENTS_LOG_HOOK:
