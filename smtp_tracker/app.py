@@ -36,9 +36,11 @@ from smtp_tracker.reload import ReloadError, SwappableClassifier
 from smtp_tracker.reload import apply as apply_reload
 from smtp_tracker.reload import prepare as prepare_reload
 from smtp_tracker.smtp.capture import CaptureWriter
+from smtp_tracker.smtp.failover import Upstreams
 from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.listener import ConnectionSlots, Listener
-from smtp_tracker.smtp.upstream import UpstreamSettings
+from smtp_tracker.smtp.lmtp import LmtpHandler, LmtpSMTP
+from smtp_tracker.smtp.upstream import UpstreamObserver, UpstreamSettings
 from smtp_tracker.store import EventClassifier, SqliteStore
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tls import load_server_context, write_self_signed
@@ -78,6 +80,35 @@ def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def upstream_list(config: Config, observer: UpstreamObserver | None = None) -> Upstreams:
+    """The ordered upstreams and the ``[[copies]]``, all with the upstream's TLS and AUTH.
+
+    :raises ConfigError: when ``upstream_ca_file`` cannot be loaded.
+    """
+    context = upstream_tls_context(config)
+
+    def settings(address: HostPort) -> UpstreamSettings:
+        return UpstreamSettings(
+            host=address.host,
+            port=address.port,
+            tls=config.upstream_tls,
+            tls_context=context,
+            helo_name=config.hostname,
+            user=config.upstream_user,
+            password=config.upstream_password,
+            connect_timeout_s=config.upstream_connect_timeout_s,
+            command_timeout_s=config.upstream_command_timeout_s,
+            data_timeout_s=config.upstream_data_timeout_s,
+            observer=observer,
+        )
+
+    return Upstreams(
+        [settings(address) for address in config.upstream],
+        [(settings(c.upstream), c.required, c.untracked) for c in config.copies],
+        retry_s=config.upstream_retry_s,
+    )
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -227,21 +258,12 @@ class Application:
         self._run_smtp = smtp
         #: Prometheus metrics, served on ``metrics_listen`` (None unless ``metrics``).
         self.metrics = Metrics(self) if config.metrics else None
-        self._upstream: UpstreamSettings | None = None
+        #: the upstream list, the copies and their health (None without SMTP)
+        self.upstreams: Upstreams | None = None
         if smtp:
-            upstream = config.upstream_address()
-            self._upstream = UpstreamSettings(
-                host=upstream.host,
-                port=upstream.port,
-                tls=config.upstream_tls,
-                tls_context=upstream_tls_context(config),
-                helo_name=config.hostname,
-                user=config.upstream_user,
-                password=config.upstream_password,
-                connect_timeout_s=config.upstream_connect_timeout_s,
-                command_timeout_s=config.upstream_command_timeout_s,
-                data_timeout_s=config.upstream_data_timeout_s,
-                observer=self.metrics.upstream if self.metrics is not None else None,
+            config.upstream_address()  # raises ConfigError when there is none
+            self.upstreams = upstream_list(
+                config, self.metrics.upstream if self.metrics is not None else None
             )
         self._server_tls = server_tls_context(config)
         #: the store's classifier, which a reload replaces (after :meth:`start`)
@@ -249,6 +271,8 @@ class Application:
         self._handler: RelayHandler | None = None
         #: the SMTP listener (after :meth:`start`, when it runs the relay)
         self.listener: Listener | None = None
+        #: the LMTP listener (after :meth:`start`, with ``lmtp_listen``)
+        self.lmtp_listener: Listener | None = None
         self._pixel_runner: web.AppRunner | None = None
         self._pixel_app: web.Application | None = None
         #: the SMTP listener's ``max_connections``, shared by its connections
@@ -386,7 +410,8 @@ class Application:
 
     async def _start_smtp(self) -> None:
         config = self.config
-        assert self._upstream is not None
+        assert self.upstreams is not None
+        self._running.push_async_callback(self.upstreams.close)
         if config.tracking:
             base_url = pixel_base_url(config, self.pixel_port)
             if config.pixel_base_url is None:
@@ -407,7 +432,7 @@ class Application:
             )
         self._running.push_async_callback(self._stop_tracker)
         self._handler = RelayHandler(
-            upstream=self._upstream,
+            upstream=self.upstreams,
             hostname=config.hostname,
             max_recipients=config.max_recipients,
             add_received_header=config.add_received_header,
@@ -436,16 +461,61 @@ class Application:
         self._running.push_async_callback(self._stop_smtp)
         host, port = listener.address
         log.info("listening for SMTP on %s", _address_text(host, port))
-        upstream = config.upstream_address()
-        await warn_if_unresolvable(
-            upstream.host, upstream.port, timeout_s=min(config.upstream_connect_timeout_s, 10.0)
-        )
+        if config.lmtp:
+            await self._start_lmtp()
+        for upstream in [*config.upstream, *(copy.upstream for copy in config.copies)]:
+            await warn_if_unresolvable(
+                upstream.host, upstream.port, timeout_s=min(config.upstream_connect_timeout_s, 10.0)
+            )
         if not is_loopback_host(listen.host):
             log.warning(
                 "listening on %s, beyond loopback: only clients in allowed_clients (%s) are served",
                 listen,
                 ", ".join(str(n) for n in config.allowed_clients),
             )
+
+    async def _start_lmtp(self) -> None:
+        """The LMTP listener: one copy, pixel and record per recipient (:mod:`.smtp.lmtp`)."""
+        config = self.config
+        listen = config.lmtp_listen
+        assert self.upstreams is not None
+        handler = LmtpHandler(
+            upstream=self.upstreams,
+            hostname=config.hostname,
+            parallel=config.lmtp_parallel_copies,
+            max_recipients=config.max_recipients,
+            add_received_header=config.add_received_header,
+            preparer=self.tracker,
+            recorder=self.tracker,
+            capture=self.capture,
+        )
+        listener = Listener(
+            handler,
+            host=listen.host,
+            port=listen.port,
+            allowed_clients=config.allowed_clients,
+            slots=self.connection_slots,
+            max_message_bytes=config.max_message_bytes,
+            client_timeout_s=config.client_timeout_s,
+            hostname=config.hostname,
+            tls_context=self._server_tls,
+            keep_transcript=self.capture.enabled,
+            protocol=LmtpSMTP,
+        )
+        try:
+            await listener.start()
+        except OSError as exc:
+            raise bind_error("lmtp_listen", listen, exc) from exc
+        self.lmtp_listener = listener
+        self._running.push_async_callback(self._stop_lmtp)
+        host, port = listener.address
+        log.info("listening for LMTP on %s", _address_text(host, port))
+
+    async def _stop_lmtp(self) -> None:
+        listener = self.lmtp_listener
+        assert listener is not None
+        await listener.stop(self._grace_s)
+        log.info("LMTP counters: %s", _counters_text(dict(listener.handler.counters)))
 
     async def _start_pixel(self) -> None:
         config = self.config

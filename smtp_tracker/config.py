@@ -34,7 +34,9 @@ __all__ = [
     "PASSWORD_ENV",
     "CaptureMode",
     "Config",
+    "CopySpec",
     "HostPort",
+    "HostPorts",
     "IpPolicy",
     "UpstreamTLS",
     "build_config",
@@ -71,6 +73,36 @@ class HostPort:
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+
+class HostPorts(tuple[HostPort, ...]):
+    """An ordered list of ``HOST:PORT`` (``upstream``); written comma-separated."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return ",".join(str(item) for item in self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CopySpec:
+    """One ``[[copies]]`` table: a server that receives every message in step.
+
+    It is reached with the upstream's TLS and AUTH settings (``upstream_tls``,
+    ``upstream_ca_file``, ``upstream_user``, the password).
+
+    :ivar upstream: the copy's ``HOST:PORT``.
+    :ivar required: the client hears 2xx only when this copy said 2xx too.
+    :ivar untracked: the copy receives the message as received (no pixel).
+    """
+
+    upstream: HostPort
+    required: bool = False
+    untracked: bool = False
+
+    def __str__(self) -> str:
+        flags = [name for name in ("required", "untracked") if getattr(self, name)]
+        return "/".join([str(self.upstream), *flags])
 
 
 def key(
@@ -156,11 +188,19 @@ class Config:
         None, example='"/etc/smtp-tracker/tls/key.pem"', help="PEM private key for tls_cert"
     )
 
-    upstream: HostPort | None = key(
-        None,
+    upstream: HostPorts = key(
+        HostPorts(),
         section="Upstream smarthost",
-        example='"smtp.example.net:587"',
-        help="the smarthost to relay to, HOST:PORT (required for serve)",
+        default_text="none",
+        example='["smtp1.example.net:587", "smtp2.example.net:587"]',
+        help="the smarthost to relay to, HOST:PORT, or an ordered list of them (comma-separated "
+        "as a flag): each transaction goes to the first that is up, and moves to the next in "
+        "the same transaction if one fails before it accepted MAIL (required for serve)",
+    )
+    upstream_retry_s: float = key(
+        60.0,
+        help="seconds a failed upstream (or copy) is skipped before a probe (connect and EHLO) "
+        "checks it again; doubled while it keeps failing, up to 900",
     )
     upstream_tls: UpstreamTLS = key(
         "starttls",
@@ -197,6 +237,32 @@ class Config:
     upstream_command_timeout_s: float = key(300.0, help="seconds to wait for each upstream reply")
     upstream_data_timeout_s: float = key(
         600.0, help="seconds to wait for the upstream's reply to the message"
+    )
+
+    copies: tuple[CopySpec, ...] = key(
+        (),
+        section="In-step copies",
+        help="servers that receive every message in step with the upstream, with its TLS and "
+        "AUTH settings: [[copies]] tables at the end of the file (or a list of inline "
+        "tables) with the keys upstream (HOST:PORT), required and untracked; "
+        "a required copy must say 2xx too or the client gets 4xx; untracked ones get the "
+        "message as received (as a flag: HOST:PORT[/required][/untracked], comma-separated)",
+    )
+
+    lmtp: bool = key(
+        False,
+        section="LMTP listener (one pixel per recipient)",
+        help="run the LMTP listener on lmtp_listen (Postfix transport lmtp:[HOST]:PORT): each "
+        "recipient of a delivery gets its own copy, pixel, token and record, relayed upstream "
+        "as its own transaction, and its own LMTP reply",
+    )
+    lmtp_listen: HostPort = key(
+        HostPort("127.0.0.1", 10024), help="address of the LMTP listener, HOST:PORT"
+    )
+    lmtp_parallel_copies: int = key(
+        4,
+        help="upstream connections one LMTP delivery's recipients are relayed on at once "
+        "(1: one connection, each recipient in turn)",
     )
 
     data_dir: Path = key(
@@ -473,13 +539,13 @@ class Config:
         return self.reports_users_file or self.data_dir / "reports-users.json"
 
     def upstream_address(self) -> HostPort:
-        """The upstream, which :func:`build_config` guarantees for ``serve``.
+        """The first upstream, which :func:`build_config` guarantees for ``serve``.
 
         :raises ConfigError: when no upstream is configured.
         """
-        if self.upstream is None:
+        if not self.upstream:
             raise ConfigError("no upstream: set --upstream HOST:PORT or the key 'upstream'")
-        return self.upstream
+        return self.upstream[0]
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -559,7 +625,11 @@ def load_toml(path: Path) -> dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or flag value into the field's type; raise ConfigError if it can't."""
     kind = _FIELDS[name].type
-    if name in {"listen", "upstream", "pixel_listen", "reports_listen", "metrics_listen"}:
+    if name == "upstream":
+        return _parse_host_ports(value, what=name)
+    if name == "copies":
+        return _parse_copies(value)
+    if name in {"listen", "pixel_listen", "reports_listen", "metrics_listen", "lmtp_listen"}:
         if isinstance(value, HostPort):
             return value
         if not isinstance(value, str):
@@ -616,6 +686,65 @@ def _coerce(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{name}: expected a string")
     return value
+
+
+def _parse_host_ports(value: Any, *, what: str) -> HostPorts:
+    """``HOST:PORT``, a list of them (TOML) or ``HOST:PORT,HOST:PORT`` (a flag)."""
+    if isinstance(value, HostPort):
+        return HostPorts((value,))
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{what}: expected HOST:PORT or a list of them")
+    parsed: list[HostPort] = []
+    for item in items:
+        if isinstance(item, HostPort):
+            parsed.append(item)
+        elif isinstance(item, str):
+            if item.strip():
+                parsed.append(parse_host_port(item.strip(), what=what))
+        else:
+            raise ConfigError(f"{what}: expected HOST:PORT strings, got {item!r}")
+    if len(set(parsed)) != len(parsed):
+        raise ConfigError(f"{what}: an address is listed twice")
+    return HostPorts(parsed)
+
+
+def _parse_copies(value: Any) -> tuple[CopySpec, ...]:
+    """``[[copies]]`` tables (TOML: a list of tables), or the flag's
+    ``HOST:PORT[/required][/untracked],...``: the one place copies are read."""
+    if isinstance(value, str):
+        tables: list[Any] = []
+        for item in value.split(","):
+            address, *words = item.strip().split("/")
+            if not address:
+                continue
+            unknown = set(words) - {"required", "untracked"}
+            if unknown:
+                raise ConfigError(f"copies: unknown option {sorted(unknown)[0]!r} in {item!r}")
+            tables.append({"upstream": address, **{word: True for word in words}})
+        value = tables
+    if not isinstance(value, list | tuple):
+        raise ConfigError("copies: expected [[copies]] tables (upstream, required, untracked)")
+    copies: list[CopySpec] = []
+    for number, table in enumerate(value, 1):
+        if isinstance(table, CopySpec):
+            copies.append(table)
+            continue
+        what = f"copies #{number}"
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{what}: expected a table with upstream, required, untracked")
+        unknown = set(table) - {"upstream", "required", "untracked"}
+        if unknown:
+            raise ConfigError(f"{what}: unknown key {sorted(unknown)[0]!r}")
+        target: Any = table.get("upstream")
+        if not isinstance(target, str):
+            raise ConfigError(f'{what}: upstream = "HOST:PORT" is required')
+        flags = {name: table.get(name, False) for name in ("required", "untracked")}
+        for name, flag in flags.items():
+            if not isinstance(flag, bool):
+                raise ConfigError(f"{what}: {name}: expected true or false")
+        copies.append(CopySpec(upstream=parse_host_port(target, what=what), **flags))
+    return tuple(copies)
 
 
 def _parse_strings(value: Any, *, what: str) -> tuple[str, ...]:
@@ -727,7 +856,7 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
     """Cross-field rules; returns the problems found."""
     problems: list[str] = []
     get = values.get
-    if require_upstream and get("upstream") is None:
+    if require_upstream and not get("upstream"):
         problems.append("no upstream: set --upstream HOST:PORT or the key 'upstream'")
     if get("upstream_user") and not get("upstream_password"):
         problems.append(
@@ -750,6 +879,11 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         problems.append(
             "dkim_policy = resign needs dkim_key_table: the OpenDKIM KeyTable with the keys"
         )
+    copied = {copy.upstream for copy in get("copies", ())}
+    if copied & set(get("upstream", ())):
+        problems.append("copies: a copy's upstream is also in upstream; it would get mail twice")
+    if len(copied) != len(get("copies", ())):
+        problems.append("copies: an address is listed twice")
     if (get("tls_cert") is None) != (get("tls_key") is None):
         problems.append("tls_cert and tls_key go together: set both or neither")
     for name in (
@@ -757,6 +891,7 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         "max_recipients",
         "max_connections",
         "reports_login_failures_per_min",
+        "lmtp_parallel_copies",
     ):
         if name in values and values[name] <= 0:
             problems.append(f"{name}: must be greater than 0")

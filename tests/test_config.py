@@ -20,7 +20,7 @@ def test_flags_override_file_values() -> None:
         {"upstream_tls": "none", "max_message_bytes": None},
         environ={},
     )
-    assert config.upstream == HostPort("smtp.example.net", 587)
+    assert config.upstream == (HostPort("smtp.example.net", 587),)
     assert config.upstream_tls == "none"
     assert config.max_message_bytes == 10
 

@@ -1,12 +1,13 @@
 """aiosmtpd handler hooks that relay each command to the upstream, in step.
 
 The hooks are thin: they keep the transaction's state on the session and
-delegate to :class:`~smtp_tracker.smtp.upstream.UpstreamSession` (the upstream
-conversation), a :class:`MessagePreparer` (the rewrite stage) and a
+delegate to :class:`~smtp_tracker.smtp.fanout.Fanout` (the upstream
+conversation, with failover over the upstream list and the in-step copies),
+a :class:`MessagePreparer` (the rewrite stage) and a
 :class:`DeliveryRecorder` (the tracking store).  The rule they keep: the
-downstream never hears 2xx for MAIL, RCPT or DATA unless the upstream said
-2xx to the same command first (RFC 5321 §6.1: a 2xx to DATA takes
-responsibility for the message).
+downstream never hears 2xx for MAIL, RCPT or DATA unless the upstream (and
+every required copy) said 2xx to the same command first (RFC 5321 §6.1: a
+2xx to DATA takes responsibility for the message).
 
 Bare CR and bare LF in a payload are rewritten to CRLF (:func:`normalize_line_endings`)
 before the rewrite stage and the upstream see it, so that no upstream can read
@@ -25,12 +26,14 @@ from aiosmtpd.smtp import Envelope
 from smtp_tracker.errors import CommandRejected, SMTPReply, UpstreamError
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.capture import Capture, CaptureWriter
+from smtp_tracker.smtp.failover import Upstreams
+from smtp_tracker.smtp.fanout import Fanout
 from smtp_tracker.smtp.parameters import MailParameters
 from smtp_tracker.smtp.received import received_header
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.server import RelaySMTP
 from smtp_tracker.smtp.session import Recipient, RelaySession, Transaction
-from smtp_tracker.smtp.upstream import UpstreamSession, UpstreamSettings
+from smtp_tracker.smtp.upstream import UpstreamSettings
 
 __all__ = [
     "DeliveryRecorder",
@@ -115,7 +118,8 @@ class _Identity:
 class RelayHandler:
     """The aiosmtpd handler: one instance serves every downstream session.
 
-    :param upstream: how to reach the smarthost.
+    :param upstream: how to reach the smarthost: one, or the ordered list with its
+        health and copies (:class:`~smtp_tracker.smtp.failover.Upstreams`).
     :param hostname: our name, for the trace header.
     :param max_recipients: RCPTs accepted per transaction (RFC 5321 §4.5.3.1.8 says
         at least 100 must be allowed).
@@ -131,7 +135,7 @@ class RelayHandler:
     def __init__(
         self,
         *,
-        upstream: UpstreamSettings,
+        upstream: UpstreamSettings | Upstreams,
         hostname: str,
         max_recipients: int = 1000,
         add_received_header: bool = True,
@@ -139,7 +143,9 @@ class RelayHandler:
         recorder: DeliveryRecorder | None = None,
         capture: CaptureWriter | None = None,
     ) -> None:
-        self._settings = upstream
+        #: the upstream list, its copies and their health
+        self.upstreams = upstream if isinstance(upstream, Upstreams) else Upstreams([upstream])
+        self._settings = self.upstreams.first.settings
         self._hostname = hostname
         self._max_recipients = max_recipients
         self._add_received = add_received_header
@@ -256,11 +262,12 @@ class RelayHandler:
         upstream = self._upstream(session)
         server.extend_timeout(self._settings.data_timeout_s + 30)
         prepared = await self._preparer.prepare(content, transaction)
-        data = prepared.data
+        data, original = prepared.data, content
         if self._add_received:
-            data = self._received(server, session, transaction) + data
+            trace = self._received(server, session, transaction)
+            data, original = trace + data, trace + original
         try:
-            reply = await upstream.data(data)
+            reply = await upstream.data(data, original)
         except UpstreamError as exc:
             self.counters["upstream_failures"] += 1
             self._finish(session, transaction, exc.reply, received, data)
@@ -283,23 +290,22 @@ class RelayHandler:
         """Open the upstream if needed and forward MAIL FROM; return the reply to give."""
         transaction = Transaction(reverse_path, parameters.raw, parameters.smtputf8)
         upstream = self._upstream(session)
-        server.extend_timeout(
-            self._settings.connect_timeout_s * 2 + self._settings.command_timeout_s
-        )
+        server.extend_timeout(self._mail_timeout_s())
         reply: SMTPReply
         try:
-            await upstream.ensure_open()
-            if parameters.smtputf8 and "smtputf8" not in upstream.extensions:
-                reply = replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED
-            else:
-                reply = await upstream.mail(reverse_path, parameters.raw)
+            reply = await upstream.mail(
+                reverse_path,
+                parameters.raw,
+                smtputf8=parameters.smtputf8,
+                queue_id=transaction.queue_id,
+            )
         except UpstreamError as exc:
-            self.counters["upstream_failures"] += 1
             reply = exc.reply
         except CommandRejected as exc:  # an argument the upstream client cannot send
             reply = exc.reply
+        self.counters["upstream_failures"] += upstream.primary.failed_attempts
         if not reply.is_positive:
-            self._log_rejected(transaction, None, reply)
+            self._log_rejected(transaction, None, reply, upstream.label)
             self._maybe_capture(session, transaction, reply, None, None)
             return reply
         envelope.mail_from = reverse_path
@@ -340,7 +346,7 @@ class RelayHandler:
             envelope.rcpt_options.extend(parameters)
         else:
             transaction.refused.append(recipient)
-            self._log_rejected(transaction, forward_path, reply)
+            self._log_rejected(transaction, forward_path, reply, self._upstream(session).label)
         return reply
 
     # -- session life -----------------------------------------------------------------
@@ -402,10 +408,16 @@ class RelayHandler:
         if upstream is not None:
             await upstream.close()
 
-    def _upstream(self, session: RelaySession) -> UpstreamSession:
+    def _upstream(self, session: RelaySession) -> Fanout:
         if session.upstream is None:
-            session.upstream = UpstreamSession(self._settings, session.transcript)
+            session.upstream = Fanout(self.upstreams, session.transcript)
         return session.upstream
+
+    def _mail_timeout_s(self) -> float:
+        """How long a MAIL may take upstream: each upstream of the list tried in turn."""
+        settings = self._settings
+        tries = len(self.upstreams.health)
+        return (settings.connect_timeout_s * 2 + settings.command_timeout_s) * tries + 30
 
     # -- trace, logs, capture ------------------------------------------------------------
 
@@ -456,7 +468,7 @@ class RelayHandler:
             transaction.reverse_path,
             ",".join(f"<{r.address}>" for r in transaction.accepted),
             len(received or b""),
-            self._settings.label,
+            session.upstream.label if session.upstream is not None else self._settings.label,
             transaction.delay_s,
             tracking,
             status,
@@ -465,7 +477,7 @@ class RelayHandler:
         self._maybe_capture(session, transaction, reply, received, sent)
 
     def _log_rejected(
-        self, transaction: Transaction, forward_path: str | None, reply: SMTPReply
+        self, transaction: Transaction, forward_path: str | None, reply: SMTPReply, label: str
     ) -> None:
         who = (
             f"to=<{forward_path}>"
@@ -477,7 +489,7 @@ class RelayHandler:
             "%s: %s, relay=%s, status=%s (%s)",
             transaction.queue_id,
             who,
-            self._settings.label,
+            label,
             status,
             reply,
         )

@@ -102,6 +102,8 @@ class Listener:
     :param hostname: our name, in the greeting.
     :param tls_context: offered with STARTTLS (RFC 3207); none when None.
     :param keep_transcript: copy each conversation for capture files.
+    :param protocol: the protocol class each connection gets (:class:`~.lmtp.LmtpSMTP`
+        for the LMTP listener).
     """
 
     def __init__(
@@ -117,8 +119,10 @@ class Listener:
         hostname: str,
         tls_context: ssl.SSLContext | None,
         keep_transcript: bool,
+        protocol: type[RelaySMTP] = RelaySMTP,
     ) -> None:
         self.handler = handler
+        self._protocol_class = protocol
         self._host = host
         self._port = port
         self._allowed_clients = tuple(allowed_clients)
@@ -133,7 +137,7 @@ class Listener:
         self._protocols: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
 
     def _protocol(self) -> RelaySMTP:
-        protocol = RelaySMTP(
+        protocol = self._protocol_class(
             self.handler,
             allowed_clients=self._allowed_clients,
             max_message_bytes=self._max_message_bytes,

@@ -27,10 +27,14 @@ __all__ = [
     "R220_READY_TO_START_TLS",
     "R221_BYE",
     "R250_OK",
+    "R250_RECIPIENT_OK",
+    "R250_SENDER_OK",
     "R252_CANNOT_VRFY",
     "R421_SHUTTING_DOWN",
     "R421_TIMEOUT",
     "R421_TOO_MANY_CONNECTIONS",
+    "R451_COPY_FAILED",
+    "R451_COPY_UNAVAILABLE",
     "R451_INTERNAL_ERROR",
     "R451_UPSTREAM_AUTH_FAILED",
     "R451_UPSTREAM_LOST",
@@ -174,6 +178,11 @@ R214_SYNTAX = Reply(214, "2.0.0", "Syntax: {syntax}")
 R220_READY_TO_START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 R221_BYE = Reply(221, "2.0.0", "Bye")
 R250_OK = Reply(250, "2.0.0", "OK")
+#: LMTP (RFC 2033 §4.2): MAIL accepted locally; RFC 3463 X.1.0 "Other address status".
+R250_SENDER_OK = Reply(250, "2.1.0", "OK")
+#: LMTP (RFC 2033 §4.2): RCPT accepted locally after the syntax and limit checks; the
+#: recipient's own reply comes after DATA. RFC 3463 X.1.5 "Destination address valid".
+R250_RECIPIENT_OK = Reply(250, "2.1.5", "OK")
 #: RFC 5321 §3.5.3 and §7.3: we do not verify addresses (the upstream decides at RCPT).
 R252_CANNOT_VRFY = Reply(
     252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"
@@ -209,6 +218,12 @@ R451_UPSTREAM_AUTH_FAILED = Reply(451, "4.7.8", "upstream refused our credential
 #: RFC 6531 §3.4 X.6.7: the message needs SMTPUTF8 and the upstream lacks it.
 #: Temporary on purpose: the admin can switch upstreams before Postfix gives up.
 R451_UPSTREAM_SMTPUTF8_UNSUPPORTED = Reply(451, "4.6.7", "upstream does not support SMTPUTF8")
+#: A required ``[[copies]]`` destination could not take the transaction (down,
+#: refused MAIL): the client keeps the message; RFC 3463 X.4.1 "No answer from host".
+R451_COPY_UNAVAILABLE = Reply(451, "4.4.1", "required copy unavailable, try again later")
+#: A required copy did not accept a recipient or the message the upstream accepted;
+#: RFC 3463 X.4.0 "Other or undefined network or routing status".
+R451_COPY_FAILED = Reply(451, "4.4.0", "required copy did not accept, try again later")
 #: RFC 3463 X.3.0: anything we did not foresee; the exception is logged, never shown.
 R451_INTERNAL_ERROR = Reply(451, "4.3.0", "internal error, try again later")
 

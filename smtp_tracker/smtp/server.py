@@ -137,7 +137,7 @@ _STOCK_REPLIES: dict[str, Reply] = {
 _UNRECOGNIZED_PREFIX = '500 Error: command "'
 #: Commands after which a client must wait for our reply: EHLO ends a pipelined
 #: group (RFC 2920 §3.1) and HELO negotiates no pipelining at all.
-_ENDS_GROUP = frozenset({"EHLO", "HELO"})
+_ENDS_GROUP = frozenset({"EHLO", "HELO", "LHLO"})
 #: Turns of the event loop the greeting waits, so that input sent with the
 #: connection is seen as sent before it (two suffice with asyncio's selector loop).
 _TURNS_BEFORE_GREETING = 3

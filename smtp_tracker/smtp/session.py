@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from aiosmtpd.smtp import Session
 
 from smtp_tracker.errors import UpstreamError
+from smtp_tracker.smtp.fanout import Fanout
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.transcript import Transcript
-from smtp_tracker.smtp.upstream import UpstreamSession
 
 __all__ = ["Recipient", "RelaySession", "Transaction", "new_queue_id"]
 
@@ -73,7 +73,10 @@ class Transaction:
 class RelaySession(Session):
     """aiosmtpd's Session plus the relay's state for one connection.
 
-    :ivar upstream: the upstream connection, opened at the first MAIL (None before).
+    :ivar upstream: the upstream connections (the upstream and the copies), made at
+        the first MAIL (None before).
+    :ivar pool: LMTP only: the connections the recipients' copies are relayed on,
+        up to ``lmtp_parallel_copies``, kept for the session's next transaction.
     :ivar transaction: the transaction between an accepted MAIL and its end, or None.
     :ivar transcript: the conversation, kept when capture is on.
     :ivar transactions: transactions ended with a reply to DATA in this session.
@@ -81,7 +84,8 @@ class RelaySession(Session):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
-        self.upstream: UpstreamSession | None = None
+        self.upstream: Fanout | None = None
+        self.pool: list[Fanout] = []
         self.transaction: Transaction | None = None
         self.transcript: Transcript | None = None
         self.transactions = 0

@@ -1,0 +1,321 @@
+"""One downstream transaction relayed in step to the upstream and to each ``[[copies]]``.
+
+:class:`Fanout` is what a downstream session holds: the upstream side
+(:class:`~.failover.FailoverSession`, over the ordered upstream list) and one
+connection per copy.  MAIL, each RCPT and DATA go to all of them at once
+(``asyncio.gather``), and the reply the client hears is:
+
+- the upstream's, when the upstream did not say 2xx;
+- ``451 4.4.1`` / ``451 4.4.0`` when the upstream said 2xx but a *required*
+  copy did not (or could not be reached): the client keeps the message and
+  retries, and nothing is lost to either side.  The upstream may then hold a
+  message the client will send again: duplicates are possible on retry, never
+  a loss;
+- the upstream's, when only an *optional* copy failed: that copy is dropped
+  from the transaction, the failure logged and counted (``UpstreamHealth.failed``).
+
+A copy that is down (see :class:`~.failover.Upstreams`) is not tried until
+its probe says it is back: a required one defers at once, an optional one is
+skipped and counted.  A copy may receive a recipient the upstream refused
+(the commands go out together); it never receives a message the upstream
+refused at MAIL.  An ``untracked`` copy receives the message as received
+(with our ``Received:``), not the rewritten one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from smtp_tracker.errors import CommandRejected, UpstreamError
+from smtp_tracker.smtp import replies
+from smtp_tracker.smtp.failover import CopyTarget, FailoverSession, Upstreams
+from smtp_tracker.smtp.replies import Reply
+from smtp_tracker.smtp.transcript import Transcript
+from smtp_tracker.smtp.upstream import UpstreamSession
+
+__all__ = ["Fanout"]
+
+log = logging.getLogger("smtp_tracker.relay")
+
+_T = TypeVar("_T")
+_U = TypeVar("_U")
+
+
+async def _together(first: Awaitable[_T], others: Iterable[Awaitable[_U]]) -> tuple[_T, list[_U]]:
+    """Run ``first`` and ``others`` at once and wait for all of them.
+
+    Every one runs to its end before an exception is raised (the first's before
+    the others'), so no connection is left in the middle of a command.  Without
+    others, ``first`` runs in the caller's task, as if awaited alone.
+    """
+    pending = list(others)
+    if not pending:
+        return await first, []
+    head = asyncio.ensure_future(first)
+    tail = [asyncio.ensure_future(other) for other in pending]
+    try:
+        await asyncio.wait([head, *tail])
+    finally:
+        for task in (head, *tail):
+            if not task.done():
+                task.cancel()
+    for task in tail:
+        if task.exception() is not None and head.exception() is None:
+            raise task.exception()  # type: ignore[misc]
+    return head.result(), [task.result() for task in tail]
+
+
+@dataclass(slots=True)
+class _Copy:
+    """A copy's connection and its part in the transaction in progress."""
+
+    target: CopyTarget
+    session: UpstreamSession
+    active: bool = False
+    recipients: int = 0
+
+
+def _as_reply(error: BaseException) -> Reply:
+    """The reply an UpstreamError carries, as a :class:`Reply`; 451 4.3.0 for anything else."""
+    if isinstance(error, UpstreamError):
+        reply = error.reply
+        return Reply(reply.code, reply.enhanced_status, reply.text)
+    return replies.R451_INTERNAL_ERROR
+
+
+class Fanout:
+    """The upstream (with failover) and the copies of one downstream session.
+
+    Not safe for concurrent use: one downstream session drives it, one command at a time.
+
+    :param upstreams: the application's upstream list and copies.
+    :param transcript: the session's transcript (capture), for the upstream side.
+    """
+
+    def __init__(self, upstreams: Upstreams, transcript: Transcript | None = None) -> None:
+        self._upstreams = upstreams
+        self.primary = FailoverSession(upstreams, transcript)
+        self._copies = [
+            _Copy(target, UpstreamSession(target.health.settings))
+            for target in upstreams.copy_targets
+        ]
+        self._queue_id = "-"
+
+    @property
+    def label(self) -> str:
+        """``host:port`` of the upstream in use (``relay=``)."""
+        return self.primary.label
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """The EHLO keywords of the upstream in use."""
+        return self.primary.extensions
+
+    def _copy_failed(self, copy: _Copy, stage: str, reply: Reply, *, down: bool) -> None:
+        copy.active = False
+        health = copy.target.health
+        if down:
+            self._upstreams.mark_failed(health, str(reply))
+        else:
+            health.failed += 1
+        log.warning(
+            "%s: %s copy %s: %s failed (%s)%s",
+            self._queue_id,
+            "required" if copy.target.required else "optional",
+            copy.target.label,
+            stage,
+            reply,
+            "" if copy.target.required else "; relayed without this copy",
+        )
+
+    # -- MAIL -----------------------------------------------------------------------
+
+    async def _copy_mail(
+        self, copy: _Copy, reverse_path: str, parameters: Sequence[str], smtputf8: bool
+    ) -> None:
+        health = copy.target.health
+        copy.active = False
+        copy.recipients = 0
+        if not health.up and not copy.session.is_open:
+            self._copy_failed(copy, "MAIL", replies.R451_COPY_UNAVAILABLE, down=False)
+            return
+        try:
+            await copy.session.ensure_open()
+            if smtputf8 and "smtputf8" not in copy.session.extensions:
+                self._copy_failed(
+                    copy, "MAIL", replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED, down=False
+                )
+                return
+            reply = await copy.session.mail(reverse_path, parameters)
+        except UpstreamError as exc:
+            self._copy_failed(copy, "MAIL", _as_reply(exc), down=True)
+            return
+        except CommandRejected as exc:
+            self._copy_failed(copy, "MAIL", _as_reply(UpstreamError(exc.reply)), down=False)
+            return
+        if not reply.is_positive:
+            self._copy_failed(copy, "MAIL", reply, down=reply.code == 421)
+            return
+        self._upstreams.mark_ok(health)
+        copy.active = True
+
+    async def mail(
+        self, reverse_path: str, parameters: Sequence[str], *, smtputf8: bool, queue_id: str = "-"
+    ) -> Reply:
+        """MAIL FROM to the upstream (with failover) and to every copy, at once.
+
+        :param queue_id: the transaction's id, for the log.
+        :returns: the reply to give the client (see the module docstring).
+        :raises CommandRejected: an argument the upstream client cannot send.
+        """
+        self._queue_id = queue_id
+        try:
+            primary, _ = await _together(
+                self.primary.mail(reverse_path, parameters, smtputf8=smtputf8),
+                (self._copy_mail(c, reverse_path, parameters, smtputf8) for c in self._copies),
+            )
+        except CommandRejected:
+            await self._reset_copies()
+            raise
+        if not primary.is_positive:
+            await self._reset_copies()
+            return primary
+        if any(c.target.required and not c.active for c in self._copies):
+            await self.rset()
+            return replies.R451_COPY_UNAVAILABLE
+        return primary
+
+    # -- RCPT -----------------------------------------------------------------------
+
+    async def _copy_rcpt(self, copy: _Copy, forward_path: str, parameters: Sequence[str]) -> bool:
+        """RCPT on one copy; whether the copy accepted the recipient."""
+        if not copy.active:
+            return False
+        try:
+            reply = await copy.session.rcpt(forward_path, parameters)
+        except (UpstreamError, CommandRejected) as exc:
+            error = exc if isinstance(exc, UpstreamError) else UpstreamError(exc.reply)
+            self._copy_failed(copy, "RCPT", _as_reply(error), down=isinstance(exc, UpstreamError))
+            return False
+        if reply.is_positive:
+            copy.recipients += 1
+            return True
+        if copy.target.required:
+            log.warning(
+                "%s: required copy %s refused <%s> (%s)",
+                self._queue_id,
+                copy.target.label,
+                forward_path,
+                reply,
+            )
+        return False
+
+    async def rcpt(self, forward_path: str, parameters: Sequence[str]) -> Reply:
+        """RCPT TO to the upstream and every copy in the transaction, at once.
+
+        :returns: the upstream's reply, or ``451 4.4.0`` when a required copy did
+            not accept a recipient the upstream accepted (or was lost).
+        :raises UpstreamError: the upstream connection was lost (4xx).
+        :raises CommandRejected: an argument the upstream client cannot send.
+        """
+        active = [c for c in self._copies if c.active]
+        primary, accepted_by = await _together(
+            self.primary.rcpt(forward_path, parameters),
+            (self._copy_rcpt(c, forward_path, parameters) for c in active),
+        )
+        if not primary.is_positive:
+            return primary
+        for copy, accepted in zip(active, accepted_by, strict=True):
+            if copy.target.required and not accepted:
+                if not copy.active:  # lost: the transaction cannot be had by it any more
+                    raise UpstreamError(replies.R451_COPY_FAILED)
+                return replies.R451_COPY_FAILED
+        return primary
+
+    # -- DATA -----------------------------------------------------------------------
+
+    async def _copy_data(self, copy: _Copy, content: bytes) -> bool:
+        """DATA on one copy; whether it said 2xx."""
+        if not copy.active:
+            return False
+        if copy.recipients == 0:  # it refused every recipient: nothing to send it
+            await copy.session.rset()
+            self._copy_failed(copy, "RCPT", replies.R451_COPY_FAILED, down=False)
+            return False
+        try:
+            reply = await copy.session.data(content)
+        except UpstreamError as exc:
+            self._copy_failed(copy, "DATA", _as_reply(exc), down=True)
+            return False
+        copy.active = False
+        if not reply.is_positive:
+            self._copy_failed(copy, "DATA", reply, down=False)
+            return False
+        copy.target.health.carried += 1
+        return True
+
+    async def data(self, content: bytes, received: bytes) -> Reply:
+        """The message to the upstream and every copy in the transaction, at once.
+
+        :param content: the message as the upstream receives it (rewritten).
+        :param received: the message as received, for ``untracked`` copies.
+        :returns: the upstream's reply, or ``451 4.4.0`` when the upstream said 2xx
+            but a required copy did not (the upstream has the message: a retry
+            may deliver it twice there).
+        :raises UpstreamError: the upstream connection was lost (4xx).
+        """
+        active = [c for c in self._copies if c.active]
+        primary, delivered_by = await _together(
+            self.primary.data(content),
+            (self._copy_data(c, received if c.target.untracked else content) for c in active),
+        )
+        if not primary.is_positive:
+            return primary
+        for copy, delivered in zip(active, delivered_by, strict=True):
+            if copy.target.required and not delivered:
+                log.warning(
+                    "%s: the upstream accepted the message but required copy %s did not: "
+                    "deferring; the client's retry may deliver it twice upstream",
+                    self._queue_id,
+                    copy.target.label,
+                )
+                return replies.R451_COPY_FAILED
+        return primary
+
+    # -- ends -----------------------------------------------------------------------
+
+    async def _reset_copies(self) -> None:
+        active = [c for c in self._copies if c.active]
+        for copy in active:
+            copy.active = False
+        await asyncio.gather(*(c.session.rset() for c in active))
+
+    async def rset(self) -> None:
+        """Abort the transaction on the upstream and on every copy (RFC 5321 §4.1.1.5)."""
+        await asyncio.gather(self.primary.rset(), self._reset_copies())
+
+    async def close(self) -> None:
+        """QUIT and close every connection, one after the other; never raises.
+
+        In the caller's task: a client that hangs up right after its QUIT cancels
+        it, and each connection not closed by then is closed without QUIT.
+        """
+        for copy in self._copies:
+            copy.active = False
+        try:
+            await self.primary.close()
+            for copy in self._copies:
+                await copy.session.close()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Close every connection at once, without QUIT; never raises."""
+        self.primary.abort()
+        for copy in self._copies:
+            copy.active = False
+            copy.session.abort()
