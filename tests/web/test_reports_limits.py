@@ -19,6 +19,7 @@ import logging
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -121,11 +122,25 @@ async def test_the_tests_and_serve_build_the_same_app_with_the_same_middleware_o
 
 
 async def test_serve_builds_the_reports_app_with_the_factory(
-    tmp_path: Path, cert_pem_path: Path, key_pem_path: Path
+    tmp_path: Path,
+    cert_pem_path: Path,
+    key_pem_path: Path,
+    client_ssl_context: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from smtp_tracker.app import Application
+    """``serve`` (the composition root) uses :func:`build_reports_app`, so its middlewares
+    are in the order asserted above; and behaves so: HTTP/0.9 gets 400, not 401."""
+    from smtp_tracker import app as composition
     from smtp_tracker.config import build_config
 
+    built: list[web.Application] = []
+    factory = composition.build_reports_app
+
+    def spy(**kwargs: Any) -> web.Application:
+        built.append(factory(**kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(composition, "build_reports_app", spy)
     config = build_config(
         {
             "data_dir": str(tmp_path / "data"),
@@ -140,13 +155,16 @@ async def test_serve_builds_the_reports_app_with_the_factory(
         {},
         environ={},
     )
-    application = Application(config, smtp=False)
+    application = composition.Application(config, smtp=False)
     await application.start()
     try:
-        runner = application._reports_runner
-        assert runner is not None
-        names = tuple(getattr(m, "__name__", "") for m in runner.app.middlewares)
+        assert len(built) == 1
+        names = tuple(getattr(m, "__name__", "") for m in built[0].middlewares)
         assert names == MIDDLEWARE_ORDER
+        port = application.reports_port
+        assert port is not None
+        response = await exchange(port, b"GET /api/stats\r\n\r\n", client_ssl_context)
+        assert status_of(response) == 400
     finally:
         await application.stop(grace_s=0)
 
