@@ -28,8 +28,10 @@ Headers
 
 Contract with the authentication and the dashboard
     :func:`make_reports_app` takes the authentication as an aiohttp middleware
-    (``auth_middleware``), installed outermost but for the JSON error
-    translation, so it runs before every route, the dashboard's included.  It
+    (``auth_middleware``), installed outermost but for the body deadline and
+    the JSON error translation, so it runs before every route, the
+    dashboard's included (the one assembly is
+    :func:`smtp_tracker.web.reports.app.build_reports_app`).  It
     must answer 401 to any ``/api`` request without ``Authorization: Bearer
     <token>`` matching ``reports_token_file`` (constant-time comparison).  The
     app is returned unstarted: the dashboard adds its routes (and templates) to
