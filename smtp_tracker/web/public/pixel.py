@@ -33,7 +33,10 @@ Limits
     Request line and header fields at most 8190 bytes each, at most 64 header
     fields, request body at most 1 KiB; a connection must send its request
     within ``keepalive_timeout_s`` (aiohttp's keep-alive timer also bounds the
-    first request's headers).
+    first request's headers; 15 s by default); no body is ever read (one sent
+    is drained for 2 s after the response); at most
+    :data:`~smtp_tracker.web.site.MAX_CONNECTIONS` connections at once
+    (:func:`~smtp_tracker.web.site.start_site`).
 """
 
 from __future__ import annotations
