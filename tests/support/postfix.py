@@ -68,6 +68,7 @@ proxymap   unix  - - n -     - proxymap
 proxywrite unix  - - n -     1 proxymap
 smtp       unix  - - n -     - smtp
 relay      unix  - - n -     - smtp
+lmtp       unix  - - n -     - lmtp
 showq      unix  n - n -     - showq
 error      unix  - - n -     - error
 retry      unix  - - n -     - error

@@ -26,11 +26,12 @@ import dataclasses
 import re
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pytest
 from aiosmtpd.smtp import (
     SMTP,
     AuthResult,
@@ -47,6 +48,7 @@ __all__ = [
     "UpstreamOptions",
     "UpstreamServer",
     "options_from_markers",
+    "upstream_factory",
 ]
 
 USER = "relay-user"
@@ -102,6 +104,8 @@ class UpstreamOptions:
         a transaction is recorded only when this reply is 2xx.
     :ivar drop_during_data: close the connection after the first line of the payload.
     :ivar drop_after_data: read the whole payload, then close without replying.
+    :ivar stop_after_transactions: after accepting this many messages in all, stop
+        listening and drop every connection (an upstream going away mid-delivery).
     :ivar delay_s: command → seconds to wait before handling it (so before its reply);
         ``"CONNECT"`` delays the greeting, ``"EOM"`` the reply after the payload.
     :ivar advertise_size: and the other ``advertise_*`` flags: put the extension in
@@ -124,6 +128,7 @@ class UpstreamOptions:
     data_reply: str | None = None
     drop_during_data: bool = False
     drop_after_data: bool = False
+    stop_after_transactions: int | None = None
     delay_s: Mapping[str, float] = field(default_factory=dict)
     advertise_size: bool = True
     advertise_8bitmime: bool = True
@@ -322,6 +327,7 @@ class _SmarthostSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._original_transport is None:  # not the TLS upgrade of a known connection
             self._server.connections.add(self)
+            self._server.accepted += 1
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -505,6 +511,9 @@ class _SmarthostSMTP(SMTP):
                 )
             )
         await self.push(reply)
+        limit = options.stop_after_transactions
+        if limit is not None and len(self._server.transactions) >= limit:
+            self._server.stop_soon()
 
     async def _read_payload(self, *, drop_after_first_line: bool) -> bytes | None:
         """The payload up to ``CRLF.CRLF``, dot-unstuffed; ``None`` when dropped part-way.
@@ -559,6 +568,9 @@ class UpstreamServer:
         #: exceptions raised inside the server (a bug in this module); checked at teardown
         self.errors: list[BaseException] = []
         self.connections: set[_SmarthostSMTP] = set()
+        #: connections accepted since the start (TLS upgrades not counted again)
+        self.accepted = 0
+        self._stopping: set[asyncio.Task[None]] = set()
         self._tls_contexts = {"trusted": tls_context, "untrusted": untrusted_tls_context}
         self._server: asyncio.Server | None = None
         self._reserved: socket.socket | None = None
@@ -631,8 +643,16 @@ class UpstreamServer:
             await asyncio.wait(waiting, timeout=5.0)
         self._reserve(self.port)
 
+    def stop_soon(self) -> None:
+        """:meth:`stop` in a task of its own (from inside a connection's handler)."""
+        task = asyncio.get_running_loop().create_task(self.stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
     async def close(self) -> None:
         """Stop and release the port."""
+        for task in list(self._stopping):
+            await task
         await self.stop()
         if self._reserved is not None:
             self._reserved.close()
@@ -671,3 +691,39 @@ class UpstreamServer:
         """Fail when the server itself raised (a bug here, not in what is tested)."""
         if self.errors:
             raise AssertionError(f"the upstream test server raised: {self.errors!r}")
+
+
+# -- more than one upstream (failover, copies) ------------------------------------------------
+
+
+@pytest.fixture
+async def upstream_factory(
+    server_ssl_context: ssl.SSLContext,
+    untrusted_server_ssl_context: ssl.SSLContext,
+    ca_pem_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[UpstreamServer]]]:
+    """``await upstream_factory(start=True, **options)``: another smarthost on 127.0.0.1.
+
+    Each is closed at teardown and fails the test if it raised itself.
+    """
+    made: list[UpstreamServer] = []
+
+    async def make(*, start: bool = True, **options: Any) -> UpstreamServer:
+        server = UpstreamServer(
+            options=UpstreamOptions(**options),
+            tls_context=server_ssl_context,
+            untrusted_tls_context=untrusted_server_ssl_context,
+            ca_file=ca_pem_path,
+        )
+        made.append(server)
+        if start:
+            await server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            await server.close()
+    for server in made:
+        server.raise_errors()
