@@ -34,6 +34,7 @@ from smtp_tracker.config import (
     IpPolicy,
     LogFormat,
     LogLevel,
+    PixelPosition,
     UpstreamTLS,
     config_from_sources,
 )
@@ -64,6 +65,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "CaptureMode": get_args(CaptureMode),
     "IpPolicy": get_args(IpPolicy),
     "DkimPolicy": get_args(DkimPolicy),
+    "PixelPosition": get_args(PixelPosition),
     "LogLevel": get_args(LogLevel),
     "LogFormat": get_args(LogFormat),
 }

@@ -26,6 +26,7 @@ __all__ = [
     "PIXEL_STYLE",
     "InjectError",
     "find_insertion",
+    "find_start_insertion",
     "is_xhtml",
     "pixel_tag",
     "renders_at",
@@ -33,9 +34,21 @@ __all__ = [
 
 #: Inline style of the pixel.  Not ``display:none``: several mail clients and
 #: image proxies do not fetch images hidden that way (and spam filters score
-#: hidden images), so the open would never be seen; a 1x1 borderless,
-#: transparent image takes no visible room instead.
-PIXEL_STYLE = "border:0;width:1px;height:1px;margin:0;padding:0;opacity:0"
+#: hidden images), so the open would never be seen.  It takes no room
+#: (issue 19, item 5): an inline 1x1 image after a block (``</table>``,
+#: ``</center>``) opened a line box of its own, one line taller (18 px), and
+#: at the end of a body with no margin it added 1 px.  Taken out of the flow
+#: (``position:absolute``) it opens no line box, and at the containing block's
+#: top left corner (``top:0;left:0``; its static position at the bottom would
+#: stretch the page by its 1 px) it overflows nothing: in Chromium every
+#: corpus template renders with the same height and pixels with it as
+#: without, and it is still fetched (tests/e2e/test_pixel_render.py).  Clients
+#: that ignore ``position`` (Outlook's Word engine, see docs/counting.md) show
+#: the transparent 1x1 image where it was spliced, as before.  The style ends
+#: with ``opacity:0`` (the base64 padding of :func:`pixel_tag` relies on it).
+PIXEL_STYLE = (
+    "position:absolute;top:0px;left:0;border:0;width:1px;height:1px;margin:0;padding:0;opacity:0"
+)
 #: The same style 0, 1 and 2 characters longer (``pixel_tag(pad=...)``): a trailing
 #: ";" is an empty declaration (CSS Syntax §5.4.5), 0.0 is 0.
 _PADDED_STYLES = (PIXEL_STYLE, PIXEL_STYLE + ";", PIXEL_STYLE.removesuffix(":0") + ":0.0")
@@ -43,6 +56,10 @@ _PADDED_STYLES = (PIXEL_STYLE, PIXEL_STYLE + ";", PIXEL_STYLE.removesuffix(":0")
 _XHTML_DOCTYPE = re.compile(r"<!DOCTYPE\s+html\s+PUBLIC\s+\"-//W3C//DTD\s+XHTML", re.IGNORECASE)
 _BODY_END = re.compile(r"</body[\t\n\f\r />]", re.IGNORECASE)
 _HTML_END = re.compile(r"</html[\t\n\f\r />]", re.IGNORECASE)
+#: An opening body tag, attributes and all (quoted values may hold ">").
+_BODY_START = re.compile(r"<body(?=[\t\n\f\r />])(?:[^>\"']|\"[^\"]*\"|'[^']*')*>", re.IGNORECASE)
+#: Opening body tags tried by :func:`find_start_insertion`.
+_MAX_START_PROBES = 2
 _TRAILING_SPACE = " \t\r\n\f"
 #: Where a real img must not end up: outside the rendered body.
 _NOT_RENDERED = frozenset(
@@ -145,6 +162,32 @@ def find_insertion(text: str, probe: Callable[[str], str]) -> int | None:
         budget -= 1
         if _accepts(text, index, tag, url):
             return index
+    return None
+
+
+def find_start_insertion(text: str, probe: Callable[[str], str]) -> int | None:
+    """Where a pixel goes at the start of the body: right after the opening ``<body>`` tag.
+
+    For ``pixel_position = "start"`` or ``"both"``: Gmail clips a message whose
+    HTML is over about 102 KB and hides the rest, a pixel at the end included;
+    one at the start is still fetched.  The first two ``<body ...>`` tags are
+    tried, each accepted only as :func:`find_insertion` accepts a place (the
+    probe parses as a rendered ``img`` in the body, outside conditional
+    comments), so a ``<body>`` in a comment, a script or an attribute value is
+    passed over.  A fragment without an opening ``<body>`` has no start place.
+
+    :returns: the index just after the tag, or None.
+    :raises InjectError: as :func:`find_insertion`.
+    """
+    url = "urn:x-smtp-tracker:probe"
+    while url in text:
+        url += "-"
+    tag = probe(url)
+    for number, match in enumerate(_BODY_START.finditer(text)):
+        if number == _MAX_START_PROBES:
+            break
+        if _accepts(text, match.end(), tag, url):
+            return match.end()
     return None
 
 

@@ -18,11 +18,16 @@ from smtp_tracker.mime.links import (
     LinkRules,
 )
 
-__all__ = ["MAX_DEPTH_LIMIT", "RewritePolicy"]
+__all__ = ["AUTO_BOTH_HTML_BYTES", "MAX_DEPTH_LIMIT", "PIXEL_POSITIONS", "RewritePolicy"]
 
 #: Highest ``max_depth`` accepted: the walk recurses once per MIME level, and
 #: this stays well inside Python's recursion limit.
 MAX_DEPTH_LIMIT = 200
+#: The values of ``pixel_position``.
+PIXEL_POSITIONS = ("end", "start", "both", "auto")
+#: With ``pixel_position = "auto"``, HTML bodies over this many octets (decoded)
+#: get both pixels: Gmail clips a message whose HTML is over about 102 KB.
+AUTO_BOTH_HTML_BYTES = 90 * 1024
 #: RFC 5322 §3.6.8: a field name is printable US-ASCII except ":".
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 
@@ -68,6 +73,12 @@ class RewritePolicy:
         after which the rewrite stops where it is and relays the original,
         reason ``"rewrite-timeout"`` (:mod:`~smtp_tracker.mime.deadline`: checked
         inside its loops, so the thread really stops); None for no limit.
+    :param pixel_position: where the pixel goes in the HTML body: ``"end"``
+        (before ``</body>``), ``"start"`` (right after the opening ``<body>``,
+        so that a clipped message, Gmail's over about 102 KB, still fetches
+        it), ``"both"`` (two elements with the same URL), or ``"auto"``
+        (``"both"`` for a decoded HTML body over :data:`AUTO_BOTH_HTML_BYTES`,
+        else ``"end"``).  Where there is no start place, the end alone.
     :raises ValueError: when a value is out of range or ``control_header`` is
         not an RFC 5322 field name.
     """
@@ -85,6 +96,7 @@ class RewritePolicy:
     max_click_html_bytes: int = 2 * 1024 * 1024
     max_links: int = 1000
     time_limit_s: float | None = None
+    pixel_position: Literal["end", "start", "both", "auto"] = "end"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -99,6 +111,11 @@ class RewritePolicy:
         if self.dkim_policy not in ("skip", "track", "resign"):
             problems.append(
                 f"dkim_policy must be 'skip', 'track' or 'resign', not {self.dkim_policy!r}"
+            )
+        if self.pixel_position not in PIXEL_POSITIONS:
+            problems.append(
+                "pixel_position must be 'end', 'start', 'both' or 'auto', "
+                f"not {self.pixel_position!r}"
             )
         if not isinstance(self.control_header, str) or not _FIELD_NAME.match(self.control_header):
             problems.append(f"control_header is not a header field name: {self.control_header!r}")

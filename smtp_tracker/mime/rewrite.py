@@ -35,6 +35,7 @@ from smtp_tracker.mime.disclosure import footer_for_part
 from smtp_tracker.mime.inject import (
     InjectError,
     find_insertion,
+    find_start_insertion,
     is_xhtml,
     pixel_tag,
     renders_at,
@@ -46,7 +47,7 @@ from smtp_tracker.mime.links import (
     find_text_links,
     list_unsubscribe_urls,
 )
-from smtp_tracker.mime.policy import RewritePolicy
+from smtp_tracker.mime.policy import AUTO_BOTH_HTML_BYTES, RewritePolicy
 from smtp_tracker.mime.selection import NotTracked, Selector
 from smtp_tracker.mime.structure import Field, Part, read_part
 from smtp_tracker.mime.transfer import (
@@ -96,6 +97,9 @@ class RewriteResult:
     :param links: the links wrapped for click tracking, in the order of the
         message (HTML body first), each with its token and destination; empty
         unless tracked.
+    :param pixels: pixel elements added: 0 unless tracked; 2 with
+        ``policy.pixel_position`` ``"both"`` (or ``"auto"`` on a large body)
+        where the body has a start place, both with the same URL.
     """
 
     message: bytes
@@ -103,6 +107,7 @@ class RewriteResult:
     reason: str | None
     defects: tuple[str, ...]
     links: tuple[LinkRecord, ...] = ()
+    pixels: int = 0
 
 
 class _FailOpen(Exception):
@@ -217,6 +222,7 @@ class _Rewrite:
         self.rules: LinkRules | None = None
         self.links: list[tuple[str, str]] = []  # (token, url) of each wrapped link
         self.part_edits: list[tuple[int, int, bytes]] = []  # text/plain parts rewritten
+        self.pixels = 1  # pixel elements in the rewritten part
 
     def run(self) -> RewriteResult:
         top = read_part(self.data, 0, len(self.data))
@@ -257,6 +263,7 @@ class _Rewrite:
             reason=reason,
             defects=self._defects(),
             links=links,
+            pixels=self.pixels if reason is None else 0,
         )
 
     # -- the decision ------------------------------------------------------------
@@ -349,6 +356,16 @@ class _Rewrite:
         if index is None:
             self.defects.append("no-insertion-point")
             raise NotTracked("no-html-body")
+        start = self._start_index(text, xhtml, len(octets), index, decoded.canonical)
+        if start is not None:
+            both = self.policy.pixel_position != "start"
+            body = self._splice_pixels(
+                raw, encoding, eol, octets, text, decoded.codec, xhtml, extra, start, index, both
+            )
+            if body is not None:
+                self.pixels = 2 if both else 1
+                return body
+            self.defects.append("pixel-start-splice-failed")  # the end alone, then
         prefix = text[:index]
         tag = pixel_tag(self.url, xhtml=xhtml, extra_html=extra)
         if not decoded.canonical:  # UTF-7 whose markup another encoder put in base64
@@ -367,7 +384,7 @@ class _Rewrite:
                 raise _FailOpen("line-too-long")
         if self.rules is not None:
             wrapped = self._wrap_links(
-                raw, encoding, eol, octets, text, decoded.codec, (index, tag, offset, insert)
+                raw, encoding, eol, octets, text, decoded.codec, [(index, tag, offset, insert)]
             )
             if wrapped is not None:
                 return wrapped
@@ -381,6 +398,83 @@ class _Rewrite:
         if not same or not _spliced(new_octets.decode(decoded.codec), text, prefix, tag):
             raise _FailOpen("round-trip-mismatch")
         return body
+
+    def _start_index(
+        self, text: str, xhtml: bool, size: int, end: int, canonical: bool
+    ) -> int | None:
+        """Where the start pixel goes (``policy.pixel_position``), or None for the end alone.
+
+        ``"auto"`` is ``"both"`` for a decoded body over
+        :data:`~.policy.AUTO_BOTH_HTML_BYTES` octets.  No start place (no
+        opening ``<body>`` where a probe renders, or UTF-7 that is not
+        Python's own): defect ``pixel-start-not-placeable``, the end alone.
+        """
+        position = self.policy.pixel_position
+        if position == "auto":
+            position = "both" if size > AUTO_BOTH_HTML_BYTES else "end"
+        if position == "end":
+            return None
+        start: int | None = None
+        if canonical:
+            try:
+                start = find_start_insertion(text, lambda url: pixel_tag(url, xhtml=xhtml))
+            except InjectError:
+                start = None
+        if start is None or start > end:
+            self.defects.append("pixel-start-not-placeable")
+            return None
+        return start
+
+    def _splice_pixels(
+        self,
+        raw: bytes,
+        encoding: TransferEncoding,
+        eol: bytes,
+        octets: bytes,
+        text: str,
+        codec: str,
+        xhtml: bool,
+        extra: str,
+        start: int,
+        end: int,
+        both: bool,
+    ) -> bytes | None:
+        """The body with a pixel at ``text[start]`` and, when *both*, one at ``text[end]``.
+
+        The disclosure footer stays before the end place (with the end pixel,
+        or alone).  Spliced in one pass (:func:`~.transfer.splice_edits`, with
+        the links when clicks are tracked) and checked: the decoded octets and
+        text must be the old ones with exactly these insertions.  None when it
+        cannot be done exactly (the caller puts the end pixel alone).
+        """
+        forms = ("", eol.decode("ascii")) if encoding is TransferEncoding.IDENTITY else ("",)
+        for newline in forms:
+            first = pixel_tag(self.url, xhtml=xhtml, newline=newline)
+            last = pixel_tag(self.url, xhtml=xhtml, newline=newline, extra_html=extra)
+            places = [(start, first)]
+            if both or extra:
+                places.append((end, last if both else extra))
+            pixels = [(index, tag, *_encode_at(text[:index], tag, codec)) for index, tag in places]
+            if encoding is not TransferEncoding.IDENTITY or not any(
+                _adds_long_line(octets, offset, insert) for _, _, offset, insert in pixels
+            ):
+                break
+        else:
+            return None
+        if self.rules is not None:
+            wrapped = self._wrap_links(raw, encoding, eol, octets, text, codec, pixels)
+            if wrapped is not None:
+                return wrapped
+        octet_edits = [(offset, offset, insert) for _, _, offset, insert in pixels]
+        text_edits = [(index, index, tag) for index, tag, _, _ in pixels]
+        try:
+            body = splice_edits(raw, encoding, octet_edits, newline=eol)
+            new_octets = apply_edits(octets, octet_edits)
+            same = decode(body, encoding) == new_octets
+            same = same and new_octets.decode(codec) == apply_edits(text, text_edits)
+        except (TransferError, UnicodeError):
+            return None
+        return body if same else None
 
     def _splice_utf7(
         self,
@@ -429,11 +523,11 @@ class _Rewrite:
         octets: bytes,
         text: str,
         codec: str,
-        pixel: tuple[int, str, int, bytes],
+        pixels: list[tuple[int, str, int, bytes]],
     ) -> bytes | None:
-        """The HTML body with the pixel and the wrapped links in one splice, or
-        None when there is nothing to wrap or it cannot be done exactly (the
-        pixel then goes in alone)."""
+        """The HTML body with the pixels (``(index, tag, offset, insert)`` each) and
+        the wrapped links in one splice, or None when there is nothing to wrap
+        or it cannot be done exactly (the pixels then go in alone)."""
         if len(octets) > self.policy.max_click_html_bytes:
             self.defects.append("links-html-too-large")
             return None
@@ -441,13 +535,11 @@ class _Rewrite:
         found, defect = find_html_links(text)
         if defect:
             self.defects.append(defect)
-        index, tag, offset, insert = pixel
-        plan = self._plan(found, text, octets, codec, encoding, html=True, pixel=(offset, insert))
+        inserts = [(offset, insert) for _, _, offset, insert in pixels]
+        plan = self._plan(found, text, octets, codec, encoding, html=True, pixels=inserts)
         if not plan:
             return None
-        body = self._splice_plan(
-            raw, encoding, eol, octets, text, codec, plan, (index, tag, offset, insert)
-        )
+        body = self._splice_plan(raw, encoding, eol, octets, text, codec, plan, pixels)
         if body is None:
             self.defects.append("links-splice-failed")
         return body
@@ -473,7 +565,7 @@ class _Rewrite:
         if not plan:
             return None
         eol = line_ending(raw, line_ending(self.data[: part.body_start]))
-        body = self._splice_plan(raw, encoding, eol, octets, text, decoded.codec, plan, None)
+        body = self._splice_plan(raw, encoding, eol, octets, text, decoded.codec, plan, [])
         if body is None:
             self.defects.append("text-links-splice-failed")
         return body
@@ -487,7 +579,7 @@ class _Rewrite:
         encoding: TransferEncoding,
         *,
         html: bool,
-        pixel: tuple[int, bytes] | None = None,
+        pixels: list[tuple[int, bytes]] | None = None,
     ) -> list[_Wrap]:
         """The links of ``found`` to wrap, each with its token and octets."""
         assert self.rules is not None and self.click_base_url is not None
@@ -520,7 +612,7 @@ class _Rewrite:
                 value = escape(value, quote=True)
             plan.append(_Wrap(link, token, value, start, end, value.encode(codec)))
         if encoding is TransferEncoding.IDENTITY:
-            fitting = _fit_lines(octets, plan, pixel)
+            fitting = _fit_lines(octets, plan, pixels or [])
             if len(fitting) < len(plan):
                 self.defects.append("links-line-too-long")
             plan = fitting
@@ -535,17 +627,21 @@ class _Rewrite:
         text: str,
         codec: str,
         plan: list[_Wrap],
-        pixel: tuple[int, str, int, bytes] | None,
+        pixels: list[tuple[int, str, int, bytes]],
     ) -> bytes | None:
-        """The body with the links of ``plan`` (and the pixel) spliced, checked, or None."""
+        """The body with the links of ``plan`` (and the pixels) spliced, checked, or None."""
         if not plan:
             return None
         octet_edits = [(w.start, w.end, w.new) for w in plan]
         text_edits = [(w.link.start, w.link.end, w.value) for w in plan]
-        if pixel is not None:
-            index, tag, offset, insert = pixel
-            octet_edits = sorted([*octet_edits, (offset, offset, insert)], key=_first)
-            text_edits = sorted([*text_edits, (index, index, tag)], key=_first)
+        if pixels:
+            octet_edits = sorted(
+                [*octet_edits, *((offset, offset, insert) for _, _, offset, insert in pixels)],
+                key=_first,
+            )
+            text_edits = sorted(
+                [*text_edits, *((index, index, tag) for index, tag, _, _ in pixels)], key=_first
+            )
         deadline.check()
         new_octets = apply_edits(octets, octet_edits)
         try:
@@ -683,7 +779,7 @@ def _octet_offsets(text: str, codec: str, points: list[int]) -> list[int]:
     return offsets
 
 
-def _fit_lines(octets: bytes, plan: list[_Wrap], pixel: tuple[int, bytes] | None) -> list[_Wrap]:
+def _fit_lines(octets: bytes, plan: list[_Wrap], pixels: list[tuple[int, bytes]]) -> list[_Wrap]:
     """The links of ``plan`` whose wrapping adds no line over 998 octets (RFC 5322 §2.1.1).
 
     A 7bit/8bit body is spliced as it is: a longer URL lengthens its line.  On
@@ -705,9 +801,9 @@ def _fit_lines(octets: bytes, plan: list[_Wrap], pixel: tuple[int, bytes] | None
     for wrap in candidates:
         number = line(wrap.start)
         growth[number] = growth.get(number, 0) + len(wrap.new) - (wrap.end - wrap.start)
-    if pixel is not None:
-        number = line(pixel[0])
-        growth[number] = growth.get(number, 0) + len(pixel[1])
+    for offset, insert in pixels:
+        number = line(offset)
+        growth[number] = growth.get(number, 0) + len(insert)
     too_long = {
         number
         for number, grown in growth.items()

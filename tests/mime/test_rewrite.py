@@ -101,7 +101,8 @@ def test_pixel_before_closing_body_everything_else_as_written() -> None:
 def test_pixel_shape_is_invisible_without_display_none() -> None:
     assert PIXEL == (
         b'<img src="https://track.example.test/o/AAAAAAAAAAAAAAAAAAAAAA.gif" width="1" '
-        b'height="1" alt="" style="border:0;width:1px;height:1px;margin:0;padding:0;opacity:0">'
+        b'height="1" alt="" style="position:absolute;top:0px;left:0;border:0;width:1px;height:1px;'
+        b'margin:0;padding:0;opacity:0">'
     )
     assert b"display:none" not in PIXEL
 
