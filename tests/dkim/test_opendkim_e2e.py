@@ -248,7 +248,17 @@ async def test_signed_by_opendkim_tracked_and_resigned(
                 else:
                     data = ed25519_signed(as_written(message, ED_FROM), dkim_keys, canon)
                 expected[recipient] = (name, algorithm)
-                await postfix.send(ENVELOPE_SENDER, [recipient], data)
+                if corpus:  # sendmail: OpenDKIM signs as non_smtpd_milters
+                    await postfix.send(ENVELOPE_SENDER, [recipient], data)
+                else:  # SMTP to Postfix's smtpd, as a client would: smtpd_milters
+                    await aiosmtplib.send(
+                        data,
+                        sender=ENVELOPE_SENDER,
+                        recipients=[recipient],
+                        hostname="127.0.0.1",
+                        port=postfix.smtpd_port,
+                        start_tls=False,
+                    )
         await upstream.wait_for_transactions(len(expected), timeout_s=240)
         await postfix.wait_until_queue_empty(timeout_s=60)
     finally:
