@@ -483,14 +483,11 @@ class Config:
     webhooks: tuple[WebhookSettings, ...] = key(
         (),
         section="Events out: webhooks and the event log",
-        default_text="none",
-        example='[{ url = "https://crm.example.com/hooks/mail", secret_file = '
-        '"/etc/smtp-tracker/webhook.secret", events = ["message.opened", "link.clicked"], '
-        "counted_only = true }]",
-        help="webhooks that get each event as a POST signed per Standard Webhooks; as "
-        "[[webhooks]] tables (url, secret_file, events, counted_only, allow_plain_http, "
-        "ca_file, name) or inline tables (as a flag: a TOML array of inline tables); "
-        "'smtp-tracker webhooks new-secret FILE' makes a secret; docs/webhooks.md",
+        help="webhooks that get each event as a POST signed per Standard Webhooks: "
+        "[[webhooks]] tables at the end of the file (or a list of inline tables) with the "
+        "keys url, secret_file, events, counted_only, allow_plain_http, ca_file and name "
+        "(as a flag: a TOML array of inline tables); 'smtp-tracker webhooks new-secret FILE' "
+        "makes a secret; see docs/webhooks.md",
     )
     webhook_retry_hours: float = key(
         24.0,

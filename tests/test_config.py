@@ -133,6 +133,7 @@ def test_example_config_lists_every_key_with_its_default() -> None:
         "disclosure_header",
         "dkim_key_table",
         "dkim_signing_table",
+        "events_log",
     }
     defaults = Config(hostname="example")
     for spec in dataclasses.fields(Config):
