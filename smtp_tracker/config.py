@@ -876,6 +876,10 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         problems.append(
             "dkim_policy = resign needs dkim_key_table: the OpenDKIM KeyTable with the keys"
         )
+    if get("dkim_signing_table") is not None and get("dkim_key_table") is None:
+        problems.append(
+            "dkim_signing_table needs dkim_key_table: the KeyTable its key names refer to"
+        )
     copied = {copy.upstream for copy in get("copies", ())}
     if copied & set(get("upstream", ())):
         problems.append("copies: a copy's upstream is also in upstream; it would get mail twice")

@@ -109,3 +109,14 @@ def test_a_key_readable_by_others_is_a_warning(
         f"run: chmod o-rwx {key}\n"
     )
     assert "DKIM key example.com:ed ed25519-sha256 256 bits" in out
+
+
+def test_a_signing_table_needs_a_key_table(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    status, _, err = check(capsys, "--dkim-signing-table", str(tmp_path / "SigningTable"))
+    assert status == 2
+    assert err == (
+        "smtp-tracker: error: dkim_signing_table needs dkim_key_table: "
+        "the KeyTable its key names refer to\n"
+    )
