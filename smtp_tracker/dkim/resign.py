@@ -155,6 +155,8 @@ class Resigner:
                 return Check(count, "dkim-invalid")
         if any(b"l" in t for t in tags):
             return Check(count, "dkim-length-tag")
+        if any(b"d" not in t or b"s" not in t or b"b" not in t for t in tags):
+            return Check(count, "dkim-invalid")  # RFC 6376 §3.5: required tags
         keys: list[DkimKey] = []
         for t in tags:
             domain = t.get(b"d", b"").decode("ascii", "replace")

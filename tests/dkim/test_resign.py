@@ -189,6 +189,7 @@ def test_two_signatures_of_ours_are_both_made_anew(
             "dkim-invalid",
         ),
         (lambda k, e: b"DKIM-Signature: v=1; a\r\n" + MESSAGE, "dkim-invalid"),
+        (lambda k, e: b"DKIM-Signature: v=1; a=rsa-sha256; b=AAAA\r\n" + MESSAGE, "dkim-invalid"),
     ],
     ids=[
         "body-altered",
@@ -201,6 +202,7 @@ def test_two_signatures_of_ours_are_both_made_anew(
         "arc-sealed",
         "rsa-sha1",
         "unparsable",
+        "no-d-or-s",
     ],
 )
 def test_what_is_never_resigned(
