@@ -250,6 +250,37 @@ def _relay_metrics(handler: RelayHandler | None, slots: ConnectionSlots) -> Iter
         "SMTP connections refused because max_connections were open.",
         value=slots.refused,
     )
+    yield from _upstream_metrics(handler)
+
+
+def _upstream_metrics(handler: RelayHandler) -> Iterator[Metric]:
+    """Each upstream's and copy's state, and what it carried and failed (issue 21)."""
+    labels = ["upstream", "role"]
+    up = GaugeMetricFamily(
+        "smtp_tracker_upstream_up",
+        "Whether each upstream (and copy) takes transactions now (1), or is skipped after "
+        "failing until its probe finds it back (0).",
+        labels=labels,
+    )
+    carried = CounterMetricFamily(
+        "smtp_tracker_upstream_carried",
+        "Messages each upstream (and copy) accepted: 2xx to the end of data.",
+        labels=labels,
+    )
+    failed = CounterMetricFamily(
+        "smtp_tracker_upstream_failed",
+        "Transactions each upstream (and copy) failed before the end: connection, TLS, AUTH, "
+        "421 (the transaction then went to the next upstream, or was deferred).",
+        labels=labels,
+    )
+    for health in handler.upstreams.all_health():
+        values = [health.label, health.role]
+        up.add_metric(values, 1 if health.up else 0)
+        carried.add_metric(values, health.carried)
+        failed.add_metric(values, health.failed)
+    yield up
+    yield carried
+    yield failed
 
 
 def _tracking_metrics(tracker: Tracker) -> Iterator[Metric]:

@@ -86,13 +86,25 @@ async def test_a_failed_upstream_is_used_again_once_its_probe_finds_it_back(
 ) -> None:
     first = await upstream_factory(start=False, auth_required=False)
     relay = await relay_factory(
-        upstream=[first.address, upstream.address], upstream_retry_s=0.2, upstream_user=None
+        upstream=[first.address, upstream.address],
+        upstream_retry_s=0.2,
+        upstream_user=None,
+        metrics=True,
+        metrics_listen="127.0.0.1:0",
     )
-    assert relay.upstreams is not None
+    assert relay.upstreams is not None and relay.metrics is not None
+    metrics = relay.metrics
     health = relay.upstreams.health[0]
+    first_labels = f'role="upstream",upstream="{first.address}"'
     await send(relay, 1)
     await upstream.wait_for_transactions(1)
     assert not health.up
+    scraped = metrics.exposition().decode()
+    assert f"smtp_tracker_upstream_up{{{first_labels}}} 0.0" in scraped
+    assert (
+        f'smtp_tracker_upstream_carried_total{{role="upstream",upstream="{upstream.address}"}} 1.0'
+        in scraped
+    )
     await first.start()
     await wait_until(lambda: health.up, timeout_s=10, message="the first upstream's probe")
     await send(relay, 2)
@@ -100,6 +112,9 @@ async def test_a_failed_upstream_is_used_again_once_its_probe_finds_it_back(
     assert b"failover-2@" in arrived.data
     assert len(upstream.transactions) == 1
     assert health.failures == 0
+    scraped = metrics.exposition().decode()
+    assert f"smtp_tracker_upstream_up{{{first_labels}}} 1.0" in scraped
+    assert f"smtp_tracker_upstream_carried_total{{{first_labels}}} 1.0" in scraped
 
 
 def test_the_back_off_doubles_up_to_fifteen_minutes() -> None:
