@@ -282,17 +282,30 @@ class FailoverSession:
         :raises CommandRejected: an argument the upstream client cannot send.
         """
         self.failed_attempts = 0
-        session = self._session
-        if session is not None and session.is_open and self._health is not None:
-            reply = await self._try(self._health, session, reverse_path, parameters, smtputf8)
+        self._refused = None
+        last: Reply | None = None
+        tried: set[int] = set()
+        session, current = self._session, self._health
+        self._session = None
+        if session is not None and current is not None and session.is_open:
+            # the session's connection from an earlier transaction: a failure on it
+            # may be its age (an idle timeout upstream), not the upstream's health
+            reply = await self._try(
+                current, session, reverse_path, parameters, smtputf8, reused=True
+            )
             if reply is not None:
                 return reply
-        await self._drop()
-        last: Reply | None = None
-        self._refused = None
-        for number, health in enumerate(self._upstreams.candidates()):
-            if number:
+            if self._refused is not None:  # it said 4xx: the others are asked first
+                tried.add(id(current))
+                last = self._last_reply
+        elif session is not None:
+            await session.close()
+        for health in self._upstreams.candidates():
+            if id(health) in tried:
+                continue
+            if tried:
                 self._note(f"failing over to {health.label}")
+            tried.add(id(health))
             session = UpstreamSession(health.settings, self._transcript)
             try:
                 await session.ensure_open()
@@ -320,8 +333,14 @@ class FailoverSession:
         reverse_path: str,
         parameters: Sequence[str],
         smtputf8: bool,
+        *,
+        reused: bool = False,
     ) -> Reply | None:
-        """MAIL on an open ``session``: the reply to give, or None to try the next upstream."""
+        """MAIL on an open ``session``: the reply to give, or None to try the next upstream.
+
+        :param reused: the connection is an earlier transaction's: its loss does
+            not mark the upstream down (it is opened afresh next).
+        """
         self._last_reply = None
         if smtputf8 and "smtputf8" not in session.extensions:
             self._last_reply = replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED
@@ -330,6 +349,8 @@ class FailoverSession:
         try:
             reply = await session.mail(reverse_path, parameters)
         except UpstreamError as exc:
+            if reused:
+                return None
             self.failed_attempts += 1
             self._upstreams.mark_failed(health, str(exc.reply))
             self._last_reply = Reply(exc.reply.code, exc.reply.enhanced_status, exc.reply.text)

@@ -227,12 +227,15 @@ class Fanout:
             self.primary.rcpt(forward_path, parameters),
             (self._copy_rcpt(c, forward_path, parameters) for c in active),
         )
+        if any(c.target.required and not c.active for c in self._copies):
+            # a required copy lost its connection: the transaction cannot be had
+            # by it any more; end it everywhere, and every later command gets 4xx
+            await self.rset()
+            raise UpstreamError(replies.R451_COPY_FAILED)
         if not primary.is_positive:
             return primary
         for copy, accepted in zip(active, accepted_by, strict=True):
             if copy.target.required and not accepted:
-                if not copy.active:  # lost: the transaction cannot be had by it any more
-                    raise UpstreamError(replies.R451_COPY_FAILED)
                 return replies.R451_COPY_FAILED
         return primary
 
