@@ -240,15 +240,22 @@ class Tracker:
         excluded = self._domains.not_tracked_reason(
             transaction.reverse_path, [r.address for r in transaction.accepted]
         )
-        result = await self._run_rewrite(
-            content,
-            url,
-            self._policy,
-            transaction.reverse_path,
-            self._disclosure.footer_html,
-            excluded,
-            self._base_url if self._policy.track_clicks else None,
-        )
+        try:
+            result = await self._run_rewrite(
+                content,
+                url,
+                self._policy,
+                transaction.reverse_path,
+                self._disclosure.footer_html,
+                excluded,
+                self._base_url if self._policy.track_clicks else None,
+            )
+        except Exception:  # a defect of ours: the mail goes on as received (fail open)
+            self.counters.rewrite_failed += 1
+            log.exception(
+                "%s: the rewrite stage failed; relaying the original", transaction.queue_id
+            )
+            return Prepared(content, tracking_id, False, "rewrite-failed")
         if result == "rewrite-busy":
             log.warning(
                 "%s: not tracked: no rewrite thread free within %g s (rewrite_queue_wait_s); "

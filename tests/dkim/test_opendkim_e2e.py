@@ -35,7 +35,8 @@ import aiosmtplib
 import dkim
 import pytest
 
-from smtp_tracker.mime import RewritePolicy, rewrite
+from smtp_tracker.mime import RewritePolicy, RewriteResult, rewrite
+from smtp_tracker.tracking import stage as tracking
 from tests.corpus import corpus_root, eml_paths, html_as_message, html_paths, skip_reason
 from tests.support.opendkim import DOMAIN, DkimKeys, OpenDkim, opendkim_verify
 from tests.support.postfix import Postfix, free_port, without_bounces
@@ -388,22 +389,17 @@ def arc_sealed(message: bytes, keys: DkimKeys) -> bytes:
     ) + signed
 
 
-UNDECODABLE = (
-    f"From: {RSA_FROM}\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
-    "Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-    "<html><body>not base64 at all!</body></html>\r\n"
-).encode()
-
 CASES = {
     "dkim-invalid": lambda keys: rsa_signed(MESSAGE, keys).replace(b"the news", b"the olds"),
     "dkim-foreign": lambda keys: rsa_signed(MESSAGE, keys, domain="example.org"),
     "dkim-length-tag": lambda keys: rsa_signed(MESSAGE, keys, length=True),
     "arc-sealed": lambda keys: arc_sealed(MESSAGE, keys),
-    "rewrite-failed": lambda keys: rsa_signed(UNDECODABLE, keys),
+    "rewrite-failed": lambda keys: rsa_signed(MESSAGE.replace(b"news", b"fail"), keys),
 }
 
 
 async def test_what_is_not_resigned_is_relayed_byte_for_byte(
+    monkeypatch: pytest.MonkeyPatch,
     dkim_keys: DkimKeys,
     relay_factory: Any,
     upstream: Any,
@@ -412,6 +408,17 @@ async def test_what_is_not_resigned_is_relayed_byte_for_byte(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="smtp_tracker.mime")
+
+    def rewrite_failing_on_fail(content: bytes, *args: Any) -> RewriteResult:
+        """The rewrite, failing open (its contract) for the message that says "fail"."""
+        if b"the fail" in content:
+            return RewriteResult(
+                message=content, tracked=False, reason="rewrite-failed", defects=("x",)
+            )
+        return real_rewrite(content, *args)
+
+    real_rewrite = tracking._rewrite
+    monkeypatch.setattr(tracking, "_rewrite", rewrite_failing_on_fail)
     app = await relay_factory(
         **tracking_over_tls(cert_pem_path, key_pem_path),
         dkim_policy="resign",

@@ -11,11 +11,17 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from smtp_tracker.dkim import Resigner, load_keyring
-from smtp_tracker.mime import RewritePolicy
+from smtp_tracker.mime import RewritePolicy, RewriteResult
 from smtp_tracker.mime.disclosure import Disclosure
 from smtp_tracker.smtp.session import Transaction
+from smtp_tracker.tracking import stage as tracking
 from smtp_tracker.tracking.stage import TrackedMessage, Tracker
 from tests.dkim.test_resign import MESSAGE, sign, verify_all
+
+
+def failed_rewrite(content: bytes, *args: object) -> RewriteResult:
+    """What :func:`smtp_tracker.mime.rewrite` returns when it fails open."""
+    return RewriteResult(message=content, tracked=False, reason="rewrite-failed", defects=("x",))
 
 
 @pytest.fixture
@@ -76,14 +82,14 @@ async def test_a_signature_we_may_not_resign_goes_on_byte_for_byte(
 
 
 async def test_a_failed_rewrite_relays_the_original_still_valid_signature(
-    tracker: Tracker, key_table: Path, ed_key: ed25519.Ed25519PrivateKey
+    tracker: Tracker,
+    key_table: Path,
+    ed_key: ed25519.Ed25519PrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    undecodable = (
-        b"From: a@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
-        b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-        b"<html><body>not base64 at all!</body></html>\r\n"
-    )
-    original = sign(undecodable, ed_key, selector=b"ed", headers=[b"from", b"subject"])
+    """The rewrite fails open (its contract: the original octets, ``rewrite-failed``)."""
+    monkeypatch.setattr(tracking, "_rewrite", failed_rewrite)
+    original = sign(MESSAGE, ed_key, selector=b"ed")
     prepared = await prepare(tracker, original)
     assert prepared.data == original
     assert (prepared.tracked, prepared.reason, prepared.dkim) == (False, "rewrite-failed", None)
@@ -108,3 +114,22 @@ async def test_a_resign_that_fails_relays_the_original(
 async def test_unsigned_mail_is_tracked_as_before(tracker: Tracker) -> None:
     prepared = await prepare(tracker, MESSAGE)
     assert (prepared.tracked, prepared.dkim) == (True, None)
+
+
+async def test_a_defect_in_the_rewrite_thread_relays_the_original(
+    tracker: Tracker,
+    rsa_key: rsa.RSAPrivateKey,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not a 451 the client would retry forever: the message goes on as received."""
+
+    def broken(*args: object) -> RewriteResult:
+        raise TypeError("a defect")
+
+    monkeypatch.setattr(tracking, "_rewrite", broken)
+    original = sign(MESSAGE, rsa_key)
+    prepared = await tracker.prepare(original, Transaction("a@example.com", (), False))
+    assert (prepared.data, prepared.tracked, prepared.reason) == (original, False, "rewrite-failed")
+    assert tracker.counters.rewrite_failed == 1
+    assert "the rewrite stage failed; relaying the original" in caplog.text
