@@ -32,6 +32,14 @@ recipients as a JSON array of strings.
   and target), ``webhook_hooks`` (hooks a 410 disabled) and
   ``webhook_outbox_state`` (the outbox's depth, kept by triggers, and the
   events dropped when it was full).
+* **v6** - consent (issue 20, :mod:`smtp_tracker.store.consent`): ``consent``
+  (one row per lower-cased address: ``denied`` or ``granted``, when, from
+  where), ``optout_links`` (the objection link of each tracked message: its
+  token, tracking id and recipients), ``optout_used`` (the single-use form
+  tokens of the objection page already spent); ``links.relayed_at_us`` (links
+  outlive their message for ``link_retention_days``);
+  ``daily_stats.relayed_aggregate`` (messages recorded with
+  ``tracking_mode = "aggregate"``, so reports say which mode made a figure).
 """
 
 from __future__ import annotations
@@ -239,6 +247,40 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         WHEN NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE seq = old.seq)
         BEGIN DELETE FROM webhook_events WHERE seq = old.seq; END
         """,
+    ),
+    # v6: consent registry, objection links, links that outlive records, aggregate mode
+    (
+        """
+        CREATE TABLE consent (
+            address TEXT    PRIMARY KEY,
+            state   TEXT    NOT NULL CHECK (state IN ('denied', 'granted')),
+            at_us   INTEGER NOT NULL,
+            source  TEXT    NOT NULL
+        ) WITHOUT ROWID
+        """,
+        """
+        CREATE TABLE optout_links (
+            token       TEXT    PRIMARY KEY,
+            tracking_id TEXT    NOT NULL,
+            recipients  TEXT    NOT NULL,
+            created_us  INTEGER NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "CREATE INDEX optout_links_created ON optout_links (created_us)",
+        "CREATE INDEX optout_links_tracking_id ON optout_links (tracking_id)",
+        """
+        CREATE TABLE optout_used (
+            nonce   TEXT    PRIMARY KEY,
+            used_us INTEGER NOT NULL
+        ) WITHOUT ROWID
+        """,
+        "ALTER TABLE links ADD COLUMN relayed_at_us INTEGER",
+        """
+        UPDATE links SET relayed_at_us =
+            (SELECT m.relayed_at_us FROM messages m WHERE m.tracking_id = links.tracking_id)
+        """,
+        "CREATE INDEX links_relayed_at ON links (relayed_at_us)",
+        "ALTER TABLE daily_stats ADD COLUMN relayed_aggregate INTEGER NOT NULL DEFAULT 0",
     ),
 )
 

@@ -69,7 +69,7 @@ def test_check_reports_damaged_pages(tmp_path: Path) -> None:
     data = tmp_path / "data"
     build_store(data)
     size = (data / DB_FILENAME).stat().st_size
-    overwrite(data / DB_FILENAME, size // 2, GARBAGE * 64)  # in the middle of the b-trees
+    overwrite(data / DB_FILENAME, size * 3 // 4, GARBAGE * 64)  # in the b-trees of the records
     report = check_store(data)
     assert not report.ok
     assert any("quick_check" in p or "cannot read" in p for p in report.problems), report
