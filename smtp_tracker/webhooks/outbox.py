@@ -47,6 +47,7 @@ __all__ = [
     "Outbox",
     "OutboxStatus",
     "Settled",
+    "any_due",
     "claim",
     "connect",
     "disable_hook",
@@ -368,6 +369,17 @@ def claim(
         Claimed(hook, int(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), int(r[5]))
         for r in rows
     ]
+
+
+def any_due(conn: sqlite3.Connection, hook: str, *, now_us: int) -> bool:
+    """Whether *hook* has a pending delivery due (maybe behind its message's earlier one);
+    a read, without the write lock :func:`claim` takes."""
+    row = conn.execute(
+        "SELECT 1 FROM webhook_deliveries WHERE hook = ? AND state = 'pending' AND due_us <= ?"
+        " LIMIT 1",
+        (hook, now_us),
+    ).fetchone()
+    return row is not None
 
 
 def next_due(conn: sqlite3.Connection, hook: str) -> int | None:

@@ -125,6 +125,7 @@ class WebhookSender:
     :param concurrency: attempts in flight per webhook.
     :param poll_interval_s: how often the outbox is read when nothing woke the
         sender (events written by another process, retries coming due), in seconds.
+    :param coalesce_s: how long new events gather before they are claimed, in seconds.
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class WebhookSender:
         backoff_max_s: float = 3600.0,
         concurrency: int = 16,
         poll_interval_s: float = 2.0,
+        coalesce_s: float = 0.05,
     ) -> None:
         self._data_dir = data_dir
         self._hooks = {hook.settings.hook: hook for hook in hooks}
@@ -153,6 +155,7 @@ class WebhookSender:
         self._backoff = (backoff_base_s, backoff_max_s)
         self._concurrency = concurrency
         self._poll_s = poll_interval_s
+        self._coalesce_s = coalesce_s
         self._lease_us = int((timeout_s * 2 + 5) * 1_000_000)
         self.counters = SenderCounters()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="webhooks")
@@ -320,6 +323,12 @@ class WebhookSender:
     # -- delivering ----------------------------------------------------------------------
 
     async def _run(self, name: str, wake: asyncio.Event) -> None:
+        """Claim, deliver, settle; then wait for new events, the next due time or the poll.
+
+        New events are gathered for :attr:`_coalesce_s` before the next claim, so
+        that a burst of mail costs the store a few claims of many events, not a
+        write transaction per event (the relay's own records wait on that lock).
+        """
         batch = self._concurrency * 4 if name != EVENTS_LOG_HOOK else 1000
         while True:
             wake.clear()
@@ -328,14 +337,19 @@ class WebhookSender:
                 claimed, next_due_us = await self._claim(name, batch)
                 if claimed:
                     await self._deliver(name, claimed)
+                    if len(claimed) < batch:  # caught up: let the next ones gather
+                        await asyncio.sleep(self._coalesce_s)
                     continue
                 if next_due_us is not None:
                     wait_s = min(wait_s, max(0.01, (next_due_us - _now_us()) / 1_000_000))
             except sqlite3.Error as exc:
                 log.warning("webhooks: the outbox cannot be read or written (%s)", exc)
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(wait_s):
                     await wake.wait()
+            except TimeoutError:
+                continue
+            await asyncio.sleep(self._coalesce_s)
 
     async def _claim(self, name: str, limit: int) -> tuple[list[Claimed], int | None]:
         """Due deliveries of *name*; when none, the time the next one comes due."""
@@ -348,7 +362,11 @@ class WebhookSender:
             depth = int(row[0]) if row else 0
             if name in disabled:
                 return [], None, disabled, depth
-            taken = outbox.claim(conn, name, now_us=now_us, limit=limit, lease_us=self._lease_us)
+            taken = []
+            if outbox.any_due(conn, name, now_us=now_us):  # no write lock for nothing
+                taken = outbox.claim(
+                    conn, name, now_us=now_us, limit=limit, lease_us=self._lease_us
+                )
             next_due = None if taken else outbox.next_due(conn, name)
             return taken, next_due, disabled, depth
 
