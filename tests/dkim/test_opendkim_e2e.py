@@ -11,7 +11,10 @@ OpenDKIM → the queue → the upstream.
 
 Each message must arrive with exactly one pixel and exactly one DKIM signature,
 which two independent verifiers pass: dkimpy (``dnsfunc`` with the session's
-records) and OpenDKIM itself (``opendkim -t``, its Authentication-Results).
+records) and OpenDKIM itself: in topology 1 a verifying OpenDKIM milter on the
+receiving side's Postfix (smtp-tracker → that Postfix → the upstream), whose
+Authentication-Results must say ``dkim=pass``; in topology 2 (``relaxed``
+header canonicalization) ``opendkim -t``, see :mod:`tests.support.opendkim`.
 
 The matrix: canonicalization ``relaxed/relaxed``, ``relaxed/simple``,
 ``simple/simple`` by RSA 2048 (signed by OpenDKIM, the SigningTable a ``refile:``
@@ -177,6 +180,18 @@ def pixels(message: bytes) -> int:
     return count
 
 
+def verifier_results(message: bytes) -> str:
+    """The ``Authentication-Results`` the receiving side's OpenDKIM milter added, unfolded."""
+    parsed = email.message_from_bytes(message, policy=email.policy.compat32)
+    found = [
+        " ".join(str(v).split())
+        for v in parsed.get_all("Authentication-Results", [])
+        if str(v).strip().startswith("verifier.test")
+    ]
+    assert len(found) == 1, f"{len(found)} Authentication-Results by verifier.test"
+    return found[0]
+
+
 async def assert_signed_and_tracked(
     received: bytes,
     keys: DkimKeys,
@@ -185,7 +200,10 @@ async def assert_signed_and_tracked(
     name: str,
     canon: str,
     algorithm: str,
+    verdict: str | None = None,
 ) -> None:
+    """One signature as expected, one pixel, and both verifiers pass: dkimpy, and
+    OpenDKIM (``verdict``, its milter's Authentication-Results, else ``opendkim -t``)."""
     signatures = signature_fields(received)
     assert len(signatures) == 1, f"{name}: {len(signatures)} DKIM signatures"
     tags = signatures[0]
@@ -197,11 +215,13 @@ async def assert_signed_and_tracked(
     )
     assert pixels(received) == 1, f"{name}: not exactly one pixel"
     assert dkim.verify(received, dnsfunc=keys.dnsfunc), f"{name}: dkimpy says fail"
-    verdict = await opendkim_verify(received, keys, tmp_path)
+    if verdict is None:
+        verdict = await opendkim_verify(received, keys, tmp_path)
     assert " dkim=pass " in f" {verdict} ", f"{name}: OpenDKIM says {verdict}"
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.upstream(auth_required=False)
 @pytest.mark.parametrize(
     "corpus",
     [pytest.param(False, id="simple"), pytest.param(True, id="corpus", marks=pytest.mark.corpus)],
@@ -223,9 +243,18 @@ async def test_signed_by_opendkim_tracked_and_resigned(
         pytest.skip(skip_reason())
     caplog.set_level(logging.INFO, logger="smtp_tracker.mime")
     signer = await OpenDkim.start(dkim_keys, canonicalization=canon)
+    verifier = await OpenDkim.start(dkim_keys, verify=True)
     try:
+        # the receiving side: a Postfix whose smtpd runs OpenDKIM verifying, then the upstream
+        receiving = await postfix_factory(
+            int(upstream.address.rpartition(":")[2]), smtpd_milters=verifier.milter
+        )
         app = await relay_factory(
             **tracking_over_tls(cert_pem_path, key_pem_path),
+            upstream=receiving.smtpd_address,
+            upstream_tls="none",
+            upstream_user=None,
+            upstream_ca_file=None,
             dkim_policy="resign",
             dkim_key_table=str(dkim_keys.key_table),
             dkim_signing_table=dkim_keys.signing_table_spec,
@@ -264,11 +293,18 @@ async def test_signed_by_opendkim_tracked_and_resigned(
         await postfix.wait_until_queue_empty(timeout_s=60)
     finally:
         await signer.stop()
+        await verifier.stop()
     delivered = {t.rcpt_tos[0]: t.data for t in without_bounces(upstream.transactions)}
     assert sorted(delivered) == sorted(expected)
     for recipient, (name, algorithm) in expected.items():
         await assert_signed_and_tracked(
-            delivered[recipient], dkim_keys, tmp_path, name=name, canon=canon, algorithm=algorithm
+            delivered[recipient],
+            dkim_keys,
+            tmp_path,
+            name=name,
+            canon=canon,
+            algorithm=algorithm,
+            verdict=verifier_results(delivered[recipient]),
         )
     assert caplog.text.count("dkim=resigned") == len(expected)
 

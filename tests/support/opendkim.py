@@ -7,10 +7,15 @@ wildcard, and the DNS data (``TestDNSData``) that lets OpenDKIM verify without D
 
 :class:`OpenDkim` runs ``opendkim -f`` (foreground) with its own configuration
 file, as the ``opendkim`` user, listening on ``inet:PORT@127.0.0.1``, so that a
-private Postfix can use it as ``smtpd_milters``/``non_smtpd_milters``.
-:func:`opendkim_verify` is the second, independent verifier: ``opendkim -t``
-(its test mode: the milter's own verification code on a message file) prints
-the ``Authentication-Results`` field it would add.
+private Postfix can use it as ``smtpd_milters``/``non_smtpd_milters``: a signer,
+or (``verify=True``) the receiving side's verifier, which adds an
+``Authentication-Results: verifier.test; dkim=...`` field to each message.
+:func:`opendkim_verify` runs ``opendkim -t`` (its test mode, on a message file)
+instead, where no receiving Postfix is at hand.  Its file reader disagrees with
+the milter (and with dkimpy and RFC 6376 §3.4.1) on ``simple`` header
+canonicalization of a field whose first line is empty (``Subject:`` CRLF, then
+the value on a continuation line): such a signature fails there; so the tests
+use ``-t`` with ``relaxed`` header canonicalization only.
 
 Debian's OpenDKIM 2.11.0~beta2 verifies ``ed25519-sha256`` but does not sign
 with an Ed25519 key (``EVP_PKEY_get1_RSA() failed`` for a PEM key,
@@ -159,44 +164,58 @@ class OpenDkim:
         self.milter = f"inet:127.0.0.1:{port}"
 
     @classmethod
-    async def start(cls, keys: DkimKeys, *, canonicalization: str = "relaxed/simple") -> OpenDkim:
-        """Start a signer with ``keys``' tables, ``OversignHeaders From``.
+    async def start(
+        cls, keys: DkimKeys, *, canonicalization: str = "relaxed/simple", verify: bool = False
+    ) -> OpenDkim:
+        """Start a signer with ``keys``' tables, ``OversignHeaders From``; or, with
+        ``verify``, a verifier that adds ``Authentication-Results: verifier.test; ...``
+        to every message (keys from the session's DNS data).
 
-        :raises AssertionError: it did not listen within 15 s (its output is in the message).
+        :raises AssertionError: it did not listen within 15 s.
         """
         directory = Path(tempfile.mkdtemp(prefix="opendkim-", dir="/tmp"))
         directory.chmod(0o755)
         port = free_port()
         conf = directory / "opendkim.conf"
-        conf.write_text(
-            "Syslog no\n"
-            "Background no\n"
-            "Mode s\n"
-            f"Canonicalization {canonicalization}\n"
-            f"KeyTable file:{keys.key_table}\n"
-            f"SigningTable {keys.signing_table_spec}\n"
-            "OversignHeaders From\n"
-            "InternalHosts 127.0.0.1, localhost\n"
-            f"Socket inet:{port}@127.0.0.1\n"
-            f"UserID {USER}\n"
-            # the keys live under /tmp, whose sticky, world-writable mode OpenDKIM's
-            # path check refuses; the key files themselves are 0600, the opendkim user's
-            "RequireSafeKeys no\n"
-        )
-        process = await asyncio.create_subprocess_exec(
-            _binary(),
-            "-f",
-            "-x",
-            str(conf),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        common = f"Syslog no\nBackground no\nSocket inet:{port}@127.0.0.1\nUserID {USER}\n"
+        if verify:
+            conf.write_text(
+                common + "Mode v\n"
+                "AlwaysAddARHeader yes\n"
+                "AuthservID verifier.test\n"
+                f"TestDNSData file:{keys.dns_data}\n"
+                # not 127.0.0.1 (the default): mail from internal hosts is not verified
+                "InternalHosts 192.0.2.1\n"
+            )
+        else:
+            conf.write_text(
+                common + "Mode s\n"
+                f"Canonicalization {canonicalization}\n"
+                f"KeyTable file:{keys.key_table}\n"
+                f"SigningTable {keys.signing_table_spec}\n"
+                "OversignHeaders From\n"
+                "InternalHosts 127.0.0.1, localhost\n"
+                # the keys live under /tmp, whose sticky, world-writable mode OpenDKIM's
+                # path check refuses; the key files themselves are 0600, the opendkim user's
+                "RequireSafeKeys no\n"
+            )
+        output = (directory / "output").open("wb")
+        with output:
+            process = await asyncio.create_subprocess_exec(
+                _binary(),
+                "-f",
+                "-x",
+                str(conf),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output,
+                stderr=asyncio.subprocess.STDOUT,
+            )
         instance = cls(process, port, directory)
 
         def listening() -> bool:
             if process.returncode is not None:
-                raise AssertionError(f"opendkim exited with {process.returncode}")
+                said = (directory / "output").read_text(errors="replace")[-2000:]
+                raise AssertionError(f"opendkim exited with {process.returncode}: {said}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
                 return True
             return False
