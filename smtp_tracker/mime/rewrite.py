@@ -83,6 +83,9 @@ class RewriteResult:
     :param message: the octets to relay.
     :param tracked: True iff exactly one pixel was added.
     :param reason: when not tracked, why (kebab-case): ``"no-html-body"``,
+        ``"html-after-text-in-mixed"`` (the only HTML part comes after a
+        first part that is not HTML in ``multipart/mixed``: see
+        :mod:`~smtp_tracker.mime.selection`),
         ``"multipart-signed"``, ``"multipart-encrypted"``, ``"pkcs7-mime"``,
         ``"dkim-signed"``, ``"null-reverse-path"``, ``"report"``,
         ``"auto-submitted"``, ``"opt-out"``, ``"no-opt-in"``,
@@ -319,7 +322,7 @@ class _Rewrite:
         if encoding is None:
             raise _FailOpen("transfer-encoding-not-plausible")
         try:
-            octets = decode(raw, encoding)
+            octets = decode(raw, encoding, self.defects)
         except TransferError as exc:
             raise _FailOpen("undecodable-body") from exc
         if len(octets) > limit:

@@ -7,6 +7,15 @@ by ``start``, else the first).  Attachments and attached messages
 (``message/*``) are never entered.  RFC 1847 signed and encrypted multiparts
 and S/MIME ``application/pkcs7-mime`` (RFC 8551 §3.2) on the way stop the
 search: any change would break the signature or is impossible.
+
+An HTML part shown after a first part that is not HTML in ``multipart/mixed``
+(``text/plain`` then ``text/html``, as several corpus messages have it) is
+not the body and is left untracked, with its own reason,
+``"html-after-text-in-mixed"`` (issue 19, item 6): RFC 2046 §5.1.3 gives the
+parts of a mixed entity no order of importance, and readers disagree on
+showing it: Thunderbird and Apple Mail show it inline after the text, Outlook
+lists it as an attachment (``ATT00001.htm``), so the pixel would go into what
+its reader sees as a file, and be fetched only if they opened that.
 """
 
 from __future__ import annotations
@@ -94,7 +103,22 @@ class Selector:
             root = self._related_root(part, children)
             return None if root is None else self._select(root, depth + 1)
         first = next(children, None)  # mixed, and unknown subtypes read as mixed
-        return None if first is None else self._select(first, depth + 1)
+        if first is None:
+            return None
+        found = self._select(first, depth + 1)
+        if found is None and subtype == "mixed" and self._later_html(children, depth + 1):
+            raise NotTracked("html-after-text-in-mixed")
+        return found
+
+    def _later_html(self, children: Iterator[Part], depth: int) -> bool:
+        """Whether a later part of a mixed entity holds an HTML body (not an attachment)."""
+        for child in children:
+            try:
+                if self._select(child, depth) is not None:
+                    return True
+            except NotTracked:  # signed, encrypted, over the bounds: not a body we would track
+                continue
+        return False
 
     def _children(self, part: Part) -> Iterator[Part]:
         for child in iter_children(self._data, part, self._defects):

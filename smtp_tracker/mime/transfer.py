@@ -54,6 +54,8 @@ _QP_LIKE = re.compile(rb"=(?:[0-9A-F]{2}|\r?\n)")
 #: A base64 line: the data, then blanks that decoders ignore (RFC 2045 §6.8).
 _BASE64_LINE = re.compile(rb"([A-Za-z0-9+/]*={0,2})[ \t]*\Z")
 _BLANKS = b" \t\r\n"
+#: What is not a base64 character nor padding (RFC 2045 §6.8, Table 1).
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/=]")
 _EOL = re.compile(rb"\r\n|\n")
 
 
@@ -90,14 +92,21 @@ def parse_transfer_encoding(
     return TransferEncoding.IDENTITY, defect
 
 
-def decode(body: bytes, encoding: TransferEncoding) -> bytes:
+def decode(body: bytes, encoding: TransferEncoding, defects: list[str] | None = None) -> bytes:
     """Decode a body.
 
-    Base64 ignores line breaks, spaces and tabs (RFC 2045 §6.8) but nothing
-    else.
+    Base64 (RFC 2045 §6.8) ignores line breaks, spaces and tabs, and, as the
+    RFC tells decoders to, any other character outside the base64 alphabet
+    (defect ``base64-outside-alphabet``); a single character left over after
+    the last whole quantum holds 6 bits, less than an octet, and is dropped
+    (``base64-dangling-character``), as mail readers do.  Such a body is not
+    spliced line by line: :func:`splice` and :func:`splice_edits` re-encode
+    it whole, in canonical lines.
 
-    :raises TransferError: when base64 is not valid (bad characters, length
-        or padding); the email package would guess, a rewrite must not.
+    :param defects: the base64 defects met are appended to it.
+    :raises TransferError: when base64 is not valid otherwise (two or three
+        characters left over without their padding, padding inside the data):
+        evidence of truncation, which a rewrite must not guess around.
     """
     if encoding is TransferEncoding.QUOTED_PRINTABLE:
         return binascii.a2b_qp(body)
@@ -106,8 +115,35 @@ def decode(body: bytes, encoding: TransferEncoding) -> bytes:
         try:
             return base64.b64decode(stream, validate=True)
         except binascii.Error as exc:
-            raise TransferError(f"invalid base64: {exc}") from exc
+            lenient = _lenient_base64(stream, defects)
+            if lenient is None:
+                raise TransferError(f"invalid base64: {exc}") from exc
+            return lenient
     return body
+
+
+def _lenient_base64(stream: bytes, defects: list[str] | None) -> bytes | None:
+    """*stream* decoded as RFC 2045 §6.8 decoders read it, or None when it is truncated."""
+    found: list[str] = []
+    cleaned = _NOT_BASE64.sub(b"", stream)
+    if len(cleaned) != len(stream):
+        found.append("base64-outside-alphabet")
+    data = cleaned.rstrip(b"=")
+    padding = cleaned[len(data) :]
+    if b"=" in data:
+        return None
+    if len(data) % 4 == 1:
+        data = data[:-1]
+        found.append("base64-dangling-character")
+    if padding != b"=" * (-len(data) % 4):
+        return None
+    try:
+        octets = base64.b64decode(data + padding, validate=True)
+    except binascii.Error:
+        return None
+    if defects is not None:
+        defects.extend(found)
+    return octets
 
 
 def line_ending(body: bytes, default: bytes = b"\r\n") -> bytes:

@@ -25,6 +25,7 @@ from smtp_tracker.mime.transfer import (
 REASONS = frozenset(
     {
         "no-html-body",
+        "html-after-text-in-mixed",
         "multipart-signed",
         "multipart-encrypted",
         "pkcs7-mime",

@@ -52,7 +52,7 @@ def test_same_boundary_nested_is_read_as_email_reads_it() -> None:
     )
     outer = multipart("mixed", inner, leaf("<html><body>outer</body></html>"), boundary="same")
     _tracked, reason = run(message(outer))
-    assert reason in (None, "no-html-body")
+    assert reason in (None, "no-html-body", "html-after-text-in-mixed")
 
 
 def test_boundary_with_regex_characters() -> None:
@@ -93,9 +93,11 @@ def test_unknown_charset_with_quoted_printable() -> None:
 
 
 def test_broken_base64_fails_open_with_original_octets() -> None:
+    # truncated: three characters left over without their "=" (one outside the
+    # alphabet would be ignored, RFC 2045 §6.8: tests/mime/test_base64_lenient.py)
     original = message(
         b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-        b"PGh0bWw+PGJvZHk+eDwvYm9keT48L2h0bWw+*\r\n",
+        b"PGh0bWw+PGJvZHk+eDwvYm9keT48L2h0bWw\r\n",
         headers="X-Track: yes\r\n",
     )
     result = rewrite(original, PIXEL_URL)

@@ -209,9 +209,14 @@ def expected(node: Node) -> tuple[str | None, Node | None]:
             if found is not None or reason != "no-html-body":
                 return reason, found
         return "no-html-body", None
-    if node.subtype == "related" and node.start_index is not None:
-        return expected(node.children[node.start_index])
-    return expected(node.children[0])
+    if node.subtype == "related":
+        return expected(node.children[node.start_index or 0])
+    reason, found = expected(node.children[0])
+    # mixed: an HTML body in a later part is named, not taken (issue 19, item 6)
+    later = node.children[1:] if node.subtype == "mixed" else []
+    if found is None and reason == "no-html-body" and any(expected(c)[1] for c in later):
+        return "html-after-text-in-mixed", None
+    return reason, found
 
 
 TOP_FIELDS = st.lists(

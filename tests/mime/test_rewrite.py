@@ -376,7 +376,7 @@ def test_mixed_first_part_only() -> None:
             "mixed", leaf("text", ctype="text/plain"), leaf("<html><body>second</body></html>")
         )
     )
-    untouched(original, "no-html-body")
+    untouched(original, "html-after-text-in-mixed")
 
 
 def test_html_attachment_is_never_used() -> None:
