@@ -26,7 +26,7 @@ from aiohttp import web
 
 from smtp_tracker.classification import Classifier, load_networks
 from smtp_tracker.config import Config, HostPort, is_loopback_host
-from smtp_tracker.dkim import Resigner, describe_key, keyring_for_config
+from smtp_tracker.dkim import Keyring, Resigner, describe_key, load_keyring
 from smtp_tracker.errors import ConfigError, StartupError
 from smtp_tracker.metrics import Metrics
 from smtp_tracker.mime import RewritePolicy
@@ -177,6 +177,18 @@ def disclosure(config: Config) -> Disclosure:
     )
 
 
+def dkim_keyring(config: Config, *, warnings: list[str] | None = None) -> Keyring | None:
+    """The keys of ``dkim_key_table`` (and ``dkim_signing_table``), None when unset.
+
+    Blocking (reads files): call it once at start, off the event loop.
+
+    :raises ConfigError: one line per problem, each naming the file and line.
+    """
+    if config.dkim_key_table is None:
+        return None
+    return load_keyring(config.dkim_key_table, config.dkim_signing_table, warnings=warnings)
+
+
 def dkim_resigner(config: Config) -> Resigner | None:
     """The DKIM re-signer of ``dkim_policy = "resign"``, with the KeyTable's keys
     (blocking: reads the tables and key files once, at start); None otherwise.
@@ -186,7 +198,7 @@ def dkim_resigner(config: Config) -> Resigner | None:
     if config.dkim_policy != "resign":
         return None
     warnings: list[str] = []
-    keyring = keyring_for_config(config, warnings=warnings)
+    keyring = dkim_keyring(config, warnings=warnings)
     for warning in warnings:
         log.warning("%s", warning)
     if keyring is None:  # build_config requires dkim_key_table with "resign"

@@ -118,15 +118,15 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from smtp_tracker.app import disclosure, server_tls_context, upstream_tls_context
-    from smtp_tracker.dkim import describe_key, keyring_for_config
+    from smtp_tracker.app import disclosure, dkim_keyring, server_tls_context, upstream_tls_context
+    from smtp_tracker.dkim import describe_key
 
     config = load_config(args, require_upstream=True)
     upstream_tls_context(config)
     server_tls_context(config)
     disclosure(config)
     dkim_warnings: list[str] = []
-    keyring = keyring_for_config(config, warnings=dkim_warnings)
+    keyring = dkim_keyring(config, warnings=dkim_warnings)
     for warning in dkim_warnings:
         print(f"smtp-tracker: warning: {warning}", file=sys.stderr)
     for key in keyring.keys.values() if keyring is not None else ():

@@ -10,7 +10,6 @@ from smtp_tracker.dkim.tables import (
     Keyring,
     SigningEntry,
     describe_key,
-    keyring_for_config,
     load_keyring,
 )
 
@@ -23,7 +22,6 @@ __all__ = [
     "Resigner",
     "SigningEntry",
     "describe_key",
-    "keyring_for_config",
     "load_key",
     "load_keyring",
     "parse_key",

@@ -25,19 +25,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from smtp_tracker.dkim.keys import DkimKey, DkimKeyError, load_key, parse_key
 from smtp_tracker.errors import ConfigError
-
-if TYPE_CHECKING:
-    from smtp_tracker.config import Config
 
 __all__ = [
     "Keyring",
     "SigningEntry",
     "describe_key",
-    "keyring_for_config",
     "load_keyring",
     "read_data_set_name",
 ]
@@ -231,18 +226,6 @@ def load_keyring(
     for name in keyring.unused_key_names():
         warnings.append(f"{key_path}: key name {name!r} is used by no SigningTable line")
     return keyring
-
-
-def keyring_for_config(config: Config, *, warnings: list[str] | None = None) -> Keyring | None:
-    """The keys of ``dkim_key_table`` (and ``dkim_signing_table``), None when unset.
-
-    Blocking (reads files): call it once at start, off the event loop.
-
-    :raises ConfigError: one line per problem, each naming the file and line.
-    """
-    if config.dkim_key_table is None:
-        return None
-    return load_keyring(config.dkim_key_table, config.dkim_signing_table, warnings=warnings)
 
 
 def describe_key(key: DkimKey) -> str:
