@@ -38,10 +38,11 @@ from pathlib import Path
 
 import aiohttp
 
-from smtp_tracker.store import MessageRecord, SqliteDatabase, SqliteStore, new_tracking_id
+from smtp_tracker.store import MessageRecord, SqliteDatabase, SqliteStore
 from smtp_tracker.store.sqlite import DB_FILENAME
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tls import load_server_context, write_self_signed
+from smtp_tracker.tokens import new_tracking_id
 from smtp_tracker.web import TRANSPARENT_GIF, WRITER_KEY, make_pixel_app, start_site
 
 LUA_TEMPLATE = """

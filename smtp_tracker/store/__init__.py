@@ -25,7 +25,6 @@ from smtp_tracker.store.records import (
     Verdict,
 )
 from smtp_tracker.store.sqlite import DB_FILENAME, SqliteDatabase, SqliteStore
-from smtp_tracker.tokens import is_well_formed_token, new_tracking_id, pixel_url
 
 __all__ = [
     "COUNTED_VERDICTS",
@@ -50,8 +49,5 @@ __all__ = [
     "StoredMessage",
     "Verdict",
     "format_time",
-    "is_well_formed_token",
     "message_to_dict",
-    "new_tracking_id",
-    "pixel_url",
 ]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtp_tracker.store import is_well_formed_token, new_tracking_id, pixel_url
+from smtp_tracker.tokens import is_well_formed_token, new_tracking_id, pixel_url
 
 
 def test_new_tracking_id_shape() -> None:
