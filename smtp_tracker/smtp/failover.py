@@ -148,19 +148,23 @@ class Upstreams:
         return float(min(self.retry_s * 2 ** max(failures - 1, 0), MAX_RETRY_S))
 
     def mark_failed(self, health: UpstreamHealth, why: str) -> None:
-        """``health`` failed a transaction or a probe: down, skipped for the back-off.
+        """``health`` failed a transaction: down, skipped for ``retry_s``, then probed.
+
+        Failures of one already down (other sessions that were using it, or a
+        last-resort attempt with every upstream down) are counted but do not
+        lengthen the wait: only its probe's failures do, so a burst of sessions
+        failing at once does not skip it for 15 minutes.
 
         :param why: a short reason for the log (a reply line of ours, never exception text).
         """
         health.failed += 1
-        health.failures += 1
+        if not health.up:
+            return
+        health.up = False
+        health.failures = 1
         delay = self.backoff_s(health.failures)
         health.retry_at = self.clock() + delay
-        if health.up:
-            log.warning(
-                "%s %s is down (%s); skipped for %g s", health.role, health.label, why, delay
-            )
-        health.up = False
+        log.warning("%s %s is down (%s); skipped for %g s", health.role, health.label, why, delay)
         self._schedule_probe(health)
 
     def mark_ok(self, health: UpstreamHealth) -> None:

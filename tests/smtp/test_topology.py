@@ -77,6 +77,26 @@ def test_bad_copies_are_named(copies: Any, problem: str) -> None:
     assert any(p.startswith(problem) for p in raised.value.problems), raised.value.problems
 
 
+# -- health ---------------------------------------------------------------------------------
+
+
+def test_failures_of_an_upstream_already_down_do_not_lengthen_its_wait() -> None:
+    from smtp_tracker.smtp.failover import Upstreams
+    from smtp_tracker.smtp.upstream import UpstreamSettings
+
+    now = [1000.0]
+    settings = UpstreamSettings(host="a", port=25, tls="none", tls_context=None, helo_name="h")
+    upstreams = Upstreams([settings], retry_s=60.0, clock=lambda: now[0])
+    health = upstreams.first
+    for _ in range(10):  # ten sessions finding it dead at once
+        upstreams.mark_failed(health, "451 4.4.1 upstream unavailable")
+    assert (health.up, health.failures, health.failed) == (False, 1, 10)
+    assert health.retry_at == 1060.0
+    assert upstreams.candidates() == [health]  # the only one: tried anyway
+    upstreams.mark_ok(health)
+    assert (health.up, health.failures) == (True, 0)
+
+
 # -- MAIL replies and failover ----------------------------------------------------------------
 
 
