@@ -81,7 +81,7 @@ class RewriteResult:
     """What :func:`rewrite` did.
 
     :param message: the octets to relay.
-    :param tracked: True iff exactly one pixel was added.
+    :param tracked: True iff the pixel was added (:attr:`pixels` elements).
     :param reason: when not tracked, why (kebab-case): ``"no-html-body"``,
         ``"html-after-text-in-mixed"`` (the only HTML part comes after a
         first part that is not HTML in ``multipart/mixed``: see

@@ -215,3 +215,15 @@ def test_no_body_tag_means_the_end_alone() -> None:
 def test_a_bad_position_is_refused() -> None:
     with pytest.raises(ValueError, match="pixel_position"):
         RewritePolicy(pixel_position="middle")  # type: ignore[arg-type]
+
+
+def test_the_configuration_key_reaches_the_rewrite() -> None:
+    from smtp_tracker.app import rewrite_policy
+    from smtp_tracker.config import ConfigError, build_config
+
+    for position in ("end", "start", "both", "auto"):
+        config = build_config({"pixel_position": position}, {}, environ={})
+        assert rewrite_policy(config).pixel_position == position
+    assert build_config({}, {}, environ={}).pixel_position == "end"
+    with pytest.raises(ConfigError, match="pixel_position: expected one of end, start, both"):
+        build_config({"pixel_position": "middle"}, {}, environ={})

@@ -324,3 +324,43 @@ def test_safe_beside_a_writer(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert mismatched == 0
+
+
+def test_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """With stderr a terminal, tqdm draws the bar there; stdout keeps the one summary line."""
+    import fcntl
+    import os
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    data_dir = tmp_path / "data"
+    with SqliteDatabase.open(data_dir, classifier=old_classifier()) as db:
+        fill(db)
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "smtp_tracker", "reclassify", "--data-dir", str(data_dir)],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=120,
+            check=False,
+        )
+        os.close(terminal)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+    assert done.returncode == 0, drawn
+    assert done.stdout.decode().count("\n") == 1
+    assert b"reclassify: 100%" in drawn and b"24/24" in drawn
+    assert b"daily counts: 100%" in drawn
