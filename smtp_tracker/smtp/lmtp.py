@@ -183,8 +183,10 @@ class LmtpHandler(RelayHandler):
         ]
         try:
             for future in results[:-1]:
-                await server.push(await future)
-            last = await results[-1]
+                # shielded: the client hanging up cancels this task, which must
+                # not cancel the recipients' results (their workers go on)
+                await server.push(await asyncio.shield(future))
+            last = await asyncio.shield(results[-1])
             await asyncio.gather(*workers)
         except asyncio.CancelledError:
             # The client is gone: recipients not begun are not relayed (their

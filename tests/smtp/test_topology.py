@@ -19,6 +19,7 @@ from smtp_tracker.config import CopySpec, HostPort, build_config, load_toml
 from smtp_tracker.errors import ConfigError
 from tests.smtp.test_hostile import Raw
 from tests.support.upstream import UpstreamServer, upstream_factory
+from tests.support.waiting import wait_until
 
 __all__ = ["upstream_factory"]
 
@@ -220,3 +221,37 @@ async def test_lmtp_relays_on_at_most_lmtp_parallel_copies_connections(
     assert upstream.accepted == 2  # two connections, kept for the second delivery
     order = [t.rcpt_tos[0] for t in upstream.transactions]
     assert sorted(order) == sorted(f"r{t}-{n}@example.net" for t in range(2) for n in range(6))
+
+
+async def test_lmtp_client_gone_mid_delivery_no_recipient_is_begun_after(
+    upstream: UpstreamServer, relay_factory: Any
+) -> None:
+    """Recipients whose reply could not reach Postfix are not relayed: Postfix retries them.
+
+    The upstream holds each MAIL 0.3 s, so the client is gone while the first
+    recipient is in flight (an ordering, not a time bound)."""
+    upstream.configure(delay_s={"MAIL": 0.3})
+    relay = await relay_factory(
+        lmtp=True, lmtp_listen="127.0.0.1:0", lmtp_parallel_copies=1, upstream_user=None
+    )
+    assert relay.lmtp_listener is not None
+    handler = relay.lmtp_listener.handler
+    client = await Raw.open(relay.lmtp_listener.address)
+    assert (await client.reply()).startswith("220 ")
+    client.writer.write(b"LHLO postfix.test\r\n")
+    await client.lines()
+    assert await client.command("MAIL FROM:<alice@example.org>") == "250 2.1.0 OK"
+    for number in range(5):
+        await client.command(f"RCPT TO:<r{number}@example.net>")
+    assert (await client.command("DATA")).startswith("354 ")
+    client.writer.write(b"Subject: gone\r\n\r\nhello\r\n.\r\n")
+    await wait_until(
+        lambda: any(c.startswith("MAIL") for c in upstream.commands),
+        timeout_s=10,
+        message="the first recipient's MAIL upstream",
+    )
+    client.writer.transport.abort()  # gone before any reply
+    await wait_until(lambda: handler.active_transactions == 0, timeout_s=10, message="ended")
+    await handler.drain()
+    assert [t.rcpt_tos for t in upstream.transactions] == [["r0@example.net"]]
+    assert sum(c.startswith("MAIL") for c in upstream.commands) == 1
