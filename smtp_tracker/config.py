@@ -59,6 +59,7 @@ DkimPolicy = Literal["skip", "track", "resign"]
 PixelPosition = Literal["end", "start", "both", "auto"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+TrackingMode = Literal["per-person", "aggregate"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -394,11 +395,54 @@ class Config:
     disclosure_header_name: str = key(
         "X-Tracking-Notice", help="name of the disclosure_header field"
     )
+    disclosure_optout_link: bool = key(
+        False,
+        help="add to the footer of each tracked message a link to its objection page "
+        "(/optout/TOKEN on the pixel host): a recipient who confirms there is never tracked "
+        "again (smtp-tracker consent)",
+    )
+    disclosure_optout_text: str = key(
+        "Do not tell the sender when I open their messages",
+        help="the text of the objection link in the footer",
+    )
+    optout_page_text: str = key(
+        "The sender of this message can learn when it is opened. You can object: the "
+        "messages they send you through this relay will then no longer tell them.",
+        help="the explanation shown on the objection page, above its buttons",
+    )
+    optout_page_template: Path | None = key(
+        None,
+        example='"/etc/smtp-tracker/optout.html"',
+        help="a Jinja2 template (UTF-8) for the objection page instead of the built-in one; "
+        "it gets text, recipients (address, index, state), form_token, done, error",
+    )
+    tracking_requires_consent: bool = key(
+        False,
+        help="track only mail whose recipients have all granted consent "
+        "(smtp-tracker consent allow); others are relayed untracked (consent-missing)",
+    )
+    tracking_mode: TrackingMode = key(
+        "per-person",
+        help="per-person: each open and click is stored with its message, recipients, "
+        "client address and User-Agent; aggregate: only counts per day, sender domain and "
+        "verdict, nothing that ties an open to a person",
+    )
+    aggregate_per_message: bool = key(
+        False,
+        help="in the aggregate tracking_mode, also keep each message's counts, queue id and "
+        "Message-ID (never its sender or recipients)",
+    )
     retention_days: int = key(
         365,
         help="days message records, their opens, clicks, links and recipients are kept, "
         "counted from the relay time; 0 keeps them forever; serve prunes once a day, the "
         "daily counts stay (see 'smtp-tracker prune')",
+    )
+    link_retention_days: int = key(
+        1825,
+        help="days a wrapped link keeps redirecting (and an objection link keeps working) "
+        "after its message was relayed, even once the message record is pruned or "
+        "forgotten; 0 keeps them forever",
     )
 
     prefetch_window_s: float = key(
@@ -669,6 +713,7 @@ def _coerce(name: str, value: Any) -> Any:
         "PixelPosition": PixelPosition,
         "LogLevel": LogLevel,
         "LogFormat": LogFormat,
+        "TrackingMode": TrackingMode,
     }.get(str(kind))
     if literal is not None:
         choices = get_args(literal)
@@ -967,8 +1012,13 @@ def _check_privacy(values: Mapping[str, Any]) -> list[str]:
             Disclosure(**arguments)
         except ValueError as exc:
             problems.append(f"{name}: {exc}")
-    if values.get("retention_days", 0) < 0:
-        problems.append("retention_days: must be 0 (keep forever) or a number of days")
+    for name in ("retention_days", "link_retention_days"):
+        if values.get(name, 0) < 0:
+            problems.append(f"{name}: must be 0 (keep forever) or a number of days")
+    try:
+        Disclosure(optout_text=values.get("disclosure_optout_text", "x"))
+    except ValueError as exc:
+        problems.append(f"disclosure_optout_text: {exc}")
     return problems
 
 

@@ -12,7 +12,9 @@ for an option); what is left is over 135.9 bits, above the 128 asked for.  The
 ``AEIMQUYcgkosw048``; :func:`is_well_formed_token` checks exactly that.  A
 link token (``/c/<token>``) is drawn the same way (:func:`new_link_token`).
 
-Paths: the pixel is ``<base>/o/<tracking_id>.gif``, a click ``<base>/c/<link_token>``.
+Paths: the pixel is ``<base>/o/<tracking_id>.gif``, a click ``<base>/c/<link_token>``,
+the objection page of a message ``<base>/optout/<optout_token>`` (a token drawn
+like a link token, issue 20).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CLICK_PATH_PREFIX",
+    "OPTOUT_PATH_PREFIX",
     "PIXEL_PATH_PREFIX",
     "URL_SAFE",
     "LinkRecord",
@@ -31,6 +34,7 @@ __all__ = [
     "is_well_formed_token",
     "new_link_token",
     "new_tracking_id",
+    "optout_url",
     "pixel_url",
     "to_ascii_url",
 ]
@@ -39,6 +43,8 @@ __all__ = [
 PIXEL_PATH_PREFIX = "/o/"
 #: The click URL path is ``/c/<link_token>``.
 CLICK_PATH_PREFIX = "/c/"
+#: The objection page of a message is ``/optout/<optout_token>``.
+OPTOUT_PATH_PREFIX = "/optout/"
 #: Printable ASCII is kept in a URL we write; anything else is
 #: percent-encoded as UTF-8 (RFC 3986 §2.1).
 URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7F))
@@ -113,3 +119,14 @@ def click_url(base_url: str, token: str) -> str:
         outside printable ASCII percent-encoded (:func:`to_ascii_url`).
     """
     return to_ascii_url(f"{base_url.rstrip('/')}{CLICK_PATH_PREFIX}{token}")
+
+
+def optout_url(base_url: str, token: str) -> str:
+    """The objection page URL of *token* (from :func:`new_link_token`) under *base_url*.
+
+    :returns: e.g. ``"https://track.example.com:8443/optout/<token>"``.
+    :raises ValueError: when *token* is not well formed.
+    """
+    if not is_well_formed_token(token):
+        raise ValueError(f"not a token: {token!r}")
+    return to_ascii_url(f"{base_url.rstrip('/')}{OPTOUT_PATH_PREFIX}{token}")

@@ -134,6 +134,7 @@ def test_example_config_lists_every_key_with_its_default() -> None:
         "dkim_key_table",
         "dkim_signing_table",
         "events_log",
+        "optout_page_template",
     }
     defaults = Config(hostname="example")
     for spec in dataclasses.fields(Config):

@@ -6,10 +6,15 @@ it just before the pixel, in the same pass (see
 ...`` by default) is prepended, as octets, to the header section of a message
 that was tracked; the rest of the message is not serialised again, so it
 stays byte for byte as it was.
+
+With ``disclosure_optout_link`` the footer of each tracked message also gets
+a link to the message's objection page (:meth:`Disclosure.footer_for`,
+issue 20): the URL holds a random token only, never an address.
 """
 
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import dataclass
 from email.header import Header
@@ -19,6 +24,7 @@ from smtp_tracker.mime.inject import find_insertion, pixel_tag
 
 __all__ = [
     "DEFAULT_HEADER_NAME",
+    "DEFAULT_OPTOUT_TEXT",
     "MAX_FOOTER_BYTES",
     "MAX_FOOTER_LINE_BYTES",
     "Disclosure",
@@ -29,6 +35,8 @@ __all__ = [
 
 #: The field name of the disclosure header unless configured otherwise.
 DEFAULT_HEADER_NAME = "X-Tracking-Notice"
+#: The text of the objection link unless configured otherwise.
+DEFAULT_OPTOUT_TEXT = "Do not tell the sender when I open their messages"
 #: Largest footer file accepted, in octets.
 MAX_FOOTER_BYTES = 64 * 1024
 #: Longest footer line accepted, in UTF-8 octets: well inside the 998 of
@@ -41,6 +49,8 @@ _FOLD_AT = 78
 _FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _NEWLINES = re.compile(r"\r\n|\r|\n")
+#: The objection link's text, at most (its line stays within MAX_FOOTER_LINE_BYTES).
+_MAX_OPTOUT_TEXT_BYTES = 150
 
 
 def header_value_problem(value: str) -> str | None:
@@ -119,6 +129,9 @@ class Disclosure:
         none); from :func:`read_footer`.
     :param header_name: the field name of the disclosure header.
     :param header_value: its value (None: no header).
+    :param optout_link: add a link to the message's objection page to the
+        footer (:meth:`footer_for`).
+    :param optout_text: the link's text (plain text, escaped).
     :raises ValueError: when the name is not an RFC 5322 field name or the
         value has a line break or control character.
     """
@@ -126,6 +139,8 @@ class Disclosure:
     footer_html: str = ""
     header_name: str = DEFAULT_HEADER_NAME
     header_value: str | None = None
+    optout_link: bool = False
+    optout_text: str = DEFAULT_OPTOUT_TEXT
 
     def __post_init__(self) -> None:
         if not _FIELD_NAME.match(self.header_name):
@@ -134,6 +149,23 @@ class Disclosure:
             problem = header_value_problem(self.header_value)
             if problem is not None:
                 raise ValueError(f"the disclosure header value {problem}")
+        if not self.optout_text.strip() or _CONTROL.search(self.optout_text):
+            raise ValueError("must be one line of text without control characters")
+        if len(self.optout_text.encode("utf-8")) > _MAX_OPTOUT_TEXT_BYTES:
+            raise ValueError(f"must be at most {_MAX_OPTOUT_TEXT_BYTES} bytes")
+
+    def footer_for(self, optout_url: str | None) -> str:
+        """The footer of one message: :attr:`footer_html` and, given *optout_url*, the
+        objection link after it (its lines within :data:`MAX_FOOTER_LINE_BYTES`:
+        the text is at most 150 bytes)."""
+        if optout_url is None or not self.optout_link:
+            return self.footer_html
+        link = (
+            '<p style="font-size:12px;color:#666666;margin:8px 0">\n'
+            f'<a href="{html.escape(optout_url)}" style="color:#666666">\n'
+            f"{html.escape(self.optout_text)}</a>\n</p>"
+        )
+        return f"{self.footer_html}\n{link}" if self.footer_html else link
 
     def header_field(self, newline: bytes = b"\r\n") -> bytes:
         """The whole field with its line ending, folded at 78 characters (RFC 5322 §2.2.3).

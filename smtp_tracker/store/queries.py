@@ -261,6 +261,8 @@ class StatsRow:
     :param open_rate: opened / tracked in [0, 1], or ``None`` when nothing was tracked.
     :param opened_via_click: of *opened*, the messages opened by a counted
         click alone (no counted open).
+    :param relayed_aggregate: of *relayed*, the messages recorded with
+        ``tracking_mode = "aggregate"`` (issue 20; see :attr:`tracking_mode`).
     """
 
     key: str
@@ -274,6 +276,15 @@ class StatsRow:
     clicked: int = 0
     open_rate: float | None = None
     opened_via_click: int = 0
+    relayed_aggregate: int = 0
+
+    @property
+    def tracking_mode(self) -> str:
+        """Which ``tracking_mode`` produced these figures: ``per-person``,
+        ``aggregate``, or ``mixed`` (the mode changed within them)."""
+        if self.relayed_aggregate == 0:
+            return "per-person"
+        return "aggregate" if self.relayed_aggregate >= self.relayed else "mixed"
 
 
 # -- messages -------------------------------------------------------------------------------
@@ -568,6 +579,7 @@ ROLLUP_COLUMNS: Final[tuple[str, ...]] = (
     "clicks",
     "clicked",
     "opened_via_click",
+    "relayed_aggregate",
 )
 _STATS_SUMS = ", ".join(f"SUM({column})" for column in ROLLUP_COLUMNS)
 
@@ -611,7 +623,8 @@ def query_stats(
 
 
 def _stats_row(key: str, sums: Sequence[int]) -> StatsRow:
-    relayed, tracked, opened, opened_any, opens, *by_verdict, clicks, clicked, via_click = sums
+    relayed, tracked, opened, opened_any, opens, *rest = sums
+    by_verdict, (clicks, clicked, via_click, aggr) = rest[:-4], rest[-4:]
     return StatsRow(
         key=key,
         relayed=relayed,
@@ -624,6 +637,7 @@ def _stats_row(key: str, sums: Sequence[int]) -> StatsRow:
         clicked=clicked,
         open_rate=opened / tracked if tracked else None,
         opened_via_click=via_click,
+        relayed_aggregate=aggr,
     )
 
 
@@ -637,7 +651,8 @@ def stats_total(rows: Sequence[StatsRow], *, key: str = "total") -> StatsRow:
     clicks = sum(row.clicks for row in rows)
     clicked = sum(row.clicked for row in rows)
     via_click = sum(row.opened_via_click for row in rows)
-    return _stats_row(key, [*sums, *by_verdict, clicks, clicked, via_click])
+    aggregate = sum(row.relayed_aggregate for row in rows)
+    return _stats_row(key, [*sums, *by_verdict, clicks, clicked, via_click, aggregate])
 
 
 # -- times ----------------------------------------------------------------------------------

@@ -318,6 +318,7 @@ _COLUMNS: Final[tuple[str, ...]] = (
     "clicks",
     "clicked",
     "opened_via_click",
+    "relayed_aggregate",
 )
 
 
@@ -335,7 +336,7 @@ def rollup_from_rows(conn: sqlite3.Connection, day: str) -> dict[str, dict[str, 
     for row in conn.execute(
         f"""
         WITH m AS (
-            SELECT sender_domain, tracked,
+            SELECT sender_domain, tracked, recipients = '[]' AS aggregate,
                 (SELECT count(*) FROM opens o WHERE o.tracking_id = messages.tracking_id)
                     AS opens,
                 (SELECT count(*) FROM opens o WHERE o.tracking_id = messages.tracking_id
@@ -348,12 +349,13 @@ def rollup_from_rows(conn: sqlite3.Connection, day: str) -> dict[str, dict[str, 
         )
         SELECT sender_domain, count(*), sum(tracked),
             sum(counted_opens > 0 OR counted_clicks > 0), sum(opens > 0), sum(opens),
-            sum(clicks), sum(counted_clicks > 0), sum(counted_opens = 0 AND counted_clicks > 0)
+            sum(clicks), sum(counted_clicks > 0), sum(counted_opens = 0 AND counted_clicks > 0),
+            sum(aggregate)
         FROM m GROUP BY sender_domain
         """,  # noqa: S608 - placeholders only
         (*counted, *counted, start, start + _DAY_US),
     ):
-        domain, relayed, tracked, opened, opened_any, opens, clicks, clicked, via_click = row
+        domain, relayed, tracked, opened, opened_any, opens, clicks, clicked, via_click, aggr = row
         result[str(domain)] = {
             "relayed": int(relayed),
             "tracked": int(tracked or 0),
@@ -364,6 +366,8 @@ def rollup_from_rows(conn: sqlite3.Connection, day: str) -> dict[str, dict[str, 
             "clicks": int(clicks or 0),
             "clicked": int(clicked or 0),
             "opened_via_click": int(via_click or 0),
+            # tracking_mode = "aggregate" records no recipient (issue 20)
+            "relayed_aggregate": int(aggr or 0),
         }
     for domain, verdict, count in conn.execute(
         "SELECT m.sender_domain, o.verdict, count(*) FROM opens o"
@@ -396,9 +400,17 @@ def rebuild_rollup_day(conn: sqlite3.Connection, day: str) -> DayRebuild:
                 "SELECT sender_domain, relayed FROM daily_stats WHERE day = ?", (day,)
             )
         }
+        # tracking_mode = "aggregate" keeps no event rows: its counts cannot be recounted
+        aggregate = {
+            str(row[0])
+            for row in conn.execute(
+                "SELECT sender_domain FROM daily_stats WHERE day = ? AND relayed_aggregate > 0",
+                (day,),
+            )
+        }
         for domain in sorted(set(counted) | set(stored)):
             rows = counted.get(domain)
-            if rows is None or stored.get(domain, 0) > rows["relayed"]:
+            if rows is None or stored.get(domain, 0) > rows["relayed"] or domain in aggregate:
                 kept += 1
                 continue
             columns = ", ".join(_COLUMNS)

@@ -3,7 +3,11 @@
 Functions over a :class:`sqlite3.Connection` in autocommit mode (the
 :class:`~smtp_tracker.store.sqlite.SqliteDatabase` connection), on the schema
 v3 tables.  A message record goes as a whole: the ``messages`` row with its
-``opens``, ``clicks``, ``links`` and ``message_recipients`` rows.  The
+``opens``, ``clicks`` and ``message_recipients`` rows.  Its ``links`` stay
+(issue 20): a link in a message still in someone's mailbox keeps redirecting
+for ``link_retention_days`` after the relay (:func:`prune_links_batch`), and
+a click on it once the message record is gone records nothing; ``forget``
+removes the links whose destination names the address.  The
 ``daily_stats`` rollup is left as it is: it holds counts per day and sender
 domain, nothing about a person, so reports over past days stay the same.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -37,6 +42,7 @@ __all__ = [
     "count_recipient",
     "forget_recipient_batch",
     "prune_batch",
+    "prune_links_batch",
     "recipient_forms",
 ]
 
@@ -77,14 +83,15 @@ _DEPENDENTS = (
         "DELETE FROM clicks WHERE tracking_id IN (SELECT value FROM json_each(:tracking_ids))",
     ),
     (
-        "links",
-        "DELETE FROM links WHERE tracking_id IN (SELECT value FROM json_each(:tracking_ids))",
-    ),
-    (
         "recipients",
         "DELETE FROM message_recipients WHERE message_rowid IN (SELECT value FROM json_each(:ids))",
     ),
     ("messages", "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(:ids))"),
+)
+#: Links of a batch (``:tracking_ids``) whose destination holds one of ``:needles``.
+_LINKS_NAMING = (
+    "DELETE FROM links WHERE tracking_id IN (SELECT value FROM json_each(:tracking_ids))"
+    " AND EXISTS (SELECT 1 FROM json_each(:needles) n WHERE instr(lower(links.url), n.value) > 0)"
 )
 _COUNTS = (
     "SELECT (SELECT count(*) FROM sel),"
@@ -148,6 +155,10 @@ def _delete_batch(
             "tracking_ids": json.dumps([row[1] for row in rows]),
         }
         counts = {name: conn.execute(statement, batch).rowcount for name, statement in _DEPENDENTS}
+        if "needles" in params:  # forget: the links whose destination names the address
+            counts["links"] = conn.execute(
+                _LINKS_NAMING, {"tracking_ids": batch["tracking_ids"], "needles": params["needles"]}
+            ).rowcount
     return Removed(**counts, queue_ids=tuple(str(row[2]) for row in rows))
 
 
@@ -178,9 +189,38 @@ def prune_batch(
     return dataclasses.replace(removed, queue_ids=())
 
 
+def prune_links_batch(
+    conn: sqlite3.Connection, before_us: int, *, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> int:
+    """Delete, in one transaction, up to ``batch_rows`` links relayed before ``before_us``
+    whose message record is gone, and the objection links made before it.
+
+    ``link_retention_days``: until then a wrapped link keeps redirecting.  Call
+    it until it returns 0.
+
+    :returns: the rows deleted: links and objection links.
+    :raises sqlite3.Error: when the database cannot be written (rolled back).
+    """
+    _check_batch(batch_rows)
+    with immediate_transaction(conn):
+        links = conn.execute(
+            "DELETE FROM links WHERE token IN (SELECT token FROM links l"
+            " WHERE relayed_at_us < :before_us AND NOT EXISTS"
+            " (SELECT 1 FROM messages m WHERE m.tracking_id = l.tracking_id) LIMIT :n)",
+            {"before_us": before_us, "n": batch_rows},
+        ).rowcount
+        optout = conn.execute(
+            "DELETE FROM optout_links WHERE token IN"
+            " (SELECT token FROM optout_links WHERE created_us < :before_us LIMIT :n)",
+            {"before_us": before_us, "n": batch_rows},
+        ).rowcount
+    return links + optout
+
+
 def count_older(conn: sqlite3.Connection, before_us: int) -> Removed:
-    """What :func:`prune_batch` calls would delete for ``before_us`` (one statement)."""
-    return _count(conn, _OLDER, {"before_us": before_us})
+    """What :func:`prune_batch` calls would delete for ``before_us`` (one statement);
+    links are kept (:func:`prune_links_batch`), so counted as 0."""
+    return dataclasses.replace(_count(conn, _OLDER, {"before_us": before_us}), links=0)
 
 
 def recipient_forms(address: str) -> list[str]:
@@ -216,15 +256,31 @@ def forget_recipient_batch(
     Every message record among whose forward-paths ``address`` is
     (case-insensitively, its domain in either IDNA form) goes whole, other
     recipients included: one pixel served them all, so their open events
-    cannot be told apart.  Call it until ``messages == 0``.
+    cannot be told apart.  Its links stay (they keep redirecting, recording
+    nothing), but those whose destination holds the address, as written or
+    percent-encoded.  Call it until ``messages == 0``.
 
     :returns: the rows deleted per table and the queue ids of the messages.
     :raises ValueError: when ``batch_rows`` is not a positive integer.
     :raises sqlite3.Error: when the database cannot be written (the batch is rolled back).
     """
     _check_batch(batch_rows)
-    params: dict[str, object] = {"forms": _json(recipient_forms(address))}
+    params: dict[str, object] = {
+        "forms": _json(recipient_forms(address)),
+        "needles": _json(_needles(address)),
+    }
     return _delete_batch(conn, _OF_RECIPIENT, _OF_RECIPIENT_ORDER, params, batch_rows)
+
+
+def _needles(address: str) -> list[str]:
+    """What a destination URL naming *address* holds: each form, as written and
+    percent-encoded (``@`` as ``%40``), in lower case."""
+    needles: list[str] = []
+    for form in recipient_forms(address):
+        needles.append(form)
+        needles.append(urllib.parse.quote(form, safe="").lower())
+        needles.append(urllib.parse.quote_plus(form, safe="").lower())
+    return list(dict.fromkeys(needles))
 
 
 def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
@@ -234,5 +290,10 @@ def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
     """
     params: dict[str, object] = {"forms": _json(recipient_forms(address))}
     counted = _count(conn, _OF_RECIPIENT, params)
-    queue_ids = tuple(str(row[2]) for row in conn.execute(_OF_RECIPIENT, params))
-    return dataclasses.replace(counted, queue_ids=queue_ids)
+    rows = conn.execute(_OF_RECIPIENT, params).fetchall()
+    links = conn.execute(
+        _LINKS_NAMING.replace("DELETE FROM links", "SELECT count(*) FROM links"),
+        {"tracking_ids": _json(str(row[1]) for row in rows), "needles": _json(_needles(address))},
+    ).fetchone()[0]
+    queue_ids = tuple(str(row[2]) for row in rows)
+    return dataclasses.replace(counted, links=int(links), queue_ids=queue_ids)

@@ -41,7 +41,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar, cast
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import queries, reclassify, retention
+from smtp_tracker.store import consent, queries, reclassify, retention
 from smtp_tracker.store.address import (
     HASH_KEY_FILENAME,
     AddressPolicy,
@@ -79,6 +79,7 @@ __all__ = [
     "OutboxHook",
     "SqliteDatabase",
     "SqliteStore",
+    "aggregate_record",
     "day_of",
     "sender_domain_of",
 ]
@@ -317,6 +318,13 @@ class SqliteDatabase:
         self.store_subject = store_subject
         self.address_policy = address_policy
         self.classifier = classifier
+        #: ``tracking_mode`` (issue 20): ``"aggregate"`` records no recipient, sender,
+        #: client address, User-Agent or event row (:func:`aggregate_record`).
+        self.tracking_mode = "per-person"
+        #: with ``"aggregate"``: keep each message's queue id, Message-ID and subject.
+        self.aggregate_per_message = False
+        #: days a link outlives its message record (:meth:`prune_links`; 0: forever).
+        self.link_retention_days = 1825
 
     # -- life cycle -------------------------------------------------------------
 
@@ -422,6 +430,10 @@ class SqliteDatabase:
     def record_message(self, record: MessageRecord) -> None:
         """See :meth:`.base.Store.record_message`."""
         record = _storable(record)
+        domain = sender_domain_of(record.sender)
+        aggregate = self.tracking_mode == "aggregate"
+        if aggregate:
+            record = aggregate_record(record, per_message=self.aggregate_per_message)
         row = (
             record.tracking_id,
             record.queue_id,
@@ -435,7 +447,7 @@ class SqliteDatabase:
             int(bool(record.tracked)),
             record.not_tracked_reason,
             record.subject if self.store_subject else None,
-            sender_domain_of(record.sender),
+            domain,
         )
         conn = self._conn
         try:
@@ -446,9 +458,10 @@ class SqliteDatabase:
                     [(rowid, address.lower()) for address in dict.fromkeys(record.recipients)],
                 )
                 conn.executemany(
-                    "INSERT INTO links (token, tracking_id, url, position) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO links (token, tracking_id, url, position, relayed_at_us)"
+                    " VALUES (?, ?, ?, ?, ?)",
                     [
-                        (link.token, record.tracking_id, link.url, link.position)
+                        (link.token, record.tracking_id, link.url, link.position, row[7])
                         for link in record.links
                     ],
                 )
@@ -456,7 +469,11 @@ class SqliteDatabase:
                     conn,
                     day_of(row[7]),
                     row[12],
-                    {"relayed": 1, "tracked": int(bool(record.tracked))},
+                    {
+                        "relayed": 1,
+                        "tracked": int(bool(record.tracked)),
+                        "relayed_aggregate": int(aggregate),
+                    },
                 )
                 if self.outbox is not None:
                     self.outbox.message_recorded(conn, record)
@@ -493,6 +510,7 @@ class SqliteDatabase:
         if not hits:
             return 0
         apply = self.address_policy.apply
+        aggregate = self.tracking_mode == "aggregate"
         classify = self.classifier
         conn = self._conn
         try:
@@ -552,12 +570,15 @@ class SqliteDatabase:
                         verdict, reason = "unknown", f"bad verdict from {reason}"
                     state.add(kind, verdict, at_us)
                     ip = apply(client)
+                    if aggregate:  # counted, never stored: nothing ties it to a person
+                        ip = user_agent = signals = None
                     if isinstance(hit, ClickHit):
                         click = (hit.link_token, tracking_id, at_us, ip, user_agent, verdict)
                         rows.append((*click, reason, signals))
                     else:
                         rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
-                conn.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
+                if not aggregate:
+                    conn.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
                 if self.outbox is not None:
                     self.outbox.events_recorded(conn, kind, rows)
                 _MessageState.save_all(conn, messages.values())
@@ -793,7 +814,26 @@ class SqliteDatabase:
             removed = self.prune_batch(before, batch_rows=batch_rows)
             total += removed
             if removed.messages == 0:
-                return total
+                break
+        while links := self.prune_links_batch(batch_rows=batch_rows):
+            total += retention.Removed(links=links)
+        return total
+
+    def prune_links_batch(
+        self, *, now: datetime | None = None, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> int:
+        """One batch of :func:`.retention.prune_links_batch` for :attr:`link_retention_days`
+        before *now*; 0 when the days are 0 (kept forever).
+
+        :raises StoreError: when the store cannot be written.
+        """
+        if self.link_retention_days <= 0:
+            return 0
+        cutoff = (now or datetime.now(UTC)) - timedelta(days=self.link_retention_days)
+        try:
+            return retention.prune_links_batch(self._conn, to_us(cutoff), batch_rows=batch_rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot prune the store's links: {exc}") from exc
 
     def count_prunable(self, before: datetime) -> retention.Removed:
         """What :meth:`prune` would delete (see :func:`.retention.count_older`)."""
@@ -817,7 +857,12 @@ class SqliteDatabase:
                 raise StoreError(f"cannot forget {address}: {exc}") from exc
             total += removed
             if removed.messages == 0:
-                return total
+                break
+        try:  # objection links naming the address; an objection itself stays
+            consent.forget_address(self._conn, address)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot forget {address}: {exc}") from exc
+        return total
 
     def count_recipient(self, address: str) -> retention.Removed:
         """What :meth:`forget_recipient` would delete (see :func:`.retention.count_recipient`)."""
@@ -880,6 +925,25 @@ class SqliteDatabase:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the store: {exc}") from exc
+
+
+def aggregate_record(record: MessageRecord, *, per_message: bool) -> MessageRecord:
+    """*record* as ``tracking_mode = "aggregate"`` keeps it: nothing that names a person.
+
+    No sender (its domain is kept apart, for the daily counts), no recipients,
+    and unless *per_message* no queue id, Message-ID, subject or upstream reply
+    either (they lead back to the mail logs); the tracking id, times, size,
+    links and tracked flag stay, so that opens and clicks can be counted.
+    """
+    return dataclasses.replace(
+        record,
+        sender="",
+        recipients=[],
+        queue_id=record.queue_id if per_message else "",
+        message_id=record.message_id if per_message else None,
+        subject=record.subject if per_message else None,
+        upstream_reply=record.upstream_reply if per_message else "",
+    )
 
 
 def _storable(record: MessageRecord) -> MessageRecord:
@@ -1238,6 +1302,21 @@ class SqliteStore:
             raise StoreSuspendedError(self.suspended)
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
+    def set_tracking_mode(
+        self, mode: str, *, per_message: bool = False, link_retention_days: int = 1825
+    ) -> None:
+        """``tracking_mode``, ``aggregate_per_message`` and ``link_retention_days`` for
+        the records written (and pruned) from now on.
+
+        :raises ValueError: when *mode* is not ``per-person`` or ``aggregate``.
+        """
+        if mode not in ("per-person", "aggregate"):
+            raise ValueError(f"tracking_mode must be per-person or aggregate, got {mode!r}")
+        if self.suspended is None:
+            self._writer.tracking_mode = mode
+            self._writer.aggregate_per_message = per_message
+            self._writer.link_retention_days = link_retention_days
+
     def set_outbox(self, hook: OutboxHook | None) -> None:
         """Have *hook* told of each record and event as it is written (not when suspended)."""
         if self.suspended is None:
@@ -1352,6 +1431,11 @@ class SqliteStore:
                 )
                 total += removed
                 if removed.messages == 0:
-                    return total
+                    break
+            while links := await self._run(
+                self._writer_executor, lambda: self._writer.prune_links_batch(batch_rows=batch_rows)
+            ):
+                total += retention.Removed(links=links)
+            return total
         finally:
             self._known.clear()  # a pruned token is no longer known

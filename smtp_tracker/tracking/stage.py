@@ -40,11 +40,13 @@ from smtp_tracker.smtp.handler import Prepared
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.session import Transaction
 from smtp_tracker.store.records import LinkRecord
-from smtp_tracker.tokens import new_tracking_id, pixel_url
+from smtp_tracker.tokens import new_link_token, new_tracking_id, optout_url, pixel_url
+from smtp_tracker.tracking.consent import ConsentCheck
 from smtp_tracker.tracking.domains import DomainPolicy
 
 if TYPE_CHECKING:
     from smtp_tracker.store.base import Store
+    from smtp_tracker.store.consent import ConsentRegistry
 
 __all__ = ["TrackedMessage", "Tracker", "header_fields"]
 
@@ -94,6 +96,7 @@ class TrackedMessage(Prepared):
 
     links: tuple[LinkRecord, ...] = ()
     dkim: str | None = None
+    optout_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,10 @@ class Tracker:
         prepended to tracked messages (none by default).
     :param resigner: re-signs DKIM-signed messages after the rewrite
         (``dkim_policy = "resign"``); none: signatures are left as they are.
+    :param consent: the recipients' objections and consent (issue 20): a
+        transaction it refuses is relayed untracked with its reason; none: not asked.
+    :param optout_links: where each tracked message's objection link is kept
+        (with ``disclosure.optout_link``); none: no link is added.
     """
 
     def __init__(
@@ -154,8 +161,12 @@ class Tracker:
         domains: DomainPolicy | None = None,
         disclosure: Disclosure | None = None,
         resigner: Resigner | None = None,
+        consent: ConsentCheck | None = None,
+        optout_links: ConsentRegistry | None = None,
     ) -> None:
         self._policy = policy
+        self._consent = consent
+        self._optout_links = optout_links
         self._resigner = resigner
         self._domains = domains or DomainPolicy()
         self._disclosure = disclosure or Disclosure()
@@ -237,16 +248,23 @@ class Tracker:
         """Rewrite ``content`` with a pixel for a new tracking id; never raises."""
         tracking_id = new_tracking_id()
         url = pixel_url(self._base_url, tracking_id)
-        excluded = self._domains.not_tracked_reason(
-            transaction.reverse_path, [r.address for r in transaction.accepted]
-        )
+        recipients = [r.address for r in transaction.accepted]
+        excluded = self._domains.not_tracked_reason(transaction.reverse_path, recipients)
+        if excluded is None and self._consent is not None:
+            excluded = await self._consent.not_tracked_reason(recipients)
+        disclosure = self._disclosure
+        optout_token: str | None = None
+        if excluded is None and disclosure.optout_link and self._optout_links is not None:
+            optout_token = new_link_token()
         try:
             result = await self._run_rewrite(
                 content,
                 url,
                 self._policy,
                 transaction.reverse_path,
-                self._disclosure.footer_html,
+                disclosure.footer_for(
+                    optout_url(self._base_url, optout_token) if optout_token else None
+                ),
                 excluded,
                 self._base_url if self._policy.track_clicks else None,
             )
@@ -300,6 +318,7 @@ class Tracker:
             result.reason,
             result.rewrite.links if result.tracked else (),
             result.dkim,
+            optout_token if result.tracked else None,
         )
 
     async def record(
@@ -338,6 +357,26 @@ class Tracker:
                 transaction.queue_id,
                 exc.__cause__ if foreseen and exc.__cause__ is not None else type(exc).__name__,
                 exc_info=not foreseen,
+            )
+            return
+        if isinstance(prepared, TrackedMessage) and prepared.optout_token is not None:
+            await self._record_optout_link(prepared.optout_token, record)
+
+    async def _record_optout_link(self, token: str, record: Any) -> None:
+        """Keep the objection link of a tracked message (its footer carries it);
+        a failure is logged, never raised: the mail is accepted upstream."""
+        if self._optout_links is None:
+            return
+        try:
+            await self._optout_links.add_optout_link(
+                token, record.tracking_id, list(record.recipients)
+            )
+        except Exception as exc:
+            log.warning(
+                "%s: relayed, but its objection link was not kept (%s); the link in the "
+                "message will answer that it is not known",
+                record.queue_id,
+                exc.__cause__ or type(exc).__name__,
             )
 
     def reconfigure(self, *, domains: DomainPolicy, disclosure: Disclosure) -> None:

@@ -139,6 +139,7 @@ def test_opens_are_classified_counted_and_rolled_up(
         "clicks": 0,
         "clicked": 0,
         "opened_via_click": 0,
+        "relayed_aggregate": 0,  # schema v6: per-person mode
     }
     other = stats[("2024-05-01", "other.org")]
     assert (other["opened"], other["opened_any"], other["opens_scanner"]) == (1, 1, 1)
