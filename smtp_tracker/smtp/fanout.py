@@ -3,7 +3,7 @@
 :class:`Fanout` is what a downstream session holds: the upstream side
 (:class:`~.failover.FailoverSession`, over the ordered upstream list) and one
 connection per copy.  MAIL, each RCPT and DATA go to all of them at once
-(``asyncio.gather``), and the reply the client hears is:
+(each on a task of its own, all awaited), and the reply the client hears is:
 
 - the upstream's, when the upstream did not say 2xx;
 - ``451 4.4.1`` / ``451 4.4.0`` when the upstream said 2xx but a *required*
@@ -197,9 +197,10 @@ class Fanout:
             return False
         try:
             reply = await copy.session.rcpt(forward_path, parameters)
-        except (UpstreamError, CommandRejected) as exc:
-            error = exc if isinstance(exc, UpstreamError) else UpstreamError(exc.reply)
-            self._copy_failed(copy, "RCPT", _as_reply(error), down=isinstance(exc, UpstreamError))
+        except UpstreamError as exc:
+            self._copy_failed(copy, "RCPT", _as_reply(exc), down=True)
+            return False
+        except CommandRejected:  # nothing was sent: this recipient alone, as upstream
             return False
         if reply.is_positive:
             copy.recipients += 1
@@ -223,10 +224,16 @@ class Fanout:
         :raises CommandRejected: an argument the upstream client cannot send.
         """
         active = [c for c in self._copies if c.active]
-        primary, accepted_by = await _together(
-            self.primary.rcpt(forward_path, parameters),
-            (self._copy_rcpt(c, forward_path, parameters) for c in active),
-        )
+        try:
+            primary, accepted_by = await _together(
+                self.primary.rcpt(forward_path, parameters),
+                (self._copy_rcpt(c, forward_path, parameters) for c in active),
+            )
+        except UpstreamError:
+            # the upstream's connection is lost: the transaction is over for the
+            # copies too, so that their next MAIL is not a nested one
+            await self._reset_copies()
+            raise
         if any(c.target.required and not c.active for c in self._copies):
             # a required copy lost its connection: the transaction cannot be had
             # by it any more; end it everywhere, and every later command gets 4xx

@@ -191,6 +191,33 @@ async def test_a_required_copy_lost_at_rcpt_defers_and_leaves_the_upstream_clean
     assert upstream.transactions == []
 
 
+async def test_the_upstream_lost_at_rcpt_ends_the_copies_transaction_too(
+    upstream: UpstreamServer, upstream_factory: Any, relay_factory: Any
+) -> None:
+    copy = await upstream_factory(auth_required=False)
+    relay = await relay_factory(copies=[{"upstream": copy.address}], upstream_user=None)
+    client = await Raw.open(relay.smtp_address)
+    try:
+        assert (await client.reply()).startswith("220 ")
+        client.writer.write(b"EHLO postfix.test\r\n")
+        await client.lines()
+        assert await client.command("MAIL FROM:<alice@example.org>") == "250 2.1.0 Ok"
+        await upstream.stop()  # the upstream goes away between MAIL and RCPT
+        assert (await client.command("RCPT TO:<bob@example.net>")).startswith("451 4.4.2 ")
+        assert await client.command("RSET") == "250 2.0.0 OK"
+        await upstream.start()
+        assert await client.command("MAIL FROM:<alice@example.org>") == "250 2.1.0 Ok"
+        assert await client.command("RCPT TO:<bob@example.net>") == "250 2.1.5 Ok"
+        assert (await client.command("DATA")).startswith("354 ")
+        client.writer.write(b"Subject: again\r\n\r\nhello\r\n.\r\n")
+        assert (await client.reply()).startswith("250 2.0.0 Ok: queued as UP")
+    finally:
+        await client.close()
+    assert len(upstream.transactions) == 1
+    assert [t.rcpt_tos for t in copy.transactions] == [["bob@example.net"]]
+    assert not any(line.startswith("503") for line in copy.transcript)
+
+
 # -- LMTP: the parallel connections -----------------------------------------------------------
 
 
