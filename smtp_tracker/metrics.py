@@ -71,6 +71,10 @@ class MetricsSource(Protocol):
         """The SMTP relay handler."""
 
     @property
+    def lmtp_handler(self) -> RelayHandler | None:
+        """The LMTP listener's handler (``lmtp = true``)."""
+
+    @property
     def tracker(self) -> Tracker | None:
         """The tracking stage."""
 
@@ -177,6 +181,7 @@ class _PartsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         source = self._source
         yield from _relay_metrics(source.relay_handler, source.connection_slots)
+        yield from _lmtp_metrics(source.lmtp_handler)
         tracker = source.tracker
         writer = source.event_writer
         depths = GaugeMetricFamily(
@@ -251,6 +256,22 @@ def _relay_metrics(handler: RelayHandler | None, slots: ConnectionSlots) -> Iter
         value=slots.refused,
     )
     yield from _upstream_metrics(handler)
+
+
+def _lmtp_metrics(handler: RelayHandler | None) -> Iterator[Metric]:
+    """The LMTP listener's recipients, each relayed as a transaction of its own."""
+    if handler is None:
+        return
+    counts = handler.counters
+    outcomes = CounterMetricFamily(
+        "smtp_tracker_lmtp_recipients",
+        "Recipients of LMTP deliveries, each relayed as its own copy, by outcome: relayed "
+        "(upstream 2xx), deferred (4xx), bounced (5xx).",
+        labels=["outcome"],
+    )
+    for outcome, key in (("relayed", "relayed"), ("deferred", "deferred"), ("bounced", "rejected")):
+        outcomes.add_metric([outcome], counts[key])
+    yield outcomes
 
 
 def _upstream_metrics(handler: RelayHandler) -> Iterator[Metric]:

@@ -225,9 +225,14 @@ async def test_lmtp_relays_on_at_most_lmtp_parallel_copies_connections(
     upstream: UpstreamServer, relay_factory: Any
 ) -> None:
     relay = await relay_factory(
-        lmtp=True, lmtp_listen="127.0.0.1:0", lmtp_parallel_copies=2, upstream_user=None
+        lmtp=True,
+        lmtp_listen="127.0.0.1:0",
+        lmtp_parallel_copies=2,
+        upstream_user=None,
+        metrics=True,
+        metrics_listen="127.0.0.1:0",
     )
-    assert relay.lmtp_listener is not None
+    assert relay.lmtp_listener is not None and relay.metrics is not None
     client = await Raw.open(relay.lmtp_listener.address)
     try:
         assert (await client.reply()).startswith("220 ")
@@ -248,6 +253,9 @@ async def test_lmtp_relays_on_at_most_lmtp_parallel_copies_connections(
     assert upstream.accepted == 2  # two connections, kept for the second delivery
     order = [t.rcpt_tos[0] for t in upstream.transactions]
     assert sorted(order) == sorted(f"r{t}-{n}@example.net" for t in range(2) for n in range(6))
+    scraped = relay.metrics.exposition().decode()
+    assert 'smtp_tracker_lmtp_recipients_total{outcome="relayed"} 12.0' in scraped
+    assert 'smtp_tracker_lmtp_recipients_total{outcome="deferred"} 0.0' in scraped
 
 
 async def test_lmtp_client_gone_mid_delivery_no_recipient_is_begun_after(
