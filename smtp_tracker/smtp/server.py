@@ -79,7 +79,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, syntax
 
 from smtp_tracker.errors import CommandRejected, SMTPReply
 from smtp_tracker.smtp import replies
@@ -89,6 +89,7 @@ from smtp_tracker.smtp.parameters import (
     parse_rcpt_parameters,
     sendable,
 )
+from smtp_tracker.smtp.payload import DataState, read_payload
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.session import RelaySession
 from smtp_tracker.smtp.transcript import CLIENT_SAID, WE_SAID_TO_CLIENT, Transcript
@@ -483,13 +484,57 @@ class RelaySMTP(SMTP):
         ):
             await self._out_of_sync("DATA")  # content before our 354
             return
-        await super().smtp_DATA(arg or "")
+        await self._receive_data(arg or "")
         session = self.session
         refused = self.envelope is not envelope
         if session is not None and session.transaction is not None and refused:
             # aiosmtpd refused the payload itself (552 too big, 500 line too long) and
             # reset the envelope without calling handle_DATA: end the upstream's side.
             await self._hooks.abort_transaction(session, reason="payload refused")
+
+    async def _receive_data(self, arg: str) -> None:
+        """aiosmtpd's ``smtp_DATA`` with the payload read in chunks (:mod:`.payload`).
+
+        The same checks, replies and hook calls in the same order; only the read
+        differs, and :func:`~.payload.read_payload` gives the bytes and refusals
+        aiosmtpd's line-by-line reader gives (issue 15).
+        """
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            payload = await read_payload(
+                self._reader, size_limit=self.data_size_limit, line_limit=self.line_length_limit
+            )
+        except asyncio.CancelledError:
+            log.info("Connection lost during DATA")
+            self._writer.close()
+            raise
+        if payload.state is not DataState.NOMINAL:
+            too_long = payload.state is DataState.TOO_LONG
+            await self.push(
+                "500 Line too long (see RFC5321 4.5.3.1.6)"
+                if too_long
+                else "552 Error: Too much mail data"
+            )
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = payload.content
+        self.envelope.original_content = payload.content
+        status: Any = MISSING
+        if "DATA" in self._handle_hooks:
+            status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str | None) -> None:

@@ -1,0 +1,195 @@
+"""The DATA payload read in chunks, with the outcome of aiosmtpd's line reader.
+
+aiosmtpd 1.4 reads a payload with one ``StreamReader.readuntil(b"\\r\\n")`` per
+line; for a 15 KB HTML message that is some 300 awaits, and it was the largest
+part of the relay's own cost (issue 15's profile).  :func:`read_payload` reads
+up to the end of data in chunks of up to :data:`CHUNK_BYTES` with
+``readuntil(b"\\r\\n.\\r\\n")``, and then applies the line reader's rules to what
+it read, so that the bytes and the refusals are the same for every input and
+every way the input arrives in pieces (``tests/perf/test_payload.py`` checks
+this against aiosmtpd itself with Hypothesis):
+
+- only ``<CRLF>.<CRLF>`` ends the payload (RFC 5321 §4.1.1.4), including at its
+  very start (the empty message); ``<LF>.<LF>`` and the other bare-CR/LF
+  variants are content (SMTP smuggling, CVE-2023-51764);
+- not one octet past the end of data is consumed: pipelined commands after it
+  stay in the reader;
+- the payload is counted line by line, stuffing dots included, against the
+  size limit (``552``, RFC 1870 §6.3), and a line (CRLF included) over the line
+  limit refuses it (``500``, RFC 5321 §4.5.3.1.6); when both happen, the one the
+  line reader meets first decides, with its thresholds (a line of
+  ``line_limit + 3`` octets or more overruns aiosmtpd's stream limit before it
+  is counted);
+- a leading dot is removed from every line (RFC 5321 §4.5.2).
+
+Past the size limit nothing more is kept: the rest is read and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+from dataclasses import dataclass
+
+__all__ = ["CHUNK_BYTES", "END_OF_DATA", "DataState", "Payload", "judge", "read_payload"]
+
+#: RFC 5321 §4.1.1.4: the end of mail data, with the CRLF that ends the last line.
+END_OF_DATA = b"\r\n.\r\n"
+#: The most read at once (the stream limit while a payload is read), in octets.
+CHUNK_BYTES = 64 * 1024
+
+
+class DataState(enum.Enum):
+    """The outcome, as aiosmtpd's ``_DataState`` names it."""
+
+    NOMINAL = "nominal"
+    TOO_LONG = "too long"  # 500 5.5.2, RFC 5321 §4.5.3.1.6
+    TOO_MUCH = "too much"  # 552 5.3.4, RFC 1870 §6.3
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """What DATA brought: the unstuffed content when nominal, else empty."""
+
+    state: DataState
+    content: bytes
+
+
+def _partial_end(tail: bytes) -> int:
+    """The length of the longest suffix of ``tail`` that begins :data:`END_OF_DATA` (0-4)."""
+    for size in range(min(len(tail), len(END_OF_DATA) - 1), 0, -1):
+        if tail.endswith(END_OF_DATA[:size]):
+            return size
+    return 0
+
+
+def judge(
+    data: bytes, *, size_limit: int | None, line_limit: int, complete: bool
+) -> DataState | None:
+    """What aiosmtpd's line reader decides for ``data`` (lines before the end of data).
+
+    :param data: the payload as sent (stuffing dots in), from its first octet.
+    :param size_limit: the SIZE limit in octets; None or 0 for none.
+    :param line_limit: aiosmtpd's ``line_length_limit`` (its stream limit too), in octets.
+    :param complete: whether ``data`` is all of it; if not, a last line without
+        its CRLF may leave the outcome open.
+    :returns: the state, or None when an incomplete ``data`` does not decide it yet.
+    """
+    # The common case at C speed: with no bare LF, every run of octets between
+    # LFs is one line and its CR.
+    if (
+        complete
+        and (not size_limit or len(data) <= size_limit)
+        and data.count(b"\n") == data.count(b"\r\n")
+        and not _long_run(line_limit).search(data)
+    ):
+        return DataState.NOMINAL
+    overrun = line_limit + 3  # readuntil raises before the line is counted
+    position = counted = 0
+    while position < len(data):
+        end = data.find(b"\r\n", position)
+        if end < 0:
+            return DataState.TOO_LONG if len(data) - position >= overrun else None
+        size = end + 2 - position
+        if size >= overrun:
+            return DataState.TOO_LONG
+        counted += size
+        if size_limit and counted > size_limit:
+            return DataState.TOO_MUCH
+        if size > line_limit:
+            return DataState.TOO_LONG
+        position = end + 2
+    return DataState.NOMINAL if complete else None
+
+
+_RUNS: dict[int, re.Pattern[bytes]] = {}
+
+
+def _long_run(line_limit: int) -> re.Pattern[bytes]:
+    """A run of ``line_limit`` octets without LF: a CRLF line over ``line_limit``."""
+    pattern = _RUNS.get(line_limit)
+    if pattern is None:
+        pattern = _RUNS[line_limit] = re.compile(b"[^\\n]{%d}" % line_limit)
+    return pattern
+
+
+def unstuff(data: bytes) -> bytes:
+    """Remove each line's leading dot (RFC 5321 §4.5.2); ``data`` ends with CRLF or is empty."""
+    if data.startswith(b"."):
+        data = data[1:]
+    return data.replace(b"\r\n.", b"\r\n")
+
+
+async def read_payload(
+    reader: asyncio.StreamReader, *, size_limit: int | None, line_limit: int
+) -> Payload:
+    """Read one DATA payload, up to and including its end of data and not one octet more.
+
+    :param reader: the connection's reader, its stream limit ``line_limit``
+        (aiosmtpd's); raised to :data:`CHUNK_BYTES` while this reads, then put back.
+    :param size_limit: the SIZE limit (RFC 1870), in octets; None or 0 for none.
+    :param line_limit: the longest line, CRLF included, in octets (aiosmtpd's 1001).
+    :returns: the state and, when nominal, the content with its dots unstuffed.
+    :raises asyncio.IncompleteReadError: the client closed the connection first.
+    :raises asyncio.CancelledError: the connection was lost (aiosmtpd cancels the loop).
+    """
+    pieces: list[bytes] = []
+    kept = 0
+    state: DataState | None = None  # decided early once past the size limit
+    # The end of data may start the payload (an empty message): read as if a CRLF
+    # came first, a few octets at a time while what was read could begin an end of
+    # data, so that a chunked read below never has to look behind it.
+    tail = b"\r\n"
+    while (partial := _partial_end(tail)) > 0:
+        piece = await reader.readexactly(len(END_OF_DATA) - partial)
+        pieces.append(piece)
+        kept += len(piece)
+        tail = (tail + piece)[-len(END_OF_DATA) :]
+        if tail == END_OF_DATA:
+            return _finish(pieces, size_limit=size_limit, line_limit=line_limit)
+    stream_limit = reader._limit  # type: ignore[attr-defined]  # aiosmtpd's line limit
+    reader._limit = max(stream_limit, CHUNK_BYTES)  # type: ignore[attr-defined]
+    try:
+        while True:
+            try:
+                piece = await reader.readuntil(END_OF_DATA)
+                ended = True
+            except asyncio.LimitOverrunError as exc:  # no end of data in the chunk
+                piece = await reader.readexactly(exc.consumed)
+                ended = False
+            if state is None:
+                pieces.append(piece)
+                kept += len(piece)
+                if not ended and size_limit and kept > size_limit + line_limit + 4:
+                    # The line that crosses the limit is in, or is known to be too long.
+                    state = judge(
+                        b"".join(pieces),
+                        size_limit=size_limit,
+                        line_limit=line_limit,
+                        complete=False,
+                    )
+                    if state is not None:
+                        pieces.clear()
+            if ended:
+                break
+    finally:
+        reader._limit = stream_limit  # type: ignore[attr-defined]
+    if state is not None:
+        return Payload(state, b"")
+    return _finish(pieces, size_limit=size_limit, line_limit=line_limit)
+
+
+def _finish(pieces: list[bytes], *, size_limit: int | None, line_limit: int) -> Payload:
+    """The payload from everything read, the end of data (its ``.<CRLF>``) last."""
+    if len(pieces[-1]) >= len(b".\r\n"):
+        pieces[-1] = pieces[-1][: -len(b".\r\n")]
+        data = b"".join(pieces)
+    else:  # the first octets, read a few at a time
+        data = b"".join(pieces)[: -len(b".\r\n")]
+    pieces.clear()
+    state = judge(data, size_limit=size_limit, line_limit=line_limit, complete=True)
+    assert state is not None
+    if state is not DataState.NOMINAL:
+        return Payload(state, b"")
+    return Payload(state, unstuff(data))

@@ -1,0 +1,187 @@
+"""The chunked DATA reader (:mod:`smtp_tracker.smtp.payload`) against aiosmtpd's line reader.
+
+Both read the same octets, arriving in the same pieces, from a StreamReader
+with aiosmtpd's stream limit: the content handed on, the refusal, and what is
+left unread after the end of data (pipelined commands) must be the same
+(issue 15; the SMTP smuggling defences of smtp/server.py depend on it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smtp_tracker.smtp.payload import DataState, Payload, read_payload
+
+LINE_LIMIT = SMTP.line_length_limit  # 1001, aiosmtpd's stream limit too
+AFTER = b"QUIT\r\n"
+
+#: Pieces that make the smuggling and limit cases likely: bare CR/LF variants of
+#: the end of data, stuffed dots, and runs near the 1,000-octet line limit.
+BLOCKS = st.one_of(
+    st.sampled_from(
+        [
+            b"a",
+            b".",
+            b"..",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b".\r\n",
+            b"\n.\n",
+            b"\r.\r",
+            b"\n.\r\n",
+            b"\r\n.\n",
+        ]
+    ),
+    st.integers(min_value=995, max_value=1006).map(lambda n: b"x" * n),
+    st.binary(max_size=40),
+)
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class _Transport:
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Capture:
+    def __init__(self) -> None:
+        self.content: bytes | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Envelope) -> str:
+        self.content = envelope.original_content
+        return "250 OK"
+
+
+async def _feed(reader: asyncio.StreamReader, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        reader.feed_data(piece)
+        for _ in range(3):
+            await asyncio.sleep(0)
+    reader.feed_eof()
+
+
+def _cut(stream: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    return [stream[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+async def _aiosmtpd(pieces: list[bytes], size_limit: int) -> tuple[Payload, bytes]:
+    """aiosmtpd 1.4's own smtp_DATA over the pieces; its outcome as a Payload."""
+    capture = _Capture()
+    server = SMTP(capture, data_size_limit=size_limit, decode_data=False, enable_SMTPUTF8=True)
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    writer = _Writer()
+    server._reader = reader
+    server._writer = writer  # type: ignore[assignment]
+    server.transport = _Transport()  # type: ignore[assignment]
+    server.session = Session(asyncio.get_running_loop())
+    server.session.host_name = "client.example"
+    server.envelope = Envelope()
+    server.envelope.rcpt_tos = ["reader@example.net"]
+    feeding = asyncio.create_task(_feed(reader, pieces))
+    await server.smtp_DATA("")
+    await feeding
+    reply = writer.lines[-1]
+    if reply.startswith(b"250"):
+        assert capture.content is not None
+        outcome = Payload(DataState.NOMINAL, capture.content)
+    elif reply.startswith(b"552"):
+        outcome = Payload(DataState.TOO_MUCH, b"")
+    else:
+        assert reply.startswith(b"500 Line too long"), reply
+        outcome = Payload(DataState.TOO_LONG, b"")
+    return outcome, await reader.read()
+
+
+async def _ours(pieces: list[bytes], size_limit: int) -> tuple[Payload, bytes]:
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    feeding = asyncio.create_task(_feed(reader, pieces))
+    outcome = await read_payload(reader, size_limit=size_limit, line_limit=LINE_LIMIT)
+    await feeding
+    assert reader._limit == LINE_LIMIT  # type: ignore[attr-defined]  # put back
+    return outcome, await reader.read()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    blocks=st.lists(BLOCKS, max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=10**6), max_size=12),
+    size_limit=st.sampled_from([0, 1, 5, 64, 1000, 1003, 2000, 10_000]),
+)
+def test_same_bytes_refusals_and_leftover_as_aiosmtpd(
+    blocks: list[bytes], cuts: list[int], size_limit: int
+) -> None:
+    stream = b"".join(blocks) + b"\r\n.\r\n" + AFTER
+    pieces = _cut(stream, cuts)
+
+    async def both() -> tuple[tuple[Payload, bytes], tuple[Payload, bytes]]:
+        return await _aiosmtpd(pieces, size_limit), await _ours(pieces, size_limit)
+
+    theirs, ours = asyncio.run(both())
+    assert ours == theirs
+
+
+async def test_empty_message_and_pipelined_command_left_unread() -> None:
+    outcome, left = await _ours([b".\r\nMAIL FROM:<a@example.org>\r\n"], 100)
+    assert outcome == Payload(DataState.NOMINAL, b"")
+    assert left == b"MAIL FROM:<a@example.org>\r\n"
+
+
+async def test_bare_lf_dot_does_not_end_the_payload() -> None:
+    smuggled = b"a\r\n\n.\nMAIL FROM:<x@example.org>\r\n\r\n.\r\nQUIT\r\n"
+    outcome, left = await _ours([smuggled], 0)
+    assert outcome == Payload(DataState.NOMINAL, b"a\r\n\n.\nMAIL FROM:<x@example.org>\r\n\r\n")
+    assert left == b"QUIT\r\n"
+
+
+async def test_a_payload_is_read_in_chunks_not_lines() -> None:
+    """A 15 KB message of 300 lines takes a handful of reads, not one per line."""
+    lines = [b"<p>line %d of an HTML template, forty-odd octets</p>\r\n" % i for i in range(300)]
+    stream = b"".join(lines) + b".\r\n"
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    calls = 0
+    for name in ("readuntil", "readexactly", "readline", "read"):
+        original = getattr(reader, name)
+
+        def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return _original(*args, **kwargs)
+
+        setattr(reader, name, counted)
+    reader.feed_data(stream)
+    reader.feed_eof()
+    outcome = await read_payload(reader, size_limit=10**6, line_limit=LINE_LIMIT)
+    assert outcome.content == b"".join(lines)
+    assert calls <= 3
+
+
+async def test_too_big_is_dropped_while_read() -> None:
+    """Past the size limit the rest is read and not kept: 552 and nothing held."""
+    line = b"y" * 78 + b"\r\n"
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    feeding = asyncio.create_task(_feed(reader, [line * 1000] * 20 + [b".\r\n" + AFTER]))
+    outcome = await read_payload(reader, size_limit=100_000, line_limit=LINE_LIMIT)
+    await feeding
+    assert outcome == Payload(DataState.TOO_MUCH, b"")
+    assert await reader.read() == AFTER
