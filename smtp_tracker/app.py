@@ -42,11 +42,15 @@ from smtp_tracker.smtp.listener import ConnectionSlots, Listener
 from smtp_tracker.smtp.lmtp import LmtpHandler, LmtpSMTP
 from smtp_tracker.smtp.upstream import UpstreamObserver, UpstreamSettings
 from smtp_tracker.store import EventClassifier, SqliteStore
+from smtp_tracker.store.address import load_or_create_hash_key
+from smtp_tracker.store.consent import ConsentRegistry
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tls import load_server_context, write_self_signed
+from smtp_tracker.tracking.consent import ConsentCheck
 from smtp_tracker.tracking.domains import DomainPolicy
 from smtp_tracker.tracking.stage import Tracker, TrackerCounters
 from smtp_tracker.web.public.limits import EventLimiter
+from smtp_tracker.web.public.optout import FORM_KEY_FILENAME, OptoutPage, load_template
 from smtp_tracker.web.public.pixel import WRITER_KEY, make_pixel_app
 from smtp_tracker.web.reports.api import create_token_file
 from smtp_tracker.web.reports.app import build_reports_app
@@ -174,6 +178,8 @@ def disclosure(config: Config) -> Disclosure:
         footer_html=footer,
         header_name=config.disclosure_header_name,
         header_value=config.disclosure_header,
+        optout_link=config.disclosure_optout_link,
+        optout_text=config.disclosure_optout_text,
     )
 
 
@@ -255,6 +261,8 @@ class Application:
         self._prune_schedule = (prune_first_delay_s, prune_interval_s)
         self.capture = CaptureWriter(config.data_dir / "capture", mode=config.capture)
         self.store: SqliteStore | None = None
+        #: the consent registry and objection links (issue 20; with the store)
+        self.consent: ConsentRegistry | None = None
         #: the webhook outbox's sender (after :meth:`start`, with ``webhooks`` or ``events_log``)
         self.webhooks: WebhookSender | None = None
         self.tracker: Tracker | None = None
@@ -357,6 +365,13 @@ class Application:
                 ip_policy=config.ip_policy,
                 classifier=classifier,
             )
+            self.store.set_tracking_mode(
+                config.tracking_mode,
+                per_message=config.aggregate_per_message,
+                link_retention_days=config.link_retention_days,
+            )
+            self.consent = ConsentRegistry(config.data_dir, suspended=self.store.suspended)
+            running.push_async_callback(self._stop_consent)
         try:
             if self.store is not None and (config.webhooks or config.events_log is not None):
                 running.push_async_callback(self._stop_webhooks)
@@ -446,6 +461,10 @@ class Application:
                 domains=domain_policy(config),
                 disclosure=await asyncio.to_thread(disclosure, config),
                 resigner=await asyncio.to_thread(dkim_resigner, config),
+                consent=ConsentCheck(
+                    self.consent, requires_consent=config.tracking_requires_consent
+                ),
+                optout_links=self.consent,
             )
         self._running.push_async_callback(self._stop_tracker)
         self._handler = RelayHandler(
@@ -541,7 +560,10 @@ class Application:
         if not config.pixel_plain_http:
             ssl_context = self._server_tls or await asyncio.to_thread(_embedded_certificate, config)
         self._pixel_app = make_pixel_app(
-            store=self.store, trusted_proxies=config.trusted_proxies, limiter=self.limiter
+            store=self.store,
+            trusted_proxies=config.trusted_proxies,
+            limiter=self.limiter,
+            optout=await self._optout_page(),
         )
         listen = config.pixel_listen
         try:
@@ -556,6 +578,25 @@ class Application:
         log.info(
             "listening for %s (pixel) on %s", scheme, _address_text(listen.host, self.pixel_port)
         )
+
+    async def _optout_page(self) -> OptoutPage | None:
+        """The objection page (``/optout/TOKEN``) over the consent registry (issue 20)."""
+        config = self.config
+        if self.consent is None or self.consent.suspended is not None:
+            return None
+        try:
+            template = await asyncio.to_thread(load_template, config.optout_page_template)
+        except ValueError as exc:
+            raise ConfigError(f"optout_page_template: {exc}") from None
+        key = await asyncio.to_thread(load_or_create_hash_key, config.data_dir / FORM_KEY_FILENAME)
+        return OptoutPage(
+            registry=self.consent, form_key=key, text=config.optout_page_text, template=template
+        )
+
+    async def _stop_consent(self) -> None:
+        if self.consent is not None:
+            await self.consent.aclose()
+            self.consent = None
 
     async def _start_reports(self) -> None:
         """The reports listener: JSON API and dashboard, behind the token and the logins."""

@@ -439,16 +439,24 @@ class ConsentRegistry:
 
     :param data_dir: the data directory.
     :param busy_timeout_s: how long a statement waits for another writer's lock.
+    :param suspended: why the store is suspended (it could not be opened at
+        start): then the database is never touched, every call raises
+        :class:`StoreError`, and the relay tracks nobody (``consent-unavailable``).
     """
 
-    def __init__(self, data_dir: Path, *, busy_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, data_dir: Path, *, busy_timeout_s: float = 5.0, suspended: str | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
+        self.suspended = suspended
         self._busy_timeout_s = busy_timeout_s
         self._conn: sqlite3.Connection | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="consent")
         self._closed = False
 
     def _connection(self) -> sqlite3.Connection:
+        if self.suspended is not None:  # left as it is, for recovery
+            raise StoreError(self.suspended)
         if self._conn is None:
             path = self.data_dir / DB_FILENAME
             if not path.is_file():

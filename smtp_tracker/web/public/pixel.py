@@ -19,6 +19,9 @@ Routes
     ``GET`` and ``HEAD`` ``/c/{token}``: the click endpoint (:mod:`.click`),
     302 to the destination stored for a known link token, else 404.
 
+    ``GET``, ``HEAD`` and ``POST`` ``/optout/{token}``: the objection page
+    (:mod:`.optout`), when given.
+
     Anything else: 404 (other methods on the pixel path: 405).  No static
     files, no directory listings, no path normalisation, no redirect but to
     a stored link.
@@ -57,6 +60,7 @@ from smtp_tracker.web.client_address import IPNetwork, request_client_address
 from smtp_tracker.web.public.click import add_click_route
 from smtp_tracker.web.public.gif import GIF_CONTENT_TYPE, TRANSPARENT_GIF
 from smtp_tracker.web.public.limits import EventLimiter
+from smtp_tracker.web.public.optout import OptoutPage, add_optout_routes
 from smtp_tracker.web.site import (
     HEADER_TIMEOUT_S,
     MAX_FIELD_BYTES,
@@ -108,6 +112,7 @@ def make_pixel_app(
     batch_max: int = 500,
     keepalive_timeout_s: float = HEADER_TIMEOUT_S,
     flush_timeout_s: float = 10.0,
+    optout: OptoutPage | None = None,
 ) -> web.Application:
     """The pixel endpoint as an aiohttp application.
 
@@ -126,6 +131,7 @@ def make_pixel_app(
     :param batch_max: most opens per store transaction.
     :param keepalive_timeout_s: idle and first-request timeout per connection, in seconds.
     :param flush_timeout_s: how long shutdown waits for queued opens, in seconds.
+    :param optout: the objection page (``/optout/{token}``, :mod:`.optout`), or None.
     """
     app = web.Application(
         client_max_size=_CLIENT_MAX_BYTES,
@@ -147,6 +153,8 @@ def make_pixel_app(
         app, store=store, writer=app[WRITER_KEY], limiter=limiter, trusted_proxies=trusted_proxies
     )
     app.router.add_get("/healthz", _healthz, allow_head=True)
+    if optout is not None:
+        add_optout_routes(app, optout)
     app.cleanup_ctx.append(_writer_lifecycle)
     app.on_response_prepare.append(_set_server_header)
     return app
