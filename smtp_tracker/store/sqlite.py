@@ -410,6 +410,11 @@ class SqliteDatabase:
             classifier=classifier,
         )
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection, for the store's own modules (:mod:`.consent`) run from the CLI."""
+        return self._conn
+
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self._conn.close()
