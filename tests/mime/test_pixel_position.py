@@ -227,3 +227,26 @@ def test_the_configuration_key_reaches_the_rewrite() -> None:
     assert build_config({}, {}, environ={}).pixel_position == "end"
     with pytest.raises(ConfigError, match="pixel_position: expected one of end, start, both"):
         build_config({"pixel_position": "middle"}, {}, environ={})
+
+
+@pytest.mark.parametrize("cte", ["8bit", "quoted-printable", "base64"])
+@pytest.mark.parametrize(
+    ("charset", "words"),
+    [
+        ("utf-8", "\u65e5\u672c\u8a9e \u2603"),
+        ("iso-2022-jp", "\u3053\u3093\u306b\u3061\u306f"),
+        ("koi8-r", "\u041f\u0440\u0438\u0432\u0435\u0442"),
+        ("windows-1252", "Caf\u00e9 \u20ac"),
+    ],
+)
+def test_both_in_each_charset_and_encoding(charset: str, words: str, cte: str) -> None:
+    text = f"<html><body>{words}<p>{words}</p></body></html>\r\n"
+    original = html_message(text.encode(charset), charset=charset, cte=cte)
+    result = rewrite(original, PIXEL_URL, RewritePolicy(pixel_position="both"))
+    assert result.pixels == 2, (result.reason, result.defects)
+    _, new_text = check_pixels(original, result, PIXEL_URL)
+    tag = re.search(rb"<img [^>]*>", new_text)
+    assert tag is not None
+    assert new_text.decode(charset) == text.replace(
+        "<body>", "<body>" + tag.group().decode()
+    ).replace("</body>", tag.group().decode() + "</body>")
