@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import re
 from dataclasses import dataclass
 
 __all__ = ["CHUNK_BYTES", "END_OF_DATA", "DataState", "Payload", "judge", "read_payload"]
@@ -82,7 +81,7 @@ def judge(
         complete
         and (not size_limit or len(data) <= size_limit)
         and data.count(b"\n") == data.count(b"\r\n")
-        and not _long_run(line_limit).search(data)
+        and _longest_run(data) < line_limit
     ):
         return DataState.NOMINAL
     overrun = line_limit + 3  # readuntil raises before the line is counted
@@ -103,15 +102,20 @@ def judge(
     return DataState.NOMINAL if complete else None
 
 
-_RUNS: dict[int, re.Pattern[bytes]] = {}
+#: Octets split at a time when looking for the longest line.
+_WINDOW = 1 << 20
 
 
-def _long_run(line_limit: int) -> re.Pattern[bytes]:
-    """A run of ``line_limit`` octets without LF: a CRLF line over ``line_limit``."""
-    pattern = _RUNS.get(line_limit)
-    if pattern is None:
-        pattern = _RUNS[line_limit] = re.compile(b"[^\\n]{%d}" % line_limit)
-    return pattern
+def _longest_run(data: bytes) -> int:
+    """The longest run of octets without LF (capped at 1 MiB), split a window at a time."""
+    longest = start = 0
+    while start < len(data):
+        stop = data.rfind(b"\n", start, start + _WINDOW) + 1 if len(data) - start > _WINDOW else 0
+        if stop <= start:  # the rest fits in one window, or a window holds no LF at all
+            stop = len(data) if len(data) - start <= _WINDOW else start + _WINDOW
+        longest = max(longest, max(map(len, data[start:stop].split(b"\n"))))
+        start = stop
+    return longest
 
 
 def unstuff(data: bytes) -> bytes:
