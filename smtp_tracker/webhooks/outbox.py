@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from smtp_tracker.store.integrity import DB_FILENAME
-from smtp_tracker.store.migrations import immediate_transaction
+from smtp_tracker.store.migrations import MIGRATIONS, immediate_transaction
 from smtp_tracker.store.records import COUNTED_VERDICTS, MessageRecord
 from smtp_tracker.webhooks.events import Event
 
@@ -54,6 +54,7 @@ __all__ = [
     "disabled_hooks",
     "list_failed",
     "next_due",
+    "repair",
     "retry",
     "settle",
     "status",
@@ -324,13 +325,16 @@ class Claimed:
     attempts: int
     since_us: int
     created_us: int
+    order_key: str = ""
+    due_us: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Settled:
     """What became of one attempt.
 
-    :ivar outcome: ``"delivered"``, ``"retry"`` (at *due_us*) or ``"dead"``.
+    :ivar outcome: ``"delivered"``, ``"retry"`` (at *due_us*), ``"dead"``, or
+        ``"release"`` (not tried: due again at *due_us*, attempts unchanged).
     """
 
     hook: str
@@ -341,33 +345,94 @@ class Settled:
     error: str | None = None
 
 
+def repair(conn: sqlite3.Connection) -> int:
+    """Make the outbox's bookkeeping sound again; run at the sender's start.
+
+    The triggers are created if missing (``smtp-tracker store recover`` copies
+    tables and indexes, not triggers), events left without a delivery are
+    deleted, and ``depth`` is set to the events counted.
+
+    :returns: the outbox's depth.
+    """
+    triggers = [
+        statement.replace("CREATE TRIGGER ", "CREATE TRIGGER IF NOT EXISTS ", 1)
+        for version in MIGRATIONS
+        for statement in version
+        if "CREATE TRIGGER webhook_" in statement
+    ]
+    with immediate_transaction(conn):
+        for statement in triggers:
+            conn.execute(statement)
+        conn.execute(
+            "DELETE FROM webhook_events WHERE seq NOT IN (SELECT seq FROM webhook_deliveries)"
+        )
+        conn.execute(
+            "UPDATE webhook_outbox_state SET depth = (SELECT count(*) FROM webhook_events)"
+        )
+        row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
+    return int(row[0]) if row else 0
+
+
 def claim(
     conn: sqlite3.Connection, hook: str, *, now_us: int, limit: int, lease_us: int
 ) -> list[Claimed]:
-    """Take up to *limit* due deliveries of *hook*, oldest first, at most one per message.
+    """Take up to *limit* due deliveries of *hook*, oldest first, keeping each message's order.
 
-    A delivery is due when pending, its time has come, and no earlier pending
-    delivery of the same message to the same hook is left (order per message).
-    Taking it moves its time to ``now + lease`` so that another sender (a
-    second process on the same store) leaves it alone while it is tried.
+    A message's deliveries are taken only as a prefix of its pending ones: none
+    while an earlier one of the same message is pending and not due (in
+    backoff, or claimed by another sender).  The caller sends each message's
+    in order and stops at its first failure (:func:`settle` ``release`` for
+    the rest).  Taking a delivery moves its time to ``now + lease``, so that
+    another sender (a second process on the same store) leaves it alone while
+    it is tried.
     """
     with immediate_transaction(conn):
         rows = conn.execute(
-            "SELECT d.seq, e.id, e.body, d.attempts, d.since_us, e.created_us"
-            " FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq"
+            "SELECT d.seq, e.id, e.body, d.attempts, d.since_us, e.created_us, d.order_key,"
+            " d.due_us FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq"
             " WHERE d.hook = ? AND d.state = 'pending' AND d.due_us <= ?"
-            " AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.hook = d.hook"
-            "   AND p.order_key = d.order_key AND p.seq < d.seq AND p.state = 'pending')"
             " ORDER BY d.seq LIMIT ?",
             (hook, now_us, limit),
         ).fetchall()
+        keys = sorted({str(r[6]) for r in rows})
+        pending: dict[str, list[int]] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for key, seq in conn.execute(
+                "SELECT order_key, seq FROM webhook_deliveries WHERE hook = ?"  # noqa: S608 - marks
+                f" AND state = 'pending' AND order_key IN ({marks}) ORDER BY seq",
+                (hook, *chunk),
+            ):
+                pending.setdefault(str(key), []).append(int(seq))
+        taken = []
+        position: dict[str, int] = {}
+        for row in rows:  # in seq order: each message's rows must be its pending prefix
+            key, index = str(row[6]), position.get(str(row[6]), 0)
+            if index < 0:
+                continue
+            if pending[key][index] != int(row[0]):
+                position[key] = -1  # an earlier one is not due: none of this message now
+                continue
+            position[key] = index + 1
+            taken.append(row)
         conn.executemany(
             "UPDATE webhook_deliveries SET due_us = ? WHERE hook = ? AND seq = ?",
-            [(now_us + lease_us, hook, row[0]) for row in rows],
+            [(now_us + lease_us, hook, row[0]) for row in taken],
         )
     return [
-        Claimed(hook, int(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4]), int(r[5]))
-        for r in rows
+        Claimed(
+            hook,
+            int(r[0]),
+            str(r[1]),
+            str(r[2]),
+            int(r[3]),
+            int(r[4]),
+            int(r[5]),
+            str(r[6]),
+            int(r[7]),
+        )
+        for r in taken
     ]
 
 
@@ -408,8 +473,12 @@ def settle(conn: sqlite3.Connection, results: Sequence[Settled]) -> None:
             [
                 (r.attempts, r.due_us, r.error, r.outcome == "dead", r.hook, r.seq)
                 for r in results
-                if r.outcome != "delivered"
+                if r.outcome in ("retry", "dead")
             ],
+        )
+        conn.executemany(
+            "UPDATE webhook_deliveries SET due_us = ? WHERE hook = ? AND seq = ?",
+            [(r.due_us, r.hook, r.seq) for r in results if r.outcome == "release"],
         )
 
 

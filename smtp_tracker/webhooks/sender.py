@@ -211,6 +211,7 @@ class WebhookSender:
         try:
             self._conn = await self._db(lambda: outbox.connect(self._data_dir))
             self.outbox.disabled = await self._db(lambda: outbox.disabled_hooks(self._conn_()))
+            self.depth = await self._db(lambda: outbox.repair(self._conn_()))
         except sqlite3.Error as exc:
             log.error("webhooks: cannot open the outbox (%s); no events will be sent", exc)
             return
@@ -375,26 +376,50 @@ class WebhookSender:
         return claimed, next_due_us
 
     async def _deliver(self, name: str, claimed: list[Claimed]) -> None:
+        """Send *claimed*: each message's events one after the other, in order, stopping
+        at its first failure (the rest released); messages concurrently."""
+        gone: Claimed | None = None
         if name == EVENTS_LOG_HOOK:
             results = await self._write_log(claimed)
         else:
             hook = self._hooks[name]
             gate = asyncio.Semaphore(self._concurrency)
+            messages: dict[str, list[Claimed]] = {}
+            for item in claimed:
+                messages.setdefault(item.order_key, []).append(item)
 
-            async def one(item: Claimed) -> tuple[Claimed, int | None, str | None]:
+            async def one_message(
+                items: list[Claimed],
+            ) -> list[tuple[Claimed, int | None, str | None]]:
+                done: list[tuple[Claimed, int | None, str | None]] = []
                 async with gate:
-                    return item, *await self._post(hook, item)
+                    for item in items:
+                        status, error = await self._post(hook, item)
+                        done.append((item, status, error))
+                        if status is None or not 200 <= status < 300:
+                            break
+                return done
 
-            attempts = await asyncio.gather(*(one(item) for item in claimed))
-            gone = [item for item, status, _ in attempts if status == 410]
-            if gone:
-                await self._disable(name, gone[0])
+            attempts = [
+                attempt
+                for done in await asyncio.gather(*map(one_message, messages.values()))
+                for attempt in done
+            ]
+            tried = {item.seq for item, _, _ in attempts}
             results = [
                 self._settled(item, status, error)
                 for item, status, error in attempts
                 if status != 410
             ]
+            results += [
+                Settled(item.hook, item.seq, "release", due_us=item.due_us)
+                for item in claimed
+                if item.seq not in tried
+            ]
+            gone = next((item for item, status, _ in attempts if status == 410), None)
         await self._db(lambda: outbox.settle(self._conn_(), results))
+        if gone is not None:  # after the settle: its pending deliveries are all dead now
+            await self._disable(name, gone)
         self._note(name, results)
         created = {item.seq: item.created_us for item in claimed}
         self.observe([created[r.seq] for r in results if r.outcome == "delivered"])
@@ -468,6 +493,8 @@ class WebhookSender:
         for result in results:
             if result.outcome == "delivered":
                 delivered += 1
+            elif result.outcome == "release":
+                continue
             else:
                 failed += 1
                 last_error = result.error

@@ -66,6 +66,9 @@ async def test_beyond_the_bound_events_are_dropped_and_counted_and_mail_relays(
         lambda: len(receiver.events()) == 1000, timeout_s=120, message="not all delivered"
     )
     await wait_until(lambda: sender.depth == 0, timeout_s=30, message="outbox not emptied")
+    # one message's 1,000 events, in the order they were written
+    assert [e["type"] for e in receiver.events()] == ["message.relayed"] + ["message.opened"] * 999
+    assert len(receiver.deliveries) == 1000
     await send(app, 1, start=3, sessions=1)  # room again: kept and sent
     await wait_until(lambda: len(receiver.events()) == 1001, timeout_s=20, message="not kept")
 
@@ -118,3 +121,38 @@ async def test_events_log_writes_json_lines_and_is_reopened_on_sighup(
     assert third["message_id"] == "<news-2@example.org>"
     assert len(rotated.read_text().splitlines()) == 2
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+async def test_the_sender_repairs_the_outbox_bookkeeping_at_start(
+    tracked_relay: Tracked,
+    upstream: Any,
+    receiver: Receiver,
+    secret_file: Path,
+    ca_pem_path: Path,
+    tmp_path: Path,
+) -> None:
+    """``store recover`` rebuilds tables and indexes, not triggers: the sender makes
+    them again, and the depth counter right, when it starts."""
+    from smtp_tracker.store import SqliteDatabase
+
+    data_dir = tmp_path / "data"
+    SqliteDatabase.open(data_dir).close()
+    conn = outbox.connect(data_dir)
+    for name in ("webhook_events_added", "webhook_events_removed", "webhook_deliveries_done"):
+        conn.execute(f"DROP TRIGGER {name}")
+    conn.execute("UPDATE webhook_outbox_state SET depth = 999")
+    conn.close()
+    app = await tracked_relay(
+        webhooks=[hook(receiver, secret_file, ca_pem_path)], webhook_outbox_max_events=1000
+    )
+    sender = app.webhooks
+    assert sender is not None and sender.depth == 0
+    await send(app, 2, sessions=1)
+    await wait_until(lambda: len(receiver.events()) == 2, timeout_s=20, message="not sent")
+    await wait_until(lambda: sender.depth == 0, timeout_s=20, message="depth not kept")
+    conn = outbox.connect(data_dir)
+    try:
+        assert conn.execute("SELECT count(*) FROM webhook_events").fetchone() == (0,)
+    finally:
+        conn.close()
+    assert sender.outbox.dropped == 0
