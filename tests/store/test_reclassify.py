@@ -364,3 +364,43 @@ def test_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert done.stdout.decode().count("\n") == 1
     assert b"reclassify: 100%" in drawn and b"24/24" in drawn
     assert b"daily counts: 100%" in drawn
+
+
+@pytest.mark.parametrize(
+    ("ip_policy", "after_import"),
+    [("full", "scanner"), ("truncate", "scanner"), ("hash", "human"), ("none", "human")],
+)
+def test_after_networks_import(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ip_policy: str, after_import: str
+) -> None:
+    """A list imported later applies to the addresses the store kept; a hash keeps its
+    record-time lists (none matched then), as the docs say."""
+    data_dir = tmp_path / "data"
+    record = make_record(0)
+    with SqliteDatabase.open(
+        data_dir,
+        ip_policy=ip_policy,  # type: ignore[arg-type]
+        classifier=new_classifier(),
+    ) as db:
+        db.record_message(record)
+        db.record_opens(
+            [
+                OpenHit(
+                    tracking_id=record.tracking_id,
+                    at=record.relayed_at + timedelta(hours=1),
+                    client_address="198.51.100.7",
+                    user_agent=CHROME_WINDOWS,
+                )
+            ]
+        )
+    source = tmp_path / "ranges.txt"
+    source.write_text("# source: a test\n198.51.100.0/24\n")
+    assert main(["networks", "import", "barracuda", str(source), "--data-dir", str(data_dir)]) == 0
+    assert main(["reclassify", "--data-dir", str(data_dir)]) == 0
+    capsys.readouterr()
+    with SqliteDatabase.open(data_dir, create=False) as db:
+        detail = db.query_message(record.tracking_id)
+    assert detail is not None
+    (event,) = detail.opens
+    expected = "net:barracuda" if after_import == "scanner" else "ua:browser"
+    assert (event.verdict, event.verdict_reason) == (after_import, expected)
