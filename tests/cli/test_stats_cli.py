@@ -167,6 +167,8 @@ def test_json_has_the_same_figures_as_the_api(data_dir: Path) -> None:
         "clicked": 0,
         "opened_via_click": 0,
         "open_rate": pytest.approx(1 / 3),
+        "relayed_aggregate": 0,
+        "tracking_mode": "per-person",  # issue 20: which mode made the figures
     }
     assert document["total"]["relayed"] == 4
 

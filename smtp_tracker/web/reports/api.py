@@ -356,6 +356,8 @@ def stats_row_to_dict(row: StatsRow) -> dict[str, Any]:
         "clicked": row.clicked,
         "opened_via_click": row.opened_via_click,
         "open_rate": row.open_rate,
+        "relayed_aggregate": row.relayed_aggregate,
+        "tracking_mode": row.tracking_mode,
     }
 
 

@@ -158,6 +158,18 @@ _STATS_PROPERTIES: Final[dict[str, Any]] = {
         "maximum": 1,
         "description": "opened / tracked; null when nothing was tracked.",
     },
+    "relayed_aggregate": {
+        "type": "integer",
+        "minimum": 0,
+        "description": "Of relayed, the messages recorded with tracking_mode = aggregate "
+        "(counts only, nothing tied to a person).",
+    },
+    "tracking_mode": {
+        "type": "string",
+        "enum": ["per-person", "aggregate", "mixed"],
+        "description": "Which tracking_mode produced these figures (mixed: it changed "
+        "within them).",
+    },
 }
 
 #: The OpenAPI 3.1 document (a JSON-ready dict).
