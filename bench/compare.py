@@ -818,7 +818,9 @@ async def run(args: argparse.Namespace) -> Results:
     work.chmod(0o755)  # Postfix's users read the message file
     try:
         message_path = work / "message.eml"
-        message_path.write_bytes(html_message(args.template))
+        # LF line ends: smtp-source -F sends each line with CRLF itself (a CRLF
+        # file would arrive with a bare CR at every line end).
+        message_path.write_bytes(html_message(args.template).replace(b"\r\n", b"\n"))
         message_path.chmod(0o644)
         if {"relay", "pipeline", "latency"} & set(args.sections):
             await relay_sections(args, work, message_path, results)
