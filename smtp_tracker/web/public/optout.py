@@ -157,7 +157,7 @@ class OptoutPage:
         self.refused = 0
 
     def _page(self, status: int, **context: Any) -> web.Response:
-        body = self._template.render(text=self._text, recipients=(), **context)
+        body = self._template.render({"text": self._text, "recipients": (), **context})
         return web.Response(
             status=status, text=body, content_type="text/html", charset="utf-8", headers=_HEADERS
         )
