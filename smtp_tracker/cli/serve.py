@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
 from smtp_tracker.config import Config
@@ -16,13 +18,31 @@ from smtp_tracker.logs import configure_logging
 __all__ = ["add_commands", "cmd_pixel", "cmd_reports", "cmd_serve"]
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the ``fast`` extra), else None: asyncio's.
+
+    uvloop runs the same protocols with its loop and transports in C (issue 15).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """Run a command's coroutine to its end in a loop from :func:`loop_factory`."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``smtp-tracker serve``: relay (and track, and serve the pixel and reports) until SIGTERM."""
     from smtp_tracker.app import run
 
     config = load_config(args, require_upstream=True)
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(run(config, reload_config=lambda: load_config(args, require_upstream=True)))
+    return run_loop(run(config, reload_config=lambda: load_config(args, require_upstream=True)))
 
 
 def cmd_pixel(args: argparse.Namespace) -> int:
@@ -34,7 +54,7 @@ def cmd_pixel(args: argparse.Namespace) -> int:
 
     config = load()
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(run(config, smtp=False, reload_config=load))
+    return run_loop(run(config, smtp=False, reload_config=load))
 
 
 def cmd_reports(args: argparse.Namespace) -> int:
@@ -46,7 +66,7 @@ def cmd_reports(args: argparse.Namespace) -> int:
 
     config = load()
     configure_logging(config.log_level, config.log_format)
-    return asyncio.run(run(config, smtp=False, reload_config=load))
+    return run_loop(run(config, smtp=False, reload_config=load))
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
