@@ -22,8 +22,9 @@ Routes
 
 The URL holds only the link token (over 128 random bits, not guessable), no
 address.  Responses are ``Cache-Control: no-store``, ``Referrer-Policy:
-no-referrer``, framed by nobody (``frame-ancestors 'none'``), with a strict
-Content-Security-Policy (no script at all).  The page's text and its template
+same-origin`` (the page links nowhere else), framed by nobody
+(``frame-ancestors 'none'``), with a strict Content-Security-Policy (no
+script at all).  The page's text and its template
 (Jinja2, autoescaped) are configurable: ``optout_page_text``,
 ``optout_page_template``.
 """
@@ -65,7 +66,8 @@ FORM_KEY_FILENAME: Final = "optout-form.key"
 _TEMPLATE_DIR: Final = Path(__file__).parent / "templates"
 _HEADERS: Final = {
     hdrs.CACHE_CONTROL: "no-store",
-    "Referrer-Policy": "no-referrer",
+    # not no-referrer: with it browsers send "Origin: null" on the page's own POST
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": (
