@@ -1,4 +1,4 @@
-"""The README's security review checklist: the promises no other test proves.
+"""The security review checklist (docs/security.md): the promises no other test proves.
 
 * a real ``serve --log-level debug`` writes no password, no AUTH blob, no
   message body or Subject and no pixel User-Agent into its log;
