@@ -488,6 +488,7 @@ class Application:
             hostname=config.hostname,
             tls_context=self._server_tls,
             keep_transcript=self.capture.enabled,
+            reuse_port=config.workers != 1,
         )
         try:
             await listener.start()
@@ -537,6 +538,7 @@ class Application:
             tls_context=self._server_tls,
             keep_transcript=self.capture.enabled,
             protocol=LmtpSMTP,
+            reuse_port=config.workers != 1,
         )
         try:
             await listener.start()
@@ -568,7 +570,11 @@ class Application:
         listen = config.pixel_listen
         try:
             self._pixel_runner, self.pixel_port = await start_site(
-                self._pixel_app, host=listen.host, port=listen.port, ssl_context=ssl_context
+                self._pixel_app,
+                host=listen.host,
+                port=listen.port,
+                ssl_context=ssl_context,
+                reuse_port=self.config.workers != 1,
             )
         except StartupError as exc:
             raise bind_error(
@@ -620,7 +626,11 @@ class Application:
         listen = config.reports_listen
         try:
             self._reports_runner, self.reports_port = await start_site(
-                app, host=listen.host, port=listen.port, ssl_context=ssl_context
+                app,
+                host=listen.host,
+                port=listen.port,
+                ssl_context=ssl_context,
+                reuse_port=self.config.workers != 1,
             )
         except StartupError as exc:
             raise bind_error(

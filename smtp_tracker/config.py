@@ -179,6 +179,12 @@ class Config:
     max_connections: int = key(
         100, help="SMTP connections served at once; more get 421 4.3.2 and are closed"
     )
+    workers: int = key(
+        1,
+        help="processes serving SMTP, LMTP and HTTPS on the same ports (SO_REUSEPORT) under one "
+        "supervisor that starts them again when they end and drains them all on SIGTERM; "
+        "0: one per core",
+    )
     add_received_header: bool = key(True, help="prepend a Received: trace header")
     tls_cert: Path | None = key(
         None,
@@ -941,6 +947,8 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
     ):
         if name in values and values[name] <= 0:
             problems.append(f"{name}: must be greater than 0")
+    if get("workers", 1) < 0:
+        problems.append("workers: must be 0 (one per core) or more")
     for name in ("max_events_per_token_per_min", "max_events_per_token_client_per_min"):
         if name in values and values[name] < 0:
             problems.append(f"{name}: must be 0 (no limit) or more")

@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
 from smtp_tracker.config import Config
 from smtp_tracker.logs import configure_logging
+from smtp_tracker.workers import is_worker, supervise
 
 __all__ = ["add_commands", "cmd_pixel", "cmd_reports", "cmd_serve"]
 
@@ -42,6 +45,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = load_config(args, require_upstream=True)
     configure_logging(config.log_level, config.log_format)
+    workers = config.workers or os.cpu_count() or 1
+    if workers > 1 and not is_worker():  # the supervisor (smtp_tracker.workers)
+        config = dataclasses.replace(config, workers=workers)
+        return run_loop(supervise(config, sys.argv[1:]))
     return run_loop(run(config, reload_config=lambda: load_config(args, require_upstream=True)))
 
 

@@ -104,6 +104,8 @@ class Listener:
     :param keep_transcript: copy each conversation for capture files.
     :param protocol: the protocol class each connection gets (:class:`~.lmtp.LmtpSMTP`
         for the LMTP listener).
+    :param reuse_port: bind with ``SO_REUSEPORT``, beside the other workers
+        (:mod:`smtp_tracker.workers`).
     """
 
     def __init__(
@@ -120,8 +122,10 @@ class Listener:
         tls_context: ssl.SSLContext | None,
         keep_transcript: bool,
         protocol: type[RelaySMTP] = RelaySMTP,
+        reuse_port: bool = False,
     ) -> None:
         self.handler = handler
+        self._reuse_port = reuse_port
         self._protocol_class = protocol
         self._host = host
         self._port = port
@@ -177,7 +181,9 @@ class Listener:
         :raises OSError: when the address cannot be bound (in use, not ours).
         """
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self._host, self._port)
+        self._server = await loop.create_server(
+            self._protocol, self._host, self._port, reuse_port=self._reuse_port or None
+        )
 
     async def stop(self, grace_s: float) -> None:
         """Stop accepting, let transactions in flight finish, then close every session.

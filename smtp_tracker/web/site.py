@@ -315,8 +315,9 @@ class _TCPSite(web.TCPSite):
         ssl_context: ssl.SSLContext | None,
         tls_handshake_timeout_s: float,
         cap: ConnectionCap,
+        reuse_port: bool = False,
     ) -> None:
-        super().__init__(runner, host, port, ssl_context=ssl_context)
+        super().__init__(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port or None)
         self._tls_handshake_timeout_s = tls_handshake_timeout_s
         self._cap = cap
 
@@ -356,6 +357,7 @@ async def start_site(
     shutdown_timeout_s: float = 5.0,
     tls_handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S,
     max_connections: int | None = None,
+    reuse_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     """Start *app* on ``host:port`` in the running loop.
 
@@ -379,6 +381,8 @@ async def start_site(
         handshake before the connection is closed.
     :param max_connections: connections served at once (one more gets ``503``
         and is closed); ``None``: the app's cap, else :data:`MAX_CONNECTIONS`.
+    :param reuse_port: bind with ``SO_REUSEPORT``, beside the other workers
+        (:mod:`smtp_tracker.workers`).
     :returns: the runner and the port actually bound.
     :raises StartupError: when the address cannot be bound.
     :raises ValueError: when *max_connections* < 1.
@@ -398,6 +402,7 @@ async def start_site(
         ssl_context=ssl_context,
         tls_handshake_timeout_s=tls_handshake_timeout_s,
         cap=cap,
+        reuse_port=reuse_port,
     )
     try:
         await site.start()
