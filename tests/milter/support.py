@@ -31,8 +31,11 @@ __all__ = [
     "send_to_postfix",
 ]
 
-#: ``(Postfix) with ESMTP id 4Xyz...`` in the Received: field Postfix's smtpd adds.
-_QUEUE_ID = re.compile(rb"\(Postfix\) with E?SMTPS?A? id ([0-9A-Za-z]+)")
+#: ``(Postfix) with ESMTP id 4Xyz...`` in the Received: field Postfix's smtpd adds,
+#: ``(Postfix, from userid 0)`` + folded ``id 4Xyz...`` in the one pickup adds (sendmail).
+_QUEUE_ID = re.compile(
+    rb"\(Postfix(?:, from userid \d+)?\)(?: with E?SMTPS?A?)?\s+id ([0-9A-Za-z]+)"
+)
 PIXEL = re.compile(r"https://localhost:\d+/o/([A-Za-z0-9_-]{23})\.gif")
 
 
@@ -127,7 +130,7 @@ async def send_to_postfix(port: int, sender: str, recipients: list[str], data: b
 
 
 def postfix_queue_id(data: bytes) -> str:
-    """Postfix's queue id, from the Received: field its smtpd added."""
+    """Postfix's queue id, from the Received: field its smtpd (or pickup) added."""
     match = _QUEUE_ID.search(data)
     assert match is not None, data[:2000]
     return match.group(1).decode()

