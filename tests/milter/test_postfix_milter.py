@@ -50,7 +50,7 @@ BROKEN_BASE64 = (
     b"From: sender@example.org\r\nTo: reader@example.net\r\nSubject: broken\r\n"
     b"X-Track: yes\r\nMIME-Version: 1.0\r\n"
     b"Content-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-    b"PGh0bWw+PGJvZHk+eDwvYm9keT48L2h0bWw+*\r\n"
+    b"PGh0bWw+PGJvZHk+eDwvYm9keT48L2h0bWw\r\n"  # truncated: undecodable (RFC 2045 §6.8)
 )
 
 
