@@ -14,8 +14,8 @@ LMTP, the pixel and reports endpoints) listening on the same addresses with
   locking serialises writers across processes (each waits ``busy_timeout``).
 - **Start.** Workers are ``python -m smtp_tracker`` with the supervisor's own
   arguments and :data:`WORKER_ENV` set to their index; a worker that exits with
-  an error within :data:`STARTUP_S` of its first start (a port taken, a bad key)
-  stops the others, and the supervisor exits with the worker's status.
+  an error status within :data:`STARTUP_S` of its first start (a port taken, a
+  bad key) stops the others, and the supervisor exits with the worker's status.
 - **Restart.** A worker that ends later, whatever the reason (``SIGKILL``, a
   crash), is started again after :data:`RESTART_DELAY_S`, doubling while it
   keeps ending within :data:`STARTUP_S`, up to :data:`RESTART_DELAY_MAX_S`.  Its
@@ -166,9 +166,9 @@ class _Supervisor:
             if self.stopping.is_set():
                 return
             lived = loop.time() - worker.started_at
-            if lived < STARTUP_S and not worker.ever_ran and status != 0:
+            if lived < STARTUP_S and not worker.ever_ran and status > 0:  # not a signal
                 log.error("worker %d exited with status %d at start", worker.index, status)
-                self.failure = status if status > 0 else 1
+                self.failure = status
                 self.stop()
                 return
             worker.ever_ran = worker.ever_ran or lived >= STARTUP_S
