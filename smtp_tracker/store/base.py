@@ -1,20 +1,43 @@
 """The :class:`Store` interface the relay, the pixel endpoint and the CLI use.
 
 :class:`~smtp_tracker.store.sqlite.SqliteStore` implements it over SQLite in
-the data directory; a server-database backend can implement it later without
-the callers changing.  Every method is a coroutine that never blocks the event
+the data directory, :class:`~smtp_tracker.store.postgresql.PostgresStore`
+over a PostgreSQL server (``store = "postgresql://..."``); :func:`~smtp_tracker.store.open_store`
+picks one.  :class:`ReportingStore` adds what the reports and ``serve`` call.  Every method is a coroutine that never blocks the event
 loop: implementations do their I/O in worker threads or with an async driver.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterator, Sequence
+from datetime import date, datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from smtp_tracker.store.records import ClickHit, LinkRecord, MessageRecord, OpenHit, StoredMessage
 
-__all__ = ["HealthReporting", "Store", "store_degraded"]
+if TYPE_CHECKING:
+    from smtp_tracker.store import queries, retention
+
+__all__ = ["Connection", "Cursor", "HealthReporting", "ReportingStore", "Store", "store_degraded"]
+
+
+class Cursor(Protocol):
+    """What the shared queries read from a statement's result (DB-API 2.0, PEP 249)."""
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """What the shared queries (:mod:`.queries`) need of a connection: ``execute`` with
+    ``?`` placeholders.  :class:`sqlite3.Connection` is one; PostgreSQL's is wrapped by
+    :class:`~.postgresql.PgConnection`, which translates the placeholders.
+    """
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
 
 
 class Store(Protocol):
@@ -107,3 +130,48 @@ class HealthReporting(Protocol):
 def store_degraded(store: object) -> str | None:
     """*store*'s :attr:`HealthReporting.degraded`, or None when it does not report its health."""
     return store.degraded if isinstance(store, HealthReporting) else None
+
+
+class ReportingStore(Store, Protocol):
+    """A :class:`Store` with the reports' queries (:mod:`.queries`) and retention:
+    what ``serve``, ``pixel``, ``reports`` and the JSON API call.  Both backends are one.
+    """
+
+    @property
+    def degraded(self) -> str | None:
+        """See :attr:`HealthReporting.degraded`."""
+        ...
+
+    def set_tracking_mode(
+        self, mode: str, *, per_message: bool = False, link_retention_days: int = 1825
+    ) -> None:
+        """``tracking_mode`` for the records written from now on (see the SQLite store)."""
+        ...
+
+    async def query_messages(
+        self,
+        message_filter: queries.MessageFilter,
+        *,
+        limit: int = ...,
+        cursor: str | None = None,
+    ) -> queries.MessagePage:
+        """See :func:`.queries.query_messages`."""
+        ...
+
+    async def query_message(self, ident: str) -> queries.MessageDetail | None:
+        """See :func:`.queries.query_message`."""
+        ...
+
+    async def query_stats(
+        self,
+        *,
+        since: date | None = None,
+        until: date | None = None,
+        group: queries.StatsGroup = "day",
+    ) -> list[queries.StatsRow]:
+        """See :func:`.queries.query_stats`."""
+        ...
+
+    async def prune(self, before: datetime, *, batch_rows: int = ...) -> retention.Removed:
+        """Every message relayed before *before*, with its events, links and recipients."""
+        ...

@@ -1,6 +1,7 @@
 """Report queries over the tracking store: message lists, one message, statistics.
 
-Blocking functions over a :class:`sqlite3.Connection` of a store at schema v3 or
+Blocking functions over a :class:`~.base.Connection` (SQLite's, or PostgreSQL's through
+:mod:`.postgresql`'s dialect adapter) of a store at schema v3 or
 newer; :class:`~smtp_tracker.store.sqlite.SqliteDatabase` and
 :class:`~smtp_tracker.store.sqlite.SqliteStore` wrap them (section "reports"),
 and the JSON API (:mod:`smtp_tracker.web.reports.api`), the dashboard and
@@ -40,13 +41,13 @@ import base64
 import binascii
 import hashlib
 import json
-import sqlite3
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal
 
+from smtp_tracker.store.base import Connection
 from smtp_tracker.store.records import COUNTED_VERDICTS, VERDICTS
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "export_rows",
+    "ident_candidates",
     "page_query",
     "query_message",
     "query_messages",
@@ -409,7 +411,7 @@ def check_limit(limit: int) -> int:
 
 
 def query_messages(
-    conn: sqlite3.Connection,
+    conn: Connection,
     message_filter: MessageFilter,
     *,
     limit: int = DEFAULT_LIMIT,
@@ -424,7 +426,7 @@ def query_messages(
         or ``None`` for the first page.
     :raises ValueError: when *limit* is out of range, *cursor* is invalid for
         this filter, or a datetime in the filter is naive.
-    :raises sqlite3.Error: when the database cannot be read.
+    :raises sqlite3.Error: when the database cannot be read (psycopg.Error on PostgreSQL).
     """
     check_limit(limit)
     after = None if cursor is None else decode_cursor(cursor, message_filter)
@@ -438,7 +440,7 @@ def query_messages(
 
 
 def export_rows(
-    conn: sqlite3.Connection,
+    conn: Connection,
     message_filter: MessageFilter,
     *,
     page_rows: int = EXPORT_PAGE_ROWS,
@@ -451,7 +453,7 @@ def export_rows(
     connection is in autocommit mode and none is open.
 
     :raises ValueError: when a datetime in the filter is naive.
-    :raises sqlite3.Error: when the database cannot be read.
+    :raises sqlite3.Error: when the database cannot be read (psycopg.Error on PostgreSQL).
     """
     page_rows = max(1, min(page_rows, MAX_LIMIT * 10))
     position: tuple[int, int] | None = None
@@ -464,20 +466,34 @@ def export_rows(
         position = (int(rows[-1][7]), int(rows[-1][0]))
 
 
-def query_message(conn: sqlite3.Connection, ident: str) -> MessageDetail | None:
+def ident_candidates(ident: str) -> list[tuple[str, str]]:
+    """The (column, value) look-ups, in order, of a message named by *ident*.
+
+    Its tracking id, else its queue id, else its Message-ID with or without
+    the angle brackets (RFC 5322 section 3.6.4 writes them; people often
+    leave them out): ``<bare>`` first, then ``bare``.  Surrounding blanks are
+    ignored.  Both :func:`query_message` and the stores' ``find_message`` use it.
+    """
+    ident = ident.strip()
+    bare = ident[1:-1] if ident.startswith("<") and ident.endswith(">") else ident
+    return [
+        ("tracking_id", ident),
+        ("queue_id", ident),
+        ("message_id", f"<{bare}>"),
+        ("message_id", bare),
+    ]
+
+
+def query_message(conn: Connection, ident: str) -> MessageDetail | None:
     """The message whose tracking id, else queue id, else Message-ID is *ident*, with its events.
 
     A Message-ID matches with or without its angle brackets; of several
     messages sharing a queue id or Message-ID, the newest.  Opens and clicks
     come oldest first.
 
-    :raises sqlite3.Error: when the database cannot be read.
+    :raises sqlite3.Error: when the database cannot be read (psycopg.Error on PostgreSQL).
     """
-    ident = ident.strip()
-    bare = ident[1:-1] if ident.startswith("<") and ident.endswith(">") else ident
-    candidates = [("tracking_id", ident), ("queue_id", ident), ("message_id", f"<{bare}>")]
-    candidates.append(("message_id", bare))
-    for column, value in candidates:
+    for column, value in ident_candidates(ident):
         row = conn.execute(
             f"SELECT {_SUMMARY_COLUMNS}, m.size_bytes, m.received_at_us, m.upstream_reply"  # noqa: S608 - constants
             f" FROM messages AS m WHERE m.{column} = ? {_ORDER} LIMIT 1",
@@ -585,7 +601,7 @@ _STATS_SUMS = ", ".join(f"SUM({column})" for column in ROLLUP_COLUMNS)
 
 
 def query_stats(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     since: date | None = None,
     until: date | None = None,
@@ -599,7 +615,7 @@ def query_stats(
         first; ``"sender_domain"``: one row per sender domain over the period,
         most relayed first (then by name).
     :raises ValueError: when *group* is unknown or *since* is after *until*.
-    :raises sqlite3.Error: when the database cannot be read.
+    :raises sqlite3.Error: when the database cannot be read (psycopg.Error on PostgreSQL).
     """
     if group not in ("day", "sender_domain"):
         raise ValueError(f"group must be day or sender_domain, got {group!r}")

@@ -1,13 +1,22 @@
-"""Fixtures for the tracking store tests: a data directory and an open store."""
+"""Fixtures for the tracking store tests: a data directory and an open store.
+
+``store`` is parametrised over both backends: SQLite in the data directory
+and PostgreSQL in a fresh database of a private cluster (one per session,
+:mod:`tests.support.postgres`); the PostgreSQL half skips with the reason
+when PostgreSQL or psycopg is not installed.  A test that is about SQLite
+alone takes ``sqlite_store`` instead (or names SqliteStore itself).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smtp_tracker.store import SqliteStore
+from tests.support import postgres
 
 
 @pytest.fixture
@@ -16,8 +25,59 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[postgres.Cluster]:
+    """A private PostgreSQL cluster for the session (skips when PostgreSQL is unavailable)."""
+    reason = postgres.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = postgres.start_cluster()
+    try:
+        yield cluster
+    finally:
+        postgres.remove_cluster(cluster)
+
+
 @pytest.fixture
-async def store(data_dir: Path) -> AsyncIterator[SqliteStore]:
-    """An open store with the default options."""
+def pg_dsn(pg_cluster: postgres.Cluster) -> str:
+    """The DSN of a fresh, empty database."""
+    return pg_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which store backend the test runs on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(backend: str, data_dir: Path, request: pytest.FixtureRequest) -> Any:
+    """``await open_store(**options)``: a store of the test's backend (closed by the test)."""
+    if backend == "sqlite":
+
+        async def open_sqlite(**options: Any) -> Any:
+            return await SqliteStore.open(data_dir, **options)
+
+        return open_sqlite
+    dsn = request.getfixturevalue("pg_dsn")
+
+    async def open_pg(**options: Any) -> Any:
+        from smtp_tracker.store.postgresql import PostgresStore
+
+        return await PostgresStore.open(dsn, **options)
+
+    return open_pg
+
+
+@pytest.fixture
+async def store(open_store: Any) -> AsyncIterator[Any]:
+    """An open store with the default options, on each backend."""
+    async with await open_store() as opened:
+        yield opened
+
+
+@pytest.fixture
+async def sqlite_store(data_dir: Path) -> AsyncIterator[SqliteStore]:
+    """An open SQLite store with the default options."""
     async with await SqliteStore.open(data_dir) as opened:
         yield opened

@@ -178,11 +178,11 @@ async def test_private_even_with_a_permissive_umask(data_dir: Path) -> None:
     assert stat.S_IMODE((data_dir / DB_FILENAME).stat().st_mode) == 0o600
 
 
-async def test_wal_mode_and_integrity(store: SqliteStore) -> None:
-    with SqliteDatabase.open(store.data_dir, create=False) as db:
+async def test_wal_mode_and_integrity(sqlite_store: SqliteStore) -> None:
+    with SqliteDatabase.open(sqlite_store.data_dir, create=False) as db:
         assert db._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db._conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
-    assert await store.integrity_check() == "ok"
+    assert await sqlite_store.integrity_check() == "ok"
 
 
 def test_missing_store_without_create(data_dir: Path) -> None:

@@ -1,0 +1,1179 @@
+"""The PostgreSQL backend of the tracking store (``store = "postgresql://user@host/db"``).
+
+For several relays and pixel endpoints on several hosts sharing one store
+(issue 14).  psycopg 3 with a bounded :class:`psycopg_pool.ConnectionPool`;
+each call borrows a connection in one of as many worker threads as the pool
+has connections, so the report queries of :mod:`.queries` are the very
+functions SQLite runs (the dialect differences live in :class:`PgConnection`:
+``?`` placeholders become ``%s``).
+
+Several writers at once
+    Every write is one transaction.  Recording events locks the messages'
+    rows (``SELECT ... FOR UPDATE``, in id order, so two writers never wait
+    on each other in a circle) before their counters change, and the
+    ``daily_stats`` rollup grows by ``INSERT ... ON CONFLICT DO UPDATE SET
+    n = daily_stats.n + excluded.n`` (rows in sorted key order): no update is
+    lost however many relays and pixel endpoints write.
+
+Faults
+    A call fails with :class:`~smtp_tracker.errors.StoreError` within
+    *timeout_s* when the server is down or slow (the pool's wait and libpq's
+    ``connect_timeout``); callers fail open (the relay relays, the pixel
+    endpoint serves its GIF, counting the drop).  The first failure of an
+    outage is logged as an error, the recovery as a warning, nothing in
+    between; :attr:`PostgresStore.degraded` says why while it lasts.  Broken
+    connections are dropped by the pool and new ones made when the server is
+    back: writing resumes by itself.
+
+Passwords
+    Never in the DSN of a configuration file or flag: libpq reads
+    ``PGPASSWORD``, ``PGPASSFILE`` or ``~/.pgpass``, or *password_file* (the
+    ``store_password_file`` key) names a file holding it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+from urllib.parse import urlsplit
+
+from smtp_tracker.errors import StoreError
+from smtp_tracker.store import pg_schema, queries, retention
+from smtp_tracker.store.address import AddressPolicy, IpPolicy
+from smtp_tracker.store.records import (
+    USER_AGENT_MAX_CHARS,
+    VERDICTS,
+    ClickHit,
+    ClickRecord,
+    EventClassifier,
+    EventContext,
+    EventKind,
+    LinkRecord,
+    MessageRecord,
+    OpenHit,
+    OpenRecord,
+    StoredMessage,
+    header_text,
+    unclassified,
+)
+from smtp_tracker.store.sqlite import (
+    _MESSAGE_COLUMNS,
+    _ORDER,
+    _MessageState,
+    _message_from_row,
+    _storable,
+    aggregate_record,
+    day_of,
+    from_us,
+    sender_domain_of,
+    to_us,
+)
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+__all__ = ["PgConnection", "PgDatabase", "PostgresStore", "is_dsn", "redacted"]
+
+log = logging.getLogger("smtp_tracker.store")
+
+_T = TypeVar("_T")
+_OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
+_INSERT_OPEN = (
+    "INSERT INTO opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason, signals)"
+    " VALUES (%s,%s,%s,%s,%s,%s,%s)"
+)
+_INSERT_CLICK = (
+    "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
+    " signals) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
+)
+
+#: Seconds a call waits for a connection (and libpq for the server) before it fails.
+DEFAULT_TIMEOUT_S = 3.0
+#: Connections (and worker threads) per process.
+DEFAULT_POOL_SIZE = 4
+
+
+def is_dsn(store: str | None) -> bool:
+    """Whether *store* (the ``store`` key) names a PostgreSQL server rather than a path."""
+    return store is not None and store.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(dsn: str) -> str:
+    """*dsn* without a password, for logs and errors."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def check_dsn(dsn: str) -> None:
+    """Refuse a DSN carrying a password (it belongs in ``PGPASSFILE`` or ``store_password_file``).
+
+    :raises ValueError: when *dsn* has a password or is not a ``postgresql://`` URL.
+    """
+    if not is_dsn(dsn):
+        raise ValueError(f"not a postgresql:// URL: {redacted(dsn)!r}")
+    parts = urlsplit(dsn)
+    if parts.password is not None or "password=" in parts.query:
+        raise ValueError(
+            "the store's DSN must not hold the password: use PGPASSFILE, ~/.pgpass, "
+            "PGPASSWORD or store_password_file"
+        )
+
+
+def _connect_kwargs(password_file: Path | None, timeout_s: float) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, round(timeout_s))}
+    if password_file is not None:
+        try:
+            kwargs["password"] = password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StoreError(
+                f"cannot read store_password_file {password_file}: {exc.strerror}"
+            ) from None
+    return kwargs
+
+
+@functools.lru_cache(maxsize=512)
+def _dialect(sql: str) -> str:
+    """*sql* written for :mod:`sqlite3` (``?`` placeholders) as psycopg takes it (``%s``)."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PgConnection:
+    """A psycopg connection speaking the shared queries' dialect (:class:`.base.Connection`)."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.raw = conn
+
+    def execute(self, sql: str, parameters: Any = (), /) -> psycopg.Cursor[Any]:
+        """Run *sql* (``?`` placeholders) with *parameters*; the cursor."""
+        return self.raw.execute(_dialect(sql), parameters)
+
+
+# -- schema --------------------------------------------------------------------------------
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The database's schema version; 0 when it holds no store yet."""
+    row = conn.execute("SELECT to_regclass('smtp_tracker_schema')").fetchone()
+    if row is None or row[0] is None:
+        return 0
+    found = conn.execute("SELECT version FROM smtp_tracker_schema").fetchone()
+    return 0 if found is None else int(found[0])
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Create or migrate the schema to :data:`.pg_schema.CURRENT_VERSION`; the version before.
+
+    Under an advisory lock, so that several processes starting at once create it once.
+
+    :raises StoreError: when the database's schema is newer than this code.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(74617263)")
+        version = schema_version(conn)
+        if version > pg_schema.CURRENT_VERSION:
+            raise StoreError(
+                f"the store's schema is v{version}, newer than this smtp-tracker"
+                f" (v{pg_schema.CURRENT_VERSION})"
+            )
+        if version == 0:
+            for statement in pg_schema.BASELINE:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO smtp_tracker_schema (one, version) VALUES (1, %s)",
+                (pg_schema.BASELINE_VERSION,),
+            )
+            conn.execute("INSERT INTO webhook_outbox_state (one, depth, dropped) VALUES (1, 0, 0)")
+            version_before, version = 0, pg_schema.BASELINE_VERSION
+        else:
+            version_before = version
+        for number in sorted(pg_schema.MIGRATIONS):
+            if number > version:
+                for statement in pg_schema.MIGRATIONS[number]:
+                    conn.execute(statement)
+                conn.execute("UPDATE smtp_tracker_schema SET version = %s", (number,))
+                version = number
+        for statement in pg_schema.VIEWS:
+            conn.execute(statement)
+    return version_before
+
+
+# -- the blocking core ------------------------------------------------------------------
+
+
+@dataclass
+class _Options:
+    store_subject: bool
+    address_policy: AddressPolicy
+    classifier: EventClassifier
+    tracking_mode: str = "per-person"
+    aggregate_per_message: bool = False
+    link_retention_days: int = 1825
+
+
+def _add_to_rollup(conn: PgConnection, day: str, domain: str, counts: dict[str, int]) -> None:
+    """Add *counts* to the ``daily_stats`` row of *day*, *domain*: one atomic upsert."""
+    counts = {column: value for column, value in counts.items() if value}
+    if not counts:
+        return
+    assert set(counts) <= set(queries.ROLLUP_COLUMNS), counts
+    columns = ", ".join(counts)
+    marks = ", ".join("?" * len(counts))
+    updates = ", ".join(f"{c} = daily_stats.{c} + excluded.{c}" for c in counts)
+    conn.execute(
+        f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from ROLLUP_COLUMNS
+        f" ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
+        (day, domain, *counts.values()),
+    )
+
+
+class PgDatabase:
+    """The blocking store over one PostgreSQL connection (the CLI's; the async store's calls).
+
+    The methods are those of :class:`~.sqlite.SqliteDatabase` the CLI and the
+    async store use, with the same meaning.  Open with :meth:`open`; a context
+    manager (closes on exit).
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], options: _Options) -> None:
+        self._raw = conn
+        self._conn = PgConnection(conn)
+        self._options = options
+
+    @classmethod
+    def open(
+        cls,
+        dsn: str,
+        *,
+        store_subject: bool = False,
+        ip_policy: IpPolicy = "truncate",
+        hash_key: bytes | None = None,
+        password_file: Path | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        migrate_schema: bool = True,
+        classifier: EventClassifier = unclassified,
+    ) -> PgDatabase:
+        """Connect to *dsn* and (by default) create or migrate the schema.
+
+        :raises StoreError: when the server cannot be reached, the DSN holds a
+            password, or the schema is newer than this code.
+        """
+        import psycopg
+
+        try:
+            check_dsn(dsn)
+            policy = AddressPolicy(ip_policy, hash_key=hash_key)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
+        try:
+            conn = psycopg.connect(dsn, **_connect_kwargs(password_file, timeout_s))
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to {redacted(dsn)}: {_reason(exc)}") from exc
+        try:
+            if migrate_schema:
+                migrate(conn)
+            elif schema_version(conn) == 0:
+                raise StoreError(f"no tracking store in {redacted(dsn)}")
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreError(f"cannot open {redacted(dsn)}: {_reason(exc)}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, _Options(store_subject, policy, classifier))
+
+    @property
+    def connection(self) -> PgConnection:
+        """The connection in the shared queries' dialect."""
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._raw.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def record_message(self, record: MessageRecord) -> None:
+        """See :meth:`.base.Store.record_message`."""
+        import psycopg
+
+        options = self._options
+        record = _storable(record)
+        domain = sender_domain_of(record.sender)
+        aggregate = options.tracking_mode == "aggregate"
+        if aggregate:
+            record = aggregate_record(record, per_message=options.aggregate_per_message)
+        relayed_us = to_us(record.relayed_at)
+        row = (
+            record.tracking_id,
+            record.queue_id,
+            record.message_id,
+            record.sender,
+            json.dumps(list(record.recipients)),
+            int(record.size_bytes),
+            to_us(record.received_at),
+            relayed_us,
+            record.upstream_reply,
+            int(bool(record.tracked)),
+            record.not_tracked_reason,
+            record.subject if options.store_subject else None,
+            domain,
+        )
+        conn = self._conn
+        try:
+            with self._raw.transaction():
+                rowid = conn.execute(
+                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}, sender_domain)"  # noqa: S608 - constant
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    row,
+                ).fetchone()[0]
+                with self._raw.cursor() as cursor:
+                    cursor.executemany(
+                        "INSERT INTO message_recipients (message_rowid, address) VALUES (%s, %s)",
+                        [(rowid, a.lower()) for a in dict.fromkeys(record.recipients)],
+                    )
+                    cursor.executemany(
+                        "INSERT INTO links (token, tracking_id, url, position, relayed_at_us)"
+                        " VALUES (%s, %s, %s, %s, %s)",
+                        [
+                            (link.token, record.tracking_id, link.url, link.position, relayed_us)
+                            for link in record.links
+                        ],
+                    )
+                _add_to_rollup(
+                    conn,
+                    day_of(relayed_us),
+                    domain,
+                    {
+                        "relayed": 1,
+                        "tracked": int(bool(record.tracked)),
+                        "relayed_aggregate": int(aggregate),
+                    },
+                )
+        except psycopg.errors.UniqueViolation as exc:
+            raise StoreError(f"tracking id {record.tracking_id} is already recorded") from exc
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot record message {record.queue_id}: {_reason(exc)}") from exc
+
+    def record_opens(self, hits: Sequence[OpenHit]) -> int:
+        """See :meth:`.base.Store.record_opens`."""
+        return self._record_events("open", hits)
+
+    def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+        """See :meth:`.base.Store.record_clicks`."""
+        return self._record_events("click", hits)
+
+    def _record_events(self, kind: EventKind, hits: Sequence[OpenHit] | Sequence[ClickHit]) -> int:
+        """As :meth:`.sqlite.SqliteDatabase._record_events`, safe beside other writers.
+
+        The messages' rows are locked (``FOR UPDATE``, id order) before their
+        counters are read, so two endpoints recording opens of one message
+        serialise on it; the rollup grows by atomic upserts.
+        """
+        import psycopg
+
+        if not hits:
+            return 0
+        options = self._options
+        aggregate = options.tracking_mode == "aggregate"
+        conn = self._conn
+        try:
+            with self._raw.transaction():
+                owners: dict[str, str] = {}
+                if kind == "click":
+                    tokens = sorted({h.link_token for h in hits if isinstance(h, ClickHit)})
+                    owners = {
+                        str(t): str(m)
+                        for t, m in conn.execute(
+                            "SELECT token, tracking_id FROM links WHERE token = ANY(?)", (tokens,)
+                        )
+                    }
+                wanted = sorted(
+                    {
+                        owners.get(h.link_token, "") if isinstance(h, ClickHit) else h.tracking_id
+                        for h in hits
+                    }
+                    - {""}
+                )
+                messages = {
+                    str(row[0]): _MessageState(row[1:])
+                    for row in conn.execute(
+                        _MessageState.SELECT_BY_TRACKING_IDS.format("SELECT unnest(?::text[])")
+                        + " ORDER BY id FOR UPDATE",
+                        (wanted,),
+                    )
+                }
+                rows = self._event_rows(kind, hits, owners, messages, aggregate=aggregate)
+                if rows and not aggregate:
+                    with self._raw.cursor() as cursor:
+                        cursor.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
+                self._save(messages.values())
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot record {len(hits)} {kind}s: {_reason(exc)}") from exc
+        return len(rows)
+
+    def _event_rows(
+        self,
+        kind: EventKind,
+        hits: Sequence[OpenHit] | Sequence[ClickHit],
+        owners: dict[str, str],
+        messages: dict[str, _MessageState],
+        *,
+        aggregate: bool,
+    ) -> list[tuple[Any, ...]]:
+        apply = self._options.address_policy.apply
+        classify = self._options.classifier
+        rows: list[tuple[Any, ...]] = []
+        for hit in hits:
+            if isinstance(hit, ClickHit):
+                tracking_id = owners.get(hit.link_token, "")
+            else:
+                tracking_id = hit.tracking_id
+            state = messages.get(tracking_id)
+            if state is None:
+                continue
+            user_agent = header_text(hit.user_agent)
+            if user_agent is not None:
+                user_agent = user_agent[:USER_AGENT_MAX_CHARS]
+            client = header_text(hit.client_address)
+            at_us = to_us(hit.at)
+            event = EventContext(
+                kind=kind,
+                at=hit.at,
+                client_address=client,
+                user_agent=user_agent,
+                relayed_at=from_us(state.relayed_at_us),
+            )
+            signals: str | None = None
+            try:
+                judged = classify(event)
+                verdict, reason = judged[0], judged[1]
+                signals = getattr(judged, "signals", None)
+            except Exception as exc:  # one event's classification never costs the batch
+                log.warning("classifier failed on one %s (%s)", kind, type(exc).__name__)
+                verdict, reason = "unknown", "classifier-failed"
+            if verdict not in _OPENS_BY_VERDICT:
+                verdict, reason = "unknown", f"bad verdict from {reason}"
+            state.add(kind, verdict, at_us)
+            ip = apply(client)
+            if aggregate:
+                ip = user_agent = signals = None
+            if isinstance(hit, ClickHit):
+                click = (hit.link_token, tracking_id, at_us, ip, user_agent, verdict)
+                rows.append((*click, reason, signals))
+            else:
+                rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
+        return rows
+
+    def _save(self, states: Iterable[_MessageState]) -> None:
+        """The locked messages' new counters, then the rollup's increments in key order."""
+        updates = []
+        rollup: dict[tuple[str, str], dict[str, int]] = {}
+        for state in states:
+            current = (
+                state.open_count,
+                state.counted_open_count,
+                state.first_open_at_us,
+                state.click_count,
+                state.counted_click_count,
+            )
+            if current == state.initial:
+                continue
+            updates.append((*current, state.rowid))
+            counts = rollup.setdefault((day_of(state.relayed_at_us), state.sender_domain), {})
+            for column, value in state.rollup.items():
+                counts[column] = counts.get(column, 0) + value
+        if updates:
+            with self._raw.cursor() as cursor:
+                cursor.executemany(
+                    "UPDATE messages SET open_count = %s, counted_open_count = %s,"
+                    " first_open_at_us = %s, click_count = %s, counted_click_count = %s"
+                    " WHERE id = %s",
+                    updates,
+                )
+        for (day, domain), counts in sorted(rollup.items()):
+            _add_to_rollup(self._conn, day, domain, counts)
+
+    # -- reads --------------------------------------------------------------------------
+
+    def _read(self, query: Callable[[], _T]) -> _T:
+        """Run *query* in one read-only snapshot (``REPEATABLE READ``)."""
+        import psycopg
+
+        try:
+            with self._raw.transaction():
+                self._raw.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                return query()
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot read the store: {_reason(exc)}") from exc
+
+    def find_message(self, ident: str) -> StoredMessage | None:
+        """See :meth:`.base.Store.find_message` (look-ups of :func:`.queries.ident_candidates`)."""
+
+        def query() -> StoredMessage | None:
+            for column, value in queries.ident_candidates(ident):
+                row = self._conn.execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {column} = ? {_ORDER} LIMIT 1",  # noqa: S608 - constants
+                    (value,),
+                ).fetchone()
+                if row is not None:
+                    return self._with_events([_message_from_row(row)])[0]
+            return None
+
+        return self._read(query)
+
+    def list_messages(
+        self, *, since: datetime | None = None, limit: int | None = None
+    ) -> list[StoredMessage]:
+        """See :meth:`.base.Store.list_messages`."""
+        where, params = "", []
+        if since is not None:
+            where = "WHERE relayed_at_us >= ?"
+            params.append(to_us(since))
+        tail = ""
+        if limit is not None:
+            if limit < 0:
+                raise ValueError(f"limit must be >= 0, got {limit}")
+            tail = "LIMIT ?"
+            params.append(int(limit))
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages {where} {_ORDER} {tail}"  # noqa: S608 - constants
+
+        def query() -> list[StoredMessage]:
+            rows = self._conn.execute(sql, params).fetchall()
+            return self._with_events([_message_from_row(row) for row in rows])
+
+        return self._read(query)
+
+    def _with_events(self, records: list[MessageRecord]) -> list[StoredMessage]:
+        ids = [record.tracking_id for record in records]
+        conn = self._conn
+        opens: dict[str, list[OpenRecord]] = {}
+        for tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
+            "SELECT tracking_id, at_us, ip, user_agent, verdict, verdict_reason FROM opens"
+            " WHERE tracking_id = ANY(?) ORDER BY at_us, id",
+            (ids,),
+        ):
+            opens.setdefault(tracking_id, []).append(
+                OpenRecord(
+                    tracking_id=tracking_id,
+                    at=from_us(at_us),
+                    ip=ip,
+                    user_agent=user_agent,
+                    verdict=verdict,
+                    verdict_reason=reason,
+                )
+            )
+        links: dict[str, list[LinkRecord]] = {}
+        urls: dict[str, str] = {}
+        for token, tracking_id, url, position in conn.execute(
+            "SELECT token, tracking_id, url, position FROM links WHERE tracking_id = ANY(?)"
+            " ORDER BY tracking_id, position",
+            (ids,),
+        ):
+            links.setdefault(tracking_id, []).append(
+                LinkRecord(token=token, url=url, position=int(position))
+            )
+            urls[token] = url
+        clicks: dict[str, list[ClickRecord]] = {}
+        for token, tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
+            "SELECT link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason"
+            " FROM clicks WHERE tracking_id = ANY(?) ORDER BY at_us, id",
+            (ids,),
+        ):
+            clicks.setdefault(tracking_id, []).append(
+                ClickRecord(
+                    link_token=token,
+                    tracking_id=tracking_id,
+                    url=urls.get(token, ""),
+                    at=from_us(at_us),
+                    ip=ip,
+                    user_agent=user_agent,
+                    verdict=verdict,
+                    verdict_reason=reason,
+                )
+            )
+        return [
+            StoredMessage(
+                record=dataclasses.replace(record, links=tuple(links.get(record.tracking_id, ()))),
+                opens=tuple(opens.get(record.tracking_id, ())),
+                clicks=tuple(clicks.get(record.tracking_id, ())),
+            )
+            for record in records
+        ]
+
+    def is_known_token(self, tracking_id: str) -> bool:
+        """See :meth:`.base.Store.is_known_token`."""
+        return self._read(
+            lambda: (
+                self._conn.execute(
+                    "SELECT 1 FROM messages WHERE tracking_id = ?", (tracking_id,)
+                ).fetchone()
+                is not None
+            )
+        )
+
+    def find_link(self, token: str) -> tuple[LinkRecord, str] | None:
+        """See :meth:`.base.Store.find_link`."""
+        row = self._read(
+            lambda: self._conn.execute(
+                "SELECT url, position, tracking_id FROM links WHERE token = ?", (token,)
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return LinkRecord(token=token, url=row[0], position=int(row[1])), str(row[2])
+
+    # -- reports: the shared queries ------------------------------------------------------
+
+    def query_messages(
+        self,
+        message_filter: queries.MessageFilter,
+        *,
+        limit: int = queries.DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> queries.MessagePage:
+        """See :func:`.queries.query_messages`."""
+        return self._read(
+            lambda: queries.query_messages(self._conn, message_filter, limit=limit, cursor=cursor)
+        )
+
+    def query_message(self, ident: str) -> queries.MessageDetail | None:
+        """See :func:`.queries.query_message`."""
+        return self._read(lambda: queries.query_message(self._conn, ident))
+
+    def query_stats(
+        self,
+        *,
+        since: date | None = None,
+        until: date | None = None,
+        group: queries.StatsGroup = "day",
+    ) -> list[queries.StatsRow]:
+        """See :func:`.queries.query_stats`."""
+        return self._read(
+            lambda: queries.query_stats(self._conn, since=since, until=until, group=group)
+        )
+
+    def export_rows(
+        self, message_filter: queries.MessageFilter, *, page_rows: int = queries.MAX_LIMIT
+    ) -> Iterator[queries.MessageSummary]:
+        """Every message *message_filter* selects, newest first, one page per read."""
+        cursor: str | None = None
+        while True:
+            page = self.query_messages(message_filter, limit=page_rows, cursor=cursor)
+            yield from page.items
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def _delete_messages(
+        self, select_ids: str, params: Sequence[Any], needles: Sequence[str] = ()
+    ) -> retention.Removed:
+        """Delete the messages whose ids *select_ids* gives, whole, in one transaction;
+        with *needles*, their links whose destination holds one (forget)."""
+        import psycopg
+
+        conn = self._conn
+        try:
+            with self._raw.transaction():
+                ids = [
+                    int(row[0])
+                    for row in conn.execute(
+                        f"SELECT id FROM messages WHERE id IN ({select_ids}) FOR UPDATE", params
+                    )
+                ]
+                if not ids:
+                    return retention.Removed()
+                named = conn.execute(
+                    "SELECT tracking_id, queue_id FROM messages WHERE id = ANY(?) ORDER BY id",
+                    (ids,),
+                ).fetchall()
+                tracking = [str(row[0]) for row in named]
+                counts = {
+                    "opens": conn.execute(
+                        "DELETE FROM opens WHERE tracking_id = ANY(?)", (tracking,)
+                    ).rowcount,
+                    "clicks": conn.execute(
+                        "DELETE FROM clicks WHERE tracking_id = ANY(?)", (tracking,)
+                    ).rowcount,
+                    "recipients": conn.execute(
+                        "DELETE FROM message_recipients WHERE message_rowid = ANY(?)", (ids,)
+                    ).rowcount,
+                }
+                messages = conn.execute("DELETE FROM messages WHERE id = ANY(?)", (ids,)).rowcount
+                if needles:
+                    counts["links"] = conn.execute(
+                        "DELETE FROM links WHERE tracking_id = ANY(?) AND EXISTS (SELECT 1 FROM"
+                        " unnest(?::text[]) AS n(v) WHERE strpos(lower(links.url), n.v) > 0)",
+                        (tracking, list(needles)),
+                    ).rowcount
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot delete from the store: {_reason(exc)}") from exc
+        queue_ids = tuple(str(row[1]) for row in named) if needles else ()
+        return retention.Removed(messages=messages, queue_ids=queue_ids, **counts)
+
+    def prune_batch(
+        self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> retention.Removed:
+        """The oldest messages relayed before *before*, about *batch_rows* at a time."""
+        if batch_rows <= 0:
+            raise ValueError(f"batch_rows must be positive, got {batch_rows}")
+        return self._delete_messages(
+            "SELECT id FROM messages WHERE relayed_at_us < ? ORDER BY relayed_at_us, id LIMIT ?",
+            (to_us(before), batch_rows),
+        )
+
+    def prune_links_batch(
+        self, *, now: datetime | None = None, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> int:
+        """Links older than ``link_retention_days`` whose message record is gone."""
+        import psycopg
+
+        days = self._options.link_retention_days
+        if days <= 0:
+            return 0
+        cutoff = to_us((now or datetime.now(UTC)) - timedelta(days=days))
+        try:
+            with self._raw.transaction():
+                return int(
+                    self._conn.execute(
+                        "DELETE FROM links WHERE token IN (SELECT token FROM links l WHERE"
+                        " l.relayed_at_us < ? AND NOT EXISTS (SELECT 1 FROM messages m"
+                        " WHERE m.tracking_id = l.tracking_id) LIMIT ?)",
+                        (cutoff, batch_rows),
+                    ).rowcount
+                )
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot prune the store's links: {_reason(exc)}") from exc
+
+    def prune(
+        self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> retention.Removed:
+        """Every message relayed before *before*, with its events, links and recipients."""
+        total = retention.Removed()
+        while (removed := self.prune_batch(before, batch_rows=batch_rows)).messages:
+            total += removed
+        while links := self.prune_links_batch(batch_rows=batch_rows):
+            total += retention.Removed(links=links)
+        return total
+
+    def count_prunable(self, before: datetime) -> retention.Removed:
+        """What :meth:`prune` would delete (links left aside)."""
+        return self._count("SELECT id FROM messages WHERE relayed_at_us < ?", (to_us(before),))
+
+    def _count(self, select_ids: str, params: Sequence[Any]) -> retention.Removed:
+        row = self._read(
+            lambda: self._conn.execute(
+                f"WITH sel AS (SELECT id, tracking_id FROM messages WHERE id IN ({select_ids}))"
+                " SELECT (SELECT count(*) FROM sel),"
+                " (SELECT count(*) FROM opens WHERE tracking_id IN (SELECT tracking_id FROM sel)),"
+                " (SELECT count(*) FROM clicks WHERE tracking_id IN (SELECT tracking_id FROM sel)),"
+                " (SELECT count(*) FROM message_recipients WHERE message_rowid IN"
+                " (SELECT id FROM sel))",
+                params,
+            ).fetchone()
+        )
+        messages, opens, clicks, recipients = (int(v) for v in row)
+        return retention.Removed(
+            messages=messages, opens=opens, clicks=clicks, recipients=recipients
+        )
+
+    def forget_recipient(
+        self, address: str, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> retention.Removed:
+        """Every message sent to *address* (any of :func:`.retention.recipient_forms`), whole."""
+        forms = retention.recipient_forms(address)
+        total = retention.Removed()
+        while (
+            removed := self._delete_messages(
+                "SELECT message_rowid FROM message_recipients WHERE address = ANY(?) LIMIT ?",
+                (forms, batch_rows),
+                retention._needles(address),
+            )
+        ).messages:
+            total += removed
+        return total
+
+    def count_recipient(self, address: str) -> retention.Removed:
+        """What :meth:`forget_recipient` would delete."""
+        return self._count(
+            "SELECT message_rowid FROM message_recipients WHERE address = ANY(?)",
+            (retention.recipient_forms(address),),
+        )
+
+    def integrity_check(self) -> str:
+        """``"ok"`` when the server answers (PostgreSQL checks its own pages)."""
+        return self._read(lambda: "ok" if self._conn.execute("SELECT 1").fetchone() else "no")
+
+
+def _reason(exc: BaseException) -> str:
+    """One line naming what went wrong (the server's message, first line)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# -- the async store ---------------------------------------------------------------------
+
+
+@dataclass
+class PgCounters:
+    """What the store counts about its own health.
+
+    :ivar failures: calls that failed because the server was down, slow or refused.
+    :ivar outages: outages seen (a failure after a success).
+    """
+
+    failures: int = 0
+    outages: int = 0
+    health_checks: int = 0
+    suspended_calls: int = 0
+    health_failures: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class PostgresStore:
+    """The async :class:`~.base.ReportingStore` over a bounded psycopg connection pool.
+
+    Open with ``await PostgresStore.open(dsn, ...)``; close with :meth:`aclose`
+    or ``async with``.  Positive :meth:`is_known_token` answers are cached as
+    :class:`~.sqlite.SqliteStore` does.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        pool: psycopg_pool.ConnectionPool[Any],
+        executor: ThreadPoolExecutor,
+        options: _Options,
+        *,
+        known_cache_size: int = 4096,
+    ) -> None:
+        self.dsn = dsn
+        self._pool = pool
+        self._executor = executor
+        self._options = options
+        self._known: OrderedDict[str, None] = OrderedDict()
+        self._known_cache_size = known_cache_size
+        self._closed = False
+        self._outage: str | None = None
+        self._lock = threading.Lock()
+        self.counters = PgCounters()
+        #: never set: a PostgreSQL store is not suspended, it waits for its server
+        self.suspended: str | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        store_subject: bool = False,
+        ip_policy: IpPolicy = "truncate",
+        hash_key: bytes | None = None,
+        password_file: Path | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        known_cache_size: int = 4096,
+        classifier: EventClassifier = unclassified,
+        require_server: bool = True,
+    ) -> PostgresStore:
+        """Open a pool on *dsn*, creating or migrating the schema when the server answers.
+
+        :param pool_size: connections (and threads) at most, >= 1.
+        :param timeout_s: seconds a call waits for a connection before failing.
+        :param require_server: when false, a server down at start is logged
+            (the first outage) and the store opens anyway: mail flows and the
+            schema is made when the server comes (``serve``, ``pixel``).
+        :raises StoreError: when the DSN holds a password, or (with
+            *require_server*) the server cannot be reached or migrated.
+        """
+        from psycopg_pool import ConnectionPool
+
+        try:
+            check_dsn(dsn)
+            policy = AddressPolicy(ip_policy, hash_key=hash_key)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
+        kwargs = _connect_kwargs(password_file, timeout_s)
+        pool: ConnectionPool[Any] = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=max(1, pool_size),
+            kwargs=kwargs,
+            timeout=timeout_s,
+            open=False,
+            check=ConnectionPool.check_connection,
+            reconnect_timeout=timeout_s * 4,
+            name="smtp-tracker-store",
+        )
+        executor = ThreadPoolExecutor(max(1, pool_size), thread_name_prefix="store-pg")
+        store = cls(
+            dsn,
+            pool,
+            executor,
+            _Options(store_subject, policy, classifier),
+            known_cache_size=known_cache_size,
+        )
+        await asyncio.get_running_loop().run_in_executor(executor, lambda: pool.open(wait=False))
+        store._migrated = False
+        try:
+            await store._ensure_schema()
+        except StoreError:
+            if require_server:
+                await store.aclose()
+                raise
+        return store
+
+    _migrated: bool = False
+
+    async def _ensure_schema(self) -> None:
+        if not self._migrated:
+            await self._call(lambda db: migrate(db._raw), migrate_first=False)
+            self._migrated = True
+
+    @property
+    def degraded(self) -> str | None:
+        """None while the server answers; else why records are not being kept (one line)."""
+        return self._outage
+
+    @property
+    def data_dir(self) -> None:
+        """No data directory: the store is on a server."""
+        return None
+
+    def set_tracking_mode(
+        self, mode: str, *, per_message: bool = False, link_retention_days: int = 1825
+    ) -> None:
+        """As :meth:`.sqlite.SqliteStore.set_tracking_mode`."""
+        if mode not in ("per-person", "aggregate"):
+            raise ValueError(f"tracking_mode must be per-person or aggregate, got {mode!r}")
+        self._options.tracking_mode = mode
+        self._options.aggregate_per_message = per_message
+        self._options.link_retention_days = link_retention_days
+
+    def set_outbox(self, hook: object | None) -> None:
+        """Webhooks' outbox on PostgreSQL: not yet (issue 18's outbox writes SQLite).
+
+        :raises StoreError: when a hook is given.
+        """
+        if hook is not None:
+            raise StoreError("webhooks are not available with a PostgreSQL store yet")
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _run_sync(self, call: Callable[[PgDatabase], _T]) -> _T:
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as conn:
+                result = call(PgDatabase(conn, self._options))
+        except PoolTimeout as exc:
+            self._failed(f"no connection to {redacted(self.dsn)} within the timeout")
+            raise StoreError(f"the store at {redacted(self.dsn)} does not answer") from exc
+        except StoreError as exc:
+            if _is_outage(exc):
+                self._failed(str(exc))
+            raise
+        except Exception as exc:
+            import psycopg
+
+            if isinstance(exc, psycopg.Error):
+                self._failed(_reason(exc))
+                raise StoreError(f"the store failed: {_reason(exc)}") from exc
+            raise
+        self._succeeded()
+        return result
+
+    def _failed(self, reason: str) -> None:
+        with self._lock:
+            self.counters.failures += 1
+            if self._outage is None:
+                self.counters.outages += 1
+                self._outage = f"store: PostgreSQL unavailable ({reason})"
+                log.error(
+                    "TRACKING STORE UNAVAILABLE: %s; mail is relayed and recorded nowhere, "
+                    "opens dropped, until it is back (logged once per outage)",
+                    self._outage,
+                )
+
+    def _succeeded(self) -> None:
+        if self._outage is None:
+            return
+        with self._lock:
+            if self._outage is not None:
+                log.warning(
+                    "tracking store back after an outage (%d calls failed so far)",
+                    self.counters.failures,
+                )
+                self._outage = None
+
+    async def _call(self, call: Callable[[PgDatabase], _T], *, migrate_first: bool = True) -> _T:
+        if self._closed:
+            raise StoreError("the tracking store is closed")
+        if migrate_first and not self._migrated:
+            await self._ensure_schema()
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: self._run_sync(call)
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool and its threads (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._pool.close)
+        self._executor.shutdown(wait=False)
+        if self.counters.failures:
+            log.warning("tracking store closed: %s", self.counters)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the Store ----------------------------------------------------------------------
+
+    async def record_message(self, record: MessageRecord) -> None:
+        """See :meth:`.base.Store.record_message`."""
+        to_us(record.relayed_at)
+        to_us(record.received_at)
+        await self._call(lambda db: db.record_message(record))
+
+    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
+        """See :meth:`.base.Store.record_opens`."""
+        batch = list(hits)
+        return await self._call(lambda db: db.record_opens(batch))
+
+    async def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+        """See :meth:`.base.Store.record_clicks`."""
+        batch = list(hits)
+        return await self._call(lambda db: db.record_clicks(batch))
+
+    async def find_link(self, token: str) -> tuple[LinkRecord, str] | None:
+        """See :meth:`.base.Store.find_link`."""
+        return await self._call(lambda db: db.find_link(token))
+
+    async def find_message(self, ident: str) -> StoredMessage | None:
+        """See :meth:`.base.Store.find_message`."""
+        return await self._call(lambda db: db.find_message(ident))
+
+    async def list_messages(
+        self, *, since: datetime | None = None, limit: int | None = None
+    ) -> list[StoredMessage]:
+        """See :meth:`.base.Store.list_messages`."""
+        if since is not None:
+            to_us(since)
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        return await self._call(lambda db: db.list_messages(since=since, limit=limit))
+
+    async def is_known_token(self, tracking_id: str) -> bool:
+        """See :meth:`.base.Store.is_known_token`; positive answers are cached."""
+        if tracking_id in self._known:
+            self._known.move_to_end(tracking_id)
+            return True
+        known = await self._call(lambda db: db.is_known_token(tracking_id))
+        if known and self._known_cache_size > 0:
+            self._known[tracking_id] = None
+            while len(self._known) > self._known_cache_size:
+                self._known.popitem(last=False)
+        return known
+
+    async def integrity_check(self) -> str:
+        """``"ok"`` when the server answers."""
+        return await self._call(lambda db: db.integrity_check())
+
+    async def check_health(self) -> str | None:
+        """Ask the server now; :attr:`degraded` follows the answer."""
+        self.counters.health_checks += 1
+        with contextlib.suppress(StoreError):
+            await self._call(lambda db: db.integrity_check())
+        return self.degraded
+
+    async def query_messages(
+        self,
+        message_filter: queries.MessageFilter,
+        *,
+        limit: int = queries.DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> queries.MessagePage:
+        """See :func:`.queries.query_messages`."""
+        queries.check_limit(limit)
+        return await self._call(
+            lambda db: db.query_messages(message_filter, limit=limit, cursor=cursor)
+        )
+
+    async def query_message(self, ident: str) -> queries.MessageDetail | None:
+        """See :func:`.queries.query_message`."""
+        return await self._call(lambda db: db.query_message(ident))
+
+    async def query_stats(
+        self,
+        *,
+        since: date | None = None,
+        until: date | None = None,
+        group: queries.StatsGroup = "day",
+    ) -> list[queries.StatsRow]:
+        """See :func:`.queries.query_stats`."""
+        return await self._call(lambda db: db.query_stats(since=since, until=until, group=group))
+
+    async def prune(
+        self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
+    ) -> retention.Removed:
+        """See :meth:`PgDatabase.prune`; one batch per call, so writers run between them."""
+        to_us(before)
+        total = retention.Removed()
+        try:
+            while (
+                removed := await self._call(
+                    lambda db: db.prune_batch(before, batch_rows=batch_rows)
+                )
+            ).messages:
+                total += removed
+            while links := await self._call(lambda db: db.prune_links_batch(batch_rows=batch_rows)):
+                total += retention.Removed(links=links)
+            return total
+        finally:
+            self._known.clear()
+
+
+def _is_outage(exc: StoreError) -> bool:
+    """Whether *exc* came from the server being away (not from a bad record)."""
+    import psycopg
+
+    cause = exc.__cause__
+    return isinstance(cause, psycopg.OperationalError | psycopg.errors.AdminShutdown)
