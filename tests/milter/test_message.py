@@ -1,9 +1,12 @@
-"""The milter's message model and the actions it derives from the rewrite's output (no sockets)."""
+"""The milter's message model, the actions it derives from the rewrite's output, and its
+address forms (no sockets)."""
 
 from __future__ import annotations
 
 import pytest
 
+from smtp_tracker.errors import ConfigError
+from smtp_tracker.milter.listener import parse_milter_listen
 from smtp_tracker.milter.message import HeaderChange, MilterMessage, edits_for, split_fields
 from smtp_tracker.mime import RewritePolicy, rewrite
 from smtp_tracker.mime.disclosure import Disclosure
@@ -73,3 +76,31 @@ def test_over_the_limit_drops_what_was_collected() -> None:
 def test_split_fields_refuses_a_line_without_a_colon() -> None:
     with pytest.raises(ValueError, match="colon"):
         split_fields(b"From: a\r\nnot a field\r\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "spec", "shown"),
+    [
+        ("127.0.0.1:8892", "inet:8892@127.0.0.1", "127.0.0.1:8892"),
+        ("inet:127.0.0.1:8892", "inet:8892@127.0.0.1", "127.0.0.1:8892"),
+        ("[::1]:8892", "inet6:8892@::1", "[::1]:8892"),
+        ("unix:/run/smtp-tracker/milter.sock", "unix:/run/smtp-tracker/milter.sock", None),
+    ],
+)
+def test_milter_listen_forms(text: str, spec: str, shown: str | None) -> None:
+    address = parse_milter_listen(text)
+    assert address.libmilter_spec == spec
+    assert str(address) == (shown or text)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("unix:relative.sock", "expected unix:/absolute/path"),
+        ("127.0.0.1:0", "port 0 is not allowed"),
+        ("localhost", "expected HOST:PORT"),
+    ],
+)
+def test_milter_listen_refused(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        parse_milter_listen(text)
