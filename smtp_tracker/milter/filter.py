@@ -230,7 +230,7 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
             if self.message is not None:
                 self.message.recipients.append(_address(_text(recipient)))
         except Exception:
-            self._failed("RCPT TO")
+            self._failed("RCPT TO", count=False)
         return CONTINUE
 
     @Milter.noreply  # type: ignore[untyped-decorator]
@@ -245,7 +245,7 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
                 raw_value = _octets(value, "utf-8")
                 message.add_field(raw_name, raw_value, max_bytes=self.context.max_message_bytes)
         except Exception:
-            self._failed("header")
+            self._failed("header", count=False)
         return CONTINUE
 
     def body(self, chunk: bytes) -> int:
@@ -271,6 +271,13 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
         try:
             if message.oversized:
                 self._oversized(message)
+            elif message.incomplete:
+                self.context.count("messages")
+                self.context.count("failures")
+                self.context.count("unchanged")
+                log.warning(
+                    "%s: not all of it could be read; passing it on unchanged", self._queue_id()
+                )
             else:
                 self._end_of_message(message)
         except Exception:
@@ -303,8 +310,13 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
         value = self.getsymval("{i}")
         return str(value) if value else new_queue_id()
 
-    def _failed(self, where: str) -> None:
-        self.context.count("failures")
+    def _failed(self, where: str, *, count: bool = True) -> None:
+        """Log our error; with ``count=False`` the message is marked incomplete and
+        counted once, at its end, as passed on unchanged."""
+        if count:
+            self.context.count("failures")
+        elif self.message is not None:
+            self.message.incomplete = True
         log.error("milter: error in %s; passing the message on unchanged", where, exc_info=True)
 
     def _oversized(self, message: MilterMessage) -> None:

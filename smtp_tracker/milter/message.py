@@ -33,6 +33,8 @@ class MilterMessage:
     :ivar size_bytes: octets collected (header section and body).
     :ivar oversized: set once ``size_bytes`` passed the limit; the content is then dropped.
     :ivar auth_authen: the SASL login name (``{auth_authen}``), if the client authenticated.
+    :ivar incomplete: set when something the MTA sent could not be kept: the
+        message is then passed on unchanged, never rewritten from a partial view.
     """
 
     sender: str = ""
@@ -42,6 +44,7 @@ class MilterMessage:
     size_bytes: int = 0
     oversized: bool = False
     auth_authen: str | None = None
+    incomplete: bool = False
 
     def add_field(self, name: bytes, value: bytes, *, max_bytes: int) -> None:
         """Keep one header field (``value`` as the MTA sent it) unless over ``max_bytes``."""

@@ -137,3 +137,44 @@ async def test_oversized_body_is_accepted_at_once_and_counted() -> None:
     assert ctx.actions == []
     assert (context.counters.oversized, context.counters.messages) == (1, 1)
     assert context.busy == 0
+
+
+class Untouchable:
+    """A stage that must not be asked: it notes the call."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    async def prepare(self, content: bytes, transaction: Transaction) -> Prepared:
+        self.asked = True
+        return Prepared(content, "t", False, "asked")
+
+    async def record(
+        self, transaction: Transaction, prepared: Prepared, reply: Reply, size_bytes: int
+    ) -> None:
+        self.asked = True
+
+
+async def test_a_header_we_could_not_keep_means_no_rewrite_from_a_partial_view() -> None:
+    stage = Untouchable()
+    context = MilterContext(
+        loop=asyncio.get_running_loop(), stage=stage, max_message_bytes=10_000, timeout_s=5
+    )
+    milter, ctx = make(context)
+
+    def run() -> list[int]:
+        return [
+            milter.envfrom("<a@example.org>"),
+            milter.header(b"Content-Type", 12345),  # not octets: add_field raises
+            milter.header(b"Subject", b" kept"),
+            milter.body(b"<html><body>x</body></html>\r\n"),
+            milter.eom(),
+        ]
+
+    replies = await asyncio.to_thread(run)
+    assert replies[-1] == Milter.CONTINUE
+    assert ctx.actions == []
+    assert not stage.asked
+    counters = context.counters
+    assert (counters.messages, counters.failures, counters.unchanged) == (1, 1, 1)
+    assert context.busy == 0
