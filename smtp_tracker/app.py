@@ -21,13 +21,14 @@ import ssl
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from aiohttp import web
 
 from smtp_tracker.classification import Classifier, load_networks
 from smtp_tracker.config import Config, HostPort, is_loopback_host
 from smtp_tracker.dkim import Keyring, Resigner, describe_key, load_keyring
-from smtp_tracker.errors import ConfigError, StartupError
+from smtp_tracker.errors import ConfigError, StartupError, StoreError
 from smtp_tracker.metrics import Metrics
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.mime.disclosure import Disclosure, read_footer
@@ -43,7 +44,9 @@ from smtp_tracker.smtp.lmtp import LmtpHandler, LmtpSMTP
 from smtp_tracker.smtp.upstream import UpstreamObserver, UpstreamSettings
 from smtp_tracker.store import EventClassifier, SqliteStore
 from smtp_tracker.store.address import load_or_create_hash_key
+from smtp_tracker.store.backends import open_store
 from smtp_tracker.store.consent import ConsentRegistry
+from smtp_tracker.store.postgresql import PostgresStore
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tls import load_server_context, write_self_signed
 from smtp_tracker.tracking.consent import ConsentCheck
@@ -260,7 +263,7 @@ class Application:
         self.pruner: Pruner | None = None
         self._prune_schedule = (prune_first_delay_s, prune_interval_s)
         self.capture = CaptureWriter(config.data_dir / "capture", mode=config.capture)
-        self.store: SqliteStore | None = None
+        self.store: SqliteStore | PostgresStore | None = None
         #: the consent registry and objection links (issue 20; with the store)
         self.consent: ConsentRegistry | None = None
         #: the webhook outbox's sender (after :meth:`start`, with ``webhooks`` or ``events_log``)
@@ -359,12 +362,22 @@ class Application:
             classifier: EventClassifier = self._classifier
             if self.metrics is not None:
                 classifier = self.metrics.counting_verdicts(classifier)
-            self.store = await SqliteStore.open_or_suspend(  # a damaged store: mail flows
-                config.data_dir,
-                store_subject=config.store_subject,
-                ip_policy=config.ip_policy,
-                classifier=classifier,
-            )
+            try:  # a damaged SQLite store, a PostgreSQL server down: mail flows
+                self.store = cast(
+                    SqliteStore | PostgresStore,
+                    await open_store(
+                        store=config.store,
+                        data_dir=config.data_dir,
+                        store_subject=config.store_subject,
+                        ip_policy=config.ip_policy,
+                        classifier=classifier,
+                        password_file=config.store_password_file,
+                        pool_size=config.store_pool_size,
+                        timeout_s=config.store_timeout_s,
+                    ),
+                )
+            except StoreError as exc:
+                raise StartupError(str(exc)) from None
             self.store.set_tracking_mode(
                 config.tracking_mode,
                 per_message=config.aggregate_per_message,

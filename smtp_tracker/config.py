@@ -278,6 +278,29 @@ class Config:
         help="directory for the tracking store and capture files, created if missing "
         "(a relative path is taken from the working directory)",
     )
+    store: str | None = key(
+        None,
+        example='"postgresql://smtp-tracker@db.example.com:5432/tracker"',
+        default_text="SQLite in data_dir",
+        help="the tracking store: absent for SQLite in data_dir, or a PostgreSQL server, "
+        "postgresql://USER@HOST:PORT/DBNAME, shared by several relays and pixel endpoints; "
+        "never a password in it: libpq's PGPASSFILE, ~/.pgpass or PGPASSWORD, or "
+        "store_password_file",
+    )
+    store_password_file: Path | None = key(
+        None,
+        example='"/etc/smtp-tracker/store-password"',
+        help="file holding the PostgreSQL store's password (mode 0600), when libpq's own "
+        "means are not used",
+    )
+    store_pool_size: int = key(
+        4, help="connections to the PostgreSQL store per process, at most (and threads)"
+    )
+    store_timeout_s: float = key(
+        3.0,
+        help="seconds a PostgreSQL store call waits for a connection before it fails "
+        "(mail is relayed and opens dropped meanwhile: recording fails open)",
+    )
     capture: CaptureMode = key(
         "off", help="debug capture files: off, errors (transactions not ending 2xx), or all"
     )
@@ -960,6 +983,7 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         problems.append(f"control_header: {header!r} is not a valid header field name")
     problems.extend(_check_privacy(values))
     problems.extend(_check_clicks(values))
+    problems.extend(_check_store(values))
     if values.get("webhook_retry_hours", 1.0) <= 0:
         problems.append("webhook_retry_hours: must be a positive number of hours")
     if values.get("webhook_outbox_max_events", 1) < 1:
@@ -976,6 +1000,31 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
         if not url.startswith(("https://", "http://")):
             problems.append(f"pixel_base_url: expected an https:// URL, got {url!r}")
     return problems
+
+
+def _check_store(values: Mapping[str, Any]) -> list[str]:
+    """``store``: a postgresql:// URL without a password, or absent."""
+    store = values.get("store")
+    if store is None:
+        return []
+    from urllib.parse import urlsplit
+
+    text = str(store)
+    if not text.startswith(("postgresql://", "postgres://")):
+        return [f"store: expected postgresql://USER@HOST:PORT/DBNAME (or no key), got {text!r}"]
+    try:
+        parts = urlsplit(text)
+        has_password = parts.password is not None or "password=" in parts.query
+    except ValueError:
+        return ["store: not a valid postgresql:// URL"]
+    if has_password:
+        return [
+            "store: the URL must not hold the password; use PGPASSFILE, ~/.pgpass, PGPASSWORD "
+            "or store_password_file"
+        ]
+    if values.get("store_pool_size", 4) < 1:
+        return ["store_pool_size: must be at least 1"]
+    return []
 
 
 def _check_clicks(values: Mapping[str, Any]) -> list[str]:

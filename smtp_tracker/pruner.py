@@ -24,8 +24,9 @@ from pathlib import Path
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.smtp.capture import captures_before, captures_of, remove_files
+from smtp_tracker.store.base import ReportingStore
 from smtp_tracker.store.retention import DEFAULT_BATCH_ROWS, Removed, recipient_forms
-from smtp_tracker.store.sqlite import SqliteDatabase, SqliteStore
+from smtp_tracker.store.sqlite import SqliteDatabase
 
 __all__ = ["Outcome", "Pruner", "cutoff", "forget_recipient", "prune_data_dir"]
 
@@ -119,7 +120,7 @@ class Pruner:
 
     def __init__(
         self,
-        store: SqliteStore,
+        store: ReportingStore,
         capture_root: Path,
         retention_days: int,
         *,

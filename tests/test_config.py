@@ -135,6 +135,8 @@ def test_example_config_lists_every_key_with_its_default() -> None:
         "dkim_signing_table",
         "events_log",
         "optout_page_template",
+        "store",
+        "store_password_file",
     }
     defaults = Config(hostname="example")
     for spec in dataclasses.fields(Config):

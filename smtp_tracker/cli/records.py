@@ -26,7 +26,7 @@ __all__ = ["add_commands", "cmd_forget", "cmd_messages", "cmd_prune", "cmd_show"
 EXIT_OK = 0
 
 #: The keys the read-only commands use.
-STORE_KEYS = ("data_dir",)
+STORE_KEYS = ("data_dir", "store", "store_password_file")
 
 
 def _parse_day(text: str | None, *, flag: str) -> Any:
@@ -114,16 +114,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_database(args: argparse.Namespace) -> Any:
-    from smtp_tracker.store import DB_FILENAME, SqliteDatabase
+def _open_database(args: argparse.Namespace, *, migrate_schema: bool = False) -> Any:
+    """The store of ``--store`` (PostgreSQL) or ``--data-dir`` (SQLite), blocking.
+
+    :raises InputError: when there is no store there, or it cannot be opened.
+    """
+    from smtp_tracker.errors import StoreError
+    from smtp_tracker.store.backends import is_postgresql, open_database
 
     config = load_config(args)
-    if not (config.data_dir / DB_FILENAME).exists():
-        raise InputError(
-            f"no tracking store in {config.data_dir}: give --data-dir (or --config) of a "
-            "running smtp-tracker"
+    try:
+        return open_database(
+            store=config.store,
+            data_dir=config.data_dir,
+            password_file=config.store_password_file,
+            migrate_schema=migrate_schema,
         )
-    return SqliteDatabase.open(config.data_dir, create=False, migrate_schema=False)
+    except StoreError as exc:
+        where = "--store" if is_postgresql(config.store) else "--data-dir (or --config)"
+        raise InputError(f"{exc}: give {where} of a running smtp-tracker") from None
 
 
 def _parse_since(text: str | None) -> Any:
@@ -199,14 +208,19 @@ def _delete_records(
 
     :raises InputError: when there is no store, or a capture file cannot be removed.
     """
-    from smtp_tracker.store import DB_FILENAME, SqliteDatabase
+    from smtp_tracker.errors import StoreError
+    from smtp_tracker.store.backends import open_database
 
-    if not (config.data_dir / DB_FILENAME).exists():
-        raise InputError(
-            f"no tracking store in {config.data_dir}: give --data-dir (or --config) of a "
-            "running smtp-tracker"
+    try:
+        database = open_database(
+            store=config.store,
+            data_dir=config.data_dir,
+            password_file=config.store_password_file,
+            migrate_schema=True,
         )
-    with SqliteDatabase.open(config.data_dir, create=False) as database:
+    except StoreError as exc:
+        raise InputError(f"{exc}: give --store or --data-dir of a running smtp-tracker") from None
+    with database:
         try:
             return delete(database, config.data_dir / "capture", what, dry_run=dry_run)
         except OSError as exc:

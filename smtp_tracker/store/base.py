@@ -2,9 +2,10 @@
 
 :class:`~smtp_tracker.store.sqlite.SqliteStore` implements it over SQLite in
 the data directory, :class:`~smtp_tracker.store.postgresql.PostgresStore`
-over a PostgreSQL server (``store = "postgresql://..."``); :func:`~smtp_tracker.store.open_store`
-picks one.  :class:`ReportingStore` adds what the reports and ``serve`` call.  Every method is a coroutine that never blocks the event
-loop: implementations do their I/O in worker threads or with an async driver.
+over a PostgreSQL server (``store = "postgresql://..."``);
+:func:`~smtp_tracker.store.backends.open_store` picks one.  :class:`ReportingStore`
+adds what the reports and ``serve`` call.  Every method is a coroutine that never
+blocks the event loop: implementations do their I/O in worker threads or with an async driver.
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ from smtp_tracker.store.records import (
 from smtp_tracker.store.sqlite import (
     _MESSAGE_COLUMNS,
     _ORDER,
-    _MessageState,
     _message_from_row,
+    _MessageState,
     _storable,
     aggregate_record,
     day_of,
@@ -349,11 +349,13 @@ class PgDatabase:
         conn = self._conn
         try:
             with self._raw.transaction():
-                rowid = conn.execute(
+                inserted = conn.execute(
                     f"INSERT INTO messages ({_MESSAGE_COLUMNS}, sender_domain)"  # noqa: S608 - constant
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                     row,
-                ).fetchone()[0]
+                ).fetchone()
+                assert inserted is not None
+                rowid = inserted[0]
                 with self._raw.cursor() as cursor:
                     cursor.executemany(
                         "INSERT INTO message_recipients (message_rowid, address) VALUES (%s, %s)",
@@ -707,7 +709,8 @@ class PgDatabase:
                 ids = [
                     int(row[0])
                     for row in conn.execute(
-                        f"SELECT id FROM messages WHERE id IN ({select_ids}) FOR UPDATE", params
+                        f"SELECT id FROM messages WHERE id IN ({select_ids}) FOR UPDATE",  # noqa: S608 - constant selects
+                        params,
                     )
                 ]
                 if not ids:
@@ -736,7 +739,7 @@ class PgDatabase:
                         (tracking, list(needles)),
                     ).rowcount
         except psycopg.Error as exc:
-            raise StoreError(f"cannot delete from the store: {_reason(exc)}") from exc
+            raise StoreError(f"cannot delete from the store: {_reason(exc)}") from exc  # noqa: S608 - not SQL
         queue_ids = tuple(str(row[1]) for row in named) if needles else ()
         return retention.Removed(messages=messages, queue_ids=queue_ids, **counts)
 
@@ -792,7 +795,7 @@ class PgDatabase:
     def _count(self, select_ids: str, params: Sequence[Any]) -> retention.Removed:
         row = self._read(
             lambda: self._conn.execute(
-                f"WITH sel AS (SELECT id, tracking_id FROM messages WHERE id IN ({select_ids}))"
+                f"WITH sel AS (SELECT id, tracking_id FROM messages WHERE id IN ({select_ids}))"  # noqa: S608 - constant selects
                 " SELECT (SELECT count(*) FROM sel),"
                 " (SELECT count(*) FROM opens WHERE tracking_id IN (SELECT tracking_id FROM sel)),"
                 " (SELECT count(*) FROM clicks WHERE tracking_id IN (SELECT tracking_id FROM sel)),"
@@ -801,6 +804,7 @@ class PgDatabase:
                 params,
             ).fetchone()
         )
+        assert row is not None
         messages, opens, clicks, recipients = (int(v) for v in row)
         return retention.Removed(
             messages=messages, opens=opens, clicks=clicks, recipients=recipients

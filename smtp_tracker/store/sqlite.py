@@ -597,11 +597,7 @@ class SqliteDatabase:
         """See :meth:`.base.Store.find_message`."""
 
         def query() -> StoredMessage | None:
-            candidates: list[tuple[str, str]] = [("tracking_id", ident), ("queue_id", ident)]
-            candidates.append(("message_id", ident))
-            if not ident.startswith("<"):
-                candidates.append(("message_id", f"<{ident}>"))
-            for column, value in candidates:
+            for column, value in queries.ident_candidates(ident):
                 row = self._conn.execute(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {column} = ? {_ORDER} LIMIT 1",  # noqa: S608 - constants
                     (value,),

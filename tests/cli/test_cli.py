@@ -126,11 +126,12 @@ def test_an_empty_client_list_is_refused_with_what_to_write(tmp_path: Path) -> N
 
 
 def test_flags_are_never_abbreviated() -> None:
-    """``--store`` was silently taken as ``--store-subject`` (argparse's allow_abbrev)."""
-    result = run_cli("check-config", "--upstream", "mx.example:25", "--store")
+    """``--store`` was silently taken as ``--store-subject`` (argparse's allow_abbrev);
+    now that ``--store`` is a key, ``--store-password`` must not be ``--store-password-file``."""
+    result = run_cli("check-config", "--upstream", "mx.example:25", "--store-password", "x")
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
-        "smtp-tracker: error: unrecognized arguments: --store"
+        "smtp-tracker: error: unrecognized arguments: --store-password x"
     )
     assert run_cli("check-config", "--upstream", "mx.example:25", "--store-subject").returncode == 0
 
@@ -156,7 +157,9 @@ def test_read_only_commands_list_no_smtp_or_tls_flag(command: str) -> None:
     assert result.returncode == 0
     listed = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", result.stdout))
     keys = {"--" + spec.name.replace("_", "-") for spec in dataclasses.fields(Config)}
-    assert listed & keys == {"--data-dir"}, sorted(listed & keys)
+    assert listed & keys == {"--data-dir", "--store", "--store-password-file"}, sorted(
+        listed & keys
+    )
     assert "--config" in listed
     for flag in ("--tls-cert", "--upstream", "--listen", "--allowed-clients", "--no-pixel"):
         assert flag not in listed
