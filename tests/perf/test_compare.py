@@ -1,0 +1,70 @@
+"""bench/compare.py is not run in CI (it needs minutes and a quiet machine); its set-up is.
+
+Importing it, parsing its command line and building its message and profile
+summary catch the breakage that would otherwise show only when someone runs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "compare.py"
+
+
+@pytest.fixture(scope="module")
+def compare() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_compare", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_compare"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sections_default_to_all_six_figures_in_order(compare: ModuleType) -> None:
+    args = compare.parse_args([])
+    assert args.sections == ["relay", "pipeline", "latency", "rewrite", "pixel", "memory"]
+    assert (args.messages, args.sessions, args.workers) == (2000, 20, 0)
+
+
+def test_only_picks_sections_and_refuses_unknown_ones(
+    compare: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert compare.parse_args(["--only", "pixel,relay"]).sections == ["pixel", "relay"]
+    with pytest.raises(SystemExit) as exited:
+        compare.parse_args(["--only", "relay,speed"])
+    assert exited.value.code == 2
+    assert "unknown sections ['speed']" in capsys.readouterr().err
+
+
+def test_the_message_is_the_template_as_html_with_crlf_lines(
+    compare: ModuleType, tmp_path: Path
+) -> None:
+    template = tmp_path / "t.html"
+    template.write_bytes(b"<html>\n<body><p>hi</p>\n</body></html>\n")
+    message = compare.html_message(template)
+    head, _, body = message.partition(b"\r\n\r\n")
+    assert b"Content-Type: text/html; charset=utf-8" in head.split(b"\r\n")
+    assert body == b"<html>\r\n<body><p>hi</p>\r\n</body></html>\r\n"
+    assert b"\n" not in message.replace(b"\r\n", b"")
+
+
+def test_profile_summary_counts_self_and_total_samples(
+    compare: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = tmp_path / "relay.txt"
+    raw.write_text("main (a.py:1);read (b.py:2) 3\nmain (a.py:1);write (c.py:3) 1\n")
+    compare.print_profile(raw)
+    out = capsys.readouterr().out
+    assert "4 samples" in out
+    assert "75.0%  read (b.py:2)" in out
+    assert "100.0%  main (a.py:1)" in out
+
+
+def test_dot_stuffing_doubles_a_leading_dot_only(compare: ModuleType) -> None:
+    assert compare.dot_stuffed(b".a\r\nb.\r\n..c\r\n") == b"..a\r\nb.\r\n...c\r\n"
