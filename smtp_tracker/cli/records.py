@@ -178,20 +178,21 @@ def cmd_messages(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     with _open_database(args) as database:
-        found = database.find_message(args.id)
-    if found is None:
+        if args.json:  # the API's message object, field for field
+            detail = database.query_message(args.id)
+            found = None
+        else:
+            found = database.find_message(args.id)
+            detail = None
+    if found is None and detail is None:
         raise InputError(f"no message with tracking id, queue id or Message-ID {args.id!r}")
-    if args.json:
-        from smtp_tracker.store import message_to_dict
+    if detail is not None:
+        from smtp_tracker.store.export import detail_to_dict
 
-        json.dump(
-            message_to_dict(found.record, found.opens, found.clicks),
-            sys.stdout,
-            indent=2,
-            ensure_ascii=False,
-        )
+        json.dump(detail_to_dict(detail), sys.stdout, indent=2, ensure_ascii=False)
         print()
     else:
+        assert found is not None
         _print_messages([found], as_json=False)
         for event in found.opens:
             print(

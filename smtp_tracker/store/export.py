@@ -1,4 +1,6 @@
-"""The JSON shape of a message for ``smtp-tracker messages --json`` and ``show --json``.
+"""The JSON shapes of a message: :func:`detail_to_dict` for ``show --json`` and
+``GET /api/messages/{id}`` (one shape, issue 14), :func:`summary_to_dict` for the
+API's lists, :func:`message_to_dict` for ``smtp-tracker messages --json``.
 
 Times are ISO 8601 in UTC with a ``Z`` suffix and microseconds, e.g.
 ``"2024-05-01T12:34:56.123456Z"`` (RFC 3339 §5.6 ``date-time``).
@@ -10,9 +12,10 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from smtp_tracker.store.queries import MessageDetail, MessageSummary
 from smtp_tracker.store.records import ClickRecord, MessageRecord, OpenRecord
 
-__all__ = ["format_time", "message_to_dict"]
+__all__ = ["detail_to_dict", "format_time", "message_to_dict", "summary_to_dict"]
 
 
 def format_time(value: datetime) -> str:
@@ -78,5 +81,67 @@ def message_to_dict(
             "verdict_reason": c.verdict_reason,
         }
         for c in clicks
+    ]
+    return result
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else format_time(value)
+
+
+def summary_to_dict(summary: MessageSummary) -> dict[str, Any]:
+    """The JSON object of one message in a list (times RFC 3339 UTC, ``Z``)."""
+    return {
+        "tracking_id": summary.tracking_id,
+        "queue_id": summary.queue_id,
+        "message_id": summary.message_id,
+        "sender": summary.sender,
+        "recipients": list(summary.recipients),
+        "subject": summary.subject,
+        "relayed_at": format_time(summary.relayed_at),
+        "tracked": summary.tracked,
+        "not_tracked_reason": summary.not_tracked_reason,
+        "opened": summary.opened,
+        "opened_via": summary.opened_via,
+        "open_count": summary.open_count,
+        "counted_open_count": summary.counted_open_count,
+        "first_open_at": _time(summary.first_open_at),
+        "click_count": summary.click_count,
+        "counted_click_count": summary.counted_click_count,
+    }
+
+
+def detail_to_dict(detail: MessageDetail) -> dict[str, Any]:
+    """The JSON object of one message with its opens and clicks, oldest first.
+
+    The one shape of a message: ``GET /api/messages/{id}`` and ``smtp-tracker show
+    --json`` both print it (issue 14).
+    """
+    result = summary_to_dict(detail.summary)
+    result["size_bytes"] = detail.size_bytes
+    result["received_at"] = format_time(detail.received_at)
+    result["upstream_reply"] = detail.upstream_reply
+    result["opens"] = [
+        {
+            "at": format_time(event.at),
+            "ip": event.ip,
+            "user_agent": event.user_agent,
+            "verdict": event.verdict,
+            "verdict_reason": event.verdict_reason,
+            "counted": event.counted,
+        }
+        for event in detail.opens
+    ]
+    result["clicks"] = [
+        {
+            "at": format_time(event.at),
+            "url": event.url,
+            "ip": event.ip,
+            "user_agent": event.user_agent,
+            "verdict": event.verdict,
+            "verdict_reason": event.verdict_reason,
+            "counted": event.counted,
+        }
+        for event in detail.clicks
     ]
     return result

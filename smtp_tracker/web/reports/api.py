@@ -57,7 +57,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Middleware
 
 from smtp_tracker.errors import StartupError, StoreError
-from smtp_tracker.store.export import format_time
+from smtp_tracker.store.export import detail_to_dict, summary_to_dict
 from smtp_tracker.store.queries import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -282,64 +282,6 @@ def parse_stats_query(query: Mapping[str, str]) -> StatsQuery:
 
 
 # -- JSON shapes ----------------------------------------------------------------------------
-
-
-def _time(value: datetime | None) -> str | None:
-    return None if value is None else format_time(value)
-
-
-def summary_to_dict(summary: MessageSummary) -> dict[str, Any]:
-    """The JSON object of one message in a list (times RFC 3339 UTC, ``Z``)."""
-    return {
-        "tracking_id": summary.tracking_id,
-        "queue_id": summary.queue_id,
-        "message_id": summary.message_id,
-        "sender": summary.sender,
-        "recipients": list(summary.recipients),
-        "subject": summary.subject,
-        "relayed_at": format_time(summary.relayed_at),
-        "tracked": summary.tracked,
-        "not_tracked_reason": summary.not_tracked_reason,
-        "opened": summary.opened,
-        "opened_via": summary.opened_via,
-        "open_count": summary.open_count,
-        "counted_open_count": summary.counted_open_count,
-        "first_open_at": _time(summary.first_open_at),
-        "click_count": summary.click_count,
-        "counted_click_count": summary.counted_click_count,
-    }
-
-
-def detail_to_dict(detail: MessageDetail) -> dict[str, Any]:
-    """The JSON object of one message with its opens and clicks, oldest first."""
-    result = summary_to_dict(detail.summary)
-    result["size_bytes"] = detail.size_bytes
-    result["received_at"] = format_time(detail.received_at)
-    result["upstream_reply"] = detail.upstream_reply
-    result["opens"] = [
-        {
-            "at": format_time(event.at),
-            "ip": event.ip,
-            "user_agent": event.user_agent,
-            "verdict": event.verdict,
-            "verdict_reason": event.verdict_reason,
-            "counted": event.counted,
-        }
-        for event in detail.opens
-    ]
-    result["clicks"] = [
-        {
-            "at": format_time(event.at),
-            "url": event.url,
-            "ip": event.ip,
-            "user_agent": event.user_agent,
-            "verdict": event.verdict,
-            "verdict_reason": event.verdict_reason,
-            "counted": event.counted,
-        }
-        for event in detail.clicks
-    ]
-    return result
 
 
 def stats_row_to_dict(row: StatsRow) -> dict[str, Any]:
