@@ -20,6 +20,7 @@ from smtp_tracker.errors import ConfigError
 from smtp_tracker.milter.filter import MilterContext
 from smtp_tracker.milter.listener import MilterListener, parse_milter_listen
 from smtp_tracker.pruner import Pruner
+from smtp_tracker.tracking.consent import ConsentCheck
 from smtp_tracker.tracking.stage import Tracker
 
 __all__ = ["MilterService", "run"]
@@ -93,6 +94,10 @@ class MilterService:
             rewrite_queue_wait_s=config.rewrite_queue_wait_s,
             domains=parts.domain_policy(config),
             disclosure=await asyncio.to_thread(parts.disclosure, config),
+            consent=ConsentCheck(  # issue 20: objections hold in milter mode too
+                self.app.consent, requires_consent=config.tracking_requires_consent
+            ),
+            optout_links=self.app.consent,
         )
 
     async def stop(self, grace_s: float) -> None:
