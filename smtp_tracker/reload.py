@@ -9,7 +9,8 @@ What a reload applies, to connections, messages and events from then on
   so connections already established keep theirs (OpenSSL ``SSL_new`` copies it).
 * the domain lists (``include_sender_domains`` and the rest) and the
   disclosure (``disclosure_footer_file``, read again, ``disclosure_header``,
-  ``disclosure_header_name``), for the tracking stage;
+  ``disclosure_header_name``, ``disclosure_optout_link``,
+  ``disclosure_optout_text``), for the tracking stage;
 * the network lists in ``DATA_DIR/networks`` (``smtp-tracker networks import``),
   for the open and click classifier.
 
@@ -60,6 +61,8 @@ RELOADED_KEYS = frozenset(
         "disclosure_footer_file",
         "disclosure_header",
         "disclosure_header_name",
+        "disclosure_optout_link",
+        "disclosure_optout_text",
     }
 )
 
@@ -225,6 +228,8 @@ def _disclosure(config: Config) -> Disclosure:
         footer_html=footer,
         header_name=config.disclosure_header_name,
         header_value=config.disclosure_header,
+        optout_link=config.disclosure_optout_link,
+        optout_text=config.disclosure_optout_text,
     )
 
 

@@ -166,3 +166,22 @@ def test_importing_100000_addresses_and_the_lookup_stays_an_index_probe(tmp_path
         conn.close()
     # a b-tree probe: a thousand times the entries cost a few more levels, not a scan
     assert large <= small * 2, (small, large)
+
+
+def test_a_reload_keeps_and_applies_the_objection_link() -> None:
+    """SIGHUP rebuilt the disclosure without the objection link: it vanished from mail."""
+    from smtp_tracker.config import build_config
+    from smtp_tracker.reload import prepare
+
+    running = build_config({"disclosure_optout_link": True}, {})
+    plan = prepare(running, running, tls_reloadable=False, classify=False)
+    assert plan.disclosure.optout_link and plan.restart_keys == ()
+    changed = build_config(
+        {"disclosure_optout_link": True, "disclosure_optout_text": "Stop measuring me"}, {}
+    )
+    plan = prepare(running, changed, tls_reloadable=False, classify=False)
+    assert (plan.disclosure.optout_link, plan.disclosure.optout_text) == (
+        True,
+        "Stop measuring me",
+    )
+    assert plan.restart_keys == ()
