@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from smtp_tracker.store import SqliteStore
+from smtp_tracker.store import SqliteDatabase, SqliteStore
 from tests.support import postgres
 
 
@@ -81,3 +81,19 @@ async def sqlite_store(data_dir: Path) -> AsyncIterator[SqliteStore]:
     """An open SQLite store with the default options."""
     async with await SqliteStore.open(data_dir) as opened:
         yield opened
+
+
+@pytest.fixture
+def open_sync_database(backend: str, request: pytest.FixtureRequest) -> Any:
+    """``open_sync_database(data_dir, **options)``: a fresh blocking store of the test's
+    backend (:class:`SqliteDatabase` in *data_dir*, or :class:`PgDatabase` in a new database)."""
+    if backend == "sqlite":
+        return lambda data_dir, **options: SqliteDatabase.open(data_dir, **options)
+    cluster = request.getfixturevalue("pg_cluster")
+
+    def open_pg(data_dir: Path, **options: Any) -> Any:
+        from smtp_tracker.store.postgresql import PgDatabase
+
+        return PgDatabase.open(cluster.new_database(), **options)
+
+    return open_pg

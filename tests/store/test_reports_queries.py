@@ -6,11 +6,11 @@ alone and combined; pagination walks every page; stats are computed by hand.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,12 +66,18 @@ class Expected:
         return any(v in COUNTED_VERDICTS for v in self.verdicts)
 
 
-def open_database(data_dir: Path) -> SqliteDatabase:
+def open_sqlite(data_dir: Path) -> SqliteDatabase:
     return SqliteDatabase.open(data_dir, classifier=classify_by_user_agent)
 
 
 @pytest.fixture
-def dataset(tmp_path: Path) -> Iterator[tuple[SqliteDatabase, list[Expected]]]:
+def open_database(open_sync_database: Any) -> Any:
+    """``open_database(data_dir)``: a fresh store of the test's backend (SQLite or PostgreSQL)."""
+    return lambda data_dir: open_sync_database(data_dir, classifier=classify_by_user_agent)
+
+
+@pytest.fixture
+def dataset(tmp_path: Path, open_database: Any) -> Iterator[tuple[SqliteDatabase, list[Expected]]]:
     """60 messages over 8 UTC days, 4 senders (one a bounce), shared and single
     recipients, some untracked, opens of every verdict."""
     database = open_database(tmp_path / "data")
@@ -291,7 +297,7 @@ def test_summaries_carry_the_counters(dataset: tuple[SqliteDatabase, list[Expect
 
 
 @pytest.fixture
-def same_time(tmp_path: Path) -> Iterator[SqliteDatabase]:
+def same_time(tmp_path: Path, open_database: Any) -> Iterator[SqliteDatabase]:
     """320 messages relayed in the same microsecond; every third from bob."""
     database = open_database(tmp_path / "same")
     for i in range(320):
@@ -411,7 +417,9 @@ def test_export_streams_every_match_in_pages(
 # -- one message ----------------------------------------------------------------------------
 
 
-def test_query_message_has_its_opens_and_clicks_with_verdicts(tmp_path: Path) -> None:
+def test_query_message_has_its_opens_and_clicks_with_verdicts(
+    tmp_path: Path, open_database: Any
+) -> None:
     with open_database(tmp_path / "one") as database:
         links = (
             LinkRecord(token="L" + "a" * 22, url="https://example.com/a?x=1&y=2", position=0),
@@ -469,7 +477,7 @@ def test_query_message_has_its_opens_and_clicks_with_verdicts(tmp_path: Path) ->
 # -- statistics -----------------------------------------------------------------------------
 
 
-def test_stats_by_day_on_known_data(tmp_path: Path) -> None:
+def test_stats_by_day_on_known_data(tmp_path: Path, open_database: Any) -> None:
     day1 = datetime(2024, 5, 1, 23, 59, tzinfo=UTC)
     day2 = datetime(2024, 5, 2, 0, 1, tzinfo=UTC)
     with open_database(tmp_path / "stats") as database:
@@ -575,7 +583,9 @@ def test_stats_by_sender_domain_and_day_bounds(
     assert sum(r.relayed for r in by_day) == len(in_period)
 
 
-def test_stats_open_rate_is_none_without_tracked_messages(tmp_path: Path) -> None:
+def test_stats_open_rate_is_none_without_tracked_messages(
+    tmp_path: Path, open_database: Any
+) -> None:
     with open_database(tmp_path / "none") as database:
         database.record_message(make_record(1, relayed_at=T0, tracked=False))
         (row,) = database.query_stats()
@@ -583,7 +593,7 @@ def test_stats_open_rate_is_none_without_tracked_messages(tmp_path: Path) -> Non
         assert database.query_stats(since=date(2030, 1, 1)) == []
 
 
-def test_stats_bad_arguments(tmp_path: Path) -> None:
+def test_stats_bad_arguments(tmp_path: Path, open_database: Any) -> None:
     with open_database(tmp_path / "bad") as database:
         with pytest.raises(ValueError, match="group"):
             database.query_stats(group="week")  # type: ignore[arg-type]
@@ -593,7 +603,7 @@ def test_stats_bad_arguments(tmp_path: Path) -> None:
 
 def test_stats_read_only_the_rollup(dataset: tuple[SqliteDatabase, list[Expected]]) -> None:
     database, _ = dataset
-    conn: sqlite3.Connection = database._conn
+    conn = database._conn
     before = database.query_stats(group="day")
     conn.execute("DELETE FROM messages")  # the rollup alone must answer
     assert database.query_stats(group="day") == before
@@ -617,7 +627,7 @@ def test_stats_read_only_the_rollup(dataset: tuple[SqliteDatabase, list[Expected
     ids=repr,
 )
 def test_message_queries_never_scan_the_table(tmp_path: Path, f: MessageFilter) -> None:
-    with open_database(tmp_path / "plan") as database:
+    with open_sqlite(tmp_path / "plan") as database:  # SQLite's plan; PostgreSQL: its own
         sql, params = page_query(f, after=(1, 2), limit=51)
         plan = [row[3] for row in database._conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
     scans = [line for line in plan if line.startswith("SCAN")]
