@@ -747,8 +747,7 @@ class PgDatabase:
         self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
     ) -> retention.Removed:
         """The oldest messages relayed before *before*, about *batch_rows* at a time."""
-        if batch_rows <= 0:
-            raise ValueError(f"batch_rows must be positive, got {batch_rows}")
+        retention.check_batch(batch_rows)
         return self._delete_messages(
             "SELECT id FROM messages WHERE relayed_at_us < ? ORDER BY relayed_at_us, id LIMIT ?",
             (to_us(before), batch_rows),
@@ -814,13 +813,14 @@ class PgDatabase:
         self, address: str, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
     ) -> retention.Removed:
         """Every message sent to *address* (any of :func:`.retention.recipient_forms`), whole."""
+        retention.check_batch(batch_rows)
         forms = retention.recipient_forms(address)
         total = retention.Removed()
         while (
             removed := self._delete_messages(
                 "SELECT message_rowid FROM message_recipients WHERE address = ANY(?) LIMIT ?",
                 (forms, batch_rows),
-                retention._needles(address),
+                retention.needles(address),
             )
         ).messages:
             total += removed

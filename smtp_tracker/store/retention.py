@@ -297,3 +297,9 @@ def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
     ).fetchone()[0]
     queue_ids = tuple(str(row[2]) for row in rows)
     return dataclasses.replace(counted, links=int(links), queue_ids=queue_ids)
+
+
+#: The checks and forms the PostgreSQL backend (:mod:`.postgresql`) shares, deleting with
+#: its own SQL: a batch size, and what a destination URL naming an address holds.
+check_batch = _check_batch
+needles = _needles
