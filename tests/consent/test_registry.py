@@ -185,3 +185,18 @@ def test_a_reload_keeps_and_applies_the_objection_link() -> None:
         "Stop measuring me",
     )
     assert plan.restart_keys == ()
+
+
+def test_the_page_names_one_recipient_whole_and_several_cut() -> None:
+    from smtp_tracker.web.public.optout import masked
+
+    assert masked(["bob@example.net"]) == ["bob@example.net"]
+    assert masked(["ivy@example.com", "jack@example.org"]) == [
+        "i***@example.com",
+        "j***@example.org",
+    ]
+    assert masked(["ivy@a.example", "ian@a.example", "i@a.example"]) == [
+        "iv***@a.example",
+        "ia***@a.example",
+        "i@a.example",
+    ]

@@ -3,8 +3,9 @@
 Routes
     ``GET /optout/{token}``: a small page naming the recipients of the message
     whose footer carried the link (``disclosure_optout_link``), each with a
-    button.  It changes nothing: a link scanner or prefetcher that follows the
-    link records nothing.  ``HEAD``: the same, without a body.
+    button (several recipients: local parts cut, :func:`masked`).  It changes
+    nothing: a link scanner or prefetcher that follows the link records
+    nothing.  ``HEAD``: the same, without a body.
 
     ``POST /optout/{token}`` (the page's form): records ``denied`` for the
     chosen recipient (source ``optout-link``) and shows a confirmation.  The
@@ -38,6 +39,7 @@ import logging
 import secrets
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -56,6 +58,7 @@ __all__ = [
     "add_optout_routes",
     "load_template",
     "make_form_token",
+    "masked",
     "verify_form_token",
 ]
 
@@ -178,8 +181,9 @@ class OptoutPage:
         if link is None:
             return self._page(404, error=_UNKNOWN)
         self.shown += 1
+        shown = masked(link.recipients)
         recipients = [
-            _Recipient(index, address, states.get(address))
+            _Recipient(index, shown[index], states.get(address))
             for index, address in enumerate(link.recipients)
         ]
         return self._page(200, recipients=recipients, form_token=make_form_token(self._key, token))
@@ -218,7 +222,29 @@ class OptoutPage:
         self.recorded += 1
         logger.info("objection recorded through the objection page of one message")
         others = link is not None and len(link.recipients) > 1
+        if link is not None and others:
+            address = masked(link.recipients)[link.recipients.index(address)]
         return self._page(200, done=address, others=others)
+
+
+def masked(addresses: Sequence[str]) -> list[str]:
+    """How the page names *addresses*: whole when there is one; else each local part
+    cut to its first characters (as few as tell them apart) and ``***``.
+
+    Everyone who has the message has its link, and the envelope of one
+    transaction may hold Bcc recipients: with several, the page must not hand
+    their addresses to the others; each still knows their own.
+    """
+    if len(addresses) <= 1:
+        return list(addresses)
+    for keep in range(1, max(len(a.rpartition("@")[0]) for a in addresses) + 1):
+        shown = []
+        for address in addresses:
+            local, _, domain = address.rpartition("@")
+            shown.append(f"{local[:keep]}***@{domain}" if len(local) > keep else address)
+        if len(set(shown)) == len(shown):
+            return shown
+    return list(addresses)  # not reached: whole addresses differ
 
 
 def _same_origin(origin: str, request: web.Request) -> bool:
