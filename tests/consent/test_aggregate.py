@@ -87,9 +87,31 @@ async def test_aggregate_mode_counts_the_same_and_stores_nothing_personal(
     await run_traffic(per_person, upstream, per_person_dir, "per-person", client_ssl_context)
     await per_person.stop(grace_s=1.0)
     aggregate = await relay_factory(
-        data_dir=str(aggregate_dir), tracking_mode="aggregate", **options
+        data_dir=str(aggregate_dir),
+        tracking_mode="aggregate",
+        reports=True,
+        reports_listen="127.0.0.1:0",
+        **options,
     )
     await run_traffic(aggregate, upstream, aggregate_dir, "aggregate", client_ssl_context)
+
+    # the reports API works in this mode and says so
+    token = (aggregate_dir / "reports-token").read_text().strip()
+    base = f"https://localhost:{aggregate.reports_port}"
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {token}"},
+        connector=aiohttp.TCPConnector(ssl=client_ssl_context),
+    ) as session:
+        async with session.get(base + "/api/stats") as response:
+            assert response.status == 200
+            stats = await response.json()
+        assert stats["total"]["tracking_mode"] == "aggregate"
+        assert (stats["total"]["relayed"], stats["total"]["opens"]) == (3, 3)
+        async with session.get(base + "/api/messages") as response:
+            assert response.status == 200
+            listed = await response.json()
+        assert len(listed["items"]) == 3
+        assert {(m["sender"], tuple(m["recipients"])) for m in listed["items"]} == {("", ())}
 
     # the figures are the same, and say which mode made them
     assert figures(aggregate_dir) == figures(per_person_dir)
