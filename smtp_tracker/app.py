@@ -453,32 +453,42 @@ class Application:
             ) from exc
         log.info("serving metrics on http://%s/metrics", _address_text(listen.host, port))
 
+    async def build_tracker(self) -> Tracker:
+        """The tracking stage, as ``serve`` and ``milter`` both use it (after the store
+        and the pixel endpoint have started).
+
+        Pixels point at ``pixel_base_url``, else at this host and the pixel port
+        (with a warning).  Reads the disclosure footer and the DKIM tables in a thread.
+
+        :raises ConfigError: when the disclosure footer or the DKIM tables cannot be used.
+        """
+        config = self.config
+        base_url = pixel_base_url(config, self.pixel_port)
+        if config.pixel_base_url is None:
+            log.warning(
+                "pixel_base_url is not set; pixels will point at %s: set it to the "
+                "public URL of the pixel endpoint",
+                base_url,
+            )
+        return Tracker(
+            policy=rewrite_policy(config),
+            pixel_base_url=base_url,
+            store=self.store,
+            rewrite_timeout_s=config.rewrite_timeout_s,
+            rewrite_queue_wait_s=config.rewrite_queue_wait_s,
+            domains=domain_policy(config),
+            disclosure=await asyncio.to_thread(disclosure, config),
+            resigner=await asyncio.to_thread(dkim_resigner, config),
+            consent=ConsentCheck(self.consent, requires_consent=config.tracking_requires_consent),
+            optout_links=self.consent,
+        )
+
     async def _start_smtp(self) -> None:
         config = self.config
         assert self.upstreams is not None
         self._running.push_async_callback(self.upstreams.close)
         if config.tracking:
-            base_url = pixel_base_url(config, self.pixel_port)
-            if config.pixel_base_url is None:
-                log.warning(
-                    "pixel_base_url is not set; pixels will point at %s: set it to the "
-                    "public URL of the pixel endpoint",
-                    base_url,
-                )
-            self.tracker = Tracker(
-                policy=rewrite_policy(config),
-                pixel_base_url=base_url,
-                store=self.store,
-                rewrite_timeout_s=config.rewrite_timeout_s,
-                rewrite_queue_wait_s=config.rewrite_queue_wait_s,
-                domains=domain_policy(config),
-                disclosure=await asyncio.to_thread(disclosure, config),
-                resigner=await asyncio.to_thread(dkim_resigner, config),
-                consent=ConsentCheck(
-                    self.consent, requires_consent=config.tracking_requires_consent
-                ),
-                optout_links=self.consent,
-            )
+            self.tracker = await self.build_tracker()
         self._running.push_async_callback(self._stop_tracker)
         self._handler = RelayHandler(
             upstream=self.upstreams,

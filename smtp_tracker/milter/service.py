@@ -20,7 +20,6 @@ from smtp_tracker.errors import ConfigError
 from smtp_tracker.milter.filter import MilterContext
 from smtp_tracker.milter.listener import MilterListener, parse_milter_listen
 from smtp_tracker.pruner import Pruner
-from smtp_tracker.tracking.consent import ConsentCheck
 from smtp_tracker.tracking.stage import Tracker
 
 __all__ = ["MilterService", "run"]
@@ -65,7 +64,7 @@ class MilterService:
         await app.start()
         try:
             if config.tracking:
-                self.tracker = await self._tracker()
+                self.tracker = await app.build_tracker()  # the one serve builds
                 self.context.stage = self.tracker
                 app.tracker = self.tracker  # Application.reload reconfigures it (SIGHUP)
             if app.store is not None and config.retention_days > 0:
@@ -76,29 +75,6 @@ class MilterService:
         except BaseException:
             await self.stop(grace_s=0)
             raise
-
-    async def _tracker(self) -> Tracker:
-        config = self.config
-        base_url = parts.pixel_base_url(config, self.app.pixel_port)
-        if config.pixel_base_url is None:
-            log.warning(
-                "pixel_base_url is not set; pixels will point at %s: set it to the "
-                "public URL of the pixel endpoint",
-                base_url,
-            )
-        return Tracker(
-            policy=parts.rewrite_policy(config),
-            pixel_base_url=base_url,
-            store=self.app.store,
-            rewrite_timeout_s=config.rewrite_timeout_s,
-            rewrite_queue_wait_s=config.rewrite_queue_wait_s,
-            domains=parts.domain_policy(config),
-            disclosure=await asyncio.to_thread(parts.disclosure, config),
-            consent=ConsentCheck(  # issue 20: objections hold in milter mode too
-                self.app.consent, requires_consent=config.tracking_requires_consent
-            ),
-            optout_links=self.app.consent,
-        )
 
     async def stop(self, grace_s: float) -> None:
         """Drain the milter (up to ``grace_s`` seconds), then stop the rest in reverse."""
