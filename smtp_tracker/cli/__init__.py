@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from smtp_tracker import __version__
-from smtp_tracker.cli import admin, consent, milter, records, serve, store, webhooks
+from smtp_tracker.cli import admin, consent, migrate, milter, records, serve, store, webhooks
 from smtp_tracker.errors import ConfigError, SmtpTrackerError, StartupError
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     records.add_commands(commands)
     admin.add_commands(commands)
     store.add_commands(commands)
+    migrate.add_commands(commands)
     webhooks.add_commands(commands)
     consent.add_commands(commands)
     return parser

@@ -1,0 +1,320 @@
+"""Copy a SQLite tracking store into PostgreSQL (``smtp-tracker migrate-store``, issue 14).
+
+The source, ``DATA_DIR/tracker.sqlite3``, is opened read-only (``mode=ro``):
+nothing in it changes.  Each table is copied in batches, each batch one
+PostgreSQL transaction (``COPY`` into a temporary table, then ``INSERT ...
+SELECT ... ON CONFLICT DO NOTHING``), so an interrupted copy leaves whole
+batches behind and running it again goes on where it stopped: tables keyed
+by an integer id start after the largest id already there, the others are
+copied again with their existing rows left as they are.  At the end the
+identity sequences are moved past the copied ids and every table is
+verified: row counts, and a checksum of its rows (order-independent: the sum
+of each row's SHA-256 prefix, with JSON normalised), equal on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from smtp_tracker.errors import StoreError
+from smtp_tracker.store.integrity import DB_FILENAME
+from smtp_tracker.store.migrations import CURRENT_VERSION
+
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["TABLES", "Table", "TableCheck", "copy_store", "open_source", "verify"]
+
+
+@dataclass(frozen=True)
+class Table:
+    """How one table is copied.
+
+    :ivar key: the integer column batches advance on (resumed after its largest
+        value in the target), or None for a table copied whole each run.
+    :ivar group: with *key*: batches hold whole groups of equal keys (a table
+        without a primary key: ``message_recipients``).
+    :ivar identity: the identity column whose sequence follows the copied ids.
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    key: str | None = None
+    group: bool = False
+    identity: str | None = None
+    json_columns: tuple[str, ...] = ()
+
+
+_MESSAGE_COLUMNS = (
+    "id",
+    "tracking_id",
+    "queue_id",
+    "message_id",
+    "sender",
+    "recipients",
+    "size_bytes",
+    "received_at_us",
+    "relayed_at_us",
+    "upstream_reply",
+    "tracked",
+    "not_tracked_reason",
+    "subject",
+    "sender_domain",
+    "open_count",
+    "counted_open_count",
+    "first_open_at_us",
+    "click_count",
+    "counted_click_count",
+)
+_EVENT = ("tracking_id", "at_us", "ip", "user_agent", "verdict", "verdict_reason", "signals")
+
+#: The tables, in the order they are copied.
+TABLES: Final = (
+    Table("messages", _MESSAGE_COLUMNS, key="id", identity="id"),
+    Table("message_recipients", ("message_rowid", "address"), key="message_rowid", group=True),
+    Table("links", ("token", "tracking_id", "url", "position", "relayed_at_us")),
+    Table("opens", ("id", *_EVENT), key="id", identity="id", json_columns=("signals",)),
+    Table(
+        "clicks",
+        ("id", "link_token", *_EVENT),
+        key="id",
+        identity="id",
+        json_columns=("signals",),
+    ),
+    Table(
+        "daily_stats",
+        (
+            "day",
+            "sender_domain",
+            "relayed",
+            "tracked",
+            "opened",
+            "opened_any",
+            "opens",
+            "opens_human",
+            "opens_privacy_proxy",
+            "opens_mail_proxy",
+            "opens_scanner",
+            "opens_unknown",
+            "clicks",
+            "clicked",
+            "opened_via_click",
+            "relayed_aggregate",
+        ),
+    ),
+    Table(
+        "webhook_events",
+        ("seq", "id", "type", "created_us", "body"),
+        key="seq",
+        identity="seq",
+    ),
+    Table(
+        "webhook_deliveries",
+        ("hook", "seq", "order_key", "state", "attempts", "due_us", "since_us", "last_error"),
+    ),
+    Table("webhook_hooks", ("hook", "disabled_at_us", "disabled_reason")),
+    Table("consent", ("address", "state", "at_us", "source")),
+    Table("optout_links", ("token", "tracking_id", "recipients", "created_us")),
+    Table("optout_used", ("nonce", "used_us")),
+)
+
+
+def open_source(data_dir: Path) -> sqlite3.Connection:
+    """``DATA_DIR/tracker.sqlite3`` read-only, at this code's schema version.
+
+    :raises StoreError: when it is missing, unreadable, or at another version
+        (run smtp-tracker of this version on it once first).
+    """
+    path = Path(data_dir) / DB_FILENAME
+    if not path.is_file():
+        raise StoreError(f"no tracking store in {data_dir}")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    if version != CURRENT_VERSION:
+        conn.close()
+        raise StoreError(
+            f"{path} is at schema v{version}, this smtp-tracker copies v{CURRENT_VERSION}: "
+            "run 'smtp-tracker stats' (or serve) of this version on it once first"
+        )
+    return conn
+
+
+def _source_rows(
+    source: sqlite3.Connection, table: Table, after: int | None, batch_rows: int
+) -> list[tuple[Any, ...]]:
+    columns = ", ".join(table.columns)
+    if table.key is None:
+        raise AssertionError(table)
+    if table.group:  # whole groups: every row of the last key read
+        last = source.execute(
+            f"SELECT max(k) FROM (SELECT {table.key} AS k FROM {table.name}"  # noqa: S608 - constant names
+            f" WHERE {table.key} > ? ORDER BY {table.key} LIMIT ?)",
+            (after if after is not None else -1, batch_rows),
+        ).fetchone()[0]
+        if last is None:
+            return []
+        return source.execute(
+            f"SELECT {columns} FROM {table.name} WHERE {table.key} > ? AND {table.key} <= ?"  # noqa: S608 - constant names
+            f" ORDER BY {table.key}",
+            (after if after is not None else -1, last),
+        ).fetchall()
+    return source.execute(
+        f"SELECT {columns} FROM {table.name} WHERE {table.key} > ?"  # noqa: S608 - constant names
+        f" ORDER BY {table.key} LIMIT ?",
+        (after if after is not None else -1, batch_rows),
+    ).fetchall()
+
+
+def _write_batch(
+    target: psycopg.Connection[Any], table: Table, rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """One transaction: COPY *rows* into a temporary table, then insert what is missing."""
+    columns = ", ".join(table.columns)
+    with target.transaction():
+        target.execute(f"CREATE TEMPORARY TABLE copy_stage (LIKE {table.name}) ON COMMIT DROP")
+        with target.cursor() as cursor:
+            with cursor.copy(f"COPY copy_stage ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            conflict = "" if table.group else " ON CONFLICT DO NOTHING"
+            cursor.execute(
+                f"INSERT INTO {table.name} ({columns}) OVERRIDING SYSTEM VALUE"  # noqa: S608 - constant names
+                f" SELECT {columns} FROM copy_stage{conflict}"
+            )
+
+
+def _target_after(target: psycopg.Connection[Any], table: Table) -> int | None:
+    assert table.key is not None
+    row = target.execute(f"SELECT max({table.key}) FROM {table.name}").fetchone()  # noqa: S608 - constant names
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def _all_rows(source: sqlite3.Connection, table: Table, batch_rows: int) -> Iterator[list[Any]]:
+    cursor = source.execute(f"SELECT {', '.join(table.columns)} FROM {table.name}")  # noqa: S608 - constant names
+    while rows := cursor.fetchmany(batch_rows):
+        yield rows
+
+
+def count_rows(source: sqlite3.Connection) -> dict[str, int]:
+    """Rows per table of the source."""
+    return {
+        table.name: int(source.execute(f"SELECT count(*) FROM {table.name}").fetchone()[0])  # noqa: S608 - constant names
+        for table in TABLES
+    }
+
+
+def copy_store(
+    source: sqlite3.Connection,
+    target: psycopg.Connection[Any],
+    *,
+    batch_rows: int = 5000,
+    progress: Callable[[str, int], None] = lambda table, rows: None,
+) -> dict[str, int]:
+    """Copy every table of *source* into *target* (a migrated PostgreSQL store).
+
+    Resumable (see the module's docstring).  *progress* is told of each
+    batch committed: the table and its rows.
+
+    :returns: the rows copied (written or found already there) per table.
+    :raises psycopg.Error: when the target fails (what is committed stays).
+    """
+    if batch_rows < 1:
+        raise ValueError("batch_rows must be at least 1")
+    copied: dict[str, int] = {}
+    for table in TABLES:
+        done = 0
+        if table.key is None:
+            for rows in _all_rows(source, table, batch_rows):
+                _write_batch(target, table, rows)
+                done += len(rows)
+                progress(table.name, len(rows))
+        else:
+            after = _target_after(target, table)
+            if after is not None:  # already there: counted as done
+                skipped = source.execute(
+                    f"SELECT count(*) FROM {table.name} WHERE {table.key} <= ?",  # noqa: S608 - constant names
+                    (after,),
+                ).fetchone()[0]
+                done += int(skipped)
+                progress(table.name, int(skipped))
+            while rows := _source_rows(source, table, after, batch_rows):
+                _write_batch(target, table, rows)
+                after = int(rows[-1][table.columns.index(table.key)])
+                done += len(rows)
+                progress(table.name, len(rows))
+        copied[table.name] = done
+    with target.transaction():
+        for table in TABLES:
+            if table.identity is not None:
+                target.execute(
+                    "SELECT setval(pg_get_serial_sequence(%s, %s),"  # noqa: S608 - constant names
+                    f" coalesce((SELECT max({table.identity}) FROM {table.name}), 0) + 1, false)",
+                    (table.name, table.identity),
+                )
+    return copied
+
+
+@dataclass(frozen=True)
+class TableCheck:
+    """A table's rows and checksum on both sides."""
+
+    table: str
+    source_rows: int
+    target_rows: int
+    source_sum: str
+    target_sum: str
+
+    @property
+    def ok(self) -> bool:
+        return self.source_rows == self.target_rows and self.source_sum == self.target_sum
+
+
+def _canonical(value: Any, *, is_json: bool) -> str:
+    if value is None:
+        return "\\N"
+    if is_json:
+        parsed = json.loads(value) if isinstance(value, str | bytes) else value
+        return json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+def _checksum(rows: Iterator[Sequence[Any]], table: Table) -> tuple[int, str]:
+    flags = [column in table.json_columns for column in table.columns]
+    total, count = 0, 0
+    for row in rows:
+        text = "\x1f".join(
+            _canonical(value, is_json=flag) for value, flag in zip(row, flags, strict=True)
+        )
+        total = (total + int.from_bytes(hashlib.sha256(text.encode()).digest()[:8])) % 2**64
+        count += 1
+    return count, f"{total:016x}"
+
+
+def verify(source: sqlite3.Connection, target: psycopg.Connection[Any]) -> list[TableCheck]:
+    """Each table's row count and checksum on both sides."""
+    checks = []
+    for table in TABLES:
+        columns = ", ".join(table.columns)
+        source_count, source_sum = _checksum(
+            iter(source.execute(f"SELECT {columns} FROM {table.name}")),  # noqa: S608 - constant names
+            table,
+        )
+        with target.transaction(), target.cursor(name=f"verify_{table.name}") as cursor:
+            cursor.execute(f"SELECT {columns} FROM {table.name}")  # noqa: S608 - constant names
+            target_count, target_sum = _checksum(iter(cursor), table)
+        checks.append(TableCheck(table.name, source_count, target_count, source_sum, target_sum))
+    return checks
