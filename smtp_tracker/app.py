@@ -45,7 +45,7 @@ from smtp_tracker.smtp.upstream import UpstreamObserver, UpstreamSettings
 from smtp_tracker.store import EventClassifier, SqliteStore
 from smtp_tracker.store.address import load_or_create_hash_key
 from smtp_tracker.store.backends import open_store
-from smtp_tracker.store.consent import ConsentRegistry
+from smtp_tracker.store.consent import ConsentRegistry, open_registry
 from smtp_tracker.store.postgresql import PostgresStore
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tls import load_server_context, write_self_signed
@@ -383,7 +383,13 @@ class Application:
                 per_message=config.aggregate_per_message,
                 link_retention_days=config.link_retention_days,
             )
-            self.consent = ConsentRegistry(config.data_dir, suspended=self.store.suspended)
+            self.consent = open_registry(  # SQLite: its file; PostgreSQL: its server
+                store=config.store,
+                data_dir=config.data_dir,
+                password_file=config.store_password_file,
+                timeout_s=config.store_timeout_s,
+                suspended=self.store.suspended,
+            )
             running.push_async_callback(self._stop_consent)
         try:
             if self.store is not None and (config.webhooks or config.events_log is not None):

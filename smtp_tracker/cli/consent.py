@@ -18,8 +18,9 @@
 ``consent export [FILE]``
     The registry as CSV (``address,state,at,source``), to standard output by default.
 
-The registry lives in the tracking store of the data directory, so a running
-``serve`` sees each change at its next transaction.
+The registry lives in the tracking store (``DATA_DIR/tracker.sqlite3``, or
+the PostgreSQL database of ``store``), so a running ``serve`` sees each change
+at its next transaction.
 """
 
 from __future__ import annotations
@@ -37,14 +38,20 @@ __all__ = ["add_commands", "cmd_consent"]
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
-_KEYS = ("data_dir",)
+_KEYS = ("data_dir", "store", "store_password_file")
 
 
 def _database(args: argparse.Namespace) -> Any:
-    from smtp_tracker.store import SqliteDatabase
+    from smtp_tracker.store.backends import open_database
 
     config = load_config(args)
-    return SqliteDatabase.open(config.data_dir)  # created and migrated when needed
+    return open_database(  # SQLite: created and migrated when needed; or PostgreSQL
+        store=config.store,
+        data_dir=config.data_dir,
+        password_file=config.store_password_file,
+        create=True,
+        migrate_schema=True,
+    )
 
 
 def _addresses(values: list[str]) -> list[str]:
@@ -133,8 +140,12 @@ def cmd_consent(args: argparse.Namespace) -> int:
                 raise InputError(f"cannot write {args.file} ({exc.strerror})") from None
             print(f"smtp-tracker: exported {count} addresses to {args.file}", file=sys.stderr)
             return EXIT_OK
-    except sqlite3.Error as exc:
-        raise StoreError(f"consent registry: {exc}") from None
+    except StoreError:
+        raise
+    except Exception as exc:  # sqlite3.Error, psycopg.Error: one line, no traceback
+        if isinstance(exc, sqlite3.Error) or type(exc).__module__.startswith("psycopg"):
+            raise StoreError(f"consent registry: {exc}") from None
+        raise
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

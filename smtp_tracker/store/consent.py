@@ -20,16 +20,19 @@ Issue 20.  Tables of schema v6 (:mod:`.migrations`):
     The single-use form tokens of the objection page already spent (a replayed
     POST records nothing); kept for :data:`FORM_TTL_S`.
 
-Functions here take a :class:`sqlite3.Connection` in autocommit mode and are
-blocking; :class:`ConsentRegistry` runs them on a connection and thread of
-its own, so a look-up in the relay path never queues behind a report query or
-a batch of opens.  The SQL is plain and kept in this module, for a later
-server-database backend.
+Functions here take a connection in autocommit mode, a
+:class:`sqlite3.Connection` or a PostgreSQL
+:class:`~smtp_tracker.store.postgresql.PgConnection` (``?`` placeholders for
+both; the tables are in both schemas), and are blocking;
+:class:`ConsentRegistry` runs them on a connection and thread of its own, so a
+look-up in the relay path never queues behind a report query or a batch of
+opens.  The SQL is plain, shared by both backends, and kept in this module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -39,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, TypeVar, get_args
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store.integrity import DB_FILENAME
@@ -63,6 +66,7 @@ __all__ = [
     "get_entry",
     "iter_entries",
     "object_via_link",
+    "open_registry",
     "parse_csv",
     "prune_optout",
     "set_states",
@@ -83,6 +87,25 @@ _IN_CHUNK: Final = 500
 
 _T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+#: A connection of either backend: :class:`sqlite3.Connection` or ``PgConnection``.
+Conn = Any
+
+
+def _transaction(conn: Conn) -> contextlib.AbstractContextManager[Any]:
+    """One write transaction: SQLite's ``BEGIN IMMEDIATE``, or psycopg's."""
+    if isinstance(conn, sqlite3.Connection):
+        return immediate_transaction(conn)
+    return conn.raw.transaction()  # type: ignore[no-any-return]
+
+
+def _executemany(conn: Conn, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    if isinstance(conn, sqlite3.Connection):
+        conn.executemany(sql, rows)
+        return
+    with conn.raw.cursor() as cursor:  # psycopg pipelines executemany
+        cursor.executemany(sql.replace("?", "%s"), rows)
 
 
 def _now_us() -> int:
@@ -144,7 +167,7 @@ class OptoutLink:
 
 
 def set_states(
-    conn: sqlite3.Connection,
+    conn: Conn,
     entries: Iterable[tuple[str, ConsentState]],
     *,
     source: str,
@@ -164,12 +187,13 @@ def set_states(
     batch: list[tuple[str, str, int, str]] = []
 
     def flush() -> None:
-        with immediate_transaction(conn):
-            conn.executemany(
+        with _transaction(conn):
+            _executemany(
+                conn,
                 "INSERT INTO consent (address, state, at_us, source) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (address) DO UPDATE SET state = excluded.state,"
                 " at_us = excluded.at_us, source = excluded.source",
-                batch,
+                list({row[0]: row for row in batch}.values()),  # the last one wins
             )
 
     for address, state in entries:
@@ -186,7 +210,7 @@ def set_states(
     return written
 
 
-def states_of(conn: sqlite3.Connection, addresses: Iterable[str]) -> dict[str, ConsentState]:
+def states_of(conn: Conn, addresses: Iterable[str]) -> dict[str, ConsentState]:
     """The registry's state of each of *addresses* that has one (keyed as given).
 
     Each address is looked up in every form it may be written in (lower case,
@@ -229,7 +253,7 @@ def _entry(row: Sequence[object]) -> ConsentEntry:
     )
 
 
-def get_entry(conn: sqlite3.Connection, address: str) -> ConsentEntry | None:
+def get_entry(conn: Conn, address: str) -> ConsentEntry | None:
     """The registry's row for *address* (any of its forms), or None."""
     for form in recipient_forms(address):
         row = conn.execute(
@@ -241,16 +265,17 @@ def get_entry(conn: sqlite3.Connection, address: str) -> ConsentEntry | None:
 
 
 def iter_entries(
-    conn: sqlite3.Connection, *, state: ConsentState | None = None, page_rows: int = 5000
+    conn: Conn, *, state: ConsentState | None = None, page_rows: int = 5000
 ) -> Iterator[ConsentEntry]:
     """Every entry (of *state*), by address, read *page_rows* at a time (keyset paging)."""
     after = ""
-    where = "" if state is None else " AND state = :state"
+    where = "" if state is None else " AND state = ?"
     while True:
+        params: tuple[Any, ...] = (after, page_rows) if state is None else (after, state, page_rows)
         rows = conn.execute(
             "SELECT address, state, at_us, source FROM consent"  # noqa: S608 - constant
-            f" WHERE address > :after{where} ORDER BY address LIMIT :limit",
-            {"after": after, "state": state, "limit": page_rows},
+            f" WHERE address > ?{where} ORDER BY address LIMIT ?",
+            params,
         ).fetchall()
         if not rows:
             return
@@ -259,7 +284,7 @@ def iter_entries(
         after = str(rows[-1][0])
 
 
-def count_entries(conn: sqlite3.Connection) -> dict[str, int]:
+def count_entries(conn: Conn) -> dict[str, int]:
     """``{"denied": n, "granted": n}``."""
     counts: dict[str, int] = dict.fromkeys(STATES, 0)
     for state, count in conn.execute("SELECT state, count(*) FROM consent GROUP BY state"):
@@ -321,7 +346,7 @@ def export_csv(entries: Iterable[ConsentEntry], out: io.TextIOBase | object) -> 
 
 
 def add_optout_link(
-    conn: sqlite3.Connection,
+    conn: Conn,
     token: str,
     tracking_id: str,
     recipients: Sequence[str],
@@ -333,8 +358,8 @@ def add_optout_link(
     :raises sqlite3.Error: when it cannot be written.
     """
     conn.execute(
-        "INSERT OR IGNORE INTO optout_links (token, tracking_id, recipients, created_us)"
-        " VALUES (?, ?, ?, ?)",
+        "INSERT INTO optout_links (token, tracking_id, recipients, created_us)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (
             token,
             tracking_id,
@@ -344,7 +369,7 @@ def add_optout_link(
     )
 
 
-def find_optout_link(conn: sqlite3.Connection, token: str) -> OptoutLink | None:
+def find_optout_link(conn: Conn, token: str) -> OptoutLink | None:
     """The objection link with *token*, or None (unknown, pruned or forgotten)."""
     row = conn.execute(
         "SELECT tracking_id, recipients, created_us FROM optout_links WHERE token = ?", (token,)
@@ -360,7 +385,7 @@ def find_optout_link(conn: sqlite3.Connection, token: str) -> OptoutLink | None:
 
 
 def object_via_link(
-    conn: sqlite3.Connection, token: str, index: int, nonce: str, *, at_us: int | None = None
+    conn: Conn, token: str, index: int, nonce: str, *, at_us: int | None = None
 ) -> str | None:
     """Record ``denied`` for recipient *index* of link *token*, spending form token *nonce*.
 
@@ -373,7 +398,7 @@ def object_via_link(
     :raises sqlite3.Error: when the database cannot be written.
     """
     at_us = _now_us() if at_us is None else at_us
-    with immediate_transaction(conn):
+    with _transaction(conn):
         link = find_optout_link(conn, token)
         if link is None or not 0 <= index < len(link.recipients):
             return None
@@ -396,13 +421,15 @@ def object_via_link(
     return address
 
 
-def prune_optout(conn: sqlite3.Connection, before_us: int) -> int:
+def prune_optout(conn: Conn, before_us: int) -> int:
     """Delete objection links made before *before_us*; returns how many."""
-    with immediate_transaction(conn):
-        return conn.execute("DELETE FROM optout_links WHERE created_us < ?", (before_us,)).rowcount
+    with _transaction(conn):
+        return int(
+            conn.execute("DELETE FROM optout_links WHERE created_us < ?", (before_us,)).rowcount
+        )
 
 
-def forget_address(conn: sqlite3.Connection, address: str) -> dict[str, int]:
+def forget_address(conn: Conn, address: str) -> dict[str, int]:
     """Remove what names *address* here, but an objection.
 
     The objection links naming it go, and a ``granted`` row; a ``denied``
@@ -411,19 +438,26 @@ def forget_address(conn: sqlite3.Connection, address: str) -> dict[str, int]:
 
     :returns: ``{"optout_links": n, "consent": n}`` rows deleted.
     """
-    forms = json.dumps(recipient_forms(address), ensure_ascii=False)
-    with immediate_transaction(conn):
+    forms = recipient_forms(address)
+    marks = ", ".join("?" * len(forms))
+    # recipients is a JSON array as json.dumps writes it: each form, quoted and
+    # escaped the same way, is a substring of it (LIKE's own characters escaped)
+    likes = ["%" + _like_escape(json.dumps(form)) + "%" for form in forms]
+    matches = " OR ".join("recipients LIKE ? ESCAPE '!'" for _ in likes)
+    with _transaction(conn):
         links = conn.execute(
-            "DELETE FROM optout_links WHERE EXISTS (SELECT 1 FROM json_each(recipients) r"
-            " WHERE r.value IN (SELECT value FROM json_each(:forms)))",
-            {"forms": forms},
+            f"DELETE FROM optout_links WHERE {matches}",  # noqa: S608 - marks only
+            likes,
         ).rowcount
         granted = conn.execute(
-            "DELETE FROM consent WHERE state = 'granted'"
-            " AND address IN (SELECT value FROM json_each(:forms))",
-            {"forms": forms},
+            f"DELETE FROM consent WHERE state = 'granted' AND address IN ({marks})",  # noqa: S608
+            forms,
         ).rowcount
     return {"optout_links": links, "consent": granted}
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
 
 
 # -- the async registry ------------------------------------------------------------------
@@ -432,58 +466,78 @@ def forget_address(conn: sqlite3.Connection, address: str) -> dict[str, int]:
 class ConsentRegistry:
     """The registry and the objection links, for the relay and the pixel listener.
 
-    Keeps one SQLite connection of its own (to ``DATA_DIR/tracker.sqlite3``,
-    which the store created and migrated) on one thread of its own.  The
+    Keeps one connection of its own on one thread of its own: to
+    ``DATA_DIR/tracker.sqlite3`` (which the store created and migrated), or,
+    given *connect*, to the PostgreSQL store (:func:`open_registry`).  The
     connection is opened at the first call and opened again after a failure,
-    so a store repaired while running is used again.
+    so a store repaired (or a server back) while running is used again.
 
-    :param data_dir: the data directory.
+    :param data_dir: the data directory (SQLite).
     :param busy_timeout_s: how long a statement waits for another writer's lock.
     :param suspended: why the store is suspended (it could not be opened at
         start): then the database is never touched, every call raises
         :class:`StoreError`, and the relay tracks nobody (``consent-unavailable``).
+    :param connect: instead of *data_dir*: opens a connection and gives it with
+        the function that closes it.
+    :raises ValueError: unless exactly one of *data_dir* and *connect* is given.
     """
 
     def __init__(
-        self, data_dir: Path, *, busy_timeout_s: float = 5.0, suspended: str | None = None
+        self,
+        data_dir: Path | None = None,
+        *,
+        busy_timeout_s: float = 5.0,
+        suspended: str | None = None,
+        connect: Callable[[], tuple[Conn, Callable[[], None]]] | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        if (data_dir is None) == (connect is None):
+            raise ValueError("give data_dir or connect")
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self.suspended = suspended
         self._busy_timeout_s = busy_timeout_s
-        self._conn: sqlite3.Connection | None = None
+        self._connect = connect or self._connect_sqlite
+        self._conn: Conn | None = None
+        self._close: Callable[[], None] = lambda: None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="consent")
         self._closed = False
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connect_sqlite(self) -> tuple[Conn, Callable[[], None]]:
+        assert self.data_dir is not None
+        path = self.data_dir / DB_FILENAME
+        if not path.is_file():
+            raise StoreError(f"no tracking store at {path}")
+        conn = sqlite3.connect(
+            path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            if schema_version(conn) < CONSENT_SCHEMA_VERSION:
+                raise StoreError(f"{path} has no consent tables (schema older than v6)")
+        except BaseException:
+            conn.close()
+            raise
+        return conn, conn.close
+
+    def _connection(self) -> Conn:
         if self.suspended is not None:  # left as it is, for recovery
             raise StoreError(self.suspended)
         if self._conn is None:
-            path = self.data_dir / DB_FILENAME
-            if not path.is_file():
-                raise StoreError(f"no tracking store at {path}")
-            conn = sqlite3.connect(
-                path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-                if schema_version(conn) < CONSENT_SCHEMA_VERSION:
-                    raise StoreError(f"{path} has no consent tables (schema older than v6)")
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn, self._close = self._connect()
         return self._conn
 
-    def _call(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+    def _call(self, op: Callable[[Conn], _T]) -> _T:
         try:
             return op(self._connection())
-        except sqlite3.Error as exc:
+        except (StoreError, ValueError):
+            raise
+        except Exception as exc:  # sqlite3.Error, psycopg.Error: a fresh connection next time
             if self._conn is not None:
-                self._conn.close()
+                with contextlib.suppress(Exception):
+                    self._close()
                 self._conn = None
             raise StoreError(f"consent registry: {exc}") from exc
 
-    async def _run(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _run(self, op: Callable[[Conn], _T]) -> _T:
         if self._closed:
             raise StoreError("the consent registry is closed")
         return await asyncio.get_running_loop().run_in_executor(
@@ -539,8 +593,38 @@ class ConsentRegistry:
 
         def close() -> None:
             if self._conn is not None:
-                self._conn.close()
+                with contextlib.suppress(Exception):
+                    self._close()
                 self._conn = None
 
         await asyncio.get_running_loop().run_in_executor(self._executor, close)
         self._executor.shutdown(wait=False)
+
+
+def open_registry(
+    *,
+    store: str | None,
+    data_dir: Path,
+    password_file: Path | None = None,
+    timeout_s: float = 3.0,
+    suspended: str | None = None,
+) -> ConsentRegistry:
+    """The registry of the configured store: ``DATA_DIR/tracker.sqlite3``, or the
+    PostgreSQL database *store* names (a connection of its own, opened at first use).
+    """
+    from smtp_tracker.store.backends import is_postgresql
+
+    if not is_postgresql(store):
+        return ConsentRegistry(data_dir, suspended=suspended)
+    assert store is not None
+    dsn = store
+
+    def connect() -> tuple[Conn, Callable[[], None]]:
+        from smtp_tracker.store.postgresql import PgDatabase
+
+        database = PgDatabase.open(
+            dsn, password_file=password_file, timeout_s=timeout_s, migrate_schema=False
+        )
+        return database.connection, database.close
+
+    return ConsentRegistry(connect=connect, suspended=suspended)
