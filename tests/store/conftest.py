@@ -9,39 +9,22 @@ alone takes ``sqlite_store`` instead (or names SqliteStore itself).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from smtp_tracker.store import SqliteDatabase, SqliteStore
-from tests.support import postgres
+from tests.support.postgres import pg_cluster, pg_dsn
+
+__all__ = ["pg_cluster", "pg_dsn"]  # the session's cluster, shared by the store tests
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     """A data directory that does not exist yet."""
     return tmp_path / "data"
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[postgres.Cluster]:
-    """A private PostgreSQL cluster for the session (skips when PostgreSQL is unavailable)."""
-    reason = postgres.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    cluster = postgres.start_cluster()
-    try:
-        yield cluster
-    finally:
-        postgres.remove_cluster(cluster)
-
-
-@pytest.fixture
-def pg_dsn(pg_cluster: postgres.Cluster) -> str:
-    """The DSN of a fresh, empty database."""
-    return pg_cluster.new_database()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

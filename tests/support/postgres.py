@@ -25,7 +25,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Cluster", "find_bindir", "start_cluster", "unavailable_reason"]
+import pytest
+
+__all__ = [
+    "Cluster",
+    "find_bindir",
+    "pg_cluster",
+    "pg_dsn",
+    "remove_cluster",
+    "start_cluster",
+    "unavailable_reason",
+]
 
 _BIN_ROOT = Path("/usr/lib/postgresql")
 _USER = "postgres"
@@ -154,3 +164,25 @@ def remove_cluster(cluster: Cluster) -> None:
     with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
         cluster.stop("immediate")
     shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """A private PostgreSQL cluster for the session (skips with the reason when unavailable).
+
+    Import it into a test module or conftest (``from tests.support.postgres import pg_cluster``).
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        remove_cluster(cluster)
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: Cluster) -> str:
+    """The DSN of a fresh, empty database of the session's cluster."""
+    return pg_cluster.new_database()
