@@ -10,6 +10,7 @@ import argparse
 import asyncio
 
 from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.errors import StartupError
 from smtp_tracker.logs import configure_logging
 
 __all__ = ["add_commands", "cmd_milter"]
@@ -17,7 +18,15 @@ __all__ = ["add_commands", "cmd_milter"]
 
 def cmd_milter(args: argparse.Namespace) -> int:
     """``smtp-tracker milter``: the milter, the pixel endpoint and the reports, until SIGTERM."""
-    from smtp_tracker.milter.service import run
+    try:
+        from smtp_tracker.milter.service import run
+    except ImportError as exc:
+        if exc.name != "Milter":
+            raise
+        raise StartupError(
+            "the milter needs pymilter: install smtp-tracker[milter] "
+            "(building it needs Debian's libmilter-dev and a C compiler)"
+        ) from exc
 
     config = load_config(args)
     configure_logging(config.log_level, config.log_format)
