@@ -43,6 +43,7 @@ __all__ = [
     "StoreSuspendedError",
     "check_store",
     "header_problem",
+    "open_held",
     "probe",
     "quick_check",
     "recover_store",
@@ -109,7 +110,7 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
 
 
-def probe(db_path: Path, last_rowid: int | None) -> str | None:
+def probe(db_path: Path, last_rowid: int | None, *, db_fd: int | None = None) -> str | None:
     """Whether the store on disk is sound and keeps what was written.
 
     The magic strings of the database file and of its write-ahead log, read
@@ -121,11 +122,14 @@ def probe(db_path: Path, last_rowid: int | None) -> str | None:
 
     :param last_rowid: ``messages.id`` of the last message row the writer
         committed and still holds (None: none written yet).
+    :param db_fd: a descriptor of *db_path* held open by the caller for as long
+        as its connections are open (:func:`open_held`); required in a process
+        with open SQLite connections to *db_path*: see :func:`header_problem`.
     :returns: None when sound; else one line saying what is wrong.
     """
     # A connection trusts the shared WAL index and reads on through overwritten
     # headers; the next start would not: the headers are read from disk here.
-    problem = header_problem(db_path)
+    problem = header_problem(db_path, db_fd=db_fd)
     if problem is not None:
         return problem
     try:
@@ -167,7 +171,25 @@ def wal_header_problem(db_path: Path) -> str | None:
     return None
 
 
-def header_problem(db_path: Path) -> str | None:
+def open_held(db_path: Path) -> int:
+    """A read-only descriptor of *db_path*, to hold until the process's connections close.
+
+    POSIX record locks belong to the process and a file: closing *any*
+    descriptor of the database file drops every lock the process holds on it
+    (fcntl(2); https://sqlite.org/howtocorrupt.html §2.2), the shared lock of
+    its WAL-mode connections included.  Another process closing its
+    connection then believes it is the last one: it checkpoints and deletes
+    the ``-wal`` and ``-shm`` files, and this process writes on into the
+    unlinked log, unseen by every other process until it stops.  So a process
+    with open connections reads the header through this descriptor
+    (:func:`header_problem`'s *db_fd*) and closes it only after them.
+
+    :raises OSError: when the file cannot be opened.
+    """
+    return os.open(db_path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def header_problem(db_path: Path, *, db_fd: int | None = None) -> str | None:
     """What is wrong with the headers of *db_path* and its write-ahead log, read from disk.
 
     Looked at before any connection is made: SQLite, failing to read an
@@ -175,10 +197,18 @@ def header_problem(db_path: Path) -> str | None:
     would ignore (and overwrite) a log whose header is damaged; either way the
     writes the log holds would be lost to ``store recover``.  An empty or
     missing file is a new store: nothing wrong.
+
+    :param db_fd: read the database header through this descriptor (from
+        :func:`open_held`) instead of opening and closing the file: a process
+        with open connections to *db_path* must pass it, or the close drops
+        their locks (the ``-wal`` file holds no locks; it is opened here).
     """
     try:
-        with db_path.open("rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
+        if db_fd is not None:
+            head = os.pread(db_fd, len(SQLITE_MAGIC), 0)
+        else:
+            with db_path.open("rb") as handle:
+                head = handle.read(len(SQLITE_MAGIC))
     except FileNotFoundError:
         head = b""
     except OSError as exc:
