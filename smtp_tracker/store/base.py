@@ -10,35 +10,17 @@ blocks the event loop: implementations do their I/O in worker threads or with an
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from smtp_tracker.store.queries import Connection, Cursor
 from smtp_tracker.store.records import ClickHit, LinkRecord, MessageRecord, OpenHit, StoredMessage
 
 if TYPE_CHECKING:
     from smtp_tracker.store import queries, retention
 
 __all__ = ["Connection", "Cursor", "HealthReporting", "ReportingStore", "Store", "store_degraded"]
-
-
-class Cursor(Protocol):
-    """What the shared queries read from a statement's result (DB-API 2.0, PEP 249)."""
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-    def __iter__(self) -> Iterator[Any]: ...
-
-
-class Connection(Protocol):
-    """What the shared queries (:mod:`.queries`) need of a connection: ``execute`` with
-    ``?`` placeholders.  :class:`sqlite3.Connection` is one; PostgreSQL's is wrapped by
-    :class:`~.postgresql.PgConnection`, which translates the placeholders.
-    """
-
-    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
 
 
 class Store(Protocol):

@@ -612,9 +612,9 @@ def open_registry(
     """The registry of the configured store: ``DATA_DIR/tracker.sqlite3``, or the
     PostgreSQL database *store* names (a connection of its own, opened at first use).
     """
-    from smtp_tracker.store.backends import is_postgresql
+    from smtp_tracker.store.postgresql import is_dsn  # not .backends: it imports .sqlite
 
-    if not is_postgresql(store):
+    if not is_dsn(store):
         return ConsentRegistry(data_dir, suspended=suspended)
     assert store is not None
     dsn = store

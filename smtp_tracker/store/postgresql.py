@@ -40,6 +40,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,7 @@ from urllib.parse import urlsplit
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import pg_schema, queries, retention
 from smtp_tracker.store.address import AddressPolicy, IpPolicy
+from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import (
     USER_AGENT_MAX_CHARS,
     VERDICTS,
@@ -69,16 +71,17 @@ from smtp_tracker.store.records import (
     header_text,
     unclassified,
 )
-from smtp_tracker.store.sqlite import (
-    _MESSAGE_COLUMNS,
-    _ORDER,
-    _message_from_row,
-    _MessageState,
-    _storable,
+from smtp_tracker.store.rows import (
+    MESSAGE_COLUMNS,
+    ORDER,
+    MessageState,
+    add_to_rollup,
     aggregate_record,
     day_of,
     from_us,
+    message_from_row,
     sender_domain_of,
+    storable,
     to_us,
 )
 
@@ -86,7 +89,14 @@ if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
-__all__ = ["PgConnection", "PgDatabase", "PostgresStore", "is_dsn", "redacted"]
+__all__ = [
+    "PgConnection",
+    "PgDatabase",
+    "PostgresStore",
+    "StoreUnavailableError",
+    "is_dsn",
+    "redacted",
+]
 
 log = logging.getLogger("smtp_tracker.store")
 
@@ -103,8 +113,18 @@ _INSERT_CLICK = (
 
 #: Seconds a call waits for a connection (and libpq for the server) before it fails.
 DEFAULT_TIMEOUT_S = 3.0
+#: Seconds between two tries of the server during an outage (calls between fail at once).
+RETRY_INTERVAL_S = 1.0
 #: Connections (and worker threads) per process.
 DEFAULT_POOL_SIZE = 4
+
+
+class StoreUnavailableError(StoreSuspendedError):
+    """The PostgreSQL server does not answer: an outage, logged once by the store.
+
+    A :class:`~.integrity.StoreSuspendedError`, so callers count it without a
+    line of their own (the relay relays, the event writer drops the opens).
+    """
 
 
 def is_dsn(store: str | None) -> bool:
@@ -227,22 +247,6 @@ class _Options:
     link_retention_days: int = 1825
 
 
-def _add_to_rollup(conn: PgConnection, day: str, domain: str, counts: dict[str, int]) -> None:
-    """Add *counts* to the ``daily_stats`` row of *day*, *domain*: one atomic upsert."""
-    counts = {column: value for column, value in counts.items() if value}
-    if not counts:
-        return
-    assert set(counts) <= set(queries.ROLLUP_COLUMNS), counts
-    columns = ", ".join(counts)
-    marks = ", ".join("?" * len(counts))
-    updates = ", ".join(f"{c} = daily_stats.{c} + excluded.{c}" for c in counts)
-    conn.execute(
-        f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from ROLLUP_COLUMNS
-        f" ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
-        (day, domain, *counts.values()),
-    )
-
-
 class PgDatabase:
     """The blocking store over one PostgreSQL connection (the CLI's; the async store's calls).
 
@@ -325,7 +329,7 @@ class PgDatabase:
         import psycopg
 
         options = self._options
-        record = _storable(record)
+        record = storable(record)
         domain = sender_domain_of(record.sender)
         aggregate = options.tracking_mode == "aggregate"
         if aggregate:
@@ -350,7 +354,7 @@ class PgDatabase:
         try:
             with self._raw.transaction():
                 inserted = conn.execute(
-                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}, sender_domain)"  # noqa: S608 - constant
+                    f"INSERT INTO messages ({MESSAGE_COLUMNS}, sender_domain)"  # noqa: S608 - constant
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                     row,
                 ).fetchone()
@@ -369,7 +373,7 @@ class PgDatabase:
                             for link in record.links
                         ],
                     )
-                _add_to_rollup(
+                add_to_rollup(
                     conn,
                     day_of(relayed_us),
                     domain,
@@ -425,9 +429,9 @@ class PgDatabase:
                     - {""}
                 )
                 messages = {
-                    str(row[0]): _MessageState(row[1:])
+                    str(row[0]): MessageState(row[1:])
                     for row in conn.execute(
-                        _MessageState.SELECT_BY_TRACKING_IDS.format("SELECT unnest(?::text[])")
+                        MessageState.SELECT_BY_TRACKING_IDS.format("SELECT unnest(?::text[])")
                         + " ORDER BY id FOR UPDATE",
                         (wanted,),
                     )
@@ -446,7 +450,7 @@ class PgDatabase:
         kind: EventKind,
         hits: Sequence[OpenHit] | Sequence[ClickHit],
         owners: dict[str, str],
-        messages: dict[str, _MessageState],
+        messages: dict[str, MessageState],
         *,
         aggregate: bool,
     ) -> list[tuple[Any, ...]]:
@@ -494,7 +498,7 @@ class PgDatabase:
                 rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
         return rows
 
-    def _save(self, states: Iterable[_MessageState]) -> None:
+    def _save(self, states: Iterable[MessageState]) -> None:
         """The locked messages' new counters, then the rollup's increments in key order."""
         updates = []
         rollup: dict[tuple[str, str], dict[str, int]] = {}
@@ -521,7 +525,7 @@ class PgDatabase:
                     updates,
                 )
         for (day, domain), counts in sorted(rollup.items()):
-            _add_to_rollup(self._conn, day, domain, counts)
+            add_to_rollup(self._conn, day, domain, counts)
 
     # -- reads --------------------------------------------------------------------------
 
@@ -542,11 +546,11 @@ class PgDatabase:
         def query() -> StoredMessage | None:
             for column, value in queries.ident_candidates(ident):
                 row = self._conn.execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE {column} = ? {_ORDER} LIMIT 1",  # noqa: S608 - constants
+                    f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE {column} = ? {ORDER} LIMIT 1",  # noqa: S608 - constants
                     (value,),
                 ).fetchone()
                 if row is not None:
-                    return self._with_events([_message_from_row(row)])[0]
+                    return self._with_events([message_from_row(row)])[0]
             return None
 
         return self._read(query)
@@ -565,11 +569,11 @@ class PgDatabase:
                 raise ValueError(f"limit must be >= 0, got {limit}")
             tail = "LIMIT ?"
             params.append(int(limit))
-        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages {where} {_ORDER} {tail}"  # noqa: S608 - constants
+        sql = f"SELECT {MESSAGE_COLUMNS} FROM messages {where} {ORDER} {tail}"  # noqa: S608 - constants
 
         def query() -> list[StoredMessage]:
             rows = self._conn.execute(sql, params).fetchall()
-            return self._with_events([_message_from_row(row) for row in rows])
+            return self._with_events([message_from_row(row) for row in rows])
 
         return self._read(query)
 
@@ -888,6 +892,8 @@ class PostgresStore:
         self._known_cache_size = known_cache_size
         self._closed = False
         self._outage: str | None = None
+        self._retry_at = 0.0
+        self._timeout_s = DEFAULT_TIMEOUT_S
         self._lock = threading.Lock()
         self.counters = PgCounters()
         #: never set: a PostgreSQL store is not suspended, it waits for its server
@@ -945,6 +951,7 @@ class PostgresStore:
             _Options(store_subject, policy, classifier),
             known_cache_size=known_cache_size,
         )
+        store._timeout_s = timeout_s
         await asyncio.get_running_loop().run_in_executor(executor, lambda: pool.open(wait=False))
         store._migrated = False
         try:
@@ -999,17 +1006,22 @@ class PostgresStore:
             with self._pool.connection() as conn:
                 result = call(PgDatabase(conn, self._options))
         except PoolTimeout as exc:
-            self._failed(f"no connection to {redacted(self.dsn)} within the timeout")
-            raise StoreError(f"the store at {redacted(self.dsn)} does not answer") from exc
+            self._failed(f"no connection within {self._timeout_s:g} s")
+            raise StoreUnavailableError(
+                f"the store at {redacted(self.dsn)} does not answer"
+            ) from exc
         except StoreError as exc:
             if _is_outage(exc):
-                self._failed(str(exc))
+                self._failed(_reason(exc.__cause__ or exc))
+                raise StoreUnavailableError(str(exc)) from exc.__cause__
             raise
         except Exception as exc:
             import psycopg
 
-            if isinstance(exc, psycopg.Error):
+            if isinstance(exc, psycopg.OperationalError):
                 self._failed(_reason(exc))
+                raise StoreUnavailableError(f"the store failed: {_reason(exc)}") from exc
+            if isinstance(exc, psycopg.Error):
                 raise StoreError(f"the store failed: {_reason(exc)}") from exc
             raise
         self._succeeded()
@@ -1018,12 +1030,13 @@ class PostgresStore:
     def _failed(self, reason: str) -> None:
         with self._lock:
             self.counters.failures += 1
+            self._retry_at = time.monotonic() + RETRY_INTERVAL_S
             if self._outage is None:
                 self.counters.outages += 1
                 self._outage = f"store: PostgreSQL unavailable ({reason})"
                 log.error(
-                    "TRACKING STORE UNAVAILABLE: %s; mail is relayed and recorded nowhere, "
-                    "opens dropped, until it is back (logged once per outage)",
+                    "TRACKING STORE UNAVAILABLE: %s; mail is relayed but not recorded and "
+                    "opens are dropped (counted) until it is back (logged once per outage)",
                     self._outage,
                 )
 
@@ -1033,7 +1046,7 @@ class PostgresStore:
         with self._lock:
             if self._outage is not None:
                 log.warning(
-                    "tracking store back after an outage (%d calls failed so far)",
+                    "tracking store back after an outage: recording again (%d calls failed)",
                     self.counters.failures,
                 )
                 self._outage = None
@@ -1041,6 +1054,11 @@ class PostgresStore:
     async def _call(self, call: Callable[[PgDatabase], _T], *, migrate_first: bool = True) -> _T:
         if self._closed:
             raise StoreError("the tracking store is closed")
+        if self._outage is not None and time.monotonic() < self._retry_at:
+            # fail fast while the server is away: one call tries it again each interval
+            with self._lock:
+                self.counters.failures += 1
+            raise StoreUnavailableError(self._outage)
         if migrate_first and not self._migrated:
             await self._ensure_schema()
         return await asyncio.get_running_loop().run_in_executor(

@@ -45,9 +45,8 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
-from smtp_tracker.store.base import Connection
 from smtp_tracker.store.records import COUNTED_VERDICTS, VERDICTS
 
 __all__ = [
@@ -58,6 +57,8 @@ __all__ = [
     "ROLLUP_COLUMNS",
     "VERDICTS",
     "ClickEvent",
+    "Connection",
+    "Cursor",
     "MessageDetail",
     "MessageFilter",
     "MessagePage",
@@ -94,6 +95,25 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
 _CURSOR_VERSION = 1
 _CURSOR = struct.Struct(">Bqq8s")  # version, relayed_at_us, id, filter digest
+
+
+class Cursor(Protocol):
+    """What the shared queries read from a statement's result (DB-API 2.0, PEP 249)."""
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """What the shared queries (:mod:`.queries`) need of a connection: ``execute`` with
+    ``?`` placeholders.  :class:`sqlite3.Connection` is one; PostgreSQL's is wrapped by
+    :class:`~.postgresql.PgConnection`, which translates the placeholders.
+    """
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
 
 
 # -- records --------------------------------------------------------------------------------

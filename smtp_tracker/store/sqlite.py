@@ -57,7 +57,6 @@ from smtp_tracker.store.integrity import (
 )
 from smtp_tracker.store.migrations import check_known_version, immediate_transaction, migrate
 from smtp_tracker.store.records import (
-    COUNTED_VERDICTS,
     USER_AGENT_MAX_CHARS,
     VERDICTS,
     ClickHit,
@@ -70,10 +69,22 @@ from smtp_tracker.store.records import (
     OpenHit,
     OpenRecord,
     StoredMessage,
-    Verdict,
     header_text,
     unclassified,
 )
+from smtp_tracker.store.rows import MESSAGE_COLUMNS as _MESSAGE_COLUMNS
+from smtp_tracker.store.rows import ORDER as _ORDER
+from smtp_tracker.store.rows import MessageState as _MessageState
+from smtp_tracker.store.rows import add_to_rollup as _add_to_rollup
+from smtp_tracker.store.rows import (
+    aggregate_record,
+    day_of,
+    from_us,
+    sender_domain_of,
+    to_us,
+)
+from smtp_tracker.store.rows import message_from_row as _message_from_row
+from smtp_tracker.store.rows import storable as _storable
 
 __all__ = [
     "DB_FILENAME",
@@ -92,13 +103,6 @@ DEFAULT_HEALTH_INTERVAL_S = 300.0
 
 
 _T = TypeVar("_T")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
-
-_MESSAGE_COLUMNS = (
-    "tracking_id, queue_id, message_id, sender, recipients, size_bytes, received_at_us,"
-    " relayed_at_us, upstream_reply, tracked, not_tracked_reason, subject"
-)
 _INSERT_MESSAGE = (
     f"INSERT INTO messages ({_MESSAGE_COLUMNS}, sender_domain)"  # noqa: S608 - constant
     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -111,150 +115,8 @@ _INSERT_CLICK = (
     "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
     " signals) VALUES (?,?,?,?,?,?,?,?)"
 )
-_ORDER = "ORDER BY relayed_at_us DESC, id DESC"
 #: The rollup's columns counting open events by verdict.
 _OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
-
-
-def sender_domain_of(reverse_path: str) -> str:
-    """The lower-cased domain of *reverse_path* (after its last ``@``), ``""`` if none."""
-    _, at, domain = reverse_path.rpartition("@")
-    return domain.lower() if at else ""
-
-
-def day_of(value_us: int) -> str:
-    """The UTC calendar day (``YYYY-MM-DD``) of a time in microseconds since the epoch."""
-    return from_us(value_us).strftime("%Y-%m-%d")
-
-
-def _add_to_rollup(conn: sqlite3.Connection, day: str, domain: str, counts: dict[str, int]) -> None:
-    """Add *counts* (rollup column → increment) to the ``daily_stats`` row of *day*, *domain*."""
-    counts = {column: value for column, value in counts.items() if value}
-    if not counts:
-        return
-    assert set(counts) <= set(queries.ROLLUP_COLUMNS), counts
-    columns = ", ".join(counts)
-    marks = ", ".join("?" * len(counts))
-    updates = ", ".join(f"{column} = {column} + excluded.{column}" for column in counts)
-    conn.execute(
-        f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from ROLLUP_COLUMNS
-        f" ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
-        (day, domain, *counts.values()),
-    )
-
-
-def to_us(value: datetime) -> int:
-    """*value* as integer microseconds since the Unix epoch (UTC).
-
-    :raises ValueError: when *value* is naive.
-    """
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value.isoformat()}: give it a timezone (UTC)")
-    return (value - _EPOCH) // _US
-
-
-def from_us(value: int) -> datetime:
-    """The UTC datetime *value* microseconds after the Unix epoch."""
-    return _EPOCH + timedelta(microseconds=value)
-
-
-class _MessageState:
-    """A message's event counters while one batch of events is recorded."""
-
-    __slots__ = (
-        "click_count",
-        "counted_click_count",
-        "counted_open_count",
-        "first_open_at_us",
-        "initial",
-        "open_count",
-        "relayed_at_us",
-        "rollup",
-        "rowid",
-        "sender_domain",
-    )
-
-    #: The tracking id, then the columns :meth:`__init__` takes, of the messages
-    #: whose tracking ids fill the ``IN ({})`` (see :func:`_select_rows_in`).
-    SELECT_BY_TRACKING_IDS = (
-        "SELECT tracking_id, id, relayed_at_us, sender_domain, open_count,"
-        " counted_open_count, first_open_at_us, click_count, counted_click_count"
-        " FROM messages WHERE tracking_id IN ({})"
-    )
-
-    def __init__(self, row: Sequence[Any]) -> None:
-        (
-            self.rowid,
-            self.relayed_at_us,
-            self.sender_domain,
-            self.open_count,
-            self.counted_open_count,
-            self.first_open_at_us,
-            self.click_count,
-            self.counted_click_count,
-        ) = row
-        self.initial = tuple(row[3:])
-        self.rollup: dict[str, int] = {}
-
-    def _bump(self, column: str, by: int = 1) -> None:
-        self.rollup[column] = self.rollup.get(column, 0) + by
-
-    def add(self, kind: EventKind, verdict: Verdict, at_us: int) -> None:
-        # a counted click means the message was read: opened, via the click
-        # until a counted open comes (queries.opened_via)
-        counted = verdict in COUNTED_VERDICTS
-        if kind == "click":
-            self._bump("clicks")
-            if counted:
-                if self.counted_click_count == 0:
-                    self._bump("clicked")
-                    if self.counted_open_count == 0:
-                        self._bump("opened")
-                        self._bump("opened_via_click")
-                self.counted_click_count += 1
-            self.click_count += 1
-            return
-        self._bump("opens")
-        self._bump(_OPENS_BY_VERDICT[verdict])
-        if self.open_count == 0:
-            self._bump("opened_any")
-        self.open_count += 1
-        if counted:
-            if self.counted_open_count == 0:
-                if self.counted_click_count == 0:
-                    self._bump("opened")
-                else:
-                    self._bump("opened_via_click", -1)
-            self.counted_open_count += 1
-            if self.first_open_at_us is None or at_us < self.first_open_at_us:
-                self.first_open_at_us = at_us
-
-    @staticmethod
-    def save_all(conn: sqlite3.Connection, states: Iterable[_MessageState]) -> None:
-        """Write the changed counters, and the rollup increments summed per day and domain."""
-        updates = []
-        rollup: dict[tuple[str, str], dict[str, int]] = {}
-        for state in states:
-            current = (
-                state.open_count,
-                state.counted_open_count,
-                state.first_open_at_us,
-                state.click_count,
-                state.counted_click_count,
-            )
-            if current == state.initial:
-                continue
-            updates.append((*current, state.rowid))
-            counts = rollup.setdefault((day_of(state.relayed_at_us), state.sender_domain), {})
-            for column, value in state.rollup.items():
-                counts[column] = counts.get(column, 0) + value
-        conn.executemany(
-            "UPDATE messages SET open_count = ?, counted_open_count = ?, first_open_at_us = ?,"
-            " click_count = ?, counted_click_count = ? WHERE id = ?",
-            updates,
-        )
-        for (day, domain), counts in rollup.items():
-            _add_to_rollup(conn, day, domain, counts)
 
 
 def _select_rows_in(
@@ -929,60 +791,6 @@ class SqliteDatabase:
             raise StoreError(f"cannot read the store: {exc}") from exc
 
 
-def aggregate_record(record: MessageRecord, *, per_message: bool) -> MessageRecord:
-    """*record* as ``tracking_mode = "aggregate"`` keeps it: nothing that names a person.
-
-    No sender (its domain is kept apart, for the daily counts), no recipients,
-    and unless *per_message* no queue id, Message-ID, subject or upstream reply
-    either (they lead back to the mail logs); the tracking id, times, size,
-    links and tracked flag stay, so that opens and clicks can be counted.
-    """
-    return dataclasses.replace(
-        record,
-        sender="",
-        recipients=[],
-        queue_id=record.queue_id if per_message else "",
-        message_id=record.message_id if per_message else None,
-        subject=record.subject if per_message else None,
-        upstream_reply=record.upstream_reply if per_message else "",
-    )
-
-
-def _storable(record: MessageRecord) -> MessageRecord:
-    """*record* with its texts made UTF-8-encodable (:func:`.records.header_text`).
-
-    Header fields (``Subject``, ``Message-ID``) read with the :mod:`email`
-    package and SMTP arguments may carry octets that are not UTF-8 as lone
-    surrogates; SQLite's binding would refuse them and the message would go
-    unrecorded.
-    """
-    texts = (
-        record.queue_id,
-        record.message_id,
-        record.sender,
-        *record.recipients,
-        record.upstream_reply,
-        record.not_tracked_reason,
-        record.subject,
-        *(link.url for link in record.links),
-    )
-    if all(text is None or text.isascii() for text in texts):
-        return record
-    return dataclasses.replace(
-        record,
-        queue_id=str(header_text(record.queue_id)),
-        message_id=header_text(record.message_id),
-        sender=str(header_text(record.sender)),
-        recipients=[str(header_text(r)) for r in record.recipients],
-        upstream_reply=str(header_text(record.upstream_reply)),
-        not_tracked_reason=header_text(record.not_tracked_reason),
-        subject=header_text(record.subject),
-        links=tuple(
-            dataclasses.replace(link, url=str(header_text(link.url))) for link in record.links
-        ),
-    )
-
-
 @dataclass
 class StoreCounters:
     """What the store counts about its own health (plain ints; logged when it closes degraded).
@@ -1007,37 +815,6 @@ class _Suspended:
 
     def close(self) -> None:
         pass
-
-
-def _message_from_row(row: Sequence[Any]) -> MessageRecord:
-    (
-        tracking_id,
-        queue_id,
-        message_id,
-        sender,
-        recipients,
-        size_bytes,
-        received_at_us,
-        relayed_at_us,
-        upstream_reply,
-        tracked,
-        not_tracked_reason,
-        subject,
-    ) = row
-    return MessageRecord(
-        tracking_id=tracking_id,
-        queue_id=queue_id,
-        message_id=message_id,
-        sender=sender,
-        recipients=[str(r) for r in json.loads(recipients)],
-        size_bytes=int(size_bytes),
-        received_at=from_us(received_at_us),
-        relayed_at=from_us(relayed_at_us),
-        upstream_reply=upstream_reply,
-        tracked=bool(tracked),
-        not_tracked_reason=not_tracked_reason,
-        subject=subject,
-    )
 
 
 def _prepare(data_dir: Path, db_path: Path) -> None:

@@ -39,6 +39,7 @@ from smtp_tracker.mime.disclosure import Disclosure
 from smtp_tracker.smtp.handler import Prepared
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.session import Transaction
+from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import LinkRecord
 from smtp_tracker.tokens import new_link_token, new_tracking_id, optout_url, pixel_url
 from smtp_tracker.tracking.consent import ConsentCheck
@@ -347,6 +348,9 @@ class Tracker:
         )
         try:
             await self._store.record_message(record)
+        except StoreSuspendedError:  # suspended, or its server away: the store says so once
+            self.counters.record_failed += 1
+            return
         except Exception as exc:  # the mail is accepted upstream: never fail the transaction
             # one line per message (a full or read-only disk fails every one of them);
             # a traceback only for what the store did not foresee
