@@ -348,6 +348,7 @@ class PgDatabase:
             int(bool(record.tracked)),
             record.not_tracked_reason,
             record.subject if options.store_subject else None,
+            record.dkim,
             domain,
         )
         conn = self._conn
@@ -355,7 +356,7 @@ class PgDatabase:
             with self._raw.transaction():
                 inserted = conn.execute(
                     f"INSERT INTO messages ({MESSAGE_COLUMNS}, sender_domain)"  # noqa: S608 - constant
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                     row,
                 ).fetchone()
                 assert inserted is not None
@@ -926,6 +927,8 @@ class PostgresStore:
         """
         from psycopg_pool import ConnectionPool
 
+        # the pool logs each failed reconnection; the store logs an outage once
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         try:
             check_dsn(dsn)
             policy = AddressPolicy(ip_policy, hash_key=hash_key)
