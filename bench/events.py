@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/events.py [--messages 3000] [--events 100000] [--batch 500]
+    python bench/events.py [--messages 3000] [--events 100000] [--batch 500] [--store DSN]
 
 Fills a temporary store with ``--messages`` messages, then records
 ``--events`` opens on random known tokens in batches of ``--batch`` (what the
@@ -10,7 +10,9 @@ event writer hands the store under load), classified by the real
 :class:`~smtp_tracker.classification.Classifier` with the packaged network
 lists, and prints events/s and the time per batch.  The pixel endpoint can
 record at most this many opens per second; beyond it its bounded queue drops
-them (counted).
+them (counted).  With ``--store postgresql://...`` the same on PostgreSQL
+(an empty database: the store's tables are made there, and the rows written
+stay); messages are recorded one transaction each on either backend.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,17 +42,27 @@ USER_AGENTS = (
 )
 
 
+def open_database(store: str | None, data_dir: Path, classifier: Classifier) -> Any:
+    """SQLite in *data_dir*, or the PostgreSQL store of *store*."""
+    if store is None:
+        return SqliteDatabase.open(data_dir, classifier=classifier)
+    from smtp_tracker.store.postgresql import PgDatabase
+
+    return PgDatabase.open(store, classifier=classifier)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--store", help="postgresql://USER@HOST:PORT/DBNAME (default: SQLite)")
     args = parser.parse_args()
     rng = random.Random(7)
     relayed = datetime.now(UTC) - timedelta(hours=1)
     with tempfile.TemporaryDirectory() as tmp:
         classifier = Classifier(load_networks(None), 30.0)
-        with SqliteDatabase.open(Path(tmp) / "data", classifier=classifier) as database:
+        with open_database(args.store, Path(tmp) / "data", classifier) as database:
             tokens = []
             for i in range(args.messages):
                 tokens.append(new_tracking_id())
@@ -89,6 +102,7 @@ def main() -> None:
             elapsed = time.perf_counter() - started
     events = len(batches) * args.batch
     print(
+        f"{'PostgreSQL' if args.store else 'SQLite'}: "
         f"{events:,} opens over {args.messages:,} messages in batches of {args.batch}:"
         f" {events / elapsed:,.0f} opens/s; per batch median"
         f" {statistics.median(timings) * 1000:.1f} ms,"

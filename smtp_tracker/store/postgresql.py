@@ -102,13 +102,12 @@ log = logging.getLogger("smtp_tracker.store")
 
 _T = TypeVar("_T")
 _OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
-_INSERT_OPEN = (
-    "INSERT INTO opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason, signals)"
-    " VALUES (%s,%s,%s,%s,%s,%s,%s)"
+_COPY_OPENS = (
+    "COPY opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason, signals) FROM STDIN"
 )
-_INSERT_CLICK = (
-    "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
-    " signals) VALUES (%s,%s,%s,%s,%s,%s,%s,%s)"
+_COPY_CLICKS = (
+    "COPY clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
+    " signals) FROM STDIN"
 )
 
 #: Seconds a call waits for a connection (and libpq for the server) before it fails.
@@ -438,9 +437,13 @@ class PgDatabase:
                     )
                 }
                 rows = self._event_rows(kind, hits, owners, messages, aggregate=aggregate)
-                if rows and not aggregate:
-                    with self._raw.cursor() as cursor:
-                        cursor.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
+                if rows and not aggregate:  # COPY: one round trip for the batch
+                    with (
+                        self._raw.cursor() as cursor,
+                        cursor.copy(_COPY_CLICKS if kind == "click" else _COPY_OPENS) as copy,
+                    ):
+                        for event in rows:
+                            copy.write_row(event)
                 self._save(messages.values())
         except psycopg.Error as exc:
             raise StoreError(f"cannot record {len(hits)} {kind}s: {_reason(exc)}") from exc
@@ -517,14 +520,15 @@ class PgDatabase:
             counts = rollup.setdefault((day_of(state.relayed_at_us), state.sender_domain), {})
             for column, value in state.rollup.items():
                 counts[column] = counts.get(column, 0) + value
-        if updates:
-            with self._raw.cursor() as cursor:
-                cursor.executemany(
-                    "UPDATE messages SET open_count = %s, counted_open_count = %s,"
-                    " first_open_at_us = %s, click_count = %s, counted_click_count = %s"
-                    " WHERE id = %s",
-                    updates,
-                )
+        if updates:  # one statement for the batch: arrays of the new counters
+            columns = list(zip(*updates, strict=True))
+            self._raw.execute(
+                "UPDATE messages AS m SET open_count = v.o, counted_open_count = v.co,"
+                " first_open_at_us = v.f, click_count = v.c, counted_click_count = v.cc"
+                " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],"
+                " %s::bigint[], %s::bigint[]) AS v(o, co, f, c, cc, id) WHERE m.id = v.id",
+                [list(column) for column in columns],
+            )
         for (day, domain), counts in sorted(rollup.items()):
             add_to_rollup(self._conn, day, domain, counts)
 
