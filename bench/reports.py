@@ -3,7 +3,7 @@
 Usage::
 
     python bench/reports.py [--messages 1000000] [--opens 2000000] [--repeat 30]
-                            [--data-dir DIR] [--seed 1]
+                            [--data-dir DIR] [--seed 1] [--store DSN]
 
 Fills a data directory (a temporary one, or ``--data-dir``: filled when it has
 no store yet, reused as it is otherwise) with synthetic records: messages
@@ -23,7 +23,12 @@ sequential requests after three warm-up ones, reporting the median, the 95th
 percentile and the maximum, in milliseconds, against the 200 ms target; and
 the query plan of each message query (``EXPLAIN QUERY PLAN``).
 
-Numbers are for this host (the client, the server and SQLite share it).
+With ``--store postgresql://...`` the same synthetic store is copied into
+that PostgreSQL database (as ``smtp-tracker migrate-store`` does, when it
+holds no messages yet; then ``ANALYZE``) and the app reads it there: the same
+calls, timed the same way, with PostgreSQL's ``EXPLAIN`` of each message query.
+
+Numbers are for this host (the client, the server and the database share it).
 """
 
 from __future__ import annotations
@@ -375,14 +380,65 @@ def plans(data_dir: Path, filled: Filled) -> list[tuple[str, list[str]]]:
     return result
 
 
-async def run_timings(data_dir: Path, filled: Filled, repeat: int) -> list[Timing]:
+def fill_postgresql(data_dir: Path, dsn: str) -> None:
+    """Copy the store of *data_dir* into *dsn* unless it holds messages already."""
+    from smtp_tracker.store.pg_copy import copy_store, open_source
+    from smtp_tracker.store.postgresql import PgDatabase
+
+    with PgDatabase.open(dsn) as database:
+        conn = database.connection.raw
+        if conn.execute("SELECT count(*) FROM messages").fetchone()[0]:
+            print(f"reusing the store in {dsn}", file=sys.stderr)
+            return
+        source = open_source(data_dir)
+        t0 = time.perf_counter()
+        try:
+            copied = copy_store(source, conn, batch_rows=50_000)
+        finally:
+            source.close()
+        conn.execute("ANALYZE")
+        print(
+            f"copied {sum(copied.values()):,} rows into PostgreSQL in"
+            f" {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+        )
+
+
+def pg_plans(dsn: str, filled: Filled) -> list[tuple[str, list[str]]]:
+    from smtp_tracker.store.postgresql import PgDatabase
+
+    cases = {
+        "first page": MessageFilter(),
+        "by sender": MessageFilter(sender=filled.busy_sender),
+        "by recipient": MessageFilter(recipient=filled.recipient),
+        "by q": MessageFilter(q=filled.message_id),
+        "opened=true": MessageFilter(opened=True),
+    }
+    result = []
+    with PgDatabase.open(dsn) as database:
+        for name, f in cases.items():
+            sql, params = page_query(f, after=(1 << 62, 1 << 62), limit=51)
+            rows = database.connection.execute(f"EXPLAIN {sql}", params).fetchall()
+            result.append((name, [str(row[0]).strip() for row in rows][:3]))
+    return result
+
+
+async def run_timings(
+    data_dir: Path, filled: Filled, repeat: int, dsn: str | None = None
+) -> list[Timing]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-reports-tls-"))
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     write_self_signed(cert, key, hostnames=["localhost", "127.0.0.1"])
     client_context = ssl.create_default_context(cafile=str(cert))
     token = base64.urlsafe_b64encode(random.randbytes(32)).decode()
     headers = {"Authorization": f"Bearer {token}"}
-    async with await SqliteStore.open(data_dir) as store:
+    if dsn is None:
+        opened: Any = await SqliteStore.open(data_dir)
+    else:
+        from smtp_tracker.store.postgresql import PostgresStore
+
+        opened = await PostgresStore.open(dsn)
+    async with opened as store:
         app = make_reports_app(store=store, auth_middleware=None)
         install_auth(
             app,
@@ -462,6 +518,9 @@ def main() -> int:
     parser.add_argument(
         "--data-dir", type=Path, help="fill this directory (or reuse the store in it)"
     )
+    parser.add_argument(
+        "--store", help="postgresql://USER@HOST:PORT/DBNAME: time the calls on PostgreSQL"
+    )
     args = parser.parse_args()
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-reports-")) / "data"
     if (data_dir / DB_FILENAME).exists():
@@ -471,9 +530,12 @@ def main() -> int:
         filled = fill(data_dir, messages=args.messages, opens=args.opens, seed=args.seed)
     size_mb = (data_dir / DB_FILENAME).stat().st_size / 1e6
     print(f"store: {data_dir / DB_FILENAME} ({size_mb:,.0f} MB)")
-    for name, plan in plans(data_dir, filled):
+    if args.store:
+        fill_postgresql(data_dir, args.store)
+        print(f"store: PostgreSQL, {args.store}")
+    for name, plan in pg_plans(args.store, filled) if args.store else plans(data_dir, filled):
         print(f"plan, {name}: {' | '.join(plan)}")
-    timings = asyncio.run(run_timings(data_dir, filled, args.repeat))
+    timings = asyncio.run(run_timings(data_dir, filled, args.repeat, args.store))
     print()
     print(f"{'call':34} {'median':>8} {'p95':>8} {'max':>8}  result")
     slow = 0
