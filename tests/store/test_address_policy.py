@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -24,10 +25,16 @@ ADDRESSES = ["192.0.2.77", "2001:db8:abcd:12::1", "::ffff:198.51.100.9", "not-an
 
 
 async def stored_ips(
-    data_dir: Path, policy: IpPolicy, addresses: list[str | None]
+    data_dir: Path, policy: IpPolicy, addresses: list[str | None], *, open_store: Any = None
 ) -> list[str | None]:
-    """Record one open per address under *policy* and read back what was kept."""
-    async with await SqliteStore.open(data_dir, ip_policy=policy) as store:
+    """Record one open per address under *policy* and read back what was kept
+    (in the store *open_store* opens, else SQLite in *data_dir*)."""
+    opened = (
+        await open_store(ip_policy=policy)
+        if open_store is not None
+        else await SqliteStore.open(data_dir, ip_policy=policy)
+    )
+    async with opened as store:
         if not await store.is_known_token(token(1)):
             await store.record_message(make_record(1))
         before = await store.find_message(token(1))
@@ -51,9 +58,9 @@ async def stored_ips(
     ],
 )
 async def test_policy_stores_what_it_promises(
-    data_dir: Path, policy: IpPolicy, expected: list[str | None]
+    data_dir: Path, policy: IpPolicy, expected: list[str | None], open_store: Any
 ) -> None:
-    assert await stored_ips(data_dir, policy, ADDRESSES) == expected
+    assert await stored_ips(data_dir, policy, ADDRESSES, open_store=open_store) == expected
 
 
 async def test_hash_is_keyed_stable_and_not_the_address(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,8 +51,9 @@ def _record(i: int) -> MessageRecord:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with await SqliteStore.open(tmp_path / "data") as opened:
+async def store(open_store: Any) -> AsyncIterator[SqliteStore]:
+    """The store of each backend (:func:`tests.store.conftest.open_store`)."""
+    async with await open_store() as opened:
         yield opened
 
 
