@@ -1,0 +1,80 @@
+"""The record commands on a PostgreSQL store: ``--store DSN`` instead of ``--data-dir``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from smtp_tracker.cli import main as cli_main
+from smtp_tracker.store import OpenHit
+
+from .store_helpers import make_record, token
+
+pytest.importorskip("psycopg")
+
+
+def _run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli_main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
+def _fill(dsn: str) -> None:
+    from smtp_tracker.store.postgresql import PgDatabase
+
+    now = datetime.now(UTC)
+    with PgDatabase.open(dsn) as db:
+        db.record_message(make_record(1))  # 2024: old
+        db.record_message(make_record(2, relayed_at=now, received_at=now))
+        db.record_message(
+            make_record(3, relayed_at=now, received_at=now, recipients=["gina@example.com"])
+        )
+        db.record_opens(
+            [OpenHit(tracking_id=token(2), at=now, client_address=None, user_agent="UA")]
+        )
+
+
+def test_stats_messages_show_prune_forget(pg_dsn: str, tmp_path: Path) -> None:
+    _fill(pg_dsn)
+    store = ("--store", pg_dsn, "--data-dir", str(tmp_path / "none"))
+    status, out, _ = _run("messages", "--json", *store)
+    assert status == 0
+    listed = json.loads(out)
+    assert [m["tracking_id"] for m in listed] == [token(3), token(2), token(1)]
+    assert [len(m["opens"]) for m in listed] == [0, 1, 0]
+
+    status, out, _ = _run("stats", "--json", *store)
+    assert status == 0
+    assert json.loads(out)["total"]["relayed"] == 3
+
+    status, out, _ = _run("show", token(2), "--json", *store)
+    assert status == 0 and json.loads(out)["open_count"] == 1
+
+    status, out, _ = _run("prune", "--retention-days", "30", *store)
+    assert status == 0, out
+    status, out, _ = _run("forget", "--recipient", "gina@example.com", *store)
+    assert status == 0, out
+    status, out, _ = _run("messages", "--json", *store)
+    assert [m["tracking_id"] for m in json.loads(out)] == [token(2)]
+    # the rollup keeps the counts
+    status, out, _ = _run("stats", "--json", *store)
+    assert json.loads(out)["total"]["relayed"] == 3
+
+
+def test_an_unreachable_store_is_one_line(tmp_path: Path) -> None:
+    status, out, err = _run("stats", "--store", "postgresql://u@127.0.0.1:1/db")
+    assert status == 1 and out == ""
+    assert err.startswith("smtp-tracker: ") and err.count("\n") == 1, err
+    assert "--store" in err
+
+
+def test_a_password_in_the_store_flag_is_refused(tmp_path: Path) -> None:
+    status, _, err = _run("stats", "--store", "postgresql://u:secret@127.0.0.1:1/db")
+    assert status == 2
+    assert "must not hold the password" in err and "secret" not in err
