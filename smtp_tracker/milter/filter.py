@@ -375,13 +375,14 @@ class MilterFilter(Milter.Base):  # type: ignore[misc]
                 "%s: not recorded within %g s (milter_timeout_s)", queue_id, context.timeout_s
             )
         log.info(
-            "%s: from=<%s> nrcpt=%d size=%d tracked=%s%s%s",
+            "%s: from=<%s> nrcpt=%d size=%d tracked=%s%s%s%s",
             queue_id,
             message.sender,
             len(message.recipients),
             len(original),
             "yes" if prepared.tracked else "no",
             f" reason={prepared.reason}" if prepared.reason else "",
+            f" dkim={prepared.dkim}" if prepared.dkim else "",
             f" sasl_username={message.auth_authen}" if message.auth_authen else "",
         )
         self._capture(queue_id, message, original, prepared.data if changed else None, failed=False)

@@ -70,12 +70,15 @@ class Prepared:
     :ivar tracking_id: the id the store will know this message by.
     :ivar tracked: whether a pixel was added.
     :ivar reason: why not, when not tracked (e.g. ``"multipart-signed"``).
+    :ivar dkim: what became of its DKIM signatures (``"resigned"``, or why it was
+        relayed as received, e.g. ``"dkim-foreign"``); None when none was looked at.
     """
 
     data: bytes
     tracking_id: str | None = None
     tracked: bool = False
     reason: str | None = None
+    dkim: str | None = None
 
 
 class MessagePreparer(Protocol):
@@ -462,6 +465,8 @@ class RelayHandler:
                 if prepared.tracked
                 else f", tracked=no ({prepared.reason or 'unknown'})"
             )
+            if prepared.dkim is not None:
+                tracking += f", dkim={prepared.dkim}"
         log.info(
             "%s: from=<%s>, to=%s, size=%d, relay=%s, delay=%.2f%s, status=%s (%s)",
             transaction.queue_id,

@@ -32,9 +32,11 @@ def message_to_dict(
     null), ``sender`` (``""`` for the null reverse-path), ``recipients`` (list
     of str), ``size_bytes`` (int), ``received_at``, ``relayed_at``,
     ``upstream_reply``, ``tracked`` (bool), ``not_tracked_reason`` (str or
-    null), ``subject`` (only when the store kept one), and ``opens``: a list,
-    oldest first, of ``{"at": time, "ip": str or null, "user_agent": str or
-    null, "verdict": str, "verdict_reason": str or null}``, where ``ip`` is
+    null), ``dkim`` (str or null: ``resigned``, or why the signed message was
+    relayed as received, e.g. ``dkim-foreign``), ``subject`` (only when the
+    store kept one), and ``opens``: a list, oldest first, of ``{"at": time,
+    "ip": str or null, "user_agent": str or null, "verdict": str,
+    "verdict_reason": str or null}``, where ``ip`` is
     what the store's ``ip_policy`` kept and ``verdict`` one of ``human``,
     ``privacy_proxy``, ``mail_proxy``, ``scanner``, ``unknown`` with the rule
     that decided it (:mod:`smtp_tracker.classification`); ``links``: the
@@ -54,6 +56,7 @@ def message_to_dict(
         "upstream_reply": record.upstream_reply,
         "tracked": record.tracked,
         "not_tracked_reason": record.not_tracked_reason,
+        "dkim": record.dkim,
     }
     if record.subject is not None:
         result["subject"] = record.subject
@@ -101,6 +104,7 @@ def summary_to_dict(summary: MessageSummary) -> dict[str, Any]:
         "relayed_at": format_time(summary.relayed_at),
         "tracked": summary.tracked,
         "not_tracked_reason": summary.not_tracked_reason,
+        "dkim": summary.dkim,
         "opened": summary.opened,
         "opened_via": summary.opened_via,
         "open_count": summary.open_count,

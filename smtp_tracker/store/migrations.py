@@ -40,6 +40,12 @@ recipients as a JSON array of strings.
   outlive their message for ``link_retention_days``);
   ``daily_stats.relayed_aggregate`` (messages recorded with
   ``tracking_mode = "aggregate"``, so reports say which mode made a figure).
+* **v7** - ``messages.dkim`` (issue 13): what became of the message's DKIM
+  signatures: ``resigned``, or why it was relayed as received
+  (``dkim-signed`` under ``dkim_policy = "skip"``, ``dkim-invalid``,
+  ``dkim-foreign``, ``dkim-length-tag``, ``arc-sealed``,
+  ``dkim-resign-failed``); NULL for a message without signatures.  Older
+  rows take it from ``not_tracked_reason`` when that names a DKIM reason.
 """
 
 from __future__ import annotations
@@ -281,6 +287,13 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
         "CREATE INDEX links_relayed_at ON links (relayed_at_us)",
         "ALTER TABLE daily_stats ADD COLUMN relayed_aggregate INTEGER NOT NULL DEFAULT 0",
+    ),
+    # v7: the DKIM outcome of each message
+    (
+        "ALTER TABLE messages ADD COLUMN dkim TEXT",
+        "UPDATE messages SET dkim = not_tracked_reason WHERE not_tracked_reason IN"
+        " ('dkim-signed', 'dkim-invalid', 'dkim-foreign', 'dkim-length-tag', 'arc-sealed',"
+        " 'dkim-resign-failed')",
     ),
 )
 

@@ -72,6 +72,7 @@ _MESSAGE_COLUMNS = (
     "first_open_at_us",
     "click_count",
     "counted_click_count",
+    "dkim",
 )
 _EVENT = ("tracking_id", "at_us", "ip", "user_agent", "verdict", "verdict_reason", "signals")
 

@@ -185,7 +185,14 @@ VIEWS: Final = (
 )
 
 #: Version → statements taking a database from the version before to it (after the baseline).
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {}
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    7: (
+        "ALTER TABLE messages ADD COLUMN dkim text",
+        "UPDATE messages SET dkim = not_tracked_reason WHERE not_tracked_reason IN"
+        " ('dkim-signed', 'dkim-invalid', 'dkim-foreign', 'dkim-length-tag', 'arc-sealed',"
+        " 'dkim-resign-failed')",
+    ),
+}
 
 #: The newest schema version this code writes (equal to SQLite's).
 CURRENT_VERSION: Final = max([BASELINE_VERSION, *MIGRATIONS])

@@ -176,6 +176,8 @@ class MessageSummary:
     :param first_open_at: the first counted open (UTC), or ``None``.
     :param click_count: click events of any verdict.
     :param counted_click_count: click events with a counted verdict.
+    :param dkim: what became of its DKIM signatures (``resigned``, or why it was
+        relayed as received, e.g. ``dkim-foreign``); ``None`` when it had none.
     """
 
     tracking_id: str
@@ -192,6 +194,7 @@ class MessageSummary:
     first_open_at: datetime | None
     click_count: int
     counted_click_count: int = 0
+    dkim: str | None = None
 
     @property
     def opened(self) -> bool:
@@ -314,7 +317,7 @@ class StatsRow:
 _SUMMARY_COLUMNS = (
     "m.id, m.tracking_id, m.queue_id, m.message_id, m.sender, m.recipients, m.subject,"
     " m.relayed_at_us, m.tracked, m.not_tracked_reason, m.open_count, m.counted_open_count,"
-    " m.first_open_at_us, m.click_count, m.counted_click_count"
+    " m.first_open_at_us, m.click_count, m.counted_click_count, m.dkim"
 )
 _ORDER = "ORDER BY m.relayed_at_us DESC, m.id DESC"
 
@@ -558,9 +561,9 @@ def query_message(conn: Connection, ident: str) -> MessageDetail | None:
     )
     return MessageDetail(
         summary=summary,
-        size_bytes=int(row[15]),
-        received_at=_from_us(int(row[16])),
-        upstream_reply=str(row[17]),
+        size_bytes=int(row[16]),
+        received_at=_from_us(int(row[17])),
+        upstream_reply=str(row[18]),
         opens=opens,
         clicks=clicks,
     )
@@ -583,7 +586,8 @@ def _summary(row: Sequence[Any]) -> MessageSummary:
         first_open_at_us,
         click_count,
         counted_click_count,
-    ) = row[:15]
+        dkim,
+    ) = row[:16]
     return MessageSummary(
         tracking_id=tracking_id,
         queue_id=queue_id,
@@ -599,6 +603,7 @@ def _summary(row: Sequence[Any]) -> MessageSummary:
         first_open_at=None if first_open_at_us is None else _from_us(int(first_open_at_us)),
         click_count=int(click_count),
         counted_click_count=int(counted_click_count),
+        dkim=dkim,
     )
 
 

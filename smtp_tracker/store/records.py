@@ -102,6 +102,11 @@ class MessageRecord:
     :param not_tracked_reason: why not, when ``tracked`` is false (e.g. ``"dkim-signed"``).
     :param subject: the ``Subject`` header; kept only by a store opened with
         ``store_subject=True``, otherwise stored as ``None``.
+    :param dkim: what became of the message's DKIM signatures (issue 13):
+        ``"resigned"``, or why the message was relayed as received
+        (``dkim-signed`` under ``dkim_policy = "skip"``, ``dkim-invalid``,
+        ``dkim-foreign``, ``dkim-length-tag``, ``arc-sealed``,
+        ``dkim-resign-failed``); ``None`` for a message without signatures.
     :param links: the links wrapped for click tracking, stored with the message
         in the same transaction.
     """
@@ -118,6 +123,7 @@ class MessageRecord:
     tracked: bool
     not_tracked_reason: str | None = None
     subject: str | None = None
+    dkim: str | None = None
     links: tuple[LinkRecord, ...] = ()
 
 

@@ -48,7 +48,7 @@ _US = timedelta(microseconds=1)
 #: The columns of a :class:`MessageRecord`, in :func:`message_from_row`'s order.
 MESSAGE_COLUMNS = (
     "tracking_id, queue_id, message_id, sender, recipients, size_bytes, received_at_us,"
-    " relayed_at_us, upstream_reply, tracked, not_tracked_reason, subject"
+    " relayed_at_us, upstream_reply, tracked, not_tracked_reason, subject, dkim"
 )
 
 #: Newest first, the order of every message listing.
@@ -266,6 +266,7 @@ def message_from_row(row: Sequence[Any]) -> MessageRecord:
         tracked,
         not_tracked_reason,
         subject,
+        dkim,
     ) = row
     return MessageRecord(
         tracking_id=tracking_id,
@@ -280,4 +281,5 @@ def message_from_row(row: Sequence[Any]) -> MessageRecord:
         tracked=bool(tracked),
         not_tracked_reason=not_tracked_reason,
         subject=subject,
+        dkim=dkim,
     )

@@ -105,7 +105,7 @@ DEFAULT_HEALTH_INTERVAL_S = 300.0
 _T = TypeVar("_T")
 _INSERT_MESSAGE = (
     f"INSERT INTO messages ({_MESSAGE_COLUMNS}, sender_domain)"  # noqa: S608 - constant
-    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 _INSERT_OPEN = (
     "INSERT INTO opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason, signals)"
@@ -315,6 +315,7 @@ class SqliteDatabase:
             int(bool(record.tracked)),
             record.not_tracked_reason,
             record.subject if self.store_subject else None,
+            record.dkim,
             domain,
         )
         conn = self._conn
@@ -336,7 +337,7 @@ class SqliteDatabase:
                 _add_to_rollup(
                     conn,
                     day_of(row[7]),
-                    row[12],
+                    domain,
                     {
                         "relayed": 1,
                         "tracked": int(bool(record.tracked)),

@@ -90,13 +90,9 @@ class TrackedMessage(Prepared):
     """:class:`Prepared` with the links wrapped for click tracking (stored with the record).
 
     :ivar links: each wrapped link's token, destination and position.
-    :ivar dkim: ``"resigned"``, or why a signed message was relayed as received
-        (``dkim-invalid``, ``dkim-foreign``, ``dkim-length-tag``, ``arc-sealed``,
-        ``dkim-resign-failed``); None when no signature was touched.
     """
 
     links: tuple[LinkRecord, ...] = ()
-    dkim: str | None = None
     optout_token: str | None = None
 
 
@@ -312,14 +308,17 @@ class Tracker:
         else:
             self.counters.not_tracked += 1
             self.not_tracked_reasons[result.reason or "unknown"] += 1
+        # the DKIM outcome (issue 13): resigned, why the resigner left it, or the
+        # skip policy's refusal
+        dkim = result.dkim or ("dkim-signed" if result.reason == "dkim-signed" else None)
         return TrackedMessage(
             result.message,
             tracking_id,
             result.tracked,
             result.reason,
-            result.rewrite.links if result.tracked else (),
-            result.dkim,
-            optout_token if result.tracked else None,
+            dkim,
+            links=result.rewrite.links if result.tracked else (),
+            optout_token=optout_token if result.tracked else None,
         )
 
     async def record(
@@ -345,6 +344,7 @@ class Tracker:
             not_tracked_reason=prepared.reason,
             subject=subject,
             links=prepared.links if isinstance(prepared, TrackedMessage) else (),
+            dkim=prepared.dkim,
         )
         try:
             await self._store.record_message(record)

@@ -35,6 +35,7 @@ def test_message_to_dict_exact_shape() -> None:
         "upstream_reply": "2.0.0 Ok: queued as UP1",
         "tracked": True,
         "not_tracked_reason": None,
+        "dkim": None,
         "opens": [
             {
                 "at": "2024-05-01T12:00:00.123456Z",

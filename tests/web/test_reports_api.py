@@ -253,6 +253,7 @@ async def test_messages_first_page_newest_first(reports: Reports) -> None:
         "relayed_at",
         "tracked",
         "not_tracked_reason",
+        "dkim",
         "opened",
         "opened_via",
         "open_count",

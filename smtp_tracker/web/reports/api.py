@@ -314,6 +314,7 @@ CSV_COLUMNS: Final = (
     "subject",
     "tracked",
     "not_tracked_reason",
+    "dkim",
     "opened",
     "opened_via",
     "open_count",

@@ -86,6 +86,12 @@ _SUMMARY_PROPERTIES: Final[dict[str, Any]] = {
     "relayed_at": {"type": "string", "format": "date-time"},
     "tracked": {"type": "boolean"},
     "not_tracked_reason": _NULLABLE_STRING,
+    "dkim": {
+        **_NULLABLE_STRING,
+        "description": "What became of the message's DKIM signatures (dkim_policy): resigned, "
+        "or why it was relayed as received (dkim-signed, dkim-invalid, dkim-foreign, "
+        "dkim-length-tag, arc-sealed, dkim-resign-failed); null when it had none.",
+    },
     "opened": {
         "type": "boolean",
         "description": "At least one counted open, or a counted click (a link followed by a "
