@@ -12,8 +12,11 @@ Run::
    own, plain HTTP on loopback, answering 204).  Reported: messages per second
    of each and the ratio (the issue's bound: the relay loses at most 5 %), and
    how long after the last message the 2 x N ``message.relayed`` events were
-   all delivered.  The two kinds of run alternate ``--rounds`` times (the
-   machine's load shifts); the best of each is compared.
+   all delivered.  A third kind: the same two webhooks with
+   ``webhook_sender = false`` and ``smtp-tracker webhooks send`` delivering
+   from a process of its own (the relay only writes the outbox).  The kinds
+   of run alternate ``--rounds`` times (the machine's load shifts); the best
+   of each is compared, wall time and this process's CPU time.
 2. **Delivery**: ``--events`` events written to the outbox at once, then one
    sender delivers them to the receiver (up to 16 at once, claims of 64):
    events per second, first claim to outbox empty.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 import tempfile
 import time
@@ -102,7 +106,13 @@ async def start_sink() -> tuple[asyncio.AbstractServer, Sink, int]:
 
 
 async def relay_run(
-    work: Path, sink_port: int, sink: Sink, hooks: list[dict[str, Any]], args: argparse.Namespace
+    work: Path,
+    sink_port: int,
+    sink: Sink,
+    hooks: list[dict[str, Any]],
+    args: argparse.Namespace,
+    *,
+    separate: bool = False,
 ) -> tuple[float, float | None, float]:
     """Seconds to relay the messages; seconds after that until the events were delivered;
     CPU seconds of this process (relay, sink, sender: all its threads) meanwhile."""
@@ -118,12 +128,35 @@ async def relay_run(
             "reports": False,
             "pixel_base_url": "https://pixel.example.com",
             "webhooks": hooks,
+            "webhook_sender": not separate,
         },
         {},
         environ={},
     )
     app = Application(config)
     await app.start()
+    other: asyncio.subprocess.Process | None = None
+    if separate:  # 'smtp-tracker webhooks send' beside it
+        inline = (
+            "["
+            + ", ".join(
+                "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in table.items()) + "}"
+                for table in hooks
+            )
+            + "]"
+        )
+        other = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "smtp_tracker",
+            "webhooks",
+            "send",
+            "--data-dir",
+            str(work / "data"),
+            "--webhooks",
+            inline,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
     try:
         host, port = app.smtp_address
         numbers = list(range(args.messages))
@@ -141,6 +174,16 @@ async def relay_run(
         assert sink.count - before == args.messages
         if not hooks or app.webhooks is None:
             return relay_s, None, time.process_time() - cpu_started
+        cpu_s = time.process_time() - cpu_started
+        if separate:
+            conn = outbox.connect(work / "data")
+            try:
+                depth = "SELECT depth FROM webhook_outbox_state"
+                while conn.execute(depth).fetchone()[0]:  # noqa: ASYNC110 - another process
+                    await asyncio.sleep(0.05)
+            finally:
+                conn.close()
+            return relay_s, time.perf_counter() - started - relay_s, cpu_s
         sender = app.webhooks
         wanted = len(hooks) * args.messages
         while sender.counters.total("delivered") < wanted:  # noqa: ASYNC110 - a counter, read
@@ -149,6 +192,9 @@ async def relay_run(
         return relay_s, behind_s, time.process_time() - cpu_started
     finally:
         await app.stop(grace_s=5)
+        if other is not None:
+            other.terminate()
+            await other.wait()
 
 
 async def delivery_run(work: Path, url: str, secret: Path, events: int) -> float:
@@ -217,6 +263,7 @@ async def run(args: argparse.Namespace) -> int:
             )
             none_runs, two_runs, behind = [], [], []
             none_cpu, two_cpu = [], []
+            apart_runs, apart_cpu, apart_behind = [], [], []
             for round_number in range(args.rounds):  # alternated: the machine's load shifts
                 none_s, _, cpu_none = await relay_run(
                     root / f"none{round_number}", sink_port, sink, [], args
@@ -229,6 +276,12 @@ async def run(args: argparse.Namespace) -> int:
                 none_cpu.append(cpu_none)
                 two_cpu.append(cpu_two)
                 behind.append(behind_s or 0.0)
+                apart_s, apart_behind_s, cpu_apart = await relay_run(
+                    root / f"apart{round_number}", sink_port, sink, hooks, args, separate=True
+                )
+                apart_runs.append(apart_s)
+                apart_cpu.append(cpu_apart)
+                apart_behind.append(apart_behind_s or 0.0)
             deliver_s = await delivery_run(
                 root / "deliver", f"http://127.0.0.1:{port}/bulk", secret, args.events
             )
@@ -252,6 +305,14 @@ async def run(args: argparse.Namespace) -> int:
         f"webhooks (their delivery included): ratio {cpu_none_ms / cpu_two_ms:.3f}"
     )
     print(f"events: all {2 * n} delivered at most {max(behind):.2f} s after the last message")
+    apart_s = min(apart_runs)
+    print(
+        f"relay, two webhooks sent by 'webhooks send' (webhook_sender = false): {n} messages "
+        f"in {apart_s:.2f} s = {n / apart_s:.0f} msg/s (best), ratio {none_s / apart_s:.3f}; "
+        f"CPU per message {1000 * min(apart_cpu) / n:.2f} ms (ratio "
+        f"{min(none_cpu) / min(apart_cpu):.3f}); delivered at most {max(apart_behind):.2f} s "
+        "after the last message"
+    )
     print(
         f"delivery: {args.events} events in {deliver_s:.2f} s = "
         f"{args.events / deliver_s:.0f} events/s (one hook, 16 at once)"

@@ -217,6 +217,24 @@ def dkim_resigner(config: Config) -> Resigner | None:
     return Resigner(keyring)
 
 
+def webhook_sender(config: Config) -> WebhookSender:
+    """The outbox's writer and sender for ``webhooks`` and ``events_log`` (blocking:
+    reads the secrets).
+
+    :raises StartupError: when a secret or CA file cannot be used.
+    """
+    return WebhookSender.build(
+        config.data_dir,
+        config.webhooks,
+        events_log=config.events_log,
+        max_events=config.webhook_outbox_max_events,
+        retry_hours=config.webhook_retry_hours,
+        timeout_s=config.webhook_timeout_s,
+        backoff_base_s=config.webhook_backoff_base_s,
+        backoff_max_s=config.webhook_backoff_max_s,
+    )
+
+
 def ensure_data_dir(path: Path) -> Path:
     """Create the data directory (mode 0700) if missing; check it is writable.
 
@@ -722,21 +740,15 @@ class Application:
         delivers them to each webhook and ``events_log`` (:mod:`smtp_tracker.webhooks`)."""
         config = self.config
         assert self.store is not None
-        sender = await asyncio.to_thread(
-            WebhookSender.build,
-            config.data_dir,
-            config.webhooks,
-            events_log=config.events_log,
-            max_events=config.webhook_outbox_max_events,
-            retry_hours=config.webhook_retry_hours,
-            timeout_s=config.webhook_timeout_s,
-            backoff_base_s=config.webhook_backoff_base_s,
-            backoff_max_s=config.webhook_backoff_max_s,
-        )
-        await sender.start()
+        sender = await asyncio.to_thread(webhook_sender, config)
+        await sender.start(deliver=config.webhook_sender)
         self.webhooks = sender
         self.store.set_outbox(sender.outbox)
-        log.info("events out: %s", ", ".join(sender.targets))
+        log.info(
+            "events out: %s%s",
+            ", ".join(sender.targets),
+            "" if config.webhook_sender else " (sent by 'smtp-tracker webhooks send')",
+        )
 
     async def _stop_webhooks(self) -> None:
         if self.webhooks is not None:

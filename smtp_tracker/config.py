@@ -579,6 +579,11 @@ class Config:
         5.0, help="seconds before the first retry of a failed event; doubled at each retry"
     )
     webhook_backoff_max_s: float = key(3600.0, help="longest wait between two retries, seconds")
+    webhook_sender: bool = key(
+        True,
+        help="deliver the outbox in this process; off: serve only writes events to it and "
+        "'smtp-tracker webhooks send' (a process of its own, beside it) delivers them",
+    )
     events_log: Path | None = key(
         None,
         example='"/var/log/smtp-tracker/events.ndjson"',

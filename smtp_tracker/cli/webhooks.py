@@ -1,6 +1,8 @@
-"""``smtp-tracker webhooks status|list-failed|retry|new-secret``: the outbox by hand.
+"""``smtp-tracker webhooks send|status|list-failed|retry|new-secret``: the outbox by hand.
 
-``status`` and ``list-failed`` read the outbox in the store; ``retry`` makes
+``send`` delivers the outbox in a process of its own (beside ``serve`` with
+``webhook_sender = false``); ``status`` and ``list-failed`` read the outbox
+in the store; ``retry`` makes
 dead letters pending again (a running ``serve`` sends them within a second or
 two); ``new-secret`` writes a Standard Webhooks secret for a ``[[webhooks]]``
 table's ``secret_file``.  They are safe beside a running ``serve``.
@@ -16,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.config import Config
 from smtp_tracker.errors import InputError, StoreError
 
 __all__ = ["add_commands"]
@@ -111,6 +114,43 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    """Deliver the outbox until SIGTERM or SIGINT (beside ``serve``, ``webhook_sender = false``)."""
+    from smtp_tracker.cli.serve import run_loop
+    from smtp_tracker.logs import configure_logging
+
+    config = load_config(args)
+    if not config.webhooks and config.events_log is None:
+        raise InputError("no [[webhooks]] and no events_log in the configuration: nothing to send")
+    _open(args).close()  # the store exists, at the outbox's schema
+    configure_logging(config.log_level, config.log_format)
+    return run_loop(_send(config))
+
+
+async def _send(config: Config) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from smtp_tracker.app import webhook_sender
+
+    log = logging.getLogger("smtp_tracker.webhooks")
+    sender = await asyncio.to_thread(webhook_sender, config)
+    await sender.start()
+    log.info("sending events to %s", ", ".join(sender.targets))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if sender.event_log is not None:
+        loop.add_signal_handler(signal.SIGHUP, sender.event_log.reopen)
+    try:
+        await stop.wait()
+    finally:
+        await sender.stop()
+    return EXIT_OK
+
+
 def cmd_new_secret(args: argparse.Namespace) -> int:
     """Write a new ``whsec_`` secret to FILE (mode 0600, never overwritten); print it."""
     from smtp_tracker.webhooks.signing import write_secret
@@ -172,6 +212,31 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     retry.add_argument("--all", action="store_true", help="every dead letter")
     add_config_flags(retry, ("data_dir",))
     retry.set_defaults(func=cmd_retry)
+    send = add_command(
+        actions,
+        "send",
+        help="deliver the outbox in a process of its own",
+        description="Deliver the outbox's events to the [[webhooks]] and events_log until "
+        "SIGTERM (SIGHUP reopens events_log), for serve run with webhook_sender = false: "
+        "its event loop then only writes events. Safe beside another sender: a delivery is "
+        "claimed with a lease.",
+    )
+    add_config_flags(
+        send,
+        (
+            "data_dir",
+            "webhooks",
+            "webhook_retry_hours",
+            "webhook_outbox_max_events",
+            "webhook_timeout_s",
+            "webhook_backoff_base_s",
+            "webhook_backoff_max_s",
+            "events_log",
+            "log_level",
+            "log_format",
+        ),
+    )
+    send.set_defaults(func=cmd_send)
     secret = add_command(
         actions,
         "new-secret",

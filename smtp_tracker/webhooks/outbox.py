@@ -527,8 +527,9 @@ class OutboxStatus:
 
 
 def status(conn: sqlite3.Connection) -> OutboxStatus:
-    """The outbox's state (one read snapshot)."""
-    with immediate_transaction(conn):
+    """The outbox's state (one read snapshot; no write lock)."""
+    conn.execute("BEGIN")  # deferred: a read transaction, one snapshot
+    try:
         depth, dropped = conn.execute(
             "SELECT depth, dropped FROM webhook_outbox_state"
         ).fetchone() or (0, 0)
@@ -538,6 +539,8 @@ def status(conn: sqlite3.Connection) -> OutboxStatus:
             " min(CASE WHEN d.state = 'pending' THEN e.created_us END)"
             " FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq GROUP BY d.hook"
         ).fetchall()
+    finally:
+        conn.execute("COMMIT")
     hooks = {
         str(r[0]): HookStatus(str(r[0]), int(r[1]), int(r[2]), r[3], disabled.get(r[0]))
         for r in rows

@@ -201,11 +201,14 @@ class WebhookSender:
 
     # -- life cycle ----------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, deliver: bool = True) -> None:
         """Open the sender's connection and start one task per target.
 
         A store that cannot be opened here is logged and leaves the sender
         idle: mail and records go on.
+
+        :param deliver: start the delivery tasks; False: only write events (and
+            keep the disabled hooks current), another process delivers them.
         """
         self._loop = asyncio.get_running_loop()
         try:
@@ -221,6 +224,9 @@ class WebhookSender:
                 "webhooks retry --all' enables it again",
                 hook,
             )
+        if not deliver:
+            self._tasks.append(asyncio.create_task(self._follow(), name="webhook outbox"))
+            return
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             headers={"User-Agent": f"smtp-tracker/{__version__}"},
@@ -255,6 +261,18 @@ class WebhookSender:
             self.counters.total("dead"),
             self.outbox.dropped,
         )
+
+    async def _follow(self) -> None:
+        """Without delivery: keep the disabled hooks and the depth current."""
+        while True:
+            await asyncio.sleep(self._poll_s)
+            with contextlib.suppress(sqlite3.Error):
+                self.outbox.disabled, self.depth = await self._db(self._read_state)
+
+    def _read_state(self) -> tuple[frozenset[str], int]:
+        conn = self._conn_()
+        row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
+        return outbox.disabled_hooks(conn), int(row[0]) if row else 0
 
     def wake(self) -> None:
         """Look at the outbox now (in the loop's thread)."""
