@@ -740,6 +740,11 @@ class Application:
         delivers them to each webhook and ``events_log`` (:mod:`smtp_tracker.webhooks`)."""
         config = self.config
         assert self.store is not None
+        if not isinstance(self.store, SqliteStore):  # the outbox is SQLite's alone, for now
+            raise StartupError(
+                "webhooks and events_log need the SQLite store for now (store = postgresql:// "
+                "has no outbox yet): remove [[webhooks]] and events_log, or use the SQLite store"
+            )
         sender = await asyncio.to_thread(webhook_sender, config)
         await sender.start(deliver=config.webhook_sender)
         self.webhooks = sender

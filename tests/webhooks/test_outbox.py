@@ -156,3 +156,20 @@ async def test_the_sender_repairs_the_outbox_bookkeeping_at_start(
     finally:
         conn.close()
     assert sender.outbox.dropped == 0
+
+
+async def test_webhooks_with_a_postgresql_store_are_one_line_at_start(
+    relay_factory: Any, receiver: Receiver, secret_file: Path, ca_pem_path: Path
+) -> None:
+    """The outbox lives in the SQLite store; with store = postgresql:// serve says so."""
+    from smtp_tracker.errors import StartupError
+
+    with pytest.raises(StartupError, match="need the SQLite store"):
+        await relay_factory(
+            tracking=True,
+            pixel=False,
+            store="postgresql://smtp_tracker@127.0.0.1:1/smtp_tracker",
+            store_timeout_s=0.5,
+            webhooks=[hook(receiver, secret_file, ca_pem_path)],
+        )
+    assert receiver.attempts == 0
