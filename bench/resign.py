@@ -1,7 +1,7 @@
 """The cost of dkim_policy = "resign": messages per second through the rewrite, with
 and without verify-then-resign, over the shared corpus; RSA 2048 and Ed25519.
 
-Run: ``python bench/dkim.py [--corpus DIR] [--rounds N]``
+Run: ``python bench/resign.py [--corpus DIR] [--rounds N]``
 
 Every ``eml/`` message the rewrite tracks and every ``html/`` template (wrapped
 quoted-printable, base64 and 8bit, as the corpus tests do) is signed first as
