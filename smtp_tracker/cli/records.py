@@ -85,6 +85,12 @@ def _print_stats_table(group: str, items: list[dict[str, Any]], total: dict[str,
         print(line(row))
     print("  ".join("-" * width for width in widths))
     print(line(footer))
+    signed = {outcome: n for outcome, n in total["dkim"].items() if n}
+    if signed:  # issue 13: how much signed mail is tracked
+        print(
+            f"DKIM-signed: {sum(signed.values())}: "
+            + ", ".join(f"{outcome} {n}" for outcome, n in signed.items())
+        )
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -191,6 +191,8 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         "UPDATE messages SET dkim = not_tracked_reason WHERE not_tracked_reason IN"
         " ('dkim-signed', 'dkim-invalid', 'dkim-foreign', 'dkim-length-tag', 'arc-sealed',"
         " 'dkim-resign-failed')",
+        "CREATE INDEX messages_dkim ON messages (relayed_at_us, dkim, sender_domain)"
+        " WHERE dkim IS NOT NULL",
     ),
 }
 

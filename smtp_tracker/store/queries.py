@@ -288,6 +288,10 @@ class StatsRow:
         click alone (no counted open).
     :param relayed_aggregate: of *relayed*, the messages recorded with
         ``tracking_mode = "aggregate"`` (issue 20; see :attr:`tracking_mode`).
+    :param dkim: of *relayed*, the DKIM-signed messages per outcome (issue 13):
+        every outcome of :data:`DKIM_OUTCOMES` present (0 when none):
+        ``resigned`` (tracked, re-signed) and each reason one was relayed as
+        received.  Counted from ``messages`` (pruned messages drop out).
     """
 
     key: str
@@ -302,6 +306,7 @@ class StatsRow:
     open_rate: float | None = None
     opened_via_click: int = 0
     relayed_aggregate: int = 0
+    dkim: dict[str, int] = field(default_factory=dict)
 
     @property
     def tracking_mode(self) -> str:
@@ -624,6 +629,20 @@ ROLLUP_COLUMNS: Final[tuple[str, ...]] = (
 )
 _STATS_SUMS = ", ".join(f"SUM({column})" for column in ROLLUP_COLUMNS)
 
+#: What ``messages.dkim`` holds (issue 13), in report order: re-signed, then why a
+#: signed message was relayed as received.
+DKIM_OUTCOMES: Final[tuple[str, ...]] = (
+    "resigned",
+    "dkim-signed",
+    "dkim-invalid",
+    "dkim-foreign",
+    "dkim-length-tag",
+    "arc-sealed",
+    "dkim-resign-failed",
+)
+_DAY_US: Final = 86_400_000_000
+_EPOCH_DAY: Final = date(1970, 1, 1)
+
 
 def query_stats(
     conn: Connection,
@@ -660,10 +679,48 @@ def query_stats(
         f"SELECT {group}, {_STATS_SUMS} FROM daily_stats {where} GROUP BY {group} {order}",  # noqa: S608 - constants
         params,
     ).fetchall()
-    return [_stats_row(str(row[0]), [int(v or 0) for v in row[1:]]) for row in rows]
+    dkim = _dkim_counts(conn, since=since, until=until, group=group)
+    return [
+        _stats_row(str(row[0]), [int(v or 0) for v in row[1:]], dkim.get(str(row[0]), {}))
+        for row in rows
+    ]
 
 
-def _stats_row(key: str, sums: Sequence[int]) -> StatsRow:
+def _dkim_counts(
+    conn: Connection, *, since: date | None, until: date | None, group: StatsGroup
+) -> dict[str, dict[str, int]]:
+    """Signed messages per *group* key and DKIM outcome, relayed within [*since*, *until*].
+
+    Read from the partial index ``messages_dkim`` (``relayed_at_us, dkim,
+    sender_domain`` of signed messages only): a range scan, never the table.
+    """
+    conditions = ["dkim IS NOT NULL"]
+    params: list[int] = []
+    if since is not None:
+        conditions.append("relayed_at_us >= ?")
+        params.append((since - _EPOCH_DAY).days * _DAY_US)
+    if until is not None:
+        conditions.append("relayed_at_us < ?")
+        params.append(((until - _EPOCH_DAY).days + 1) * _DAY_US)
+    key = "relayed_at_us / 86400000000" if group == "day" else "sender_domain"
+    counts: dict[str, dict[str, int]] = {}
+    for value, outcome, count in conn.execute(
+        f"SELECT {key}, dkim, COUNT(*) FROM messages WHERE {' AND '.join(conditions)}"  # noqa: S608 - constants
+        f" GROUP BY {key}, dkim",
+        params,
+    ).fetchall():
+        name = (_EPOCH_DAY + timedelta(days=int(value))).isoformat() if group == "day" else value
+        counts.setdefault(str(name), {})[str(outcome)] = int(count)
+    return counts
+
+
+def _dkim_row(counts: dict[str, int]) -> dict[str, int]:
+    """*counts* with every outcome of :data:`DKIM_OUTCOMES` (then any other, by name)."""
+    others = sorted(set(counts) - set(DKIM_OUTCOMES))
+    return {outcome: counts.get(outcome, 0) for outcome in (*DKIM_OUTCOMES, *others)}
+
+
+def _stats_row(key: str, sums: Sequence[int], dkim: dict[str, int] | None = None) -> StatsRow:
     relayed, tracked, opened, opened_any, opens, *rest = sums
     by_verdict, (clicks, clicked, via_click, aggr) = rest[:-4], rest[-4:]
     return StatsRow(
@@ -679,6 +736,7 @@ def _stats_row(key: str, sums: Sequence[int]) -> StatsRow:
         open_rate=opened / tracked if tracked else None,
         opened_via_click=via_click,
         relayed_aggregate=aggr,
+        dkim=_dkim_row(dkim or {}),
     )
 
 
@@ -693,7 +751,11 @@ def stats_total(rows: Sequence[StatsRow], *, key: str = "total") -> StatsRow:
     clicked = sum(row.clicked for row in rows)
     via_click = sum(row.opened_via_click for row in rows)
     aggregate = sum(row.relayed_aggregate for row in rows)
-    return _stats_row(key, [*sums, *by_verdict, clicks, clicked, via_click, aggregate])
+    dkim: dict[str, int] = {}
+    for row in rows:
+        for outcome, count in row.dkim.items():
+            dkim[outcome] = dkim.get(outcome, 0) + count
+    return _stats_row(key, [*sums, *by_verdict, clicks, clicked, via_click, aggregate], dkim)
 
 
 # -- times ----------------------------------------------------------------------------------

@@ -300,6 +300,7 @@ def stats_row_to_dict(row: StatsRow) -> dict[str, Any]:
         "open_rate": row.open_rate,
         "relayed_aggregate": row.relayed_aggregate,
         "tracking_mode": row.tracking_mode,
+        "dkim": dict(row.dkim),
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from smtp_tracker import __version__
-from smtp_tracker.store.queries import DEFAULT_LIMIT, MAX_LIMIT, VERDICTS
+from smtp_tracker.store.queries import DEFAULT_LIMIT, DKIM_OUTCOMES, MAX_LIMIT, VERDICTS
 
 __all__ = ["OPENAPI"]
 
@@ -175,6 +175,14 @@ _STATS_PROPERTIES: Final[dict[str, Any]] = {
         "enum": ["per-person", "aggregate", "mixed"],
         "description": "Which tracking_mode produced these figures (mixed: it changed "
         "within them).",
+    },
+    "dkim": {
+        "type": "object",
+        "properties": {o: {"type": "integer", "minimum": 0} for o in DKIM_OUTCOMES},
+        "required": list(DKIM_OUTCOMES),
+        "additionalProperties": {"type": "integer", "minimum": 0},
+        "description": "Of relayed, the DKIM-signed messages per outcome (dkim_policy): "
+        "resigned (tracked and re-signed), or the reason one was relayed as received.",
     },
 }
 
