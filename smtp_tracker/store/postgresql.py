@@ -836,10 +836,27 @@ class PgDatabase:
         return total
 
     def count_recipient(self, address: str) -> retention.Removed:
-        """What :meth:`forget_recipient` would delete."""
-        return self._count(
-            "SELECT message_rowid FROM message_recipients WHERE address = ANY(?)",
-            (retention.recipient_forms(address),),
+        """What :meth:`forget_recipient` would delete, queue ids and links naming it included."""
+        forms = retention.recipient_forms(address)
+        select = "SELECT message_rowid FROM message_recipients WHERE address = ANY(?)"
+        counted = self._count(select, (forms,))
+
+        def named() -> tuple[list[Any], int]:
+            rows = self._conn.execute(
+                f"SELECT tracking_id, queue_id FROM messages WHERE id IN ({select})"  # noqa: S608 - constant
+                " ORDER BY id",
+                (forms,),
+            ).fetchall()
+            links = self._conn.execute(
+                "SELECT count(*) FROM links WHERE tracking_id = ANY(?) AND EXISTS (SELECT 1"
+                " FROM unnest(?::text[]) AS n(v) WHERE strpos(lower(links.url), n.v) > 0)",
+                ([str(row[0]) for row in rows], retention.needles(address)),
+            ).fetchone()
+            return rows, int(links[0]) if links else 0
+
+        rows, links = self._read(named)
+        return dataclasses.replace(
+            counted, links=links, queue_ids=tuple(str(row[1]) for row in rows)
         )
 
     def integrity_check(self) -> str:
