@@ -7,9 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smtp_tracker.cli.flags import add_command, add_config_flags, help_of, load_config
 from smtp_tracker.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from smtp_tracker.dkim import Resigner
 
 __all__ = [
     "add_commands",
@@ -154,14 +158,55 @@ def cmd_inject(args: argparse.Namespace) -> int:
         raise InputError(f"cannot read {args.input}: {exc.strerror}") from exc
     if not message.strip():
         raise InputError("no message on standard input: pipe an .eml file in")
+    resigner = _inject_resigner(args)
     reverse_path = None if args.reverse_path is None else args.reverse_path.strip("<>")
     result = rewrite(message, args.pixel_url, policy, reverse_path=reverse_path)
-    sys.stdout.buffer.write(result.message)
+    out, tracked, reason, dkim = result.message, result.tracked, result.reason, None
+    if resigner is not None and out != message:
+        out, tracked, reason, dkim = _inject_resign(resigner, message, result.message, reason)
+    sys.stdout.buffer.write(out)
     sys.stdout.buffer.flush()
-    decision = "tracked" if result.tracked else f"not tracked ({result.reason})"
+    decision = "tracked" if tracked else f"not tracked ({reason})"
+    signed = f"; dkim={dkim}" if dkim else ""
     defects = f"; defects: {', '.join(result.defects)}" if result.defects else ""
-    print(f"smtp-tracker: {decision}{defects}", file=sys.stderr)
+    print(f"smtp-tracker: {decision}{signed}{defects}", file=sys.stderr)
     return EXIT_OK
+
+
+def _inject_resigner(args: argparse.Namespace) -> Resigner | None:
+    """The :class:`~smtp_tracker.dkim.Resigner` of ``inject --dkim-policy resign``, or None.
+
+    :raises ConfigError: without ``--dkim-key-table``, or for a bad table or key
+        (one line per problem, naming the file and line).
+    """
+    if args.dkim_policy != "resign":
+        return None
+    from smtp_tracker.dkim import Resigner, load_keyring
+
+    if args.dkim_key_table is None:
+        raise ConfigError("--dkim-policy resign needs --dkim-key-table")
+    return Resigner(load_keyring(args.dkim_key_table, args.dkim_signing_table))
+
+
+def _inject_resign(
+    resigner: Resigner, original: bytes, rewritten: bytes, reason: str | None
+) -> tuple[bytes, bool, str | None, str | None]:
+    """Re-sign *rewritten* as ``serve`` does, or give *original* back with the reason.
+
+    :returns: the message, whether it is tracked, why not, the DKIM outcome.
+    """
+    from smtp_tracker.dkim import ResignError
+
+    check = resigner.check(original)
+    if check.signatures == 0:
+        return rewritten, True, reason, None
+    if check.reason is None:
+        try:
+            return resigner.resign(rewritten, check), True, reason, "resigned"
+        except ResignError as exc:
+            print(f"smtp-tracker: DKIM re-sign failed: {exc}", file=sys.stderr)
+            return original, False, "dkim-resign-failed", "dkim-resign-failed"
+    return original, False, check.reason, check.reason
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -198,8 +243,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the envelope sender; '<>' (a bounce) is never tracked",
     )
     inject.add_argument(
-        "--dkim-policy", choices=["skip", "track"], default="skip", help=help_of("dkim_policy")
+        "--dkim-policy",
+        choices=["skip", "track", "resign"],
+        default="skip",
+        help=help_of("dkim_policy"),
     )
+    inject.add_argument("--dkim-key-table", metavar="FILE", help=help_of("dkim_key_table"))
+    inject.add_argument("--dkim-signing-table", metavar="FILE", help=help_of("dkim_signing_table"))
     inject.add_argument(
         "--tracking-requires-opt-in",
         action="store_true",
