@@ -24,9 +24,8 @@ from pathlib import Path
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.smtp.capture import captures_before, captures_of, remove_files
-from smtp_tracker.store.base import ReportingStore
+from smtp_tracker.store.base import Database, ReportingStore
 from smtp_tracker.store.retention import DEFAULT_BATCH_ROWS, Removed, recipient_forms
-from smtp_tracker.store.sqlite import SqliteDatabase
 
 __all__ = ["Outcome", "Pruner", "cutoff", "forget_recipient", "prune_data_dir"]
 
@@ -63,7 +62,7 @@ class Outcome:
 
 
 def prune_data_dir(
-    database: SqliteDatabase,
+    database: Database,
     capture_root: Path,
     before: datetime,
     *,
@@ -83,7 +82,7 @@ def prune_data_dir(
 
 
 def forget_recipient(
-    database: SqliteDatabase,
+    database: Database,
     capture_root: Path,
     address: str,
     *,

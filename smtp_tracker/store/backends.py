@@ -17,7 +17,7 @@ from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.records import EventClassifier, unclassified
 
 if TYPE_CHECKING:
-    from smtp_tracker.store.base import ReportingStore
+    from smtp_tracker.store.base import Database, ReportingStore
 
 __all__ = ["is_postgresql", "open_database", "open_store", "store_name"]
 
@@ -118,7 +118,7 @@ def open_database(
     migrate_schema: bool = False,
     classifier: EventClassifier = unclassified,
     timeout_s: float = 10.0,
-) -> Any:
+) -> Database:
     """The blocking store of a CLI command: a :class:`~.sqlite.SqliteDatabase` or a
     :class:`~.postgresql.PgDatabase` (the same methods; a context manager).
 
@@ -126,13 +126,14 @@ def open_database(
     """
     if is_postgresql(store):
         assert store is not None
-        return _pg_module().PgDatabase.open(
+        database: Database = _pg_module().PgDatabase.open(
             store,
             password_file=password_file,
             migrate_schema=True,
             classifier=classifier,
             timeout_s=timeout_s,
         )
+        return database
     from smtp_tracker.store.sqlite import SqliteDatabase
 
     if not create and not (data_dir / DB_FILENAME).exists():

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from types import TracebackType
+from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 from smtp_tracker.store.queries import Connection, Cursor
 from smtp_tracker.store.records import ClickHit, LinkRecord, MessageRecord, OpenHit, StoredMessage
@@ -20,7 +21,15 @@ from smtp_tracker.store.records import ClickHit, LinkRecord, MessageRecord, Open
 if TYPE_CHECKING:
     from smtp_tracker.store import queries, retention
 
-__all__ = ["Connection", "Cursor", "HealthReporting", "ReportingStore", "Store", "store_degraded"]
+__all__ = [
+    "Connection",
+    "Cursor",
+    "Database",
+    "HealthReporting",
+    "ReportingStore",
+    "Store",
+    "store_degraded",
+]
 
 
 class Store(Protocol):
@@ -158,3 +167,64 @@ class ReportingStore(Store, Protocol):
     async def prune(self, before: datetime, *, batch_rows: int = ...) -> retention.Removed:
         """Every message relayed before *before*, with its events, links and recipients."""
         ...
+
+
+class Database(Protocol):
+    """The blocking store of a CLI command, on either backend: what ``stats``,
+    ``messages``, ``show``, ``prune`` and ``forget`` call
+    (:class:`~.sqlite.SqliteDatabase`, :class:`~.postgresql.PgDatabase`;
+    :func:`~.backends.open_database` gives one).  Errors: :class:`StoreError`.
+    """
+
+    def list_messages(
+        self, *, since: datetime | None = None, limit: int | None = None
+    ) -> list[StoredMessage]:
+        """See :meth:`Store.list_messages`."""
+        ...
+
+    def find_message(self, ident: str) -> StoredMessage | None:
+        """See :meth:`Store.find_message`."""
+        ...
+
+    def query_message(self, ident: str) -> queries.MessageDetail | None:
+        """See :func:`.queries.query_message`."""
+        ...
+
+    def query_stats(
+        self,
+        *,
+        since: date | None = None,
+        until: date | None = None,
+        group: queries.StatsGroup = "day",
+    ) -> list[queries.StatsRow]:
+        """See :func:`.queries.query_stats`."""
+        ...
+
+    def prune(self, before: datetime, *, batch_rows: int = ...) -> retention.Removed:
+        """Every message relayed before *before*, whole; the rows removed."""
+        ...
+
+    def count_prunable(self, before: datetime) -> retention.Removed:
+        """What :meth:`prune` would remove."""
+        ...
+
+    def forget_recipient(self, address: str, *, batch_rows: int = ...) -> retention.Removed:
+        """Every message sent to *address*, whole; the rows removed and their queue ids."""
+        ...
+
+    def count_recipient(self, address: str) -> retention.Removed:
+        """What :meth:`forget_recipient` would remove."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
