@@ -10,6 +10,11 @@ a click on it once the message record is gone records nothing; ``forget``
 removes the links whose destination names the address.  The
 ``daily_stats`` rollup is left as it is: it holds counts per day and sender
 domain, nothing about a person, so reports over past days stay the same.
+The webhook outbox (schema v5, :mod:`smtp_tracker.webhooks.outbox`) holds
+events not yet delivered, which carry recipients, senders, client addresses and
+link destinations: a prune removes its events created before the cutoff
+(pending or dead letters), ``forget`` those whose payload names the address,
+each with its deliveries, and the outbox's ``depth`` is set to what is left.
 
 Deletions run in batches of about ``batch_rows`` rows (whole messages with
 everything hanging off them, at least one message), each batch its own
@@ -26,10 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sqlite3
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import idna
 
@@ -41,6 +48,7 @@ __all__ = [
     "count_older",
     "count_recipient",
     "forget_recipient_batch",
+    "outbox_events_naming",
     "prune_batch",
     "prune_links_batch",
     "recipient_forms",
@@ -108,6 +116,8 @@ class Removed:
 
     :param queue_ids: smtp-tracker queue ids of the removed messages (kept by
         :func:`forget_recipient_batch`, for their capture files; empty for a prune).
+    :param outbox_events: webhook events removed from the outbox (not yet
+        delivered: pending or dead letters), with their deliveries.
     """
 
     messages: int = 0
@@ -116,6 +126,7 @@ class Removed:
     links: int = 0
     recipients: int = 0
     queue_ids: tuple[str, ...] = ()
+    outbox_events: int = 0
 
     def __add__(self, other: Removed) -> Removed:
         return Removed(
@@ -125,15 +136,20 @@ class Removed:
             links=self.links + other.links,
             recipients=self.recipients + other.recipients,
             queue_ids=self.queue_ids + other.queue_ids,
+            outbox_events=self.outbox_events + other.outbox_events,
         )
 
     def counts(self) -> dict[str, int]:
-        """``{"messages": n, "opens": n, "clicks": n, "links": n, "recipients": n}``."""
-        return {
+        """``{"messages": n, "opens": n, "clicks": n, "links": n, "recipients": n}``,
+        and ``"outbox_events": n`` when webhook events were (or would be) removed."""
+        counts = {
             f.name: int(getattr(self, f.name))
             for f in dataclasses.fields(self)
-            if f.name != "queue_ids"
+            if f.name not in ("queue_ids", "outbox_events")
         }
+        if self.outbox_events:
+            counts["outbox_events"] = self.outbox_events
+        return counts
 
 
 def _check_batch(batch_rows: int) -> None:
@@ -142,14 +158,24 @@ def _check_batch(batch_rows: int) -> None:
 
 
 def _delete_batch(
-    conn: sqlite3.Connection, select: str, order: str, params: dict[str, object], batch_rows: int
+    conn: sqlite3.Connection,
+    select: str,
+    order: str,
+    params: dict[str, object],
+    batch_rows: int,
+    *,
+    outbox: Callable[[sqlite3.Connection], int] | None = None,
 ) -> Removed:
-    """Delete the first messages ``select`` finds: about ``batch_rows`` rows with dependents."""
+    """Delete the first messages ``select`` finds: about ``batch_rows`` rows with dependents.
+
+    When it finds none, ``outbox(conn)`` (the webhook outbox's events removed)
+    runs in the same transaction.
+    """
     statement = _BATCH.format(select=select, order=order)
     with immediate_transaction(conn):
         rows = conn.execute(statement, {**params, "batch_rows": batch_rows}).fetchall()
         if not rows:
-            return Removed()
+            return Removed(outbox_events=0 if outbox is None else outbox(conn))
         batch = {
             "ids": json.dumps([row[0] for row in rows]),
             "tracking_ids": json.dumps([row[1] for row in rows]),
@@ -176,7 +202,10 @@ def prune_batch(
     """Delete, in one transaction, the oldest messages relayed before ``before_us``.
 
     As many as fit in about ``batch_rows`` rows with their events, links and
-    recipients (at least one).  Call it until it returns ``messages == 0``.
+    recipients (at least one).  Call it until it returns ``messages == 0``: that
+    last call, with no message left to delete, removes the webhook outbox's
+    events created before ``before_us`` (pending or dead letters), ``batch_rows``
+    events per transaction.
 
     :param before_us: the cutoff, microseconds since the epoch (UTC):
         messages with ``relayed_at_us < before_us`` go.
@@ -185,8 +214,24 @@ def prune_batch(
     :raises sqlite3.Error: when the database cannot be written (the batch is rolled back).
     """
     _check_batch(batch_rows)
-    removed = _delete_batch(conn, _OLDER, _OLDER_ORDER, {"before_us": before_us}, batch_rows)
-    return dataclasses.replace(removed, queue_ids=())
+
+    def older_events(conn: sqlite3.Connection) -> int:
+        seqs = conn.execute(_OUTBOX_OLDER, {"before_us": before_us, "n": batch_rows})
+        return _drop_outbox_events(conn, [int(row[0]) for row in seqs])
+
+    removed = _delete_batch(
+        conn, _OLDER, _OLDER_ORDER, {"before_us": before_us}, batch_rows, outbox=older_events
+    )
+    if removed.messages:
+        return dataclasses.replace(removed, queue_ids=())
+    events = removed.outbox_events
+    while events and events % batch_rows == 0:  # maybe more: one transaction per batch
+        with immediate_transaction(conn):
+            more = older_events(conn)
+        if not more:
+            break
+        events += more
+    return Removed(outbox_events=events)
 
 
 def prune_links_batch(
@@ -218,9 +263,13 @@ def prune_links_batch(
 
 
 def count_older(conn: sqlite3.Connection, before_us: int) -> Removed:
-    """What :func:`prune_batch` calls would delete for ``before_us`` (one statement);
+    """What :func:`prune_batch` calls would delete for ``before_us``;
     links are kept (:func:`prune_links_batch`), so counted as 0."""
-    return dataclasses.replace(_count(conn, _OLDER, {"before_us": before_us}), links=0)
+    counted = _count(conn, _OLDER, {"before_us": before_us})
+    (events,) = conn.execute(
+        "SELECT count(*) FROM webhook_events WHERE created_us < ?", (before_us,)
+    ).fetchone()
+    return dataclasses.replace(counted, links=0, outbox_events=int(events))
 
 
 def recipient_forms(address: str) -> list[str]:
@@ -258,7 +307,10 @@ def forget_recipient_batch(
     recipients included: one pixel served them all, so their open events
     cannot be told apart.  Its links stay (they keep redirecting, recording
     nothing), but those whose destination holds the address, as written or
-    percent-encoded.  Call it until ``messages == 0``.
+    percent-encoded.  Call it until ``messages == 0``: that last call, with no
+    message left to delete, removes in one transaction the webhook outbox's
+    events (pending or dead letters) whose payload names the address
+    (:func:`outbox_events_naming`).
 
     :returns: the rows deleted per table and the queue ids of the messages.
     :raises ValueError: when ``batch_rows`` is not a positive integer.
@@ -269,7 +321,14 @@ def forget_recipient_batch(
         "forms": _json(recipient_forms(address)),
         "needles": _json(_needles(address)),
     }
-    return _delete_batch(conn, _OF_RECIPIENT, _OF_RECIPIENT_ORDER, params, batch_rows)
+    return _delete_batch(
+        conn,
+        _OF_RECIPIENT,
+        _OF_RECIPIENT_ORDER,
+        params,
+        batch_rows,
+        outbox=lambda conn: _drop_outbox_events(conn, outbox_events_naming(conn, address)),
+    )
 
 
 def _needles(address: str) -> list[str]:
@@ -296,7 +355,92 @@ def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
         {"tracking_ids": _json(str(row[1]) for row in rows), "needles": _json(_needles(address))},
     ).fetchone()[0]
     queue_ids = tuple(str(row[2]) for row in rows)
-    return dataclasses.replace(counted, links=int(links), queue_ids=queue_ids)
+    events = len(outbox_events_naming(conn, address))
+    return dataclasses.replace(counted, links=int(links), queue_ids=queue_ids, outbox_events=events)
+
+
+# -- the webhook outbox (schema v5; smtp_tracker.webhooks.outbox writes and sends it) -----
+
+#: The oldest ``:n`` outbox events created before ``:before_us``.
+_OUTBOX_OLDER = "SELECT seq FROM webhook_events WHERE created_us < :before_us ORDER BY seq LIMIT :n"
+
+
+def _drop_outbox_events(conn: sqlite3.Connection, seqs: list[int]) -> int:
+    """Delete the outbox events *seqs* (read in this transaction) with their deliveries,
+    and set the outbox's ``depth`` to the events left; inside the caller's transaction.
+
+    ``depth`` is counted again rather than left to the triggers: a store copied
+    by ``store recover`` has none until the sender's
+    :func:`smtp_tracker.webhooks.outbox.repair` runs.
+
+    :returns: ``len(seqs)``.
+    """
+    if not seqs:
+        return 0
+    batch = json.dumps(seqs)
+    conn.execute(
+        "DELETE FROM webhook_deliveries WHERE seq IN (SELECT value FROM json_each(?))", (batch,)
+    )
+    conn.execute(
+        "DELETE FROM webhook_events WHERE seq IN (SELECT value FROM json_each(?))", (batch,)
+    )
+    conn.execute("UPDATE webhook_outbox_state SET depth = (SELECT count(*) FROM webhook_events)")
+    return len(seqs)
+
+
+def outbox_events_naming(conn: sqlite3.Connection, address: str) -> list[int]:
+    """The ``seq`` of each webhook outbox event whose payload names *address*.
+
+    An event names it when one of its ``recipients`` or its ``sender`` is the
+    address in one of :func:`recipient_forms` (case-insensitively, the domain
+    in either IDNA form), or when another of its texts (a link's destination,
+    the upstream's reply) holds one of those forms, as written or
+    percent-encoded, as a whole address (``bob@example.net`` is not in
+    ``jimbob@example.net``).  Only events whose JSON holds the address's local
+    part (when that is plain ASCII) are read from SQL, then checked here.
+    """
+    forms = set(recipient_forms(address))
+    local = recipient_forms(address)[0].rpartition("@")[0]
+    query, params = "SELECT seq, body FROM webhook_events", {}
+    if local and local.isascii() and '"' not in local and "\\" not in local:
+        query += " WHERE instr(lower(body), :at) > 0 OR instr(lower(body), :pct) > 0"
+        params = {"at": f"{local}@", "pct": urllib.parse.quote(f"{local}@", safe="").lower()}
+    pattern = re.compile(
+        "|".join(
+            rf"(?<![\w.+%-]){re.escape(needle)}(?![\w-]|\.[\w])"
+            for needle in sorted(_needles(address), key=len, reverse=True)
+        )
+    )
+    found = []
+    for seq, body in conn.execute(query, params):
+        try:
+            document = json.loads(body)
+        except ValueError:
+            continue
+        if _names(document, forms, pattern):
+            found.append(int(seq))
+    return found
+
+
+def _names(document: Any, forms: set[str], pattern: re.Pattern[str]) -> bool:
+    if isinstance(document, dict):
+        for field in ("recipients", "sender"):
+            value = document.get(field)
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str) and text and forms & set(recipient_forms(text)):
+                    return True
+    return any(pattern.search(text.lower()) for text in _texts(document))
+
+
+def _texts(document: Any) -> Iterator[str]:
+    if isinstance(document, str):
+        yield document
+    elif isinstance(document, dict):
+        for value in document.values():
+            yield from _texts(value)
+    elif isinstance(document, list):
+        for value in document:
+            yield from _texts(value)
 
 
 #: The checks and forms the PostgreSQL backend (:mod:`.postgresql`) shares, deleting with
