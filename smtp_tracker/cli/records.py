@@ -2,7 +2,7 @@
 ``prune`` and ``forget``.
 
 They take the configuration file and only the keys they use (``data_dir``, and
-``retention_days`` for ``prune``): no SMTP or TLS flag.
+``retention_days`` and ``link_retention_days`` for ``prune``): no SMTP or TLS flag.
 """
 
 from __future__ import annotations
@@ -228,6 +228,9 @@ def _delete_records(
     except StoreError as exc:
         raise InputError(f"{exc}: give --store or --data-dir of a running smtp-tracker") from None
     with database:
+        # links outlive their message record for link_retention_days (the store's default
+        # is 1825 days; serve sets it from the configuration at start, and so do we)
+        database.link_retention_days = config.link_retention_days
         try:
             return delete(database, config.data_dir / "capture", what, dry_run=dry_run)
         except OSError as exc:
@@ -328,7 +331,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "daily counts stay. serve does this once a day by itself.",
     )
     prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
-    add_config_flags(prune, (*STORE_KEYS, "retention_days"))
+    add_config_flags(prune, (*STORE_KEYS, "retention_days", "link_retention_days"))
     prune.set_defaults(func=cmd_prune)
 
     forget = add_command(
