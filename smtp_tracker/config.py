@@ -697,6 +697,14 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
 
 
+def _duration_unit(name: str) -> tuple[str, int]:
+    """The unit of the number key *name* (``"hours"`` for ``*_hours``, else ``"seconds"``)
+    and the most it takes: ten years (:data:`MAX_SECONDS`) in that unit."""
+    if name.endswith("_hours"):
+        return "hours", MAX_SECONDS // 3600
+    return "seconds", MAX_SECONDS
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Turn a TOML or flag value into the field's type; raise ConfigError if it can't."""
     kind = _FIELDS[name].type
@@ -728,16 +736,17 @@ def _coerce(name: str, value: Any) -> Any:
         except ValueError:
             raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
     if kind == "float":
+        unit, most = _duration_unit(name)
         if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ConfigError(f"{name}: expected a number of seconds")
+            raise ConfigError(f"{name}: expected a number of {unit}")
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"{name}: expected a number of seconds, got {value!r}") from None
+            raise ConfigError(f"{name}: expected a number of {unit}, got {value!r}") from None
         if not math.isfinite(number):  # nan would turn every comparison (timeouts) off
-            raise ConfigError(f"{name}: expected a finite number of seconds, got {value!r}")
-        if number > MAX_SECONDS:  # threads and timers overflow long before inf
-            raise ConfigError(f"{name}: at most {MAX_SECONDS} seconds (ten years), got {value!r}")
+            raise ConfigError(f"{name}: expected a finite number of {unit}, got {value!r}")
+        if number > most:  # threads and timers overflow long before inf
+            raise ConfigError(f"{name}: at most {most} {unit} (ten years), got {value!r}")
         return number
     literal = {
         "UpstreamTLS": UpstreamTLS,

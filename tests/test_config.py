@@ -150,12 +150,46 @@ def test_example_config_lists_every_key_with_its_default() -> None:
         assert getattr(parsed, spec.name) == getattr(defaults, spec.name), spec.name
 
 
-#: Every number-of-seconds key, read from Config: a new one is covered without a change here.
+#: Every number-of-seconds (or hours) key, read from Config: a new one is covered without a
+#: change here.
 FLOAT_KEYS = [spec.name for spec in dataclasses.fields(Config) if spec.type == "float"]
+
+
+def unit(name: str) -> str:
+    """The unit a float key's errors name: its suffix says (``_s`` seconds, ``_hours`` hours)."""
+    return "hours" if name.endswith("_hours") else "seconds"
+
+
+def most(name: str) -> int:
+    """Ten years in the key's unit."""
+    return MAX_SECONDS // 3600 if unit(name) == "hours" else MAX_SECONDS
 
 
 def test_float_keys_are_found() -> None:
     assert "client_timeout_s" in FLOAT_KEYS and "reports_session_s" in FLOAT_KEYS
+    # every float key is a duration in seconds or in hours, and its errors say which
+    assert {name for name in FLOAT_KEYS if not name.endswith("_s")} == {"webhook_retry_hours"}
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("soon", "webhook_retry_hours: expected a number of hours, got 'soon'"),
+        ("nan", "webhook_retry_hours: expected a finite number of hours, got 'nan'"),
+        ("87601", "webhook_retry_hours: at most 87600 hours (ten years), got '87601'"),
+        ("0", "webhook_retry_hours: must be a positive number of hours"),
+    ],
+)
+def test_webhook_retry_hours_errors_say_hours(value: str, problem: str) -> None:
+    """It reused the seconds keys' messages ("expected a number of seconds")."""
+    with pytest.raises(ConfigError) as caught:
+        build_config({}, {"webhook_retry_hours": value}, environ={})
+    assert caught.value.problems == (problem,)
+    with pytest.raises(ConfigError, match=r"^webhook_retry_hours: expected a number of hours$"):
+        build_config({"webhook_retry_hours": [24]}, {}, environ={})
+    assert build_config({}, {"webhook_retry_hours": "87600"}, environ={}).webhook_retry_hours == (
+        87600.0
+    )
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf", "+inf"])
@@ -168,17 +202,19 @@ def test_non_finite_numbers_are_refused_for_every_float_key(name: str, text: str
     with pytest.raises(ConfigError) as caught:
         build_config({name: from_file}, {}, environ={})
     assert caught.value.problems == (
-        f"{name}: expected a finite number of seconds, got {text.lstrip('+')}",
+        f"{name}: expected a finite number of {unit(name)}, got {text.lstrip('+')}",
     )
     with pytest.raises(ConfigError) as caught:
         build_config({}, {name: text}, environ={})
-    assert caught.value.problems == (f"{name}: expected a finite number of seconds, got {text!r}",)
+    assert caught.value.problems == (
+        f"{name}: expected a finite number of {unit(name)}, got {text!r}",
+    )
 
 
 @pytest.mark.parametrize("name", FLOAT_KEYS)
 def test_durations_beyond_ten_years_are_refused(name: str) -> None:
-    assert build_config({name: MAX_SECONDS}, {}, environ={}).__getattribute__(name) == MAX_SECONDS
-    with pytest.raises(ConfigError, match=f"^{name}: at most {MAX_SECONDS} seconds"):
+    assert build_config({name: most(name)}, {}, environ={}).__getattribute__(name) == most(name)
+    with pytest.raises(ConfigError, match=f"^{name}: at most {most(name)} {unit(name)}"):
         build_config({name: 1e300}, {}, environ={})
 
 

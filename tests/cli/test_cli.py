@@ -100,7 +100,8 @@ def test_non_finite_durations_are_one_line_each_and_exit_2(tmp_path: Path) -> No
     result = run_cli("check-config", "--config", str(config), "--upstream", "mx.example:25")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"smtp-tracker: error: {name}: expected a finite number of seconds, got {values[i % 3]}"
+        f"smtp-tracker: error: {name}: expected a finite number of "
+        f"{'hours' if name.endswith('_hours') else 'seconds'}, got {values[i % 3]}"
         for i, name in enumerate(names)
     ]
     flag = run_cli("check-config", "--upstream", "mx.example:25", "--reports-session-s", "inf")
