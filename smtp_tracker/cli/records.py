@@ -69,6 +69,15 @@ def _stats_cells(item: dict[str, Any]) -> list[str]:
     return cells
 
 
+def _mode_line(total: dict[str, Any]) -> str:
+    """Which ``tracking_mode`` made the figures (issue 20), as the JSON's ``tracking_mode``:
+    ``tracking mode: per-person``, ``aggregate``, or ``mixed (N of M messages aggregate)``."""
+    mode = str(total["tracking_mode"])
+    if mode == "mixed":
+        mode += f" ({total['relayed_aggregate']} of {total['relayed']} messages aggregate)"
+    return f"tracking mode: {mode}"
+
+
 def _print_stats_table(group: str, items: list[dict[str, Any]], total: dict[str, Any]) -> None:
     header = [group, *(heading for heading, _ in _STATS_COLUMNS)]
     body = [_stats_cells(item) for item in items]
@@ -85,6 +94,7 @@ def _print_stats_table(group: str, items: list[dict[str, Any]], total: dict[str,
         print(line(row))
     print("  ".join("-" * width for width in widths))
     print(line(footer))
+    print(_mode_line(total))
     signed = {outcome: n for outcome, n in total["dkim"].items() if n}
     if signed:  # issue 13: how much signed mail is tracked
         print(
@@ -217,6 +227,7 @@ def _delete_records(
     """
     from smtp_tracker.errors import StoreError
     from smtp_tracker.store.backends import open_database
+    from smtp_tracker.store.sqlite import SqliteDatabase
 
     try:
         database = open_database(
@@ -230,7 +241,8 @@ def _delete_records(
     with database:
         # links outlive their message record for link_retention_days (the store's default
         # is 1825 days; serve sets it from the configuration at start, and so do we)
-        database.link_retention_days = config.link_retention_days
+        if isinstance(database, SqliteDatabase):
+            database.link_retention_days = config.link_retention_days
         try:
             return delete(database, config.data_dir / "capture", what, dry_run=dry_run)
         except OSError as exc:

@@ -66,7 +66,8 @@ def test_table_by_day_is_aligned_with_a_total(data_dir: Path) -> None:
     result = stats("--data-dir", str(data_dir))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    header, day1, day2, rule, total = lines
+    header, day1, day2, rule, total, mode = lines
+    assert mode == "tracking mode: per-person"  # issue 20: which mode made the figures
     assert header.split() == [
         "day",
         "relayed",
@@ -132,7 +133,7 @@ def test_table_by_day_is_aligned_with_a_total(data_dir: Path) -> None:
 def test_table_by_sender_domain(data_dir: Path) -> None:
     result = stats("--data-dir", str(data_dir), "--group", "sender_domain")
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:-2]}
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:-3]}
     assert rows["example.com"][1:5] == ["4", "3", "1", "33.3%"]
     assert rows["example.org"][1:5] == ["1", "1", "0", "0.0%"]
     assert list(rows) == ["example.com", "example.org"]  # most relayed first
@@ -179,8 +180,9 @@ def test_empty_period_prints_only_the_total(data_dir: Path) -> None:
     result = stats("--data-dir", str(data_dir), "--since", "2030-01-01")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[2].split()[:5] == ["total", "0", "0", "0", "-"]
+    assert lines[3] == "tracking mode: per-person"
 
 
 @pytest.mark.parametrize(
