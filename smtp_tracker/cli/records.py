@@ -339,8 +339,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "prune",
         help="delete records older than retention_days",
         description="Delete the message records relayed more than retention_days ago, with "
-        "their opens, clicks, links and recipients, and capture files of those days; the "
-        "daily counts stay. serve does this once a day by itself.",
+        "their opens, clicks, links and recipients, capture files of those days, and the "
+        "webhook events of before then still in the outbox (pending or dead letters); the "
+        "daily counts stay. Links keep redirecting for link_retention_days. serve does this "
+        "once a day by itself.",
     )
     prune.add_argument("--dry-run", action="store_true", help="only print what would be deleted")
     add_config_flags(prune, (*STORE_KEYS, "retention_days", "link_retention_days"))
@@ -353,7 +355,8 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Delete every message record whose recipients include ADDRESS "
         "(case-insensitive), whole: one pixel served all recipients of a message, so the "
         "records of the other recipients of those messages go too. Capture files of those "
-        "transactions, and of any captured conversation naming the address, are deleted.",
+        "transactions, and of any captured conversation naming the address, are deleted, and "
+        "so are the webhook events still in the outbox (pending or dead letters) naming it.",
     )
     forget.add_argument(
         "--recipient", required=True, metavar="ADDRESS", help="the recipient's address"
