@@ -2,12 +2,17 @@
 
 A damaged ``tracker.sqlite3`` does not stop ``serve`` (it runs with records
 suspended and ``/healthz`` says ``degraded: store``); these commands say what
-is wrong and rebuild the store (:mod:`smtp_tracker.store.integrity`).
+is wrong and rebuild the store (:mod:`smtp_tracker.store.integrity`).  With
+``store = "postgresql://..."``, ``check`` connects, reads the schema version
+and writes a row back in a rolled-back transaction
+(:func:`smtp_tracker.store.postgresql.check_server`); ``recover`` leaves
+PostgreSQL to its own tools (``pg_dump``/``pg_restore``) and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
 from smtp_tracker.errors import InputError
@@ -16,13 +21,29 @@ __all__ = ["add_commands", "cmd_store_check", "cmd_store_recover"]
 
 EXIT_OK = 0
 EXIT_DAMAGED = 1
+EXIT_USAGE = 2
+
+#: The keys both commands use.
+KEYS = ("data_dir", "store", "store_password_file")
 
 
 def cmd_store_check(args: argparse.Namespace) -> int:
     """Print what :func:`~smtp_tracker.store.integrity.check_store` found; 1 when damaged."""
+    from smtp_tracker.store.backends import is_postgresql, store_name
     from smtp_tracker.store.integrity import check_store
 
-    data_dir = load_config(args).data_dir
+    config = load_config(args)
+    if is_postgresql(config.store):
+        assert config.store is not None
+        from smtp_tracker.store.backends import check_server
+
+        found = check_server(config.store, password_file=config.store_password_file)
+        for line in found.lines():
+            print(line)
+        if not found.ok:
+            print(f"smtp-tracker: {store_name(config.store, config.data_dir)} is not usable")
+        return EXIT_OK if found.ok else EXIT_DAMAGED
+    data_dir = config.data_dir
     report = check_store(data_dir)
     if not report.path.is_file():
         raise InputError(f"no tracking store in {data_dir}: give --data-dir (or --config)")
@@ -34,10 +55,22 @@ def cmd_store_check(args: argparse.Namespace) -> int:
 
 
 def cmd_store_recover(args: argparse.Namespace) -> int:
-    """Rebuild the store; the damaged file is kept aside (its path is printed)."""
+    """Rebuild the store; the damaged file is kept aside (its path is printed).
+
+    With a PostgreSQL store: one line on stderr, exit 2 (PostgreSQL has its own tools).
+    """
+    from smtp_tracker.store.backends import is_postgresql
     from smtp_tracker.store.integrity import check_store, recover_store
 
-    data_dir = load_config(args).data_dir
+    config = load_config(args)
+    if is_postgresql(config.store):
+        print(
+            "smtp-tracker: store recover is for the SQLite store; PostgreSQL has its own "
+            "tools (pg_dump/pg_restore)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    data_dir = config.data_dir
     aside = recover_store(data_dir)  # StoreError: one line, exit 1 (cli.main)
     print(f"smtp-tracker: the damaged store is kept as {aside}")
     for line in check_store(data_dir).lines():
@@ -61,9 +94,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "check",
         help="check the store without writing it (exit 1 when damaged)",
         description="Read the database file and its write-ahead log without writing either: "
-        "their headers, PRAGMA quick_check, the schema version. Exit 0 when sound, 1 when not.",
+        "their headers, PRAGMA quick_check, the schema version. With --store "
+        "postgresql://...: connect, read the schema version, write a row back in a "
+        "rolled-back transaction. Exit 0 when sound, 1 when not.",
     )
-    add_config_flags(check, ("data_dir",))
+    add_config_flags(check, KEYS)
     check.set_defaults(func=cmd_store_check)
     recover = add_command(
         actions,
@@ -72,7 +107,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Move tracker.sqlite3 (and its -wal, -shm) aside as "
         "tracker.sqlite3.damaged-<UTC time> and rebuild the store from what can be read of "
         "it: SQLite's .recover (the sqlite3 shell) when installed, else table by table. "
-        "Stop smtp-tracker first.",
+        "Stop smtp-tracker first. Not for PostgreSQL (use pg_dump/pg_restore): exit 2.",
     )
-    add_config_flags(recover, ("data_dir",))
+    add_config_flags(recover, KEYS)
     recover.set_defaults(func=cmd_store_recover)

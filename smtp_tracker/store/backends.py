@@ -19,7 +19,7 @@ from smtp_tracker.store.records import EventClassifier, unclassified
 if TYPE_CHECKING:
     from smtp_tracker.store.base import Database, ReportingStore
 
-__all__ = ["is_postgresql", "open_database", "open_store", "store_name"]
+__all__ = ["check_server", "is_postgresql", "open_database", "open_store", "store_name"]
 
 
 def is_postgresql(store: str | None) -> bool:
@@ -54,6 +54,15 @@ def _pg_module() -> Any:
             "pip install 'smtp-tracker[postgresql]'"
         ) from exc
     return postgresql
+
+
+def check_server(store: str, *, password_file: Path | None = None) -> Any:
+    """``store check`` on PostgreSQL: :func:`.postgresql.check_server`'s report
+    (``ok``, ``lines()``).
+
+    :raises StoreError: when psycopg is missing or the DSN holds a password.
+    """
+    return _pg_module().check_server(store, password_file=password_file)
 
 
 def _hash_key(data_dir: Path, ip_policy: IpPolicy) -> bytes | None:
