@@ -39,8 +39,9 @@ Haraka is installed from the npm registry into ``--haraka-dir`` (kept between
 runs; ``overrides`` pin ``encoding-japanese`` 2.4.0 and ``libqp`` 2.1.2, without
 which 3.1.1 does not install); if that fails its row says so and the run goes on.
 
-``--profile DIR`` runs smtp-tracker under ``py-spy record`` during the relay
-section and prints the functions with the most samples (self and total).
+``--profile DIR`` samples smtp-tracker with ``py-spy record`` during the relay
+section and prints the functions with the most samples (self and total); the
+sampling takes CPU from the machine, so take figures from a run without it.
 
 Not a test: figures depend on the machine and its load; only the ratios count.
 """
@@ -484,6 +485,7 @@ async def relay_sections(
         profiler = await asyncio.create_subprocess_exec(
             "py-spy",
             "record",
+            "--nonblocking",  # never pause smtp-tracker (the default would slow what it measures)
             "-r",
             "250",
             "-f",
