@@ -21,8 +21,8 @@ from smtp_tracker.errors import ConfigError, InputError
 
 __all__ = ["add_commands", "cmd_reclassify"]
 
-#: The keys ``reclassify`` uses.
-KEYS = ("data_dir", "prefetch_window_s")
+#: The keys ``reclassify`` uses (``store``: SQLite in ``data_dir`` or PostgreSQL).
+KEYS = ("data_dir", "store", "store_password_file", "prefetch_window_s")
 
 
 def cmd_reclassify(args: argparse.Namespace) -> int:
@@ -37,7 +37,8 @@ def cmd_reclassify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from smtp_tracker.classification import Classifier, load_networks
-    from smtp_tracker.store import DB_FILENAME, SqliteDatabase
+    from smtp_tracker.errors import StoreError
+    from smtp_tracker.store.backends import is_postgresql, open_database
 
     since: date | None = None
     if args.since is not None:
@@ -48,17 +49,22 @@ def cmd_reclassify(args: argparse.Namespace) -> int:
                 f"--since: expected a date like 2026-11-21, got {args.since!r}"
             ) from None
     config = load_config(args)
-    if not (config.data_dir / DB_FILENAME).exists():
-        raise InputError(
-            f"no tracking store in {config.data_dir}: give --data-dir (or --config) of a "
-            "running smtp-tracker"
-        )
     try:
         classifier = Classifier(load_networks(config.data_dir), config.prefetch_window_s)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        database = open_database(
+            store=config.store,
+            data_dir=config.data_dir,
+            password_file=config.store_password_file,
+            classifier=classifier,
+        )
+    except StoreError as exc:
+        where = "--store" if is_postgresql(config.store) else "--data-dir (or --config)"
+        raise InputError(f"{exc}: give {where} of a running smtp-tracker") from None
     quiet = args.no_progress or not sys.stderr.isatty()
-    with SqliteDatabase.open(config.data_dir, create=False, classifier=classifier) as database:
+    with database:
         total, days = database.reclassify_scope(since)
         messages = events = changed = 0
         after = 0

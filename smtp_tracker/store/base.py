@@ -19,7 +19,7 @@ from smtp_tracker.store.queries import Connection, Cursor
 from smtp_tracker.store.records import ClickHit, LinkRecord, MessageRecord, OpenHit, StoredMessage
 
 if TYPE_CHECKING:
-    from smtp_tracker.store import queries, retention
+    from smtp_tracker.store import queries, reclassify, retention
 
 __all__ = [
     "Connection",
@@ -214,6 +214,20 @@ class Database(Protocol):
 
     def count_recipient(self, address: str) -> retention.Removed:
         """What :meth:`forget_recipient` would remove."""
+        ...
+
+    def reclassify_scope(self, since: date | None) -> tuple[int, list[str]]:
+        """Messages :meth:`reclassify_batch` will read, and the days to rebuild."""
+        ...
+
+    def reclassify_batch(
+        self, *, since: date | None = ..., after_rowid: int = ..., batch_messages: int = ...
+    ) -> reclassify.Batch:
+        """See :func:`.reclassify.reclassify_batch`, with the store's classifier."""
+        ...
+
+    def rebuild_rollup_day(self, day: str) -> reclassify.DayRebuild:
+        """See :func:`.reclassify.rebuild_rollup_day`."""
         ...
 
     def close(self) -> None:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import urlsplit
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import pg_schema, queries, retention
+from smtp_tracker.store import pg_schema, queries, reclassify, retention
 from smtp_tracker.store.address import AddressPolicy, IpPolicy
 from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import (
@@ -184,6 +184,10 @@ class PgConnection:
     def execute(self, sql: str, parameters: Any = (), /) -> psycopg.Cursor[Any]:
         """Run *sql* (``?`` placeholders) with *parameters*; the cursor."""
         return self.raw.execute(_dialect(sql), parameters)
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        """A transaction block (psycopg's ``Connection.transaction``)."""
+        return self.raw.transaction()
 
 
 # -- schema --------------------------------------------------------------------------------
@@ -934,6 +938,57 @@ class PgDatabase:
         return dataclasses.replace(
             counted, links=links, queue_ids=tuple(str(row[1]) for row in rows)
         )
+
+    # -- reclassification (smtp_tracker.store.reclassify) ------------------------------
+
+    def reclassify_scope(self, since: date | None) -> tuple[int, list[str]]:
+        """As :meth:`.sqlite.SqliteDatabase.reclassify_scope`.
+
+        :raises StoreError: when the store cannot be read.
+        """
+        return self._read(
+            lambda: (
+                reclassify.count_messages(self._conn, since),
+                reclassify.days_from(self._conn, since),
+            )
+        )
+
+    def reclassify_batch(
+        self,
+        *,
+        since: date | None = None,
+        after_rowid: int = 0,
+        batch_messages: int = reclassify.DEFAULT_BATCH_MESSAGES,
+    ) -> reclassify.Batch:
+        """See :func:`.reclassify.reclassify_batch` (the messages' rows locked, as the
+        writers lock them), with this store's classifier.
+
+        :raises StoreError: when the store cannot be written.
+        """
+        import psycopg
+
+        try:
+            return reclassify.reclassify_batch(
+                self._conn,
+                self._options.classifier,
+                since=since,
+                after_rowid=after_rowid,
+                batch_messages=batch_messages,
+            )
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot reclassify: {_reason(exc)}") from exc
+
+    def rebuild_rollup_day(self, day: str) -> reclassify.DayRebuild:
+        """See :func:`.reclassify.rebuild_rollup_day` (``daily_stats`` locked against writers).
+
+        :raises StoreError: when the store cannot be written.
+        """
+        import psycopg
+
+        try:
+            return reclassify.rebuild_rollup_day(self._conn, day)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot rebuild the daily counts of {day}: {_reason(exc)}") from exc
 
     def integrity_check(self) -> str:
         """``"ok"`` when the server answers (PostgreSQL checks its own pages)."""

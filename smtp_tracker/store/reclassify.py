@@ -28,6 +28,13 @@ rollup on purpose (reports over past days stay the same), so a day that lost
 messages keeps its rollup as adjusted by the batches, with only the
 differences of the messages still stored; every other day is set to a count
 of its rows (:func:`rebuild_rollup_day` says which it did).
+
+On PostgreSQL (issue 14) the same functions run on a
+:class:`~.postgresql.PgConnection`: a batch locks its messages' rows
+(``SELECT ... FOR UPDATE``, in id order, as the writers do) before reading
+their events, and a day's rebuild locks ``daily_stats`` against writers
+(``SHARE ROW EXCLUSIVE``) before counting, so no open or click recorded
+meanwhile is lost or counted twice.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import sqlite3
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from smtp_tracker.store.migrations import immediate_transaction
 from smtp_tracker.store.records import (
@@ -48,6 +56,9 @@ from smtp_tracker.store.records import (
     EventKind,
     Verdict,
 )
+
+if TYPE_CHECKING:
+    from smtp_tracker.store.queries import Connection
 
 __all__ = [
     "DEFAULT_BATCH_MESSAGES",
@@ -100,13 +111,32 @@ class DayRebuild:
     kept: int
 
 
+def _is_sqlite(conn: Connection) -> bool:
+    return isinstance(conn, sqlite3.Connection)
+
+
+def _write_transaction(conn: Connection) -> AbstractContextManager[Any]:
+    """SQLite's ``BEGIN IMMEDIATE`` (one writer at a time), or a PostgreSQL transaction."""
+    if isinstance(conn, sqlite3.Connection):
+        return immediate_transaction(conn)
+    transaction: AbstractContextManager[Any] = conn.transaction()  # type: ignore[attr-defined]  # PgConnection
+    return transaction
+
+
+def _signals_text(signals: Any) -> str | None:
+    """The stored signals as JSON text (PostgreSQL's ``jsonb`` is read as Python values)."""
+    if signals is None or isinstance(signals, str):
+        return signals
+    return json.dumps(signals, separators=(",", ":"))
+
+
 def _us(value: date) -> int:
     return (datetime(value.year, value.month, value.day, tzinfo=UTC) - _EPOCH) // timedelta(
         microseconds=1
     )
 
 
-def count_messages(conn: sqlite3.Connection, since: date | None) -> int:
+def count_messages(conn: Connection, since: date | None) -> int:
     """How many stored messages were relayed on or after the UTC day *since* (None: all)."""
     if since is None:
         return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
@@ -117,14 +147,17 @@ def count_messages(conn: sqlite3.Connection, since: date | None) -> int:
     )
 
 
-def days_from(conn: sqlite3.Connection, since: date | None) -> list[str]:
+def days_from(conn: Connection, since: date | None) -> list[str]:
     """The UTC relay days (``YYYY-MM-DD``) on or after *since* with messages or rollup rows."""
-    first = "0000-00-00" if since is None else since.isoformat()
     start_us = 0 if since is None else _us(since)
-    days = {
-        str(row[0])
-        for row in conn.execute("SELECT DISTINCT day FROM daily_stats WHERE day >= ?", (first,))
-    }
+    rollup_days = (
+        conn.execute("SELECT DISTINCT day FROM daily_stats")
+        if since is None
+        else conn.execute(
+            "SELECT DISTINCT day FROM daily_stats WHERE day >= ?", (since.isoformat(),)
+        )
+    )
+    days = {str(row[0]) for row in rollup_days}
     for (relayed_at_us,) in conn.execute(
         "SELECT DISTINCT relayed_at_us / ? FROM messages WHERE relayed_at_us >= ?",
         (_DAY_US, start_us),
@@ -167,7 +200,7 @@ def _contribution(
 
 
 def reclassify_batch(
-    conn: sqlite3.Connection,
+    conn: Connection,
     classify: EventClassifier,
     *,
     since: date | None = None,
@@ -185,18 +218,23 @@ def reclassify_batch(
     (``classifier-failed``), as when it is recorded.
 
     :param conn: a connection in autocommit mode (the writer's).
-    :raises sqlite3.Error: when the store cannot be read or written (the batch
-        is rolled back).
+    :raises sqlite3.Error: (:class:`psycopg.Error` on PostgreSQL) when the store
+        cannot be read or written (the batch is rolled back).
     """
     if batch_messages < 1:
         raise ValueError("batch_messages must be at least 1")
     start_us = 0 if since is None else _us(since)
     events = changed = 0
     last = after_rowid
-    with immediate_transaction(conn):
+    select = (
+        "SELECT id, tracking_id, relayed_at_us, sender_domain FROM messages"
+        " WHERE id > ? AND relayed_at_us >= ? ORDER BY id LIMIT ?"
+    )
+    if not _is_sqlite(conn):  # SQLite's BEGIN IMMEDIATE already keeps the writers out
+        select += " FOR UPDATE"  # the writers' row locks, in their (id) order
+    with _write_transaction(conn):
         messages = conn.execute(
-            "SELECT id, tracking_id, relayed_at_us, sender_domain FROM messages"
-            " WHERE id > ? AND relayed_at_us >= ? ORDER BY id LIMIT ?",
+            select,
             (after_rowid, start_us, batch_messages),
         ).fetchall()
         rollup: dict[tuple[str, str], dict[str, int]] = {}
@@ -216,7 +254,8 @@ def reclassify_batch(
                     (tracking_id,),
                 ).fetchall()
                 updates: list[tuple[Any, ...]] = []
-                for event_id, at_us, ip, user_agent, verdict, reason, signals in rows:
+                for event_id, at_us, ip, user_agent, verdict, reason, stored in rows:
+                    signals = _signals_text(stored)
                     events += 1
                     totals[kind] += 1
                     new_verdict, new_reason, new_signals = _judge(
@@ -235,11 +274,12 @@ def reclassify_batch(
                             first_open_us is None or int(at_us) < first_open_us
                         ):
                             first_open_us = int(at_us)
-                conn.executemany(
-                    f"UPDATE {table} SET verdict = ?, verdict_reason = ?, signals = ?"  # noqa: S608 - constant table names
-                    " WHERE id = ?",
-                    updates,
-                )
+                for update in updates:
+                    conn.execute(
+                        f"UPDATE {table} SET verdict = ?, verdict_reason = ?, signals = ?"  # noqa: S608 - constant table names
+                        " WHERE id = ?",
+                        update,
+                    )
             conn.execute(
                 "UPDATE messages SET open_count = ?, counted_open_count = ?,"
                 " first_open_at_us = ?, click_count = ?, counted_click_count = ? WHERE id = ?",
@@ -258,7 +298,7 @@ def reclassify_batch(
             delta = rollup.setdefault(key, {})
             for column, value in new.items():
                 delta[column] = delta.get(column, 0) + value - old[column]
-        for (day, domain), delta in rollup.items():
+        for (day, domain), delta in sorted(rollup.items()):  # one order: no deadlock
             _add(conn, day, domain, delta)
     return Batch(messages=len(messages), events=events, changed=changed, last_rowid=last)
 
@@ -293,13 +333,13 @@ def _judge(
     return verdict, reason, new_signals if new_signals is not None else signals
 
 
-def _add(conn: sqlite3.Connection, day: str, domain: str, delta: dict[str, int]) -> None:
+def _add(conn: Connection, day: str, domain: str, delta: dict[str, int]) -> None:
     delta = {column: value for column, value in delta.items() if value}
     if not delta:
         return
     columns = ", ".join(delta)
     marks = ", ".join("?" * len(delta))
-    updates = ", ".join(f"{column} = {column} + excluded.{column}" for column in delta)
+    updates = ", ".join(f"{column} = daily_stats.{column} + excluded.{column}" for column in delta)
     conn.execute(
         f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from _contribution
         f" ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
@@ -322,7 +362,7 @@ _COLUMNS: Final[tuple[str, ...]] = (
 )
 
 
-def rollup_from_rows(conn: sqlite3.Connection, day: str) -> dict[str, dict[str, int]]:
+def rollup_from_rows(conn: Connection, day: str) -> dict[str, dict[str, int]]:
     """The rollup of UTC relay *day* counted from the stored rows: ``{sender domain: {column: n}}``.
 
     ``opened`` counts messages with a counted open or a counted click,
@@ -336,7 +376,8 @@ def rollup_from_rows(conn: sqlite3.Connection, day: str) -> dict[str, dict[str, 
     for row in conn.execute(
         f"""
         WITH m AS (
-            SELECT sender_domain, tracked, recipients = '[]' AS aggregate,
+            SELECT sender_domain, tracked,
+                CASE WHEN recipients = '[]' THEN 1 ELSE 0 END AS aggregate,
                 (SELECT count(*) FROM opens o WHERE o.tracking_id = messages.tracking_id)
                     AS opens,
                 (SELECT count(*) FROM opens o WHERE o.tracking_id = messages.tracking_id
@@ -348,8 +389,10 @@ def rollup_from_rows(conn: sqlite3.Connection, day: str) -> dict[str, dict[str, 
             FROM messages WHERE relayed_at_us >= ? AND relayed_at_us < ?
         )
         SELECT sender_domain, count(*), sum(tracked),
-            sum(counted_opens > 0 OR counted_clicks > 0), sum(opens > 0), sum(opens),
-            sum(clicks), sum(counted_clicks > 0), sum(counted_opens = 0 AND counted_clicks > 0),
+            sum(CASE WHEN counted_opens > 0 OR counted_clicks > 0 THEN 1 ELSE 0 END),
+            sum(CASE WHEN opens > 0 THEN 1 ELSE 0 END), sum(opens), sum(clicks),
+            sum(CASE WHEN counted_clicks > 0 THEN 1 ELSE 0 END),
+            sum(CASE WHEN counted_opens = 0 AND counted_clicks > 0 THEN 1 ELSE 0 END),
             sum(aggregate)
         FROM m GROUP BY sender_domain
         """,  # noqa: S608 - placeholders only
@@ -381,7 +424,7 @@ def rollup_from_rows(conn: sqlite3.Connection, day: str) -> dict[str, dict[str, 
     return result
 
 
-def rebuild_rollup_day(conn: sqlite3.Connection, day: str) -> DayRebuild:
+def rebuild_rollup_day(conn: Connection, day: str) -> DayRebuild:
     """Set the rollup rows of *day* to a count of the stored rows, in one transaction.
 
     A sender domain whose rollup row counts more messages relayed than are
@@ -389,10 +432,13 @@ def rebuild_rollup_day(conn: sqlite3.Connection, day: str) -> DayRebuild:
     :mod:`.retention`) is left as it is.  A domain with rows but no rollup
     row gets one.
 
-    :raises sqlite3.Error: when the store cannot be read or written.
+    :raises sqlite3.Error: (:class:`psycopg.Error` on PostgreSQL) when the store
+        cannot be read or written.
     """
     rebuilt = kept = 0
-    with immediate_transaction(conn):
+    with _write_transaction(conn):
+        if not _is_sqlite(conn):  # writers' upserts wait; those under way finish first
+            conn.execute("LOCK TABLE daily_stats IN SHARE ROW EXCLUSIVE MODE")
         counted = rollup_from_rows(conn, day)
         stored = {
             str(row[0]): int(row[1])
@@ -415,9 +461,10 @@ def rebuild_rollup_day(conn: sqlite3.Connection, day: str) -> DayRebuild:
                 continue
             columns = ", ".join(_COLUMNS)
             marks = ", ".join("?" * len(_COLUMNS))
+            updates = ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS)
             conn.execute(
-                f"INSERT OR REPLACE INTO daily_stats (day, sender_domain, {columns})"  # noqa: S608 - constant columns
-                f" VALUES (?, ?, {marks})",
+                f"INSERT INTO daily_stats (day, sender_domain, {columns})"  # noqa: S608 - constant columns
+                f" VALUES (?, ?, {marks}) ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
                 (day, domain, *(rows[column] for column in _COLUMNS)),
             )
             rebuilt += 1
@@ -425,7 +472,7 @@ def rebuild_rollup_day(conn: sqlite3.Connection, day: str) -> DayRebuild:
 
 
 def run(
-    conn: sqlite3.Connection,
+    conn: Connection,
     classify: EventClassifier,
     *,
     since: date | None = None,
@@ -435,7 +482,8 @@ def run(
 
     :returns: the totals (messages, events, changed; ``last_rowid`` the last
         message read) and each day's rebuild.
-    :raises sqlite3.Error: when the store cannot be read or written.
+    :raises sqlite3.Error: (:class:`psycopg.Error` on PostgreSQL) when the store
+        cannot be read or written.
     """
     after = 0
     messages = events = changed = 0
