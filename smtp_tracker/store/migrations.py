@@ -46,8 +46,9 @@ recipients as a JSON array of strings.
   ``dkim-foreign``, ``dkim-length-tag``, ``arc-sealed``,
   ``dkim-resign-failed``); NULL for a message without signatures.  Older
   rows take it from ``not_tracked_reason`` when that names a DKIM reason;
-  index ``messages_dkim`` (signed messages only) for the per-outcome counts
-  of ``stats``.
+  ``dkim_stats``, a rollup beside ``daily_stats`` (per UTC relay day and
+  sender domain, one counter per outcome, kept by every message written,
+  filled from the stored messages) for the per-outcome counts of ``stats``.
 """
 
 from __future__ import annotations
@@ -59,8 +60,20 @@ from typing import Final
 
 from smtp_tracker.errors import StoreError
 
+#: ``dkim_stats``' counters, in table order (one per outcome of ``queries.DKIM_OUTCOMES``).
+DKIM_ROLLUP: Final[tuple[str, ...]] = (
+    "dkim_resigned",
+    "dkim_signed",
+    "dkim_invalid",
+    "dkim_foreign",
+    "dkim_length_tag",
+    "dkim_arc_sealed",
+    "dkim_resign_failed",
+)
+
 __all__ = [
     "CURRENT_VERSION",
+    "DKIM_ROLLUP",
     "MIGRATIONS",
     "check_known_version",
     "immediate_transaction",
@@ -296,8 +309,33 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "UPDATE messages SET dkim = not_tracked_reason WHERE not_tracked_reason IN"
         " ('dkim-signed', 'dkim-invalid', 'dkim-foreign', 'dkim-length-tag', 'arc-sealed',"
         " 'dkim-resign-failed')",
-        "CREATE INDEX messages_dkim ON messages (relayed_at_us, dkim, sender_domain)"
-        " WHERE dkim IS NOT NULL",
+        """
+        CREATE TABLE dkim_stats (
+            day                TEXT    NOT NULL,
+            sender_domain      TEXT    NOT NULL,
+            dkim_resigned      INTEGER NOT NULL DEFAULT 0,
+            dkim_signed        INTEGER NOT NULL DEFAULT 0,
+            dkim_invalid       INTEGER NOT NULL DEFAULT 0,
+            dkim_foreign       INTEGER NOT NULL DEFAULT 0,
+            dkim_length_tag    INTEGER NOT NULL DEFAULT 0,
+            dkim_arc_sealed    INTEGER NOT NULL DEFAULT 0,
+            dkim_resign_failed INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (day, sender_domain)
+        ) WITHOUT ROWID
+        """,
+        """
+        INSERT INTO dkim_stats (day, sender_domain, dkim_resigned, dkim_signed, dkim_invalid,
+            dkim_foreign, dkim_length_tag, dkim_arc_sealed, dkim_resign_failed)
+        SELECT strftime('%Y-%m-%d', relayed_at_us / 1000000, 'unixepoch'), sender_domain,
+            SUM(CASE WHEN dkim = 'resigned' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-signed' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-invalid' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-foreign' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-length-tag' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'arc-sealed' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-resign-failed' THEN 1 ELSE 0 END)
+        FROM messages WHERE dkim IS NOT NULL GROUP BY 1, 2
+        """,
     ),
 )
 

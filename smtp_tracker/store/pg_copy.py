@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store.integrity import DB_FILENAME
-from smtp_tracker.store.migrations import CURRENT_VERSION
+from smtp_tracker.store.migrations import CURRENT_VERSION, DKIM_ROLLUP
 
 if TYPE_CHECKING:
     import psycopg
@@ -124,6 +124,7 @@ TABLES: Final = (
     Table("consent", ("address", "state", "at_us", "source")),
     Table("optout_links", ("token", "tracking_id", "recipients", "created_us")),
     Table("optout_used", ("nonce", "used_us")),
+    Table("dkim_stats", ("day", "sender_domain", *DKIM_ROLLUP)),
 )
 
 

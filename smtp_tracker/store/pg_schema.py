@@ -191,8 +191,29 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         "UPDATE messages SET dkim = not_tracked_reason WHERE not_tracked_reason IN"
         " ('dkim-signed', 'dkim-invalid', 'dkim-foreign', 'dkim-length-tag', 'arc-sealed',"
         " 'dkim-resign-failed')",
-        "CREATE INDEX messages_dkim ON messages (relayed_at_us, dkim, sender_domain)"
-        " WHERE dkim IS NOT NULL",
+        """CREATE TABLE dkim_stats (
+        day                date   NOT NULL,
+        sender_domain      text   NOT NULL,
+        dkim_resigned      bigint NOT NULL DEFAULT 0,
+        dkim_signed        bigint NOT NULL DEFAULT 0,
+        dkim_invalid       bigint NOT NULL DEFAULT 0,
+        dkim_foreign       bigint NOT NULL DEFAULT 0,
+        dkim_length_tag    bigint NOT NULL DEFAULT 0,
+        dkim_arc_sealed    bigint NOT NULL DEFAULT 0,
+        dkim_resign_failed bigint NOT NULL DEFAULT 0,
+        PRIMARY KEY (day, sender_domain)
+        )""",
+        """INSERT INTO dkim_stats (day, sender_domain, dkim_resigned, dkim_signed, dkim_invalid,
+            dkim_foreign, dkim_length_tag, dkim_arc_sealed, dkim_resign_failed)
+        SELECT (to_timestamp(relayed_at_us / 1e6) AT TIME ZONE 'UTC')::date, sender_domain,
+            SUM(CASE WHEN dkim = 'resigned' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-signed' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-invalid' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-foreign' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-length-tag' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'arc-sealed' THEN 1 ELSE 0 END),
+            SUM(CASE WHEN dkim = 'dkim-resign-failed' THEN 1 ELSE 0 END)
+        FROM messages WHERE dkim IS NOT NULL GROUP BY 1, 2""",
     ),
 }
 

@@ -75,6 +75,7 @@ from smtp_tracker.store.rows import (
     MESSAGE_COLUMNS,
     ORDER,
     MessageState,
+    add_to_dkim_rollup,
     add_to_rollup,
     aggregate_record,
     day_of,
@@ -463,6 +464,7 @@ class PgDatabase:
                         "relayed_aggregate": int(aggregate),
                     },
                 )
+                add_to_dkim_rollup(conn, day_of(relayed_us), domain, record.dkim)
         except psycopg.errors.UniqueViolation as exc:
             raise StoreError(f"tracking id {record.tracking_id} is already recorded") from exc
         except psycopg.Error as exc:

@@ -47,11 +47,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal, Protocol
 
+from smtp_tracker.store.migrations import DKIM_ROLLUP
 from smtp_tracker.store.records import COUNTED_VERDICTS, VERDICTS
 
 __all__ = [
     "COUNTED_VERDICTS",
     "DEFAULT_LIMIT",
+    "DKIM_COLUMNS",
+    "DKIM_OUTCOMES",
     "EXPORT_PAGE_ROWS",
     "MAX_LIMIT",
     "ROLLUP_COLUMNS",
@@ -291,7 +294,8 @@ class StatsRow:
     :param dkim: of *relayed*, the DKIM-signed messages per outcome (issue 13):
         every outcome of :data:`DKIM_OUTCOMES` present (0 when none):
         ``resigned`` (tracked, re-signed) and each reason one was relayed as
-        received.  Counted from ``messages`` (pruned messages drop out).
+        received.  From the ``dkim_stats`` rollup, which, like ``daily_stats``,
+        keeps the counts of pruned and forgotten messages.
     """
 
     key: str
@@ -640,8 +644,9 @@ DKIM_OUTCOMES: Final[tuple[str, ...]] = (
     "arc-sealed",
     "dkim-resign-failed",
 )
-_DAY_US: Final = 86_400_000_000
-_EPOCH_DAY: Final = date(1970, 1, 1)
+#: ``dkim_stats``' counter of each outcome.
+DKIM_COLUMNS: Final[dict[str, str]] = dict(zip(DKIM_OUTCOMES, DKIM_ROLLUP, strict=True))
+_DKIM_SUMS = ", ".join(f"SUM({column})" for column in DKIM_ROLLUP)
 
 
 def query_stats(
@@ -689,29 +694,23 @@ def query_stats(
 def _dkim_counts(
     conn: Connection, *, since: date | None, until: date | None, group: StatsGroup
 ) -> dict[str, dict[str, int]]:
-    """Signed messages per *group* key and DKIM outcome, relayed within [*since*, *until*].
-
-    Read from the partial index ``messages_dkim`` (``relayed_at_us, dkim,
-    sender_domain`` of signed messages only): a range scan, never the table.
-    """
-    conditions = ["dkim IS NOT NULL"]
-    params: list[int] = []
+    """Signed messages per *group* key and DKIM outcome, from the ``dkim_stats`` rollup."""
+    conditions: list[str] = []
+    params: list[str] = []
     if since is not None:
-        conditions.append("relayed_at_us >= ?")
-        params.append((since - _EPOCH_DAY).days * _DAY_US)
+        conditions.append("day >= ?")
+        params.append(since.isoformat())
     if until is not None:
-        conditions.append("relayed_at_us < ?")
-        params.append(((until - _EPOCH_DAY).days + 1) * _DAY_US)
-    key = "relayed_at_us / 86400000000" if group == "day" else "sender_domain"
-    counts: dict[str, dict[str, int]] = {}
-    for value, outcome, count in conn.execute(
-        f"SELECT {key}, dkim, COUNT(*) FROM messages WHERE {' AND '.join(conditions)}"  # noqa: S608 - constants
-        f" GROUP BY {key}, dkim",
-        params,
-    ).fetchall():
-        name = (_EPOCH_DAY + timedelta(days=int(value))).isoformat() if group == "day" else value
-        counts.setdefault(str(name), {})[str(outcome)] = int(count)
-    return counts
+        conditions.append("day <= ?")
+        params.append(until.isoformat())
+    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    return {
+        str(row[0]): dict(zip(DKIM_OUTCOMES, (int(v or 0) for v in row[1:]), strict=True))
+        for row in conn.execute(
+            f"SELECT {group}, {_DKIM_SUMS} FROM dkim_stats {where} GROUP BY {group}",  # noqa: S608 - constants
+            params,
+        ).fetchall()
+    }
 
 
 def _dkim_row(counts: dict[str, int]) -> dict[str, int]:

@@ -30,6 +30,7 @@ __all__ = [
     "MESSAGE_COLUMNS",
     "ORDER",
     "MessageState",
+    "add_to_dkim_rollup",
     "add_to_rollup",
     "aggregate_record",
     "day_of",
@@ -80,6 +81,19 @@ def add_to_rollup(conn: Connection, day: str, domain: str, counts: dict[str, int
         f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from ROLLUP_COLUMNS
         f" ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
         (day, domain, *counts.values()),
+    )
+
+
+def add_to_dkim_rollup(conn: Connection, day: str, domain: str, outcome: str | None) -> None:
+    """Count one message of DKIM *outcome* in the ``dkim_stats`` row of *day*, *domain*
+    (one upsert, the same SQL on both backends); nothing for None or an unknown outcome."""
+    column = queries.DKIM_COLUMNS.get(outcome or "")
+    if column is None:
+        return
+    conn.execute(
+        f"INSERT INTO dkim_stats (day, sender_domain, {column}) VALUES (?, ?, 1)"  # noqa: S608 - a column of DKIM_COLUMNS
+        f" ON CONFLICT (day, sender_domain) DO UPDATE SET {column} = dkim_stats.{column} + 1",
+        (day, domain),
     )
 
 

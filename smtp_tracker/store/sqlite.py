@@ -75,6 +75,7 @@ from smtp_tracker.store.records import (
 from smtp_tracker.store.rows import MESSAGE_COLUMNS as _MESSAGE_COLUMNS
 from smtp_tracker.store.rows import ORDER as _ORDER
 from smtp_tracker.store.rows import MessageState as _MessageState
+from smtp_tracker.store.rows import add_to_dkim_rollup as _add_to_dkim_rollup
 from smtp_tracker.store.rows import add_to_rollup as _add_to_rollup
 from smtp_tracker.store.rows import (
     aggregate_record,
@@ -344,6 +345,7 @@ class SqliteDatabase:
                         "relayed_aggregate": int(aggregate),
                     },
                 )
+                _add_to_dkim_rollup(conn, day_of(row[7]), domain, record.dkim)
                 if self.outbox is not None:
                     self.outbox.message_recorded(conn, record)
         except sqlite3.IntegrityError as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +15,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from smtp_tracker.store import SqliteDatabase
-from smtp_tracker.store.export import detail_to_dict
 from smtp_tracker.store.migrations import migrate
 from smtp_tracker.store.queries import DKIM_OUTCOMES
 from tests.dkim.test_resign import MESSAGE, sign
-from tests.store.store_helpers import make_record, token
+from tests.store.store_helpers import make_record
 from tests.support.process import run_cli
 from tests.support.relay import RelayFactory, tracking_over_tls
 
@@ -86,43 +85,14 @@ async def test_relay_logs_records_and_reports_the_outcome(
     assert table.stdout.splitlines()[-1] == "DKIM-signed: 2: resigned 1, dkim-foreign 1"
 
 
-def test_stats_count_each_outcome_per_day_and_domain_within_the_period(tmp_path: Path) -> None:
-    outcomes = [
-        (0, DAY, "a@one.example", "resigned"),
-        (1, DAY, "b@one.example", "resigned"),
-        (2, DAY, "c@two.example", "dkim-invalid"),
-        (3, DAY, "d@two.example", None),
-        (4, DAY + timedelta(days=1), "a@one.example", "dkim-signed"),
-        (5, DAY + timedelta(days=2), "a@one.example", "resigned"),  # after --until
-    ]
+def test_the_counts_outlive_a_prune_as_the_daily_counts_do(tmp_path: Path) -> None:
     with SqliteDatabase.open(tmp_path) as database:
-        for i, at, sender, dkim in outcomes:
-            database.record_message(make_record(i, relayed_at=at, sender=sender, dkim=dkim))
-        until = date(2026, 12, 2)
-        by_day = database.query_stats(since=DAY.date(), until=until)
-        by_domain = database.query_stats(since=DAY.date(), until=until, group="sender_domain")
-        detail = database.query_message(token(2))
-    zero = dict.fromkeys(DKIM_OUTCOMES, 0)
-    assert [(row.key, row.dkim) for row in by_day] == [
-        ("2026-12-01", {**zero, "resigned": 2, "dkim-invalid": 1}),
-        ("2026-12-02", {**zero, "dkim-signed": 1}),
-    ]
-    assert {row.key: row.dkim for row in by_domain} == {
-        "one.example": {**zero, "resigned": 2, "dkim-signed": 1},
-        "two.example": {**zero, "dkim-invalid": 1},
-    }
-    assert detail is not None and detail_to_dict(detail)["dkim"] == "dkim-invalid"
-
-
-def test_the_counts_read_the_signed_messages_index(tmp_path: Path) -> None:
-    with SqliteDatabase.open(tmp_path) as database:
-        plan = database.connection.execute(
-            "EXPLAIN QUERY PLAN SELECT relayed_at_us / 86400000000, dkim, COUNT(*) FROM messages"
-            " WHERE dkim IS NOT NULL AND relayed_at_us >= ? AND relayed_at_us < ?"
-            " GROUP BY relayed_at_us / 86400000000, dkim",
-            (0, 1),
-        ).fetchall()
-    assert any("COVERING INDEX messages_dkim" in str(row[-1]) for row in plan), plan
+        for i, dkim in enumerate(["resigned", "resigned", "dkim-foreign"]):
+            database.record_message(make_record(i, relayed_at=DAY, dkim=dkim))
+        removed = database.prune(DAY + timedelta(days=1))
+        (row,) = database.query_stats()
+    assert removed.messages == 3
+    assert (row.relayed, row.dkim["resigned"], row.dkim["dkim-foreign"]) == (3, 2, 1)
 
 
 def test_migration_takes_the_outcome_of_older_rows_from_their_reason(tmp_path: Path) -> None:
@@ -139,6 +109,11 @@ def test_migration_takes_the_outcome_of_older_rows_from_their_reason(tmp_path: P
             )
         migrate(conn)
         rows = conn.execute("SELECT tracking_id, dkim FROM messages ORDER BY id").fetchall()
+        rollup = conn.execute(
+            "SELECT day, sender_domain, dkim_foreign, dkim_arc_sealed, dkim_resigned"
+            " FROM dkim_stats"
+        ).fetchall()
     finally:
         conn.close()
     assert rows == [("t0", "dkim-foreign"), ("t1", None), ("t2", None), ("t3", "arc-sealed")]
+    assert rollup == [("1970-01-01", "", 1, 1, 0)]
