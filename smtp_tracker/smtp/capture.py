@@ -60,11 +60,12 @@ def write_capture(root: Path, capture: Capture) -> Path:
     :raises OSError: when the directory or a file cannot be created.
     """
     day = root / capture.at.strftime("%Y-%m-%d")
-    old_umask = os.umask(0o077)
-    try:
-        day.mkdir(mode=0o700, parents=True, exist_ok=True)
-    finally:
-        os.umask(old_umask)
+    # The modes are given to mkdir/open, never through the process-wide umask:
+    # two threads saving and restoring it at once can leave it at 077 for
+    # good (one restores the other's temporary value).  A mode given to mkdir
+    # can only lose bits to the umask, so these stay 0700 whatever it is.
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    day.mkdir(mode=0o700, exist_ok=True)
     stem = day / capture.queue_id
     text = "\n".join(capture.session_lines) + "\n"
     _write_private(stem.with_suffix(".session.log"), text.encode("utf-8", "replace"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,41 @@ async def test_capture_off_writes_nothing(relay_factory: Any, tmp_path: Path) ->
     await smtp.quit()
     await app.capture.drain()
     assert captured(tmp_path / "data") == {}
+
+
+def test_writing_captures_from_many_threads_never_touches_the_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The umask is process-wide: a thread changing it races every other thread.
+
+    Saving and restoring it around a mkdir in two threads at once can leave
+    the process at 077 for good (seen: a later Postfix queue directory and the
+    events log were created unreadable to their users).  So write_capture must
+    not call os.umask at all, and its directory and files are private anyway,
+    even under a permissive umask.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import UTC, datetime
+
+    from smtp_tracker.smtp.capture import Capture, write_capture
+
+    calls: list[int] = []
+    real_umask = os.umask
+    old = real_umask(0)  # permissive: the modes must come from the code
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or 0)
+        root = tmp_path / "capture"
+        at = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+        captures = [Capture(f"Q{i:04d}", at, ["line"], b"down", b"up") for i in range(200)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            days = set(pool.map(lambda c: write_capture(root, c), captures))
+    finally:
+        monkeypatch.undo()
+        real_umask(old)
+    assert calls == []
+    (day,) = days
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(day.stat().st_mode) == 0o700
+    files = sorted(day.iterdir())
+    assert len(files) == 600
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
