@@ -219,7 +219,9 @@ def test_fifty_megabyte_html_part(cte: str) -> None:
     result = rewrite(original, PIXEL_URL)
     cpu_s = time.process_time() - started
     assert result.tracked, (result.reason, result.defects)
-    assert cpu_s < 10, f"{cpu_s:.1f} CPU s"
+    # Linear work is 4-9 CPU s here (more on a loaded core: caches and
+    # frequency are shared); a quadratic step on 50 MB would be hours.
+    assert cpu_s < 30, f"{cpu_s:.1f} CPU s"
     out = result.message
     head = len(original) - 4096
     assert out[:head] == original[:head]  # the change is at the end only
