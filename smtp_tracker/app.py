@@ -44,8 +44,8 @@ from smtp_tracker.smtp.lmtp import LmtpHandler, LmtpSMTP
 from smtp_tracker.smtp.upstream import UpstreamObserver, UpstreamSettings
 from smtp_tracker.store import EventClassifier, SqliteStore
 from smtp_tracker.store.address import load_or_create_hash_key
-from smtp_tracker.store.backends import open_store
-from smtp_tracker.store.consent import ConsentRegistry, open_registry
+from smtp_tracker.store.backends import open_registry, open_store
+from smtp_tracker.store.consent import ConsentRegistry
 from smtp_tracker.store.postgresql import PostgresStore
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tls import load_server_context, write_self_signed

@@ -8,10 +8,12 @@ needed only by those who use it (the ``postgresql`` extra).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smtp_tracker.errors import StoreError
+from smtp_tracker.store import consent
 from smtp_tracker.store.address import HASH_KEY_FILENAME, IpPolicy, load_or_create_hash_key
 from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.records import EventClassifier, unclassified
@@ -19,7 +21,14 @@ from smtp_tracker.store.records import EventClassifier, unclassified
 if TYPE_CHECKING:
     from smtp_tracker.store.base import Database, ReportingStore
 
-__all__ = ["check_server", "is_postgresql", "open_database", "open_store", "store_name"]
+__all__ = [
+    "check_server",
+    "is_postgresql",
+    "open_database",
+    "open_registry",
+    "open_store",
+    "store_name",
+]
 
 
 def is_postgresql(store: str | None) -> bool:
@@ -150,3 +159,28 @@ def open_database(
     return SqliteDatabase.open(
         data_dir, create=create, migrate_schema=migrate_schema, classifier=classifier
     )
+
+
+def open_registry(
+    *,
+    store: str | None,
+    data_dir: Path,
+    password_file: Path | None = None,
+    timeout_s: float = 3.0,
+    suspended: str | None = None,
+) -> consent.ConsentRegistry:
+    """The registry of the configured store: ``DATA_DIR/tracker.sqlite3``, or the
+    PostgreSQL database *store* names (a connection of its own, opened at first use).
+    """
+    if not is_postgresql(store):
+        return consent.ConsentRegistry(data_dir, suspended=suspended)
+    assert store is not None
+    dsn = store
+
+    def connect() -> tuple[consent.Conn, Callable[[], None]]:
+        database = _pg_module().PgDatabase.open(
+            dsn, password_file=password_file, timeout_s=timeout_s, migrate_schema=False
+        )
+        return database.connection, database.close
+
+    return consent.ConsentRegistry(connect=connect, suspended=suspended)

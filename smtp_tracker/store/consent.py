@@ -66,7 +66,6 @@ __all__ = [
     "get_entry",
     "iter_entries",
     "object_via_link",
-    "open_registry",
     "parse_csv",
     "prune_optout",
     "set_states",
@@ -468,7 +467,7 @@ class ConsentRegistry:
 
     Keeps one connection of its own on one thread of its own: to
     ``DATA_DIR/tracker.sqlite3`` (which the store created and migrated), or,
-    given *connect*, to the PostgreSQL store (:func:`open_registry`).  The
+    given *connect*, to the PostgreSQL store (:func:`.backends.open_registry`).  The
     connection is opened at the first call and opened again after a failure,
     so a store repaired (or a server back) while running is used again.
 
@@ -599,32 +598,3 @@ class ConsentRegistry:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, close)
         self._executor.shutdown(wait=False)
-
-
-def open_registry(
-    *,
-    store: str | None,
-    data_dir: Path,
-    password_file: Path | None = None,
-    timeout_s: float = 3.0,
-    suspended: str | None = None,
-) -> ConsentRegistry:
-    """The registry of the configured store: ``DATA_DIR/tracker.sqlite3``, or the
-    PostgreSQL database *store* names (a connection of its own, opened at first use).
-    """
-    from smtp_tracker.store.postgresql import is_dsn  # not .backends: it imports .sqlite
-
-    if not is_dsn(store):
-        return ConsentRegistry(data_dir, suspended=suspended)
-    assert store is not None
-    dsn = store
-
-    def connect() -> tuple[Conn, Callable[[], None]]:
-        from smtp_tracker.store.postgresql import PgDatabase
-
-        database = PgDatabase.open(
-            dsn, password_file=password_file, timeout_s=timeout_s, migrate_schema=False
-        )
-        return database.connection, database.close
-
-    return ConsentRegistry(connect=connect, suspended=suspended)

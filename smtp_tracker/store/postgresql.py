@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import urlsplit
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import pg_schema, queries, reclassify, retention
+from smtp_tracker.store import consent, pg_schema, queries, reclassify, retention
 from smtp_tracker.store.address import AddressPolicy, IpPolicy
 from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import (
@@ -856,7 +856,7 @@ class PgDatabase:
         cutoff = to_us((now or datetime.now(UTC)) - timedelta(days=days))
         try:
             with self._raw.transaction():
-                return int(
+                links = int(
                     self._conn.execute(
                         "DELETE FROM links WHERE token IN (SELECT token FROM links l WHERE"
                         " l.relayed_at_us < ? AND NOT EXISTS (SELECT 1 FROM messages m"
@@ -864,6 +864,15 @@ class PgDatabase:
                         (cutoff, batch_rows),
                     ).rowcount
                 )
+                # the objection links made before it, as SQLite's retention does
+                optout = int(
+                    self._conn.execute(
+                        "DELETE FROM optout_links WHERE token IN (SELECT token FROM"
+                        " optout_links WHERE created_us < ? LIMIT ?)",
+                        (cutoff, batch_rows),
+                    ).rowcount
+                )
+                return links + optout
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune the store's links: {_reason(exc)}") from exc
 
@@ -915,6 +924,12 @@ class PgDatabase:
             )
         ).messages:
             total += removed
+        import psycopg
+
+        try:  # objection links naming the address and a grant; an objection itself stays
+            consent.forget_address(self._conn, address)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot forget {address}: {_reason(exc)}") from exc
         return total
 
     def count_recipient(self, address: str) -> retention.Removed:

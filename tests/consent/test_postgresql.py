@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from smtp_tracker.cli import main as cli_main
-from smtp_tracker.store import consent
+from smtp_tracker.store import backends, consent
 from tests.consent.helpers import PIXEL, send
 from tests.support.relay import tracking_over_tls
 from tests.support.upstream import UpstreamServer
@@ -22,7 +22,7 @@ async def test_the_registry_over_postgresql(pg_dsn: str, tmp_path: Path) -> None
     from smtp_tracker.store.postgresql import PgDatabase
 
     PgDatabase.open(pg_dsn).close()  # the schema
-    registry = consent.open_registry(store=pg_dsn, data_dir=tmp_path)
+    registry = backends.open_registry(store=pg_dsn, data_dir=tmp_path)
     try:
         written = await registry.set_states(
             [("Bob@Example.NET", "denied"), ("a@x.org", "granted"), ("bob@example.net", "denied")],
@@ -76,3 +76,30 @@ async def test_the_relay_honours_objections_in_a_postgresql_store(
     assert PIXEL.search(denied.data) is None
     assert PIXEL.search(allowed.data) is not None
     assert app.tracker.not_tracked_reasons == {"consent-denied": 1}
+
+
+async def test_forget_and_link_pruning_clean_the_consent_side_on_postgresql(pg_dsn: str) -> None:
+    """As on SQLite: forget removes the objection links naming the address and a
+    grant but keeps an objection; pruning links removes old objection links."""
+    from datetime import UTC, datetime, timedelta
+
+    from smtp_tracker.store.postgresql import PgDatabase
+
+    with PgDatabase.open(pg_dsn) as database:
+        conn = database.connection
+        conn.execute("DELETE FROM optout_links")
+        conn.execute("DELETE FROM consent")
+        consent.set_states(conn, [("ann@x.org", "granted"), ("dan@x.org", "denied")], source="t")
+        consent.add_optout_link(conn, "F" * 22 + "A", "tid-ann", ["ann@x.org"])
+        consent.add_optout_link(conn, "F" * 22 + "B", "tid-dan", ["dan@x.org"])
+        database.forget_recipient("ann@x.org")
+        database.forget_recipient("dan@x.org")
+        assert [(e.address, e.state) for e in consent.iter_entries(conn)] == [
+            ("dan@x.org", "denied")
+        ]
+        assert conn.execute("SELECT count(*) FROM optout_links").fetchone()[0] == 0
+        consent.add_optout_link(conn, "F" * 22 + "C", "tid-eve", ["eve@x.org"])
+        assert database.prune_links_batch(now=datetime.now(UTC) + timedelta(days=1)) == 0
+        later = datetime.now(UTC) + timedelta(days=1826)
+        assert database.prune_links_batch(now=later) == 1
+        assert conn.execute("SELECT count(*) FROM optout_links").fetchone()[0] == 0
