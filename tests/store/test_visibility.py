@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 import aiosmtplib
 
+from smtp_tracker.store import SqliteStore
+from tests.store.store_helpers import make_record, token
 from tests.support.process import run_cli
 from tests.support.serve import launch_serve, tracking_args
 from tests.support.waiting import wait_until
@@ -96,3 +98,15 @@ async def test_a_cli_read_does_not_hide_later_writes_of_a_running_serve(
         serve.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(serve.process.wait(), timeout=30)
         await serve.finish()
+
+
+async def test_the_health_check_keeps_the_stores_locks(tmp_path: Path) -> None:
+    """The same, without sockets: a health check, a CLI read, a write, another read."""
+    data_dir = tmp_path / "data"
+    async with await SqliteStore.open(data_dir) as store:
+        await store.record_message(make_record(1))
+        assert await store.check_health() is None
+        assert [m["tracking_id"] for m in messages_json(data_dir)] == [token(1)]
+        await store.record_message(make_record(2))
+        assert [m["tracking_id"] for m in messages_json(data_dir)] == [token(2), token(1)]
+        assert (data_dir / "tracker.sqlite3-wal").exists()
