@@ -49,7 +49,7 @@ def test_aiosmtpd_smtp_keeps_the_method(name: str, parameters: list[str]) -> Non
     assert names[: len(parameters)] == parameters, f"SMTP.{name}{inspect.signature(method)}"
 
 
-def test_aiosmtpd_smtp_instances_keep_their_attributes() -> None:
+async def test_aiosmtpd_smtp_instances_keep_their_attributes() -> None:
     class Handler:
         pass
 
