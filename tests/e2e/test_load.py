@@ -100,7 +100,9 @@ async def test_1000_messages_50_at_once_none_lost_descriptors_back_rss_bounded(
     assert code == 0
     assert sampler.peak_fds >= baseline_fds + CONNECTIONS  # the load was really concurrent
     assert peak_rss_kib < RSS_BOUND_KIB, f"peak RSS {peak_rss_kib} KiB"
-    assert elapsed < 60, f"{MESSAGES} messages took {elapsed:.1f} s"
+    # a hang detector, not a speed test (bench/load.py measures speed): 1,000
+    # messages take 15-40 s here, more on a busy machine
+    assert elapsed < 300, f"{MESSAGES} messages took {elapsed:.1f} s"
     print(
         f"load: {MESSAGES} messages in {elapsed:.1f} s ({MESSAGES / elapsed:.0f}/s), "
         f"peak RSS {peak_rss_kib // 1024} MiB, descriptors {baseline_fds} -> "
