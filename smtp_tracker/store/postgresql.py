@@ -56,19 +56,15 @@ from smtp_tracker.store import consent, pg_schema, queries, reclassify, retentio
 from smtp_tracker.store.address import AddressPolicy, IpPolicy
 from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import (
-    USER_AGENT_MAX_CHARS,
-    VERDICTS,
     ClickHit,
     ClickRecord,
     EventClassifier,
-    EventContext,
     EventKind,
     LinkRecord,
     MessageRecord,
     OpenHit,
     OpenRecord,
     StoredMessage,
-    header_text,
     unclassified,
 )
 from smtp_tracker.store.rows import (
@@ -79,6 +75,7 @@ from smtp_tracker.store.rows import (
     add_to_rollup,
     aggregate_record,
     day_of,
+    event_rows,
     from_us,
     message_from_row,
     sender_domain_of,
@@ -104,7 +101,6 @@ __all__ = [
 log = logging.getLogger("smtp_tracker.store")
 
 _T = TypeVar("_T")
-_OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
 _COPY_OPENS = (
     "COPY opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason, signals) FROM STDIN"
 )
@@ -518,7 +514,15 @@ class PgDatabase:
                         (wanted,),
                     )
                 }
-                rows = self._event_rows(kind, hits, owners, messages, aggregate=aggregate)
+                rows = event_rows(
+                    kind,
+                    hits,
+                    owners,
+                    messages,
+                    classify=options.classifier,
+                    apply=options.address_policy.apply,
+                    aggregate=aggregate,
+                )
                 if rows and not aggregate:  # COPY: one round trip for the batch
                     with (
                         self._raw.cursor() as cursor,
@@ -531,77 +535,9 @@ class PgDatabase:
             raise StoreError(f"cannot record {len(hits)} {kind}s: {_reason(exc)}") from exc
         return len(rows)
 
-    def _event_rows(
-        self,
-        kind: EventKind,
-        hits: Sequence[OpenHit] | Sequence[ClickHit],
-        owners: dict[str, str],
-        messages: dict[str, MessageState],
-        *,
-        aggregate: bool,
-    ) -> list[tuple[Any, ...]]:
-        apply = self._options.address_policy.apply
-        classify = self._options.classifier
-        rows: list[tuple[Any, ...]] = []
-        for hit in hits:
-            if isinstance(hit, ClickHit):
-                tracking_id = owners.get(hit.link_token, "")
-            else:
-                tracking_id = hit.tracking_id
-            state = messages.get(tracking_id)
-            if state is None:
-                continue
-            user_agent = header_text(hit.user_agent)
-            if user_agent is not None:
-                user_agent = user_agent[:USER_AGENT_MAX_CHARS]
-            client = header_text(hit.client_address)
-            at_us = to_us(hit.at)
-            event = EventContext(
-                kind=kind,
-                at=hit.at,
-                client_address=client,
-                user_agent=user_agent,
-                relayed_at=from_us(state.relayed_at_us),
-            )
-            signals: str | None = None
-            try:
-                judged = classify(event)
-                verdict, reason = judged[0], judged[1]
-                signals = getattr(judged, "signals", None)
-            except Exception as exc:  # one event's classification never costs the batch
-                log.warning("classifier failed on one %s (%s)", kind, type(exc).__name__)
-                verdict, reason = "unknown", "classifier-failed"
-            if verdict not in _OPENS_BY_VERDICT:
-                verdict, reason = "unknown", f"bad verdict from {reason}"
-            state.add(kind, verdict, at_us)
-            ip = apply(client)
-            if aggregate:
-                ip = user_agent = signals = None
-            if isinstance(hit, ClickHit):
-                click = (hit.link_token, tracking_id, at_us, ip, user_agent, verdict)
-                rows.append((*click, reason, signals))
-            else:
-                rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
-        return rows
-
     def _save(self, states: Iterable[MessageState]) -> None:
         """The locked messages' new counters, then the rollup's increments in key order."""
-        updates = []
-        rollup: dict[tuple[str, str], dict[str, int]] = {}
-        for state in states:
-            current = (
-                state.open_count,
-                state.counted_open_count,
-                state.first_open_at_us,
-                state.click_count,
-                state.counted_click_count,
-            )
-            if current == state.initial:
-                continue
-            updates.append((*current, state.rowid))
-            counts = rollup.setdefault((day_of(state.relayed_at_us), state.sender_domain), {})
-            for column, value in state.rollup.items():
-                counts[column] = counts.get(column, 0) + value
+        updates, rollup = MessageState.changes(states)
         if updates:  # one statement for the batch: arrays of the new counters
             columns = list(zip(*updates, strict=True))
             self._raw.execute(

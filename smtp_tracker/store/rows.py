@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,9 +20,14 @@ from smtp_tracker.store import queries
 from smtp_tracker.store.queries import Connection
 from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
+    USER_AGENT_MAX_CHARS,
     VERDICTS,
+    ClickHit,
+    EventClassifier,
+    EventContext,
     EventKind,
     MessageRecord,
+    OpenHit,
     Verdict,
     header_text,
 )
@@ -34,12 +40,15 @@ __all__ = [
     "add_to_rollup",
     "aggregate_record",
     "day_of",
+    "event_rows",
     "from_us",
     "message_from_row",
     "sender_domain_of",
     "storable",
     "to_us",
 ]
+
+log = logging.getLogger("smtp_tracker.store")
 
 #: The rollup's columns counting open events by verdict.
 _OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
@@ -184,9 +193,13 @@ class MessageState:
                 self.first_open_at_us = at_us
 
     @staticmethod
-    def save_all(conn: sqlite3.Connection, states: Iterable[MessageState]) -> None:
-        """Write the changed counters, and the rollup increments summed per day and domain."""
-        updates = []
+    def changes(
+        states: Iterable[MessageState],
+    ) -> tuple[list[tuple[Any, ...]], dict[tuple[str, str], dict[str, int]]]:
+        """The changed messages' new counters, each ``(open_count, counted_open_count,
+        first_open_at_us, click_count, counted_click_count, rowid)``, and the rollup
+        increments summed per (relay day, sender domain): what both backends write."""
+        updates: list[tuple[Any, ...]] = []
         rollup: dict[tuple[str, str], dict[str, int]] = {}
         for state in states:
             current = (
@@ -202,6 +215,12 @@ class MessageState:
             counts = rollup.setdefault((day_of(state.relayed_at_us), state.sender_domain), {})
             for column, value in state.rollup.items():
                 counts[column] = counts.get(column, 0) + value
+        return updates, rollup
+
+    @staticmethod
+    def save_all(conn: sqlite3.Connection, states: Iterable[MessageState]) -> None:
+        """Write the changed counters, and the rollup increments summed per day and domain."""
+        updates, rollup = MessageState.changes(states)
         conn.executemany(
             "UPDATE messages SET open_count = ?, counted_open_count = ?, first_open_at_us = ?,"
             " click_count = ?, counted_click_count = ? WHERE id = ?",
@@ -209,6 +228,70 @@ class MessageState:
         )
         for (day, domain), counts in rollup.items():
             add_to_rollup(conn, day, domain, counts)
+
+
+def event_rows(
+    kind: EventKind,
+    hits: Sequence[OpenHit] | Sequence[ClickHit],
+    owners: dict[str, str],
+    messages: dict[str, MessageState],
+    *,
+    classify: EventClassifier,
+    apply: Callable[[str | None], str | None],
+    aggregate: bool,
+) -> list[tuple[Any, ...]]:
+    """Classify *hits* and count them in *messages*' states; the rows to insert, both backends.
+
+    A click's message is its link token's in *owners* (token → tracking id); a
+    hit of an unknown message is skipped. Rows are ``(tracking_id, at_us, ip,
+    user_agent, verdict, reason, signals)`` for opens and ``(link_token,
+    tracking_id, at_us, ip, user_agent, verdict, reason, signals)`` for clicks,
+    *ip* as *apply* (the address policy) keeps it; under *aggregate* no ip,
+    user agent or signals. A classifier that raises or answers an unknown
+    verdict costs only that event (verdict ``unknown``), never the batch.
+    """
+    rows: list[tuple[Any, ...]] = []
+    for hit in hits:
+        if isinstance(hit, ClickHit):
+            tracking_id = owners.get(hit.link_token, "")
+        else:
+            tracking_id = hit.tracking_id
+        state = messages.get(tracking_id)
+        if state is None:
+            continue
+        # untrusted octets: text any UTF-8 encoder takes (issue 12, item 1)
+        user_agent = header_text(hit.user_agent)
+        if user_agent is not None:
+            user_agent = user_agent[:USER_AGENT_MAX_CHARS]
+        client = header_text(hit.client_address)
+        at_us = to_us(hit.at)
+        event = EventContext(
+            kind=kind,
+            at=hit.at,
+            client_address=client,
+            user_agent=user_agent,
+            relayed_at=from_us(state.relayed_at_us),
+        )
+        signals: str | None = None
+        try:
+            judged = classify(event)
+            verdict, reason = judged[0], judged[1]
+            signals = getattr(judged, "signals", None)
+        except Exception as exc:  # one event's classification never costs the batch
+            log.warning("classifier failed on one %s (%s)", kind, type(exc).__name__)
+            verdict, reason = "unknown", "classifier-failed"
+        if verdict not in _OPENS_BY_VERDICT:
+            verdict, reason = "unknown", f"bad verdict from {reason}"
+        state.add(kind, verdict, at_us)
+        ip = apply(client)
+        if aggregate:  # counted, never stored: nothing ties it to a person
+            ip = user_agent = signals = None
+        if isinstance(hit, ClickHit):
+            click = (hit.link_token, tracking_id, at_us, ip, user_agent, verdict)
+            rows.append((*click, reason, signals))
+        else:
+            rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
+    return rows
 
 
 def aggregate_record(record: MessageRecord, *, per_message: bool) -> MessageRecord:

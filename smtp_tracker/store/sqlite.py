@@ -57,19 +57,15 @@ from smtp_tracker.store.integrity import (
 )
 from smtp_tracker.store.migrations import check_known_version, immediate_transaction, migrate
 from smtp_tracker.store.records import (
-    USER_AGENT_MAX_CHARS,
-    VERDICTS,
     ClickHit,
     ClickRecord,
     EventClassifier,
-    EventContext,
     EventKind,
     LinkRecord,
     MessageRecord,
     OpenHit,
     OpenRecord,
     StoredMessage,
-    header_text,
     unclassified,
 )
 from smtp_tracker.store.rows import MESSAGE_COLUMNS as _MESSAGE_COLUMNS
@@ -84,6 +80,7 @@ from smtp_tracker.store.rows import (
     sender_domain_of,
     to_us,
 )
+from smtp_tracker.store.rows import event_rows as _event_rows
 from smtp_tracker.store.rows import message_from_row as _message_from_row
 from smtp_tracker.store.rows import storable as _storable
 
@@ -116,8 +113,6 @@ _INSERT_CLICK = (
     "INSERT INTO clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
     " signals) VALUES (?,?,?,?,?,?,?,?)"
 )
-#: The rollup's columns counting open events by verdict.
-_OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
 
 
 def _select_rows_in(
@@ -380,9 +375,7 @@ class SqliteDatabase:
         """
         if not hits:
             return 0
-        apply = self.address_policy.apply
         aggregate = self.tracking_mode == "aggregate"
-        classify = self.classifier
         conn = self._conn
         try:
             with immediate_transaction(conn):
@@ -407,47 +400,15 @@ class SqliteDatabase:
                         - {""},
                     )
                 }
-                rows: list[tuple[Any, ...]] = []
-                for hit in hits:
-                    if isinstance(hit, ClickHit):
-                        tracking_id = owners.get(hit.link_token, "")
-                    else:
-                        tracking_id = hit.tracking_id
-                    state = messages.get(tracking_id)
-                    if state is None:
-                        continue
-                    # untrusted octets: text any UTF-8 encoder takes (issue 12, item 1)
-                    user_agent = header_text(hit.user_agent)
-                    if user_agent is not None:
-                        user_agent = user_agent[:USER_AGENT_MAX_CHARS]
-                    client = header_text(hit.client_address)
-                    at_us = to_us(hit.at)
-                    event = EventContext(
-                        kind=kind,
-                        at=hit.at,
-                        client_address=client,
-                        user_agent=user_agent,
-                        relayed_at=from_us(state.relayed_at_us),
-                    )
-                    signals: str | None = None
-                    try:
-                        judged = classify(event)
-                        verdict, reason = judged[0], judged[1]
-                        signals = getattr(judged, "signals", None)
-                    except Exception as exc:  # one event's classification never costs the batch
-                        log.warning("classifier failed on one %s (%s)", kind, type(exc).__name__)
-                        verdict, reason = "unknown", "classifier-failed"
-                    if verdict not in _OPENS_BY_VERDICT:
-                        verdict, reason = "unknown", f"bad verdict from {reason}"
-                    state.add(kind, verdict, at_us)
-                    ip = apply(client)
-                    if aggregate:  # counted, never stored: nothing ties it to a person
-                        ip = user_agent = signals = None
-                    if isinstance(hit, ClickHit):
-                        click = (hit.link_token, tracking_id, at_us, ip, user_agent, verdict)
-                        rows.append((*click, reason, signals))
-                    else:
-                        rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
+                rows = _event_rows(
+                    kind,
+                    hits,
+                    owners,
+                    messages,
+                    classify=self.classifier,
+                    apply=self.address_policy.apply,
+                    aggregate=aggregate,
+                )
                 if not aggregate:
                     conn.executemany(_INSERT_CLICK if kind == "click" else _INSERT_OPEN, rows)
                 if self.outbox is not None:
