@@ -57,13 +57,11 @@ from smtp_tracker.store.address import AddressPolicy, IpPolicy
 from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import (
     ClickHit,
-    ClickRecord,
     EventClassifier,
     EventKind,
     LinkRecord,
     MessageRecord,
     OpenHit,
-    OpenRecord,
     StoredMessage,
     unclassified,
 )
@@ -76,11 +74,12 @@ from smtp_tracker.store.rows import (
     aggregate_record,
     day_of,
     event_rows,
-    from_us,
+    listing_clauses,
     message_from_row,
     sender_domain_of,
     storable,
     to_us,
+    with_events,
 )
 
 if TYPE_CHECKING:
@@ -582,16 +581,7 @@ class PgDatabase:
         self, *, since: datetime | None = None, limit: int | None = None
     ) -> list[StoredMessage]:
         """See :meth:`.base.Store.list_messages`."""
-        where, params = "", []
-        if since is not None:
-            where = "WHERE relayed_at_us >= ?"
-            params.append(to_us(since))
-        tail = ""
-        if limit is not None:
-            if limit < 0:
-                raise ValueError(f"limit must be >= 0, got {limit}")
-            tail = "LIMIT ?"
-            params.append(int(limit))
+        where, tail, params = listing_clauses(since, limit)
         sql = f"SELECT {MESSAGE_COLUMNS} FROM messages {where} {ORDER} {tail}"  # noqa: S608 - constants
 
         def query() -> list[StoredMessage]:
@@ -602,60 +592,7 @@ class PgDatabase:
 
     def _with_events(self, records: list[MessageRecord]) -> list[StoredMessage]:
         ids = [record.tracking_id for record in records]
-        conn = self._conn
-        opens: dict[str, list[OpenRecord]] = {}
-        for tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
-            "SELECT tracking_id, at_us, ip, user_agent, verdict, verdict_reason FROM opens"
-            " WHERE tracking_id = ANY(?) ORDER BY at_us, id",
-            (ids,),
-        ):
-            opens.setdefault(tracking_id, []).append(
-                OpenRecord(
-                    tracking_id=tracking_id,
-                    at=from_us(at_us),
-                    ip=ip,
-                    user_agent=user_agent,
-                    verdict=verdict,
-                    verdict_reason=reason,
-                )
-            )
-        links: dict[str, list[LinkRecord]] = {}
-        urls: dict[str, str] = {}
-        for token, tracking_id, url, position in conn.execute(
-            "SELECT token, tracking_id, url, position FROM links WHERE tracking_id = ANY(?)"
-            " ORDER BY tracking_id, position",
-            (ids,),
-        ):
-            links.setdefault(tracking_id, []).append(
-                LinkRecord(token=token, url=url, position=int(position))
-            )
-            urls[token] = url
-        clicks: dict[str, list[ClickRecord]] = {}
-        for token, tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
-            "SELECT link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason"
-            " FROM clicks WHERE tracking_id = ANY(?) ORDER BY at_us, id",
-            (ids,),
-        ):
-            clicks.setdefault(tracking_id, []).append(
-                ClickRecord(
-                    link_token=token,
-                    tracking_id=tracking_id,
-                    url=urls.get(token, ""),
-                    at=from_us(at_us),
-                    ip=ip,
-                    user_agent=user_agent,
-                    verdict=verdict,
-                    verdict_reason=reason,
-                )
-            )
-        return [
-            StoredMessage(
-                record=dataclasses.replace(record, links=tuple(links.get(record.tracking_id, ()))),
-                opens=tuple(opens.get(record.tracking_id, ())),
-                clicks=tuple(clicks.get(record.tracking_id, ())),
-            )
-            for record in records
-        ]
+        return with_events(self._conn, records, "tracking_id = ANY(?)", (ids,))
 
     def is_known_token(self, tracking_id: str) -> bool:
         """See :meth:`.base.Store.is_known_token`."""

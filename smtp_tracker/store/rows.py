@@ -23,11 +23,15 @@ from smtp_tracker.store.records import (
     USER_AGENT_MAX_CHARS,
     VERDICTS,
     ClickHit,
+    ClickRecord,
     EventClassifier,
     EventContext,
     EventKind,
+    LinkRecord,
     MessageRecord,
     OpenHit,
+    OpenRecord,
+    StoredMessage,
     Verdict,
     header_text,
 )
@@ -42,10 +46,12 @@ __all__ = [
     "day_of",
     "event_rows",
     "from_us",
+    "listing_clauses",
     "message_from_row",
     "sender_domain_of",
     "storable",
     "to_us",
+    "with_events",
 ]
 
 log = logging.getLogger("smtp_tracker.store")
@@ -380,3 +386,85 @@ def message_from_row(row: Sequence[Any]) -> MessageRecord:
         subject=subject,
         dkim=dkim,
     )
+
+
+def listing_clauses(since: datetime | None, limit: int | None) -> tuple[str, str, list[Any]]:
+    """The ``WHERE`` and ``LIMIT`` clauses (``?`` placeholders) and parameters of a
+    message listing from *since* (UTC), at most *limit* messages; both backends.
+
+    :raises ValueError: when *limit* is negative or *since* naive.
+    """
+    where, params = "", []
+    if since is not None:
+        where = "WHERE relayed_at_us >= ?"
+        params.append(to_us(since))
+    tail = ""
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        tail = "LIMIT ?"
+        params.append(int(limit))
+    return where, tail, params
+
+
+def with_events(
+    conn: Connection, records: list[MessageRecord], where: str, params: Sequence[Any]
+) -> list[StoredMessage]:
+    """*records* with their links, opens and clicks, read through *conn* (``?``
+    placeholders); *where* (with *params*) selects the records' tracking ids.
+
+    Opens and clicks in time order, links in position order; both backends.
+    """
+    opens: dict[str, list[OpenRecord]] = {}
+    for tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
+        "SELECT tracking_id, at_us, ip, user_agent, verdict, verdict_reason FROM opens"  # noqa: S608 - constants
+        f" WHERE {where} ORDER BY at_us, id",
+        params,
+    ):
+        opens.setdefault(tracking_id, []).append(
+            OpenRecord(
+                tracking_id=tracking_id,
+                at=from_us(at_us),
+                ip=ip,
+                user_agent=user_agent,
+                verdict=verdict,
+                verdict_reason=reason,
+            )
+        )
+    links: dict[str, list[LinkRecord]] = {}
+    urls: dict[str, str] = {}
+    for token, tracking_id, url, position in conn.execute(
+        f"SELECT token, tracking_id, url, position FROM links WHERE {where}"  # noqa: S608 - constants
+        " ORDER BY tracking_id, position",
+        params,
+    ):
+        links.setdefault(tracking_id, []).append(
+            LinkRecord(token=token, url=url, position=int(position))
+        )
+        urls[token] = url
+    clicks: dict[str, list[ClickRecord]] = {}
+    for token, tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
+        "SELECT link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason"  # noqa: S608 - constants
+        f" FROM clicks WHERE {where} ORDER BY at_us, id",
+        params,
+    ):
+        clicks.setdefault(tracking_id, []).append(
+            ClickRecord(
+                link_token=token,
+                tracking_id=tracking_id,
+                url=urls.get(token, ""),
+                at=from_us(at_us),
+                ip=ip,
+                user_agent=user_agent,
+                verdict=verdict,
+                verdict_reason=reason,
+            )
+        )
+    return [
+        StoredMessage(
+            record=dataclasses.replace(record, links=tuple(links.get(record.tracking_id, ()))),
+            opens=tuple(opens.get(record.tracking_id, ())),
+            clicks=tuple(clicks.get(record.tracking_id, ())),
+        )
+        for record in records
+    ]

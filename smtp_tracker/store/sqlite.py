@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -58,13 +57,11 @@ from smtp_tracker.store.integrity import (
 from smtp_tracker.store.migrations import check_known_version, immediate_transaction, migrate
 from smtp_tracker.store.records import (
     ClickHit,
-    ClickRecord,
     EventClassifier,
     EventKind,
     LinkRecord,
     MessageRecord,
     OpenHit,
-    OpenRecord,
     StoredMessage,
     unclassified,
 )
@@ -76,13 +73,14 @@ from smtp_tracker.store.rows import add_to_rollup as _add_to_rollup
 from smtp_tracker.store.rows import (
     aggregate_record,
     day_of,
-    from_us,
     sender_domain_of,
     to_us,
 )
 from smtp_tracker.store.rows import event_rows as _event_rows
+from smtp_tracker.store.rows import listing_clauses as _listing_clauses
 from smtp_tracker.store.rows import message_from_row as _message_from_row
 from smtp_tracker.store.rows import storable as _storable
+from smtp_tracker.store.rows import with_events as _events_of
 
 __all__ = [
     "DB_FILENAME",
@@ -441,16 +439,7 @@ class SqliteDatabase:
         self, *, since: datetime | None = None, limit: int | None = None
     ) -> list[StoredMessage]:
         """See :meth:`.base.Store.list_messages`."""
-        where, params = "", []
-        if since is not None:
-            where = "WHERE relayed_at_us >= ?"
-            params.append(to_us(since))
-        tail = ""
-        if limit is not None:
-            if limit < 0:
-                raise ValueError(f"limit must be >= 0, got {limit}")
-            tail = "LIMIT ?"
-            params.append(int(limit))
+        where, tail, params = _listing_clauses(since, limit)
         selected = f"SELECT {{}} FROM messages {where} {_ORDER} {tail}"  # noqa: S608 - constants
 
         def query() -> list[StoredMessage]:
@@ -497,61 +486,7 @@ class SqliteDatabase:
         self, records: list[MessageRecord], where: str, params: Iterable[Any]
     ) -> list[StoredMessage]:
         """*records* with their links, opens and clicks (``where`` selects their tracking ids)."""
-        params = tuple(params)
-        conn = self._conn
-        opens: dict[str, list[OpenRecord]] = {}
-        for tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
-            "SELECT tracking_id, at_us, ip, user_agent, verdict, verdict_reason FROM opens"  # noqa: S608 - constants
-            f" WHERE {where} ORDER BY at_us, id",
-            params,
-        ):
-            opens.setdefault(tracking_id, []).append(
-                OpenRecord(
-                    tracking_id=tracking_id,
-                    at=from_us(at_us),
-                    ip=ip,
-                    user_agent=user_agent,
-                    verdict=verdict,
-                    verdict_reason=reason,
-                )
-            )
-        links: dict[str, list[LinkRecord]] = {}
-        urls: dict[str, str] = {}
-        for token, tracking_id, url, position in conn.execute(
-            f"SELECT token, tracking_id, url, position FROM links WHERE {where}"  # noqa: S608 - constants
-            " ORDER BY tracking_id, position",
-            params,
-        ):
-            links.setdefault(tracking_id, []).append(
-                LinkRecord(token=token, url=url, position=int(position))
-            )
-            urls[token] = url
-        clicks: dict[str, list[ClickRecord]] = {}
-        for token, tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
-            "SELECT link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason"  # noqa: S608 - constants
-            f" FROM clicks WHERE {where} ORDER BY at_us, id",
-            params,
-        ):
-            clicks.setdefault(tracking_id, []).append(
-                ClickRecord(
-                    link_token=token,
-                    tracking_id=tracking_id,
-                    url=urls.get(token, ""),
-                    at=from_us(at_us),
-                    ip=ip,
-                    user_agent=user_agent,
-                    verdict=verdict,
-                    verdict_reason=reason,
-                )
-            )
-        return [
-            StoredMessage(
-                record=dataclasses.replace(record, links=tuple(links.get(record.tracking_id, ()))),
-                opens=tuple(opens.get(record.tracking_id, ())),
-                clicks=tuple(clicks.get(record.tracking_id, ())),
-            )
-            for record in records
-        ]
+        return _events_of(self._conn, records, where, tuple(params))
 
     # -- reports (smtp_tracker.store.queries) ----------------------------------------
 
