@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import threading
 import time
@@ -69,15 +68,14 @@ from smtp_tracker.store.rows import (
     MESSAGE_COLUMNS,
     ORDER,
     MessageState,
-    add_to_dkim_rollup,
     add_to_rollup,
-    aggregate_record,
-    day_of,
+    count_message,
     event_rows,
+    link_rows,
     listing_clauses,
     message_from_row,
-    sender_domain_of,
-    storable,
+    message_row,
+    recipient_rows,
     to_us,
     with_events,
 )
@@ -404,28 +402,14 @@ class PgDatabase:
         import psycopg
 
         options = self._options
-        record = storable(record)
-        domain = sender_domain_of(record.sender)
         aggregate = options.tracking_mode == "aggregate"
-        if aggregate:
-            record = aggregate_record(record, per_message=options.aggregate_per_message)
-        relayed_us = to_us(record.relayed_at)
-        row = (
-            record.tracking_id,
-            record.queue_id,
-            record.message_id,
-            record.sender,
-            json.dumps(list(record.recipients)),
-            int(record.size_bytes),
-            to_us(record.received_at),
-            relayed_us,
-            record.upstream_reply,
-            int(bool(record.tracked)),
-            record.not_tracked_reason,
-            record.subject if options.store_subject else None,
-            record.dkim,
-            domain,
+        record, row = message_row(
+            record,
+            aggregate=aggregate,
+            per_message=options.aggregate_per_message,
+            store_subject=options.store_subject,
         )
+        relayed_us, domain = row[7], row[-1]
         conn = self._conn
         try:
             with self._raw.transaction():
@@ -439,27 +423,14 @@ class PgDatabase:
                 with self._raw.cursor() as cursor:
                     cursor.executemany(
                         "INSERT INTO message_recipients (message_rowid, address) VALUES (%s, %s)",
-                        [(rowid, a.lower()) for a in dict.fromkeys(record.recipients)],
+                        recipient_rows(rowid, record),
                     )
                     cursor.executemany(
                         "INSERT INTO links (token, tracking_id, url, position, relayed_at_us)"
                         " VALUES (%s, %s, %s, %s, %s)",
-                        [
-                            (link.token, record.tracking_id, link.url, link.position, relayed_us)
-                            for link in record.links
-                        ],
+                        link_rows(record, relayed_us),
                     )
-                add_to_rollup(
-                    conn,
-                    day_of(relayed_us),
-                    domain,
-                    {
-                        "relayed": 1,
-                        "tracked": int(bool(record.tracked)),
-                        "relayed_aggregate": int(aggregate),
-                    },
-                )
-                add_to_dkim_rollup(conn, day_of(relayed_us), domain, record.dkim)
+                count_message(conn, record, domain, relayed_us, aggregate=aggregate)
         except psycopg.errors.UniqueViolation as exc:
             raise StoreError(f"tracking id {record.tracking_id} is already recorded") from exc
         except psycopg.Error as exc:

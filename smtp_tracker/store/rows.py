@@ -43,11 +43,15 @@ __all__ = [
     "add_to_dkim_rollup",
     "add_to_rollup",
     "aggregate_record",
+    "count_message",
     "day_of",
     "event_rows",
     "from_us",
+    "link_rows",
     "listing_clauses",
     "message_from_row",
+    "message_row",
+    "recipient_rows",
     "sender_domain_of",
     "storable",
     "to_us",
@@ -298,6 +302,70 @@ def event_rows(
         else:
             rows.append((tracking_id, at_us, ip, user_agent, verdict, reason, signals))
     return rows
+
+
+def message_row(
+    record: MessageRecord, *, aggregate: bool, per_message: bool, store_subject: bool
+) -> tuple[MessageRecord, tuple[Any, ...]]:
+    """*record* as it is stored (:func:`storable` texts; :func:`aggregate_record` under
+    *aggregate*) and its ``messages`` row: :data:`MESSAGE_COLUMNS`, then ``sender_domain``
+    (of the sender before aggregation). Times in microseconds since the epoch (UTC).
+
+    :raises ValueError: when a time of *record* is naive.
+    """
+    record = storable(record)
+    domain = sender_domain_of(record.sender)
+    if aggregate:
+        record = aggregate_record(record, per_message=per_message)
+    row = (
+        record.tracking_id,
+        record.queue_id,
+        record.message_id,
+        record.sender,
+        json.dumps(list(record.recipients)),
+        int(record.size_bytes),
+        to_us(record.received_at),
+        to_us(record.relayed_at),
+        record.upstream_reply,
+        int(bool(record.tracked)),
+        record.not_tracked_reason,
+        record.subject if store_subject else None,
+        record.dkim,
+        domain,
+    )
+    return record, row
+
+
+def recipient_rows(rowid: object, record: MessageRecord) -> list[tuple[object, str]]:
+    """The ``message_recipients`` rows of *record* stored as *rowid*: each address once,
+    lower-cased."""
+    return [(rowid, address.lower()) for address in dict.fromkeys(record.recipients)]
+
+
+def link_rows(record: MessageRecord, relayed_us: int) -> list[tuple[str, str, str, int, int]]:
+    """The ``links`` rows of *record*: token, tracking id, URL, position, relay time (µs)."""
+    return [
+        (link.token, record.tracking_id, link.url, link.position, relayed_us)
+        for link in record.links
+    ]
+
+
+def count_message(
+    conn: Connection, record: MessageRecord, domain: str, relayed_us: int, *, aggregate: bool
+) -> None:
+    """Count one recorded message in the ``daily_stats`` and ``dkim_stats`` rows of its
+    relay day and sender *domain* (both backends)."""
+    add_to_rollup(
+        conn,
+        day_of(relayed_us),
+        domain,
+        {
+            "relayed": 1,
+            "tracked": int(bool(record.tracked)),
+            "relayed_aggregate": int(aggregate),
+        },
+    )
+    add_to_dkim_rollup(conn, day_of(relayed_us), domain, record.dkim)
 
 
 def aggregate_record(record: MessageRecord, *, per_message: bool) -> MessageRecord:

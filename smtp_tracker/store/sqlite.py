@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sqlite3
@@ -68,18 +67,19 @@ from smtp_tracker.store.records import (
 from smtp_tracker.store.rows import MESSAGE_COLUMNS as _MESSAGE_COLUMNS
 from smtp_tracker.store.rows import ORDER as _ORDER
 from smtp_tracker.store.rows import MessageState as _MessageState
-from smtp_tracker.store.rows import add_to_dkim_rollup as _add_to_dkim_rollup
-from smtp_tracker.store.rows import add_to_rollup as _add_to_rollup
 from smtp_tracker.store.rows import (
     aggregate_record,
     day_of,
     sender_domain_of,
     to_us,
 )
+from smtp_tracker.store.rows import count_message as _count_message
 from smtp_tracker.store.rows import event_rows as _event_rows
+from smtp_tracker.store.rows import link_rows as _link_rows
 from smtp_tracker.store.rows import listing_clauses as _listing_clauses
 from smtp_tracker.store.rows import message_from_row as _message_from_row
-from smtp_tracker.store.rows import storable as _storable
+from smtp_tracker.store.rows import message_row as _message_row
+from smtp_tracker.store.rows import recipient_rows as _recipient_rows
 from smtp_tracker.store.rows import with_events as _events_of
 
 __all__ = [
@@ -291,54 +291,28 @@ class SqliteDatabase:
 
     def record_message(self, record: MessageRecord) -> None:
         """See :meth:`.base.Store.record_message`."""
-        record = _storable(record)
-        domain = sender_domain_of(record.sender)
         aggregate = self.tracking_mode == "aggregate"
-        if aggregate:
-            record = aggregate_record(record, per_message=self.aggregate_per_message)
-        row = (
-            record.tracking_id,
-            record.queue_id,
-            record.message_id,
-            record.sender,
-            json.dumps(list(record.recipients)),
-            int(record.size_bytes),
-            to_us(record.received_at),
-            to_us(record.relayed_at),
-            record.upstream_reply,
-            int(bool(record.tracked)),
-            record.not_tracked_reason,
-            record.subject if self.store_subject else None,
-            record.dkim,
-            domain,
+        record, row = _message_row(
+            record,
+            aggregate=aggregate,
+            per_message=self.aggregate_per_message,
+            store_subject=self.store_subject,
         )
+        relayed_us, domain = row[7], row[-1]
         conn = self._conn
         try:
             with immediate_transaction(conn):
                 rowid = conn.execute(_INSERT_MESSAGE, row).lastrowid
                 conn.executemany(
                     "INSERT INTO message_recipients (message_rowid, address) VALUES (?, ?)",
-                    [(rowid, address.lower()) for address in dict.fromkeys(record.recipients)],
+                    _recipient_rows(rowid, record),
                 )
                 conn.executemany(
                     "INSERT INTO links (token, tracking_id, url, position, relayed_at_us)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    [
-                        (link.token, record.tracking_id, link.url, link.position, row[7])
-                        for link in record.links
-                    ],
+                    _link_rows(record, relayed_us),
                 )
-                _add_to_rollup(
-                    conn,
-                    day_of(row[7]),
-                    domain,
-                    {
-                        "relayed": 1,
-                        "tracked": int(bool(record.tracked)),
-                        "relayed_aggregate": int(aggregate),
-                    },
-                )
-                _add_to_dkim_rollup(conn, day_of(row[7]), domain, record.dkim)
+                _count_message(conn, record, domain, relayed_us, aggregate=aggregate)
                 if self.outbox is not None:
                     self.outbox.message_recorded(conn, record)
         except sqlite3.IntegrityError as exc:
