@@ -23,8 +23,8 @@ import pytest
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.smtp.handler import Prepared
 from smtp_tracker.smtp.session import Transaction
-from smtp_tracker.tracking.stage import Tracker
 from smtp_tracker.tracking import stage as tracking
+from smtp_tracker.tracking.stage import Tracker
 from tests.support.waiting import wait_until
 
 HTML_MESSAGE = (
