@@ -151,6 +151,19 @@ def check_dsn(dsn: str) -> None:
         )
 
 
+def _address_policy(dsn: str, ip_policy: IpPolicy, hash_key: bytes | None) -> AddressPolicy:
+    """The address policy of *ip_policy* once *dsn* is found fit to open.
+
+    :raises StoreError: when *dsn* holds a password or is not a PostgreSQL URL, or
+        *ip_policy* is unknown or ``hash`` without a key of 16 bytes or more.
+    """
+    try:
+        check_dsn(dsn)
+        return AddressPolicy(ip_policy, hash_key=hash_key)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
+
+
 def _connect_kwargs(password_file: Path | None, timeout_s: float) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, round(timeout_s))}
     if password_file is not None:
@@ -353,11 +366,7 @@ class PgDatabase:
         """
         import psycopg
 
-        try:
-            check_dsn(dsn)
-            policy = AddressPolicy(ip_policy, hash_key=hash_key)
-        except ValueError as exc:
-            raise StoreError(str(exc)) from None
+        policy = _address_policy(dsn, ip_policy, hash_key)
         try:
             conn = psycopg.connect(dsn, **_connect_kwargs(password_file, timeout_s))
         except psycopg.Error as exc:
@@ -942,11 +951,7 @@ class PostgresStore:
 
         # the pool logs each failed reconnection; the store logs an outage once
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
-        try:
-            check_dsn(dsn)
-            policy = AddressPolicy(ip_policy, hash_key=hash_key)
-        except ValueError as exc:
-            raise StoreError(str(exc)) from None
+        policy = _address_policy(dsn, ip_policy, hash_key)
         kwargs = _connect_kwargs(password_file, timeout_s)
         pool: ConnectionPool[Any] = ConnectionPool(
             dsn,
