@@ -41,6 +41,7 @@ from smtp_tracker.smtp.failover import Upstreams
 from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.listener import ConnectionSlots, Listener
 from smtp_tracker.smtp.lmtp import LmtpHandler, LmtpSMTP
+from smtp_tracker.smtp.server import RelaySMTP
 from smtp_tracker.smtp.upstream import UpstreamObserver, UpstreamSettings
 from smtp_tracker.store import EventClassifier, SqliteStore
 from smtp_tracker.store.address import load_or_create_hash_key
@@ -524,27 +525,8 @@ class Application:
             capture=self.capture,
         )
         listen = config.listen
-        listener = Listener(
-            self._handler,
-            host=listen.host,
-            port=listen.port,
-            allowed_clients=config.allowed_clients,
-            slots=self.connection_slots,
-            max_message_bytes=config.max_message_bytes,
-            client_timeout_s=config.client_timeout_s,
-            hostname=config.hostname,
-            tls_context=self._server_tls,
-            keep_transcript=self.capture.enabled,
-            reuse_port=config.workers != 1,
-        )
-        try:
-            await listener.start()
-        except OSError as exc:
-            raise bind_error("listen", listen, exc) from exc
-        self.listener = listener
+        self.listener = await self._listen(self._handler, "listen", listen, "SMTP")
         self._running.push_async_callback(self._stop_smtp)
-        host, port = listener.address
-        log.info("listening for SMTP on %s", _address_text(host, port))
         if config.lmtp:
             await self._start_lmtp()
         for upstream in [*config.upstream, *(copy.upstream for copy in config.copies)]:
@@ -557,6 +539,43 @@ class Application:
                 listen,
                 ", ".join(str(n) for n in config.allowed_clients),
             )
+
+    async def _listen(
+        self,
+        handler: RelayHandler,
+        key: str,
+        listen: HostPort,
+        name: str,
+        *,
+        protocol: type[RelaySMTP] = RelaySMTP,
+    ) -> Listener:
+        """A started listener on *listen* (the value of configuration *key*) serving
+        *handler* with *protocol*, logged as listening for *name* (SMTP or LMTP).
+
+        :raises StartupError: when the address cannot be bound (:func:`bind_error`).
+        """
+        config = self.config
+        listener = Listener(
+            handler,
+            host=listen.host,
+            port=listen.port,
+            allowed_clients=config.allowed_clients,
+            slots=self.connection_slots,
+            max_message_bytes=config.max_message_bytes,
+            client_timeout_s=config.client_timeout_s,
+            hostname=config.hostname,
+            tls_context=self._server_tls,
+            keep_transcript=self.capture.enabled,
+            protocol=protocol,
+            reuse_port=config.workers != 1,
+        )
+        try:
+            await listener.start()
+        except OSError as exc:
+            raise bind_error(key, listen, exc) from exc
+        host, port = listener.address
+        log.info("listening for %s on %s", name, _address_text(host, port))
+        return listener
 
     async def _start_lmtp(self) -> None:
         """The LMTP listener: one copy, pixel and record per recipient (:mod:`.smtp.lmtp`)."""
@@ -573,28 +592,10 @@ class Application:
             recorder=self.tracker,
             capture=self.capture,
         )
-        listener = Listener(
-            handler,
-            host=listen.host,
-            port=listen.port,
-            allowed_clients=config.allowed_clients,
-            slots=self.connection_slots,
-            max_message_bytes=config.max_message_bytes,
-            client_timeout_s=config.client_timeout_s,
-            hostname=config.hostname,
-            tls_context=self._server_tls,
-            keep_transcript=self.capture.enabled,
-            protocol=LmtpSMTP,
-            reuse_port=config.workers != 1,
+        self.lmtp_listener = await self._listen(
+            handler, "lmtp_listen", listen, "LMTP", protocol=LmtpSMTP
         )
-        try:
-            await listener.start()
-        except OSError as exc:
-            raise bind_error("lmtp_listen", listen, exc) from exc
-        self.lmtp_listener = listener
         self._running.push_async_callback(self._stop_lmtp)
-        host, port = listener.address
-        log.info("listening for LMTP on %s", _address_text(host, port))
 
     async def _stop_lmtp(self) -> None:
         listener = self.lmtp_listener
