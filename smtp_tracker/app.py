@@ -31,10 +31,10 @@ from smtp_tracker.dkim import Keyring, Resigner, describe_key, load_keyring
 from smtp_tracker.errors import ConfigError, StartupError, StoreError
 from smtp_tracker.metrics import Metrics
 from smtp_tracker.mime import RewritePolicy
-from smtp_tracker.mime.disclosure import Disclosure, read_footer
 from smtp_tracker.pruner import FIRST_PRUNE_DELAY_S, PRUNE_INTERVAL_S, Pruner
 from smtp_tracker.reload import ReloadError, SwappableClassifier
 from smtp_tracker.reload import apply as apply_reload
+from smtp_tracker.reload import disclosure as disclosure  # re-exported: cli.admin builds it too
 from smtp_tracker.reload import prepare as prepare_reload
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.failover import Upstreams
@@ -163,27 +163,6 @@ def domain_policy(config: Config) -> DomainPolicy:
         exclude_sender_domains=config.exclude_sender_domains,
         include_recipient_domains=config.include_recipient_domains,
         exclude_recipient_domains=config.exclude_recipient_domains,
-    )
-
-
-def disclosure(config: Config) -> Disclosure:
-    """The disclosure footer and header; reads ``disclosure_footer_file`` (blocking).
-
-    :raises ConfigError: when the footer file cannot be read or is not a
-        usable UTF-8 HTML fragment.
-    """
-    footer = ""
-    if config.disclosure_footer_file is not None:
-        try:
-            footer = read_footer(config.disclosure_footer_file)
-        except ValueError as exc:
-            raise ConfigError(f"disclosure_footer_file: {exc}") from None
-    return Disclosure(
-        footer_html=footer,
-        header_name=config.disclosure_header_name,
-        header_value=config.disclosure_header,
-        optout_link=config.disclosure_optout_link,
-        optout_text=config.disclosure_optout_text,
     )
 
 

@@ -45,7 +45,15 @@ if TYPE_CHECKING:
     from smtp_tracker.store.records import EventClassifier, EventContext
     from smtp_tracker.tracking.stage import Tracker
 
-__all__ = ["RELOADED_KEYS", "ReloadError", "ReloadPlan", "SwappableClassifier", "apply", "prepare"]
+__all__ = [
+    "RELOADED_KEYS",
+    "ReloadError",
+    "ReloadPlan",
+    "SwappableClassifier",
+    "apply",
+    "disclosure",
+    "prepare",
+]
 
 log = logging.getLogger("smtp_tracker.main")
 
@@ -217,13 +225,20 @@ def _copy_certificate(cert: Path, key: Path) -> Path:
     return directory
 
 
-def _disclosure(config: Config) -> Disclosure:
+def disclosure(config: Config) -> Disclosure:
+    """The disclosure footer and header; reads ``disclosure_footer_file`` (blocking).
+
+    Used at start (:mod:`smtp_tracker.app`) and by a reload.
+
+    :raises ConfigError: when the footer file cannot be read or is not a
+        usable UTF-8 HTML fragment.
+    """
     footer = ""
     if config.disclosure_footer_file is not None:
         try:
             footer = read_footer(config.disclosure_footer_file)
         except ValueError as exc:
-            raise ReloadError(f"disclosure_footer_file: {exc}") from None
+            raise ConfigError(f"disclosure_footer_file: {exc}") from None
     return Disclosure(
         footer_html=footer,
         header_name=config.disclosure_header_name,
@@ -231,6 +246,14 @@ def _disclosure(config: Config) -> Disclosure:
         optout_link=config.disclosure_optout_link,
         optout_text=config.disclosure_optout_text,
     )
+
+
+def _disclosure(config: Config) -> Disclosure:
+    """:func:`disclosure`, its failure a :class:`ReloadError` (the same one line)."""
+    try:
+        return disclosure(config)
+    except ConfigError as exc:
+        raise ReloadError(str(exc)) from None
 
 
 def describe_failure(exc: BaseException) -> str:
