@@ -851,25 +851,17 @@ def _address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run(
-    config: Config, *, smtp: bool = True, reload_config: Callable[[], Config] | None = None
-) -> int:
-    """Run ``serve`` (or ``pixel`` with ``smtp=False``) until SIGTERM or SIGINT.
+def reload_on_hangup(
+    app: Application, reload_config: Callable[[], Config] | None
+) -> Callable[[], None]:
+    """On SIGHUP, read the configuration again with *reload_config* (blocking: run in a
+    thread) and apply it (:meth:`Application.reload`), one reload at a time; a
+    configuration that does not load is logged and nothing changes.
 
-    On the signal: stop accepting, drain for up to ``config.shutdown_grace_s``
-    seconds (see :meth:`Application.stop`), exit.  On SIGHUP: read the
-    configuration again with ``reload_config`` (blocking: run in a thread) and
-    apply it (:meth:`Application.reload`), one reload at a time.
-
-    :returns: the exit status, 0.
-    :raises StartupError: when something needed at start-up is unavailable.
+    Call it in the running loop; it returns the function that removes the SIGHUP
+    handler and cancels the reloads under way (``serve``, ``pixel`` and ``milter``).
     """
-    app = Application(config, smtp=smtp)
-    await app.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     reloads: set[asyncio.Task[None]] = set()
     one_at_a_time = asyncio.Lock()
 
@@ -891,11 +883,37 @@ async def run(
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
+    def remove() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(reloads):
+            task.cancel()
+
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    return remove
+
+
+async def run(
+    config: Config, *, smtp: bool = True, reload_config: Callable[[], Config] | None = None
+) -> int:
+    """Run ``serve`` (or ``pixel`` with ``smtp=False``) until SIGTERM or SIGINT.
+
+    On the signal: stop accepting, drain for up to ``config.shutdown_grace_s``
+    seconds (see :meth:`Application.stop`), exit.  On SIGHUP: read the
+    configuration again with ``reload_config`` (blocking: run in a thread) and
+    apply it (:meth:`Application.reload`), one reload at a time.
+
+    :returns: the exit status, 0.
+    :raises StartupError: when something needed at start-up is unavailable.
+    """
+    app = Application(config, smtp=smtp)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    stop_reloading = reload_on_hangup(app, reload_config)
     await stop.wait()
-    loop.remove_signal_handler(signal.SIGHUP)
-    for task in list(reloads):
-        task.cancel()
+    stop_reloading()
     grace_s = config.shutdown_grace_s
     log.info("stopping: draining transactions in flight (up to %g s)", grace_s)
     await app.stop(grace_s)

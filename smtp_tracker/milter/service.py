@@ -16,7 +16,6 @@ from collections.abc import Callable
 
 from smtp_tracker import app as parts
 from smtp_tracker.config import Config
-from smtp_tracker.errors import ConfigError
 from smtp_tracker.milter.filter import MilterContext
 from smtp_tracker.milter.listener import MilterListener, parse_milter_listen
 from smtp_tracker.pruner import Pruner
@@ -114,36 +113,13 @@ async def run(config: Config, *, reload_config: Callable[[], Config] | None = No
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    one_at_a_time = asyncio.Lock()
-    reloads: set[asyncio.Task[None]] = set()
-
-    async def reload() -> None:
-        async with one_at_a_time:
-            if reload_config is None:
-                log.warning("SIGHUP: nothing to reload in this process")
-                return
-            log.info("reloading the configuration (SIGHUP)")
-            try:
-                new = await asyncio.to_thread(reload_config)
-            except ConfigError as exc:
-                log.error("reload failed, nothing changed: %s", "; ".join(exc.problems))
-                return
-            await service.app.reload(new)
-
-    def on_hangup() -> None:
-        task = loop.create_task(reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    stop_reloading = parts.reload_on_hangup(service.app, reload_config)
     ended = asyncio.ensure_future(service.listener.ended.wait())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
     ended.cancel()
     stopping.cancel()
-    loop.remove_signal_handler(signal.SIGHUP)
-    for task in list(reloads):
-        task.cancel()
+    stop_reloading()
     grace_s = config.shutdown_grace_s
     log.info("stopping: draining milter transactions in flight (up to %g s)", grace_s)
     await service.stop(grace_s)
