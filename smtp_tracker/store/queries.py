@@ -649,6 +649,20 @@ DKIM_COLUMNS: Final[dict[str, str]] = dict(zip(DKIM_OUTCOMES, DKIM_ROLLUP, stric
 _DKIM_SUMS = ", ".join(f"SUM({column})" for column in DKIM_ROLLUP)
 
 
+def _days_where(since: date | None, until: date | None) -> tuple[str, list[str]]:
+    """The ``WHERE`` clause (``?`` placeholders, empty for neither bound) and parameters
+    that keep a rollup's rows of UTC days *since* to *until*, both included."""
+    conditions: list[str] = []
+    params: list[str] = []
+    if since is not None:
+        conditions.append("day >= ?")
+        params.append(since.isoformat())
+    if until is not None:
+        conditions.append("day <= ?")
+        params.append(until.isoformat())
+    return (f"WHERE {' AND '.join(conditions)}" if conditions else ""), params
+
+
 def query_stats(
     conn: Connection,
     *,
@@ -670,15 +684,7 @@ def query_stats(
         raise ValueError(f"group must be day or sender_domain, got {group!r}")
     if since is not None and until is not None and since > until:
         raise ValueError("since is after until")
-    conditions: list[str] = []
-    params: list[str] = []
-    if since is not None:
-        conditions.append("day >= ?")
-        params.append(since.isoformat())
-    if until is not None:
-        conditions.append("day <= ?")
-        params.append(until.isoformat())
-    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    where, params = _days_where(since, until)
     order = "ORDER BY day" if group == "day" else "ORDER BY SUM(relayed) DESC, sender_domain"
     rows = conn.execute(
         f"SELECT {group}, {_STATS_SUMS} FROM daily_stats {where} GROUP BY {group} {order}",  # noqa: S608 - constants
@@ -695,15 +701,7 @@ def _dkim_counts(
     conn: Connection, *, since: date | None, until: date | None, group: StatsGroup
 ) -> dict[str, dict[str, int]]:
     """Signed messages per *group* key and DKIM outcome, from the ``dkim_stats`` rollup."""
-    conditions: list[str] = []
-    params: list[str] = []
-    if since is not None:
-        conditions.append("day >= ?")
-        params.append(since.isoformat())
-    if until is not None:
-        conditions.append("day <= ?")
-        params.append(until.isoformat())
-    where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+    where, params = _days_where(since, until)
     return {
         str(row[0]): dict(zip(DKIM_OUTCOMES, (int(v or 0) for v in row[1:]), strict=True))
         for row in conn.execute(
