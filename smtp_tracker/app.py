@@ -450,7 +450,9 @@ class Application:
         assert self.metrics is not None
         listen = self.config.metrics_listen
         try:
-            port = await self.metrics.start(listen.host, listen.port)
+            port = await self.metrics.start(
+                listen.host, listen.port, reuse_port=self.config.workers != 1
+            )
         except StartupError as exc:
             raise bind_error(
                 "metrics_listen", listen, exc.__cause__, " Set metrics_listen, or --no-metrics"

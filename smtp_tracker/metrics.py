@@ -43,7 +43,14 @@ if TYPE_CHECKING:
     from smtp_tracker.tracking.stage import Tracker
     from smtp_tracker.web.public.limits import EventLimiter
 
-__all__ = ["METRICS_PATH", "Metrics", "MetricsSource", "UpstreamMetrics"]
+__all__ = [
+    "METRICS_PATH",
+    "Metrics",
+    "MetricsSource",
+    "UpstreamMetrics",
+    "WorkerMetrics",
+    "merge_families",
+]
 
 #: What a store classifier returns: a tuple whose first item is the verdict.
 _J = TypeVar("_J", bound=tuple[Any, ...])
@@ -400,9 +407,11 @@ class Metrics:
         """The metrics now, in the Prometheus text format 0.0.4."""
         return generate_latest(self.registry)
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Serve ``GET /metrics`` over plain HTTP on ``host:port``.
 
+        :param reuse_port: bind with ``SO_REUSEPORT`` (a worker, whose port the
+            supervisor holds: :mod:`smtp_tracker.workers`).
         :returns: the port bound (``port`` resolved when 0).
         :raises StartupError: when the address cannot be bound.
         """
@@ -410,7 +419,9 @@ class Metrics:
 
         app = web.Application()
         app.router.add_get(METRICS_PATH, self._serve)
-        self._runner, self.port = await start_site(app, host=host, port=port, ssl_context=None)
+        self._runner, self.port = await start_site(
+            app, host=host, port=port, ssl_context=None, reuse_port=reuse_port
+        )
         return self.port
 
     async def _serve(self, request: web.Request) -> web.Response:
@@ -424,3 +435,146 @@ class Metrics:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+class _Families(Collector):
+    """Metric families already built, yielded as they are (one scrape's registry)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def merge_families(expositions: list[str]) -> list[Metric]:
+    """The families of several processes' expositions, one view: values summed per series.
+
+    Counters, gauges and histograms (each bucket, ``_sum`` and ``_count``) are
+    summed per name and label set; a gauge named ``*_info`` (an ``Info``: the
+    value 1 with labels) keeps the largest value instead.  ``*_created``
+    samples (a process's start time, meaningless summed) are left out.
+
+    :param expositions: texts in the Prometheus text format 0.0.4.
+    :returns: the merged families, in the order first seen.
+    :raises ValueError: when a text does not parse (``prometheus_client.parser``).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    merged: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text):
+            if family.name not in merged:
+                merged[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            series = values[family.name]
+            keep_max = family.type == "gauge" and family.name.endswith("_info")
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in series:
+                    series[key] = sample.value
+                elif keep_max:
+                    series[key] = max(series[key], sample.value)
+                else:
+                    series[key] += sample.value
+    for name, family in merged.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(merged.values())
+
+
+class WorkerMetrics:
+    """The supervisor's ``/metrics`` with ``workers = N``: every worker's, summed.
+
+    Each worker serves its own registry on a private loopback port; a scrape of
+    this listener fetches each worker's ``/metrics`` (in parallel, each within
+    ``timeout_s``), parses the texts with ``prometheus_client.parser`` and
+    serves them merged (:func:`merge_families`), with ``smtp_tracker_workers``
+    (the workers configured) and ``smtp_tracker_worker_up{worker}`` (1 when that
+    worker answered this scrape; a worker that did not is missing from the
+    sums, and a restarted worker's counters start again from 0, which
+    Prometheus' ``rate()`` reads as a counter reset).
+
+    :param ports: each worker's metrics port on ``host``, by worker index.
+    """
+
+    def __init__(self, ports: list[int], *, host: str = "127.0.0.1", timeout_s: float = 5.0):
+        self.ports = ports
+        self.host = host
+        self.timeout_s = timeout_s
+        self._runner: web.AppRunner | None = None
+        self._session: Any = None
+        #: the port bound (after :meth:`start`)
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Serve ``GET /metrics`` over plain HTTP on ``host:port``.
+
+        :returns: the port bound (``port`` resolved when 0).
+        :raises StartupError: when the address cannot be bound.
+        """
+        import aiohttp
+
+        from smtp_tracker.web.site import start_site
+
+        app = web.Application()
+        app.router.add_get(METRICS_PATH, self._serve)
+        self._runner, self.port = await start_site(app, host=host, port=port, ssl_context=None)
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s), trust_env=False
+        )
+        return self.port
+
+    async def _fetch(self, port: int) -> str | None:
+        import aiohttp
+
+        url = f"http://{self.host}:{port}{METRICS_PATH}"
+        try:
+            async with self._session.get(url) as response:
+                if response.status != 200:
+                    return None
+                text: str = await response.text()
+                return text
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def exposition(self) -> bytes:
+        """Every worker's metrics now, merged, in the Prometheus text format 0.0.4."""
+        import asyncio
+
+        texts = await asyncio.gather(*(self._fetch(port) for port in self.ports))
+        families = merge_families([text for text in texts if text is not None])
+        workers = GaugeMetricFamily(
+            "smtp_tracker_workers", "The serve worker processes configured (workers)."
+        )
+        workers.add_metric([], len(self.ports))
+        up = GaugeMetricFamily(
+            "smtp_tracker_worker_up",
+            "Whether each worker answered this scrape (1); a worker that did not (0) is "
+            "missing from every other series.",
+            labels=["worker"],
+        )
+        for index, text in enumerate(texts):
+            up.add_metric([str(index)], 0 if text is None else 1)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Families([*families, workers, up]))
+        return generate_latest(registry)
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        try:
+            body = await self.exposition()
+        except ValueError:  # a worker's text did not parse: never a partial sum
+            return web.Response(status=500, text="a worker's metrics did not parse\n")
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def stop(self) -> None:
+        """Close the listener and the client session."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

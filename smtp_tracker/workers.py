@@ -27,9 +27,14 @@ LMTP, the pixel and reports endpoints) listening on the same addresses with
   ``SIGHUP`` is passed on (each worker reloads).  If the supervisor itself is
   killed, the kernel sends its workers ``SIGTERM`` (``PR_SET_PDEATHSIG``).
 
-What stays per worker: counters (``/metrics`` is served by the first worker
-alone, with its own), the event rate limits (each worker allows its own share),
-dashboard sign-ins.
+- **Metrics.** With ``metrics`` on, each worker serves its own ``/metrics``
+  on a private loopback port (chosen and held by the supervisor, like a port
+  0) and the supervisor serves ``metrics_listen``: a scrape fetches every
+  worker's and serves the sums per series, with ``smtp_tracker_workers`` and
+  ``smtp_tracker_worker_up`` (:class:`~smtp_tracker.metrics.WorkerMetrics`).
+
+What stays per worker: the event rate limits (each worker allows its own
+share), dashboard sign-ins.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from dataclasses import dataclass
 
 from smtp_tracker.config import Config, HostPort
 from smtp_tracker.errors import StartupError
+from smtp_tracker.metrics import WorkerMetrics
 
 __all__ = [
     "RESTART_DELAY_MAX_S",
@@ -84,7 +90,6 @@ def _listen_keys(config: Config) -> list[tuple[str, HostPort]]:
         (config.lmtp, "--lmtp-listen", config.lmtp_listen),
         (config.pixel, "--pixel-listen", config.pixel_listen),
         (config.reports, "--reports-listen", config.reports_listen),
-        (config.metrics, "--metrics-listen", config.metrics_listen),
     ):
         if enabled:
             keys.append((flag, address))
@@ -119,6 +124,27 @@ def reserve_ports(config: Config) -> tuple[list[str], list[socket.socket]]:
     return flags, held
 
 
+def _loopback_ports(count: int) -> list[socket.socket]:
+    """``count`` loopback ports for the workers' metrics, bound (not listening) and held.
+
+    :raises StartupError: when loopback cannot be bound.
+    """
+    held: list[socket.socket] = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", 0))
+        except OSError as exc:
+            sock.close()
+            for other in held:
+                other.close()
+            raise StartupError(f"cannot bind a port on 127.0.0.1: {exc.strerror}") from exc
+        held.append(sock)
+    return held
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -135,10 +161,11 @@ class _Worker:
 
 
 class _Supervisor:
-    def __init__(self, count: int, argv: Sequence[str], *, metrics: bool) -> None:
+    def __init__(self, count: int, argv: Sequence[str], *, metrics_ports: list[int]) -> None:
         self.workers = [_Worker(index) for index in range(count)]
         self.argv = list(argv)
-        self.metrics = metrics
+        #: each worker's private metrics port (empty: metrics off)
+        self.metrics_ports = metrics_ports
         self.stopping = asyncio.Event()
         self.failure: int | None = None
 
@@ -149,8 +176,12 @@ class _Supervisor:
             "-m",
             "smtp_tracker",
             *self.argv,
-            # one /metrics listener: the first worker's (counters are per worker)
-            *(["--no-metrics"] if self.metrics and worker.index > 0 else []),
+            # each worker's /metrics on its loopback port; the supervisor sums them
+            *(
+                ["--metrics-listen", f"127.0.0.1:{self.metrics_ports[worker.index]}"]
+                if self.metrics_ports
+                else []
+            ),
             env={**os.environ, WORKER_ENV: str(worker.index)},
             preexec_fn=_die_with_parent,
         )
@@ -214,7 +245,31 @@ async def supervise(config: Config, argv: Sequence[str]) -> int:
     :raises StartupError: when a port 0 address cannot be bound.
     """
     flags, held = reserve_ports(config)
-    supervisor = _Supervisor(config.workers, [*argv, *flags], metrics=config.metrics)
+    aggregate: WorkerMetrics | None = None
+    if config.metrics:
+        try:
+            private = _loopback_ports(config.workers)
+        except StartupError:
+            for sock in held:
+                sock.close()
+            raise
+        held += private
+        ports = [int(sock.getsockname()[1]) for sock in private]
+        aggregate = WorkerMetrics(ports)
+        listen = config.metrics_listen
+        try:
+            port = await aggregate.start(listen.host, listen.port)
+        except StartupError as exc:
+            await aggregate.stop()
+            for sock in held:
+                sock.close()
+            raise StartupError(
+                f"cannot bind {listen} (metrics_listen): {exc}. Set metrics_listen, or --no-metrics"
+            ) from exc
+        log.info("supervisor: serving metrics on http://%s:%d/metrics", listen.host, port)
+    supervisor = _Supervisor(
+        config.workers, [*argv, *flags], metrics_ports=aggregate.ports if aggregate else []
+    )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, supervisor.stop)
@@ -232,6 +287,8 @@ async def supervise(config: Config, argv: Sequence[str]) -> int:
             loop.remove_signal_handler(signum)
         for sock in held:
             sock.close()
+        if aggregate is not None:
+            await aggregate.stop()
     if supervisor.failure is not None:
         return supervisor.failure
     log.info("supervisor: all %d workers stopped", config.workers)

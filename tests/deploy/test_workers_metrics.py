@@ -1,0 +1,142 @@
+"""``workers = 2`` with ``metrics``: the supervisor's ``metrics_listen`` sums both workers.
+
+Real processes: ``python -m smtp_tracker serve --workers 2 --metrics`` relaying
+to the upstream test server; each message over a new connection, so that
+SO_REUSEPORT spreads them over both workers.  Each worker's own ``/metrics``
+(on the loopback port the supervisor gave it, from its log line) counts its
+share; one scrape of ``metrics_listen`` shows the total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import aiohttp
+import aiosmtplib
+from prometheus_client.parser import text_string_to_metric_families
+
+from smtp_tracker.metrics import merge_families
+from tests.support.serve import launch_serve
+from tests.support.upstream import UpstreamServer
+from tests.support.waiting import wait_until
+
+MESSAGES = 40
+SUPERVISOR_METRICS = re.compile(r"supervisor: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
+WORKER_METRICS = re.compile(r"\[(\d+)\]: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
+
+
+async def send(port: int, number: int) -> None:
+    await aiosmtplib.send(
+        f"From: <a@example.org>\r\nTo: <b@example.net>\r\nSubject: {number}\r\n\r\nbody\r\n",
+        sender="a@example.org",
+        recipients=["b@example.net"],
+        hostname="127.0.0.1",
+        port=port,
+        start_tls=False,
+        timeout=30,
+    )
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+RELAYED = ("smtp_tracker_transactions_total", (("outcome", "relayed"),))
+
+
+async def test_one_scrape_of_metrics_listen_counts_both_workers(
+    upstream: UpstreamServer, ca_pem_path: Path, tmp_path: Path
+) -> None:
+    running = await launch_serve(
+        upstream,
+        ca_pem_path,
+        tmp_path / "data",
+        "--workers",
+        "2",
+        "--metrics",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--log-level",
+        "info",
+    )
+    try:
+        await wait_until(
+            lambda: (
+                sum(bool(WORKER_METRICS.search(line)) for line in running.log) >= 2
+                and sum("listening for SMTP" in line for line in running.log) >= 2
+            ),
+            timeout_s=30,
+            message="both workers did not serve SMTP and metrics",
+        )
+        (total_port,) = {
+            int(m.group(1)) for line in running.log if (m := SUPERVISOR_METRICS.search(line))
+        }
+        worker_ports = {
+            int(m.group(1)): int(m.group(2))
+            for line in running.log
+            if (m := WORKER_METRICS.search(line))
+        }
+        assert len(worker_ports) == 2 and total_port not in worker_ports.values()
+
+        await asyncio.gather(*(send(running.port, n) for n in range(MESSAGES)))
+        assert len(upstream.transactions) == MESSAGES
+
+        per_worker = [await scrape(port) for port in worker_ports.values()]
+        shares = [samples[RELAYED] for samples in per_worker]
+        assert all(share > 0 for share in shares), shares  # SO_REUSEPORT spread them
+        assert sum(shares) == MESSAGES
+
+        total = await scrape(total_port)
+        assert total[RELAYED] == MESSAGES
+        assert total[("smtp_tracker_workers", ())] == 2
+        assert total[("smtp_tracker_worker_up", (("worker", "0"),))] == 1
+        assert total[("smtp_tracker_worker_up", (("worker", "1"),))] == 1
+        # the build info is one series of value 1, not summed to 2
+        (build,) = [v for (name, _), v in total.items() if name == "smtp_tracker_build_info"]
+        assert build == 1
+        # every other counter of the workers is their sum too
+        uploaded = ("smtp_tracker_upstream_connect_seconds_count", ())
+        assert total[uploaded] == sum(samples[uploaded] for samples in per_worker) > 0
+    finally:
+        await running.finish()
+
+
+def test_merge_sums_series_and_histograms_and_keeps_info_once() -> None:
+    worker = """# HELP x_total A counter.
+# TYPE x_total counter
+x_total{k="a"} %d
+x_created{k="a"} 1.7e9
+# HELP h A histogram.
+# TYPE h histogram
+h_bucket{le="1.0"} %d
+h_bucket{le="+Inf"} %d
+h_sum 0.5
+h_count %d
+# HELP b_info Build.
+# TYPE b_info gauge
+b_info{version="1"} 1.0
+"""
+    merged = merge_families([worker % (2, 1, 2, 2), worker % (3, 0, 5, 5)])
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in merged for s in f.samples
+    }
+    assert samples == {
+        ("x_total", (("k", "a"),)): 5,
+        ("h_bucket", (("le", "1.0"),)): 1,
+        ("h_bucket", (("le", "+Inf"),)): 7,
+        ("h_sum", ()): 1.0,
+        ("h_count", ()): 7,
+        ("b_info", (("version", "1"),)): 1,
+    }
