@@ -260,11 +260,13 @@ async def supervise(config: Config, argv: Sequence[str]) -> int:
         try:
             port = await aggregate.start(listen.host, listen.port)
         except StartupError as exc:
+            from smtp_tracker.app import bind_error  # the one wording of every listener's
+
             await aggregate.stop()
             for sock in held:
                 sock.close()
-            raise StartupError(
-                f"cannot bind {listen} (metrics_listen): {exc}. Set metrics_listen, or --no-metrics"
+            raise bind_error(
+                "metrics_listen", listen, exc.__cause__, " Set metrics_listen, or --no-metrics"
             ) from exc
         log.info("supervisor: serving metrics on http://%s:%d/metrics", listen.host, port)
     supervisor = _Supervisor(

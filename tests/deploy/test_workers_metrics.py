@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +19,7 @@ import aiosmtplib
 from prometheus_client.parser import text_string_to_metric_families
 
 from smtp_tracker.metrics import merge_families
+from tests.support.process import run_cli
 from tests.support.serve import launch_serve
 from tests.support.upstream import UpstreamServer
 from tests.support.waiting import wait_until
@@ -140,3 +142,35 @@ b_info{version="1"} 1.0
         ("h_count", ()): 7,
         ("b_info", (("version", "1"),)): 1,
     }
+
+
+def test_a_taken_metrics_listen_ends_the_supervisor_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:1",
+            "--upstream-tls",
+            "none",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--no-tracking",
+            "--no-pixel",
+            "--no-reports",
+            "--workers",
+            "2",
+            "--metrics",
+            "--metrics-listen",
+            f"127.0.0.1:{port}",
+        )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"smtp-tracker: error: metrics_listen: cannot listen on 127.0.0.1:{port} "
+        "(Address already in use); is another process using it? "
+        "Set metrics_listen, or --no-metrics"
+    ]
