@@ -48,6 +48,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from smtp_tracker.store.migrations import immediate_transaction
+from smtp_tracker.store.queries import ROLLUP_COLUMNS
 from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
     VERDICTS,
@@ -56,6 +57,7 @@ from smtp_tracker.store.records import (
     EventKind,
     Verdict,
 )
+from smtp_tracker.store.rows import add_to_rollup
 
 if TYPE_CHECKING:
     from smtp_tracker.store.queries import Connection
@@ -299,7 +301,7 @@ def reclassify_batch(
             for column, value in new.items():
                 delta[column] = delta.get(column, 0) + value - old[column]
         for (day, domain), delta in sorted(rollup.items()):  # one order: no deadlock
-            _add(conn, day, domain, delta)
+            add_to_rollup(conn, day, domain, delta)
     return Batch(messages=len(messages), events=events, changed=changed, last_rowid=last)
 
 
@@ -331,35 +333,6 @@ def _judge(
     if verdict not in VERDICTS:
         return "unknown", f"bad verdict from {reason}", signals
     return verdict, reason, new_signals if new_signals is not None else signals
-
-
-def _add(conn: Connection, day: str, domain: str, delta: dict[str, int]) -> None:
-    delta = {column: value for column, value in delta.items() if value}
-    if not delta:
-        return
-    columns = ", ".join(delta)
-    marks = ", ".join("?" * len(delta))
-    updates = ", ".join(f"{column} = daily_stats.{column} + excluded.{column}" for column in delta)
-    conn.execute(
-        f"INSERT INTO daily_stats (day, sender_domain, {columns}) VALUES (?, ?, {marks})"  # noqa: S608 - column names from _contribution
-        f" ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
-        (day, domain, *delta.values()),
-    )
-
-
-#: The rollup's counters that :func:`rollup_from_rows` computes, in ``daily_stats`` order.
-_COLUMNS: Final[tuple[str, ...]] = (
-    "relayed",
-    "tracked",
-    "opened",
-    "opened_any",
-    "opens",
-    *(f"opens_{verdict}" for verdict in VERDICTS),
-    "clicks",
-    "clicked",
-    "opened_via_click",
-    "relayed_aggregate",
-)
 
 
 def rollup_from_rows(conn: Connection, day: str) -> dict[str, dict[str, int]]:
@@ -459,13 +432,13 @@ def rebuild_rollup_day(conn: Connection, day: str) -> DayRebuild:
             if rows is None or stored.get(domain, 0) > rows["relayed"] or domain in aggregate:
                 kept += 1
                 continue
-            columns = ", ".join(_COLUMNS)
-            marks = ", ".join("?" * len(_COLUMNS))
-            updates = ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS)
+            columns = ", ".join(ROLLUP_COLUMNS)
+            marks = ", ".join("?" * len(ROLLUP_COLUMNS))
+            updates = ", ".join(f"{column} = excluded.{column}" for column in ROLLUP_COLUMNS)
             conn.execute(
                 f"INSERT INTO daily_stats (day, sender_domain, {columns})"  # noqa: S608 - constant columns
                 f" VALUES (?, ?, {marks}) ON CONFLICT (day, sender_domain) DO UPDATE SET {updates}",
-                (day, domain, *(rows[column] for column in _COLUMNS)),
+                (day, domain, *(rows[column] for column in ROLLUP_COLUMNS)),
             )
             rebuilt += 1
     return DayRebuild(day=day, rebuilt=rebuilt, kept=kept)
