@@ -268,7 +268,8 @@ async def supervise(config: Config, argv: Sequence[str]) -> int:
             raise bind_error(
                 "metrics_listen", listen, exc.__cause__, " Set metrics_listen, or --no-metrics"
             ) from exc
-        log.info("supervisor: serving metrics on http://%s:%d/metrics", listen.host, port)
+        host = f"[{listen.host}]" if ":" in listen.host else listen.host
+        log.info("supervisor: serving metrics on http://%s:%d/metrics", host, port)
     supervisor = _Supervisor(
         config.workers, [*argv, *flags], metrics_ports=aggregate.ports if aggregate else []
     )
