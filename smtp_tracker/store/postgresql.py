@@ -40,7 +40,6 @@ import functools
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -67,6 +66,7 @@ from smtp_tracker.store.records import (
 from smtp_tracker.store.rows import (
     MESSAGE_COLUMNS,
     ORDER,
+    KnownTokens,
     MessageState,
     add_to_rollup,
     count_message,
@@ -911,8 +911,7 @@ class PostgresStore:
         self._pool = pool
         self._executor = executor
         self._options = options
-        self._known: OrderedDict[str, None] = OrderedDict()
-        self._known_cache_size = known_cache_size
+        self._known = KnownTokens(known_cache_size)
         self._closed = False
         self._outage: str | None = None
         self._retry_at = 0.0
@@ -1146,14 +1145,11 @@ class PostgresStore:
 
     async def is_known_token(self, tracking_id: str) -> bool:
         """See :meth:`.base.Store.is_known_token`; positive answers are cached."""
-        if tracking_id in self._known:
-            self._known.move_to_end(tracking_id)
+        if self._known.hit(tracking_id):
             return True
         known = await self._call(lambda db: db.is_known_token(tracking_id))
-        if known and self._known_cache_size > 0:
-            self._known[tracking_id] = None
-            while len(self._known) > self._known_cache_size:
-                self._known.popitem(last=False)
+        if known:
+            self._known.add(tracking_id)
         return known
 
     async def integrity_check(self) -> str:

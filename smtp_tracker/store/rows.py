@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,6 +40,7 @@ from smtp_tracker.store.records import (
 __all__ = [
     "MESSAGE_COLUMNS",
     "ORDER",
+    "KnownTokens",
     "MessageState",
     "add_to_dkim_rollup",
     "add_to_rollup",
@@ -129,6 +131,39 @@ def to_us(value: datetime) -> int:
 def from_us(value: int) -> datetime:
     """The UTC datetime *value* microseconds after the Unix epoch."""
     return _EPOCH + timedelta(microseconds=value)
+
+
+class KnownTokens:
+    """The tracking ids a store last answered known (:meth:`.base.Store.is_known_token`),
+    the *size* most recently asked at most (least recently asked dropped first); none
+    kept when *size* is 0 or less. Shared by both async stores."""
+
+    __slots__ = ("_ids", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def hit(self, tracking_id: str) -> bool:
+        """Whether *tracking_id* is kept (then it is the most recently asked)."""
+        if tracking_id in self._ids:
+            self._ids.move_to_end(tracking_id)
+            return True
+        return False
+
+    def add(self, tracking_id: str) -> None:
+        """Keep *tracking_id*, dropping the least recently asked beyond the size."""
+        if self._size > 0:
+            self._ids[tracking_id] = None
+            while len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every id (after a prune, a pruned token is no longer known)."""
+        self._ids.clear()
 
 
 class MessageState:

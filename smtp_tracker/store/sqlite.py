@@ -29,7 +29,6 @@ import logging
 import os
 import sqlite3
 import stat
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -66,13 +65,14 @@ from smtp_tracker.store.records import (
 )
 from smtp_tracker.store.rows import MESSAGE_COLUMNS as _MESSAGE_COLUMNS
 from smtp_tracker.store.rows import ORDER as _ORDER
-from smtp_tracker.store.rows import MessageState as _MessageState
 from smtp_tracker.store.rows import (
+    KnownTokens,
     aggregate_record,
     day_of,
     sender_domain_of,
     to_us,
 )
+from smtp_tracker.store.rows import MessageState as _MessageState
 from smtp_tracker.store.rows import count_message as _count_message
 from smtp_tracker.store.rows import event_rows as _event_rows
 from smtp_tracker.store.rows import link_rows as _link_rows
@@ -735,8 +735,7 @@ class SqliteStore:
         self._reader = reader
         self._writer_executor = writer_executor
         self._reader_executor = reader_executor
-        self._known: OrderedDict[str, None] = OrderedDict()
-        self._known_cache_size = known_cache_size
+        self._known = KnownTokens(known_cache_size)
         self._closed = False
         #: Why records are suspended (the store could not be opened at start), or None.
         self.suspended: str | None = None
@@ -1024,16 +1023,13 @@ class SqliteStore:
 
     async def is_known_token(self, tracking_id: str) -> bool:
         """See :meth:`.base.Store.is_known_token`; positive answers are cached."""
-        if tracking_id in self._known:
-            self._known.move_to_end(tracking_id)
+        if self._known.hit(tracking_id):
             return True
         known = await self._run(
             self._reader_executor, lambda: self._reader.is_known_token(tracking_id)
         )
-        if known and self._known_cache_size > 0:
-            self._known[tracking_id] = None
-            while len(self._known) > self._known_cache_size:
-                self._known.popitem(last=False)
+        if known:
+            self._known.add(tracking_id)
         return known
 
     async def integrity_check(self) -> str:
