@@ -630,13 +630,9 @@ class PgDatabase:
         self, message_filter: queries.MessageFilter, *, page_rows: int = queries.MAX_LIMIT
     ) -> Iterator[queries.MessageSummary]:
         """Every message *message_filter* selects, newest first, one page per read."""
-        cursor: str | None = None
-        while True:
-            page = self.query_messages(message_filter, limit=page_rows, cursor=cursor)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        yield from queries.pages(
+            lambda cursor: self.query_messages(message_filter, limit=page_rows, cursor=cursor)
+        )
 
     # -- retention ---------------------------------------------------------------------------
 

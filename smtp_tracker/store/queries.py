@@ -42,7 +42,7 @@ import binascii
 import hashlib
 import json
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal, Protocol
@@ -76,6 +76,7 @@ __all__ = [
     "export_rows",
     "ident_candidates",
     "page_query",
+    "pages",
     "query_message",
     "query_messages",
     "query_stats",
@@ -496,6 +497,22 @@ def export_rows(
         if len(rows) < page_rows:
             return
         position = (int(rows[-1][7]), int(rows[-1][0]))
+
+
+def pages(read_page: Callable[[str | None], MessagePage]) -> Iterator[MessageSummary]:
+    """Every summary of the pages *read_page* gives, the first for cursor ``None``,
+    each next for the cursor its predecessor names, until one names none: the stores'
+    ``export_rows``, one read (transaction) per page.
+
+    Whatever *read_page* raises propagates.
+    """
+    cursor: str | None = None
+    while True:
+        page = read_page(cursor)
+        yield from page.items
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
 
 
 def ident_candidates(ident: str) -> list[tuple[str, str]]:

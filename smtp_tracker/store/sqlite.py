@@ -515,13 +515,9 @@ class SqliteDatabase:
         :raises ValueError: when a filter time is naive.
         :raises StoreError: when the store cannot be read.
         """
-        cursor: str | None = None
-        while True:
-            page = self.query_messages(message_filter, limit=page_rows, cursor=cursor)
-            yield from page.items
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+        yield from queries.pages(
+            lambda cursor: self.query_messages(message_filter, limit=page_rows, cursor=cursor)
+        )
 
     # -- retention (smtp_tracker.store.retention) --------------------------------------
 
