@@ -28,6 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from smtp_tracker.smtp.handler import Prepared
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.session import Transaction
 from smtp_tracker.store.integrity import StoreSuspendedError
-from smtp_tracker.store.records import LinkRecord
+from smtp_tracker.store.records import LinkRecord, MessageRecord
 from smtp_tracker.tokens import new_link_token, new_tracking_id, optout_url, pixel_url
 from smtp_tracker.tracking.consent import ConsentCheck
 from smtp_tracker.tracking.domains import DomainPolicy
@@ -77,8 +78,6 @@ def header_fields(message: bytes) -> tuple[str | None, str | None]:
 
 
 def _decode_subject(value: object) -> str:
-    from email.header import decode_header, make_header
-
     try:
         return str(make_header(decode_header(str(value))))[:998]
     except (ValueError, LookupError, UnicodeError):
@@ -327,8 +326,6 @@ class Tracker:
         """Record a message the upstream accepted; failures are logged and counted, not raised."""
         if self._store is None or prepared.tracking_id is None:
             return
-        from smtp_tracker.store.records import MessageRecord
-
         message_id, subject = header_fields(prepared.data)
         record = MessageRecord(
             tracking_id=prepared.tracking_id,
