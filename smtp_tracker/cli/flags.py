@@ -47,6 +47,7 @@ __all__ = [
     "example_toml",
     "help_of",
     "load_config",
+    "open_store",
     "reference_markdown",
 ]
 
@@ -231,6 +232,27 @@ def load_config(args: argparse.Namespace, *, require_upstream: bool = False) -> 
     for warning in warnings:
         print(f"smtp-tracker: warning: {warning}", file=sys.stderr)
     return config
+
+
+def open_store(config: Config, **options: Any) -> Any:
+    """The store of ``--store`` (PostgreSQL) or ``--data-dir`` (SQLite), blocking;
+    *options* go to :func:`~smtp_tracker.store.backends.open_database`.
+
+    :raises InputError: when there is no store there, or it cannot be opened.
+    """
+    from smtp_tracker.errors import InputError, StoreError
+    from smtp_tracker.store.backends import is_postgresql, open_database
+
+    try:
+        return open_database(
+            store=config.store,
+            data_dir=config.data_dir,
+            password_file=config.store_password_file,
+            **options,
+        )
+    except StoreError as exc:
+        where = "--store" if is_postgresql(config.store) else "--data-dir (or --config)"
+        raise InputError(f"{exc}: give {where} of a running smtp-tracker") from None
 
 
 def add_command(

@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
-from smtp_tracker.errors import ConfigError, InputError
+from smtp_tracker.cli.flags import add_command, add_config_flags, load_config, open_store
+from smtp_tracker.errors import ConfigError
 
 __all__ = ["add_commands", "cmd_reclassify"]
 
@@ -37,8 +37,6 @@ def cmd_reclassify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from smtp_tracker.classification import Classifier, load_networks
-    from smtp_tracker.errors import StoreError
-    from smtp_tracker.store.backends import is_postgresql, open_database
 
     since: date | None = None
     if args.since is not None:
@@ -53,16 +51,7 @@ def cmd_reclassify(args: argparse.Namespace) -> int:
         classifier = Classifier(load_networks(config.data_dir), config.prefetch_window_s)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    try:
-        database = open_database(
-            store=config.store,
-            data_dir=config.data_dir,
-            password_file=config.store_password_file,
-            classifier=classifier,
-        )
-    except StoreError as exc:
-        where = "--store" if is_postgresql(config.store) else "--data-dir (or --config)"
-        raise InputError(f"{exc}: give {where} of a running smtp-tracker") from None
+    database = open_store(config, classifier=classifier)
     quiet = args.no_progress or not sys.stderr.isatty()
     with database:
         total, days = database.reclassify_scope(since)

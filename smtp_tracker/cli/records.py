@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from smtp_tracker.cli import reclassify
-from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.cli.flags import add_command, add_config_flags, load_config, open_store
 from smtp_tracker.config import Config
 from smtp_tracker.errors import ConfigError, InputError
 
@@ -111,7 +111,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     until = _parse_day(args.until, flag="--until")
     if since is not None and until is not None and since > until:
         raise ConfigError("--since: must not be after --until")
-    with _open_database(args) as database:
+    with open_store(load_config(args)) as database:
         rows = database.query_stats(since=since, until=until, group=args.group)
     items = [stats_row_to_dict(row) for row in rows]
     total = stats_row_to_dict(stats_total(rows))
@@ -128,27 +128,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         _print_stats_table(args.group, items, total)
     return EXIT_OK
-
-
-def _open_database(args: argparse.Namespace, *, migrate_schema: bool = False) -> Any:
-    """The store of ``--store`` (PostgreSQL) or ``--data-dir`` (SQLite), blocking.
-
-    :raises InputError: when there is no store there, or it cannot be opened.
-    """
-    from smtp_tracker.errors import StoreError
-    from smtp_tracker.store.backends import is_postgresql, open_database
-
-    config = load_config(args)
-    try:
-        return open_database(
-            store=config.store,
-            data_dir=config.data_dir,
-            password_file=config.store_password_file,
-            migrate_schema=migrate_schema,
-        )
-    except StoreError as exc:
-        where = "--store" if is_postgresql(config.store) else "--data-dir (or --config)"
-        raise InputError(f"{exc}: give {where} of a running smtp-tracker") from None
 
 
 def _parse_since(text: str | None) -> Any:
@@ -186,14 +165,14 @@ def cmd_messages(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit <= 0:
         raise ConfigError("--limit: must be a whole number greater than 0")
     since = _parse_since(args.since)
-    with _open_database(args) as database:
+    with open_store(load_config(args)) as database:
         stored = database.list_messages(since=since, limit=args.limit)
     _print_messages(stored, as_json=args.json)
     return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with _open_database(args) as database:
+    with open_store(load_config(args)) as database:
         if args.json:  # the API's message object, field for field
             detail = database.query_message(args.id)
             found = None
