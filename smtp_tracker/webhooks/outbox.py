@@ -39,6 +39,7 @@ from typing import Any
 from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.migrations import MIGRATIONS, immediate_transaction
 from smtp_tracker.store.records import COUNTED_VERDICTS, MessageRecord
+from smtp_tracker.store.rows import from_us
 from smtp_tracker.webhooks.events import Event
 
 __all__ = [
@@ -250,8 +251,6 @@ class Outbox:
 
 
 def _hit_events(conn: sqlite3.Connection, kind: str, rows: Sequence[Sequence[Any]]) -> list[Event]:
-    from datetime import UTC, datetime, timedelta
-
     click = kind == "click"
     hits = [tuple(row[1:]) for row in rows] if click else [tuple(row) for row in rows]
     tokens = [str(row[0]) for row in rows] if click else []
@@ -276,7 +275,6 @@ def _hit_events(conn: sqlite3.Connection, kind: str, rows: Sequence[Sequence[Any
             )
         }
     counted_before = {tid: int(m[6] if click else m[5]) for tid, m in messages.items()}
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
     events = []
     for index, (tracking_id, at_us, ip, user_agent, verdict, reason, *_rest) in enumerate(hits):
         message = messages.get(str(tracking_id))
@@ -293,7 +291,7 @@ def _hit_events(conn: sqlite3.Connection, kind: str, rows: Sequence[Sequence[Any
         events.append(
             Event.make(
                 "link.clicked" if click else "message.opened",
-                occurred_at=epoch + timedelta(microseconds=int(at_us)),
+                occurred_at=from_us(int(at_us)),
                 tracking_id=str(tracking_id),
                 queue_id=str(message[1]),
                 message_id=message[2],
