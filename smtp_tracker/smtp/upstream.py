@@ -56,17 +56,12 @@ def _translate(exc: BaseException) -> UpstreamError:
         return exc
     cause = exc.__cause__
     if isinstance(exc, ssl.SSLError) or isinstance(cause, ssl.SSLError):
-        return _error(UpstreamTLSError, replies.R451_UPSTREAM_TLS_FAILED)
+        return UpstreamTLSError(replies.R451_UPSTREAM_TLS_FAILED)
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
-        return _error(UpstreamUnavailable, replies.R451_UPSTREAM_TIMEOUT)
+        return UpstreamUnavailable(replies.R451_UPSTREAM_TIMEOUT)
     if isinstance(exc, aiosmtplib.SMTPConnectError):
-        return _error(UpstreamUnavailable, replies.R451_UPSTREAM_UNAVAILABLE)
-    return _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
-
-
-def _error(kind: type[UpstreamError], reply: Reply) -> UpstreamError:
-    """The exception of ``kind`` carrying one of our replies from :mod:`.replies`."""
-    return kind(reply)
+        return UpstreamUnavailable(replies.R451_UPSTREAM_UNAVAILABLE)
+    return UpstreamUnavailable(replies.R451_UPSTREAM_LOST)
 
 
 def filter_parameters(parameters: Sequence[str], extensions: dict[str, str]) -> list[str]:
@@ -240,7 +235,7 @@ class UpstreamSession:
         settings = self._settings
         if not client.supports_extension("starttls"):
             log.warning("upstream %s: STARTTLS required but not offered", settings.label)
-            raise _error(UpstreamTLSError, replies.R451_UPSTREAM_STARTTLS_MISSING)
+            raise UpstreamTLSError(replies.R451_UPSTREAM_STARTTLS_MISSING)
         self._note(WE_SAID_TO_UPSTREAM, "STARTTLS")
         try:
             response = await client.starttls(
@@ -253,7 +248,7 @@ class UpstreamSession:
             raise UpstreamTLSError(reply) from exc
         except (ssl.SSLError, ssl.CertificateError) as exc:
             log.warning("upstream %s: TLS handshake failed: %s", settings.label, _describe(exc))
-            raise _error(UpstreamTLSError, replies.R451_UPSTREAM_TLS_FAILED) from exc
+            raise UpstreamTLSError(replies.R451_UPSTREAM_TLS_FAILED) from exc
         self._note_reply(response.code, response.message)
         self._note(NOTE, f"TLS established ({client.get_transport_info('cipher')[0]})")
         await self._ehlo(client)
@@ -269,22 +264,22 @@ class UpstreamSession:
             log.warning(
                 "upstream %s: AUTH as %s refused: %s", settings.label, settings.user, exc.code
             )
-            raise _error(UpstreamAuthError, replies.R451_UPSTREAM_AUTH_FAILED) from exc
+            raise UpstreamAuthError(replies.R451_UPSTREAM_AUTH_FAILED) from exc
         except aiosmtplib.SMTPResponseException as exc:
             self._note_reply(exc.code, exc.message)
-            raise _error(UpstreamAuthError, replies.R451_UPSTREAM_AUTH_FAILED) from exc
+            raise UpstreamAuthError(replies.R451_UPSTREAM_AUTH_FAILED) from exc
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             raise
         except aiosmtplib.SMTPException as exc:
             # aiosmtplib says so when the upstream offers no AUTH (or none we know).
             log.warning("upstream %s: AUTH not possible: %s", settings.label, exc)
-            raise _error(UpstreamAuthError, replies.R451_UPSTREAM_AUTH_FAILED) from exc
+            raise UpstreamAuthError(replies.R451_UPSTREAM_AUTH_FAILED) from exc
         self._note_reply(response.code, response.message)
 
     async def _command(self, command: str, argument: bytes, parameters: Sequence[str]) -> Reply:
         client = self._client
         if client is None or not client.is_connected:
-            raise _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
+            raise UpstreamUnavailable(replies.R451_UPSTREAM_LOST)
         words = [argument, *(p.encode("utf-8", "surrogateescape") for p in parameters)]
         if not all(sendable(word) for word in words):
             # aiosmtplib would refuse it (ValueError); the connection stays as it was
@@ -345,7 +340,7 @@ class UpstreamSession:
         """
         client = self._client
         if client is None or not client.is_connected:
-            raise _error(UpstreamUnavailable, replies.R451_UPSTREAM_LOST)
+            raise UpstreamUnavailable(replies.R451_UPSTREAM_LOST)
         self._note(WE_SAID_TO_UPSTREAM, f"DATA ({len(content)} bytes)")
         started = time.monotonic()
         try:
