@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from smtp_tracker.errors import CommandRejected, UpstreamError
+from smtp_tracker.errors import CommandRejected, SMTPReply, UpstreamError
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.failover import CopyTarget, FailoverSession, Upstreams
 from smtp_tracker.smtp.replies import Reply
@@ -79,14 +79,6 @@ class _Copy:
     recipients: int = 0
 
 
-def _as_reply(error: BaseException) -> Reply:
-    """The reply an UpstreamError carries, as a :class:`Reply`; 451 4.3.0 for anything else."""
-    if isinstance(error, UpstreamError):
-        reply = error.reply
-        return Reply(reply.code, reply.enhanced_status, reply.text)
-    return replies.R451_INTERNAL_ERROR
-
-
 class Fanout:
     """The upstream (with failover) and the copies of one downstream session.
 
@@ -115,7 +107,7 @@ class Fanout:
         """The EHLO keywords of the upstream in use."""
         return self.primary.extensions
 
-    def _copy_failed(self, copy: _Copy, stage: str, reply: Reply, *, down: bool) -> None:
+    def _copy_failed(self, copy: _Copy, stage: str, reply: SMTPReply, *, down: bool) -> None:
         copy.active = False
         health = copy.target.health
         if down:
@@ -152,10 +144,10 @@ class Fanout:
                 return
             reply = await copy.session.mail(reverse_path, parameters)
         except UpstreamError as exc:
-            self._copy_failed(copy, "MAIL", _as_reply(exc), down=True)
+            self._copy_failed(copy, "MAIL", exc.reply, down=True)
             return
         except CommandRejected as exc:
-            self._copy_failed(copy, "MAIL", _as_reply(UpstreamError(exc.reply)), down=False)
+            self._copy_failed(copy, "MAIL", exc.reply, down=False)
             return
         if not reply.is_positive:
             self._copy_failed(copy, "MAIL", reply, down=reply.code == 421)
@@ -198,7 +190,7 @@ class Fanout:
         try:
             reply = await copy.session.rcpt(forward_path, parameters)
         except UpstreamError as exc:
-            self._copy_failed(copy, "RCPT", _as_reply(exc), down=True)
+            self._copy_failed(copy, "RCPT", exc.reply, down=True)
             return False
         except CommandRejected:  # nothing was sent: this recipient alone, as upstream
             return False
@@ -259,7 +251,7 @@ class Fanout:
         try:
             reply = await copy.session.data(content)
         except UpstreamError as exc:
-            self._copy_failed(copy, "DATA", _as_reply(exc), down=True)
+            self._copy_failed(copy, "DATA", exc.reply, down=True)
             return False
         copy.active = False
         if not reply.is_positive:
