@@ -108,18 +108,10 @@ def reserve_ports(config: Config) -> tuple[list[str], list[socket.socket]]:
     for flag, address in _listen_keys(config):
         if address.port != 0:
             continue
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((address.host, 0))
+            sock = _hold_port(address.host, held)
         except OSError as exc:
-            sock.close()
-            for other in held:
-                other.close()
             raise StartupError(f"cannot bind {address} ({flag[2:]}): {exc.strerror}") from exc
-        held.append(sock)
         flags += [flag, str(HostPort(address.host, int(sock.getsockname()[1])))]
     return flags, held
 
@@ -131,18 +123,31 @@ def _loopback_ports(count: int) -> list[socket.socket]:
     """
     held: list[socket.socket] = []
     for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(("127.0.0.1", 0))
+            _hold_port("127.0.0.1", held)
         except OSError as exc:
-            sock.close()
-            for other in held:
-                other.close()
             raise StartupError(f"cannot bind a port on 127.0.0.1: {exc.strerror}") from exc
-        held.append(sock)
     return held
+
+
+def _hold_port(host: str, held: list[socket.socket]) -> socket.socket:
+    """A port chosen on ``host``, bound (SO_REUSEPORT, not listening) and added to ``held``.
+
+    :raises OSError: when ``host`` cannot be bound; every socket in ``held`` is closed then.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, 0))
+    except OSError:
+        sock.close()
+        for other in held:
+            other.close()
+        raise
+    held.append(sock)
+    return sock
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
