@@ -67,7 +67,6 @@ __all__ = [
     "iter_entries",
     "object_via_link",
     "parse_csv",
-    "prune_optout",
     "set_states",
     "states_of",
 ]
@@ -418,14 +417,6 @@ def object_via_link(
             (address, at_us, "optout-link"),
         )
     return address
-
-
-def prune_optout(conn: Conn, before_us: int) -> int:
-    """Delete objection links made before *before_us*; returns how many."""
-    with _transaction(conn):
-        return int(
-            conn.execute("DELETE FROM optout_links WHERE created_us < ?", (before_us,)).rowcount
-        )
 
 
 def forget_address(conn: Conn, address: str) -> dict[str, int]:
