@@ -705,23 +705,7 @@ class PgDatabase:
         cutoff = to_us((now or datetime.now(UTC)) - timedelta(days=days))
         try:
             with self._raw.transaction():
-                links = int(
-                    self._conn.execute(
-                        "DELETE FROM links WHERE token IN (SELECT token FROM links l WHERE"
-                        " l.relayed_at_us < ? AND NOT EXISTS (SELECT 1 FROM messages m"
-                        " WHERE m.tracking_id = l.tracking_id) LIMIT ?)",
-                        (cutoff, batch_rows),
-                    ).rowcount
-                )
-                # the objection links made before it, as SQLite's retention does
-                optout = int(
-                    self._conn.execute(
-                        "DELETE FROM optout_links WHERE token IN (SELECT token FROM"
-                        " optout_links WHERE created_us < ? LIMIT ?)",
-                        (cutoff, batch_rows),
-                    ).rowcount
-                )
-                return links + optout
+                return retention.delete_old_links(self._conn, cutoff, batch_rows)
         except psycopg.Error as exc:
             raise StoreError(f"cannot prune the store's links: {_reason(exc)}") from exc
 

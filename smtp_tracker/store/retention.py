@@ -41,12 +41,14 @@ from typing import Any
 import idna
 
 from smtp_tracker.store.migrations import immediate_transaction
+from smtp_tracker.store.queries import Connection
 
 __all__ = [
     "DEFAULT_BATCH_ROWS",
     "Removed",
     "count_older",
     "count_recipient",
+    "delete_old_links",
     "forget_recipient_batch",
     "outbox_events_naming",
     "prune_batch",
@@ -248,18 +250,28 @@ def prune_links_batch(
     """
     _check_batch(batch_rows)
     with immediate_transaction(conn):
-        links = conn.execute(
-            "DELETE FROM links WHERE token IN (SELECT token FROM links l"
-            " WHERE relayed_at_us < :before_us AND NOT EXISTS"
-            " (SELECT 1 FROM messages m WHERE m.tracking_id = l.tracking_id) LIMIT :n)",
-            {"before_us": before_us, "n": batch_rows},
-        ).rowcount
-        optout = conn.execute(
-            "DELETE FROM optout_links WHERE token IN"
-            " (SELECT token FROM optout_links WHERE created_us < :before_us LIMIT :n)",
-            {"before_us": before_us, "n": batch_rows},
-        ).rowcount
-    return links + optout
+        return delete_old_links(conn, before_us, batch_rows)
+
+
+def delete_old_links(conn: Connection, before_us: int, batch_rows: int) -> int:
+    """Up to *batch_rows* links relayed before *before_us* whose message record is gone,
+    and up to *batch_rows* objection links made before it, deleted in the caller's
+    transaction (the same SQL on both backends).
+
+    :returns: the rows deleted: links and objection links.
+    """
+    links = conn.execute(
+        "DELETE FROM links WHERE token IN (SELECT token FROM links l"
+        " WHERE l.relayed_at_us < ? AND NOT EXISTS"
+        " (SELECT 1 FROM messages m WHERE m.tracking_id = l.tracking_id) LIMIT ?)",
+        (before_us, batch_rows),
+    ).rowcount
+    optout = conn.execute(
+        "DELETE FROM optout_links WHERE token IN"
+        " (SELECT token FROM optout_links WHERE created_us < ? LIMIT ?)",
+        (before_us, batch_rows),
+    ).rowcount
+    return int(links) + int(optout)
 
 
 def count_older(conn: sqlite3.Connection, before_us: int) -> Removed:
