@@ -273,8 +273,7 @@ async def supervise(config: Config, argv: Sequence[str]) -> int:
             raise bind_error(
                 "metrics_listen", listen, exc.__cause__, " Set metrics_listen, or --no-metrics"
             ) from exc
-        host = f"[{listen.host}]" if ":" in listen.host else listen.host
-        log.info("supervisor: serving metrics on http://%s:%d/metrics", host, port)
+        log.info("supervisor: serving metrics on http://%s/metrics", HostPort(listen.host, port))
     supervisor = _Supervisor(
         config.workers, [*argv, *flags], metrics_ports=aggregate.ports if aggregate else []
     )
