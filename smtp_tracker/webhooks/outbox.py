@@ -55,6 +55,7 @@ __all__ = [
     "disabled_hooks",
     "list_failed",
     "next_due",
+    "outbox_depth",
     "repair",
     "retry",
     "settle",
@@ -190,8 +191,7 @@ class Outbox:
         return written
 
     def _insert(self, conn: sqlite3.Connection, events: list[Event]) -> int:
-        row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
-        depth = int(row[0]) if row else 0
+        depth = outbox_depth(conn)
         disabled = self.disabled
         written = dropped = 0
         for event in events:
@@ -367,8 +367,7 @@ def repair(conn: sqlite3.Connection) -> int:
         conn.execute(
             "UPDATE webhook_outbox_state SET depth = (SELECT count(*) FROM webhook_events)"
         )
-        row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
-    return int(row[0]) if row else 0
+    return outbox_depth(conn)
 
 
 def claim(
@@ -497,6 +496,12 @@ def disable_hook(conn: sqlite3.Connection, hook: str, *, reason: str, now_us: in
             " WHERE hook = ? AND state = 'pending'",
             (reason, hook),
         ).rowcount
+
+
+def outbox_depth(conn: sqlite3.Connection) -> int:
+    """How many events the outbox holds (its kept count; 0 before the first)."""
+    row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
+    return int(row[0]) if row else 0
 
 
 def disabled_hooks(conn: sqlite3.Connection) -> frozenset[str]:

@@ -271,8 +271,7 @@ class WebhookSender:
 
     def _read_state(self) -> tuple[frozenset[str], int]:
         conn = self._conn_()
-        row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
-        return outbox.disabled_hooks(conn), int(row[0]) if row else 0
+        return outbox.disabled_hooks(conn), outbox.outbox_depth(conn)
 
     def wake(self) -> None:
         """Look at the outbox now (in the loop's thread)."""
@@ -377,8 +376,7 @@ class WebhookSender:
 
         def take() -> tuple[list[Claimed], int | None, frozenset[str], int]:
             disabled = outbox.disabled_hooks(conn)
-            row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
-            depth = int(row[0]) if row else 0
+            depth = outbox.outbox_depth(conn)
             if name in disabled:
                 return [], None, disabled, depth
             taken = []
