@@ -148,9 +148,7 @@ def find_insertion(text: str, probe: Callable[[str], str]) -> int | None:
         2048 levels).
     """
     budget = _MAX_PROBES_LARGE if len(text) > _LARGE_TEXT else _MAX_PROBES
-    url = "urn:x-smtp-tracker:probe"
-    while url in text:
-        url += "-"
+    url = _probe_url(text)
     tag = probe(url)
     # the last few </body>, then the last </html>, then the end: always some of each kind
     candidates = [m.start() for m in _BODY_END.finditer(text)][::-1][: max(budget - 2, 1)]
@@ -179,9 +177,7 @@ def find_start_insertion(text: str, probe: Callable[[str], str]) -> int | None:
     :returns: the index just after the tag, or None.
     :raises InjectError: as :func:`find_insertion`.
     """
-    url = "urn:x-smtp-tracker:probe"
-    while url in text:
-        url += "-"
+    url = _probe_url(text)
     tag = probe(url)
     for number, match in enumerate(_BODY_START.finditer(text)):
         if number == _MAX_START_PROBES:
@@ -199,10 +195,16 @@ def renders_at(text: str, index: int, probe: Callable[[str], str]) -> bool:
 
     :raises InjectError: as :func:`find_insertion`.
     """
+    url = _probe_url(text)
+    return _accepts(text, index, probe(url), url)
+
+
+def _probe_url(text: str) -> str:
+    """A URL for the probe element that ``text`` does not hold (so the probe is told apart)."""
     url = "urn:x-smtp-tracker:probe"
     while url in text:
         url += "-"
-    return _accepts(text, index, probe(url), url)
+    return url
 
 
 def _accepts(text: str, index: int, tag: str, url: str) -> bool:
