@@ -646,20 +646,15 @@ class PgDatabase:
         conn = self._conn
         try:
             with self._raw.transaction():
-                ids = [
-                    int(row[0])
-                    for row in conn.execute(
-                        f"SELECT id FROM messages WHERE id IN ({select_ids}) FOR UPDATE",  # noqa: S608 - constant selects
-                        params,
-                    )
-                ]
-                if not ids:
-                    return retention.Removed()
                 named = conn.execute(
-                    "SELECT tracking_id, queue_id FROM messages WHERE id = ANY(?) ORDER BY id",
-                    (ids,),
+                    f"SELECT id, tracking_id, queue_id FROM messages WHERE id IN ({select_ids})"  # noqa: S608 - constant selects
+                    " ORDER BY id FOR UPDATE",
+                    params,
                 ).fetchall()
-                tracking = [str(row[0]) for row in named]
+                if not named:
+                    return retention.Removed()
+                ids = [int(row[0]) for row in named]
+                tracking = [str(row[1]) for row in named]
                 counts = {
                     "opens": conn.execute(
                         "DELETE FROM opens WHERE tracking_id = ANY(?)", (tracking,)
@@ -680,7 +675,7 @@ class PgDatabase:
                     ).rowcount
         except psycopg.Error as exc:
             raise StoreError(f"cannot delete from the store: {_reason(exc)}") from exc  # noqa: S608 - not SQL
-        queue_ids = tuple(str(row[1]) for row in named) if needles else ()
+        queue_ids = tuple(str(row[2]) for row in named) if needles else ()
         return retention.Removed(messages=messages, queue_ids=queue_ids, **counts)
 
     def prune_batch(
