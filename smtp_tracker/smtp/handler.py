@@ -254,14 +254,7 @@ class RelayHandler:
             self._finish(session, transaction, transaction.broken.reply, content, None)
             return str(transaction.broken.reply)
         received = content
-        normalized = normalize_line_endings(received)
-        if normalized is not None:
-            self.counters["bare_line_endings"] += 1
-            log.warning(
-                "%s: bare CR or LF in the message; relayed with CRLF line ends (RFC 5321 §2.3.8)",
-                transaction.queue_id,
-            )
-            content = normalized
+        content = self._with_crlf(received, transaction)
         upstream = self._upstream(session)
         server.extend_timeout(self._settings.data_timeout_s + 30)
         prepared = await self._preparer.prepare(content, transaction)
@@ -279,6 +272,18 @@ class RelayHandler:
             await self._recorder.record(transaction, prepared, reply, len(received))
         self._finish(session, transaction, reply, received, data, prepared=prepared)
         return str(reply)
+
+    def _with_crlf(self, content: bytes, transaction: Transaction) -> bytes:
+        """``content`` with bare CR and LF made CRLF (counted and logged), else ``content``."""
+        normalized = normalize_line_endings(content)
+        if normalized is None:
+            return content
+        self.counters["bare_line_endings"] += 1
+        log.warning(
+            "%s: bare CR or LF in the message; relayed with CRLF line ends (RFC 5321 §2.3.8)",
+            transaction.queue_id,
+        )
+        return normalized
 
     # -- MAIL and RCPT, called by RelaySMTP with parsed parameters ------------------
 

@@ -33,12 +33,7 @@ from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.failover import Upstreams
 from smtp_tracker.smtp.fanout import Fanout
-from smtp_tracker.smtp.handler import (
-    DeliveryRecorder,
-    MessagePreparer,
-    RelayHandler,
-    normalize_line_endings,
-)
+from smtp_tracker.smtp.handler import DeliveryRecorder, MessagePreparer, RelayHandler
 from smtp_tracker.smtp.parameters import MailParameters
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.server import RelaySMTP
@@ -151,14 +146,7 @@ class LmtpHandler(RelayHandler):
         content = envelope.original_content
         if transaction is None or not transaction.accepted or content is None:
             return str(replies.R503_NEED_RCPT)
-        normalized = normalize_line_endings(content)
-        if normalized is not None:
-            self.counters["bare_line_endings"] += 1
-            log.warning(
-                "%s: bare CR or LF in the message; relayed with CRLF line ends (RFC 5321 §2.3.8)",
-                transaction.queue_id,
-            )
-        message = normalized if normalized is not None else content
+        message = self._with_crlf(content, transaction)
         recipients = list(transaction.accepted)
         settings = self._settings
         rounds = -(-len(recipients) // self._parallel)
