@@ -390,9 +390,10 @@ def count_message(
 ) -> None:
     """Count one recorded message in the ``daily_stats`` and ``dkim_stats`` rows of its
     relay day and sender *domain* (both backends)."""
+    day = day_of(relayed_us)
     add_to_rollup(
         conn,
-        day_of(relayed_us),
+        day,
         domain,
         {
             "relayed": 1,
@@ -400,7 +401,7 @@ def count_message(
             "relayed_aggregate": int(aggregate),
         },
     )
-    add_to_dkim_rollup(conn, day_of(relayed_us), domain, record.dkim)
+    add_to_dkim_rollup(conn, day, domain, record.dkim)
 
 
 def aggregate_record(record: MessageRecord, *, per_message: bool) -> MessageRecord:
