@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Final
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store.migrations import CURRENT_VERSION
+from smtp_tracker.store.migrations import CURRENT_VERSION, schema_version
 
 __all__ = [
     "DB_FILENAME",
@@ -252,7 +252,7 @@ def check_store(data_dir: Path) -> StoreReport:
         problems.append(f"cannot open: {exc}")
     else:
         try:
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            version = schema_version(conn)
             if version > CURRENT_VERSION:
                 problems.append(f"schema v{version} is newer than this smtp-tracker")
             result = quick_check(conn)
