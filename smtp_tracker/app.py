@@ -582,7 +582,7 @@ class Application:
         listener = self.lmtp_listener
         assert listener is not None
         await listener.stop(self._grace_s)
-        log.info("LMTP counters: %s", _counters_text(dict(listener.handler.counters)))
+        log.info("LMTP counters: %s", counters_text(dict(listener.handler.counters)))
 
     async def _start_pixel(self) -> None:
         config = self.config
@@ -694,11 +694,11 @@ class Application:
         await self.capture.drain()
         counters = dict(handler.counters)
         counters["refused_connections"] = self.connection_slots.refused
-        log.info("relay counters: %s", _counters_text(counters))
+        log.info("relay counters: %s", counters_text(counters))
 
     async def _stop_tracker(self) -> None:
         if self.tracker is not None:
-            log.info("tracking counters: %s", _counters_text(vars_of(self.tracker.counters)))
+            log.info("tracking counters: %s", counters_text(vars_of(self.tracker.counters)))
             await asyncio.to_thread(self.tracker.close)
             self.tracker = None
 
@@ -790,7 +790,8 @@ def vars_of(counters: TrackerCounters) -> dict[str, int]:
     return {f.name: int(getattr(counters, f.name)) for f in dataclasses.fields(counters)}
 
 
-def _counters_text(counters: dict[str, int]) -> str:
+def counters_text(counters: dict[str, int]) -> str:
+    """``name=value, ...``: the counters logged at shutdown (``serve`` and ``milter``)."""
     return ", ".join(f"{name}={value}" for name, value in counters.items())
 
 

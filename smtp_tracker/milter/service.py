@@ -79,20 +79,18 @@ class MilterService:
         """Drain the milter (up to ``grace_s`` seconds), then stop the rest in reverse."""
         if self.listener is not None and self.context is not None:
             await self.listener.stop(grace_s)
-            log.info("milter counters: %s", _text(self.context.counters.as_dict()))
+            log.info("milter counters: %s", parts.counters_text(self.context.counters.as_dict()))
         await self.app.capture.drain()
         if self.tracker is not None:
-            log.info("tracking counters: %s", _text(parts.vars_of(self.tracker.counters)))
+            log.info(
+                "tracking counters: %s", parts.counters_text(parts.vars_of(self.tracker.counters))
+            )
             await asyncio.to_thread(self.tracker.close)
             self.tracker = self.app.tracker = None
         if self.pruner is not None:
             await self.pruner.stop()
             self.pruner = None
         await self.app.stop(grace_s=0)
-
-
-def _text(counters: dict[str, int]) -> str:
-    return ", ".join(f"{name}={value}" for name, value in counters.items())
 
 
 async def run(config: Config, *, reload_config: Callable[[], Config] | None = None) -> int:
