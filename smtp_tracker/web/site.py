@@ -60,6 +60,7 @@ __all__ = [
     "TLS_HANDSHAKE_TIMEOUT_S",
     "ConnectionCap",
     "body_deadline",
+    "handler_args",
     "start_site",
 ]
 
@@ -96,6 +97,16 @@ _TOO_MANY_CONNECTIONS: Final = (
     b"\r\n"
     b"503: Service Unavailable"
 )
+
+
+def handler_args(keepalive_timeout_s: float) -> dict[str, Any]:
+    """An app's ``handler_args``: the request line and header bounds, and the keep-alive."""
+    return {
+        "max_line_size": MAX_LINE_BYTES,
+        "max_field_size": MAX_FIELD_BYTES,
+        "max_headers": MAX_HEADERS,
+        "keepalive_timeout": keepalive_timeout_s,
+    }
 
 
 def _bad_request() -> web.Response:

@@ -63,10 +63,8 @@ from smtp_tracker.web.public.limits import EventLimiter
 from smtp_tracker.web.public.optout import OptoutPage, add_optout_routes
 from smtp_tracker.web.site import (
     HEADER_TIMEOUT_S,
-    MAX_FIELD_BYTES,
-    MAX_HEADERS,
-    MAX_LINE_BYTES,
     SERVER_HEADER,
+    handler_args,
 )
 
 __all__ = [
@@ -135,12 +133,7 @@ def make_pixel_app(
     """
     app = web.Application(
         client_max_size=_CLIENT_MAX_BYTES,
-        handler_args={
-            "max_line_size": MAX_LINE_BYTES,
-            "max_field_size": MAX_FIELD_BYTES,
-            "max_headers": MAX_HEADERS,
-            "keepalive_timeout": keepalive_timeout_s,
-        },
+        handler_args=handler_args(keepalive_timeout_s),
     )
     app[STORE_KEY] = store
     app[WRITER_KEY] = EventWriter(

@@ -73,11 +73,9 @@ from smtp_tracker.store.queries import (
 from smtp_tracker.web.site import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
-    MAX_FIELD_BYTES,
-    MAX_HEADERS,
-    MAX_LINE_BYTES,
     SERVER_HEADER,
     body_deadline,
+    handler_args,
 )
 
 __all__ = [
@@ -536,12 +534,7 @@ def make_reports_app(
     app = web.Application(
         middlewares=chain,
         client_max_size=client_max_bytes,
-        handler_args={
-            "max_line_size": MAX_LINE_BYTES,
-            "max_field_size": MAX_FIELD_BYTES,
-            "max_headers": MAX_HEADERS,
-            "keepalive_timeout": keepalive_timeout_s,
-        },
+        handler_args=handler_args(keepalive_timeout_s),
     )
     app[REPORTS_STORE_KEY] = store
     app[_EXPORT_PAGE_KEY] = check_limit(export_page_rows)
