@@ -298,7 +298,7 @@ class RelayHandler:
         """Open the upstream if needed and forward MAIL FROM; return the reply to give."""
         transaction = Transaction(reverse_path, parameters.raw, parameters.smtputf8)
         upstream = self._upstream(session)
-        server.extend_timeout(self._mail_timeout_s())
+        server.extend_timeout(self._failover_s() + 30)
         reply: SMTPReply
         try:
             reply = await upstream.mail(
@@ -421,11 +421,11 @@ class RelayHandler:
             session.upstream = Fanout(self.upstreams, session.transcript)
         return session.upstream
 
-    def _mail_timeout_s(self) -> float:
-        """How long a MAIL may take upstream: each upstream of the list tried in turn."""
+    def _failover_s(self) -> float:
+        """How long opening and MAIL may take upstream: each upstream of the list tried in turn."""
         settings = self._settings
         tries = len(self.upstreams.health)
-        return (settings.connect_timeout_s * 2 + settings.command_timeout_s) * tries + 30
+        return (settings.connect_timeout_s * 2 + settings.command_timeout_s) * tries
 
     # -- trace, logs, capture ------------------------------------------------------------
 

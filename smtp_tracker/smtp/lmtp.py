@@ -150,17 +150,10 @@ class LmtpHandler(RelayHandler):
         recipients = list(transaction.accepted)
         settings = self._settings
         rounds = -(-len(recipients) // self._parallel)
-        per_copy = (
-            (settings.connect_timeout_s * 2 + settings.command_timeout_s)
-            * len(self.upstreams.health)
-            + settings.command_timeout_s
-            + settings.data_timeout_s
-        )
+        per_copy = self._failover_s() + settings.command_timeout_s + settings.data_timeout_s
         server.extend_timeout(per_copy * rounds + 30)
-        results: list[asyncio.Future[Reply]] = [
-            asyncio.get_running_loop().create_future() for _ in recipients
-        ]
         loop = asyncio.get_running_loop()
+        results: list[asyncio.Future[Reply]] = [loop.create_future() for _ in recipients]
         workers = [
             loop.create_task(
                 self._worker(
