@@ -323,8 +323,7 @@ class WebhookSender:
                 },
             )
         except Exception as exc:  # never the mail's problem
-            self.outbox.failed += 1
-            log.warning("%s: webhook event not written (%s)", queue_id, exc)
+            self._not_written(queue_id, exc)
             return
 
         def write() -> None:
@@ -332,11 +331,14 @@ class WebhookSender:
                 with immediate_transaction(conn):
                     self.outbox.add(conn, [event])
             except sqlite3.Error as exc:
-                self.outbox.failed += 1
-                log.warning("%s: webhook event not written (%s)", queue_id, exc)
+                self._not_written(queue_id, exc)
 
         with contextlib.suppress(RuntimeError):  # stopped: the executor is shut down
             self._executor.submit(write)
+
+    def _not_written(self, queue_id: str, exc: BaseException) -> None:
+        self.outbox.failed += 1
+        log.warning("%s: webhook event not written (%s)", queue_id, exc)
 
     # -- delivering ----------------------------------------------------------------------
 
