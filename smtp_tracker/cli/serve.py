@@ -54,22 +54,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_pixel(args: argparse.Namespace) -> int:
     """``smtp-tracker pixel``: the pixel endpoint alone."""
-    from smtp_tracker.app import run
-
-    def load() -> Config:
-        return dataclasses.replace(load_config(args), pixel=True, reports=False)
-
-    config = load()
-    configure_logging(config.log_level, config.log_format)
-    return run_loop(run(config, smtp=False, reload_config=load))
+    return _run_alone(args, pixel=True)
 
 
 def cmd_reports(args: argparse.Namespace) -> int:
     """``smtp-tracker reports``: the reports listener alone."""
+    return _run_alone(args, pixel=False)
+
+
+def _run_alone(args: argparse.Namespace, *, pixel: bool) -> int:
+    """The pixel endpoint (``pixel``) or the reports listener (not ``pixel``) alone."""
     from smtp_tracker.app import run
 
     def load() -> Config:
-        return dataclasses.replace(load_config(args), pixel=False, reports=True)
+        return dataclasses.replace(load_config(args), pixel=pixel, reports=not pixel)
 
     config = load()
     configure_logging(config.log_level, config.log_format)
