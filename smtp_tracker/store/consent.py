@@ -40,7 +40,7 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, get_args
 
@@ -48,6 +48,7 @@ from smtp_tracker.errors import StoreError
 from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.migrations import immediate_transaction, schema_version
 from smtp_tracker.store.retention import recipient_forms
+from smtp_tracker.store.rows import from_us, to_us
 
 __all__ = [
     "CONSENT_SCHEMA_VERSION",
@@ -84,7 +85,6 @@ _IMPORT_BATCH: Final = 10_000
 _IN_CHUNK: Final = 500
 
 _T = TypeVar("_T")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 #: A connection of either backend: :class:`sqlite3.Connection` or ``PgConnection``.
@@ -107,11 +107,7 @@ def _executemany(conn: Conn, sql: str, rows: Sequence[Sequence[Any]]) -> None:
 
 
 def _now_us() -> int:
-    return (datetime.now(UTC) - _EPOCH) // timedelta(microseconds=1)
-
-
-def _from_us(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+    return to_us(datetime.now(UTC))
 
 
 def canonical_address(address: str) -> str:
@@ -246,7 +242,7 @@ def _entry(row: Sequence[object]) -> ConsentEntry:
     return ConsentEntry(
         address=str(address),
         state="denied" if state == "denied" else "granted",
-        at=_from_us(int(str(at_us))),
+        at=from_us(int(str(at_us))),
         source=str(source),
     )
 
@@ -378,7 +374,7 @@ def find_optout_link(conn: Conn, token: str) -> OptoutLink | None:
         token=token,
         tracking_id=str(row[0]),
         recipients=tuple(str(r) for r in json.loads(row[1])),
-        created=_from_us(int(row[2])),
+        created=from_us(int(row[2])),
     )
 
 
