@@ -154,7 +154,8 @@ class Removed:
         return counts
 
 
-def _check_batch(batch_rows: int) -> None:
+def check_batch(batch_rows: int) -> None:
+    """:raises ValueError: unless *batch_rows* is a positive integer (both backends)."""
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
 
@@ -215,7 +216,7 @@ def prune_batch(
     :raises ValueError: when ``batch_rows`` is not a positive integer.
     :raises sqlite3.Error: when the database cannot be written (the batch is rolled back).
     """
-    _check_batch(batch_rows)
+    check_batch(batch_rows)
 
     def older_events(conn: sqlite3.Connection) -> int:
         seqs = conn.execute(_OUTBOX_OLDER, {"before_us": before_us, "n": batch_rows})
@@ -248,7 +249,7 @@ def prune_links_batch(
     :returns: the rows deleted: links and objection links.
     :raises sqlite3.Error: when the database cannot be written (rolled back).
     """
-    _check_batch(batch_rows)
+    check_batch(batch_rows)
     with immediate_transaction(conn):
         return delete_old_links(conn, before_us, batch_rows)
 
@@ -328,10 +329,10 @@ def forget_recipient_batch(
     :raises ValueError: when ``batch_rows`` is not a positive integer.
     :raises sqlite3.Error: when the database cannot be written (the batch is rolled back).
     """
-    _check_batch(batch_rows)
+    check_batch(batch_rows)
     params: dict[str, object] = {
         "forms": _json(recipient_forms(address)),
-        "needles": _json(_needles(address)),
+        "needles": _json(needles(address)),
     }
     return _delete_batch(
         conn,
@@ -343,15 +344,15 @@ def forget_recipient_batch(
     )
 
 
-def _needles(address: str) -> list[str]:
+def needles(address: str) -> list[str]:
     """What a destination URL naming *address* holds: each form, as written and
     percent-encoded (``@`` as ``%40``), in lower case."""
-    needles: list[str] = []
+    found: list[str] = []
     for form in recipient_forms(address):
-        needles.append(form)
-        needles.append(urllib.parse.quote(form, safe="").lower())
-        needles.append(urllib.parse.quote_plus(form, safe="").lower())
-    return list(dict.fromkeys(needles))
+        found.append(form)
+        found.append(urllib.parse.quote(form, safe="").lower())
+        found.append(urllib.parse.quote_plus(form, safe="").lower())
+    return list(dict.fromkeys(found))
 
 
 def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
@@ -364,7 +365,7 @@ def count_recipient(conn: sqlite3.Connection, address: str) -> Removed:
     rows = conn.execute(_OF_RECIPIENT, params).fetchall()
     links = conn.execute(
         _LINKS_NAMING.replace("DELETE FROM links", "SELECT count(*) FROM links"),
-        {"tracking_ids": _json(str(row[1]) for row in rows), "needles": _json(_needles(address))},
+        {"tracking_ids": _json(str(row[1]) for row in rows), "needles": _json(needles(address))},
     ).fetchone()[0]
     queue_ids = tuple(str(row[2]) for row in rows)
     events = len(outbox_events_naming(conn, address))
@@ -420,7 +421,7 @@ def outbox_events_naming(conn: sqlite3.Connection, address: str) -> list[int]:
     pattern = re.compile(
         "|".join(
             rf"(?<![\w.+%-]){re.escape(needle)}(?![\w-]|\.[\w])"
-            for needle in sorted(_needles(address), key=len, reverse=True)
+            for needle in sorted(needles(address), key=len, reverse=True)
         )
     )
     found = []
@@ -453,9 +454,3 @@ def _texts(document: Any) -> Iterator[str]:
     elif isinstance(document, list):
         for value in document:
             yield from _texts(value)
-
-
-#: The checks and forms the PostgreSQL backend (:mod:`.postgresql`) shares, deleting with
-#: its own SQL: a batch size, and what a destination URL naming an address holds.
-check_batch = _check_batch
-needles = _needles
