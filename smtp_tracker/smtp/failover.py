@@ -377,11 +377,6 @@ class FailoverSession:
         self._session, self._health = session, health
         return reply
 
-    async def _drop(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
     def _open(self) -> UpstreamSession:
         session = self._session
         if session is None:
@@ -417,7 +412,9 @@ class FailoverSession:
 
     async def close(self) -> None:
         """QUIT and close; never raises."""
-        await self._drop()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     def abort(self) -> None:
         """Close at once without QUIT; never raises."""
