@@ -316,7 +316,7 @@ class FailoverSession:
             except UpstreamError as exc:
                 self.failed_attempts += 1
                 self._upstreams.mark_failed(health, str(exc.reply))
-                last = last or Reply(exc.reply.code, exc.reply.enhanced_status, exc.reply.text)
+                last = last or Reply.of(exc.reply)
                 continue
             reply = await self._try(health, session, reverse_path, parameters, smtputf8)
             if reply is not None:
@@ -357,7 +357,7 @@ class FailoverSession:
                 return None
             self.failed_attempts += 1
             self._upstreams.mark_failed(health, str(exc.reply))
-            self._last_reply = Reply(exc.reply.code, exc.reply.enhanced_status, exc.reply.text)
+            self._last_reply = Reply.of(exc.reply)
             return None
         except CommandRejected:
             self._session, self._health = session, health

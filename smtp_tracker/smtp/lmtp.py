@@ -246,10 +246,10 @@ class LmtpHandler(RelayHandler):
                     await fanout.rset()
         except UpstreamError as exc:
             self.counters["upstream_failures"] += 1
-            reply = Reply(exc.reply.code, exc.reply.enhanced_status, exc.reply.text)
+            reply = Reply.of(exc.reply)
         except CommandRejected as exc:
             await fanout.rset()
-            reply = Reply(exc.reply.code, exc.reply.enhanced_status, exc.reply.text)
+            reply = Reply.of(exc.reply)
         if reply.is_positive and self._recorder is not None:
             await self._recorder.record(copy, prepared, reply, size_bytes)
         status = {2: "sent", 4: "deferred"}.get(reply.code // 100, "bounced")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from smtp_tracker.errors import SMTPReply
+
 __all__ = [
     "R214_HELP",
     "R214_SYNTAX",
@@ -112,6 +114,11 @@ class Reply:
     code: int
     enhanced_status: str
     text: str
+
+    @classmethod
+    def of(cls, reply: SMTPReply) -> Reply:
+        """``reply`` (an exception's) as a :class:`Reply`: its code, enhanced status and text."""
+        return cls(reply.code, reply.enhanced_status, reply.text)
 
     @classmethod
     def from_upstream(cls, code: int, message: str, *, command: str) -> Reply:
