@@ -22,13 +22,10 @@ from collections.abc import Callable, Sequence
 
 from smtp_tracker import __version__
 from smtp_tracker.cli import admin, consent, migrate, milter, records, serve, store, webhooks
+from smtp_tracker.cli.flags import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from smtp_tracker.errors import ConfigError, SmtpTrackerError, StartupError
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from smtp_tracker.cli.flags import add_command, add_config_flags, help_of, load_config
+from smtp_tracker.cli.flags import EXIT_OK, add_command, add_config_flags, help_of, load_config
 from smtp_tracker.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -26,8 +26,6 @@ __all__ = [
     "cmd_user_list",
     "cmd_user_remove",
 ]
-
-EXIT_OK = 0
 
 
 def cmd_networks_list(args: argparse.Namespace) -> int:

@@ -31,12 +31,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.cli.flags import EXIT_OK, add_command, add_config_flags, load_config
 from smtp_tracker.errors import ConfigError, InputError, StoreError
 
 __all__ = ["add_commands", "cmd_consent"]
 
-EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 _KEYS = ("data_dir", "store", "store_password_file")
 

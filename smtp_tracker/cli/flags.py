@@ -41,6 +41,9 @@ from smtp_tracker.config import (
 
 __all__ = [
     "ALL_KEYS",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "add_command",
     "add_config_flags",
     "config_flags",
@@ -50,6 +53,12 @@ __all__ = [
     "open_store",
     "reference_markdown",
 ]
+
+#: Exit status of every command: success, a start-up or input failure, a
+#: configuration or usage error (argparse's own status for bad flags).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
 
 #: Keys that are never a flag nor a line of the file (the password: a secret).
 _SECRET = frozenset({"upstream_password"})

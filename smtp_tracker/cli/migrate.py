@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from smtp_tracker.cli.flags import add_command
+from smtp_tracker.cli.flags import EXIT_OK, add_command
 from smtp_tracker.errors import ConfigError, StoreError
 
 __all__ = ["add_commands", "cmd_migrate_store"]
 
-EXIT_OK = 0
 EXIT_MISMATCH = 1
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from smtp_tracker.cli import reclassify
-from smtp_tracker.cli.flags import add_command, add_config_flags, load_config, open_store
+from smtp_tracker.cli.flags import EXIT_OK, add_command, add_config_flags, load_config, open_store
 from smtp_tracker.config import Config
 from smtp_tracker.errors import ConfigError, InputError
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = ["add_commands", "cmd_forget", "cmd_messages", "cmd_prune", "cmd_show", "cmd_stats"]
 
-EXIT_OK = 0
 
 #: The keys the read-only commands use.
 STORE_KEYS = ("data_dir", "store", "store_password_file")

@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.cli.flags import EXIT_OK, EXIT_USAGE, add_command, add_config_flags, load_config
 from smtp_tracker.errors import InputError
 
 __all__ = ["add_commands", "cmd_store_check", "cmd_store_recover"]
 
-EXIT_OK = 0
 EXIT_DAMAGED = 1
-EXIT_USAGE = 2
 
 #: The keys both commands use.
 KEYS = ("data_dir", "store", "store_password_file")

@@ -17,13 +17,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
+from smtp_tracker.cli.flags import EXIT_OK, add_command, add_config_flags, load_config
 from smtp_tracker.config import Config
 from smtp_tracker.errors import InputError, StoreError
 
 __all__ = ["add_commands"]
-
-EXIT_OK = 0
 
 
 def _open(args: argparse.Namespace) -> sqlite3.Connection:
