@@ -457,7 +457,7 @@ class Application:
             raise bind_error(
                 "metrics_listen", listen, exc.__cause__, " Set metrics_listen, or --no-metrics"
             ) from exc
-        log.info("serving metrics on http://%s/metrics", _address_text(listen.host, port))
+        log.info("serving metrics on http://%s/metrics", HostPort(listen.host, port))
 
     async def build_tracker(self) -> Tracker:
         """The tracking stage, as ``serve`` and ``milter`` both use it (after the store
@@ -555,7 +555,7 @@ class Application:
         except OSError as exc:
             raise bind_error(key, listen, exc) from exc
         host, port = listener.address
-        log.info("listening for %s on %s", name, _address_text(host, port))
+        log.info("listening for %s on %s", name, HostPort(host, port))
         return listener
 
     async def _start_lmtp(self) -> None:
@@ -610,9 +610,7 @@ class Application:
                 "pixel_listen", listen, exc.__cause__, " Set pixel_listen, or --no-pixel"
             ) from exc
         scheme = "HTTP" if ssl_context is None else "HTTPS"
-        log.info(
-            "listening for %s (pixel) on %s", scheme, _address_text(listen.host, self.pixel_port)
-        )
+        log.info("listening for %s (pixel) on %s", scheme, HostPort(listen.host, self.pixel_port))
 
     async def _optout_page(self) -> OptoutPage | None:
         """The objection page (``/optout/TOKEN``) over the consent registry (issue 20)."""
@@ -669,7 +667,7 @@ class Application:
         log.info(
             "listening for %s (reports) on %s",
             scheme,
-            _address_text(listen.host, self.reports_port),
+            HostPort(listen.host, self.reports_port),
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -848,10 +846,6 @@ async def warn_if_unresolvable(host: str, port: int, *, timeout_s: float) -> boo
         )
         return False
     return True
-
-
-def _address_text(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def reload_on_hangup(
