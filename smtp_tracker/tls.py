@@ -98,11 +98,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
+        with os.fdopen(fd, "wb") as handle:  # write() of a file object writes it all
             os.fchmod(fd, mode)
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+            handle.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
