@@ -237,6 +237,12 @@ class Outbox:
                 self._full = False
         return written
 
+    def count_failed(self, count: int = 1) -> None:
+        """Add *count* to :attr:`failed` under the lock the outbox's own writes take
+        (the sender counts from its writer thread and from the event loop)."""
+        with self._lock:
+            self.failed += count
+
     def _lost(self, count: int, exc: BaseException) -> None:
         with self._lock:
             self.failed += count

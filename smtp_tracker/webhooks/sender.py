@@ -337,7 +337,7 @@ class WebhookSender:
             self._executor.submit(write)
 
     def _not_written(self, queue_id: str, exc: BaseException) -> None:
-        self.outbox.failed += 1
+        self.outbox.count_failed()
         log.warning("%s: webhook event not written (%s)", queue_id, exc)
 
     # -- delivering ----------------------------------------------------------------------
