@@ -46,9 +46,9 @@ from typing import Any, Final, Literal, TypeVar, get_args
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store.integrity import DB_FILENAME
-from smtp_tracker.store.migrations import immediate_transaction, schema_version
+from smtp_tracker.store.migrations import schema_version
 from smtp_tracker.store.retention import recipient_forms
-from smtp_tracker.store.rows import from_us, to_us
+from smtp_tracker.store.rows import from_us, to_us, write_transaction
 
 __all__ = [
     "CONSENT_SCHEMA_VERSION",
@@ -89,13 +89,6 @@ _T = TypeVar("_T")
 
 #: A connection of either backend: :class:`sqlite3.Connection` or ``PgConnection``.
 Conn = Any
-
-
-def _transaction(conn: Conn) -> contextlib.AbstractContextManager[Any]:
-    """One write transaction: SQLite's ``BEGIN IMMEDIATE``, or psycopg's."""
-    if isinstance(conn, sqlite3.Connection):
-        return immediate_transaction(conn)
-    return conn.raw.transaction()  # type: ignore[no-any-return]
 
 
 def _executemany(conn: Conn, sql: str, rows: Sequence[Sequence[Any]]) -> None:
@@ -181,7 +174,7 @@ def set_states(
     batch: list[tuple[str, str, int, str]] = []
 
     def flush() -> None:
-        with _transaction(conn):
+        with write_transaction(conn):
             _executemany(
                 conn,
                 "INSERT INTO consent (address, state, at_us, source) VALUES (?, ?, ?, ?)"
@@ -392,7 +385,7 @@ def object_via_link(
     :raises sqlite3.Error: when the database cannot be written.
     """
     at_us = _now_us() if at_us is None else at_us
-    with _transaction(conn):
+    with write_transaction(conn):
         link = find_optout_link(conn, token)
         if link is None or not 0 <= index < len(link.recipients):
             return None
@@ -430,7 +423,7 @@ def forget_address(conn: Conn, address: str) -> dict[str, int]:
     # escaped the same way, is a substring of it (LIKE's own characters escaped)
     likes = ["%" + _like_escape(json.dumps(form)) + "%" for form in forms]
     matches = " OR ".join("recipients LIKE ? ESCAPE '!'" for _ in likes)
-    with _transaction(conn):
+    with write_transaction(conn):
         links = conn.execute(
             f"DELETE FROM optout_links WHERE {matches}",  # noqa: S608 - marks only
             likes,

@@ -42,12 +42,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import sqlite3
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from smtp_tracker.store.migrations import immediate_transaction
 from smtp_tracker.store.queries import ROLLUP_COLUMNS
 from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
@@ -57,7 +55,7 @@ from smtp_tracker.store.records import (
     EventKind,
     Verdict,
 )
-from smtp_tracker.store.rows import add_to_rollup
+from smtp_tracker.store.rows import add_to_rollup, write_transaction
 
 if TYPE_CHECKING:
     from smtp_tracker.store.queries import Connection
@@ -115,14 +113,6 @@ class DayRebuild:
 
 def _is_sqlite(conn: Connection) -> bool:
     return isinstance(conn, sqlite3.Connection)
-
-
-def _write_transaction(conn: Connection) -> AbstractContextManager[Any]:
-    """SQLite's ``BEGIN IMMEDIATE`` (one writer at a time), or a PostgreSQL transaction."""
-    if isinstance(conn, sqlite3.Connection):
-        return immediate_transaction(conn)
-    transaction: AbstractContextManager[Any] = conn.transaction()  # type: ignore[attr-defined]  # PgConnection
-    return transaction
 
 
 def _signals_text(signals: Any) -> str | None:
@@ -234,7 +224,7 @@ def reclassify_batch(
     )
     if not _is_sqlite(conn):  # SQLite's BEGIN IMMEDIATE already keeps the writers out
         select += " FOR UPDATE"  # the writers' row locks, in their (id) order
-    with _write_transaction(conn):
+    with write_transaction(conn):
         messages = conn.execute(
             select,
             (after_rowid, start_us, batch_messages),
@@ -409,7 +399,7 @@ def rebuild_rollup_day(conn: Connection, day: str) -> DayRebuild:
         cannot be read or written.
     """
     rebuilt = kept = 0
-    with _write_transaction(conn):
+    with write_transaction(conn):
         if not _is_sqlite(conn):  # writers' upserts wait; those under way finish first
             conn.execute("LOCK TABLE daily_stats IN SHARE ROW EXCLUSIVE MODE")
         counted = rollup_from_rows(conn, day)

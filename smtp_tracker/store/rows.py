@@ -8,6 +8,7 @@ the SQLite backend.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from smtp_tracker.store import queries
+from smtp_tracker.store.migrations import immediate_transaction
 from smtp_tracker.store.queries import Connection
 from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
@@ -116,6 +118,15 @@ def add_to_dkim_rollup(conn: Connection, day: str, domain: str, outcome: str | N
         f" ON CONFLICT (day, sender_domain) DO UPDATE SET {column} = dkim_stats.{column} + 1",
         (day, domain),
     )
+
+
+def write_transaction(conn: Connection) -> contextlib.AbstractContextManager[Any]:
+    """One write transaction on either backend: SQLite's ``BEGIN IMMEDIATE`` (one writer at
+    a time, :func:`.migrations.immediate_transaction`), or the ``PgConnection``'s."""
+    if isinstance(conn, sqlite3.Connection):
+        return immediate_transaction(conn)
+    transaction: contextlib.AbstractContextManager[Any] = conn.transaction()  # type: ignore[attr-defined]  # PgConnection
+    return transaction
 
 
 def to_us(value: datetime) -> int:
