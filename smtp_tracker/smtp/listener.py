@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import ssl
@@ -126,31 +127,26 @@ class Listener:
     ) -> None:
         self.handler = handler
         self._reuse_port = reuse_port
-        self._protocol_class = protocol
         self._host = host
         self._port = port
-        self._allowed_clients = tuple(allowed_clients)
-        self._max_message_bytes = max_message_bytes
-        self._client_timeout_s = client_timeout_s
-        self._hostname = hostname
-        self._tls_context = tls_context
-        self._keep_transcript = keep_transcript
+        #: a new connection's protocol, but for its slots
+        self._new_protocol = functools.partial(
+            protocol,
+            handler,
+            allowed_clients=tuple(allowed_clients),
+            max_message_bytes=max_message_bytes,
+            client_timeout_s=client_timeout_s,
+            hostname=hostname,
+            tls_context=tls_context,
+            keep_transcript=keep_transcript,
+        )
         #: the ``max_connections`` slots, shared by this listener's connections
         self.slots = slots
         self._server: asyncio.Server | None = None
         self._protocols: weakref.WeakSet[RelaySMTP] = weakref.WeakSet()
 
     def _protocol(self) -> RelaySMTP:
-        protocol = self._protocol_class(
-            self.handler,
-            allowed_clients=self._allowed_clients,
-            max_message_bytes=self._max_message_bytes,
-            client_timeout_s=self._client_timeout_s,
-            hostname=self._hostname,
-            tls_context=self._tls_context,
-            keep_transcript=self._keep_transcript,
-            slots=self.slots,
-        )
+        protocol = self._new_protocol(slots=self.slots)
         self._protocols.add(protocol)
         return protocol
 
