@@ -267,11 +267,6 @@ class FailoverSession:
         """``host:port`` of the upstream in use (``relay=`` in the log)."""
         return self.health.label
 
-    @property
-    def session(self) -> UpstreamSession | None:
-        """The open connection, if any."""
-        return self._session
-
     def _note(self, text: str) -> None:
         if self._transcript is not None:
             self._transcript.add(NOTE, text)
