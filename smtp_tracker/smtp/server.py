@@ -354,8 +354,7 @@ class RelaySMTP(SMTP):
             peer = peer_text(self.session.peer) if self.session is not None else "?"
             log.info("%s: timeout after %g s without a command", peer, self._client_timeout_s)
             reply = str(replies.R421_TIMEOUT)
-            if self.session is not None and self.session.transcript is not None:
-                self.session.transcript.add(WE_SAID_TO_CLIENT, reply)
+            self._transcribe(WE_SAID_TO_CLIENT, reply)
             self._writer.write(reply.encode("ascii") + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -389,6 +388,11 @@ class RelaySMTP(SMTP):
 
     # -- transcript and replies ---------------------------------------------------
 
+    def _transcribe(self, direction: str, text: str) -> None:
+        """Copy a line to the session's transcript, if it keeps one."""
+        if self.session is not None and self.session.transcript is not None:
+            self.session.transcript.add(direction, text)
+
     def _checked(
         self, name: str, method: Callable[[str | None], Awaitable[None]]
     ) -> Callable[[str | None], Awaitable[None]]:
@@ -399,8 +403,7 @@ class RelaySMTP(SMTP):
 
         @functools.wraps(method)
         async def call(arg: str | None) -> None:
-            if self.session is not None and self.session.transcript is not None:
-                self.session.transcript.add(CLIENT_SAID, name if arg is None else f"{name} {arg}")
+            self._transcribe(CLIENT_SAID, name if arg is None else f"{name} {arg}")
             if arg is not None and _CONTROL.search(arg):
                 await self.push(replies.R501_CONTROL_CHARACTER)
                 return
@@ -435,8 +438,7 @@ class RelaySMTP(SMTP):
                 text = str(stock)
             elif text.startswith(_UNRECOGNIZED_PREFIX):
                 text = str(replies.R500_UNRECOGNIZED)
-        if self.session is not None and self.session.transcript is not None:
-            self.session.transcript.add(WE_SAID_TO_CLIENT, text)
+        self._transcribe(WE_SAID_TO_CLIENT, text)
         await super().push(text)
 
     async def handle_exception(self, error: Exception) -> str:
