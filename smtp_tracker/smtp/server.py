@@ -351,7 +351,7 @@ class RelaySMTP(SMTP):
         if transport is None:  # lost already; connection_lost did the rest
             return
         if not transport.is_closing():
-            peer = peer_text(self.session.peer) if self.session is not None else "?"
+            peer = self._peer_text()
             log.info("%s: timeout after %g s without a command", peer, self._client_timeout_s)
             reply = str(replies.R421_TIMEOUT)
             self._transcribe(WE_SAID_TO_CLIENT, reply)
@@ -377,7 +377,7 @@ class RelaySMTP(SMTP):
         3.9's ``smtpd_forbid_unauth_pipelining`` answers ``554 5.5.0`` and
         disconnects; the transaction, if any, is aborted upstream.
         """
-        peer = peer_text(self.session.peer) if self.session is not None else "?"
+        peer = self._peer_text()
         log.warning("reject: improper command pipelining after %s from %s", after, peer)
         with contextlib.suppress(ConnectionError):
             await self.push(replies.R554_PROTOCOL_SYNCHRONIZATION)
@@ -387,6 +387,10 @@ class RelaySMTP(SMTP):
             self._handler_coroutine.cancel()  # the command loop ends at its next await
 
     # -- transcript and replies ---------------------------------------------------
+
+    def _peer_text(self) -> str:
+        """The client, as the log names it; ``"?"`` before its session exists."""
+        return peer_text(self.session.peer) if self.session is not None else "?"
 
     def _transcribe(self, direction: str, text: str) -> None:
         """Copy a line to the session's transcript, if it keeps one."""
@@ -454,7 +458,7 @@ class RelaySMTP(SMTP):
 
         :raises asyncio.CancelledError: after a disconnect, to end the loop.
         """
-        peer = peer_text(self.session.peer) if self.session is not None else "?"
+        peer = self._peer_text()
         if isinstance(error, asyncio.IncompleteReadError | ConnectionError):
             log.info("disconnect from %s", peer)
             if self.session is not None:
