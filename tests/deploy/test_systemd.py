@@ -43,8 +43,9 @@ def unit_ids(units: list[Path]) -> list[str]:
     return [unit.name for unit in units]
 
 
-def test_the_three_units_are_there() -> None:
+def test_the_four_units_are_there() -> None:
     assert unit_ids(UNITS) == [
+        "smtp-tracker-milter.service",
         "smtp-tracker-pixel.service",
         "smtp-tracker-reports.service",
         "smtp-tracker.service",
@@ -61,7 +62,7 @@ def test_exec_start_is_a_command_line_we_accept(unit: Path) -> None:
     binary, *arguments = exec_start(unit)
     assert binary == "/usr/local/bin/smtp-tracker"
     parsed = cli._parser().parse_args(arguments)  # exits (SystemExit) on an unknown flag
-    assert parsed.command in {"serve", "pixel", "reports"}
+    assert parsed.command in {"serve", "pixel", "reports", "milter"}
     assert parsed.data_dir == "/var/lib/smtp-tracker"
 
 
