@@ -46,6 +46,10 @@ def test_the_library_verifies_our_headers_and_refuses_a_change() -> None:
         Webhook(new_secret()).verify(body, headers)
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(body, {**headers, "webhook-id": new_event_id()})
+    # signed an hour ago: outside the library's five-minute tolerance (replay)
+    old = signature_headers(secret_key(secret), event_id, int(time.time()) - 3600, body)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret).verify(body, old)
 
 
 @pytest.mark.parametrize(
