@@ -7,3 +7,5 @@
 - :mod:`~smtp_tracker.milter.service`: ``smtp-tracker milter``, composed from the
   parts ``serve`` uses.
 """
+
+__all__: list[str] = []  # the modules are the surface; the package exports nothing

@@ -4,3 +4,5 @@
 upstream; :mod:`~smtp_tracker.tracking.domains` holds the per-domain policy
 (``track_domains``/``skip_domains``).
 """
+
+__all__: list[str] = []  # the modules are the surface; the package exports nothing
