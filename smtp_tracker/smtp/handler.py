@@ -42,9 +42,22 @@ __all__ = [
     "RefusalRecorder",
     "RelayHandler",
     "normalize_line_endings",
+    "tracking_text",
 ]
 
 log = logging.getLogger("smtp_tracker.relay")
+
+
+def tracking_text(prepared: Prepared | None) -> str:
+    """The log line's tracking part: ``, tracked=yes`` or ``, tracked=no (REASON)``,
+    then ``, dkim=OUTCOME`` when the message was signed; empty when the stage did
+    not look at the message (no tracking id)."""
+    if prepared is None or prepared.tracking_id is None:
+        return ""
+    text = ", tracked=yes" if prepared.tracked else f", tracked=no ({prepared.reason or 'unknown'})"
+    if prepared.dkim is not None:
+        text += f", dkim={prepared.dkim}"
+    return text
 
 
 def normalize_line_endings(content: bytes) -> bytes | None:
@@ -463,15 +476,7 @@ class RelayHandler:
             self.counters[{"sent": "relayed", "deferred": "deferred"}.get(status, "rejected")] += 1
         if status != "sent" and sent is not None and self.refusals is not None:
             self.refusals.refused(transaction, reply, sent)
-        tracking = ""
-        if prepared is not None and prepared.tracking_id is not None:
-            tracking = (
-                ", tracked=yes"
-                if prepared.tracked
-                else f", tracked=no ({prepared.reason or 'unknown'})"
-            )
-            if prepared.dkim is not None:
-                tracking += f", dkim={prepared.dkim}"
+        tracking = tracking_text(prepared)
         log.info(
             "%s: from=<%s>, to=%s, size=%d, relay=%s, delay=%.2f%s, status=%s (%s)",
             transaction.queue_id,

@@ -33,7 +33,12 @@ from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.capture import CaptureWriter
 from smtp_tracker.smtp.failover import Upstreams
 from smtp_tracker.smtp.fanout import Fanout
-from smtp_tracker.smtp.handler import DeliveryRecorder, MessagePreparer, RelayHandler
+from smtp_tracker.smtp.handler import (
+    DeliveryRecorder,
+    MessagePreparer,
+    RelayHandler,
+    tracking_text,
+)
 from smtp_tracker.smtp.parameters import MailParameters
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.server import RelaySMTP
@@ -255,13 +260,7 @@ class LmtpHandler(RelayHandler):
         status = {2: "sent", 4: "deferred"}.get(reply.code // 100, "bounced")
         self.counters[{"sent": "relayed", "deferred": "deferred"}.get(status, "rejected")] += 1
         self.counters["recipients"] += 1
-        tracking = ""
-        if prepared.tracking_id is not None:
-            tracking = (
-                ", tracked=yes"
-                if prepared.tracked
-                else f", tracked=no ({prepared.reason or 'unknown'})"
-            )
+        tracking = tracking_text(prepared)
         log.info(
             "%s: lmtp=%s, from=<%s>, to=<%s>, size=%d, relay=%s, delay=%.2f%s, status=%s (%s)",
             copy.queue_id,

@@ -68,3 +68,21 @@ def test_aiosmtpds_own_replies_get_enhanced_status_codes() -> None:
     for stock, ours in server._STOCK_REPLIES.items():
         assert ours.code == int(stock[:3]), stock
         assert ours in vars(replies).values(), stock
+
+
+def test_the_log_lines_tracking_part_is_one_text_for_smtp_and_lmtp() -> None:
+    """handler._finish and LMTP's per-recipient line both write it (issue 13: the
+    log line shows the DKIM outcome, LMTP's included)."""
+    from smtp_tracker.smtp.handler import Prepared, tracking_text
+
+    assert tracking_text(None) == ""
+    assert tracking_text(Prepared(b"x")) == ""
+    assert tracking_text(Prepared(b"x", tracking_id="t", tracked=True)) == ", tracked=yes"
+    assert (
+        tracking_text(Prepared(b"x", tracking_id="t", reason="dkim-foreign", dkim="dkim-foreign"))
+        == ", tracked=no (dkim-foreign), dkim=dkim-foreign"
+    )
+    assert (
+        tracking_text(Prepared(b"x", tracking_id="t", tracked=True, dkim="resigned"))
+        == ", tracked=yes, dkim=resigned"
+    )
