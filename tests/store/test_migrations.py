@@ -1,18 +1,95 @@
-"""Schema versions: a v1 database with data is migrated at open and keeps its data."""
+"""Schema versions on both backends: a store is created at the current version, opening
+an up-to-date store again changes nothing, a newer one is refused, and an old one is
+migrated at open and keeps its data.
+
+The SQLite half builds an old store as SQLite files (``PRAGMA user_version``, the v1
+migration); the PostgreSQL half builds its baseline (v6) with :data:`pg_schema.BASELINE`
+and migrates it through :data:`pg_schema.MIGRATIONS`.  That both end at the same tables
+and columns is :mod:`tests.store.test_pg_schema`'s.
+"""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import CURRENT_VERSION, DB_FILENAME, SqliteStore
+from smtp_tracker.store import CURRENT_VERSION, DB_FILENAME, SqliteStore, pg_schema
 from smtp_tracker.store.migrations import MIGRATIONS, migrate, schema_version
-from smtp_tracker.store.sqlite import to_us
+from smtp_tracker.store.rows import to_us
 
-from .store_helpers import T0, token
+from .store_helpers import T0, make_record, token
+
+
+@pytest.fixture
+def stored_version(
+    backend: str, data_dir: Path, request: pytest.FixtureRequest
+) -> Callable[[int], int]:
+    """``stored_version(add)``: the schema version the test's store holds, read from its
+    own database (the one ``open_store`` opens), after adding *add* to it."""
+    if backend == "sqlite":
+
+        def sqlite_version(add: int) -> int:
+            conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
+            try:
+                if add:
+                    conn.execute(f"PRAGMA user_version = {schema_version(conn) + add}")
+                return schema_version(conn)
+            finally:
+                conn.close()
+
+        return sqlite_version
+    dsn: str = request.getfixturevalue("pg_dsn")
+
+    def pg_version(add: int) -> int:
+        import psycopg
+
+        from smtp_tracker.store import postgresql
+
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("UPDATE smtp_tracker_schema SET version = version + %s", (add,))
+            return postgresql.schema_version(conn)
+
+    return pg_version
+
+
+async def test_a_new_store_is_created_at_the_current_version(
+    open_store: Any, stored_version: Callable[[int], int]
+) -> None:
+    async with await open_store() as store:
+        await store.record_message(make_record(1))
+    assert stored_version(0) == CURRENT_VERSION
+
+
+async def test_opening_an_up_to_date_store_again_keeps_it_and_its_data(
+    open_store: Any, stored_version: Callable[[int], int]
+) -> None:
+    async with await open_store() as store:
+        await store.record_message(make_record(1))
+    for i in (2, 3):
+        async with await open_store() as store:
+            found = await store.find_message(token(1))
+            assert found is not None and found.record == make_record(1, subject=None)
+            await store.record_message(make_record(i))
+    assert stored_version(0) == CURRENT_VERSION
+    async with await open_store() as store:
+        listed = [m.record.tracking_id for m in await store.list_messages()]
+    assert listed == [token(3), token(2), token(1)]
+
+
+async def test_a_newer_store_is_refused(
+    open_store: Any, stored_version: Callable[[int], int]
+) -> None:
+    async with await open_store() as store:
+        await store.record_message(make_record(1))
+    assert stored_version(1) == CURRENT_VERSION + 1
+    with pytest.raises(StoreError, match=f"v{CURRENT_VERSION + 1}, newer than this smtp-tracker"):
+        await open_store()
+    assert stored_version(0) == CURRENT_VERSION + 1  # left as it was
 
 
 def build_v1(data_dir: Path) -> None:
@@ -51,9 +128,14 @@ def build_v1(data_dir: Path) -> None:
 def test_there_are_at_least_two_versions() -> None:
     assert CURRENT_VERSION >= 2
     assert len(MIGRATIONS) == CURRENT_VERSION
+    assert pg_schema.CURRENT_VERSION == CURRENT_VERSION
+    assert sorted(pg_schema.MIGRATIONS) == list(
+        range(pg_schema.BASELINE_VERSION + 1, CURRENT_VERSION + 1)
+    )
 
 
 async def test_v1_database_is_migrated_and_keeps_its_data(data_dir: Path) -> None:
+    """SQLite only: v1 is a SQLite file; PostgreSQL stores start at v6 (below)."""
     build_v1(data_dir)
     async with await SqliteStore.open(data_dir, store_subject=True) as store:
         found = await store.find_message("QV1")
@@ -77,6 +159,7 @@ async def test_v1_database_is_migrated_and_keeps_its_data(data_dir: Path) -> Non
 
 
 def test_migrating_twice_is_a_no_op(data_dir: Path) -> None:
+    """SQLite only: calls SQLite's migrate() on a v1 file."""
     build_v1(data_dir)
     conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
     try:
@@ -88,6 +171,7 @@ def test_migrating_twice_is_a_no_op(data_dir: Path) -> None:
 
 
 def test_failed_migration_leaves_the_old_version(data_dir: Path) -> None:
+    """SQLite only: a v1 file and PRAGMA table_info; PostgreSQL's twin is below."""
     build_v1(data_dir)
     conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
     try:
@@ -101,10 +185,81 @@ def test_failed_migration_leaves_the_old_version(data_dir: Path) -> None:
         conn.close()
 
 
-async def test_newer_database_is_refused(data_dir: Path) -> None:
-    data_dir.mkdir(mode=0o700)
-    conn = sqlite3.connect(data_dir / DB_FILENAME)
-    conn.execute(f"PRAGMA user_version = {CURRENT_VERSION + 1}")
-    conn.close()
-    with pytest.raises(StoreError, match="newer than this smtp-tracker"):
-        await SqliteStore.open(data_dir)
+def build_pg_baseline(dsn: str) -> None:
+    """A PostgreSQL store at :data:`pg_schema.BASELINE_VERSION` (v6, before the ``dkim``
+    column), holding message 7 refused for its DKIM signature and message 8 tracked."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        for statement in pg_schema.BASELINE:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO smtp_tracker_schema (one, version) VALUES (1, %s)",
+            (pg_schema.BASELINE_VERSION,),
+        )
+        conn.execute("INSERT INTO webhook_outbox_state (one, depth, dropped) VALUES (1, 0, 0)")
+        for i, tracked, reason in ((7, 0, "dkim-signed"), (8, 1, None)):
+            conn.execute(
+                "INSERT INTO messages (tracking_id, queue_id, message_id, sender, recipients,"
+                " size_bytes, received_at_us, relayed_at_us, upstream_reply, tracked,"
+                " not_tracked_reason, sender_domain) VALUES"
+                " (%s, %s, %s, 'a@one.example', '[\"bob@example.net\"]', 1234, %s, %s,"
+                " '250 2.0.0 Ok', %s, %s, 'one.example')",
+                (
+                    token(i),
+                    f"QV{i}",
+                    f"<old{i}@example.com>",
+                    to_us(T0),
+                    to_us(T0),
+                    tracked,
+                    reason,
+                ),
+            )
+        conn.execute(
+            "INSERT INTO opens (tracking_id, at_us, ip, user_agent) VALUES (%s, %s, %s, %s)",
+            (token(8), to_us(T0), "192.0.2.0/24", "OldMail/1.0"),
+        )
+
+
+async def test_postgresql_baseline_is_migrated_and_keeps_its_data(pg_dsn: str) -> None:
+    """PostgreSQL only: its own v6 baseline, migrated to the current version at open."""
+    import psycopg
+
+    from smtp_tracker.store import postgresql
+
+    build_pg_baseline(pg_dsn)
+    async with await postgresql.PostgresStore.open(pg_dsn) as store:
+        signed = await store.find_message("QV7")
+        tracked = await store.find_message("QV8")
+    assert signed is not None and signed.record.dkim == "dkim-signed"
+    assert tracked is not None and tracked.record.dkim is None
+    assert tracked.record.recipients == ["bob@example.net"]
+    assert [(o.ip, o.user_agent) for o in tracked.opens] == [("192.0.2.0/24", "OldMail/1.0")]
+    with psycopg.connect(pg_dsn) as conn:
+        assert postgresql.schema_version(conn) == CURRENT_VERSION
+        rollup = conn.execute(
+            "SELECT day, sender_domain, dkim_signed, dkim_resigned FROM dkim_stats"
+        ).fetchall()
+    assert rollup == [(T0.date(), "one.example", 1, 0)]  # v7's rollup, backfilled
+
+
+def test_postgresql_failed_migration_leaves_the_old_version(pg_dsn: str) -> None:
+    """PostgreSQL only: v7's CREATE TABLE collides; the whole step is rolled back."""
+    import psycopg
+
+    from smtp_tracker.store import postgresql
+
+    build_pg_baseline(pg_dsn)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE dkim_stats (day date)")  # v7 will collide
+    with pytest.raises(StoreError, match=r"cannot open .*dkim_stats"):
+        postgresql.PgDatabase.open(pg_dsn)
+    with psycopg.connect(pg_dsn) as conn:
+        assert postgresql.schema_version(conn) == pg_schema.BASELINE_VERSION
+        columns = {
+            row[0]
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'messages'"
+            )
+        }
+    assert "dkim" not in columns  # v7's ALTER TABLE was rolled back too

@@ -1,4 +1,9 @@
-"""The PostgreSQL schema keeps step with SQLite's: same version, same tables and columns."""
+"""The PostgreSQL schema keeps step with SQLite's: same version, same tables and columns,
+same keys and named indexes, whether SQLite's store was made new or migrated from v1.
+
+Both schemas are read back from a database each backend made (not from the scripts), so
+a migration added to one backend and not the other fails here.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,12 @@ import pytest
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import CURRENT_VERSION, SqliteDatabase, pg_schema
 
+from .test_migrations import build_v1
+
 pytest.importorskip("psycopg")
+
+#: table -> primary key columns, unique column sets, named index -> columns
+Keys = dict[str, tuple[list[str], list[list[str]], dict[str, list[str]]]]
 
 
 def _sqlite_columns(data_dir: Path) -> dict[str, list[str]]:
@@ -46,12 +56,100 @@ def _pg_columns(dsn: str) -> dict[str, list[str]]:
     return {table: sorted(names) for table, names in columns.items()}
 
 
+def _sqlite_keys(data_dir: Path) -> Keys:
+    with SqliteDatabase.open(data_dir) as db:
+        conn = db.connection
+        tables = [
+            str(row[0])
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        ]
+        keys: Keys = {}
+        for table in tables:
+            info = sorted(conn.execute(f"PRAGMA table_info({table})"), key=lambda row: row[5])
+            primary = [str(row[1]) for row in info if row[5]]
+            unique, named = [], {}
+            for index in conn.execute(f"PRAGMA index_list({table})"):
+                name, is_unique, origin = str(index[1]), bool(index[2]), index[3]
+                columns = [str(row[2]) for row in conn.execute(f"PRAGMA index_info('{name}')")]
+                if origin == "u" and is_unique:
+                    unique.append(columns)
+                elif origin == "c":
+                    named[name] = columns
+            keys[table] = (primary, sorted(unique), named)
+        return keys
+
+
+def _pg_keys(dsn: str) -> Keys:
+    import psycopg
+
+    from smtp_tracker.store.postgresql import PgDatabase
+
+    PgDatabase.open(dsn).close()
+    keys: Keys = {}
+    with psycopg.connect(dsn) as conn:
+        for table, kind, columns in conn.execute(
+            "SELECT tc.table_name, tc.constraint_type,"
+            " array_agg(k.column_name::text ORDER BY k.ordinal_position)"
+            " FROM information_schema.table_constraints tc"
+            " JOIN information_schema.key_column_usage k"
+            "   USING (constraint_schema, constraint_name, table_name)"
+            " WHERE tc.table_schema = 'public' AND tc.table_name <> 'smtp_tracker_schema'"
+            " AND tc.constraint_type IN ('PRIMARY KEY', 'UNIQUE')"
+            " GROUP BY tc.table_name, tc.constraint_name, tc.constraint_type"
+        ):
+            primary, unique, _ = keys.setdefault(table, ([], [], {}))
+            if kind == "PRIMARY KEY":
+                primary.extend(columns)
+            else:
+                unique.append(list(columns))
+        for table, name, columns in conn.execute(
+            "SELECT t.relname, i.relname, array_agg(a.attname::text ORDER BY k.ord)"
+            " FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid"
+            " JOIN pg_class t ON t.oid = x.indrelid"
+            " JOIN pg_namespace n ON n.oid = t.relnamespace"
+            " CROSS JOIN LATERAL unnest(x.indkey) WITH ORDINALITY AS k(attnum, ord)"
+            " JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum"
+            " WHERE n.nspname = 'public' AND NOT x.indisprimary"
+            " AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid)"
+            " GROUP BY t.relname, i.relname"
+        ):
+            keys.setdefault(table, ([], [], {}))[2][name] = list(columns)
+    return {table: (p, sorted(u), n) for table, (p, u, n) in keys.items()}
+
+
 def test_versions_in_lockstep() -> None:
     assert pg_schema.CURRENT_VERSION == CURRENT_VERSION
 
 
 def test_same_tables_and_columns(data_dir: Path, pg_dsn: str) -> None:
     assert _pg_columns(pg_dsn) == _sqlite_columns(data_dir)
+
+
+def test_same_tables_and_columns_as_a_sqlite_store_migrated_from_v1(
+    data_dir: Path, pg_dsn: str
+) -> None:
+    build_v1(data_dir)
+    assert _pg_columns(pg_dsn) == _sqlite_columns(data_dir)
+
+
+def test_same_keys_and_named_indexes(data_dir: Path, pg_dsn: str) -> None:
+    """The keys the upserts and lookups rely on, and every index by name and columns."""
+    sqlite_keys = _sqlite_keys(data_dir)
+    assert sqlite_keys["messages"] == (
+        ["id"],
+        [["tracking_id"]],
+        {
+            "messages_queue_id": ["queue_id"],
+            "messages_message_id": ["message_id"],
+            "messages_relayed_at": ["relayed_at_us", "id"],
+            "messages_sender": ["sender", "relayed_at_us", "id"],
+            "messages_sender_domain": ["sender_domain", "relayed_at_us", "id"],
+        },
+    )
+    assert sqlite_keys["daily_stats"][0] == ["day", "sender_domain"]
+    assert _pg_keys(pg_dsn) == sqlite_keys
 
 
 def test_postgresql_types_where_they_matter(pg_dsn: str) -> None:

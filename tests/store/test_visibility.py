@@ -1,5 +1,8 @@
 """What a serving process writes stays visible to other processes after a CLI read.
 
+SQLite only: the defect is SQLite's WAL files and POSIX locks on ``tracker.sqlite3``;
+a PostgreSQL store has no file in the data directory to lose.
+
 The defect: ``serve``'s store health check read the database header with a
 plain ``open()``/``close()`` of ``tracker.sqlite3``.  Closing any descriptor
 of a file drops every POSIX lock the process holds on it (fcntl semantics),
