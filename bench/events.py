@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtp_tracker.classification import Classifier, load_networks
-from smtp_tracker.store import MessageRecord, OpenHit, SqliteDatabase
+from smtp_tracker.store import MessageRecord, OpenEvent, SqliteDatabase
 from smtp_tracker.tokens import new_tracking_id
 
 USER_AGENTS = (
@@ -83,10 +83,10 @@ def main() -> None:
             now = datetime.now(UTC)
             batches = [
                 [
-                    OpenHit(
+                    OpenEvent(
                         tracking_id=rng.choice(tokens),
                         at=now,
-                        client_address=f"198.51.{rng.randrange(256)}.{rng.randrange(256)}",
+                        ip=f"198.51.{rng.randrange(256)}.{rng.randrange(256)}",
                         user_agent=rng.choice(USER_AGENTS),
                     )
                     for _ in range(args.batch)

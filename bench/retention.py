@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smtp_tracker.store import MessageRecord, SqliteDatabase, SqliteStore
-from smtp_tracker.store.records import OpenHit
+from smtp_tracker.store.records import OpenEvent
 from smtp_tracker.store.retention import DEFAULT_BATCH_ROWS
 from smtp_tracker.tokens import new_tracking_id
 
@@ -61,10 +61,10 @@ def build(data_dir: Path, messages: int, opens: int) -> None:
                 database.record_message(item)
             database.record_opens(
                 [
-                    OpenHit(
+                    OpenEvent(
                         tracking_id=r.tracking_id,
                         at=r.relayed_at,
-                        client_address="192.0.2.1",
+                        ip="192.0.2.1",
                         user_agent="UA",
                     )
                     for r in records

@@ -16,7 +16,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 from smtp_tracker.store.queries import Connection, Cursor
-from smtp_tracker.store.records import ClickHit, LinkRecord, MessageRecord, OpenHit, StoredMessage
+from smtp_tracker.store.records import (
+    ClickEvent,
+    LinkRecord,
+    MessageRecord,
+    OpenEvent,
+    StoredMessage,
+)
 
 if TYPE_CHECKING:
     from smtp_tracker.store import queries, reclassify, retention
@@ -44,7 +50,7 @@ class Store(Protocol):
         """
         ...
 
-    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    async def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         """Record the opens among *hits* whose tracking id is known, in one transaction.
 
         The store classifies each open (its ``classifier``, which sees the
@@ -58,7 +64,7 @@ class Store(Protocol):
         """
         ...
 
-    async def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+    async def record_clicks(self, hits: Sequence[ClickEvent]) -> int:
         """Record the clicks among *hits* whose link token is known, in one transaction.
 
         Classified, ``ip_policy`` applied and User-Agent cut as for opens.

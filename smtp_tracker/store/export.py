@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from smtp_tracker.store.queries import MessageDetail, MessageSummary
-from smtp_tracker.store.records import ClickRecord, MessageRecord, OpenRecord
+from smtp_tracker.store.records import ClickEvent, MessageRecord, OpenEvent
 
 __all__ = ["detail_to_dict", "format_time", "message_to_dict", "summary_to_dict"]
 
@@ -24,7 +24,7 @@ def format_time(value: datetime) -> str:
 
 
 def message_to_dict(
-    record: MessageRecord, opens: Iterable[OpenRecord], clicks: Iterable[ClickRecord] = ()
+    record: MessageRecord, opens: Iterable[OpenEvent], clicks: Iterable[ClickEvent] = ()
 ) -> dict[str, Any]:
     """A JSON-ready dict for one message, its opens and its clicks.
 

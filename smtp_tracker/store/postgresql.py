@@ -54,12 +54,12 @@ from smtp_tracker.store import consent, pg_schema, queries, reclassify, retentio
 from smtp_tracker.store.address import AddressPolicy, IpPolicy
 from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import (
-    ClickHit,
+    ClickEvent,
     EventClassifier,
     EventKind,
     LinkRecord,
     MessageRecord,
-    OpenHit,
+    OpenEvent,
     StoredMessage,
     unclassified,
 )
@@ -445,15 +445,17 @@ class PgDatabase:
         except psycopg.Error as exc:
             raise StoreError(f"cannot record message {record.queue_id}: {_reason(exc)}") from exc
 
-    def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         """See :meth:`.base.Store.record_opens`."""
         return self._record_events("open", hits)
 
-    def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+    def record_clicks(self, hits: Sequence[ClickEvent]) -> int:
         """See :meth:`.base.Store.record_clicks`."""
         return self._record_events("click", hits)
 
-    def _record_events(self, kind: EventKind, hits: Sequence[OpenHit] | Sequence[ClickHit]) -> int:
+    def _record_events(
+        self, kind: EventKind, hits: Sequence[OpenEvent] | Sequence[ClickEvent]
+    ) -> int:
         """As :meth:`.sqlite.SqliteDatabase._record_events`, safe beside other writers.
 
         The messages' rows are locked (``FOR UPDATE``, id order) before their
@@ -471,7 +473,7 @@ class PgDatabase:
             with self._raw.transaction():
                 owners: dict[str, str] = {}
                 if kind == "click":
-                    tokens = sorted({h.link_token for h in hits if isinstance(h, ClickHit)})
+                    tokens = sorted({h.link_token for h in hits if isinstance(h, ClickEvent)})
                     owners = {
                         str(t): str(m)
                         for t, m in conn.execute(
@@ -480,7 +482,7 @@ class PgDatabase:
                     }
                 wanted = sorted(
                     {
-                        owners.get(h.link_token, "") if isinstance(h, ClickHit) else h.tracking_id
+                        owners.get(h.link_token, "") if isinstance(h, ClickEvent) else h.tracking_id
                         for h in hits
                     }
                     - {""}
@@ -1090,12 +1092,12 @@ class PostgresStore:
         to_us(record.received_at)
         await self._call(lambda db: db.record_message(record))
 
-    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    async def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         """See :meth:`.base.Store.record_opens`."""
         batch = list(hits)
         return await self._call(lambda db: db.record_opens(batch))
 
-    async def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+    async def record_clicks(self, hits: Sequence[ClickEvent]) -> int:
         """See :meth:`.base.Store.record_clicks`."""
         batch = list(hits)
         return await self._call(lambda db: db.record_clicks(batch))

@@ -48,7 +48,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal, Protocol
 
 from smtp_tracker.store.migrations import DKIM_ROLLUP
-from smtp_tracker.store.records import COUNTED_VERDICTS, VERDICTS
+from smtp_tracker.store.records import COUNTED_VERDICTS, VERDICTS, ClickEvent, OpenEvent
 
 __all__ = [
     "COUNTED_VERDICTS",
@@ -59,14 +59,12 @@ __all__ = [
     "MAX_LIMIT",
     "ROLLUP_COLUMNS",
     "VERDICTS",
-    "ClickEvent",
     "Connection",
     "Cursor",
     "MessageDetail",
     "MessageFilter",
     "MessagePage",
     "MessageSummary",
-    "OpenEvent",
     "OpenedVia",
     "StatsGroup",
     "StatsRow",
@@ -225,38 +223,6 @@ class MessagePage:
 
     items: list[MessageSummary]
     next_cursor: str | None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OpenEvent:
-    """One pixel fetch of a message.
-
-    :param at: when it arrived (UTC).
-    :param ip: the client address as the store's ``ip_policy`` kept it, or ``None``.
-    :param verdict: one of :data:`VERDICTS`.
-    :param verdict_reason: why the classifier said so (e.g. ``"ua:GoogleImageProxy"``).
-    :param counted: whether *verdict* is in :data:`COUNTED_VERDICTS`.
-    """
-
-    at: datetime
-    ip: str | None
-    user_agent: str | None
-    verdict: str
-    verdict_reason: str | None
-    counted: bool
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ClickEvent:
-    """One followed link of a message; fields as :class:`OpenEvent`, plus the link's *url*."""
-
-    at: datetime
-    url: str
-    ip: str | None
-    user_agent: str | None
-    verdict: str
-    verdict_reason: str | None
-    counted: bool
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -555,12 +521,12 @@ def query_message(conn: Connection, ident: str) -> MessageDetail | None:
     summary = _summary(row)
     opens = tuple(
         OpenEvent(
+            tracking_id=summary.tracking_id,
             at=_from_us(at_us),
             ip=ip,
             user_agent=user_agent,
             verdict=verdict,
             verdict_reason=reason,
-            counted=verdict in COUNTED_VERDICTS,
         )
         for at_us, ip, user_agent, verdict, reason in conn.execute(
             "SELECT at_us, ip, user_agent, verdict, verdict_reason FROM opens"
@@ -570,16 +536,17 @@ def query_message(conn: Connection, ident: str) -> MessageDetail | None:
     )
     clicks = tuple(
         ClickEvent(
-            at=_from_us(at_us),
+            link_token=link_token,
+            tracking_id=summary.tracking_id,
             url=url or "",
+            at=_from_us(at_us),
             ip=ip,
             user_agent=user_agent,
             verdict=verdict,
             verdict_reason=reason,
-            counted=verdict in COUNTED_VERDICTS,
         )
-        for at_us, url, ip, user_agent, verdict, reason in conn.execute(
-            "SELECT c.at_us, l.url, c.ip, c.user_agent, c.verdict, c.verdict_reason"
+        for link_token, at_us, url, ip, user_agent, verdict, reason in conn.execute(
+            "SELECT c.link_token, c.at_us, l.url, c.ip, c.user_agent, c.verdict, c.verdict_reason"
             " FROM clicks AS c LEFT JOIN links AS l ON l.token = c.link_token"
             " WHERE c.tracking_id = ? ORDER BY c.at_us, c.id",
             (summary.tracking_id,),

@@ -19,16 +19,14 @@ __all__ = [
     "COUNTED_VERDICTS",
     "USER_AGENT_MAX_CHARS",
     "VERDICTS",
-    "ClickHit",
-    "ClickRecord",
+    "ClickEvent",
     "EventClassifier",
     "EventContext",
     "EventKind",
     "Judgement",
     "LinkRecord",
     "MessageRecord",
-    "OpenHit",
-    "OpenRecord",
+    "OpenEvent",
     "StoredMessage",
     "Verdict",
     "header_text",
@@ -128,32 +126,32 @@ class MessageRecord:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class OpenHit:
-    """One pixel fetch as the endpoint saw it, before the store's ``ip_policy``.
+class OpenEvent:
+    """One open: a fetch of a message's pixel, the one type for it (issue 14).
 
-    :param tracking_id: the token from the pixel URL (well-formed, maybe unknown).
-    :param at: when the request arrived (UTC).
-    :param client_address: the client's IP address as text (after trusted-proxy
-        resolution), or ``None`` when unknown.  Never stored as is unless the
-        store's ``ip_policy`` is ``"full"``.
-    :param user_agent: the ``User-Agent`` header, or ``None``; the store cuts it
-        to :data:`USER_AGENT_MAX_CHARS` characters.
-    """
+    The pixel endpoint hands one to the store
+    (:meth:`~smtp_tracker.store.base.Store.record_opens`), which classifies it and
+    keeps its address as the store's ``ip_policy`` says; the store's reads
+    (``find_message``, the exports, :func:`~smtp_tracker.store.queries.query_message`)
+    give it back with what was kept and the verdict.
 
-    tracking_id: str
-    at: datetime
-    client_address: str | None
-    user_agent: str | None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class OpenRecord:
-    """One recorded open of a known tracking id.
-
-    :param ip: the client address after ``ip_policy``: ``"full"`` the address
-        (``"192.0.2.7"``), ``"truncate"`` its network (``"192.0.2.0/24"``,
-        ``"2001:db8:1::/48"``), ``"hash"`` 64 lower-case hex digits of
-        HMAC-SHA256, ``"none"`` ``None``; ``None`` also when the address was unknown.
+    :param tracking_id: the token from the pixel URL (well-formed; the store
+        ignores an unknown one).
+    :param at: when the request arrived (aware; UTC when read back).
+    :param ip: handed to the store: the client's IP address as text after
+        trusted-proxy resolution (``"192.0.2.7"``), or ``None`` when unknown;
+        the classifier sees it so, but it is stored as is only under
+        ``ip_policy = "full"``.  Read back: the address as ``ip_policy`` kept
+        it: ``"full"`` the address, ``"truncate"`` its network
+        (``"192.0.2.0/24"``, ``"2001:db8:1::/48"``), ``"hash"`` 64 lower-case
+        hex digits of HMAC-SHA256, ``"none"`` ``None``; ``None`` also when the
+        address was unknown or the message is recorded in aggregate mode.
+    :param user_agent: the ``User-Agent`` header, or ``None``; the store cuts
+        it to :data:`USER_AGENT_MAX_CHARS` characters.
+    :param verdict: one of :data:`VERDICTS`; read back, what the store's
+        classifier decided.  The store ignores the value handed to it.
+    :param verdict_reason: the rule that decided (``"ua:GoogleImageProxy"``),
+        or ``None`` (handed to the store).
     """
 
     tracking_id: str
@@ -163,32 +161,41 @@ class OpenRecord:
     verdict: Verdict = "unknown"
     verdict_reason: str | None = None
 
+    @property
+    def counted(self) -> bool:
+        """Whether :attr:`verdict` is in :data:`COUNTED_VERDICTS` (``human``, ``mail_proxy``)."""
+        return self.verdict in COUNTED_VERDICTS
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class ClickHit:
-    """One click-endpoint fetch, before classification and ``ip_policy``.
+class ClickEvent:
+    """One click: a fetch of a wrapped link's click URL, the one type for it (issue 14).
 
-    Same fields as :class:`OpenHit`, with the link token instead of the tracking id.
+    Handed to the store by the click endpoint
+    (:meth:`~smtp_tracker.store.base.Store.record_clicks`) and read back as
+    :class:`OpenEvent` is; *at*, *ip*, *user_agent*, *verdict* and
+    *verdict_reason* mean what they mean there.
+
+    :param link_token: the token from the click URL (the store ignores an unknown one).
+    :param tracking_id: read back: the tracking id of the link's message;
+        ``None`` when handed to the store, which finds it from *link_token*.
+    :param url: read back: the link's target URL (``""`` if the link is no
+        longer stored); ``None`` when handed to the store.
     """
 
     link_token: str
     at: datetime
-    client_address: str | None
-    user_agent: str | None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ClickRecord:
-    """One recorded click of a known link (``ip`` as in :class:`OpenRecord`)."""
-
-    link_token: str
-    tracking_id: str
-    url: str
-    at: datetime
     ip: str | None
     user_agent: str | None
+    tracking_id: str | None = None
+    url: str | None = None
     verdict: Verdict = "unknown"
     verdict_reason: str | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Whether :attr:`verdict` is in :data:`COUNTED_VERDICTS` (``human``, ``mail_proxy``)."""
+        return self.verdict in COUNTED_VERDICTS
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -244,5 +251,5 @@ class StoredMessage:
     """A message record with its opens and clicks, oldest first."""
 
     record: MessageRecord
-    opens: tuple[OpenRecord, ...] = field(default=())
-    clicks: tuple[ClickRecord, ...] = field(default=())
+    opens: tuple[OpenEvent, ...] = field(default=())
+    clicks: tuple[ClickEvent, ...] = field(default=())

@@ -25,15 +25,13 @@ from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
     USER_AGENT_MAX_CHARS,
     VERDICTS,
-    ClickHit,
-    ClickRecord,
+    ClickEvent,
     EventClassifier,
     EventContext,
     EventKind,
     LinkRecord,
     MessageRecord,
-    OpenHit,
-    OpenRecord,
+    OpenEvent,
     StoredMessage,
     Verdict,
     header_text,
@@ -288,7 +286,7 @@ class MessageState:
 
 def event_rows(
     kind: EventKind,
-    hits: Sequence[OpenHit] | Sequence[ClickHit],
+    hits: Sequence[OpenEvent] | Sequence[ClickEvent],
     owners: dict[str, str],
     messages: dict[str, MessageState],
     *,
@@ -308,7 +306,7 @@ def event_rows(
     """
     rows: list[tuple[Any, ...]] = []
     for hit in hits:
-        if isinstance(hit, ClickHit):
+        if isinstance(hit, ClickEvent):
             tracking_id = owners.get(hit.link_token, "")
         else:
             tracking_id = hit.tracking_id
@@ -319,7 +317,7 @@ def event_rows(
         user_agent = header_text(hit.user_agent)
         if user_agent is not None:
             user_agent = user_agent[:USER_AGENT_MAX_CHARS]
-        client = header_text(hit.client_address)
+        client = header_text(hit.ip)
         at_us = to_us(hit.at)
         event = EventContext(
             kind=kind,
@@ -342,7 +340,7 @@ def event_rows(
         ip = apply(client)
         if aggregate:  # counted, never stored: nothing ties it to a person
             ip = user_agent = signals = None
-        if isinstance(hit, ClickHit):
+        if isinstance(hit, ClickEvent):
             click = (hit.link_token, tracking_id, at_us, ip, user_agent, verdict)
             rows.append((*click, reason, signals))
         else:
@@ -530,14 +528,14 @@ def with_events(
 
     Opens and clicks in time order, links in position order; both backends.
     """
-    opens: dict[str, list[OpenRecord]] = {}
+    opens: dict[str, list[OpenEvent]] = {}
     for tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
         "SELECT tracking_id, at_us, ip, user_agent, verdict, verdict_reason FROM opens"  # noqa: S608 - constants
         f" WHERE {where} ORDER BY at_us, id",
         params,
     ):
         opens.setdefault(tracking_id, []).append(
-            OpenRecord(
+            OpenEvent(
                 tracking_id=tracking_id,
                 at=from_us(at_us),
                 ip=ip,
@@ -557,14 +555,14 @@ def with_events(
             LinkRecord(token=token, url=url, position=int(position))
         )
         urls[token] = url
-    clicks: dict[str, list[ClickRecord]] = {}
+    clicks: dict[str, list[ClickEvent]] = {}
     for token, tracking_id, at_us, ip, user_agent, verdict, reason in conn.execute(
         "SELECT link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason"  # noqa: S608 - constants
         f" FROM clicks WHERE {where} ORDER BY at_us, id",
         params,
     ):
         clicks.setdefault(tracking_id, []).append(
-            ClickRecord(
+            ClickEvent(
                 link_token=token,
                 tracking_id=tracking_id,
                 url=urls.get(token, ""),

@@ -54,12 +54,12 @@ from smtp_tracker.store.integrity import (
 )
 from smtp_tracker.store.migrations import check_known_version, immediate_transaction, migrate
 from smtp_tracker.store.records import (
-    ClickHit,
+    ClickEvent,
     EventClassifier,
     EventKind,
     LinkRecord,
     MessageRecord,
-    OpenHit,
+    OpenEvent,
     StoredMessage,
     unclassified,
 )
@@ -328,15 +328,17 @@ class SqliteDatabase:
             is not None
         )
 
-    def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         """See :meth:`.base.Store.record_opens`; each open is classified first."""
         return self._record_events("open", hits)
 
-    def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+    def record_clicks(self, hits: Sequence[ClickEvent]) -> int:
         """See :meth:`.base.Store.record_clicks`; each click is classified first."""
         return self._record_events("click", hits)
 
-    def _record_events(self, kind: EventKind, hits: Sequence[OpenHit] | Sequence[ClickHit]) -> int:
+    def _record_events(
+        self, kind: EventKind, hits: Sequence[OpenEvent] | Sequence[ClickEvent]
+    ) -> int:
         """Record *hits* of known tokens in one transaction, with counters and rollup.
 
         Per message the counters ``open_count``/``counted_open_count``/
@@ -356,7 +358,7 @@ class SqliteDatabase:
                     owners = _select_in(
                         conn,
                         "SELECT token, tracking_id FROM links WHERE token IN ({})",
-                        {hit.link_token for hit in hits if isinstance(hit, ClickHit)},
+                        {hit.link_token for hit in hits if isinstance(hit, ClickEvent)},
                     )
                 messages = {
                     str(row[0]): _MessageState(row[1:])
@@ -365,7 +367,7 @@ class SqliteDatabase:
                         _MessageState.SELECT_BY_TRACKING_IDS,
                         {
                             owners.get(hit.link_token, "")
-                            if isinstance(hit, ClickHit)
+                            if isinstance(hit, ClickEvent)
                             else hit.tracking_id
                             for hit in hits
                         }
@@ -986,12 +988,12 @@ class SqliteStore:
         """See :meth:`.base.Store.record_message`."""
         await self._run(self._writer_executor, lambda: self._writer.record_message(record))
 
-    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    async def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         """See :meth:`.base.Store.record_opens`."""
         batch = list(hits)
         return await self._run(self._writer_executor, lambda: self._writer.record_opens(batch))
 
-    async def record_clicks(self, hits: Sequence[ClickHit]) -> int:
+    async def record_clicks(self, hits: Sequence[ClickEvent]) -> int:
         """See :meth:`.base.Store.record_clicks`."""
         batch = list(hits)
         return await self._run(self._writer_executor, lambda: self._writer.record_clicks(batch))

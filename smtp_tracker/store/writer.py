@@ -7,7 +7,7 @@ has accumulated (up to *batch_max* hits) and records it in one
 transaction runs in the store's thread, the next batch accumulates, so the
 batch size follows the load.  Whether a token is known is decided by the store
 inside that transaction, so no request waits for the database.  Clicks
-(:class:`~smtp_tracker.store.records.ClickHit`, from the click endpoint) go
+(:class:`~smtp_tracker.store.records.ClickEvent`, from the click endpoint) go
 through the same queue; a batch holding both is written with
 :meth:`~smtp_tracker.store.base.Store.record_opens` then
 :meth:`~smtp_tracker.store.base.Store.record_clicks`.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from smtp_tracker.store.base import Store
 from smtp_tracker.store.integrity import StoreSuspendedError
-from smtp_tracker.store.records import ClickHit, OpenHit
+from smtp_tracker.store.records import ClickEvent, OpenEvent
 
 __all__ = ["EventWriter"]
 
@@ -33,7 +33,7 @@ _GIVE_UP_AFTER = 3
 
 
 class EventWriter:
-    """Batches :class:`OpenHit` and :class:`ClickHit` events from a bounded queue into a
+    """Batches :class:`OpenEvent` and :class:`ClickEvent` events from a bounded queue into a
     :class:`Store`.
 
     Counters (plain ints, read them for logs and reports):
@@ -68,7 +68,7 @@ class EventWriter:
         if queue_size < 1 or batch_max < 1:
             raise ValueError("queue_size and batch_max must be at least 1")
         self._store = store
-        self._queue: asyncio.Queue[OpenHit | ClickHit | None] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[OpenEvent | ClickEvent | None] = asyncio.Queue(queue_size)
         self._batch_max = batch_max
         self._flush_timeout_s = flush_timeout_s
         self._task: asyncio.Task[None] | None = None
@@ -97,7 +97,7 @@ class EventWriter:
         """Whether the writer task is running."""
         return self._task is not None and not self._task.done()
 
-    def offer(self, hit: OpenHit | ClickHit) -> bool:
+    def offer(self, hit: OpenEvent | ClickEvent) -> bool:
         """Queue *hit* without waiting; ``False`` (and counted) when dropped."""
         self.offered += 1
         if not self._accepting:
@@ -140,7 +140,7 @@ class EventWriter:
         queue = self._queue
         while True:
             item = await queue.get()
-            batch: list[OpenHit | ClickHit] = []
+            batch: list[OpenEvent | ClickEvent] = []
             stopping = False
             while True:
                 if item is None:
@@ -155,9 +155,9 @@ class EventWriter:
             if stopping:
                 return
 
-    async def _write(self, batch: list[OpenHit | ClickHit]) -> None:
-        opens = [hit for hit in batch if isinstance(hit, OpenHit)]
-        clicks = [hit for hit in batch if isinstance(hit, ClickHit)]
+    async def _write(self, batch: list[OpenEvent | ClickEvent]) -> None:
+        opens = [hit for hit in batch if isinstance(hit, OpenEvent)]
+        clicks = [hit for hit in batch if isinstance(hit, ClickEvent)]
         self._in_flight = len(batch)
         for kind, hits in (("opens", opens), ("clicks", clicks)):
             if not hits:
@@ -184,12 +184,12 @@ class EventWriter:
             self._in_flight -= len(hits)
         self._in_flight = 0  # (left set when cancelled: stop() counts it)
 
-    async def _record(self, kind: str, hits: Sequence[OpenHit | ClickHit]) -> int:
+    async def _record(self, kind: str, hits: Sequence[OpenEvent | ClickEvent]) -> int:
         if kind == "opens":
-            return await self._store.record_opens([h for h in hits if isinstance(h, OpenHit)])
-        return await self._store.record_clicks([h for h in hits if isinstance(h, ClickHit)])
+            return await self._store.record_opens([h for h in hits if isinstance(h, OpenEvent)])
+        return await self._store.record_clicks([h for h in hits if isinstance(h, ClickEvent)])
 
-    async def _write_one_by_one(self, kind: str, hits: Sequence[OpenHit | ClickHit]) -> None:
+    async def _write_one_by_one(self, kind: str, hits: Sequence[OpenEvent | ClickEvent]) -> None:
         """After a failed batch: each event alone, so a bad one costs only itself.
 
         A store that fails :data:`_GIVE_UP_AFTER` single events in a row
@@ -218,7 +218,9 @@ class EventWriter:
                 self.unknown += 1 - recorded
 
 
-def _drain(queue: asyncio.Queue[OpenHit | ClickHit | None]) -> list[OpenHit | ClickHit | None]:
+def _drain(
+    queue: asyncio.Queue[OpenEvent | ClickEvent | None],
+) -> list[OpenEvent | ClickEvent | None]:
     items = []
     while not queue.empty():
         items.append(queue.get_nowait())

@@ -19,7 +19,7 @@ import pytest
 
 from smtp_tracker.classification import Classifier, load_networks
 from smtp_tracker.classification.classifier import Signals
-from smtp_tracker.store import DB_FILENAME, OpenHit, SqliteDatabase
+from smtp_tracker.store import DB_FILENAME, OpenEvent, SqliteDatabase
 from smtp_tracker.store.queries import MessageFilter
 from smtp_tracker.store.records import EventContext
 from tests.classification.test_rules import (
@@ -146,16 +146,16 @@ def test_a_gmail_open_seconds_after_the_relay_counts_as_opened(tmp_path: Path) -
         relayed = make_record(0).relayed_at
         db.record_opens(
             [
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(0),
                     at=relayed + timedelta(seconds=4),
-                    client_address=GOOGLE_ADDRESS,
+                    ip=GOOGLE_ADDRESS,
                     user_agent=GOOGLE_PROXY,
                 ),
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(0),
                     at=relayed + timedelta(seconds=9),
-                    client_address=ELSEWHERE,
+                    ip=ELSEWHERE,
                     user_agent=THUNDERBIRD_128,
                 ),
             ]

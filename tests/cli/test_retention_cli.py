@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from smtp_tracker.store import SqliteDatabase
-from smtp_tracker.store.records import OpenHit
+from smtp_tracker.store.records import OpenEvent
 from tests.store.store_helpers import make_record, token
 from tests.support.process import run_cli
 
@@ -47,7 +47,7 @@ def data_dir(tmp_path: Path) -> Path:
             at = NOW - timedelta(days=days)
             database.record_message(make_record(i, relayed_at=at, recipients=recipients[i]))
             database.record_opens(
-                [OpenHit(tracking_id=token(i), at=at, client_address=None, user_agent="UA")]
+                [OpenEvent(tracking_id=token(i), at=at, ip=None, user_agent="UA")]
             )
     for i, days in ages.items():
         capture(data_dir, NOW - timedelta(days=days), f"Q{i:05d}", recipients[i][0])

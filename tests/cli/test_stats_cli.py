@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from smtp_tracker.store import OpenHit, SqliteDatabase
+from smtp_tracker.store import OpenEvent, SqliteDatabase
 from smtp_tracker.store.queries import DKIM_OUTCOMES
 from smtp_tracker.store.records import VERDICTS, EventContext, Verdict
 from tests.store.store_helpers import make_record, token
@@ -46,10 +46,10 @@ def data_dir(tmp_path: Path) -> Path:
             database.record_message(make_record(i, relayed_at=at, sender=sender, tracked=tracked))
         database.record_opens(
             [
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(i),
                     at=DAY2 + timedelta(hours=1),
-                    client_address=None,
+                    ip=None,
                     user_agent=ua,
                 )
                 for i, ua in [(0, "human"), (0, "scanner"), (1, "privacy_proxy")]

@@ -12,7 +12,7 @@ import pytest
 
 from smtp_tracker.app import Application
 from smtp_tracker.store import SqliteDatabase
-from smtp_tracker.store.records import OpenHit
+from smtp_tracker.store.records import OpenEvent
 from tests.store.store_helpers import make_record, token
 from tests.support.waiting import wait_until
 
@@ -29,7 +29,7 @@ def data_dir(tmp_path: Path) -> Path:
             at = NOW - age
             database.record_message(make_record(i, relayed_at=at, received_at=at))
             database.record_opens(
-                [OpenHit(tracking_id=token(i), at=at, client_address=None, user_agent="UA")]
+                [OpenEvent(tracking_id=token(i), at=at, ip=None, user_agent="UA")]
             )
     for age in (400, 0):
         day = data_dir / "capture" / (NOW - timedelta(days=age)).strftime("%Y-%m-%d")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import AddressPolicy, IpPolicy, OpenHit, SqliteStore
+from smtp_tracker.store import AddressPolicy, IpPolicy, OpenEvent, SqliteStore
 from smtp_tracker.store.address import (
     HASH_KEY_FILENAME,
     _truncate_ipv4,
@@ -39,10 +39,7 @@ async def stored_ips(
             await store.record_message(make_record(1))
         before = await store.find_message(token(1))
         assert before is not None
-        hits = [
-            OpenHit(tracking_id=token(1), at=T0, client_address=a, user_agent=None)
-            for a in addresses
-        ]
+        hits = [OpenEvent(tracking_id=token(1), at=T0, ip=a, user_agent=None) for a in addresses]
         assert await store.record_opens(hits) == len(addresses)
         after = await store.find_message(token(1))
         assert after is not None

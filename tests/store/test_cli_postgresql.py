@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from smtp_tracker.cli import main as cli_main
-from smtp_tracker.store import OpenHit
+from smtp_tracker.store import OpenEvent
 
 from .store_helpers import make_record, token
 
@@ -35,9 +35,7 @@ def _fill(dsn: str) -> None:
         db.record_message(
             make_record(3, relayed_at=now, received_at=now, recipients=["gina@example.com"])
         )
-        db.record_opens(
-            [OpenHit(tracking_id=token(2), at=now, client_address=None, user_agent="UA")]
-        )
+        db.record_opens([OpenEvent(tracking_id=token(2), at=now, ip=None, user_agent="UA")])
 
 
 def test_stats_messages_show_prune_forget(pg_dsn: str, tmp_path: Path) -> None:

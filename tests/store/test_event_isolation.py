@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import MessageRecord, OpenHit, SqliteStore
+from smtp_tracker.store import MessageRecord, OpenEvent, SqliteStore
 from smtp_tracker.store.records import header_text
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.web import WRITER_KEY, make_pixel_app, start_site
@@ -130,8 +130,8 @@ async def test_store_records_a_lone_surrogate_user_agent_replaced(store: SqliteS
     await store.record_message(_record(1))
     await store.record_message(_record(2))
     hits = [
-        OpenHit(tracking_id=_token(1), at=T0, client_address="192.0.2.1", user_agent="A\udcffB"),
-        OpenHit(tracking_id=_token(2), at=T0, client_address="192.0.2.2", user_agent="ok"),
+        OpenEvent(tracking_id=_token(1), at=T0, ip="192.0.2.1", user_agent="A\udcffB"),
+        OpenEvent(tracking_id=_token(2), at=T0, ip="192.0.2.2", user_agent="ok"),
     ]
     assert await store.record_opens(hits) == 2
     one, two = await store.find_message(_token(1)), await store.find_message(_token(2))
@@ -148,7 +148,7 @@ class PoisonStore(OpensOnlyStore):
         self.calls = 0
         self.down = down
 
-    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    async def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         self.calls += 1
         if self.down or any(h.tracking_id == _token(0) for h in hits):
             raise StoreError("cannot record")
@@ -156,8 +156,8 @@ class PoisonStore(OpensOnlyStore):
         return len(hits)
 
 
-def _hit(i: int) -> OpenHit:
-    return OpenHit(tracking_id=_token(i), at=T0, client_address=None, user_agent=None)
+def _hit(i: int) -> OpenEvent:
+    return OpenEvent(tracking_id=_token(i), at=T0, ip=None, user_agent=None)
 
 
 async def test_a_failing_batch_is_retried_one_by_one_and_only_the_bad_event_is_lost() -> None:

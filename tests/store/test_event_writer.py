@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import OpenHit
+from smtp_tracker.store import OpenEvent
 from smtp_tracker.store.writer import EventWriter
 from tests.support.stores import OpensOnlyStore
 
@@ -19,14 +19,14 @@ class FakeStore(OpensOnlyStore):
     """Records batches; :attr:`gate` (when set) makes each write wait until opened."""
 
     def __init__(self, *, gated: bool = False, fail_first: int = 0) -> None:
-        self.batches: list[list[OpenHit]] = []
+        self.batches: list[list[OpenEvent]] = []
         self.gate = asyncio.Event()
         if not gated:
             self.gate.set()
         self.entered = asyncio.Event()
         self.fail_first = fail_first
 
-    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    async def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         self.entered.set()
         await self.gate.wait()
         if self.fail_first:
@@ -36,8 +36,8 @@ class FakeStore(OpensOnlyStore):
         return sum(1 for h in hits if h.tracking_id != token(0))  # token 0 is "unknown"
 
 
-def hit(i: int) -> OpenHit:
-    return OpenHit(tracking_id=token(i), at=T0, client_address=None, user_agent=None)
+def hit(i: int) -> OpenEvent:
+    return OpenEvent(tracking_id=token(i), at=T0, ip=None, user_agent=None)
 
 
 async def test_batches_follow_the_load_and_stop_flushes() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
-from smtp_tracker.store import ClickRecord, LinkRecord, OpenRecord, format_time, message_to_dict
+from smtp_tracker.store import ClickEvent, LinkRecord, OpenEvent, format_time, message_to_dict
 
 from .store_helpers import T0, make_record, token
 
@@ -13,7 +13,7 @@ from .store_helpers import T0, make_record, token
 def test_message_to_dict_exact_shape() -> None:
     record = make_record(1, subject=None)
     opens = [
-        OpenRecord(
+        OpenEvent(
             tracking_id=token(1),
             at=T0,
             ip="192.0.2.0/24",
@@ -21,7 +21,7 @@ def test_message_to_dict_exact_shape() -> None:
             verdict="human",
             verdict_reason="ua:mail-client",
         ),
-        OpenRecord(tracking_id=token(1), at=T0 + timedelta(seconds=5), ip=None, user_agent=None),
+        OpenEvent(tracking_id=token(1), at=T0 + timedelta(seconds=5), ip=None, user_agent=None),
     ]
     assert message_to_dict(record, opens) == {
         "tracking_id": token(1),
@@ -60,7 +60,7 @@ def test_message_to_dict_exact_shape() -> None:
 def test_links_and_clicks_are_listed() -> None:
     link = LinkRecord(token="L" * 23, url="https://example.com/?a=1&b=2", position=0)
     record = make_record(1, links=(link,))
-    click = ClickRecord(
+    click = ClickEvent(
         link_token=link.token,
         tracking_id=token(1),
         url=link.url,

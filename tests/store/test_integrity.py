@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import CURRENT_VERSION, DB_FILENAME, OpenHit, SqliteDatabase, SqliteStore
+from smtp_tracker.store import CURRENT_VERSION, DB_FILENAME, OpenEvent, SqliteDatabase, SqliteStore
 from smtp_tracker.store.base import store_degraded
 from smtp_tracker.store.integrity import (
     SQLITE_MAGIC,
@@ -132,7 +132,7 @@ async def test_a_store_that_cannot_be_opened_is_suspended_not_fatal(
             await store.record_message(make_record(999))
         with pytest.raises(StoreSuspendedError):
             await store.record_opens(
-                [OpenHit(tracking_id=token(1), at=T0, client_address=None, user_agent=None)]
+                [OpenEvent(tracking_id=token(1), at=T0, ip=None, user_agent=None)]
             )
         assert store.counters.suspended_calls == 2
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from smtp_tracker.cli import main as cli_main
-from smtp_tracker.store import DB_FILENAME, ClickHit, OpenHit, SqliteDatabase
+from smtp_tracker.store import DB_FILENAME, ClickEvent, OpenEvent, SqliteDatabase
 from smtp_tracker.tokens import LinkRecord
 
 from .store_helpers import T0, make_record, token
@@ -34,10 +34,10 @@ def _small_store(data_dir: Path) -> None:
             db.record_message(make_record(i, links=links))
         db.record_opens(
             [
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(i),
                     at=T0 + timedelta(hours=1, seconds=i),
-                    client_address="192.0.2.9",
+                    ip="192.0.2.9",
                     user_agent="Mozilla/5.0",
                 )
                 for i in range(0, 30, 2)
@@ -45,10 +45,10 @@ def _small_store(data_dir: Path) -> None:
         )
         db.record_clicks(
             [
-                ClickHit(
+                ClickEvent(
                     link_token=f"L{i:021d}",
                     at=T0 + timedelta(hours=2),
-                    client_address=None,
+                    ip=None,
                     user_agent=None,
                 )
                 for i in range(0, 30, 3)
@@ -86,9 +86,7 @@ def test_copies_every_table_and_verifies(data_dir: Path, pg_dsn: str) -> None:
         assert new.query_stats() == old.query_stats()
         assert new.query_message(token(4)) == old.query_message(token(4))
         new.record_message(make_record(99))
-        new.record_opens(
-            [OpenHit(tracking_id=token(99), at=T0, client_address=None, user_agent=None)]
-        )
+        new.record_opens([OpenEvent(tracking_id=token(99), at=T0, ip=None, user_agent=None)])
     # again: nothing new to copy, still exact
     status, out = _migrate(data_dir, pg_dsn)
     assert status == 1 and "messages: 31/30 rows" in out and "MISMATCH" in out

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from smtp_tracker.cli import main as cli_main
-from smtp_tracker.store import ClickHit, OpenHit
+from smtp_tracker.store import ClickEvent, OpenEvent
 from smtp_tracker.tokens import LinkRecord
 from smtp_tracker.web.reports.app import build_reports_app
 from smtp_tracker.web.reports.users import UserDirectory
@@ -50,24 +50,24 @@ async def test_show_json_is_the_api_message(store: Any, data_dir: Path, tmp_path
     await store.record_message(make_record(1, links=(link,), message_id="<m1@example.com>"))
     await store.record_message(make_record(2))
     opens = [
-        OpenHit(
+        OpenEvent(
             tracking_id=token(1),
             at=T0 + timedelta(minutes=5),
-            client_address="192.0.2.7",
+            ip="192.0.2.7",
             user_agent="Mozilla/5.0",
         ),
-        OpenHit(
+        OpenEvent(
             tracking_id=token(1),
             at=T0 + timedelta(minutes=6),
-            client_address="198.51.100.1",
+            ip="198.51.100.1",
             user_agent=None,
         ),
     ]
     assert await store.record_opens(opens) == 2
-    click = ClickHit(
+    click = ClickEvent(
         link_token=link.token,
         at=T0 + timedelta(minutes=7),
-        client_address="192.0.2.8",
+        ip="192.0.2.8",
         user_agent="Mozilla/5.0",
     )
     assert await store.record_clicks([click]) == 1

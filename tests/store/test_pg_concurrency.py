@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from smtp_tracker.store import ClickHit, OpenHit
+from smtp_tracker.store import ClickEvent, OpenEvent
 from smtp_tracker.tokens import LinkRecord
 
 from .store_helpers import T0, make_record, token
@@ -42,17 +42,17 @@ def test_writers_at_once_lose_no_update(pg_dsn: str) -> None:
                     order = [(i + w) % MESSAGES for i in range(MESSAGES)]
                     db.record_opens(
                         [
-                            OpenHit(tracking_id=token(i), at=at, client_address=None, user_agent=ua)
+                            OpenEvent(tracking_id=token(i), at=at, ip=None, user_agent=ua)
                             for i in order
                             for ua in ("Mozilla/5.0", None)
                         ]
                     )
                     db.record_clicks(
                         [
-                            ClickHit(
+                            ClickEvent(
                                 link_token=link(i).token,
                                 at=at,
-                                client_address=None,
+                                ip=None,
                                 user_agent=None,
                             )
                             for i in reversed(order)

@@ -22,10 +22,10 @@ from smtp_tracker.classification import RULES, Classifier, load_networks
 from smtp_tracker.cli import main
 from smtp_tracker.store import (
     DB_FILENAME,
-    ClickHit,
+    ClickEvent,
     LinkRecord,
     MessageRecord,
-    OpenHit,
+    OpenEvent,
     SqliteDatabase,
 )
 from smtp_tracker.store.reclassify import rollup_from_rows, run
@@ -111,16 +111,16 @@ def records() -> list[MessageRecord]:
     return result
 
 
-def hits(record: MessageRecord, i: int) -> tuple[list[OpenHit], list[ClickHit]]:
+def hits(record: MessageRecord, i: int) -> tuple[list[OpenEvent], list[ClickEvent]]:
     """A few of :data:`FETCHES` for message *i*, and a click for some."""
     opens = []
     for n in range(i % 4):
         agent, address, seconds = FETCHES[(i + 5 * n) % len(FETCHES)]
         opens.append(
-            OpenHit(
+            OpenEvent(
                 tracking_id=record.tracking_id,
                 at=record.relayed_at + timedelta(seconds=seconds),
-                client_address=address,
+                ip=address,
                 user_agent=agent,
             )
         )
@@ -128,10 +128,10 @@ def hits(record: MessageRecord, i: int) -> tuple[list[OpenHit], list[ClickHit]]:
     if i % 5 in (1, 2):
         agent, address, seconds = FETCHES[(i * 7) % len(FETCHES)]
         clicks.append(
-            ClickHit(
+            ClickEvent(
                 link_token=record.links[0].token,
                 at=record.relayed_at + timedelta(seconds=seconds + 1),
-                client_address=address,
+                ip=address,
                 user_agent=agent,
             )
         )
@@ -385,10 +385,10 @@ def test_after_networks_import(
         db.record_message(record)
         db.record_opens(
             [
-                OpenHit(
+                OpenEvent(
                     tracking_id=record.tracking_id,
                     at=record.relayed_at + timedelta(hours=1),
-                    client_address="198.51.100.7",
+                    ip="198.51.100.7",
                     user_agent=CHROME_WINDOWS,
                 )
             ]

@@ -28,10 +28,10 @@ from smtp_tracker.store.queries import (
 from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
     VERDICTS,
-    ClickHit,
+    ClickEvent,
     EventContext,
     LinkRecord,
-    OpenHit,
+    OpenEvent,
     Verdict,
 )
 
@@ -82,7 +82,7 @@ def dataset(tmp_path: Path, open_database: Any) -> Iterator[tuple[SqliteDatabase
     recipients, some untracked, opens of every verdict."""
     database = open_database(tmp_path / "data")
     expected: list[Expected] = []
-    hits: list[OpenHit] = []
+    hits: list[OpenEvent] = []
     for i in range(60):
         relayed_at = T0 + timedelta(hours=3 * i)
         recipients = [f"R{i % 5}@Dest.net"] + (["shared@dest.net"] if i % 3 == 0 else [])
@@ -111,20 +111,20 @@ def dataset(tmp_path: Path, open_database: Any) -> Iterator[tuple[SqliteDatabase
             verdict = VERDICTS[(i // 2) % len(VERDICTS)]
             item.verdicts.append(verdict)
             hits.append(
-                OpenHit(
+                OpenEvent(
                     tracking_id=record.tracking_id,
                     at=relayed_at + timedelta(hours=1),
-                    client_address="192.0.2.1",
+                    ip="192.0.2.1",
                     user_agent=verdict,
                 )
             )
             if i % 10 == 0:
                 item.verdicts.append("human")
                 hits.append(
-                    OpenHit(
+                    OpenEvent(
                         tracking_id=record.tracking_id,
                         at=relayed_at + timedelta(days=2),
-                        client_address="192.0.2.2",
+                        ip="192.0.2.2",
                         user_agent="human",
                     )
                 )
@@ -428,10 +428,10 @@ def test_query_message_has_its_opens_and_clicks_with_verdicts(
         database.record_message(make_record(5, relayed_at=T0, links=links))
         database.record_opens(
             [
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(5),
                     at=T0 + timedelta(minutes=m),
-                    client_address=None,
+                    ip=None,
                     user_agent=ua,
                 )
                 for m, ua in [(3, "scanner"), (1, "privacy_proxy"), (9, "human")]
@@ -439,10 +439,10 @@ def test_query_message_has_its_opens_and_clicks_with_verdicts(
         )
         database.record_clicks(
             [
-                ClickHit(
+                ClickEvent(
                     link_token=links[1].token,
                     at=T0 + timedelta(minutes=10),
-                    client_address="192.0.2.9",
+                    ip="192.0.2.9",
                     user_agent="human",
                 )
             ]
@@ -503,10 +503,10 @@ def test_stats_by_day_on_known_data(tmp_path: Path, open_database: Any) -> None:
         # every open arrives on day 3: it still counts on its message's relay day
         database.record_opens(
             [
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(i),
                     at=day2 + timedelta(days=1),
-                    client_address=None,
+                    ip=None,
                     user_agent=ua,
                 )
                 for i, ua in opens
@@ -645,7 +645,7 @@ async def test_async_store_methods(tmp_path: Path) -> None:
         for i in range(3):
             await store.record_message(make_record(i, relayed_at=T0 + timedelta(days=i)))
         await store.record_opens(
-            [OpenHit(tracking_id=token(1), at=T0, client_address=None, user_agent="human")]
+            [OpenEvent(tracking_id=token(1), at=T0, ip=None, user_agent="human")]
         )
         page = await store.query_messages(MessageFilter(opened=True))
         assert [s.tracking_id for s in page.items] == [token(1)]

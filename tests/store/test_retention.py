@@ -14,7 +14,7 @@ import pytest
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import SqliteDatabase, SqliteStore
-from smtp_tracker.store.records import ClickHit, LinkRecord, OpenHit
+from smtp_tracker.store.records import ClickEvent, LinkRecord, OpenEvent
 from smtp_tracker.store.retention import Removed, recipient_forms
 from tests.store.store_helpers import T0, make_record, token
 from tests.support.waiting import wait_until
@@ -39,13 +39,13 @@ def add_events(database: SqliteDatabase, i: int, *, opens: int, clicks: int) -> 
     at = T0 + timedelta(minutes=i, seconds=30)
     database.record_opens(
         [
-            OpenHit(tracking_id=token(i), at=at, client_address="192.0.2.1", user_agent="UA")
+            OpenEvent(tracking_id=token(i), at=at, ip="192.0.2.1", user_agent="UA")
             for _ in range(opens)
         ]
     )
     database.record_clicks(
         [
-            ClickHit(link_token=link_token(i, 0), at=at, client_address=None, user_agent=None)
+            ClickEvent(link_token=link_token(i, 0), at=at, ip=None, user_agent=None)
             for _ in range(clicks)
         ]
     )

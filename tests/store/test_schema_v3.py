@@ -12,10 +12,10 @@ import pytest
 
 from smtp_tracker.store import (
     DB_FILENAME,
-    ClickHit,
+    ClickEvent,
     EventContext,
     LinkRecord,
-    OpenHit,
+    OpenEvent,
     SqliteDatabase,
     SqliteStore,
     Verdict,
@@ -46,11 +46,11 @@ def database(data_dir: Path) -> Iterator[SqliteDatabase]:
         yield db
 
 
-def hit(i: int, agent: str, *, minutes: int = 5, address: str = "198.51.100.7") -> OpenHit:
-    return OpenHit(
+def hit(i: int, agent: str, *, minutes: int = 5, address: str = "198.51.100.7") -> OpenEvent:
+    return OpenEvent(
         tracking_id=token(i),
         at=T0 + timedelta(minutes=i + minutes),
-        client_address=address,
+        ip=address,
         user_agent=agent,
     )
 
@@ -162,13 +162,9 @@ def test_links_and_clicks(database: SqliteDatabase, data_dir: Path) -> None:
     at = T0 + timedelta(minutes=2)
     recorded = database.record_clicks(
         [
-            ClickHit(link_token="L" * 23, at=at, client_address="192.0.2.1", user_agent="Scanner"),
-            ClickHit(
-                link_token="L" * 23, at=at, client_address="192.0.2.1", user_agent="Human/1.0"
-            ),
-            ClickHit(
-                link_token="Z" * 23, at=at, client_address="192.0.2.1", user_agent="Human/1.0"
-            ),
+            ClickEvent(link_token="L" * 23, at=at, ip="192.0.2.1", user_agent="Scanner"),
+            ClickEvent(link_token="L" * 23, at=at, ip="192.0.2.1", user_agent="Human/1.0"),
+            ClickEvent(link_token="Z" * 23, at=at, ip="192.0.2.1", user_agent="Human/1.0"),
         ]
     )
     assert recorded == 2

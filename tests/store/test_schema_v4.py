@@ -13,7 +13,7 @@ import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
-from smtp_tracker.store import DB_FILENAME, ClickHit, LinkRecord, OpenHit, SqliteDatabase
+from smtp_tracker.store import DB_FILENAME, ClickEvent, LinkRecord, OpenEvent, SqliteDatabase
 from smtp_tracker.store.migrations import migrate
 from smtp_tracker.store.queries import MessageFilter
 from smtp_tracker.store.reclassify import rollup_from_rows
@@ -26,11 +26,11 @@ def link(i: int) -> LinkRecord:
     return LinkRecord(token=f"K{i:02d}" + "x" * 20, url=f"https://example.com/{i}", position=0)
 
 
-def click(i: int, agent: str, minutes: int) -> ClickHit:
-    return ClickHit(
+def click(i: int, agent: str, minutes: int) -> ClickEvent:
+    return ClickEvent(
         link_token=link(i).token,
         at=T0 + timedelta(minutes=minutes),
-        client_address="192.0.2.9",
+        ip="192.0.2.9",
         user_agent=agent,
     )
 
@@ -98,10 +98,10 @@ def test_the_write_path_keeps_opened_via_click(data_dir: Path) -> None:
         assert opened_columns(data_dir / DB_FILENAME) == [("example.com", 2, 2, 2)]
         db.record_opens(
             [
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(0),
                     at=T0 + timedelta(minutes=9),
-                    client_address="192.0.2.9",
+                    ip="192.0.2.9",
                     user_agent="Human/1.0",
                 )
             ]

@@ -12,7 +12,7 @@ import pytest
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store import (
     DB_FILENAME,
-    OpenHit,
+    OpenEvent,
     SqliteDatabase,
     SqliteStore,
     StoredMessage,
@@ -23,8 +23,8 @@ from .store_helpers import T0, make_record, token
 
 def hit(
     i: int, *, at: datetime = T0, ua: str | None = "UA", ip: str | None = "192.0.2.7"
-) -> OpenHit:
-    return OpenHit(tracking_id=token(i), at=at, client_address=ip, user_agent=ua)
+) -> OpenEvent:
+    return OpenEvent(tracking_id=token(i), at=at, ip=ip, user_agent=ua)
 
 
 async def test_round_trip(store: SqliteStore) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import ClickHit, OpenHit
+from smtp_tracker.store import ClickEvent, OpenEvent
 from smtp_tracker.store.writer import EventWriter
 from tests.support.stores import OpensOnlyStore
 
@@ -16,29 +16,29 @@ class EventsStore(OpensOnlyStore):
     """Keeps what it is given; clicks can be made to fail."""
 
     def __init__(self, *, clicks_fail: bool = False) -> None:
-        self.opens: list[OpenHit] = []
-        self.clicks: list[ClickHit] = []
+        self.opens: list[OpenEvent] = []
+        self.clicks: list[ClickEvent] = []
         self.clicks_fail = clicks_fail
 
-    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
-        assert all(isinstance(h, OpenHit) for h in hits)
+    async def record_opens(self, hits: Sequence[OpenEvent]) -> int:
+        assert all(isinstance(h, OpenEvent) for h in hits)
         self.opens.extend(hits)
         return len(hits)
 
-    async def record_clicks(self, hits: Sequence[ClickHit]) -> int:
-        assert all(isinstance(h, ClickHit) for h in hits)
+    async def record_clicks(self, hits: Sequence[ClickEvent]) -> int:
+        assert all(isinstance(h, ClickEvent) for h in hits)
         if self.clicks_fail:
             raise StoreError("disk full")
         self.clicks.extend(hits)
         return len(hits) - 1  # one unknown link token
 
 
-def open_hit(i: int) -> OpenHit:
-    return OpenHit(tracking_id=token(i), at=T0, client_address=None, user_agent=None)
+def open_hit(i: int) -> OpenEvent:
+    return OpenEvent(tracking_id=token(i), at=T0, ip=None, user_agent=None)
 
 
-def click_hit(i: int) -> ClickHit:
-    return ClickHit(link_token=token(i), at=T0, client_address="192.0.2.1", user_agent="ua")
+def click_hit(i: int) -> ClickEvent:
+    return ClickEvent(link_token=token(i), at=T0, ip="192.0.2.1", user_agent="ua")
 
 
 async def test_opens_and_clicks_in_one_queue_reach_their_own_store_calls() -> None:

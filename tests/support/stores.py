@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from smtp_tracker.store import MessageRecord, OpenHit, StoredMessage
+from smtp_tracker.store import MessageRecord, OpenEvent, StoredMessage
 
 
 class OpensOnlyStore:
@@ -14,7 +14,7 @@ class OpensOnlyStore:
     Everything else raises, so a test notices when the code under test reaches for it.
     """
 
-    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    async def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         raise NotImplementedError
 
     async def record_message(self, record: MessageRecord) -> None:

@@ -20,7 +20,7 @@ import lxml.html
 import pytest
 from aiohttp import web
 
-from smtp_tracker.store import MessageRecord, OpenHit, SqliteStore
+from smtp_tracker.store import MessageRecord, OpenEvent, SqliteStore
 from smtp_tracker.store.records import EventContext, Verdict
 from smtp_tracker.web.reports.app import build_reports_app
 from smtp_tracker.web.reports.users import UserDirectory, add_user
@@ -209,10 +209,8 @@ def record(i: int, *, relayed_at: datetime = T_DAY, **overrides: Any) -> Message
     return MessageRecord(**values)
 
 
-def open_hit(i: int, verdict: str, at: datetime, address: str = "192.0.2.7") -> OpenHit:
-    return OpenHit(
-        tracking_id=token(i), at=at, client_address=address, user_agent=VERDICT_UA[verdict]
-    )
+def open_hit(i: int, verdict: str, at: datetime, address: str = "192.0.2.7") -> OpenEvent:
+    return OpenEvent(tracking_id=token(i), at=at, ip=address, user_agent=VERDICT_UA[verdict])
 
 
 def route_paths(app: web.Application) -> list[tuple[str, str, web.AbstractResource]]:

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from smtp_tracker.store import ClickHit, LinkRecord, SqliteStore
+from smtp_tracker.store import ClickEvent, LinkRecord, SqliteStore
 from smtp_tracker.web.reports.api import CSV_COLUMNS
 
 from .dashboard_support import (
@@ -44,11 +44,11 @@ def link(i: int) -> LinkRecord:
     return LinkRecord(token=f"L{i:02d}" + "k" * 20, url=f"https://example.org/{i}", position=0)
 
 
-def click(i: int, verdict: str, minutes: int) -> ClickHit:
-    return ClickHit(
+def click(i: int, verdict: str, minutes: int) -> ClickEvent:
+    return ClickEvent(
         link_token=link(i).token,
         at=T_DAY + timedelta(minutes=minutes),
-        client_address="192.0.2.8",
+        ip="192.0.2.8",
         user_agent=VERDICT_UA[verdict],
     )
 

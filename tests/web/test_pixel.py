@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import aiohttp
 import pytest
 
-from smtp_tracker.store import OpenHit, SqliteStore
+from smtp_tracker.store import OpenEvent, SqliteStore
 from smtp_tracker.web import TRANSPARENT_GIF, WRITER_KEY
 from tests.support.stores import OpensOnlyStore
 
@@ -236,7 +236,7 @@ class GatedStore(OpensOnlyStore):
         self.entered = asyncio.Event()
         self.received = 0
 
-    async def record_opens(self, hits: Sequence[OpenHit]) -> int:
+    async def record_opens(self, hits: Sequence[OpenEvent]) -> int:
         self.entered.set()
         await self.gate.wait()
         self.received += len(hits)

@@ -29,10 +29,10 @@ from smtp_tracker.errors import ConfigError, StoreError
 from smtp_tracker.store import SqliteDatabase, SqliteStore
 from smtp_tracker.store.records import (
     VERDICTS,
-    ClickHit,
+    ClickEvent,
     EventContext,
     LinkRecord,
-    OpenHit,
+    OpenEvent,
     Verdict,
 )
 from smtp_tracker.web.reports.api import CSV_COLUMNS, make_reports_app
@@ -82,30 +82,30 @@ def fill(data_dir: Path) -> None:
             )
         database.record_opens(
             [
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(i),
                     at=T0 + timedelta(hours=i, minutes=5),
-                    client_address="192.0.2.10",
+                    ip="192.0.2.10",
                     user_agent=VERDICTS[(i // 2) % len(VERDICTS)],
                 )
                 for i in range(0, MESSAGES, 2)
                 if i % 4 != 3
             ]
             + [
-                OpenHit(
+                OpenEvent(
                     tracking_id=token(1),
                     at=T0 + timedelta(hours=2),
-                    client_address=None,
+                    ip=None,
                     user_agent="human",
                 )
             ]
         )
         database.record_clicks(
             [
-                ClickHit(
+                ClickEvent(
                     link_token="L" + "k" * 22,
                     at=T0 + timedelta(hours=3),
-                    client_address="192.0.2.11",
+                    ip="192.0.2.11",
                     user_agent="human",
                 )
             ]

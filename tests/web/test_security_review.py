@@ -33,8 +33,8 @@ import pytest
 from aiohttp import web
 
 from smtp_tracker.classification import import_network_list
-from smtp_tracker.store import OpenHit, SqliteStore
-from smtp_tracker.store.records import ClickHit, LinkRecord
+from smtp_tracker.store import OpenEvent, SqliteStore
+from smtp_tracker.store.records import ClickEvent, LinkRecord
 from smtp_tracker.web import make_pixel_app, start_site
 from smtp_tracker.web.reports import users as users_module
 from smtp_tracker.web.reports.auth import SESSION_COOKIE, load_reports_token
@@ -318,14 +318,10 @@ async def test_a_recipients_user_agent_and_a_senders_link_are_escaped_on_the_pag
     )
     at = T_DAY + timedelta(hours=1)
     await store.record_opens(
-        [OpenHit(tracking_id=token(5), at=at, client_address="192.0.2.9", user_agent=hostile_agent)]
+        [OpenEvent(tracking_id=token(5), at=at, ip="192.0.2.9", user_agent=hostile_agent)]
     )
     assert await store.record_clicks(
-        [
-            ClickHit(
-                link_token=link_token, at=at, client_address="192.0.2.9", user_agent=hostile_agent
-            )
-        ]
+        [ClickEvent(link_token=link_token, at=at, ip="192.0.2.9", user_agent=hostile_agent)]
     )
     await login(browser, reports)
     async with browser.get(reports.base_url + f"/messages/{token(5)}") as response:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from smtp_tracker.store import OpenHit, SqliteDatabase
+from smtp_tracker.store import OpenEvent, SqliteDatabase
 from smtp_tracker.webhooks import outbox
 from smtp_tracker.webhooks.events import Event
 from tests.store.store_helpers import make_record, token
@@ -49,7 +49,7 @@ def record(data_dir: Path, i: int, recipients: list[str], *, days: int = 1, open
         database.record_message(make_record(i, relayed_at=at, recipients=recipients))
         database.record_opens(
             [
-                OpenHit(tracking_id=token(i), at=at, client_address="192.0.2.9", user_agent="UA")
+                OpenEvent(tracking_id=token(i), at=at, ip="192.0.2.9", user_agent="UA")
                 for _ in range(opens)
             ]
         )

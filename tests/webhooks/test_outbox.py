@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from smtp_tracker.store import OpenHit
+from smtp_tracker.store import OpenEvent
 from smtp_tracker.webhooks import outbox
 from tests.support.waiting import wait_until
 from tests.webhooks.conftest import GMAIL_PROXY, Receiver, Tracked, hook, send
@@ -36,10 +36,10 @@ async def test_beyond_the_bound_events_are_dropped_and_counted_and_mail_relays(
     (stored,) = await store.list_messages()
     now = datetime.now(UTC)
     hits = [
-        OpenHit(
+        OpenEvent(
             tracking_id=stored.record.tracking_id,
             at=now,
-            client_address="192.0.2.7",
+            ip="192.0.2.7",
             user_agent=GMAIL_PROXY,
         )
         for _ in range(999)

@@ -40,7 +40,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from smtp_tracker.errors import StoreError
 from smtp_tracker.store.base import Store
-from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, ClickHit
+from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, ClickEvent
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tokens import CLICK_PATH_PREFIX, URL_SAFE, is_well_formed_token
 from smtp_tracker.web.client_address import IPNetwork, request_client_address
@@ -215,10 +215,10 @@ class ClickEndpoint:
             return
         self.recorded_offers += 1
         self._writer.offer(
-            ClickHit(
+            ClickEvent(
                 link_token=token,
                 at=datetime.now(UTC),
-                client_address=client,
+                ip=client,
                 user_agent=user_agent,
             )
         )

@@ -53,7 +53,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from smtp_tracker.store.base import Store, store_degraded
-from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, OpenHit
+from smtp_tracker.store.records import USER_AGENT_MAX_CHARS, OpenEvent
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tokens import PIXEL_PATH_PREFIX, is_well_formed_token
 from smtp_tracker.web.client_address import IPNetwork, request_client_address
@@ -176,10 +176,10 @@ async def _pixel(request: web.Request) -> web.Response:
             limiter = app[LIMITER_KEY]
             if limiter is None or limiter.allow(token, client):
                 app[WRITER_KEY].offer(
-                    OpenHit(
+                    OpenEvent(
                         tracking_id=token,
                         at=datetime.now(UTC),
-                        client_address=client,
+                        ip=client,
                         user_agent=user_agent,
                     )
                 )
