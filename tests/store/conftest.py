@@ -1,10 +1,13 @@
 """Fixtures for the tracking store tests: a data directory and an open store.
 
-``store`` is parametrised over both backends: SQLite in the data directory
+``backend`` is parametrised over both backends: SQLite in the data directory
 and PostgreSQL in a fresh database of a private cluster (one per session,
 :mod:`tests.support.postgres`); the PostgreSQL half skips with the reason
-when PostgreSQL or psycopg is not installed.  A test that is about SQLite
-alone takes ``sqlite_store`` instead (or names SqliteStore itself).
+when PostgreSQL or psycopg is not installed.  Every fixture built on it
+(``open_store``, ``store``, ``open_same_database``, ``open_sync_database``) runs
+the test once per backend.  A test that is about SQLite alone (its files,
+PRAGMAs, old SQLite schema versions) takes ``sqlite_store`` instead (or
+names SqliteStore itself) and says why in its docstring.
 """
 
 from __future__ import annotations
@@ -64,6 +67,24 @@ async def sqlite_store(data_dir: Path) -> AsyncIterator[SqliteStore]:
     """An open SQLite store with the default options."""
     async with await SqliteStore.open(data_dir) as opened:
         yield opened
+
+
+@pytest.fixture
+def open_same_database(backend: str, data_dir: Path, request: pytest.FixtureRequest) -> Any:
+    """``open_same_database(**options)``: a blocking store (:class:`SqliteDatabase` or
+    :class:`PgDatabase`) on the test's one store, the one ``open_store`` opens; each
+    call opens it again (closed by the test).  Its ``connection`` takes SQL with ``?``
+    placeholders on either backend, for a test that reads the tables themselves."""
+    if backend == "sqlite":
+        return lambda **options: SqliteDatabase.open(data_dir, **options)
+    dsn = request.getfixturevalue("pg_dsn")
+
+    def open_pg(**options: Any) -> Any:
+        from smtp_tracker.store.postgresql import PgDatabase
+
+        return PgDatabase.open(dsn, **options)
+
+    return open_pg
 
 
 @pytest.fixture
