@@ -6,18 +6,32 @@ releases.  A release that renames or reshapes one of these attributes fails
 here first, with the name, instead of somewhere deep in a relay test.
 
 * aiosmtpd: ``smtp_tracker/smtp/server.py`` subclasses :class:`aiosmtpd.smtp.SMTP`
-  (the DATA reader, command checks, PIPELINING synchronisation, HELP, STARTTLS).
+  (the DATA reader, command checks, PIPELINING synchronisation, HELP, STARTTLS),
+  and sets the attributes ``SMTP.__init__`` would set itself, with its command,
+  AUTH and hook tables found once per class (issue 15): an instance made that
+  way must hold what aiosmtpd's own ``__init__`` gives it, attribute by attribute.
 * aiohttp: ``smtp_tracker/web/site.py`` starts its own protocol factory with the
   runner's handler arguments (connection cap, TLS handshake timeout).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import inspect
+import ssl
+import types
+import weakref
+from typing import Any
 
 import pytest
 from aiohttp import web, web_server
 from aiosmtpd.smtp import SMTP
+
+from smtp_tracker.smtp.handler import RelayHandler
+from smtp_tracker.smtp.lmtp import LmtpHandler, LmtpSMTP
+from smtp_tracker.smtp.server import RelaySMTP
+from smtp_tracker.smtp.upstream import UpstreamSettings
 
 #: aiosmtpd.smtp.SMTP methods we call or override, with the parameters we pass.
 SMTP_METHODS = {
@@ -61,6 +75,105 @@ async def test_aiosmtpd_smtp_instances_keep_their_attributes() -> None:
     missing = [name for name in missing if f"self.{name}" not in source]
     assert missing == []
     assert isinstance(smtp._smtp_methods, dict) and "DATA" in smtp._smtp_methods
+
+
+class _HandlerWithAuth:
+    """A handler with its own AUTH mechanism and a per-instance hook."""
+
+    def __init__(self) -> None:
+        self.handle_NOOP = self._noop
+
+    async def _noop(self, server: Any, session: Any, envelope: Any, arg: str) -> str:
+        return "250 OK"
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        return responses
+
+    async def auth_CRAM__MD5(self, server: Any, args: list[str]) -> Any:
+        return None
+
+
+def _same(stock: Any, ours: Any, stock_owner: SMTP, our_owner: SMTP) -> bool:
+    """Whether an attribute value of ``ours`` is what aiosmtpd gave ``stock``.
+
+    Objects made per instance (the stream reader and its future) match by type;
+    methods bound to the instance match by function (ours may wrap aiosmtpd's).
+    """
+    if isinstance(stock, types.MethodType):
+        if not isinstance(ours, types.MethodType):
+            return False
+        function = ours.__func__
+        function = getattr(function, "__wrapped__", function)
+        if stock.__self__ is stock_owner:
+            return ours.__self__ is our_owner and function is stock.__func__
+        return ours.__self__ is stock.__self__ and function is stock.__func__
+    if type(stock) is not type(ours):
+        return False
+    if isinstance(stock, dict):
+        return list(stock) == list(ours) and all(
+            _same(stock[key], ours[key], stock_owner, our_owner) for key in stock
+        )
+    if isinstance(stock, tuple):
+        return len(stock) == len(ours) and all(
+            _same(a, b, stock_owner, our_owner) for a, b in zip(stock, ours, strict=True)
+        )
+    if isinstance(stock, asyncio.StreamReader):
+        return repr(stock) == repr(ours)  # its limit
+    if isinstance(stock, asyncio.Future | weakref.ref | collections.deque):
+        return True  # made per instance: compared by type
+    return bool(stock == ours)
+
+
+@pytest.mark.parametrize("case", ["relay", "relay-tls", "lmtp", "handler-auth"])
+async def test_relay_smtp_sets_what_aiosmtpd_init_sets(case: str) -> None:
+    """RelaySMTP does SMTP.__init__'s work itself (issue 15): the same attributes, same values."""
+    settings = UpstreamSettings(
+        host="127.0.0.1", port=25, tls="none", tls_context=None, helo_name="relay.test"
+    )
+    protocol: type[RelaySMTP] = LmtpSMTP if case == "lmtp" else RelaySMTP
+    handler: Any = {
+        "lmtp": lambda: LmtpHandler(upstream=settings, hostname="relay.test"),
+        "handler-auth": _HandlerWithAuth,
+    }.get(case, lambda: RelayHandler(upstream=settings, hostname="relay.test"))()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) if case == "relay-tls" else None
+    for _ in range(2):  # the second instance takes the tables found for the first
+        ours = protocol(
+            handler,
+            allowed_clients=(),
+            max_message_bytes=12345,
+            client_timeout_s=7.0,
+            hostname="relay.test",
+            tls_context=context,
+            keep_transcript=False,
+        )
+        stock = protocol.__new__(protocol)
+        SMTP.__init__(
+            stock,
+            handler,
+            data_size_limit=12345,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname="relay.test",
+            ident="ESMTP smtp-tracker",
+            tls_context=context,
+            require_starttls=False,
+            timeout=7.0,
+            auth_require_tls=True,
+        )
+        missing = sorted(set(vars(stock)) - set(vars(ours)))
+        assert missing == []
+        different = [
+            name
+            for name, value in vars(stock).items()
+            if not _same(value, vars(ours)[name], stock, ours)
+        ]
+        assert different == []
+    assert set(ours._smtp_methods) >= {"DATA", "EHLO", "MAIL", "RCPT", "HELP", "QUIT"}
+    if case == "handler-auth":
+        assert list(ours._handle_hooks) == ["EHLO", "NOOP"]
+        assert ours._auth_methods["CRAM-MD5"].is_builtin is False
 
 
 async def test_aiohttp_server_keeps_its_handler_arguments() -> None:

@@ -72,14 +72,26 @@ import asyncio
 import collections
 import contextlib
 import functools
+import inspect
 import ipaddress
 import logging
 import re
 import ssl
+import types
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
+from warnings import warn
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, syntax
+from aiosmtpd.smtp import (
+    MISSING,
+    SMTP,
+    Envelope,
+    _AuthMechAttr,
+    login_always_fail,
+    make_loop,
+    syntax,
+)
 
 from smtp_tracker.errors import CommandRejected, SMTPReply
 from smtp_tracker.smtp import replies
@@ -251,18 +263,7 @@ class RelaySMTP(SMTP):
         keep_transcript: bool,
         slots: Slots | None = None,
     ) -> None:
-        super().__init__(
-            handler,
-            data_size_limit=max_message_bytes,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname,
-            ident="ESMTP smtp-tracker",
-            tls_context=tls_context,
-            require_starttls=False,
-            timeout=client_timeout_s,
-            auth_require_tls=True,
-        )
+        self._aiosmtpd_init(handler, max_message_bytes, hostname, tls_context, client_timeout_s)
         self._hooks = handler
         # aiosmtpd keeps these in a class attribute that every new connection clears
         # and every EHLO raises (RFC 1870 §3: +26 for SIZE); keep them per connection.
@@ -278,9 +279,81 @@ class RelaySMTP(SMTP):
         self._holds_slot = False
         self._greeted = False
         self._spoke_first = False
-        self._smtp_methods = {
-            name: self._checked(name, method) for name, method in self._smtp_methods.items()
+
+    def _aiosmtpd_init(
+        self,
+        handler: Any,
+        max_message_bytes: int,
+        hostname: str,
+        tls_context: ssl.SSLContext | None,
+        timeout: float,
+    ) -> None:
+        """What aiosmtpd's ``SMTP.__init__`` does with our arguments, with its tables found once.
+
+        aiosmtpd finds its command, AUTH and hook tables with ``inspect.getmembers``,
+        ``dir`` and ``inspect.signature`` on every new connection: an eighth of the
+        relay's CPU per message (issue 15).  They depend only on the two classes,
+        so :func:`_tables_for` finds them once per pair and each connection binds
+        them.  The same arguments as before: ``data_size_limit=max_message_bytes,
+        enable_SMTPUTF8=True, decode_data=False, ident="ESMTP smtp-tracker",
+        require_starttls=False, auth_require_tls=True`` and the defaults for the
+        rest; ``tests/test_private_attribute_canaries.py`` checks that an instance
+        made here has every attribute aiosmtpd's own ``__init__`` sets, with the
+        same values, so that a new aiosmtpd release that changes them fails there.
+        """
+        self.__ident__ = "ESMTP smtp-tracker"
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = make_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected,
+            loop=self.loop,
+        )
+        self.event_handler = handler
+        self.data_size_limit = max_message_bytes
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.hostname = hostname
+        self.tls_context = tls_context
+        if tls_context is not None:
+            _warn_about_verification(tls_context)
+        self.require_starttls = tls_context and False
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._auth_callback = login_always_fail
+        self._authenticator = None
+        self._auth_required = False
+        tables = _tables_for(type(self), handler)
+        self._auth_methods = {
+            mechanism: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
+            for mechanism, (name, builtin) in tables.auth.items()
         }
+        if _aiosmtpd_log.isEnabledFor(logging.INFO):
+            _aiosmtpd_log.info(
+                "Available AUTH mechanisms: "
+                + " ".join(
+                    m + "(builtin)" if impl.is_builtin else m
+                    for m, impl in sorted(self._auth_methods.items())
+                )
+            )
+        self._handle_hooks = {hook: getattr(handler, name) for hook, name in tables.hooks}
+        self._ehlo_hook_ver = tables.ehlo_hook_ver
+        self._smtp_methods = {
+            command: types.MethodType(function, self) for command, function in tables.commands
+        }
+        self._enforce_call_limit = False
 
     # -- session and access control --------------------------------------------
 
@@ -396,32 +469,6 @@ class RelaySMTP(SMTP):
         """Copy a line to the session's transcript, if it keeps one."""
         if self.session is not None and self.session.transcript is not None:
             self.session.transcript.add(direction, text)
-
-    def _checked(
-        self, name: str, method: Callable[[str | None], Awaitable[None]]
-    ) -> Callable[[str | None], Awaitable[None]]:
-        """Wrap a command: copy it to the transcript; refuse control characters in it.
-
-        ``functools.wraps`` keeps aiosmtpd's ``@syntax`` attributes, which HELP reads.
-        """
-
-        @functools.wraps(method)
-        async def call(arg: str | None) -> None:
-            self._transcribe(CLIENT_SAID, name if arg is None else f"{name} {arg}")
-            if arg is not None and _CONTROL.search(arg):
-                await self.push(replies.R501_CONTROL_CHARACTER)
-                return
-            if name in _ENDS_GROUP and self._pending_input():
-                await self._out_of_sync(name)
-                return
-            await method(arg)
-            # The idle clock runs from our reply, not from the command: a reply
-            # that waited on the upstream (extend_timeout) must not shorten it, nor
-            # leave the longer wait in force for the next command.
-            if self.transport is not None and not self.transport.is_closing():
-                self._reset_timeout()
-
-        return call
 
     async def push(self, status: str | bytes | SMTPReply) -> None:
         """Send one reply line; aiosmtpd's own replies get their enhanced status codes.
@@ -661,3 +708,137 @@ class RelaySMTP(SMTP):
             return
         reply = await self._hooks.rcpt(self, self.session, self.envelope, address, parameters)
         await self.push(reply)
+
+
+# -- aiosmtpd's per-connection tables, found once per class pair --------------------
+
+#: aiosmtpd's logger (it logs the AUTH mechanisms of every new connection at INFO).
+_aiosmtpd_log = logging.getLogger("mail.log")
+#: Prefixes of the names aiosmtpd looks up on the protocol and the handler.
+_INTROSPECTED = ("smtp_", "auth_", "handle_")
+
+#: A command as the protocol's table holds it, before it is bound to a connection.
+_Command = Callable[[RelaySMTP, str | None], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Tables:
+    """What aiosmtpd's ``SMTP.__init__`` finds by introspection, by name.
+
+    :ivar commands: ``(VERB, function)``: each ``smtp_VERB`` method, wrapped
+        by :func:`_checked_command`, to be bound to a connection.
+    :ivar auth: ``{mechanism: (attribute, builtin)}``: each ``auth_*`` method of
+        the protocol (builtin) and then of the handler, in aiosmtpd's order.
+    :ivar hooks: ``(hook, attribute)``: each ``handle_*`` method of the handler.
+    :ivar ehlo_hook_ver: ``None`` (no ``handle_EHLO``), ``"old"`` (4 arguments)
+        or ``"new"`` (5 arguments), as aiosmtpd decides it.
+    """
+
+    commands: tuple[tuple[str, _Command], ...]
+    auth: dict[str, tuple[str, bool]]
+    hooks: tuple[tuple[str, str], ...]
+    ehlo_hook_ver: str | None
+
+
+_TABLES: dict[tuple[type, type], _Tables] = {}
+
+
+def _tables_for(protocol: type[RelaySMTP], handler: Any) -> _Tables:
+    """The tables of ``protocol`` and ``handler``'s class, found on first use.
+
+    A handler with hooks of its own (instance attributes named like them) gets
+    tables found for it alone, as aiosmtpd would.
+    """
+    own = getattr(handler, "__dict__", None)
+    if own and any(name.startswith(_INTROSPECTED) for name in own):
+        return _introspect(protocol, handler)
+    key = (protocol, type(handler))
+    tables = _TABLES.get(key)
+    if tables is None:
+        tables = _TABLES[key] = _introspect(protocol, handler)
+    return tables
+
+
+def _introspect(protocol: type[RelaySMTP], handler: Any) -> _Tables:
+    """aiosmtpd 1.4's look-ups in ``SMTP.__init__``, on the protocol class.
+
+    :raises RuntimeError: a ``handle_EHLO`` that takes neither 4 nor 5
+        arguments (aiosmtpd's own refusal).
+    """
+    auth: dict[str, tuple[str, bool]] = {}
+    for owner, builtin in ((protocol, True), (handler, False)):
+        for name in dir(owner):
+            if name.startswith("auth_"):
+                method = getattr(owner, name)
+                default = name.replace("auth_", "").replace("__", "-")
+                auth[getattr(method, "__auth_mechanism_name__", default)] = (name, builtin)
+    hooks = tuple(
+        (name.replace("handle_", ""), name) for name in dir(handler) if name.startswith("handle_")
+    )
+    ehlo_hook_ver: str | None = None
+    ehlo_name = dict(hooks).get("EHLO")
+    ehlo_hook = getattr(handler, ehlo_name) if ehlo_name is not None else None
+    if ehlo_hook is not None:
+        arguments = len(inspect.signature(ehlo_hook).parameters)
+        if arguments == 4:
+            ehlo_hook_ver = "old"
+            warn(
+                "Use the 5-argument handle_EHLO() hook instead of "
+                "the 4-argument handle_EHLO() hook; "
+                "support for the 4-argument handle_EHLO() hook will be "
+                "removed in version 2.0",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+        elif arguments == 5:
+            ehlo_hook_ver = "new"
+        else:
+            raise RuntimeError("Unsupported EHLO Hook")
+    commands = tuple(
+        (
+            name.replace("smtp_", ""),
+            _checked_command(name.replace("smtp_", ""), getattr(protocol, name)),
+        )
+        for name in dir(protocol)
+        if name.startswith("smtp_")
+    )
+    return _Tables(commands, auth, hooks, ehlo_hook_ver)
+
+
+def _checked_command(name: str, method: _Command) -> _Command:
+    """Wrap a command: copy it to the transcript; refuse control characters in it.
+
+    ``functools.wraps`` keeps aiosmtpd's ``@syntax`` attributes, which HELP reads
+    (through the bound method).
+    """
+
+    @functools.wraps(method)
+    async def call(self: RelaySMTP, arg: str | None) -> None:
+        self._transcribe(CLIENT_SAID, name if arg is None else f"{name} {arg}")
+        if arg is not None and _CONTROL.search(arg):
+            await self.push(replies.R501_CONTROL_CHARACTER)
+            return
+        if name in _ENDS_GROUP and self._pending_input():
+            await self._out_of_sync(name)
+            return
+        await method(self, arg)
+        # The idle clock runs from our reply, not from the command: a reply
+        # that waited on the upstream (extend_timeout) must not shorten it, nor
+        # leave the longer wait in force for the next command.
+        if self.transport is not None and not self.transport.is_closing():
+            self._reset_timeout()
+
+    return call
+
+
+def _warn_about_verification(context: ssl.SSLContext) -> None:
+    """aiosmtpd's warnings about a server context that asks for client certificates."""
+    if context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}:
+        _aiosmtpd_log.warning(
+            "tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL}; "
+            "this might cause client connection problems"
+        )
+    elif context.check_hostname:
+        _aiosmtpd_log.warning(
+            "tls_context.check_hostname == True; this might cause client connection problems"
+        )
