@@ -1,4 +1,9 @@
-"""Schema v3: classified events, per-message counters, recipients, links, clicks, rollup."""
+"""Schema v3: classified events, per-message counters, recipients, links, clicks, rollup.
+
+The write path runs on both backends (the tables read through the database's own
+connection); :func:`test_v2_data_is_carried_into_v3` is SQLite's alone: it migrates a
+SQLite v2 file (a PostgreSQL store starts at v6).
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,10 @@ from smtp_tracker.store import (
     LinkRecord,
     OpenEvent,
     SqliteDatabase,
-    SqliteStore,
     Verdict,
 )
 from smtp_tracker.store.migrations import migrate
-from smtp_tracker.store.sqlite import day_of, sender_domain_of, to_us
+from smtp_tracker.store.rows import day_of, sender_domain_of, to_us
 
 from .store_helpers import T0, make_record, token
 from .test_migrations import build_v1
@@ -41,8 +45,9 @@ def by_agent(event: EventContext) -> tuple[Verdict, str]:
 
 
 @pytest.fixture
-def database(data_dir: Path) -> Iterator[SqliteDatabase]:
-    with SqliteDatabase.open(data_dir, ip_policy="full", classifier=by_agent) as db:
+def database(open_same_database: Any) -> Iterator[SqliteDatabase]:
+    """A blocking store of the test's backend, keeping whole addresses, judging by agent."""
+    with open_same_database(ip_policy="full", classifier=by_agent) as db:
         yield db
 
 
@@ -55,42 +60,41 @@ def hit(i: int, agent: str, *, minutes: int = 5, address: str = "198.51.100.7") 
     )
 
 
-def rollup(db_path: Path) -> dict[tuple[str, str], dict[str, Any]]:
-    conn = sqlite3.connect(db_path)
-    conn.row_factory = sqlite3.Row
-    try:
-        return {
-            (row["day"], row["sender_domain"]): {
-                k: row[k]
-                for k in row.keys()  # noqa: SIM118 - a Row iterates over values
-                if k not in ("day", "sender_domain")
-            }
-            for row in conn.execute("SELECT * FROM daily_stats")
-        }
-    finally:
-        conn.close()
+def rollup(database: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """``daily_stats`` by (day, sender domain), read through *database*'s connection."""
+    cursor = database.connection.execute("SELECT * FROM daily_stats")
+    names = [column[0] for column in cursor.description]
+    result = {}
+    for row in cursor.fetchall():
+        values = dict(zip(names, row, strict=True))
+        key = (str(values.pop("day")), str(values.pop("sender_domain")))
+        result[key] = values
+    return result
 
 
 def test_sender_domain_and_day() -> None:
+    """Pure functions, the same for both backends."""
     assert sender_domain_of("Alice@Mail.Example.COM") == "mail.example.com"
     assert sender_domain_of('"a@b"@example.org') == "example.org"
     assert sender_domain_of("") == ""
     assert day_of(to_us(T0)) == "2024-05-01"
 
 
-def test_opens_are_classified_counted_and_rolled_up(
-    database: SqliteDatabase, data_dir: Path
-) -> None:
-    database.record_message(make_record(0, sender="news@Example.COM"))
-    database.record_message(make_record(1, sender="news@example.com", tracked=False))
-    database.record_message(make_record(2, sender="x@other.org"))
+def test_opens_are_classified_counted_and_rolled_up(open_same_database: Any) -> None:
     seen: list[EventContext] = []
 
     def spy(event: EventContext) -> tuple[Verdict, str]:
         seen.append(event)
         return by_agent(event)
 
-    database.classifier = spy
+    with open_same_database(ip_policy="full", classifier=spy) as database:
+        opens_are_classified_counted_and_rolled_up(database, seen)
+
+
+def opens_are_classified_counted_and_rolled_up(database: Any, seen: list[EventContext]) -> None:
+    database.record_message(make_record(0, sender="news@Example.COM"))
+    database.record_message(make_record(1, sender="news@example.com", tracked=False))
+    database.record_message(make_record(2, sender="x@other.org"))
     recorded = database.record_opens(
         [
             hit(0, "MPP", minutes=1),
@@ -113,18 +117,16 @@ def test_opens_are_classified_counted_and_rolled_up(
         ("human", "test:open:198.51.100.7"),
         ("human", "test:open:198.51.100.7"),
     ]
-    conn = sqlite3.connect(data_dir / DB_FILENAME)
-    counters = conn.execute(
+    counters = database.connection.execute(
         "SELECT tracking_id, sender_domain, open_count, counted_open_count, first_open_at_us"
         " FROM messages ORDER BY id"
     ).fetchall()
-    conn.close()
-    assert counters == [
+    assert [tuple(row) for row in counters] == [
         (token(0), "example.com", 3, 2, to_us(T0 + timedelta(minutes=3))),
         (token(1), "example.com", 0, 0, None),
         (token(2), "other.org", 2, 1, to_us(T0 + timedelta(minutes=7))),
     ]
-    stats = rollup(data_dir / DB_FILENAME)
+    stats = rollup(database)
     assert stats[("2024-05-01", "example.com")] == {
         "relayed": 2,
         "tracked": 1,
@@ -145,13 +147,13 @@ def test_opens_are_classified_counted_and_rolled_up(
     assert (other["opened"], other["opened_any"], other["opens_scanner"]) == (1, 1, 1)
     # a later batch does not count the message as newly opened again
     database.record_opens([hit(0, "Human/1.0", minutes=20), hit(1, "Scanner")])
-    stats = rollup(data_dir / DB_FILENAME)
+    stats = rollup(database)
     assert stats[("2024-05-01", "example.com")]["opened"] == 1
     assert stats[("2024-05-01", "example.com")]["opened_any"] == 2
     assert stats[("2024-05-01", "example.com")]["opens"] == 5
 
 
-def test_links_and_clicks(database: SqliteDatabase, data_dir: Path) -> None:
+def test_links_and_clicks(database: SqliteDatabase) -> None:
     links = (
         LinkRecord(token="L" * 23, url="https://example.com/a?x=1&y=2", position=0),
         LinkRecord(token="M" * 23, url="https://example.com/b", position=1),
@@ -175,35 +177,34 @@ def test_links_and_clicks(database: SqliteDatabase, data_dir: Path) -> None:
         ("https://example.com/a?x=1&y=2", "scanner", "192.0.2.1"),
         ("https://example.com/a?x=1&y=2", "human", "192.0.2.1"),
     ]
-    stats = rollup(data_dir / DB_FILENAME)[("2024-05-01", "example.com")]
+    stats = rollup(database)[("2024-05-01", "example.com")]
     assert (stats["clicks"], stats["clicked"], stats["opens"]) == (2, 1, 0)
 
 
-def test_recipients_are_indexed_lower_cased_once(database: SqliteDatabase, data_dir: Path) -> None:
+def test_recipients_are_indexed_lower_cased_once(database: SqliteDatabase) -> None:
     database.record_message(
         make_record(0, recipients=["Bob@Example.NET", "Bob@Example.NET", "c@x"])
     )
-    conn = sqlite3.connect(data_dir / DB_FILENAME)
-    rows = conn.execute("SELECT address FROM message_recipients ORDER BY rowid").fetchall()
-    conn.close()
-    assert rows == [("bob@example.net",), ("c@x",)]
+    rows = database.connection.execute(
+        "SELECT message_rowid, address FROM message_recipients ORDER BY address"
+    ).fetchall()
+    (rowid,) = database.connection.execute("SELECT id FROM messages").fetchone()
+    assert [tuple(row) for row in rows] == [(rowid, "bob@example.net"), (rowid, "c@x")]
 
 
 def test_a_failed_message_insert_leaves_no_rollup_or_recipients(
-    database: SqliteDatabase, data_dir: Path
+    database: SqliteDatabase,
 ) -> None:
     database.record_message(make_record(0))
     with pytest.raises(Exception, match="already recorded"):
         database.record_message(make_record(0, queue_id="again"))
-    stats = rollup(data_dir / DB_FILENAME)
+    stats = rollup(database)
     assert stats[("2024-05-01", "example.com")]["relayed"] == 1
-    conn = sqlite3.connect(data_dir / DB_FILENAME)
-    assert conn.execute("SELECT count(*) FROM message_recipients").fetchone() == (2,)
-    conn.close()
+    assert database.connection.execute("SELECT count(*) FROM message_recipients").fetchone()[0] == 2
 
 
-async def test_async_store_passes_the_classifier(data_dir: Path) -> None:
-    async with await SqliteStore.open(data_dir, classifier=by_agent) as store:
+async def test_async_store_passes_the_classifier(open_store: Any) -> None:
+    async with await open_store(classifier=by_agent) as store:
         await store.record_message(make_record(0))
         assert await store.record_opens([hit(0, "GoogleImageProxy")]) == 1
         found = await store.find_message(token(0))
@@ -212,6 +213,7 @@ async def test_async_store_passes_the_classifier(data_dir: Path) -> None:
 
 
 async def test_v2_data_is_carried_into_v3(data_dir: Path) -> None:
+    """SQLite only: a SQLite v2 file migrated (PostgreSQL stores start at v6)."""
     build_v1(data_dir)  # one message (null sender) and one open
     conn = sqlite3.connect(data_dir / DB_FILENAME, isolation_level=None)
     try:

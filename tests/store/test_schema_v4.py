@@ -5,6 +5,9 @@ a message with a counted click and no counted open is added to ``opened`` and
 to ``opened_via_click`` of its day and sender domain; the signals columns
 exist (NULL for old events); and from then on the write path keeps the same
 meaning, including a click-opened message that later gets its pixel fetched.
+
+The write path runs on both backends; the v3 upgrade is SQLite's alone (a SQLite v3
+file; a PostgreSQL store starts at v6).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from smtp_tracker.store import DB_FILENAME, ClickEvent, LinkRecord, OpenEvent, SqliteDatabase
 from smtp_tracker.store.migrations import migrate
@@ -35,14 +39,16 @@ def click(i: int, agent: str, minutes: int) -> ClickEvent:
     )
 
 
-def opened_columns(db_path: Path) -> list[tuple[str, int, int, int]]:
-    with sqlite3.connect(db_path) as conn:
-        return conn.execute(
-            "SELECT sender_domain, opened, opened_via_click, clicked FROM daily_stats ORDER BY 1"
-        ).fetchall()
+def opened_columns(conn: Any) -> list[tuple[str, int, int, int]]:
+    """The rollup's opened/clicked columns by sender domain, read on *conn* (``?`` SQL)."""
+    rows = conn.execute(
+        "SELECT sender_domain, opened, opened_via_click, clicked FROM daily_stats ORDER BY 1"
+    ).fetchall()
+    return [tuple(row) for row in rows]
 
 
 def test_v3_click_only_messages_become_opened_via_click(data_dir: Path) -> None:
+    """SQLite only: a SQLite v3 file migrated."""
     with SqliteDatabase.open(data_dir, classifier=by_agent, migrate_schema=False) as db:
         conn = db._conn
         migrate(conn, target=3)
@@ -82,20 +88,22 @@ def test_v3_click_only_messages_become_opened_via_click(data_dir: Path) -> None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(opens)")}
         assert "signals" in columns
         assert "signals" in {row[1] for row in conn.execute("PRAGMA table_info(clicks)")}
-    assert opened_columns(data_dir / DB_FILENAME) == [
+    with sqlite3.connect(data_dir / DB_FILENAME) as conn:
+        migrated = opened_columns(conn)
+    assert migrated == [
         ("example.com", 2, 1, 2),
         ("other.org", 1, 1, 1),
     ]
 
 
-def test_the_write_path_keeps_opened_via_click(data_dir: Path) -> None:
-    with SqliteDatabase.open(data_dir, ip_policy="full", classifier=by_agent) as db:
+def test_the_write_path_keeps_opened_via_click(open_same_database: Any) -> None:
+    with open_same_database(ip_policy="full", classifier=by_agent) as db:
         for i in range(3):
             db.record_message(make_record(i, relayed_at=T0, links=(link(i),)))
         # 0: clicked by a person, then its pixel fetched; 1: clicked only; 2: scanner click
         db.record_clicks([click(0, "Human/1.0", 1), click(1, "Human/1.0", 2)])
         db.record_clicks([click(1, "Human/1.0", 3), click(2, "Scanner", 3)])
-        assert opened_columns(data_dir / DB_FILENAME) == [("example.com", 2, 2, 2)]
+        assert opened_columns(db.connection) == [("example.com", 2, 2, 2)]
         db.record_opens(
             [
                 OpenEvent(
@@ -106,9 +114,8 @@ def test_the_write_path_keeps_opened_via_click(data_dir: Path) -> None:
                 )
             ]
         )
-        assert opened_columns(data_dir / DB_FILENAME) == [("example.com", 2, 1, 2)]
+        assert opened_columns(db.connection) == [("example.com", 2, 1, 2)]
         summaries = {m.tracking_id: m for m in db.query_messages(MessageFilter()).items}
         assert [summaries[token(i)].opened_via for i in range(3)] == ["pixel", "click", None]
-        with sqlite3.connect(data_dir / DB_FILENAME) as conn:
-            counted = rollup_from_rows(conn, "2024-05-01")["example.com"]
+        counted = rollup_from_rows(db.connection, "2024-05-01")["example.com"]
         assert (counted["opened"], counted["opened_via_click"], counted["clicked"]) == (2, 1, 2)
