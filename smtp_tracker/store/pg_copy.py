@@ -10,6 +10,12 @@ copied again with their existing rows left as they are.  At the end the
 identity sequences are moved past the copied ids and every table is
 verified: row counts, and a checksum of its rows (order-independent: the sum
 of each row's SHA-256 prefix, with JSON normalised), equal on both sides.
+
+The webhook outbox (``webhook_events``, ``webhook_deliveries``,
+``webhook_hooks``) is copied as any table: pending deliveries and dead
+letters go on from PostgreSQL.  Its one-row ``webhook_outbox_state`` is not
+a table of rows to copy: its ``depth`` is set to the events copied and its
+``dropped`` to the source's, at the end.
 """
 
 from __future__ import annotations
@@ -263,6 +269,12 @@ def copy_store(
                     f" coalesce((SELECT max({table.identity}) FROM {table.name}), 0) + 1, false)",
                     (table.name, table.identity),
                 )
+        state = source.execute("SELECT dropped FROM webhook_outbox_state").fetchone()
+        target.execute(
+            "UPDATE webhook_outbox_state SET depth = (SELECT count(*) FROM webhook_events),"
+            " dropped = %s",
+            (int(state[0]) if state else 0,),
+        )
     return copied
 
 

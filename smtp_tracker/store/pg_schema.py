@@ -17,7 +17,15 @@ Types
     serves both backends, with ``timestamptz`` views of them for people
     reading the database with ``psql`` (:data:`VIEWS`).  ``ip`` stays
     ``text``: with ``ip_policy = "hash"`` it holds a keyed hash, not an
-    address.
+    address.  The webhook outbox's ``webhook_events.body`` stays ``text``,
+    not ``jsonb``: it is the exact JSON signed and sent on every retry (jsonb
+    would reorder its members and drop its spacing); ``seq`` is a ``bigint``
+    identity, its order the order events are delivered in per message.
+
+Webhook outbox
+    SQLite's v5 keeps ``webhook_outbox_state.depth`` with triggers; here the
+    code keeps it (:mod:`.pg_outbox`, :mod:`smtp_tracker.webhooks.outbox`),
+    under the state row's lock, so the bound holds with several writers.
 """
 
 from __future__ import annotations
@@ -182,6 +190,10 @@ VIEWS: Final = (
     """CREATE OR REPLACE VIEW clicks_times AS SELECT id, link_token, tracking_id,
         to_timestamp(at_us / 1e6) AS at, ip, user_agent, verdict, verdict_reason, signals
         FROM clicks""",
+    """CREATE OR REPLACE VIEW webhook_deliveries_times AS SELECT d.hook, d.seq, e.id, e.type,
+        d.order_key, d.state, d.attempts, to_timestamp(e.created_us / 1e6) AS created_at,
+        to_timestamp(d.due_us / 1e6) AS due_at, to_timestamp(d.since_us / 1e6) AS since,
+        d.last_error FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq""",
 )
 
 #: Version → statements taking a database from the version before to it (after the baseline).

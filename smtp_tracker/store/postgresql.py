@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import urlsplit
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import consent, pg_schema, queries, reclassify, retention
+from smtp_tracker.store import consent, pg_outbox, pg_schema, queries, reclassify, retention
 from smtp_tracker.store.address import AddressPolicy, IpPolicy
 from smtp_tracker.store.integrity import StoreSuspendedError
 from smtp_tracker.store.records import (
@@ -331,6 +331,8 @@ class _Options:
     tracking_mode: str = "per-person"
     aggregate_per_message: bool = False
     link_retention_days: int = 1825
+    #: told of each record and event inside the transaction that writes it (webhooks)
+    outbox: pg_outbox.PgOutboxHook | None = None
 
 
 class PgDatabase:
@@ -440,6 +442,8 @@ class PgDatabase:
                         link_rows(record, relayed_us),
                     )
                 count_message(conn, record, domain, relayed_us, aggregate=aggregate)
+                if options.outbox is not None:
+                    options.outbox.message_recorded(conn, record)
         except psycopg.errors.UniqueViolation as exc:
             raise StoreError(f"tracking id {record.tracking_id} is already recorded") from exc
         except psycopg.Error as exc:
@@ -511,6 +515,8 @@ class PgDatabase:
                     ):
                         for event in rows:
                             copy.write_row(event)
+                if options.outbox is not None:
+                    options.outbox.events_recorded(conn, kind, rows)
                 self._save(messages.values())
         except psycopg.Error as exc:
             raise StoreError(f"cannot record {len(hits)} {kind}s: {_reason(exc)}") from exc
@@ -683,12 +689,42 @@ class PgDatabase:
     def prune_batch(
         self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
     ) -> retention.Removed:
-        """The oldest messages relayed before *before*, about *batch_rows* at a time."""
+        """The oldest messages relayed before *before*, about *batch_rows* at a time;
+        once none is left, the webhook outbox's events created before it (as SQLite's
+        :func:`.retention.prune_batch`)."""
         retention.check_batch(batch_rows)
-        return self._delete_messages(
+        removed = self._delete_messages(
             "SELECT id FROM messages WHERE relayed_at_us < ? ORDER BY relayed_at_us, id LIMIT ?",
             (to_us(before), batch_rows),
         )
+        if removed.messages:
+            return removed
+        before_us = to_us(before)
+        events = self._drop_outbox_events(
+            lambda: pg_outbox.older_events(self._conn, before_us, batch_rows), batch_rows
+        )
+        return retention.Removed(outbox_events=events)
+
+    def _drop_outbox_events(self, select: Callable[[], list[int]], limit: int | None) -> int:
+        """Delete the webhook outbox events *select* names (read under the outbox's lock,
+        :func:`.pg_outbox.lock_state`), one transaction per round, again while a round
+        removes *limit* (None: one round).
+
+        :raises StoreError: when the store cannot be written.
+        """
+        import psycopg
+
+        total = 0
+        try:
+            while True:
+                with self._raw.transaction():
+                    pg_outbox.lock_state(self._conn)
+                    gone = pg_outbox.drop_events(self._conn, select())
+                total += gone
+                if limit is None or gone < limit:
+                    return total
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot remove webhook events: {_reason(exc)}") from exc
 
     def prune_links_batch(
         self, *, now: datetime | None = None, batch_rows: int = retention.DEFAULT_BATCH_ROWS
@@ -713,13 +749,16 @@ class PgDatabase:
         total = retention.Removed()
         while (removed := self.prune_batch(before, batch_rows=batch_rows)).messages:
             total += removed
+        total += removed  # the last: the webhook outbox's old events
         while links := self.prune_links_batch(batch_rows=batch_rows):
             total += retention.Removed(links=links)
         return total
 
     def count_prunable(self, before: datetime) -> retention.Removed:
         """What :meth:`prune` would delete (links left aside)."""
-        return self._count("SELECT id FROM messages WHERE relayed_at_us < ?", (to_us(before),))
+        counted = self._count("SELECT id FROM messages WHERE relayed_at_us < ?", (to_us(before),))
+        events = self._read(lambda: pg_outbox.count_older(self._conn, to_us(before)))
+        return dataclasses.replace(counted, outbox_events=events)
 
     def _count(self, select_ids: str, params: Sequence[Any]) -> retention.Removed:
         row = self._read(
@@ -754,6 +793,11 @@ class PgDatabase:
             )
         ).messages:
             total += removed
+        total += retention.Removed(
+            outbox_events=self._drop_outbox_events(
+                lambda: pg_outbox.events_naming(self._conn, address), None
+            )
+        )
         import psycopg
 
         try:  # objection links naming the address and a grant; an objection itself stays
@@ -782,8 +826,9 @@ class PgDatabase:
             return rows, int(links[0]) if links else 0
 
         rows, links = self._read(named)
+        events = len(self._read(lambda: pg_outbox.events_naming(self._conn, address)))
         return dataclasses.replace(
-            counted, links=links, queue_ids=tuple(str(row[1]) for row in rows)
+            counted, links=links, queue_ids=tuple(str(row[1]) for row in rows), outbox_events=events
         )
 
     # -- reclassification (smtp_tracker.store.reclassify) ------------------------------
@@ -986,13 +1031,10 @@ class PostgresStore:
         self._options.aggregate_per_message = per_message
         self._options.link_retention_days = link_retention_days
 
-    def set_outbox(self, hook: object | None) -> None:
-        """Webhooks' outbox on PostgreSQL: not yet (issue 18's outbox writes SQLite).
-
-        :raises StoreError: when a hook is given.
-        """
-        if hook is not None:
-            raise StoreError("webhooks are not available with a PostgreSQL store yet")
+    def set_outbox(self, hook: pg_outbox.PgOutboxHook | None) -> None:
+        """Have *hook* told of each record and event inside the transaction that writes
+        it (the webhook outbox, :mod:`.pg_outbox`); None: no longer."""
+        self._options.outbox = hook
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -1180,6 +1222,7 @@ class PostgresStore:
                 )
             ).messages:
                 total += removed
+            total += removed  # the last: the webhook outbox's old events
             while links := await self._call(lambda db: db.prune_links_batch(batch_rows=batch_rows)):
                 total += retention.Removed(links=links)
             return total

@@ -34,7 +34,7 @@ import json
 import re
 import sqlite3
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,8 @@ from smtp_tracker.store.queries import Connection
 __all__ = [
     "DEFAULT_BATCH_ROWS",
     "Removed",
+    "bodies_naming",
+    "body_hints",
     "count_older",
     "count_recipient",
     "delete_old_links",
@@ -412,12 +414,28 @@ def outbox_events_naming(conn: sqlite3.Connection, address: str) -> list[int]:
     ``jimbob@example.net``).  Only events whose JSON holds the address's local
     part (when that is plain ASCII) are read from SQL, then checked here.
     """
-    forms = set(recipient_forms(address))
-    local = recipient_forms(address)[0].rpartition("@")[0]
     query, params = "SELECT seq, body FROM webhook_events", {}
-    if local and local.isascii() and '"' not in local and "\\" not in local:
+    hints = body_hints(address)
+    if hints:
         query += " WHERE instr(lower(body), :at) > 0 OR instr(lower(body), :pct) > 0"
-        params = {"at": f"{local}@", "pct": urllib.parse.quote(f"{local}@", safe="").lower()}
+        params = {"at": hints[0], "pct": hints[1]}
+    return bodies_naming(conn.execute(query, params), address)
+
+
+def body_hints(address: str) -> tuple[str, str] | None:
+    """Texts one of which the lower-cased JSON of an event naming *address* holds (its
+    local part and ``@``, as written and percent-encoded), for a first cut in SQL; None
+    when the local part is not plain ASCII (every event must then be read)."""
+    local = recipient_forms(address)[0].rpartition("@")[0]
+    if local and local.isascii() and '"' not in local and "\\" not in local:
+        return f"{local}@", urllib.parse.quote(f"{local}@", safe="").lower()
+    return None
+
+
+def bodies_naming(rows: Iterable[Sequence[Any]], address: str) -> list[int]:
+    """The ``seq`` of each ``(seq, body)`` of *rows* whose event names *address*
+    (see :func:`outbox_events_naming`; the same test on either backend)."""
+    forms = set(recipient_forms(address))
     pattern = re.compile(
         "|".join(
             rf"(?<![\w.+%-]){re.escape(needle)}(?![\w-]|\.[\w])"
@@ -425,7 +443,7 @@ def outbox_events_naming(conn: sqlite3.Connection, address: str) -> list[int]:
         )
     )
     found = []
-    for seq, body in conn.execute(query, params):
+    for seq, body in rows:
         try:
             document = json.loads(body)
         except ValueError:
