@@ -206,6 +206,8 @@ def webhook_sender(config: Config) -> WebhookSender:
     return WebhookSender.build(
         config.data_dir,
         config.webhooks,
+        store=config.store,
+        password_file=config.store_password_file,
         events_log=config.events_log,
         max_events=config.webhook_outbox_max_events,
         retry_hours=config.webhook_retry_hours,
@@ -720,11 +722,6 @@ class Application:
         delivers them to each webhook and ``events_log`` (:mod:`smtp_tracker.webhooks`)."""
         config = self.config
         assert self.store is not None
-        if not isinstance(self.store, SqliteStore):  # the outbox is SQLite's alone, for now
-            raise StartupError(
-                "webhooks and events_log need the SQLite store for now (store = postgresql:// "
-                "has no outbox yet): remove [[webhooks]] and events_log, or use the SQLite store"
-            )
         sender = await asyncio.to_thread(webhook_sender, config)
         await sender.start(deliver=config.webhook_sender)
         self.webhooks = sender

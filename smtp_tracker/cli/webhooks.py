@@ -2,7 +2,7 @@
 
 ``send`` delivers the outbox in a process of its own (beside ``serve`` with
 ``webhook_sender = false``); ``status`` and ``list-failed`` read the outbox
-in the store; ``retry`` makes
+in the store (SQLite in ``--data-dir``, or PostgreSQL with ``--store``); ``retry`` makes
 dead letters pending again (a running ``serve`` sends them within a second or
 two); ``new-secret`` writes a Standard Webhooks secret for a ``[[webhooks]]``
 table's ``secret_file``.  They are safe beside a running ``serve``.
@@ -11,25 +11,53 @@ table's ``secret_file``.  They are safe beside a running ``serve``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smtp_tracker.cli.flags import EXIT_OK, add_command, add_config_flags, load_config
 from smtp_tracker.config import Config
 from smtp_tracker.errors import InputError, StoreError
 
+if TYPE_CHECKING:
+    from smtp_tracker.webhooks.outbox import Conn
+
 __all__ = ["add_commands"]
 
 
-def _open(args: argparse.Namespace) -> sqlite3.Connection:
+@contextlib.contextmanager
+def _open(args: argparse.Namespace) -> Iterator[Conn]:
+    """A connection to the outbox of ``--store`` (PostgreSQL) or ``--data-dir`` (SQLite),
+    closed at the end."""
+    conn = _connect(args)
+    try:
+        yield conn
+    finally:
+        if isinstance(conn, sqlite3.Connection):
+            conn.close()
+        else:
+            conn.raw.close()
+
+
+def _connect(args: argparse.Namespace) -> Conn:
     from smtp_tracker.store import SqliteDatabase
+    from smtp_tracker.store.backends import is_postgresql
     from smtp_tracker.store.integrity import DB_FILENAME
     from smtp_tracker.webhooks import outbox
 
-    data_dir = load_config(args).data_dir
+    config = load_config(args)
+    if is_postgresql(config.store):
+        assert config.store is not None
+        try:
+            return outbox.connect_postgresql(config.store, password_file=config.store_password_file)
+        except StoreError as exc:
+            raise InputError(f"{exc}: give --store of a running smtp-tracker") from None
+    data_dir = config.data_dir
     if not (data_dir / DB_FILENAME).is_file():
         raise InputError(f"no tracking store in {data_dir}: give --data-dir (or --config)")
     SqliteDatabase.open(data_dir, create=False).close()  # migrated to the outbox's schema
@@ -120,7 +148,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     config = load_config(args)
     if not config.webhooks and config.events_log is None:
         raise InputError("no [[webhooks]] and no events_log in the configuration: nothing to send")
-    _open(args).close()  # the store exists, at the outbox's schema
+    with _open(args):  # the store exists, at the outbox's schema
+        pass
     configure_logging(config.log_level, config.log_format)
     return run_loop(_send(config))
 
@@ -167,6 +196,10 @@ def cmd_new_secret(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: The keys naming the store the outbox is in.
+_STORE_KEYS = ("data_dir", "store", "store_password_file")
+
+
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``webhooks status|list-failed|retry|new-secret`` to the command line."""
     webhooks = add_command(
@@ -186,7 +219,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "dead deliveries and whether a 410 disabled it.",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
-    add_config_flags(status, ("data_dir",))
+    add_config_flags(status, _STORE_KEYS)
     status.set_defaults(func=cmd_status)
     failed = add_command(
         actions,
@@ -197,7 +230,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     failed.add_argument("--limit", type=int, default=100, help="at most N (default 100)")
     failed.add_argument("--json", action="store_true", help="print JSON")
-    add_config_flags(failed, ("data_dir",))
+    add_config_flags(failed, _STORE_KEYS)
     failed.set_defaults(func=cmd_list_failed)
     retry = add_command(
         actions,
@@ -208,7 +241,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     retry.add_argument("id", nargs="?", help="the event id (webhook-id) to send again")
     retry.add_argument("--all", action="store_true", help="every dead letter")
-    add_config_flags(retry, ("data_dir",))
+    add_config_flags(retry, _STORE_KEYS)
     retry.set_defaults(func=cmd_retry)
     send = add_command(
         actions,
@@ -222,7 +255,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_config_flags(
         send,
         (
-            "data_dir",
+            *_STORE_KEYS,
             "webhooks",
             "webhook_retry_hours",
             "webhook_outbox_max_events",

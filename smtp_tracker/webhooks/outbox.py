@@ -22,25 +22,46 @@ neither.  A failure to write them costs only the events (a savepoint is rolled
 back, logged once, counted): never the record, never the mail.
 
 The functions below run on a connection in autocommit mode, each in one
-``BEGIN IMMEDIATE`` transaction; they are blocking (run them in a thread).
+transaction (SQLite's ``BEGIN IMMEDIATE``); they are blocking (run them in a
+thread).
+
+Both backends
+    Every function takes a :class:`sqlite3.Connection` (:func:`connect`) or a
+    PostgreSQL store's :class:`~smtp_tracker.store.postgresql.PgConnection`
+    (:func:`connect_postgresql`), with the same meaning.  On PostgreSQL,
+    several processes (relays, pixel endpoints, ``webhooks send``) write and
+    deliver one outbox at once: :func:`claim` takes deliveries with ``SELECT
+    ... FOR UPDATE SKIP LOCKED`` and moves them past a lease in the same
+    transaction, so two senders never hold one delivery at once; ``depth`` is
+    kept by the code instead of triggers, every change of the events taking the
+    state row's lock first (:func:`smtp_tracker.store.pg_outbox.lock_state`),
+    so the bound holds however many processes write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
+from smtp_tracker.store import pg_outbox
 from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.migrations import MIGRATIONS, immediate_transaction
 from smtp_tracker.store.records import COUNTED_VERDICTS, MessageRecord
 from smtp_tracker.store.rows import from_us
 from smtp_tracker.webhooks.events import Event
+
+if TYPE_CHECKING:
+    from smtp_tracker.store.postgresql import PgConnection
+
+#: A connection to the outbox: SQLite's own, or a PostgreSQL store's (``?`` placeholders).
+Conn: TypeAlias = "sqlite3.Connection | PgConnection"
 
 __all__ = [
     "Claimed",
@@ -51,6 +72,8 @@ __all__ = [
     "any_due",
     "claim",
     "connect",
+    "connect_postgresql",
+    "db_errors",
     "disable_hook",
     "disabled_hooks",
     "list_failed",
@@ -60,6 +83,7 @@ __all__ = [
     "retry",
     "settle",
     "status",
+    "transaction",
 ]
 
 log = logging.getLogger("smtp_tracker.webhooks")
@@ -82,6 +106,37 @@ def connect(data_dir: Path, *, busy_timeout_s: float = 5.0) -> sqlite3.Connectio
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
     conn.execute("PRAGMA synchronous = NORMAL")
     return conn
+
+
+def connect_postgresql(
+    dsn: str, *, password_file: Path | None = None, timeout_s: float = 10.0
+) -> PgConnection:
+    """A connection of its own to the PostgreSQL store *dsn* (autocommit), its schema
+    created or migrated first; close it with ``conn.raw.close()``.
+
+    :raises StoreError: when the server cannot be reached, the DSN holds a
+        password, or the schema is newer than this code.
+    """
+    from smtp_tracker.store.postgresql import PgDatabase
+
+    return PgDatabase.open(dsn, password_file=password_file, timeout_s=timeout_s).connection
+
+
+def db_errors(conn: Conn) -> tuple[type[Exception], ...]:
+    """What the database of *conn* raises when it fails (sqlite3's or psycopg's errors)."""
+    if isinstance(conn, sqlite3.Connection):
+        return (sqlite3.Error,)
+    import psycopg
+
+    return (psycopg.Error,)
+
+
+def transaction(conn: Conn) -> contextlib.AbstractContextManager[Any]:
+    """One write transaction: SQLite's ``BEGIN IMMEDIATE``, or psycopg's (a savepoint
+    when one is open)."""
+    if isinstance(conn, sqlite3.Connection):
+        return immediate_transaction(conn)
+    return conn.transaction()
 
 
 class Outbox:
@@ -119,7 +174,7 @@ class Outbox:
 
     # -- the store's hooks (called in its writer thread, inside its transaction) --------
 
-    def message_recorded(self, conn: sqlite3.Connection, record: MessageRecord) -> None:
+    def message_recorded(self, conn: Conn, record: MessageRecord) -> None:
         """``message.relayed`` for *record*, in the transaction that records it."""
         if not self._targets:
             return
@@ -138,9 +193,7 @@ class Outbox:
         )
         self.add(conn, [event])
 
-    def events_recorded(
-        self, conn: sqlite3.Connection, kind: str, rows: Sequence[Sequence[Any]]
-    ) -> None:
+    def events_recorded(self, conn: Conn, kind: str, rows: Sequence[Sequence[Any]]) -> None:
         """``message.opened`` or ``link.clicked`` for each row the store inserts.
 
         Called before the messages' counters are updated, in the same transaction.
@@ -152,16 +205,11 @@ class Outbox:
         """
         if not self._targets or not rows:
             return
-        try:
-            events = _hit_events(conn, kind, rows)
-        except (sqlite3.Error, ValueError, TypeError) as exc:
-            self._lost(len(rows), exc)
-            return
-        self.add(conn, events)
+        self._write(conn, lambda: _hit_events(conn, kind, rows), len(rows))
 
     # -- writing ---------------------------------------------------------------------
 
-    def add(self, conn: sqlite3.Connection, events: Iterable[Event]) -> int:
+    def add(self, conn: Conn, events: Iterable[Event]) -> int:
         """Write *events* for the targets that want them, inside the caller's transaction.
 
         Never raises: a failure rolls back these events alone (a savepoint),
@@ -170,18 +218,29 @@ class Outbox:
         :returns: how many events were written.
         """
         events = list(events)
+        return self._write(conn, lambda: events, len(events))
+
+    def _write(self, conn: Conn, build: Callable[[], list[Event]], count: int) -> int:
+        """Build the events and insert them in a savepoint; a failure of either costs
+        *count* events, logged once and counted, never the caller's transaction."""
         written = 0
         try:
-            conn.execute("SAVEPOINT webhook_outbox")
-            try:
-                written = self._insert(conn, events)
-            except BaseException:
-                conn.execute("ROLLBACK TO webhook_outbox")
+            if isinstance(conn, sqlite3.Connection):
+                conn.execute("SAVEPOINT webhook_outbox")
+                try:
+                    written = self._insert(conn, build())
+                except BaseException:
+                    conn.execute("ROLLBACK TO webhook_outbox")
+                    raise
+                finally:
+                    conn.execute("RELEASE webhook_outbox")
+            else:
+                with conn.transaction():  # nested in the store's: a savepoint
+                    written = self._insert(conn, build())
+        except Exception as exc:
+            if not isinstance(exc, (*db_errors(conn), ValueError, TypeError)):
                 raise
-            finally:
-                conn.execute("RELEASE webhook_outbox")
-        except sqlite3.Error as exc:
-            self._lost(len(events), exc)
+            self._lost(count, exc)
             return 0
         with self._lock:
             self.written += written
@@ -190,35 +249,24 @@ class Outbox:
             self.on_written()
         return written
 
-    def _insert(self, conn: sqlite3.Connection, events: list[Event]) -> int:
-        depth = outbox_depth(conn)
+    def _insert(self, conn: Conn, events: list[Event]) -> int:
         disabled = self.disabled
-        written = dropped = 0
+        wanted: list[tuple[Event, list[str]]] = []
         for event in events:
             targets = [
                 name
                 for name, wants in self._targets
                 if name not in disabled and wants(event.type, event.counted)
             ]
-            if not targets:
-                continue
-            if depth >= self._max_events:
-                dropped += 1
-                continue
-            created_us = event.occurred_us
-            seq = conn.execute(
-                "INSERT INTO webhook_events (id, type, created_us, body) VALUES (?, ?, ?, ?)",
-                (event.id, event.type, created_us, event.body),
-            ).lastrowid
-            conn.executemany(
-                "INSERT INTO webhook_deliveries (hook, seq, order_key, due_us, since_us)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(name, seq, event.order_key, created_us, created_us) for name in targets],
-            )
-            depth += 1
-            written += 1
+            if targets:
+                wanted.append((event, targets))
+        if not wanted:
+            return 0
+        if isinstance(conn, sqlite3.Connection):
+            written, dropped = _insert_sqlite(conn, wanted, self._max_events)
+        else:
+            written, dropped = _insert_postgresql(conn, wanted, self._max_events)
         if dropped:
-            conn.execute("UPDATE webhook_outbox_state SET dropped = dropped + ?", (dropped,))
             with self._lock:
                 self.dropped += dropped
                 first = not self._full
@@ -256,7 +304,80 @@ class Outbox:
             )
 
 
-def _hit_events(conn: sqlite3.Connection, kind: str, rows: Sequence[Sequence[Any]]) -> list[Event]:
+def _insert_sqlite(
+    conn: sqlite3.Connection, wanted: list[tuple[Event, list[str]]], max_events: int
+) -> tuple[int, int]:
+    """Insert each event of *wanted* with a delivery per target, while the outbox
+    has room (the triggers keep ``depth``); the events written and dropped."""
+    depth = outbox_depth(conn)
+    written = dropped = 0
+    for event, targets in wanted:
+        if depth >= max_events:
+            dropped += 1
+            continue
+        created_us = event.occurred_us
+        seq = conn.execute(
+            "INSERT INTO webhook_events (id, type, created_us, body) VALUES (?, ?, ?, ?)",
+            (event.id, event.type, created_us, event.body),
+        ).lastrowid
+        conn.executemany(
+            "INSERT INTO webhook_deliveries (hook, seq, order_key, due_us, since_us)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(name, seq, event.order_key, created_us, created_us) for name in targets],
+        )
+        depth += 1
+        written += 1
+    if dropped:
+        conn.execute("UPDATE webhook_outbox_state SET dropped = dropped + ?", (dropped,))
+    return written, dropped
+
+
+def _insert_postgresql(
+    conn: PgConnection, wanted: list[tuple[Event, list[str]]], max_events: int
+) -> tuple[int, int]:
+    """As :func:`_insert_sqlite`, on PostgreSQL: room is taken under the state row's
+    lock (held to the end of the record's transaction, so several writers never
+    overfill the outbox), and the events and deliveries go in one statement each,
+    the events' ``seq`` in the order written."""
+    depth = pg_outbox.lock_state(conn)
+    kept = wanted[: max(0, max_events - depth)]
+    dropped = len(wanted) - len(kept)
+    if kept:
+        events = [event for event, _ in kept]
+        seqs = {
+            str(event_id): int(seq)
+            for seq, event_id in conn.execute(
+                "INSERT INTO webhook_events (id, type, created_us, body)"
+                " SELECT i, t, c, b FROM unnest(?::text[], ?::text[], ?::bigint[], ?::text[])"
+                " WITH ORDINALITY AS v(i, t, c, b, n) ORDER BY n RETURNING seq, id",
+                (
+                    [e.id for e in events],
+                    [e.type for e in events],
+                    [e.occurred_us for e in events],
+                    [e.body for e in events],
+                ),
+            )
+        }
+        deliveries = [
+            (name, seqs[event.id], event.order_key, event.occurred_us)
+            for event, targets in kept
+            for name in targets
+        ]
+        hooks, seq_list, keys, times = (list(column) for column in zip(*deliveries, strict=True))
+        conn.execute(
+            "INSERT INTO webhook_deliveries (hook, seq, order_key, due_us, since_us)"
+            " SELECT h, s, k, t, t FROM unnest(?::text[], ?::bigint[], ?::text[], ?::bigint[])"
+            " AS v(h, s, k, t)",
+            (hooks, seq_list, keys, times),
+        )
+    conn.execute(
+        "UPDATE webhook_outbox_state SET depth = depth + ?, dropped = dropped + ?",
+        (len(kept), dropped),
+    )
+    return len(kept), dropped
+
+
+def _hit_events(conn: Conn, kind: str, rows: Sequence[Sequence[Any]]) -> list[Event]:
     click = kind == "click"
     hits = [tuple(row[1:]) for row in rows] if click else [tuple(row) for row in rows]
     tokens = [str(row[0]) for row in rows] if click else []
@@ -349,15 +470,27 @@ class Settled:
     error: str | None = None
 
 
-def repair(conn: sqlite3.Connection) -> int:
+def repair(conn: Conn) -> int:
     """Make the outbox's bookkeeping sound again; run at the sender's start.
 
-    The triggers are created if missing (``smtp-tracker store recover`` copies
-    tables and indexes, not triggers), events left without a delivery are
-    deleted, and ``depth`` is set to the events counted.
+    The triggers are created if missing (SQLite: ``smtp-tracker store recover``
+    copies tables and indexes, not triggers), events left without a delivery
+    are deleted, and ``depth`` is set to the events counted (on PostgreSQL
+    under the state row's lock, so that writers at work are counted exactly).
 
     :returns: the outbox's depth.
     """
+    if not isinstance(conn, sqlite3.Connection):
+        with conn.transaction():
+            pg_outbox.lock_state(conn)
+            conn.execute(
+                "DELETE FROM webhook_events e WHERE NOT EXISTS"
+                " (SELECT 1 FROM webhook_deliveries d WHERE d.seq = e.seq)"
+            )
+            conn.execute(
+                "UPDATE webhook_outbox_state SET depth = (SELECT count(*) FROM webhook_events)"
+            )
+        return outbox_depth(conn)
     triggers = [
         statement.replace("CREATE TRIGGER ", "CREATE TRIGGER IF NOT EXISTS ", 1)
         for version in MIGRATIONS
@@ -376,9 +509,7 @@ def repair(conn: sqlite3.Connection) -> int:
     return outbox_depth(conn)
 
 
-def claim(
-    conn: sqlite3.Connection, hook: str, *, now_us: int, limit: int, lease_us: int
-) -> list[Claimed]:
+def claim(conn: Conn, hook: str, *, now_us: int, limit: int, lease_us: int) -> list[Claimed]:
     """Take up to *limit* due deliveries of *hook*, oldest first, keeping each message's order.
 
     A message's deliveries are taken only as a prefix of its pending ones: none
@@ -387,14 +518,20 @@ def claim(
     in order and stops at its first failure (:func:`settle` ``release`` for
     the rest).  Taking a delivery moves its time to ``now + lease``, so that
     another sender (a second process on the same store) leaves it alone while
-    it is tried.
+    it is tried.  SQLite's ``BEGIN IMMEDIATE`` makes claims one at a time; on
+    PostgreSQL the rows are locked as they are read (``FOR UPDATE SKIP
+    LOCKED``: another sender's claim in flight is passed over, and a row it
+    moved past its lease no longer matches ``due_us <= now``), and an earlier
+    pending delivery of the same message, locked or not, holds the later back.
     """
-    with immediate_transaction(conn):
+    postgresql = not isinstance(conn, sqlite3.Connection)
+    lock = " FOR UPDATE OF d SKIP LOCKED" if postgresql else ""
+    with transaction(conn):
         rows = conn.execute(
-            "SELECT d.seq, e.id, e.body, d.attempts, d.since_us, e.created_us, d.order_key,"
+            "SELECT d.seq, e.id, e.body, d.attempts, d.since_us, e.created_us, d.order_key,"  # noqa: S608 - constant lock clause
             " d.due_us FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq"
             " WHERE d.hook = ? AND d.state = 'pending' AND d.due_us <= ?"
-            " ORDER BY d.seq LIMIT ?",
+            f" ORDER BY d.seq LIMIT ?{lock}",
             (hook, now_us, limit),
         ).fetchall()
         keys = sorted({str(r[6]) for r in rows})
@@ -419,10 +556,16 @@ def claim(
                 continue
             position[key] = index + 1
             taken.append(row)
-        conn.executemany(
-            "UPDATE webhook_deliveries SET due_us = ? WHERE hook = ? AND seq = ?",
-            [(now_us + lease_us, hook, row[0]) for row in taken],
-        )
+        if isinstance(conn, sqlite3.Connection):
+            conn.executemany(
+                "UPDATE webhook_deliveries SET due_us = ? WHERE hook = ? AND seq = ?",
+                [(now_us + lease_us, hook, row[0]) for row in taken],
+            )
+        elif taken:
+            conn.execute(
+                "UPDATE webhook_deliveries SET due_us = ? WHERE hook = ? AND seq = ANY(?)",
+                (now_us + lease_us, hook, [int(row[0]) for row in taken]),
+            )
     return [
         Claimed(
             hook,
@@ -439,7 +582,7 @@ def claim(
     ]
 
 
-def any_due(conn: sqlite3.Connection, hook: str, *, now_us: int) -> bool:
+def any_due(conn: Conn, hook: str, *, now_us: int) -> bool:
     """Whether *hook* has a pending delivery due (maybe behind its message's earlier one);
     a read, without the write lock :func:`claim` takes."""
     row = conn.execute(
@@ -450,7 +593,7 @@ def any_due(conn: sqlite3.Connection, hook: str, *, now_us: int) -> bool:
     return row is not None
 
 
-def next_due(conn: sqlite3.Connection, hook: str) -> int | None:
+def next_due(conn: Conn, hook: str) -> int | None:
     """When the next delivery of *hook* that :func:`claim` could take comes due, or None."""
     row = conn.execute(
         "SELECT min(d.due_us) FROM webhook_deliveries d WHERE d.hook = ? AND d.state = 'pending'"
@@ -461,9 +604,16 @@ def next_due(conn: sqlite3.Connection, hook: str) -> int | None:
     return None if row is None or row[0] is None else int(row[0])
 
 
-def settle(conn: sqlite3.Connection, results: Sequence[Settled]) -> None:
-    """Write what became of attempts: delete the delivered, reschedule or bury the rest."""
+def settle(conn: Conn, results: Sequence[Settled]) -> None:
+    """Write what became of attempts: delete the delivered, reschedule or bury the rest.
+
+    An event whose last delivery goes is deleted with it (SQLite: a trigger;
+    PostgreSQL: here, under the state row's lock, ``depth`` taken down).
+    """
     if not results:
+        return
+    if not isinstance(conn, sqlite3.Connection):
+        _settle_postgresql(conn, results)
         return
     with immediate_transaction(conn):
         conn.executemany(
@@ -485,32 +635,80 @@ def settle(conn: sqlite3.Connection, results: Sequence[Settled]) -> None:
         )
 
 
-def disable_hook(conn: sqlite3.Connection, hook: str, *, reason: str, now_us: int) -> int:
+def _settle_postgresql(conn: PgConnection, results: Sequence[Settled]) -> None:
+    delivered = [r for r in results if r.outcome == "delivered"]
+    failed = [r for r in results if r.outcome in ("retry", "dead")]
+    released = [r for r in results if r.outcome == "release"]
+    with conn.transaction():
+        if delivered:
+            pg_outbox.lock_state(conn)
+            conn.execute(
+                "DELETE FROM webhook_deliveries d USING unnest(?::text[], ?::bigint[]) AS v(h, s)"
+                " WHERE d.hook = v.h AND d.seq = v.s",
+                ([r.hook for r in delivered], [r.seq for r in delivered]),
+            )
+            gone = conn.execute(
+                "DELETE FROM webhook_events e WHERE e.seq = ANY(?) AND NOT EXISTS"
+                " (SELECT 1 FROM webhook_deliveries d WHERE d.seq = e.seq)",
+                (sorted({r.seq for r in delivered}),),
+            ).rowcount
+            conn.execute("UPDATE webhook_outbox_state SET depth = greatest(depth - ?, 0)", (gone,))
+        if failed:
+            conn.execute(
+                "UPDATE webhook_deliveries d SET attempts = v.a, due_us = v.du, last_error = v.e,"
+                " state = CASE WHEN v.dead THEN 'dead' ELSE 'pending' END"
+                " FROM unnest(?::text[], ?::bigint[], ?::integer[], ?::bigint[], ?::text[],"
+                " ?::boolean[]) AS v(h, s, a, du, e, dead) WHERE d.hook = v.h AND d.seq = v.s",
+                (
+                    [r.hook for r in failed],
+                    [r.seq for r in failed],
+                    [r.attempts for r in failed],
+                    [r.due_us for r in failed],
+                    [r.error for r in failed],
+                    [r.outcome == "dead" for r in failed],
+                ),
+            )
+        if released:
+            conn.execute(
+                "UPDATE webhook_deliveries d SET due_us = v.du"
+                " FROM unnest(?::text[], ?::bigint[], ?::bigint[]) AS v(h, s, du)"
+                " WHERE d.hook = v.h AND d.seq = v.s",
+                (
+                    [r.hook for r in released],
+                    [r.seq for r in released],
+                    [r.due_us for r in released],
+                ),
+            )
+
+
+def disable_hook(conn: Conn, hook: str, *, reason: str, now_us: int) -> int:
     """Disable *hook* (it answered 410 Gone): its pending deliveries become dead.
 
     :returns: how many deliveries became dead.
     """
-    with immediate_transaction(conn):
+    with transaction(conn):
         conn.execute(
             "INSERT INTO webhook_hooks (hook, disabled_at_us, disabled_reason) VALUES (?, ?, ?)"
             " ON CONFLICT (hook) DO UPDATE SET disabled_at_us = excluded.disabled_at_us,"
             " disabled_reason = excluded.disabled_reason",
             (hook, now_us, reason),
         )
-        return conn.execute(
-            "UPDATE webhook_deliveries SET state = 'dead', last_error = ?"
-            " WHERE hook = ? AND state = 'pending'",
-            (reason, hook),
-        ).rowcount
+        return int(
+            conn.execute(
+                "UPDATE webhook_deliveries SET state = 'dead', last_error = ?"
+                " WHERE hook = ? AND state = 'pending'",
+                (reason, hook),
+            ).rowcount
+        )
 
 
-def outbox_depth(conn: sqlite3.Connection) -> int:
+def outbox_depth(conn: Conn) -> int:
     """How many events the outbox holds (its kept count; 0 before the first)."""
     row = conn.execute("SELECT depth FROM webhook_outbox_state").fetchone()
     return int(row[0]) if row else 0
 
 
-def disabled_hooks(conn: sqlite3.Connection) -> frozenset[str]:
+def disabled_hooks(conn: Conn) -> frozenset[str]:
     """The hooks a 410 disabled (until ``webhooks retry``)."""
     return frozenset(str(r[0]) for r in conn.execute("SELECT hook FROM webhook_hooks"))
 
@@ -535,23 +733,27 @@ class OutboxStatus:
     hooks: tuple[HookStatus, ...]
 
 
-def status(conn: sqlite3.Connection) -> OutboxStatus:
+def status(conn: Conn) -> OutboxStatus:
     """The outbox's state (one read snapshot; no write lock)."""
-    conn.execute("BEGIN")  # deferred: a read transaction, one snapshot
-    try:
+    with _snapshot(conn):
         depth, dropped = conn.execute(
             "SELECT depth, dropped FROM webhook_outbox_state"
         ).fetchone() or (0, 0)
         disabled = dict(conn.execute("SELECT hook, disabled_reason FROM webhook_hooks").fetchall())
         rows = conn.execute(
-            "SELECT d.hook, sum(d.state = 'pending'), sum(d.state = 'dead'),"
+            "SELECT d.hook, sum(CASE WHEN d.state = 'pending' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN d.state = 'dead' THEN 1 ELSE 0 END),"
             " min(CASE WHEN d.state = 'pending' THEN e.created_us END)"
             " FROM webhook_deliveries d JOIN webhook_events e ON e.seq = d.seq GROUP BY d.hook"
         ).fetchall()
-    finally:
-        conn.execute("COMMIT")
     hooks = {
-        str(r[0]): HookStatus(str(r[0]), int(r[1]), int(r[2]), r[3], disabled.get(r[0]))
+        str(r[0]): HookStatus(
+            str(r[0]),
+            int(r[1]),
+            int(r[2]),
+            None if r[3] is None else int(r[3]),
+            disabled.get(r[0]),
+        )
         for r in rows
     }
     for hook, reason in disabled.items():
@@ -559,7 +761,22 @@ def status(conn: sqlite3.Connection) -> OutboxStatus:
     return OutboxStatus(int(depth), int(dropped), tuple(hooks[h] for h in sorted(hooks)))
 
 
-def list_failed(conn: sqlite3.Connection, *, limit: int = 100) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _snapshot(conn: Conn) -> Iterator[None]:
+    """One read snapshot: SQLite's deferred transaction, PostgreSQL's ``REPEATABLE READ``."""
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute("BEGIN")  # deferred: a read transaction, one snapshot
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
+        return
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        yield
+
+
+def list_failed(conn: Conn, *, limit: int = 100) -> list[dict[str, Any]]:
     """Dead deliveries, oldest first: event id, type, hook, attempts, last error, created."""
     rows = conn.execute(
         "SELECT e.id, e.type, d.hook, d.attempts, d.last_error, e.created_us"
@@ -571,14 +788,14 @@ def list_failed(conn: sqlite3.Connection, *, limit: int = 100) -> list[dict[str,
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
-def retry(conn: sqlite3.Connection, event_id: str | None, *, now_us: int) -> int:
+def retry(conn: Conn, event_id: str | None, *, now_us: int) -> int:
     """Make dead deliveries pending again, due now, with a new retry window.
 
     :param event_id: one event's id, or None for every dead delivery; every
         hook a 410 disabled is enabled again then.
     :returns: how many deliveries were made pending.
     """
-    with immediate_transaction(conn):
+    with transaction(conn):
         where, params = "state = 'dead'", []
         if event_id is not None:
             where += " AND seq IN (SELECT seq FROM webhook_events WHERE id = ?)"
@@ -590,8 +807,10 @@ def retry(conn: sqlite3.Connection, event_id: str | None, *, now_us: int) -> int
             )
         else:
             conn.execute("DELETE FROM webhook_hooks")
-        return conn.execute(
-            "UPDATE webhook_deliveries SET state = 'pending', attempts = 0, last_error = NULL,"  # noqa: S608 - constant
-            f" due_us = ?, since_us = ? WHERE {where}",
-            (now_us, now_us, *params),
-        ).rowcount
+        return int(
+            conn.execute(
+                "UPDATE webhook_deliveries SET state = 'pending', attempts = 0,"  # noqa: S608 - constant
+                f" last_error = NULL, due_us = ?, since_us = ? WHERE {where}",
+                (now_us, now_us, *params),
+            ).rowcount
+        )

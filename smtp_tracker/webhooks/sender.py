@@ -21,6 +21,11 @@ least once, and receivers deduplicate on ``webhook-id``.
 
 Nothing here can hold the mail: the outbox is written by the store (fail
 open), and the sender only reads it.
+
+The outbox is in the tracking store: SQLite's file in ``data_dir``, or the
+PostgreSQL database ``store`` names, where the sender keeps a connection of
+its own, made again by itself after the server was away (the outage logged
+once, the deliveries resumed without a restart).
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ from typing import Any, TypeVar
 import aiohttp
 
 from smtp_tracker import __version__
-from smtp_tracker.errors import SMTPReply, StartupError
-from smtp_tracker.store.migrations import immediate_transaction
+from smtp_tracker.errors import SMTPReply, StartupError, StoreError
+from smtp_tracker.store.backends import is_postgresql
 from smtp_tracker.tracking.stage import header_fields
 from smtp_tracker.webhooks import outbox
 from smtp_tracker.webhooks.eventlog import EventLog
@@ -115,6 +120,9 @@ class WebhookSender:
     (:meth:`~smtp_tracker.store.sqlite.SqliteStore.set_outbox`).
 
     :param data_dir: the store's directory (a connection of the sender's own).
+    :param store: the ``store`` key: a ``postgresql://`` DSN puts the outbox on that
+        server (*data_dir* is then unused); None, SQLite in *data_dir*.
+    :param password_file: ``store_password_file``, for PostgreSQL.
     :param hooks: the webhooks with their HMAC keys and TLS contexts.
     :param events_log: the NDJSON file, or None.
     :param max_events: ``webhook_outbox_max_events``.
@@ -133,6 +141,8 @@ class WebhookSender:
         data_dir: Path,
         hooks: Sequence[_Hook],
         *,
+        store: str | None = None,
+        password_file: Path | None = None,
         events_log: Path | None = None,
         max_events: int = 100_000,
         retry_hours: float = 24.0,
@@ -144,6 +154,14 @@ class WebhookSender:
         coalesce_s: float = 0.05,
     ) -> None:
         self._data_dir = data_dir
+        self._dsn = store if is_postgresql(store) else None
+        self._password_file = password_file
+        self._errors: tuple[type[Exception], ...] = (sqlite3.Error, StoreError)
+        if self._dsn is not None:
+            import psycopg
+
+            self._errors += (psycopg.Error,)
+        self._unreachable = False
         self._hooks = {hook.settings.hook: hook for hook in hooks}
         self.event_log = EventLog(events_log) if events_log is not None else None
         targets: list[outbox.Target] = [(hook.settings.hook, hook.settings.wants) for hook in hooks]
@@ -159,7 +177,7 @@ class WebhookSender:
         self._lease_us = int((timeout_s * 2 + 5) * 1_000_000)
         self.counters = SenderCounters()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="webhooks")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: outbox.Conn | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wakes: list[asyncio.Event] = []
@@ -212,12 +230,14 @@ class WebhookSender:
         """
         self._loop = asyncio.get_running_loop()
         try:
-            self._conn = await self._db(lambda: outbox.connect(self._data_dir))
+            self._conn = await self._db(self._open)
             self.outbox.disabled = await self._db(lambda: outbox.disabled_hooks(self._conn_()))
             self.depth = await self._db(lambda: outbox.repair(self._conn_()))
-        except sqlite3.Error as exc:
-            log.error("webhooks: cannot open the outbox (%s); no events will be sent", exc)
-            return
+        except self._errors as exc:
+            if self._dsn is None:
+                log.error("webhooks: cannot open the outbox (%s); no events will be sent", exc)
+                return
+            self._failing_store(exc)  # PostgreSQL: tried again each round until it answers
         for hook in sorted(self.outbox.disabled & set(self._hooks)):
             log.warning(
                 "webhook %s is disabled (it answered 410 Gone); 'smtp-tracker "
@@ -249,7 +269,7 @@ class WebhookSender:
             self._session = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await self._db(conn.close)
+            await self._db(lambda: _close(conn))
         if self.event_log is not None:
             await self._db(self.event_log.close)
         self._executor.shutdown(wait=False)
@@ -266,8 +286,12 @@ class WebhookSender:
         """Without delivery: keep the disabled hooks and the depth current."""
         while True:
             await asyncio.sleep(self._poll_s)
-            with contextlib.suppress(sqlite3.Error):
+            try:
                 self.outbox.disabled, self.depth = await self._db(self._read_state)
+            except self._errors as exc:
+                self._failing_store(exc)
+            else:
+                self._store_answers()
 
     def _read_state(self) -> tuple[frozenset[str], int]:
         conn = self._conn_()
@@ -284,9 +308,46 @@ class WebhookSender:
             with contextlib.suppress(RuntimeError):  # the loop is closed
                 loop.call_soon_threadsafe(self.wake)
 
-    def _conn_(self) -> sqlite3.Connection:
-        assert self._conn is not None, "not started"
-        return self._conn
+    def _open(self) -> outbox.Conn:
+        """A connection to the outbox (in the sender's thread).
+
+        :raises sqlite3.Error: SQLite's file cannot be opened.
+        :raises StoreError: the PostgreSQL server cannot be reached.
+        """
+        if self._dsn is None:
+            return outbox.connect(self._data_dir)
+        return outbox.connect_postgresql(
+            self._dsn, password_file=self._password_file, timeout_s=self._timeout_s
+        )
+
+    def _conn_(self) -> outbox.Conn:
+        """The connection (in the sender's thread); on PostgreSQL made again when the
+        server closed or broke it (an outage, a restart)."""
+        conn = self._conn
+        if self._dsn is not None and (
+            conn is None or (not isinstance(conn, sqlite3.Connection) and conn.raw.broken)
+        ):
+            if conn is not None:
+                _close(conn)
+            self._conn = conn = None
+            self._conn = conn = self._open()
+        assert conn is not None, "not started"
+        return conn
+
+    def _failing_store(self, exc: BaseException) -> None:
+        """Log the outbox's store failing, once until it answers again."""
+        if not self._unreachable:
+            self._unreachable = True
+            log.warning(
+                "webhooks: the outbox cannot be read or written (%s); events wait in the "
+                "store and are sent when it answers (logged once)",
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+            )
+
+    def _store_answers(self) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("webhooks: the outbox answers again; delivering")
 
     async def _db(self, call: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -303,8 +364,7 @@ class WebhookSender:
         :param transaction: the :class:`~smtp_tracker.smtp.session.Transaction`.
         :param sent: the message as sent upstream (its Message-ID is read from it).
         """
-        conn = self._conn
-        if conn is None:
+        if self._conn is None and self._dsn is None:
             return
         queue_id = str(transaction.queue_id)
         try:
@@ -328,9 +388,10 @@ class WebhookSender:
 
         def write() -> None:
             try:
-                with immediate_transaction(conn):
+                conn = self._conn_()
+                with outbox.transaction(conn):
                     self.outbox.add(conn, [event])
-            except sqlite3.Error as exc:
+            except self._errors as exc:
                 self._not_written(queue_id, exc)
 
         with contextlib.suppress(RuntimeError):  # stopped: the executor is shut down
@@ -362,8 +423,8 @@ class WebhookSender:
                     continue
                 if next_due_us is not None:
                     wait_s = min(wait_s, max(0.01, (next_due_us - _now_us()) / 1_000_000))
-            except sqlite3.Error as exc:
-                log.warning("webhooks: the outbox cannot be read or written (%s)", exc)
+            except self._errors as exc:
+                self._failing_store(exc)
             try:
                 async with asyncio.timeout(wait_s):
                     await wake.wait()
@@ -373,10 +434,10 @@ class WebhookSender:
 
     async def _claim(self, name: str, limit: int) -> tuple[list[Claimed], int | None]:
         """Due deliveries of *name*; when none, the time the next one comes due."""
-        conn = self._conn_()
         now_us = _now_us()
 
         def take() -> tuple[list[Claimed], int | None, frozenset[str], int]:
+            conn = self._conn_()
             disabled = outbox.disabled_hooks(conn)
             depth = outbox.outbox_depth(conn)
             if name in disabled:
@@ -390,6 +451,7 @@ class WebhookSender:
             return taken, next_due, disabled, depth
 
         claimed, next_due_us, disabled, self.depth = await self._db(take)
+        self._store_answers()
         self.outbox.disabled = disabled
         return claimed, next_due_us
 
@@ -576,6 +638,13 @@ class WebhookSender:
             buckets=buckets,
             sum_value=counters.latency_sum_s,
         )
+
+
+def _close(conn: outbox.Conn) -> None:
+    if isinstance(conn, sqlite3.Connection):
+        conn.close()
+    else:
+        conn.raw.close()
 
 
 def _now_us() -> int:
