@@ -4,15 +4,22 @@ and smtp-tracker started in the test's loop with webhooks pointed at it.
 The receiver's behaviour is scripted per test (:attr:`Receiver.mode`): ``ok``
 (204), ``500``, ``410``, ``hang`` (no answer until the mode changes), or
 down (:meth:`Receiver.down`: nothing listens, connections are refused).
+
+``store_keys`` runs a test on both backends: the store (and its outbox) in
+SQLite in the data directory, or in a fresh database of the session's private
+PostgreSQL cluster (:mod:`tests.support.postgres`; skipped with the reason
+when PostgreSQL is not installed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import sqlite3
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +31,13 @@ from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 from smtp_tracker.app import Application
+from smtp_tracker.store import SqliteDatabase
+from smtp_tracker.webhooks import outbox
 from smtp_tracker.webhooks.signing import write_secret
+from tests.support.postgres import pg_cluster, pg_dsn
 from tests.support.relay import RelayFactory, relay_factory, tracking_over_tls
 
-__all__ = ["relay_factory"]
+__all__ = ["pg_cluster", "pg_dsn", "relay_factory"]
 
 PIXEL = re.compile(rb"https://localhost:\d+/o/[A-Za-z0-9_-]{23}\.gif")
 
@@ -139,6 +149,33 @@ async def receiver(server_ssl_context: ssl.SSLContext) -> AsyncIterator[Receiver
     await served.start()
     yield served
     await served.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_keys(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The keys putting the store, and its outbox, on the test's backend: none (SQLite
+    in ``data_dir``) or ``store`` (a fresh PostgreSQL database)."""
+    if request.param == "sqlite":
+        return {}
+    return {"store": request.getfixturevalue("pg_dsn")}
+
+
+@contextlib.contextmanager
+def outbox_connection(store_keys: dict[str, Any], data_dir: Path) -> Iterator[outbox.Conn]:
+    """A connection to the outbox of *store_keys* (the store made if missing), closed after."""
+    if "store" in store_keys:
+        conn = outbox.connect_postgresql(store_keys["store"])
+        try:
+            yield conn
+        finally:
+            conn.raw.close()
+        return
+    SqliteDatabase.open(data_dir).close()
+    sqlite_conn: sqlite3.Connection = outbox.connect(data_dir)
+    try:
+        yield sqlite_conn
+    finally:
+        sqlite_conn.close()
 
 
 @pytest.fixture

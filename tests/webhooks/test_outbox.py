@@ -1,4 +1,5 @@
-"""The outbox's bound, its failing open, and ``events_log``."""
+"""The outbox's bound, its failing open, its repair and ``events_log``, on both backends
+(``store_keys``: SQLite in the data directory, or PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import pytest
 from smtp_tracker.store import OpenEvent
 from smtp_tracker.webhooks import outbox
 from tests.support.waiting import wait_until
-from tests.webhooks.conftest import GMAIL_PROXY, Receiver, Tracked, hook, send
+from tests.webhooks.conftest import (
+    GMAIL_PROXY,
+    Receiver,
+    Tracked,
+    hook,
+    outbox_connection,
+    send,
+)
 
 
 async def test_beyond_the_bound_events_are_dropped_and_counted_and_mail_relays(
@@ -24,10 +32,13 @@ async def test_beyond_the_bound_events_are_dropped_and_counted_and_mail_relays(
     ca_pem_path: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    store_keys: dict[str, Any],
 ) -> None:
     await receiver.down()
     app = await tracked_relay(
-        webhooks=[hook(receiver, secret_file, ca_pem_path)], webhook_outbox_max_events=1000
+        webhooks=[hook(receiver, secret_file, ca_pem_path)],
+        webhook_outbox_max_events=1000,
+        **store_keys,
     )
     sender, store = app.webhooks, app.store
     assert sender is not None and store is not None
@@ -54,11 +65,8 @@ async def test_beyond_the_bound_events_are_dropped_and_counted_and_mail_relays(
     full = [r for r in caplog.records if "outbox full" in r.getMessage()]
     assert len(full) == 1  # logged once
     assert len(await store.list_messages()) == 3  # and records are kept
-    conn = outbox.connect(tmp_path / "data")
-    try:
+    with outbox_connection(store_keys, tmp_path / "data") as conn:
         state = outbox.status(conn)
-    finally:
-        conn.close()
     assert (state.depth, state.dropped) == (1000, 2)
 
     await receiver.up()
@@ -81,13 +89,14 @@ async def test_an_outbox_that_cannot_be_written_costs_the_event_not_the_record(
     ca_pem_path: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    store_keys: dict[str, Any],
 ) -> None:
-    app = await tracked_relay(webhooks=[hook(receiver, secret_file, ca_pem_path)])
+    app = await tracked_relay(webhooks=[hook(receiver, secret_file, ca_pem_path)], **store_keys)
     sender, store = app.webhooks, app.store
     assert sender is not None and store is not None
-    conn = outbox.connect(tmp_path / "data")
-    conn.execute("DROP TABLE webhook_deliveries")  # every outbox write fails from now on
-    conn.close()
+    with outbox_connection(store_keys, tmp_path / "data") as conn:
+        # every outbox write fails from now on (PostgreSQL: with the view that reads it)
+        conn.execute("DROP TABLE webhook_deliveries" + (" CASCADE" if store_keys else ""))
     with caplog.at_level(logging.ERROR, logger="smtp_tracker.webhooks"):
         await send(app, 2, sessions=1)
     await upstream.wait_for_transactions(2, timeout_s=20)
@@ -99,10 +108,10 @@ async def test_an_outbox_that_cannot_be_written_costs_the_event_not_the_record(
 
 
 async def test_events_log_writes_json_lines_and_is_reopened_on_sighup(
-    tracked_relay: Tracked, upstream: Any, tmp_path: Path
+    tracked_relay: Tracked, upstream: Any, tmp_path: Path, store_keys: dict[str, Any]
 ) -> None:
     path = tmp_path / "events.ndjson"
-    app = await tracked_relay(events_log=str(path))
+    app = await tracked_relay(events_log=str(path), **store_keys)
     sender = app.webhooks
     assert sender is not None and sender.event_log is not None
     await send(app, 2, sessions=1)
@@ -130,46 +139,33 @@ async def test_the_sender_repairs_the_outbox_bookkeeping_at_start(
     secret_file: Path,
     ca_pem_path: Path,
     tmp_path: Path,
+    store_keys: dict[str, Any],
 ) -> None:
-    """``store recover`` rebuilds tables and indexes, not triggers: the sender makes
-    them again, and the depth counter right, when it starts."""
-    from smtp_tracker.store import SqliteDatabase
-
+    """``store recover`` rebuilds SQLite's tables and indexes, not triggers: the sender
+    makes them again; on either backend an event left without a delivery is deleted
+    and the depth counter set right when the sender starts."""
     data_dir = tmp_path / "data"
-    SqliteDatabase.open(data_dir).close()
-    conn = outbox.connect(data_dir)
-    for name in ("webhook_events_added", "webhook_events_removed", "webhook_deliveries_done"):
-        conn.execute(f"DROP TRIGGER {name}")
-    conn.execute("UPDATE webhook_outbox_state SET depth = 999")
-    conn.close()
+    with outbox_connection(store_keys, data_dir) as conn:
+        if not store_keys:
+            for name in ("webhook_events_added", "webhook_events_removed"):
+                conn.execute(f"DROP TRIGGER {name}")
+            conn.execute("DROP TRIGGER webhook_deliveries_done")
+        conn.execute(
+            "INSERT INTO webhook_events (id, type, created_us, body)"
+            " VALUES ('orphan', 'message.relayed', 1, '{}')"
+        )
+        conn.execute("UPDATE webhook_outbox_state SET depth = 999")
     app = await tracked_relay(
-        webhooks=[hook(receiver, secret_file, ca_pem_path)], webhook_outbox_max_events=1000
+        webhooks=[hook(receiver, secret_file, ca_pem_path)],
+        webhook_outbox_max_events=1000,
+        **store_keys,
     )
     sender = app.webhooks
     assert sender is not None and sender.depth == 0
     await send(app, 2, sessions=1)
     await wait_until(lambda: len(receiver.events()) == 2, timeout_s=20, message="not sent")
     await wait_until(lambda: sender.depth == 0, timeout_s=20, message="depth not kept")
-    conn = outbox.connect(data_dir)
-    try:
-        assert conn.execute("SELECT count(*) FROM webhook_events").fetchone() == (0,)
-    finally:
-        conn.close()
+    with outbox_connection(store_keys, data_dir) as conn:
+        assert tuple(conn.execute("SELECT count(*) FROM webhook_events").fetchone()) == (0,)
+        assert outbox.outbox_depth(conn) == 0
     assert sender.outbox.dropped == 0
-
-
-async def test_webhooks_with_a_postgresql_store_are_one_line_at_start(
-    relay_factory: Any, receiver: Receiver, secret_file: Path, ca_pem_path: Path
-) -> None:
-    """The outbox lives in the SQLite store; with store = postgresql:// serve says so."""
-    from smtp_tracker.errors import StartupError
-
-    with pytest.raises(StartupError, match="need the SQLite store"):
-        await relay_factory(
-            tracking=True,
-            pixel=False,
-            store="postgresql://smtp_tracker@127.0.0.1:1/smtp_tracker",
-            store_timeout_s=0.5,
-            webhooks=[hook(receiver, secret_file, ca_pem_path)],
-        )
-    assert receiver.attempts == 0
