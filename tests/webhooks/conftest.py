@@ -79,6 +79,8 @@ class Receiver:
     def __init__(self, ssl_context: ssl.SSLContext) -> None:
         self._ssl = ssl_context
         self.mode = "ok"
+        #: with N > 0, every Nth attempt is answered 500 whatever the mode
+        self.fail_every = 0
         self.attempts = 0
         self.deliveries: list[Delivery] = []  # answered 2xx
         self._changed = asyncio.Event()
@@ -96,7 +98,7 @@ class Receiver:
         body = await request.read()
         while self.mode == "hang":
             await self._changed.wait()
-        if self.mode == "500":
+        if self.mode == "500" or (self.fail_every and self.attempts % self.fail_every == 0):
             return web.Response(status=500)
         if self.mode == "410":
             return web.Response(status=410)
