@@ -1,5 +1,6 @@
 """``webhook_sender = false``: serve only writes the outbox; ``smtp-tracker webhooks
-send``, a process of its own, delivers it, and stops on SIGTERM."""
+send``, a process of its own, delivers it, and stops on SIGTERM; on both backends
+(``store_keys``: SQLite in the data directory, or PostgreSQL with ``--store``)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ async def test_a_sender_process_of_its_own_delivers_what_serve_writes(
     secret_file: Path,
     ca_pem_path: Path,
     tmp_path: Path,
+    store_keys: dict[str, Any],
 ) -> None:
     table = hook(receiver, secret_file, ca_pem_path)
-    app = await tracked_relay(webhooks=[table], webhook_sender=False)
+    app = await tracked_relay(webhooks=[table], webhook_sender=False, **store_keys)
     sender = app.webhooks
     assert sender is not None
     await send(app, 3, sessions=1)
@@ -40,6 +42,7 @@ async def test_a_sender_process_of_its_own_delivers_what_serve_writes(
         "smtp_tracker",
         "webhooks",
         "send",
+        *(["--store", store_keys["store"]] if store_keys else []),
         "--data-dir",
         str(tmp_path / "data"),
         "--webhooks",
