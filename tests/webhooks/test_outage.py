@@ -7,7 +7,8 @@ The issue's 30 s outage is shortened: with ``webhook_backoff_base_s = 0.05``
 and ``webhook_backoff_max_s = 0.4`` each event is retried many times within
 the few seconds the 200 messages take; the outage lasts until every event is
 in the outbox and the sender has failed at least 400 attempts (48 when each
-attempt waits for the 1 s timeout).
+attempt waits for the 1 s timeout).  On both backends (``store_keys``: the
+outbox in SQLite, or in PostgreSQL, claimed with ``FOR UPDATE SKIP LOCKED``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ async def test_an_outage_loses_nothing_and_keeps_each_message_in_order(
     secret_file: Path,
     ca_pem_path: Path,
     client_ssl_context: ssl.SSLContext,
+    store_keys: dict[str, Any],
 ) -> None:
-    app = await tracked_relay(webhooks=[hook(receiver, secret_file, ca_pem_path)])
+    app = await tracked_relay(webhooks=[hook(receiver, secret_file, ca_pem_path)], **store_keys)
     sender = app.webhooks
     assert sender is not None
     if outage == "down":
