@@ -1,4 +1,10 @@
-"""``ip_policy``: what of a client address the store keeps (full, truncate, hash, none)."""
+"""``ip_policy``: what of a client address the store keeps (full, truncate, hash, none).
+
+On both backends; the hash key is ``DATA_DIR/ip-hash.key`` on either (PostgreSQL's
+hosts each read their own copy), so the hash tests open the store as ``serve`` does
+(:func:`smtp_tracker.store.backends.open_store`).  The key file's own tests and the
+policy's pure functions involve no store.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import AddressPolicy, IpPolicy, OpenEvent, SqliteStore
+from smtp_tracker.store import AddressPolicy, IpPolicy, OpenEvent, backends
 from smtp_tracker.store.address import (
     HASH_KEY_FILENAME,
     _truncate_ipv4,
@@ -25,16 +31,11 @@ ADDRESSES = ["192.0.2.77", "2001:db8:abcd:12::1", "::ffff:198.51.100.9", "not-an
 
 
 async def stored_ips(
-    data_dir: Path, policy: IpPolicy, addresses: list[str | None], *, open_store: Any = None
+    open_store: Any, policy: IpPolicy, addresses: list[str | None]
 ) -> list[str | None]:
-    """Record one open per address under *policy* and read back what was kept
-    (in the store *open_store* opens, else SQLite in *data_dir*)."""
-    opened = (
-        await open_store(ip_policy=policy)
-        if open_store is not None
-        else await SqliteStore.open(data_dir, ip_policy=policy)
-    )
-    async with opened as store:
+    """Record one open per address under *policy* in the store ``open_store(**options)``
+    opens and read back what was kept."""
+    async with await open_store(ip_policy=policy) as store:
         if not await store.is_known_token(token(1)):
             await store.record_message(make_record(1))
         before = await store.find_message(token(1))
@@ -55,15 +56,33 @@ async def stored_ips(
     ],
 )
 async def test_policy_stores_what_it_promises(
-    data_dir: Path, policy: IpPolicy, expected: list[str | None], open_store: Any
+    policy: IpPolicy, expected: list[str | None], open_store: Any
 ) -> None:
-    assert await stored_ips(data_dir, policy, ADDRESSES, open_store=open_store) == expected
+    assert await stored_ips(open_store, policy, ADDRESSES) == expected
 
 
-async def test_hash_is_keyed_stable_and_not_the_address(tmp_path: Path) -> None:
-    first = await stored_ips(tmp_path / "a", "hash", ["192.0.2.77", "192.0.2.78", "192.0.2.77"])
-    again = await stored_ips(tmp_path / "a", "hash", ["192.0.2.77"])  # reopened: same key
-    other_key = await stored_ips(tmp_path / "b", "hash", ["192.0.2.77"])
+@pytest.fixture
+def serve_store(backend: str, request: pytest.FixtureRequest) -> Any:
+    """``serve_store(data_dir)``: an ``open_store(**options)`` for *data_dir*, opening the
+    test's store as ``serve`` does (SQLite in *data_dir*; or the test's one PostgreSQL
+    database, its hash key in *data_dir*)."""
+    dsn = None if backend == "sqlite" else request.getfixturevalue("pg_dsn")
+
+    def for_data_dir(data_dir: Path) -> Any:
+        async def open_store(**options: Any) -> Any:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as serve's start does
+            return await backends.open_store(store=dsn, data_dir=data_dir, **options)
+
+        return open_store
+
+    return for_data_dir
+
+
+async def test_hash_is_keyed_stable_and_not_the_address(tmp_path: Path, serve_store: Any) -> None:
+    a, b = serve_store(tmp_path / "a"), serve_store(tmp_path / "b")
+    first = await stored_ips(a, "hash", ["192.0.2.77", "192.0.2.78", "192.0.2.77"])
+    again = await stored_ips(a, "hash", ["192.0.2.77"])  # reopened: same key
+    other_key = await stored_ips(b, "hash", ["192.0.2.77"])
     h77, h78, h77_again = first
     assert h77 is not None and h78 is not None
     assert len(h77) == 64 and int(h77, 16) >= 0
@@ -75,9 +94,13 @@ async def test_hash_is_keyed_stable_and_not_the_address(tmp_path: Path) -> None:
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
 
-async def test_hash_key_is_created_only_for_the_hash_policy(data_dir: Path) -> None:
-    await stored_ips(data_dir, "truncate", ["192.0.2.1"])
+async def test_hash_key_is_created_only_for_the_hash_policy(
+    data_dir: Path, serve_store: Any
+) -> None:
+    await stored_ips(serve_store(data_dir), "truncate", ["192.0.2.1"])
     assert not (data_dir / HASH_KEY_FILENAME).exists()
+    await stored_ips(serve_store(data_dir), "hash", ["192.0.2.1"])
+    assert (data_dir / HASH_KEY_FILENAME).exists()
 
 
 def test_hash_key_file_round_trip_and_corruption(tmp_path: Path) -> None:
@@ -108,9 +131,9 @@ def test_address_policy_validation() -> None:
     assert AddressPolicy("truncate").apply("fe80::1%eth0") == "fe80::/48"
 
 
-async def test_unknown_policy_is_a_store_error(data_dir: Path) -> None:
-    with pytest.raises(StoreError, match="ip_policy"):
-        await SqliteStore.open(data_dir, ip_policy="some")  # type: ignore[arg-type]
+async def test_unknown_policy_is_a_store_error(open_store: Any) -> None:
+    with pytest.raises(StoreError, match="ip_policy must be one of"):
+        await open_store(ip_policy="some")
 
 
 @given(
