@@ -156,6 +156,15 @@ _ENDS_GROUP = frozenset({"EHLO", "HELO", "LHLO"})
 _TURNS_BEFORE_GREETING = 3
 #: Commands HELP does not list: AUTH is refused (502), EXPN is not implemented.
 _NOT_LISTED = frozenset({"AUTH", "EXPN"})
+#: The common MAIL/RCPT path, ``<dot-atom@domain>`` in ASCII, then the end or
+#: blanks before a printable character other than a parenthesis (a comment, or
+#: other white space, goes to the header parser's CFWS rules): what aiosmtpd's
+#: ``_getaddr`` reads as the same address and rest (checked by property tests);
+#: anything else goes to it.
+_SIMPLE_PATH = re.compile(
+    r"<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?=[!-'*-~])|\Z)"
+)
 
 
 def client_allowed(peer: Any, networks: Sequence[IPNetwork]) -> bool:
@@ -643,6 +652,26 @@ class RelaySMTP(SMTP):
     async def smtp_EXPN(self, arg: str | None) -> None:
         """RFC 5321 §3.5.2, §7.3: EXPN is not implemented (and not listed by HELP)."""
         await self.push(replies.R502_EXPN_NOT_IMPLEMENTED)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's ``_getaddr``: the address of a MAIL or RCPT path and the rest.
+
+        The common ``<local@domain>`` is read with :data:`_SIMPLE_PATH`; aiosmtpd's
+        reader (the ``email`` header parser, and a class defined on every call)
+        took a fiftieth of the relay's CPU per message for the two paths (issue 15).
+
+        :returns: ``(address, rest)``; ``(None, None)`` when it cannot be parsed.
+        """
+        match = _SIMPLE_PATH.match(arg)
+        if match is None:
+            address: str | None
+            rest: str | None
+            address, rest = super()._getaddr(arg)
+            return address, rest
+        found = match[1]
+        if self.local_part_limit and len(found.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return found, arg[match.end() :]
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:

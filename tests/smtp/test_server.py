@@ -3,6 +3,11 @@
 import asyncio
 import ipaddress
 
+import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from smtp_tracker.smtp.server import RelaySMTP, client_allowed
 
 
@@ -45,3 +50,65 @@ async def test_canary_pending_input_reads_asyncio_streamreaders_buffer() -> None
     assert await reader.readuntil() == b"EHLO a\r\n"
     buffer = reader._buffer  # type: ignore[attr-defined]
     assert isinstance(buffer, bytearray) and bytes(buffer) == b"MAIL FROM:<b@c>\r\n"
+
+
+#: Characters that matter to a path's syntax, and some that do not.
+_PATH_CHARACTERS = "ab.Z9-_+=!#$%&'*/?^`{|}~@<>()[]\\\":,; \t\r\né"
+
+
+def _path_arguments() -> st.SearchStrategy[str]:
+    """MAIL/RCPT arguments: free text, and paths built from plausible parts (empty
+    atoms and labels make the dots misplaced; free parts anything else)."""
+    part = st.text(alphabet=_PATH_CHARACTERS, max_size=12)
+    atoms = st.lists(st.text(alphabet="aZ9-_+=!#$%&'*/?^`{|}~", max_size=4), min_size=1, max_size=3)
+    labels = st.lists(st.text(alphabet="ab9-", max_size=4), min_size=1, max_size=3)
+    built = st.builds(
+        lambda lead, local, domain, close, gap, rest: f"{lead}<{local}@{domain}{close}{gap}{rest}",
+        st.sampled_from(["", "", " "]),
+        st.one_of(atoms.map(".".join), atoms.map(".".join), part),
+        st.one_of(labels.map(".".join), labels.map(".".join), part),
+        st.sampled_from([">", ">", ">", "", " >"]),
+        st.sampled_from(["", " ", "\t", "  ", " (c) ", " (", "x", " \r"]),
+        part,
+    )
+    return st.one_of(st.text(alphabet=_PATH_CHARACTERS, max_size=30), built, built)
+
+
+def _outcome(reader: object, arg: str) -> object:
+    try:
+        return SMTP._getaddr(reader, arg)  # type: ignore[arg-type]
+    except Exception as exc:  # the same failure either way
+        return type(exc)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_path_arguments())
+def test_paths_are_read_as_aiosmtpd_reads_them(arg: str) -> None:
+    """RelaySMTP reads <local@domain> itself (issue 15): the same address and rest as
+    aiosmtpd's _getaddr for any argument."""
+
+    async def both() -> tuple[object, object]:
+        protocol = _protocol()
+        try:
+            ours: object = protocol._getaddr(arg)
+        except Exception as exc:
+            ours = type(exc)
+        return ours, _outcome(protocol, arg)
+
+    ours, theirs = asyncio.run(both())
+    assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ("<news@example.org> SIZE=1000", ("news@example.org", "SIZE=1000")),
+        ("<a.b+c@d-e.f>", ("a.b+c@d-e.f", "")),
+        ("<a@b> (comment) SIZE=1", ("a@b", "SIZE=1")),
+        ("<a@b.>", (None, None)),
+    ],
+)
+async def test_paths_read_with_and_without_aiosmtpd(
+    arg: str, expected: tuple[str | None, str | None]
+) -> None:
+    assert _protocol()._getaddr(arg) == expected
