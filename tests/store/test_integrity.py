@@ -2,6 +2,11 @@
 
 The damage is real: octets of the database file or of its write-ahead log
 overwritten on disk, as a failing disk or a stray write does.
+
+SQLite only, but for the last test: the damage, the suspension and ``store recover``
+are about SQLite's own files.  PostgreSQL's ``store check`` is in
+``test_store_check_cli.py``; a PostgreSQL server away while mail flows in
+``tests/e2e/test_postgres_outage.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import shutil
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,13 +177,20 @@ async def test_a_store_overwritten_while_open_is_reported_degraded(tmp_path: Pat
         await store.aclose()
 
 
-async def test_a_pruned_last_message_is_not_taken_for_a_lost_write(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    store = await SqliteStore.open_or_suspend(data, health_interval_s=None)
+async def test_a_pruned_last_message_is_not_taken_for_a_lost_write(
+    backend: str, data_dir: Path, open_store: Any
+) -> None:
+    """Both backends: the health check after a prune that emptied the store."""
+    if backend == "sqlite":  # as serve opens it, without the periodic check
+        store = await SqliteStore.open_or_suspend(data_dir, health_interval_s=None)
+    else:
+        store = await open_store()
     try:
         await store.record_message(make_record(1))
-        await store.prune(datetime(2100, 1, 1, tzinfo=UTC))
+        removed = await store.prune(datetime(2100, 1, 1, tzinfo=UTC))
+        assert removed.messages == 1
         assert await store.check_health() is None
+        assert store.degraded is None
     finally:
         await store.aclose()
 
