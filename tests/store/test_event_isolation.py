@@ -4,7 +4,8 @@ A pixel ``GET`` for a real token whose ``User-Agent`` is not UTF-8 (the byte
 ``\\xff``, which aiohttp hands on as the lone surrogate ``'\\udcff'``) used to
 make the whole batch it landed in fail (``'utf-8' codec can't encode
 character '\\udcff'``): opens of other recipients were lost.  Here over the
-real pixel listener (HTTPS on port 0), then at the writer and store level.
+real pixel listener (HTTPS on port 0), then at the writer and store level; the
+listener and store tests on both backends (conftest's ``store``).
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import asyncio
 import base64
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 
@@ -48,13 +48,6 @@ def _record(i: int) -> MessageRecord:
         upstream_reply="250 2.0.0 Ok",
         tracked=True,
     )
-
-
-@pytest.fixture
-async def store(open_store: Any) -> AsyncIterator[SqliteStore]:
-    """The store of each backend (:func:`tests.store.conftest.open_store`)."""
-    async with await open_store() as opened:
-        yield opened
 
 
 async def _get(port: int, path: str, user_agent: bytes, context: ssl.SSLContext) -> bytes:

@@ -1,4 +1,7 @@
-"""The event writer: bounded queue, batches, drops counted, flush at stop."""
+"""The event writer: bounded queue, batches, drops counted, flush at stop.
+
+No backend: the writer over a fake store (the stores themselves are tested on both).
+"""
 
 from __future__ import annotations
 

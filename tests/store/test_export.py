@@ -1,4 +1,8 @@
-"""The JSON shape of a message for the CLI."""
+"""The JSON shape of a message for the CLI.
+
+No backend: records built in memory; the shape read from either backend is
+test_one_shape.py's.
+"""
 
 from __future__ import annotations
 

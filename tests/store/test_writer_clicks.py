@@ -1,4 +1,7 @@
-"""The event writer carries clicks too: one queue, opens and clicks written apart."""
+"""The event writer carries clicks too: one queue, opens and clicks written apart.
+
+No backend: the writer over a fake store (clicks in a real store: test_schema_v3.py).
+"""
 
 from __future__ import annotations
 
