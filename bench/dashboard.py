@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reports as data  # bench/reports.py: the synthetic store
 
-from smtp_tracker.store import SqliteStore
-from smtp_tracker.store.sqlite import DB_FILENAME
+from smtp_tracker.store import DB_FILENAME, SqliteStore
 from smtp_tracker.tls import load_server_context, write_self_signed
 from smtp_tracker.web.reports.api import make_reports_app
 from smtp_tracker.web.reports.auth import install_auth

@@ -38,8 +38,7 @@ from pathlib import Path
 
 import aiohttp
 
-from smtp_tracker.store import MessageRecord, SqliteDatabase, SqliteStore
-from smtp_tracker.store.sqlite import DB_FILENAME
+from smtp_tracker.store import DB_FILENAME, MessageRecord, SqliteDatabase, SqliteStore
 from smtp_tracker.store.writer import EventWriter
 from smtp_tracker.tls import load_server_context, write_self_signed
 from smtp_tracker.tokens import new_tracking_id

@@ -52,10 +52,9 @@ from typing import Any
 
 import aiohttp
 
-from smtp_tracker.store import SqliteDatabase, SqliteStore
+from smtp_tracker.store import DB_FILENAME, SqliteDatabase, SqliteStore
 from smtp_tracker.store.queries import ROLLUP_COLUMNS, MessageFilter, page_query
 from smtp_tracker.store.records import COUNTED_VERDICTS
-from smtp_tracker.store.sqlite import DB_FILENAME
 from smtp_tracker.tls import load_server_context, write_self_signed
 from smtp_tracker.web.reports.api import make_reports_app
 from smtp_tracker.web.reports.auth import install_auth

@@ -8,6 +8,7 @@ core for synchronous callers.
 from smtp_tracker.store.address import IP_POLICIES, AddressPolicy, IpPolicy
 from smtp_tracker.store.base import Store
 from smtp_tracker.store.export import format_time, message_to_dict
+from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.migrations import CURRENT_VERSION
 from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
@@ -22,7 +23,7 @@ from smtp_tracker.store.records import (
     StoredMessage,
     Verdict,
 )
-from smtp_tracker.store.sqlite import DB_FILENAME, SqliteDatabase, SqliteStore
+from smtp_tracker.store.sqlite import SqliteDatabase, SqliteStore
 
 __all__ = [
     "COUNTED_VERDICTS",
