@@ -13,10 +13,11 @@ import itertools
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtp_tracker.smtp.payload import DataState, Payload, read_payload
+from smtp_tracker.smtp.payload import DataState, Payload, read_payload, wire_form
 
 LINE_LIMIT = SMTP.line_length_limit  # 1001, aiosmtpd's stream limit too
 AFTER = b"QUIT\r\n"
@@ -185,3 +186,24 @@ async def test_too_big_is_dropped_while_read() -> None:
     await feeding
     assert outcome == Payload(DataState.TOO_MUCH, b"")
     assert await reader.read() == AFTER
+
+
+def _aiosmtplib_data(message: bytes) -> bytes:
+    """What aiosmtplib 5's ``SMTPProtocol.execute_data_command`` writes after the 354."""
+    return PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(BLOCKS, max_size=40).map(b"".join))
+def test_wire_form_is_what_aiosmtplib_sends(message: bytes) -> None:
+    """wire_form() writes the octets aiosmtplib's data() writes (issue 15): bare CR and
+    LF made CRLF, every leading dot doubled, the last line ended, then ``.<CRLF>``."""
+    if message:
+        assert wire_form(message) == _aiosmtplib_data(message)
+    else:
+        assert wire_form(message) == b".\r\n"  # an empty message stays empty
+
+
+def test_wire_form_examples() -> None:
+    assert wire_form(b".a\r\n.\r\nb") == b"..a\r\n..\r\nb\r\n.\r\n"
+    assert wire_form(b"a\n.\nb\r.\r") == b"a\r\n..\r\nb\r\n..\r\n.\r\n"
