@@ -1,4 +1,5 @@
-"""The record commands on a PostgreSQL store: ``--store DSN`` instead of ``--data-dir``."""
+"""The record commands on either backend: ``--data-dir`` (SQLite) or ``--store DSN``
+(PostgreSQL); then what only a DSN can get wrong (an unreachable server, a password)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,8 +16,6 @@ from smtp_tracker.cli import main as cli_main
 from smtp_tracker.store import OpenEvent
 
 from .store_helpers import make_record, token
-
-pytest.importorskip("psycopg")
 
 
 def _run(*argv: str) -> tuple[int, str, str]:
@@ -25,11 +25,9 @@ def _run(*argv: str) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-def _fill(dsn: str) -> None:
-    from smtp_tracker.store.postgresql import PgDatabase
-
+def _fill(db: Any) -> None:
     now = datetime.now(UTC)
-    with PgDatabase.open(dsn) as db:
+    with db:
         db.record_message(make_record(1))  # 2024: old
         db.record_message(make_record(2, relayed_at=now, received_at=now))
         db.record_message(
@@ -38,9 +36,14 @@ def _fill(dsn: str) -> None:
         db.record_opens([OpenEvent(tracking_id=token(2), at=now, ip=None, user_agent="UA")])
 
 
-def test_stats_messages_show_prune_forget(pg_dsn: str, tmp_path: Path) -> None:
-    _fill(pg_dsn)
-    store = ("--store", pg_dsn, "--data-dir", str(tmp_path / "none"))
+def test_stats_messages_show_prune_forget(
+    backend: str, data_dir: Path, open_same_database: Any, request: pytest.FixtureRequest
+) -> None:
+    _fill(open_same_database())
+    if backend == "sqlite":
+        store: tuple[str, ...] = ("--data-dir", str(data_dir))
+    else:
+        store = ("--store", request.getfixturevalue("pg_dsn"), "--data-dir", str(data_dir))
     status, out, _ = _run("messages", "--json", *store)
     assert status == 0
     listed = json.loads(out)
@@ -66,6 +69,8 @@ def test_stats_messages_show_prune_forget(pg_dsn: str, tmp_path: Path) -> None:
 
 
 def test_an_unreachable_store_is_one_line(tmp_path: Path) -> None:
+    """PostgreSQL only: a server that does not answer."""
+    pytest.importorskip("psycopg")
     status, out, err = _run("stats", "--store", "postgresql://u@127.0.0.1:1/db")
     assert status == 1 and out == ""
     assert err.startswith("smtp-tracker: ") and err.count("\n") == 1, err
@@ -73,6 +78,8 @@ def test_an_unreachable_store_is_one_line(tmp_path: Path) -> None:
 
 
 def test_a_password_in_the_store_flag_is_refused(tmp_path: Path) -> None:
+    """PostgreSQL only: a DSN holding a password."""
+    pytest.importorskip("psycopg")
     status, _, err = _run("stats", "--store", "postgresql://u:secret@127.0.0.1:1/db")
     assert status == 2
     assert "must not hold the password" in err and "secret" not in err
