@@ -89,7 +89,7 @@ def judge(
         complete
         and (not size_limit or len(data) <= size_limit)
         and data.count(b"\n") == data.count(b"\r\n")
-        and _longest_run(data) < line_limit
+        and _runs_shorter_than(data, line_limit)
     ):
         return DataState.NOMINAL
     overrun = line_limit + 3  # readuntil raises before the line is counted
@@ -110,20 +110,22 @@ def judge(
     return DataState.NOMINAL if complete else None
 
 
-#: Octets split at a time when looking for the longest line.
-_WINDOW = 1 << 20
+def _runs_shorter_than(data: bytes, limit: int) -> bool:
+    """Whether every run of octets without LF in ``data`` is shorter than ``limit``.
 
-
-def _longest_run(data: bytes) -> int:
-    """The longest run of octets without LF (capped at 1 MiB), split a window at a time."""
-    longest = start = 0
-    while start < len(data):
-        stop = data.rfind(b"\n", start, start + _WINDOW) + 1 if len(data) - start > _WINDOW else 0
-        if stop <= start:  # the rest fits in one window, or a window holds no LF at all
-            stop = len(data) if len(data) - start <= _WINDOW else start + _WINDOW
-        longest = max(longest, max(map(len, data[start:stop].split(b"\n"))))
-        start = stop
-    return longest
+    A window of ``limit`` octets without LF is such a run; otherwise the next
+    window starts after the window's last LF, so that a run of ``limit`` octets
+    or more always fills a window of its own.  About ``len(data) / limit``
+    searches at C speed for short lines (a list of every line took a
+    hundredth of the relay's CPU per message, issue 15).
+    """
+    position = 0
+    while len(data) - position >= limit:
+        last = data.rfind(b"\n", position, position + limit)
+        if last < 0:
+            return False
+        position = last + 1
+    return True
 
 
 def unstuff(data: bytes) -> bytes:
