@@ -116,6 +116,8 @@ def upstream_list(config: Config, observer: UpstreamObserver | None = None) -> U
         [settings(address) for address in config.upstream],
         [(settings(c.upstream), c.required, c.untracked) for c in config.copies],
         retry_s=config.upstream_retry_s,
+        pool_size=config.upstream_pool_size,
+        idle_timeout_s=config.upstream_idle_timeout_s,
     )
 
 

@@ -209,6 +209,17 @@ class Config:
         help="seconds a failed upstream (or copy) is skipped before a probe (connect and EHLO) "
         "checks it again; doubled while it keeps failing, up to 900",
     )
+    upstream_pool_size: int = key(
+        8,
+        help="connections kept open per upstream (and copy) after a transaction ended cleanly, "
+        "for the next transaction of any downstream session: RSET between transactions, "
+        "checked before reuse when idle over 2 s, one transaction at a time on each, never "
+        "shared between AUTH identities; 0: none (each downstream session opens its own and "
+        "QUITs it at its end)",
+    )
+    upstream_idle_timeout_s: float = key(
+        30.0, help="seconds a kept upstream connection may stay unused before its QUIT"
+    )
     upstream_tls: UpstreamTLS = key(
         "starttls",
         help="starttls (required, never falls back to plaintext), implicit, or none",
@@ -986,6 +997,8 @@ def _check(values: Mapping[str, Any], *, require_upstream: bool) -> list[str]:
             problems.append(f"{name}: must be greater than 0")
     if get("workers", 1) < 0:
         problems.append("workers: must be 0 (one per core) or more")
+    if get("upstream_pool_size", 0) < 0:
+        problems.append("upstream_pool_size: must be 0 (no pool) or more")
     for name in ("max_events_per_token_per_min", "max_events_per_token_client_per_min"):
         if name in values and values[name] < 0:
             problems.append(f"{name}: must be 0 (no limit) or more")

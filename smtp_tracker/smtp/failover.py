@@ -13,12 +13,19 @@ down, each is tried anyway, in order: the mail has nowhere else to go.
 
 After MAIL was accepted upstream, a failure is the downstream's ``4xx`` as
 before: the client retries, and its retry may go to another upstream.
+
+Connections are taken from the application's :class:`~.pool.ConnectionPool`
+at MAIL and given back when the transaction ended cleanly (see :mod:`.pool`).
+A kept connection that turns out dead at MAIL (lost, or a 421) is not the
+upstream's failure: the transaction is opened on a new connection to the same
+upstream, and the client sees nothing of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +34,7 @@ from typing import Literal
 
 from smtp_tracker.errors import CommandRejected, UpstreamError
 from smtp_tracker.smtp import replies
+from smtp_tracker.smtp.pool import ConnectionPool
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.transcript import NOTE, Transcript
 from smtp_tracker.smtp.upstream import UpstreamSession, UpstreamSettings
@@ -101,16 +109,25 @@ class Upstreams:
     :param copies: the in-step copies (each also probed when down).
     :param retry_s: seconds a failed upstream is skipped at first (``upstream_retry_s``);
         doubled at each further failure, up to :data:`MAX_RETRY_S`.
+    :param pool_size: connections kept per upstream and copy between transactions
+        (``upstream_pool_size``); 0: none, each downstream session opens its own.
+    :param idle_timeout_s: seconds a kept connection may stay unused
+        (``upstream_idle_timeout_s``).
     :param clock: seconds, monotonic (tests may give their own).
-    :raises ValueError: when ``upstreams`` is empty or ``retry_s`` is not positive.
+    :raises ValueError: when ``upstreams`` is empty, ``retry_s`` or ``idle_timeout_s``
+        is not positive, or ``pool_size`` is negative.
     """
 
     upstreams: Sequence[UpstreamSettings]
     copies: Sequence[tuple[UpstreamSettings, bool, bool]] = ()
     retry_s: float = 60.0
+    pool_size: int = 0
+    idle_timeout_s: float = 30.0
     clock: Callable[[], float] = time.monotonic
     health: list[UpstreamHealth] = field(init=False)
     copy_targets: list[CopyTarget] = field(init=False)
+    #: the connections kept between transactions, shared by every downstream session
+    pool: ConnectionPool = field(init=False)
     _probes: dict[int, asyncio.Task[None]] = field(init=False, default_factory=dict)
     _closed: bool = field(init=False, default=False)
 
@@ -119,6 +136,7 @@ class Upstreams:
             raise ValueError("at least one upstream is needed")
         if not self.retry_s > 0:
             raise ValueError(f"retry_s must be positive, got {self.retry_s}")
+        self.pool = ConnectionPool(self.pool_size, self.idle_timeout_s)
         self.health = [UpstreamHealth(s) for s in self.upstreams]
         self.copy_targets = [
             CopyTarget(UpstreamHealth(s, role="copy"), required=required, untracked=untracked)
@@ -213,7 +231,7 @@ class Upstreams:
             self.mark_ok(health)
 
     async def close(self) -> None:
-        """Stop the probes (at shutdown); never raises."""
+        """Stop the probes and close the kept connections with QUIT (at shutdown); never raises."""
         self._closed = True
         tasks = [t for t in self._probes.values() if not t.done()]
         self._probes.clear()
@@ -222,6 +240,7 @@ class Upstreams:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.pool.close()
 
 
 def _failover_worthy(reply: Reply) -> bool:
@@ -233,27 +252,45 @@ def _failover_worthy(reply: Reply) -> bool:
     return reply.code // 100 == 4
 
 
+class _Stale(enum.Enum):
+    """:meth:`FailoverSession._try`'s answer for a kept connection found dead at MAIL."""
+
+    STALE = "stale"
+
+
+_STALE = _Stale.STALE
+
+
 class FailoverSession:
     """The upstream side of one downstream session, over the :class:`Upstreams` list.
 
-    Opens a connection at MAIL to the first upstream that is up, and moves to
-    the next when one fails before it accepted MAIL; afterwards every command
-    goes to the upstream that accepted MAIL.  An open connection is reused by
-    the session's next transaction.
+    At MAIL it takes a connection from the pool (or opens one) to the first
+    upstream that is up, and moves to the next when one fails before it
+    accepted MAIL; afterwards every command goes to the upstream that accepted
+    MAIL.  The connection is given back to the pool when the transaction ended
+    cleanly (the final reply to the message, or RSET answered 250), and closed
+    otherwise.
 
     :param upstreams: the application's list.
     :param transcript: where the conversation is copied (capture), or None.
+    :param pool: where connections come from and go back to (default: the
+        application's, ``upstreams.pool``).
     """
 
-    def __init__(self, upstreams: Upstreams, transcript: Transcript | None = None) -> None:
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        transcript: Transcript | None = None,
+        pool: ConnectionPool | None = None,
+    ) -> None:
         self._upstreams = upstreams
         self._transcript = transcript
+        self._pool = pool if pool is not None else upstreams.pool
+        #: the connection of the transaction in progress (None between transactions)
         self._session: UpstreamSession | None = None
         self._health: UpstreamHealth | None = None
         #: the reply of the last upstream passed over, given when none takes the mail
         self._last_reply: Reply | None = None
-        #: the first upstream that answered MAIL with 4xx (not 421), and its connection
-        self._refused: tuple[UpstreamHealth, UpstreamSession] | None = None
         #: upstreams that failed (connection, TLS, AUTH, 421) during the last :meth:`mail`
         self.failed_attempts = 0
 
@@ -281,49 +318,42 @@ class FailoverSession:
         :raises CommandRejected: an argument the upstream client cannot send.
         """
         self.failed_attempts = 0
-        self._refused = None
+        # a connection left by a transaction that did not end cleanly: never reused
+        self.abort()
         last: Reply | None = None
-        tried: set[int] = set()
-        session, current = self._session, self._health
-        self._session = None
-        if session is not None and current is not None and session.is_open:
-            # the session's connection from an earlier transaction: a failure on it
-            # may be its age (an idle timeout upstream), not the upstream's health
-            reply = await self._try(
-                current, session, reverse_path, parameters, smtputf8, reused=True
-            )
+        for number, health in enumerate(self._upstreams.candidates()):
+            if number:
+                self._note(f"failing over to {health.label}")
+            reply = await self._mail_on(health, reverse_path, parameters, smtputf8)
             if reply is not None:
                 return reply
-            if self._refused is not None:  # it said 4xx: the others are asked first
-                tried.add(id(current))
-                last = self._last_reply
-        elif session is not None:
-            await session.close()
-        for health in self._upstreams.candidates():
-            if id(health) in tried:
-                continue
-            if tried:
-                self._note(f"failing over to {health.label}")
-            tried.add(id(health))
-            session = UpstreamSession(health.settings, self._transcript)
+            last = last or self._last_reply
+        return last or replies.R451_UPSTREAM_UNAVAILABLE
+
+    async def _mail_on(
+        self, health: UpstreamHealth, reverse_path: str, parameters: Sequence[str], smtputf8: bool
+    ) -> Reply | None:
+        """MAIL on a connection to ``health``: the reply to give, or None to try the next.
+
+        A kept connection found dead at MAIL is replaced by a new one, once.
+        """
+        fresh = False
+        while True:
+            self._last_reply = None
             try:
-                await session.ensure_open()
+                session, reused = await self._pool.acquire(
+                    health.settings, self._transcript, fresh=fresh
+                )
             except UpstreamError as exc:
                 self.failed_attempts += 1
                 self._upstreams.mark_failed(health, str(exc.reply))
-                last = last or Reply.of(exc.reply)
-                continue
-            reply = await self._try(health, session, reverse_path, parameters, smtputf8)
-            if reply is not None:
-                if self._refused is not None and self._refused[1] is not self._session:
-                    await self._refused[1].close()
+                self._last_reply = Reply.of(exc.reply)
+                return None
+            reply = await self._try(health, session, reverse_path, parameters, smtputf8, reused)
+            if not isinstance(reply, _Stale):
                 return reply
-            last = last or self._last_reply
-        if self._refused is not None:
-            # every upstream passed it over: keep the connection of the first that
-            # answered 4xx for the session's next transaction
-            self._health, self._session = self._refused
-        return last or replies.R451_UPSTREAM_UNAVAILABLE
+            self._note(f"the kept connection to {health.label} is gone; opening a new one")
+            fresh = True
 
     async def _try(
         self,
@@ -332,44 +362,53 @@ class FailoverSession:
         reverse_path: str,
         parameters: Sequence[str],
         smtputf8: bool,
-        *,
-        reused: bool = False,
-    ) -> Reply | None:
-        """MAIL on an open ``session``: the reply to give, or None to try the next upstream.
+        reused: bool,
+    ) -> Reply | _Stale | None:
+        """MAIL on an open ``session``: the reply to give, None to try the next
+        upstream, or :data:`_STALE` when ``session`` was kept and is found dead.
 
-        :param reused: the connection is an earlier transaction's: its loss does
-            not mark the upstream down (it is opened afresh next).
+        :param reused: the connection is an earlier transaction's: its loss or a
+            421 on it does not mark the upstream down (a new one is opened).
         """
-        self._last_reply = None
         if smtputf8 and "smtputf8" not in session.extensions:
             self._last_reply = replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED
-            await session.close()
+            self._pool.release(session, reset=False)  # nothing was sent on it
             return None
         try:
             reply = await session.mail(reverse_path, parameters)
         except UpstreamError as exc:
+            session.abort()
             if reused:
-                return None
+                return _STALE
             self.failed_attempts += 1
             self._upstreams.mark_failed(health, str(exc.reply))
             self._last_reply = Reply.of(exc.reply)
             return None
         except CommandRejected:
-            self._session, self._health = session, health
+            self._pool.release(session, reset=False)  # nothing was sent on it
+            self._health = health
             raise
-        if _failover_worthy(reply):
+        except BaseException:  # cancelled (the client is gone, shutdown): state unknown
+            session.abort()
+            raise
+        self._health = health
+        if reply.code == 421:  # it is closing the connection
+            session.abort()
+            if reused:
+                return _STALE
+            self.failed_attempts += 1
+            self._upstreams.mark_failed(health, str(reply))
             self._last_reply = reply.as_transient()
-            if reply.code == 421:  # it is closing the connection
-                self.failed_attempts += 1
-                self._upstreams.mark_failed(health, str(reply))
-                await session.close()
-            elif self._refused is None:
-                self._refused = (health, session)
-            else:
-                await session.close()
             return None
+        if _failover_worthy(reply):  # another upstream may take it now
+            self._last_reply = reply.as_transient()
+            await session.close()
+            return None
+        if not reply.is_positive:  # the sender's verdict: no transaction was opened
+            self._pool.release(session, reset=True)
+            return reply
         self._upstreams.mark_ok(health)
-        self._session, self._health = session, health
+        self._session = session
         return reply
 
     def _open(self) -> UpstreamSession:
@@ -393,26 +432,50 @@ class FailoverSession:
     async def data(self, content: bytes) -> Reply:
         """The message to the upstream that accepted MAIL; counts it as carried on 2xx.
 
+        The final reply ends the transaction: the connection goes back to the
+        pool (closed instead after a 421, or when it was lost).
+
         :raises UpstreamError: the connection was lost or timed out (4xx).
         """
-        reply = await self._open().data(content)
+        session = self._open()
+        try:
+            reply = await session.data(content)
+        except BaseException:  # lost, timed out, cancelled: its state is unknown
+            if self._session is session:
+                self._session = None
+                session.abort()
+            raise
+        if self._session is session:  # else closed meanwhile (the client is gone)
+            self._session = None
+            self._pool.release(session, reset=True)
         if reply.is_positive and self._health is not None:
             self._health.carried += 1
         return reply
 
     async def rset(self) -> None:
-        """Abort the upstream transaction (RFC 5321 §4.1.1.5)."""
-        if self._session is not None:
-            await self._session.rset()
+        """Abort the upstream transaction (RFC 5321 §4.1.1.5); the connection goes
+        back to the pool when the upstream answered 250, else it is closed."""
+        session, self._session = self._session, None
+        if session is None:
+            return
+        try:
+            ok = await session.rset()
+        except BaseException:  # cancelled: its state is unknown
+            session.abort()
+            raise
+        if ok:
+            self._pool.release(session, reset=False)
+        else:
+            session.abort()
 
     async def close(self) -> None:
-        """QUIT and close; never raises."""
+        """QUIT and close the connection of a transaction in progress; never raises."""
         session, self._session = self._session, None
         if session is not None:
             await session.close()
 
     def abort(self) -> None:
-        """Close at once without QUIT; never raises."""
+        """Close the connection of a transaction in progress at once, without QUIT; never raises."""
         session, self._session = self._session, None
         if session is not None:
             session.abort()

@@ -20,12 +20,18 @@ skipped and counted.  A copy may receive a recipient the upstream refused
 (the commands go out together); it never receives a message the upstream
 refused at MAIL.  An ``untracked`` copy receives the message as received
 (with our ``Received:``), not the rewritten one.
+
+Copies take their connections from the pool at MAIL and give them back as
+the upstream's are (:mod:`.pool`); with pooling off (``upstream_pool_size =
+0``) each downstream session keeps its own connections between its
+transactions and closes them at its end, as before pooling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -33,6 +39,7 @@ from typing import TypeVar
 from smtp_tracker.errors import CommandRejected, SMTPReply, UpstreamError
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.failover import CopyTarget, FailoverSession, Upstreams
+from smtp_tracker.smtp.pool import ConnectionPool
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.transcript import Transcript
 from smtp_tracker.smtp.upstream import UpstreamSession
@@ -71,12 +78,18 @@ async def _together(first: Awaitable[_T], others: Iterable[Awaitable[_U]]) -> tu
 
 @dataclass(slots=True)
 class _Copy:
-    """A copy's connection and its part in the transaction in progress."""
+    """A copy's part in the transaction in progress, and its connection while it lasts."""
 
     target: CopyTarget
-    session: UpstreamSession
+    session: UpstreamSession | None = None
     active: bool = False
     recipients: int = 0
+
+    def take(self) -> UpstreamSession | None:
+        """The connection, no longer the copy's; the copy is out of the transaction."""
+        session, self.session = self.session, None
+        self.active = False
+        return session
 
 
 class Fanout:
@@ -90,11 +103,16 @@ class Fanout:
 
     def __init__(self, upstreams: Upstreams, transcript: Transcript | None = None) -> None:
         self._upstreams = upstreams
-        self.primary = FailoverSession(upstreams, transcript)
-        self._copies = [
-            _Copy(target, UpstreamSession(target.health.settings))
-            for target in upstreams.copy_targets
-        ]
+        #: the session's own pool when pooling is off: its connections, kept for its
+        #: next transaction as before pooling, and closed with it
+        self._own_pool: ConnectionPool | None = None
+        self._pool = upstreams.pool
+        if not self._pool.enabled:
+            self._pool = self._own_pool = ConnectionPool(
+                1, None, check_after_s=math.inf, reset_on_return=False
+            )
+        self.primary = FailoverSession(upstreams, transcript, self._pool)
+        self._copies = [_Copy(target) for target in upstreams.copy_targets]
         self._queue_id = "-"
 
     @property
@@ -130,30 +148,75 @@ class Fanout:
         self, copy: _Copy, reverse_path: str, parameters: Sequence[str], smtputf8: bool
     ) -> None:
         health = copy.target.health
-        copy.active = False
+        self._end_copy(copy)  # left by a transaction that did not end cleanly
         copy.recipients = 0
-        if not health.up and not copy.session.is_open:
+        if not health.up:
             self._copy_failed(copy, "MAIL", replies.R451_COPY_UNAVAILABLE, down=False)
             return
-        try:
-            await copy.session.ensure_open()
-            if smtputf8 and "smtputf8" not in copy.session.extensions:
+        fresh = False
+        while True:
+            try:
+                session, reused = await self._pool.acquire(health.settings, fresh=fresh)
+            except UpstreamError as exc:
+                self._copy_failed(copy, "MAIL", exc.reply, down=True)
+                return
+            if smtputf8 and "smtputf8" not in session.extensions:
+                self._pool.release(session, reset=False)
                 self._copy_failed(
                     copy, "MAIL", replies.R451_UPSTREAM_SMTPUTF8_UNSUPPORTED, down=False
                 )
                 return
-            reply = await copy.session.mail(reverse_path, parameters)
-        except UpstreamError as exc:
-            self._copy_failed(copy, "MAIL", exc.reply, down=True)
-            return
-        except CommandRejected as exc:
-            self._copy_failed(copy, "MAIL", exc.reply, down=False)
-            return
+            try:
+                reply = await session.mail(reverse_path, parameters)
+            except UpstreamError as exc:
+                session.abort()
+                if reused:  # a kept connection found dead: a new one, once
+                    fresh = True
+                    continue
+                self._copy_failed(copy, "MAIL", exc.reply, down=True)
+                return
+            except CommandRejected as exc:
+                self._pool.release(session, reset=False)
+                self._copy_failed(copy, "MAIL", exc.reply, down=False)
+                return
+            except BaseException:
+                session.abort()
+                raise
+            if reply.code == 421:
+                session.abort()
+                if reused:
+                    fresh = True
+                    continue
+            break
         if not reply.is_positive:
+            if reply.code != 421:
+                self._pool.release(session, reset=True)
             self._copy_failed(copy, "MAIL", reply, down=reply.code == 421)
             return
         self._upstreams.mark_ok(health)
+        copy.session = session
         copy.active = True
+
+    def _end_copy(self, copy: _Copy) -> None:
+        """Close the copy's connection, if it holds one: its transaction did not end cleanly."""
+        session = copy.take()
+        if session is not None:
+            session.abort()
+
+    async def _reset_copy(self, copy: _Copy) -> None:
+        """RSET the copy's transaction; its connection goes back to the pool on 250."""
+        session = copy.take()
+        if session is None:
+            return
+        try:
+            ok = await session.rset()
+        except BaseException:
+            session.abort()
+            raise
+        if ok:
+            self._pool.release(session, reset=False)
+        else:
+            session.abort()
 
     async def mail(
         self, reverse_path: str, parameters: Sequence[str], *, smtputf8: bool, queue_id: str = "-"
@@ -185,11 +248,12 @@ class Fanout:
 
     async def _copy_rcpt(self, copy: _Copy, forward_path: str, parameters: Sequence[str]) -> bool:
         """RCPT on one copy; whether the copy accepted the recipient."""
-        if not copy.active:
+        if not copy.active or copy.session is None:
             return False
         try:
             reply = await copy.session.rcpt(forward_path, parameters)
         except UpstreamError as exc:
+            self._end_copy(copy)
             self._copy_failed(copy, "RCPT", exc.reply, down=True)
             return False
         except CommandRejected:  # nothing was sent: this recipient alone, as upstream
@@ -241,19 +305,25 @@ class Fanout:
     # -- DATA -----------------------------------------------------------------------
 
     async def _copy_data(self, copy: _Copy, content: bytes) -> bool:
-        """DATA on one copy; whether it said 2xx."""
-        if not copy.active:
+        """DATA on one copy; whether it said 2xx.  Its transaction ends either way."""
+        session = copy.session
+        if not copy.active or session is None:
             return False
         if copy.recipients == 0:  # it refused every recipient: nothing to send it
-            await copy.session.rset()
+            await self._reset_copy(copy)
             self._copy_failed(copy, "RCPT", replies.R451_COPY_FAILED, down=False)
             return False
         try:
-            reply = await copy.session.data(content)
+            reply = await session.data(content)
         except UpstreamError as exc:
+            self._end_copy(copy)
             self._copy_failed(copy, "DATA", exc.reply, down=True)
             return False
-        copy.active = False
+        except BaseException:
+            self._end_copy(copy)
+            raise
+        if copy.take() is session:
+            self._pool.release(session, reset=True)
         if not reply.is_positive:
             self._copy_failed(copy, "DATA", reply, down=False)
             return False
@@ -291,27 +361,28 @@ class Fanout:
     # -- ends -----------------------------------------------------------------------
 
     async def _reset_copies(self) -> None:
-        active = [c for c in self._copies if c.active]
-        for copy in active:
-            copy.active = False
-        await asyncio.gather(*(c.session.rset() for c in active))
+        active = [c for c in self._copies if c.session is not None]
+        await asyncio.gather(*(self._reset_copy(c) for c in active))
 
     async def rset(self) -> None:
         """Abort the transaction on the upstream and on every copy (RFC 5321 §4.1.1.5)."""
         await asyncio.gather(self.primary.rset(), self._reset_copies())
 
     async def close(self) -> None:
-        """QUIT and close every connection, one after the other; never raises.
+        """QUIT and close every connection of a transaction in progress, one after the
+        other, and the session's own kept ones (pooling off); never raises.
 
         In the caller's task: a client that hangs up right after its QUIT cancels
         it, and each connection not closed by then is closed without QUIT.
         """
-        for copy in self._copies:
-            copy.active = False
         try:
             await self.primary.close()
             for copy in self._copies:
-                await copy.session.close()
+                session = copy.take()
+                if session is not None:
+                    await session.close()
+            if self._own_pool is not None:
+                await self._own_pool.close()
         finally:
             self.abort()
 
@@ -319,5 +390,6 @@ class Fanout:
         """Close every connection at once, without QUIT; never raises."""
         self.primary.abort()
         for copy in self._copies:
-            copy.active = False
-            copy.session.abort()
+            self._end_copy(copy)
+        if self._own_pool is not None:
+            self._own_pool.abort()

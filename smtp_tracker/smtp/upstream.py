@@ -1,8 +1,10 @@
-"""The upstream side: one aiosmtplib connection per downstream session, in step.
+"""The upstream side: one aiosmtplib connection, driven in step with a downstream session.
 
-:class:`UpstreamSession` opens the connection at the first MAIL FROM (EHLO,
-STARTTLS as configured, EHLO again, AUTH when a user is set), forwards MAIL,
-each RCPT and DATA as they come, and hands back the upstream's :class:`Reply`.
+:class:`UpstreamSession` opens the connection (EHLO, STARTTLS as configured,
+EHLO again, AUTH when a user is set), forwards MAIL, each RCPT and DATA as
+they come, and hands back the upstream's :class:`Reply`.  Between
+transactions the connection may be kept for another downstream session
+(:mod:`.pool`).
 Failures that are not the upstream's verdict on the message (refused, timed
 out, TLS, AUTH, dropped) raise an :class:`~smtp_tracker.errors.UpstreamError`
 whose reply is a 4xx with an enhanced status code, so Postfix keeps the
@@ -132,13 +134,23 @@ class UpstreamSettings:
 class UpstreamSession:
     """One connection to the upstream, opened on demand and reused across transactions.
 
-    Not safe for concurrent use: one downstream session drives it, one command at a time.
+    Not safe for concurrent use: one downstream session drives it, one command at
+    a time (:class:`~.pool.ConnectionPool` lends it to one transaction at a time).
     """
 
     def __init__(self, settings: UpstreamSettings, transcript: Transcript | None = None) -> None:
         self._settings = settings
-        self._transcript = transcript
+        #: where the conversation is copied (capture), or None; a pooled connection
+        #: takes the transcript of the session it is lent to
+        self.transcript = transcript
         self._client: aiosmtplib.SMTP | None = None
+        #: the upstream said 421 (closing the connection, RFC 5321 §3.8): never reused
+        self.closing = False
+
+    @property
+    def settings(self) -> UpstreamSettings:
+        """How this connection reaches its upstream."""
+        return self._settings
 
     @property
     def is_open(self) -> bool:
@@ -146,18 +158,25 @@ class UpstreamSession:
         return self._client is not None and self._client.is_connected
 
     @property
+    def reusable(self) -> bool:
+        """Open, and the upstream never said 421 on it: it may carry another transaction."""
+        return self.is_open and not self.closing
+
+    @property
     def extensions(self) -> dict[str, str]:
         """The upstream's EHLO keywords (lower-case) → parameters; empty when closed."""
         return dict(self._client.esmtp_extensions) if self._client is not None else {}
 
     def _note(self, direction: str, text: str) -> None:
-        if self._transcript is not None:
-            self._transcript.add(direction, text)
+        if self.transcript is not None:
+            self.transcript.add(direction, text)
 
     def _note_reply(self, code: int, message: str) -> None:
-        if self._transcript is not None:
+        if code == 421:
+            self.closing = True
+        if self.transcript is not None:
             for line in message.split("\n") or [""]:
-                self._transcript.add(UPSTREAM_SAID, f"{code} {line}")
+                self.transcript.add(UPSTREAM_SAID, f"{code} {line}")
 
     def _observe_reply(self, command: str, code: int, started: float) -> None:
         if self._settings.observer is not None:
@@ -375,19 +394,34 @@ class UpstreamSession:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
 
-    async def rset(self) -> None:
-        """Abort the upstream transaction (RFC 5321 §4.1.1.5); close the connection on failure."""
+    async def rset(self, timeout_s: float | None = None) -> bool:
+        """Abort the upstream transaction (RFC 5321 §4.1.1.5); close the connection on failure.
+
+        Also the check that a kept connection still works (:mod:`.pool`).
+
+        :param timeout_s: seconds to wait for the reply (default: the command timeout).
+        :returns: True when the upstream answered 250: no transaction is open on
+            the connection and it may carry the next; False when it is closed or
+            answered otherwise (the caller closes it).
+        """
         client = self._client
         if client is None or not client.is_connected:
-            return
+            return False
         self._note(WE_SAID_TO_UPSTREAM, "RSET")
         try:
-            response = await client.rset()
+            if timeout_s is None:
+                response = await client.rset()
+            else:
+                response = await client.rset(timeout=timeout_s)
+        except aiosmtplib.SMTPResponseException as exc:
+            self._note_reply(exc.code, exc.message)
+            return False
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self._note(NOTE, f"RSET failed: {type(exc).__name__}; closing")
             client.close()
-            return
+            return False
         self._note_reply(response.code, response.message)
+        return response.code == aiosmtplib.SMTPStatus.completed
 
     async def close(self) -> None:
         """Say QUIT (briefly) and close; never raises."""

@@ -469,6 +469,8 @@ async def test_a_thousand_idle_connections_are_bounded_and_others_are_still_serv
     await asyncio.gather(*(c.close() for c, _, _ in results), late.close())
     await wait_until(lambda: slots.active == 0, timeout_s=10, message="slots not given back")
     await relay.handler.drain()
+    assert relay.upstreams is not None
+    await relay.upstreams.pool.close()  # the upstream connection kept for reuse is no leak
     await wait_until(
         lambda: _fd_count() <= baseline,
         timeout_s=10,

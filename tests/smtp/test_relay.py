@@ -294,10 +294,14 @@ async def test_client_dropping_mid_transaction_relays_nothing(
 
 @pytest.mark.upstream(delay_s={"QUIT": 2.0})
 async def test_client_hanging_up_right_after_quit_still_closes_the_upstream(
-    relay: Application, upstream: Any
+    relay_factory: Any, upstream: Any
 ) -> None:
     """Postfix may close right after its QUIT, while we wait for the upstream's 221:
-    the hook is cancelled there, and the upstream connection must still be closed."""
+    the hook is cancelled there, and the upstream connection must still be closed.
+
+    Without the pool (``upstream_pool_size = 0``): with it, the connection is kept
+    for the next session and not closed at the client's QUIT (tests/smtp/test_pool.py)."""
+    relay = await relay_factory(upstream_pool_size=0)
     host, port = relay.smtp_address
     reader, writer = await asyncio.open_connection(host, port)
     await reader.readline()

@@ -26,8 +26,11 @@ MESSAGE = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: tls\r\n\r
 
 @pytest.fixture
 async def tls_relay(relay_factory: Any, cert_pem_path: Path, key_pem_path: Path) -> Application:
-    """smtp-tracker offering STARTTLS to its clients."""
-    app: Application = await relay_factory(tls_cert=str(cert_pem_path), tls_key=str(key_pem_path))
+    """smtp-tracker offering STARTTLS to its clients, without the upstream pool: each
+    session's own upstream connection is what these tests follow across STARTTLS."""
+    app: Application = await relay_factory(
+        tls_cert=str(cert_pem_path), tls_key=str(key_pem_path), upstream_pool_size=0
+    )
     return app
 
 
