@@ -301,14 +301,31 @@ def _upstream_metrics(handler: RelayHandler) -> Iterator[Metric]:
         "421 (the transaction then went to the next upstream, or was deferred).",
         labels=labels,
     )
+    kept = GaugeMetricFamily(
+        "smtp_tracker_upstream_pool_idle",
+        "Connections to each upstream (and copy) kept open for the next transaction "
+        "(at most upstream_pool_size).",
+        labels=labels,
+    )
+    reuses = CounterMetricFamily(
+        "smtp_tracker_upstream_pool_reuses",
+        "Transactions each upstream (and copy) carried on a kept connection instead of a new one.",
+        labels=labels,
+    )
+    pool = handler.upstreams.pool
     for health in handler.upstreams.all_health():
         values = [health.label, health.role]
         up.add_metric(values, 1 if health.up else 0)
         carried.add_metric(values, health.carried)
         failed.add_metric(values, health.failed)
+        stats = pool.stats(health.settings)
+        kept.add_metric(values, stats.idle)
+        reuses.add_metric(values, stats.reuses)
     yield up
     yield carried
     yield failed
+    yield kept
+    yield reuses
 
 
 def _tracking_metrics(tracker: Tracker) -> Iterator[Metric]:
