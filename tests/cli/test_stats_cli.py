@@ -1,5 +1,6 @@
 """``smtp-tracker stats`` (a table or JSON of the reports' figures) and ``smtp-tracker reports``
-(the reports listener alone), run as real processes over a store with known data."""
+(the reports listener alone), run as real processes over a store with known data, on
+either backend (issue 14)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from smtp_tracker.store import OpenEvent, SqliteDatabase
+from smtp_tracker.store import OpenEvent
 from smtp_tracker.store.queries import DKIM_OUTCOMES
 from smtp_tracker.store.records import VERDICTS, EventContext, Verdict
 from tests.store.store_helpers import make_record, token
+from tests.support.postgres import pg_cluster
 from tests.support.process import launch, run_cli
+from tests.support.stores import StoreUnderTest, store_under_test
+
+__all__ = ["pg_cluster", "store_under_test"]  # fixtures: each test runs on both backends
 
 DAY1 = datetime(2024, 5, 1, 9, 0, tzinfo=UTC)
 DAY2 = datetime(2024, 5, 2, 9, 0, tzinfo=UTC)
@@ -30,11 +35,10 @@ def classify_by_user_agent(event: EventContext) -> tuple[Verdict, str]:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
+def store(store_under_test: StoreUnderTest) -> StoreUnderTest:
     """Day 1: 3 from example.com (2 tracked, one opened by a human and a scanner, one by
     Apple's proxy only) and 1 from example.org; day 2: 1 from example.com, not opened."""
-    path = tmp_path / "data"
-    with SqliteDatabase.open(path, classifier=classify_by_user_agent) as database:
+    with store_under_test.open(classifier=classify_by_user_agent) as database:
         rows = [
             (0, DAY1, "a@example.com", True),
             (1, DAY1, "b@example.com", True),
@@ -55,15 +59,15 @@ def data_dir(tmp_path: Path) -> Path:
                 for i, ua in [(0, "human"), (0, "scanner"), (1, "privacy_proxy")]
             ]
         )
-    return path
+    return store_under_test
 
 
 def stats(*args: str) -> subprocess.CompletedProcess[str]:
     return run_cli("stats", *args)
 
 
-def test_table_by_day_is_aligned_with_a_total(data_dir: Path) -> None:
-    result = stats("--data-dir", str(data_dir))
+def test_table_by_day_is_aligned_with_a_total(store: StoreUnderTest) -> None:
+    result = stats(*store.flags())
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header, day1, day2, rule, total, mode = lines
@@ -130,8 +134,8 @@ def test_table_by_day_is_aligned_with_a_total(data_dir: Path) -> None:
             assert line[end - 1] != " ", (line, end)
 
 
-def test_table_by_sender_domain(data_dir: Path) -> None:
-    result = stats("--data-dir", str(data_dir), "--group", "sender_domain")
+def test_table_by_sender_domain(store: StoreUnderTest) -> None:
+    result = stats(*store.flags(), "--group", "sender_domain")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:-3]}
     assert rows["example.com"][1:5] == ["4", "3", "1", "33.3%"]
@@ -139,10 +143,8 @@ def test_table_by_sender_domain(data_dir: Path) -> None:
     assert list(rows) == ["example.com", "example.org"]  # most relayed first
 
 
-def test_json_has_the_same_figures_as_the_api(data_dir: Path) -> None:
-    result = stats(
-        "--data-dir", str(data_dir), "--json", "--since", "2024-05-01", "--until", "2024-05-01"
-    )
+def test_json_has_the_same_figures_as_the_api(store: StoreUnderTest) -> None:
+    result = stats(*store.flags(), "--json", "--since", "2024-05-01", "--until", "2024-05-01")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert (document["group"], document["since"], document["until"]) == (
@@ -176,8 +178,8 @@ def test_json_has_the_same_figures_as_the_api(data_dir: Path) -> None:
     assert document["total"]["relayed"] == 4
 
 
-def test_empty_period_prints_only_the_total(data_dir: Path) -> None:
-    result = stats("--data-dir", str(data_dir), "--since", "2030-01-01")
+def test_empty_period_prints_only_the_total(store: StoreUnderTest) -> None:
+    result = stats(*store.flags(), "--since", "2030-01-01")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 4
@@ -193,31 +195,45 @@ def test_empty_period_prints_only_the_total(data_dir: Path) -> None:
         (["--since", "2024-05-02", "--until", "2024-05-01"], "--since: must not be after"),
     ],
 )
-def test_bad_dates_are_one_line_and_exit_2(data_dir: Path, args: list[str], message: str) -> None:
-    result = stats("--data-dir", str(data_dir), *args)
+def test_bad_dates_are_one_line_and_exit_2(
+    store: StoreUnderTest, args: list[str], message: str
+) -> None:
+    result = stats(*store.flags(), *args)
     assert result.returncode == 2
     assert result.stderr.startswith(f"smtp-tracker: error: {message}")
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
 
 
-def test_missing_store_is_one_line_and_exit_1(tmp_path: Path) -> None:
-    result = stats("--data-dir", str(tmp_path / "nothing"))
+def test_missing_store_is_one_line_and_exit_1(
+    store_under_test: StoreUnderTest, request: pytest.FixtureRequest
+) -> None:
+    if store_under_test.backend == "postgresql":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="backends.open_database opens PostgreSQL with migrate_schema=True:"
+                " stats on a database without a store makes one and prints an empty table",
+            )
+        )
+    result = stats(*store_under_test.flags())
     assert result.returncode == 1
     assert result.stderr.startswith("smtp-tracker: error: no tracking store in")
-    assert not (tmp_path / "nothing").exists()
+    assert not store_under_test.data_dir.exists()
 
 
 # -- smtp-tracker reports -------------------------------------------------------------------
 
 
 async def test_reports_command_serves_the_api_alone(
-    data_dir: Path, cert_pem_path: Path, key_pem_path: Path, client_ssl_context: ssl.SSLContext
+    store: StoreUnderTest,
+    cert_pem_path: Path,
+    key_pem_path: Path,
+    client_ssl_context: ssl.SSLContext,
 ) -> None:
     running = await launch(
         "reports",
-        "--data-dir",
-        str(data_dir),
+        *store.flags(),
         "--reports-listen",
         "127.0.0.1:0",
         "--tls-cert",
@@ -230,7 +246,7 @@ async def test_reports_command_serves_the_api_alone(
     try:
         log = "".join(running.log)
         assert "listening for HTTPS (pixel)" not in log  # the pixel runs elsewhere
-        token_file = data_dir / "reports-token"
+        token_file = store.data_dir / "reports-token"
         bearer = token_file.read_text().strip()
         assert str(token_file) in log and bearer not in log
         base = f"https://localhost:{running.port}"
@@ -250,13 +266,19 @@ async def test_reports_command_serves_the_api_alone(
         await running.finish()
 
 
-def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+def test_a_reader_that_leaves_early_gets_no_traceback(store_under_test: StoreUnderTest) -> None:
     """``smtp-tracker messages --json | head -c 1``: the pipe closes under us (EPIPE)."""
-    path = tmp_path / "data"
-    with SqliteDatabase.open(path) as database:
+    with store_under_test.open() as database:
         for i in range(2000):
             database.record_message(make_record(i))
-    command = [sys.executable, "-m", "smtp_tracker", "messages", "--json", "--data-dir", str(path)]
+    command = [
+        sys.executable,
+        "-m",
+        "smtp_tracker",
+        "messages",
+        "--json",
+        *store_under_test.flags(),
+    ]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
         assert process.stdout is not None and process.stderr is not None
         assert process.stdout.read(1) == b"["  # then hang up, like `head -c 1`
