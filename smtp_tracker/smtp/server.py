@@ -288,6 +288,8 @@ class RelaySMTP(SMTP):
         self._holds_slot = False
         self._greeted = False
         self._spoke_first = False
+        #: lines of a multiline reply pushed before its last line (see :meth:`push`)
+        self._held: list[str] = []
 
     def _aiosmtpd_init(
         self,
@@ -483,7 +485,11 @@ class RelaySMTP(SMTP):
         """Send one reply line; aiosmtpd's own replies get their enhanced status codes.
 
         Nothing is written once the connection is closing (the client is gone,
-        or we closed it after a last reply).
+        or we closed it after a last reply).  A line that says more lines of its
+        reply follow (``250-``, RFC 5321 §4.2.1) is held and written with the
+        reply's last line: aiosmtpd pushes an EHLO reply a line at a time, and
+        each write is a system call (about half of them per relayed message; the
+        client reads nothing of a reply before its last line anyway).
 
         :param status: a :class:`~.replies.Reply`, or a reply line (aiosmtpd's, a handler's).
         """
@@ -499,6 +505,13 @@ class RelaySMTP(SMTP):
             elif text.startswith(_UNRECOGNIZED_PREFIX):
                 text = str(replies.R500_UNRECOGNIZED)
         self._transcribe(WE_SAID_TO_CLIENT, text)
+        if text.rpartition("\n")[2][3:4] == "-":
+            self._held.append(text)
+            return
+        if self._held:
+            self._held.append(text)
+            text = "\r\n".join(self._held)
+            self._held.clear()
         await super().push(text)
 
     async def handle_exception(self, error: Exception) -> str:

@@ -8,6 +8,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smtp_tracker.app import Application
 from smtp_tracker.smtp.server import RelaySMTP, client_allowed
 
 
@@ -112,3 +113,34 @@ async def test_paths_read_with_and_without_aiosmtpd(
     arg: str, expected: tuple[str | None, str | None]
 ) -> None:
     assert _protocol()._getaddr(arg) == expected
+
+
+async def test_a_multiline_reply_is_written_at_once(
+    relay: Application, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiosmtpd pushes an EHLO reply a line at a time; RelaySMTP writes it in one
+    write, each line in its place (issue 15: a system call per line)."""
+    written: list[str] = []
+    push = SMTP.push
+
+    async def recording(self: SMTP, status: str) -> None:
+        written.append(status)
+        await push(self, status)
+
+    monkeypatch.setattr(SMTP, "push", recording)
+    reader, writer = await asyncio.open_connection(*relay.smtp_address)
+    try:
+        greeting = await asyncio.wait_for(reader.readline(), 10)
+        writer.write(b"EHLO postfix.test\r\n")
+        lines = [await asyncio.wait_for(reader.readline(), 10)]
+        while lines[-1][3:4] == b"-":
+            lines.append(await asyncio.wait_for(reader.readline(), 10))
+        writer.write(b"NOOP\r\n")
+        noop = await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+    assert greeting.startswith(b"220 relay.test ")
+    assert len(lines) >= 4 and lines[0].startswith(b"250-relay.test")
+    assert lines[-1].startswith(b"250 ")
+    ehlo = "\r\n".join(line.decode().rstrip("\r\n") for line in lines)
+    assert written[1:] == [ehlo, noop.decode().rstrip("\r\n")]
