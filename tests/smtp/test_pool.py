@@ -236,6 +236,44 @@ async def test_a_kept_connection_dead_at_mail_moves_the_transaction_to_a_new_one
         await proxy.close()
 
 
+async def test_a_kept_connection_idle_past_the_check_bound_is_checked_with_rset(
+    relay: Application, upstream: UpstreamServer
+) -> None:
+    assert relay.upstreams is not None
+    relay.upstreams.pool.check_after_s = 0.0  # every kept connection counts as idle long
+    for number in range(2):
+        assert only_positive(await session(relay.smtp_address, [number]))
+    await wait_until(lambda: count(upstream, "RSET") == 3, timeout_s=10, message="3 RSETs")
+    verbs = [line.split(" ", 1)[0] for line in upstream.commands]
+    # given back (RSET), checked before reuse (RSET), then the second MAIL
+    assert [v for v in verbs if v in ("MAIL", "RSET")] == ["MAIL", "RSET", "RSET", "MAIL", "RSET"]
+    assert upstream.accepted == 1
+
+
+async def test_a_kept_connection_failing_its_check_is_replaced_unseen(
+    relay_factory: Any, upstream: UpstreamServer
+) -> None:
+    proxy = CuttingProxy(upstream)
+    address = await proxy.start()
+    try:
+        relay = await relay_factory(upstream=address)
+        assert relay.upstreams is not None
+        relay.upstreams.pool.check_after_s = 0.0
+        assert only_positive(await session(relay.smtp_address, [1]))
+        await wait_until(lambda: kept(relay) == 1, timeout_s=10, message="the connection kept")
+        proxy.doom_current()
+        said = await session(relay.smtp_address, [2])
+        assert only_positive(said), said
+        assert proxy.cut == 1  # the check (RSET) was cut; MAIL went to a new connection
+        assert count(upstream, "MAIL") == 2
+        await upstream.wait_for_transactions(2)
+        assert upstream.accepted == 2
+        assert relay.upstreams.first.up and relay.upstreams.first.failed == 0
+        await relay.stop(grace_s=5.0)
+    finally:
+        await proxy.close()
+
+
 async def test_a_421_final_reply_closes_the_connection_instead_of_keeping_it(
     relay: Application, upstream: UpstreamServer
 ) -> None:
@@ -396,14 +434,28 @@ async def test_different_auth_identities_never_share_a_connection(
 async def test_no_more_than_upstream_pool_size_connections_are_kept(
     relay_factory: Any, upstream: UpstreamServer
 ) -> None:
+    """Four transactions at once hold four connections; two are kept, two are QUIT."""
     relay = await relay_factory(upstream_pool_size=2)
-    said = await asyncio.gather(*(session(relay.smtp_address, [n]) for n in range(5)))
-    assert all(only_positive(s) for s in said), said
-    await upstream.wait_for_transactions(5)
-    opened = upstream.accepted
-    assert opened >= 2
+    clients = [await Raw.open(relay.smtp_address) for _ in range(4)]
+    try:
+        for client in clients:
+            await client.reply()
+            client.writer.write(b"EHLO postfix.test\r\n")
+            await client.lines()
+            assert await client.command("MAIL FROM:<alice@example.org>") == "250 2.1.0 Ok"
+        assert upstream.accepted == 4
+        for number, client in enumerate(clients):
+            assert await client.command(f"RCPT TO:<bob{number}@example.net>") == "250 2.1.5 Ok"
+            assert (await client.command("DATA")).startswith("354 ")
+            client.writer.write(b"Subject: bound\r\n\r\nhi\r\n.\r\n")
+            assert (await client.reply(timeout_s=20)).startswith("250 2.0.0 Ok: queued")
+            assert await client.command("QUIT") == "221 2.0.0 Bye"
+    finally:
+        for client in clients:
+            await client.close()
+    await upstream.wait_for_transactions(4)
     await wait_until(
-        lambda: len(upstream.connections) == 2 and count(upstream, "QUIT") == opened - 2,
+        lambda: len(upstream.connections) == 2 and count(upstream, "QUIT") == 2,
         timeout_s=10,
         message="two connections kept, the others QUIT",
     )
