@@ -45,8 +45,14 @@ class PgOutboxHook(Protocol):
         ...
 
     def events_recorded(self, conn: Any, kind: EventKind, rows: Sequence[Sequence[Any]]) -> None:
-        """*rows* (opens or clicks, as :func:`.rows.event_rows` makes them) were inserted,
-        before the messages' counters were updated; the transaction is still open."""
+        """*rows* (opens or clicks, as :func:`.rows.event_rows` makes them) were inserted
+        and the messages' counters and rollups updated; the transaction is still open.
+
+        Last in the transaction, as :meth:`message_recorded` is: the hook locks the
+        outbox's state row (:func:`lock_state`), and a writer that took it before the
+        rollup rows another writer holds while it waits for the state row would
+        deadlock with it.
+        """
         ...
 
 

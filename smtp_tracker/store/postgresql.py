@@ -515,9 +515,9 @@ class PgDatabase:
                     ):
                         for event in rows:
                             copy.write_row(event)
-                if options.outbox is not None:
-                    options.outbox.events_recorded(conn, kind, rows)
                 self._save(messages.values())
+                if options.outbox is not None:  # last: the outbox's lock is the last taken
+                    options.outbox.events_recorded(conn, kind, rows)
         except psycopg.Error as exc:
             raise StoreError(f"cannot record {len(hits)} {kind}s: {_reason(exc)}") from exc
         return len(rows)

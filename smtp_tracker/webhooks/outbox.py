@@ -196,7 +196,10 @@ class Outbox:
     def events_recorded(self, conn: Conn, kind: str, rows: Sequence[Sequence[Any]]) -> None:
         """``message.opened`` or ``link.clicked`` for each row the store inserts.
 
-        Called before the messages' counters are updated, in the same transaction.
+        Called in the same transaction: by SQLite before the messages' counters
+        are updated, by PostgreSQL after (so that the outbox's lock is the last
+        its writers take, :mod:`smtp_tracker.store.pg_outbox`); ``first`` is
+        worked out from the counters as they were before the batch either way.
 
         :param kind: ``"open"`` or ``"click"``.
         :param rows: as inserted: opens ``(tracking_id, at_us, ip, user_agent,
@@ -205,7 +208,8 @@ class Outbox:
         """
         if not self._targets or not rows:
             return
-        self._write(conn, lambda: _hit_events(conn, kind, rows), len(rows))
+        saved = not isinstance(conn, sqlite3.Connection)
+        self._write(conn, lambda: _hit_events(conn, kind, rows, counters_saved=saved), len(rows))
 
     # -- writing ---------------------------------------------------------------------
 
@@ -377,7 +381,11 @@ def _insert_postgresql(
     return len(kept), dropped
 
 
-def _hit_events(conn: Conn, kind: str, rows: Sequence[Sequence[Any]]) -> list[Event]:
+def _hit_events(
+    conn: Conn, kind: str, rows: Sequence[Sequence[Any]], *, counters_saved: bool = False
+) -> list[Event]:
+    """The events of *rows*; with *counters_saved*, the messages' counters already
+    count the batch's counted events (taken off again to find each ``first``)."""
     click = kind == "click"
     hits = [tuple(row[1:]) for row in rows] if click else [tuple(row) for row in rows]
     tokens = [str(row[0]) for row in rows] if click else []
@@ -402,6 +410,10 @@ def _hit_events(conn: Conn, kind: str, rows: Sequence[Sequence[Any]]) -> list[Ev
             )
         }
     counted_before = {tid: int(m[6] if click else m[5]) for tid, m in messages.items()}
+    if counters_saved:
+        for hit in hits:
+            if hit[4] in COUNTED_VERDICTS and str(hit[0]) in counted_before:
+                counted_before[str(hit[0])] -= 1
     events = []
     for index, (tracking_id, at_us, ip, user_agent, verdict, reason, *_rest) in enumerate(hits):
         message = messages.get(str(tracking_id))

@@ -146,15 +146,16 @@ async def test_an_outbox_event_commits_with_its_record(
         store.set_outbox(writer)
         await store.record_message(make_record(0, relayed_at=at))
         with outbox_connection(store_keys, data_dir) as conn:
-            # refuses the counters' update, after the events were written
+            # fails the transaction after the events were written: PostgreSQL at
+            # commit (the outbox is the last write there), SQLite at the counters
             if store_keys:
                 conn.execute(
                     "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
                     " $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
                 )
                 conn.execute(
-                    "CREATE TRIGGER refuse BEFORE UPDATE ON messages"
-                    " FOR EACH ROW EXECUTE FUNCTION refuse()"
+                    "CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON opens"
+                    " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
                 )
             else:
                 conn.execute(
@@ -170,7 +171,7 @@ async def test_an_outbox_event_commits_with_its_record(
             assert events == ["message.relayed"]
             assert outbox.outbox_depth(conn) == 1
             assert tuple(conn.execute("SELECT count(*) FROM opens").fetchone() or ()) == (0,)
-            conn.execute("DROP TRIGGER refuse" + (" ON messages" if store_keys else ""))
+            conn.execute("DROP TRIGGER refuse" + (" ON opens" if store_keys else ""))
         assert await store.record_opens(hits) == 2
         with outbox_connection(store_keys, data_dir) as conn:
             events = [str(r[0]) for r in conn.execute("SELECT type FROM webhook_events")]
@@ -310,3 +311,33 @@ def test_migrate_store_carries_the_outbox_and_the_cli_reads_it_with_store(
     again = run_cli("webhooks", "retry", first[0].event_id, "--store", pg_dsn)
     assert (again.returncode, again.stdout) == (0, "1 deliveries pending again\n")
     assert count(pg_dsn, "SELECT count(*) FROM webhook_deliveries WHERE state = 'dead'") == 0
+
+
+async def test_messages_and_opens_written_at_once_with_the_outbox_all_commit(pg_dsn: str) -> None:
+    """Relays recording messages and pixel endpoints recording opens of the same day
+    and sender domain at once, the outbox on: every record, open and event commits
+    (the outbox's lock is the last each transaction takes, so none waits in a circle
+    on a rollup row and the outbox's state row)."""
+    from smtp_tracker.store.postgresql import PostgresStore
+
+    writer = outbox.Outbox([("hook", lambda _type, _counted: True)], max_events=10_000)
+    at = datetime.now(UTC)
+    async with await PostgresStore.open(pg_dsn, pool_size=8) as store:
+        store.set_outbox(writer)
+        for i in range(40):
+            await store.record_message(make_record(i, relayed_at=at))
+
+        def opens(i: int) -> list[OpenEvent]:
+            return [OpenEvent(tracking_id=token(i), at=at, ip="192.0.2.1", user_agent="UA")]
+
+        results = await asyncio.gather(
+            *(store.record_message(make_record(40 + i, relayed_at=at)) for i in range(40)),
+            *(store.record_opens(opens(i % 40)) for i in range(120)),
+            return_exceptions=True,
+        )
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert writer.failed == 0
+    assert count(pg_dsn, "SELECT count(*) FROM messages") == 80
+    assert count(pg_dsn, "SELECT count(*) FROM opens") == 120
+    assert count(pg_dsn, "SELECT count(*) FROM webhook_events") == 80 + 120
+    assert count(pg_dsn, "SELECT depth FROM webhook_outbox_state") == 200
