@@ -16,9 +16,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from email.header import decode_header, make_header
+from email.parser import BytesHeaderParser
+from email.policy import compat32
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtp_tracker.mime import RewritePolicy
 from smtp_tracker.smtp.handler import Prepared
@@ -148,3 +153,68 @@ async def test_a_thread_stays_taken_until_its_timed_out_rewrite_really_ends(gate
     assert tracker.counters.rewrite_timeouts == 1
     assert tracker.counters.rewrite_busy == 1
     assert gate.entered == 2  # the second message never reached a thread
+
+
+def _parsed_fields(message: bytes) -> tuple[str | None, str | None]:
+    """header_fields() as it was: every header section through email's compat32 parser."""
+    ends = [i for i in (message.find(sep, 0, 1 << 20) for sep in (b"\r\n\r\n", b"\n\n")) if i >= 0]
+    head = message[: min(ends)] if ends else message[: 1 << 20]
+    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
+    message_id, subject = headers.get("Message-ID"), headers.get("Subject")
+    decoded = None
+    if subject is not None:
+        try:
+            decoded = str(make_header(decode_header(str(subject))))[:998]
+        except (ValueError, LookupError, UnicodeError):
+            decoded = str(subject)[:998]
+    return (str(message_id).strip() if message_id is not None else None, decoded)
+
+
+#: Header lines and pieces of them: the wanted fields in any case, continuations,
+#: encoded words, the parser's odd cases (From_, a line that is no field, bare
+#: CR/LF, 8-bit octets, an empty name).
+_HEADER_PIECES = st.sampled_from(
+    [
+        b"Subject:",
+        b"subject: ",
+        b"SUBJECT:\t",
+        b"Message-ID: ",
+        b"message-id:",
+        b"X-Other: ",
+        b":",
+        b"From ",
+        b"From: ",
+        b"no field",
+        b"Subject : ",
+        b" ",
+        b"\t",
+        b"\r\n",
+        b"\r\n ",
+        b"\r\n\t",
+        b"\r",
+        b"\n",
+        b"<id@example.org>",
+        b"=?utf-8?q?caf=C3=A9?=",
+        b"=?bogus?x?y?=",
+        b"plain words",
+        b"\xc3\xa9",
+        b"\xff",
+        b"=?",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_HEADER_PIECES, max_size=16).map(b"".join), st.sampled_from([b"", b"\r\n\r\nbody"]))
+def test_header_fields_are_what_the_email_parser_reads(head: bytes, rest: bytes) -> None:
+    """header_fields() reads simple header sections itself (issue 15): the same
+    Message-ID and Subject as the compat32 parser for any section."""
+    assert tracking.header_fields(head + rest) == _parsed_fields(head + rest)
+
+
+def test_header_fields_of_a_folded_subject() -> None:
+    message = (
+        b"From: a@example.org\r\nSubject: one\r\n two\r\nsubject: not this\r\n"
+        b"Message-ID:  <x@y>\r\n\r\nbody"
+    )
+    assert tracking.header_fields(message) == ("<x@y>", "one\r\n two")
