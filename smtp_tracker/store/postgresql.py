@@ -105,6 +105,30 @@ _COPY_CLICKS = (
     "COPY clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
     " signals) FROM STDIN"
 )
+#: The ids of the first messages of ``{select}`` (in ``{order}``) whose rows add up to at
+#: most the batch size, or the first message alone (SQLite's ``retention._BATCH``): each
+#: message counts for itself, its events (its counters), its recipients and its links.
+#: Parameters: those of ``{select}``, then the batch size twice.
+_BATCH = """
+SELECT id FROM (
+    SELECT id, row_number() OVER w AS n, sum(
+        1 + open_count + click_count + json_array_length(recipients::json)
+        + (SELECT count(*) FROM links WHERE links.tracking_id = candidate.tracking_id)
+    ) OVER w AS rows_so_far
+    FROM ({select} ORDER BY {order} LIMIT ?) AS candidate
+    WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)
+) AS batch
+WHERE n = 1 OR rows_so_far <= ?
+"""
+_CANDIDATES = "SELECT id, tracking_id, relayed_at_us, open_count, click_count, recipients"
+_OLDER = _BATCH.format(
+    select=f"{_CANDIDATES} FROM messages WHERE relayed_at_us < ?", order="relayed_at_us, id"
+)
+_OF_RECIPIENT = _BATCH.format(
+    select=f"{_CANDIDATES} FROM messages WHERE id IN"  # noqa: S608 - constants
+    " (SELECT message_rowid FROM message_recipients WHERE address = ANY(?))",
+    order="id",
+)
 
 #: Seconds a call waits for a connection (and libpq for the server) before it fails.
 DEFAULT_TIMEOUT_S = 3.0
@@ -645,10 +669,14 @@ class PgDatabase:
     # -- retention ---------------------------------------------------------------------------
 
     def _delete_messages(
-        self, select_ids: str, params: Sequence[Any], needles: Sequence[str] = ()
+        self, select_ids: str, params: Sequence[Any], failure: str, needles: Sequence[str] = ()
     ) -> retention.Removed:
         """Delete the messages whose ids *select_ids* gives, whole, in one transaction;
-        with *needles*, their links whose destination holds one (forget)."""
+        with *needles*, their links whose destination holds one (forget).
+
+        :raises StoreError: ``"{failure}: {reason}"`` when the store cannot be written
+            (the transaction rolled back).
+        """
         import psycopg
 
         conn = self._conn
@@ -682,20 +710,20 @@ class PgDatabase:
                         (tracking, list(needles)),
                     ).rowcount
         except psycopg.Error as exc:
-            raise StoreError(f"cannot delete from the store: {_reason(exc)}") from exc  # noqa: S608 - not SQL
+            raise StoreError(f"{failure}: {_reason(exc)}") from exc
         queue_ids = tuple(str(row[2]) for row in named) if needles else ()
         return retention.Removed(messages=messages, queue_ids=queue_ids, **counts)
 
     def prune_batch(
         self, before: datetime, *, batch_rows: int = retention.DEFAULT_BATCH_ROWS
     ) -> retention.Removed:
-        """The oldest messages relayed before *before*, about *batch_rows* at a time;
+        """The oldest messages relayed before *before*, as many as fit in about
+        *batch_rows* rows with their events, links and recipients (at least one);
         once none is left, the webhook outbox's events created before it (as SQLite's
         :func:`.retention.prune_batch`)."""
         retention.check_batch(batch_rows)
         removed = self._delete_messages(
-            "SELECT id FROM messages WHERE relayed_at_us < ? ORDER BY relayed_at_us, id LIMIT ?",
-            (to_us(before), batch_rows),
+            _OLDER, (to_us(before), batch_rows, batch_rows), "cannot prune the store"
         )
         if removed.messages:
             return removed
@@ -787,8 +815,9 @@ class PgDatabase:
         total = retention.Removed()
         while (
             removed := self._delete_messages(
-                "SELECT message_rowid FROM message_recipients WHERE address = ANY(?) LIMIT ?",
-                (forms, batch_rows),
+                _OF_RECIPIENT,
+                (forms, batch_rows, batch_rows),
+                f"cannot forget {address}",
                 retention.needles(address),
             )
         ).messages:

@@ -22,7 +22,7 @@ from smtp_tracker.errors import StoreError
 from smtp_tracker.store import SqliteDatabase, SqliteStore
 from smtp_tracker.store.records import ClickEvent, LinkRecord, OpenEvent
 from smtp_tracker.store.retention import Removed, recipient_forms
-from tests.store.store_helpers import T0, make_record, token, xfail_on_postgresql
+from tests.store.store_helpers import T0, make_record, token
 from tests.support.waiting import wait_until
 
 TABLES = ("messages", "opens", "clicks", "links", "message_recipients", "daily_stats")
@@ -150,22 +150,9 @@ def rows_of(i: int) -> int:
     return 1 + (i + 1) + i % 3 + 2 + 2
 
 
-#: PostgreSQL's prune_batch and forget_recipient select ``LIMIT batch_rows`` messages.
-BATCH_IN_MESSAGES = (
-    "PgDatabase batches batch_rows messages, not about batch_rows rows of whole messages"
-    " (a batch of 20 takes all 7 messages, 55 rows)"
-)
-#: PostgreSQL's _delete_messages says the same for a prune and a forget.
-DELETE_WORDING = (
-    "PgDatabase says 'cannot delete from the store: ...' where SQLite says"
-    " 'cannot prune the store: ...' and 'cannot forget ADDRESS: ...'"
-)
-
-
 def test_each_batch_is_about_batch_rows_rows_of_whole_messages(
-    database: SqliteDatabase, request: pytest.FixtureRequest
+    database: SqliteDatabase,
 ) -> None:
-    xfail_on_postgresql(request, BATCH_IN_MESSAGES)
     assert [rows_of(i) for i in range(7)] == [6, 8, 10, 9, 11, 13, 12]
     cutoff = T0 + timedelta(minutes=7)
     batches = []
@@ -213,16 +200,13 @@ def refuse_deleting_messages(database: SqliteDatabase) -> None:
     )
 
 
-def test_a_failing_batch_is_rolled_back_whole(
-    database: SqliteDatabase, request: pytest.FixtureRequest
-) -> None:
+def test_a_failing_batch_is_rolled_back_whole(database: SqliteDatabase) -> None:
     refuse_deleting_messages(database)
     before = counts(database)
     with pytest.raises(StoreError, match="refused") as raised:
         database.prune(T0 + timedelta(hours=1))
     # opens, clicks, links deleted earlier in the batch came back
     assert counts(database) == before
-    xfail_on_postgresql(request, DELETE_WORDING)
     assert str(raised.value) == "cannot prune the store: refused"
 
 
@@ -283,16 +267,13 @@ def test_forget_removes_every_message_sent_to_the_address_and_nothing_else(
     assert people.forget_recipient("dave@example.net") == Removed()
 
 
-def test_a_failing_forget_is_rolled_back_whole(
-    people: SqliteDatabase, request: pytest.FixtureRequest
-) -> None:
+def test_a_failing_forget_is_rolled_back_whole(people: SqliteDatabase) -> None:
     refuse_deleting_messages(people)
     before = counts(people)
     with pytest.raises(StoreError, match="refused") as raised:
         people.forget_recipient("dave@example.net")
     assert counts(people) == before
     assert people.count_recipient("dave@example.net").messages == 2
-    xfail_on_postgresql(request, DELETE_WORDING)
     assert str(raised.value) == "cannot forget dave@example.net: refused"
 
 
