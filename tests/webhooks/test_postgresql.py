@@ -10,6 +10,8 @@
 * ``smtp-tracker serve --store postgresql://...`` as a process: the receiver
   gets ``message.relayed`` and ``message.opened``, signed.
 * ``migrate-store`` carries the outbox over; ``webhooks ... --store`` reads it.
+* Messages and opens written at once with the outbox on never deadlock.
+* The server stopped and started again: the sender reconnects by itself.
 """
 
 from __future__ import annotations
@@ -301,6 +303,13 @@ def test_migrate_store_carries_the_outbox_and_the_cli_reads_it_with_store(
     assert copied.returncode == 0, copied.stderr
     with outbox_connection({"store": pg_dsn}, data_dir) as conn:
         assert outbox.status(conn) == before
+        kinds = conn.execute(  # times for psql readers
+            "SELECT pg_typeof(created_at)::text, pg_typeof(due_at)::text, state"
+            " FROM webhook_deliveries_times ORDER BY seq"
+        ).fetchall()
+    assert kinds == [
+        ("timestamp with time zone",) * 2 + (state,) for state in ("dead", *["pending"] * 2)
+    ]
     status = run_cli("webhooks", "status", "--json", "--store", pg_dsn)
     assert status.returncode == 0, status.stderr
     document = json.loads(status.stdout)
@@ -341,3 +350,74 @@ async def test_messages_and_opens_written_at_once_with_the_outbox_all_commit(pg_
     assert count(pg_dsn, "SELECT count(*) FROM opens") == 120
     assert count(pg_dsn, "SELECT count(*) FROM webhook_events") == 80 + 120
     assert count(pg_dsn, "SELECT depth FROM webhook_outbox_state") == 200
+
+
+@pytest.fixture
+def own_cluster() -> Any:
+    """A PostgreSQL cluster of this test's own: it is stopped and started again."""
+    from tests.support import postgres
+
+    reason = postgres.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    running = postgres.start_cluster()
+    try:
+        yield running
+    finally:
+        postgres.remove_cluster(running)
+
+
+async def test_the_sender_delivers_again_after_the_server_was_away(
+    tracked_relay: Tracked,
+    upstream: Any,
+    receiver: Receiver,
+    secret_file: Path,
+    ca_pem_path: Path,
+    own_cluster: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL stopped and started again under a running serve: the sender's own
+    connection is made again by itself (the outage logged once), and the events of
+    the mail recorded after it are delivered without a restart."""
+    import logging
+
+    dsn = own_cluster.new_database()
+    app = await tracked_relay(
+        webhooks=[hook(receiver, secret_file, ca_pem_path)], store=dsn, store_timeout_s=1.0
+    )
+    sender = app.webhooks
+    assert sender is not None
+    await send(app, 2, sessions=1)
+    await wait_until(lambda: len(receiver.events()) == 2, timeout_s=30, message="not sent")
+
+    with caplog.at_level(logging.WARNING, logger="smtp_tracker.webhooks"):
+        await asyncio.to_thread(own_cluster.stop)
+        await wait_until(
+            lambda: any("outbox cannot be read" in r.getMessage() for r in caplog.records),
+            timeout_s=30,
+            message="the outage was not noticed",
+        )
+        await send(app, 1, start=2, sessions=1)  # relayed, not recorded: no event
+        await upstream.wait_for_transactions(3, timeout_s=30)
+        await asyncio.to_thread(own_cluster.start)
+        await wait_until(
+            lambda: any("outbox answers again" in r.getMessage() for r in caplog.records),
+            timeout_s=30,
+            message="the sender did not come back",
+        )
+    unreachable = [r for r in caplog.records if "outbox cannot be read" in r.getMessage()]
+    assert len(unreachable) == 1  # once per outage
+    store = app.store
+    assert store is not None
+
+    async def recording() -> bool:
+        return await store.check_health() is None
+
+    await wait_until(recording, timeout_s=30, message="the store did not come back")
+    await send(app, 2, start=3, sessions=1)
+    await wait_until(lambda: len(receiver.events()) == 4, timeout_s=30, message="not resumed")
+    assert [e["message_id"] for e in receiver.events()][2:] == [
+        "<news-3@example.org>",
+        "<news-4@example.org>",
+    ]
+    assert len(receiver.deliveries) == 4
