@@ -110,6 +110,9 @@ async def metered(
         metrics=True,
         metrics_listen="127.0.0.1:0",
         max_events_per_token_client_per_min=2,
+        # a connection per session: the counts below follow each session's own
+        # connect, TLS and AUTH (the pool's metrics: tests/smtp/test_pool.py)
+        upstream_pool_size=0,
     )
 
 
