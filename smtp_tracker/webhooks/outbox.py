@@ -65,6 +65,7 @@ Conn: TypeAlias = "sqlite3.Connection | PgConnection"
 
 __all__ = [
     "Claimed",
+    "Conn",
     "HookStatus",
     "Outbox",
     "OutboxStatus",
