@@ -13,7 +13,7 @@ Tables (schema v5, :mod:`smtp_tracker.store.migrations`):
 ``webhook_hooks``
     Hooks disabled by a ``410 Gone``.
 ``webhook_outbox_state``
-    One row: ``depth`` (events in the outbox, kept by triggers) and
+    One row: ``depth`` (events in the outbox; SQLite keeps it by triggers) and
     ``dropped`` (events not written because the outbox was full).
 
 Events are written by :class:`Outbox` inside the store's own transaction (the
