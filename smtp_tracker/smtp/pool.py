@@ -248,7 +248,9 @@ class ConnectionPool:
             # a connection is being given back (its RSET in flight, well under a
             # millisecond on a LAN): waiting for it is cheaper than a new one
             waited = True
-            await asyncio.wait(set(slot.returning), timeout=RETURN_WAIT_S)
+            await asyncio.wait(
+                set(slot.returning), timeout=RETURN_WAIT_S, return_when=asyncio.FIRST_COMPLETED
+            )
 
     def _lend(self, session: UpstreamSession) -> None:
         if session in self._lent:  # pragma: no cover - a bug, never the upstream's doing
