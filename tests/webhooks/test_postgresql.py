@@ -10,7 +10,8 @@
 * ``smtp-tracker serve --store postgresql://...`` as a process: the receiver
   gets ``message.relayed`` and ``message.opened``, signed.
 * ``migrate-store`` carries the outbox over; ``webhooks ... --store`` reads it.
-* Messages and opens written at once with the outbox on never deadlock.
+* Messages and opens written at once with the outbox on never deadlock; two
+  hosts writing at once never overfill the bounded outbox.
 * The server stopped and started again: the sender reconnects by itself.
 """
 
@@ -421,3 +422,33 @@ async def test_the_sender_delivers_again_after_the_server_was_away(
         "<news-4@example.org>",
     ]
     assert len(receiver.deliveries) == 4
+
+
+async def test_two_hosts_writing_at_once_never_overfill_the_outbox(pg_dsn: str) -> None:
+    """``webhook_outbox_max_events`` holds for the database as a whole: two stores (two
+    hosts' pools) recording 40 messages each at once into an outbox bounded at 50 keep
+    exactly 50 events and count 30 dropped."""
+    from smtp_tracker.store.postgresql import PostgresStore
+
+    writers = [
+        outbox.Outbox([("hook", lambda _type, _counted: True)], max_events=50) for _ in range(2)
+    ]
+    stores = [await PostgresStore.open(pg_dsn, pool_size=4) for _ in range(2)]
+    try:
+        for store, writer in zip(stores, writers, strict=True):
+            store.set_outbox(writer)
+        await asyncio.gather(
+            *(
+                stores[k].record_message(make_record(k * 40 + i))
+                for k in range(2)
+                for i in range(40)
+            )
+        )
+    finally:
+        for store in stores:
+            await store.aclose()
+    assert count(pg_dsn, "SELECT count(*) FROM messages") == 80  # every record kept
+    assert count(pg_dsn, "SELECT count(*) FROM webhook_events") == 50
+    assert count(pg_dsn, "SELECT depth FROM webhook_outbox_state") == 50
+    assert count(pg_dsn, "SELECT dropped FROM webhook_outbox_state") == 30
+    assert sum(w.written for w in writers) == 50 and sum(w.dropped for w in writers) == 30
