@@ -1,7 +1,8 @@
 """Webhooks end to end: smtp-tracker in the test's loop relays to the upstream test
 server, the pixel and click endpoints are fetched over HTTPS, and a real HTTPS
 receiver gets each event, signed per Standard Webhooks (verified with the
-``standardwebhooks`` library and the shared secret)."""
+``standardwebhooks`` library and the shared secret); on both backends
+(``store_keys``: the outbox in SQLite, or in PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ async def test_each_event_arrives_signed_and_the_library_verifies_it(
     secret_file: Path,
     ca_pem_path: Path,
     client_ssl_context: ssl.SSLContext,
+    store_keys: dict[str, Any],
 ) -> None:
     app = await tracked_relay(
-        webhooks=[hook(receiver, secret_file, ca_pem_path)], track_clicks=True
+        webhooks=[hook(receiver, secret_file, ca_pem_path)], track_clicks=True, **store_keys
     )
     await send(app, 1, sessions=1)
     await upstream.wait_for_transactions(1, timeout_s=20)
@@ -104,9 +106,13 @@ async def test_each_event_arrives_signed_and_the_library_verifies_it(
 
 @pytest.mark.upstream(data_reply="451 4.3.0 try again later")
 async def test_a_deferred_message_is_a_message_deferred_event(
-    tracked_relay: Tracked, receiver: Receiver, secret_file: Path, ca_pem_path: Path
+    tracked_relay: Tracked,
+    receiver: Receiver,
+    secret_file: Path,
+    ca_pem_path: Path,
+    store_keys: dict[str, Any],
 ) -> None:
-    app = await tracked_relay(webhooks=[hook(receiver, secret_file, ca_pem_path)])
+    app = await tracked_relay(webhooks=[hook(receiver, secret_file, ca_pem_path)], **store_keys)
     with pytest.raises(Exception, match="451"):
         await send(app, 1, sessions=1)
     await wait_until(lambda: receiver.events(), timeout_s=20, message="no event delivered")
@@ -120,9 +126,13 @@ async def test_a_deferred_message_is_a_message_deferred_event(
 
 @pytest.mark.upstream(data_reply="554 5.7.1 rejected as spam")
 async def test_a_refused_message_is_a_message_bounced_event(
-    tracked_relay: Tracked, receiver: Receiver, secret_file: Path, ca_pem_path: Path
+    tracked_relay: Tracked,
+    receiver: Receiver,
+    secret_file: Path,
+    ca_pem_path: Path,
+    store_keys: dict[str, Any],
 ) -> None:
-    app = await tracked_relay(webhooks=[hook(receiver, secret_file, ca_pem_path)])
+    app = await tracked_relay(webhooks=[hook(receiver, secret_file, ca_pem_path)], **store_keys)
     with pytest.raises(Exception, match="554"):
         await send(app, 1, sessions=1)
     await wait_until(lambda: receiver.events(), timeout_s=20, message="no event delivered")
@@ -138,8 +148,10 @@ async def test_events_filter_counted_only_and_first(
     secret_file: Path,
     ca_pem_path: Path,
     client_ssl_context: ssl.SSLContext,
+    store_keys: dict[str, Any],
 ) -> None:
     app = await tracked_relay(
+        **store_keys,
         webhooks=[
             hook(receiver, secret_file, ca_pem_path, path="all"),
             hook(
@@ -150,7 +162,7 @@ async def test_events_filter_counted_only_and_first(
                 events=["message.opened"],
                 counted_only=True,
             ),
-        ]
+        ],
     )
     await send(app, 1, sessions=1)
     await upstream.wait_for_transactions(1, timeout_s=20)
