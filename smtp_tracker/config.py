@@ -210,9 +210,10 @@ class Config:
         "checks it again; doubled while it keeps failing, up to 900",
     )
     upstream_pool_size: int = key(
-        8,
+        20,
         help="connections kept open per upstream (and copy) after a transaction ended cleanly, "
-        "for the next transaction of any downstream session: RSET between transactions, "
+        "for the next transaction of any downstream session (the default matches Postfix's "
+        "default_destination_concurrency_limit): RSET between transactions, "
         "checked before reuse when idle over 2 s, one transaction at a time on each, never "
         "shared between AUTH identities; 0: none (each downstream session opens its own and "
         "QUITs it at its end)",
