@@ -35,6 +35,14 @@ LMTP, the pixel and reports endpoints) listening on the same addresses with
 
 What stays per worker: the event rate limits (each worker allows its own
 share), dashboard sign-ins.
+
+Why ``workers`` defaults to 1 and not to one per core (issue 15 asks for the
+latter): the reports listener runs in ``serve`` by default and keeps its
+sign-ins in each process's memory (``web/reports/auth.py``'s ``SessionStore``),
+so with several workers a signed-in user whose next connection the kernel
+gives to another worker is signed out; and ``workers = 0`` counts
+``os.cpu_count()``, the host's cores rather than the CPUs a container or an
+affinity mask allows, each worker a whole ``serve`` with its own memory.
 """
 
 from __future__ import annotations
