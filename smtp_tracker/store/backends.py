@@ -140,14 +140,20 @@ def open_database(
     """The blocking store of a CLI command: a :class:`~.sqlite.SqliteDatabase` or a
     :class:`~.postgresql.PgDatabase` (the same methods; a context manager).
 
-    :raises StoreError: when there is no store there, or it cannot be opened.
+    :param create: make the store where there is none (a data directory or a
+        database without one); when false, that is an error on either backend.
+    :param migrate_schema: migrate an older SQLite store (a PostgreSQL store is
+        always migrated: its migrations are one transaction under a lock).
+    :raises StoreError: when there is no store there (and not *create*), or it
+        cannot be opened.
     """
     if is_postgresql(store):
         assert store is not None
         database: Database = _pg_module().PgDatabase.open(
             store,
             password_file=password_file,
-            migrate_schema=True,
+            migrate_schema=True,  # a PostgreSQL store is migrated whoever opens it
+            create=create,
             classifier=classifier,
             timeout_s=timeout_s,
         )

@@ -383,12 +383,17 @@ class PgDatabase:
         password_file: Path | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         migrate_schema: bool = True,
+        create: bool = True,
         classifier: EventClassifier = unclassified,
     ) -> PgDatabase:
         """Connect to *dsn* and (by default) create or migrate the schema.
 
+        :param create: make the schema in a database without one; when false such a
+            database is an error, as a missing SQLite store is (the read-only CLI
+            commands: a mistyped database name must not get the store's tables).
         :raises StoreError: when the server cannot be reached, the DSN holds a
-            password, or the schema is newer than this code.
+            password, the database holds no store and *create* or *migrate_schema*
+            is false, or the schema is newer than this code.
         """
         import psycopg
 
@@ -398,10 +403,10 @@ class PgDatabase:
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to {redacted(dsn)}: {_reason(exc)}") from exc
         try:
+            if (not migrate_schema or not create) and schema_version(conn) == 0:
+                raise StoreError(f"no tracking store in {redacted(dsn)}")
             if migrate_schema:
                 migrate(conn)
-            elif schema_version(conn) == 0:
-                raise StoreError(f"no tracking store in {redacted(dsn)}")
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"cannot open {redacted(dsn)}: {_reason(exc)}") from exc

@@ -145,16 +145,8 @@ def test_forget_deletes_every_record_sent_to_the_address_and_its_captures(
 
 @pytest.mark.parametrize("command", [["prune"], ["forget", "--recipient", "bob@example.net"]])
 def test_no_store_is_one_line_and_exit_1(
-    store_under_test: StoreUnderTest, command: list[str], request: pytest.FixtureRequest
+    store_under_test: StoreUnderTest, command: list[str]
 ) -> None:
-    if store_under_test.backend == "postgresql":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="backends.open_database opens PostgreSQL with migrate_schema=True:"
-                " on a database without a store the command makes one and goes on",
-            )
-        )
     result = run_cli(*command, *store_under_test.flags())
     assert result.returncode == 1
     assert result.stderr.startswith("smtp-tracker: error: no tracking store in ")

@@ -205,17 +205,7 @@ def test_bad_dates_are_one_line_and_exit_2(
     assert "Traceback" not in result.stderr
 
 
-def test_missing_store_is_one_line_and_exit_1(
-    store_under_test: StoreUnderTest, request: pytest.FixtureRequest
-) -> None:
-    if store_under_test.backend == "postgresql":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="backends.open_database opens PostgreSQL with migrate_schema=True:"
-                " stats on a database without a store makes one and prints an empty table",
-            )
-        )
+def test_missing_store_is_one_line_and_exit_1(store_under_test: StoreUnderTest) -> None:
     result = stats(*store_under_test.flags())
     assert result.returncode == 1
     assert result.stderr.startswith("smtp-tracker: error: no tracking store in")

@@ -49,7 +49,7 @@ from tests.classification.test_rules import (
     YAHOO_PROXY,
 )
 
-from .store_helpers import T0, make_record, token, xfail_on_postgresql
+from .store_helpers import T0, make_record, token
 
 #: The rule order before issue 19: the timing window right after Apple's proxy,
 #: so every fetch in it (Gmail's proxy, Thunderbird) was a scanner.
@@ -319,17 +319,9 @@ def test_a_bad_date_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_no_store_is_one_line_and_makes_none(
-    where: Callable[[str], Where],
-    capsys: pytest.CaptureFixture[str],
-    request: pytest.FixtureRequest,
+    where: Callable[[str], Where], capsys: pytest.CaptureFixture[str]
 ) -> None:
     place = where("none")
-    xfail_on_postgresql(
-        request,
-        "backends.open_database opens PostgreSQL with migrate_schema=True whatever the"
-        " command asks: reclassify (and stats, messages, show, prune, forget) on a database"
-        " without a store creates the schema instead of saying 'no tracking store'",
-    )
     code = main(["reclassify", *place.flags()])
     err = capsys.readouterr().err
     assert code == 1 and "no tracking store in" in err and err.count("\n") == 1
