@@ -8,8 +8,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from smtp_tracker.store import DB_FILENAME, MessageRecord, SqliteDatabase
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -72,11 +70,3 @@ def overwrite(path: Path, offset: int, data: bytes = GARBAGE) -> None:
     with path.open("r+b") as handle:
         handle.seek(offset)
         handle.write(data)
-
-
-def xfail_on_postgresql(request: pytest.FixtureRequest, reason: str) -> None:
-    """Mark the running test a strict expected failure when its backend is PostgreSQL:
-    a known gap of that backend, which *reason* names (an XPASS fails the run, so the
-    mark goes once the backend is fixed)."""
-    if request.getfixturevalue("backend") == "postgresql":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
