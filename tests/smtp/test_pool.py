@@ -21,8 +21,10 @@ from smtp_tracker.app import Application
 from smtp_tracker.smtp.pool import ConnectionPool, PoolKey
 from smtp_tracker.smtp.upstream import UpstreamSettings
 from tests.smtp.test_hostile import Raw
-from tests.support.upstream import UpstreamServer
+from tests.support.upstream import UpstreamServer, upstream_factory
 from tests.support.waiting import wait_until
+
+__all__ = ["upstream_factory"]
 
 OK_REPLIES = ("250 ", "354 ")
 
@@ -130,6 +132,24 @@ async def test_the_metrics_show_kept_connections_and_reuses(
     scraped = relay.metrics.exposition().decode()
     assert f"smtp_tracker_upstream_pool_idle{{{labels}}} 1.0" in scraped
     assert f"smtp_tracker_upstream_pool_reuses_total{{{labels}}} 2.0" in scraped
+
+
+@pytest.mark.upstream(auth_required=False)
+async def test_copies_keep_their_connections_too(
+    upstream: UpstreamServer, upstream_factory: Any, relay_factory: Any
+) -> None:
+    copy = await upstream_factory(auth_required=False)
+    relay = await relay_factory(copies=[{"upstream": copy.address}], upstream_user=None)
+    for number in range(3):
+        assert only_positive(await session(relay.smtp_address, [number]))
+    await upstream.wait_for_transactions(3)
+    await copy.wait_for_transactions(3)
+    assert (upstream.accepted, copy.accepted) == (1, 1)
+    await wait_until(lambda: count(copy, "RSET") == 3, timeout_s=10, message="the copy's RSETs")
+    assert relay.upstreams is not None
+    copy_health = relay.upstreams.copy_targets[0].health
+    assert relay.upstreams.pool.stats(copy_health.settings).reuses == 2
+    assert copy_health.carried == 3
 
 
 # -- connections found dead, 421, the client gone --------------------------------------------
