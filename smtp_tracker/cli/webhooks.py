@@ -54,7 +54,9 @@ def _connect(args: argparse.Namespace) -> Conn:
     if is_postgresql(config.store):
         assert config.store is not None
         try:
-            return outbox.connect_postgresql(config.store, password_file=config.store_password_file)
+            return outbox.connect_postgresql(
+                config.store, password_file=config.store_password_file, create=False
+            )
         except StoreError as exc:
             raise InputError(f"{exc}: give --store of a running smtp-tracker") from None
     data_dir = config.data_dir

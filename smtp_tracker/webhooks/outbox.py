@@ -110,17 +110,20 @@ def connect(data_dir: Path, *, busy_timeout_s: float = 5.0) -> sqlite3.Connectio
 
 
 def connect_postgresql(
-    dsn: str, *, password_file: Path | None = None, timeout_s: float = 10.0
+    dsn: str, *, password_file: Path | None = None, timeout_s: float = 10.0, create: bool = True
 ) -> PgConnection:
     """A connection of its own to the PostgreSQL store *dsn* (autocommit), its schema
-    created or migrated first; close it with ``conn.raw.close()``.
+    migrated first (and created, with *create*); close it with ``conn.raw.close()``.
 
     :raises StoreError: when the server cannot be reached, the DSN holds a
-        password, or the schema is newer than this code.
+        password, the schema is newer than this code, or (without *create*) the
+        database holds no store.
     """
     from smtp_tracker.store.postgresql import PgDatabase
 
-    return PgDatabase.open(dsn, password_file=password_file, timeout_s=timeout_s).connection
+    return PgDatabase.open(
+        dsn, password_file=password_file, timeout_s=timeout_s, create=create
+    ).connection
 
 
 def db_errors(conn: Conn) -> tuple[type[Exception], ...]:

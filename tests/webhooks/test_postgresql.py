@@ -452,3 +452,12 @@ async def test_two_hosts_writing_at_once_never_overfill_the_outbox(pg_dsn: str) 
     assert count(pg_dsn, "SELECT depth FROM webhook_outbox_state") == 50
     assert count(pg_dsn, "SELECT dropped FROM webhook_outbox_state") == 30
     assert sum(w.written for w in writers) == 50 and sum(w.dropped for w in writers) == 30
+
+
+def test_the_webhooks_commands_on_a_database_without_a_store_say_so(pg_dsn: str) -> None:
+    """As on a data directory without a store: one line, exit 1, nothing created."""
+    for command in (["status"], ["list-failed"], ["retry", "--all"]):
+        result = run_cli("webhooks", *command, "--store", pg_dsn)
+        assert result.returncode == 1, (command, result.stderr)
+        assert "no tracking store" in result.stderr
+    assert count(pg_dsn, "SELECT count(*) FROM pg_tables WHERE tablename = 'messages'") == 0
