@@ -154,6 +154,8 @@ _ENDS_GROUP = frozenset({"EHLO", "HELO", "LHLO"})
 #: Turns of the event loop the greeting waits, so that input sent with the
 #: connection is seen as sent before it (two suffice with asyncio's selector loop).
 _TURNS_BEFORE_GREETING = 3
+#: Seconds early the idle timer may run (the loop's clock resolution) and still time out.
+_TIMER_SLACK_S = 0.001
 #: Commands HELP does not list: AUTH is refused (502), EXPN is not implemented.
 _NOT_LISTED = frozenset({"AUTH", "EXPN"})
 #: The common MAIL/RCPT path, ``<dot-atom@domain>`` in ASCII, then the end or
@@ -334,6 +336,10 @@ class RelaySMTP(SMTP):
         self.require_starttls = tls_context and False
         self._timeout_duration = timeout
         self._timeout_handle = None
+        #: when the client's idle time runs out (loop time; see :meth:`_reset_timeout`)
+        self._deadline = 0.0
+        #: whether ``_timeout_handle`` is scheduled and has not run
+        self._timer_pending = False
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -424,6 +430,38 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
         if session is not None:
             self._hooks.schedule_disconnect(session)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer: ``duration`` (default ``client_timeout_s``) from now.
+
+        aiosmtpd cancels its timer and schedules a new one on each reset: per
+        command its own, ours after the reply and the handler's
+        :meth:`extend_timeout` (issue 15: a timer each).  Here the reset moves a
+        deadline; the timer is scheduled anew only when the deadline comes before
+        it, and a timer that fires before the deadline waits for the rest.
+        """
+        loop = self.loop
+        self._deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if (
+            self._timer_pending
+            and handle is not None
+            and not handle.cancelled()
+            and handle.when() <= self._deadline
+        ):
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = loop.call_at(self._deadline, self._timer_fired)
+        self._timer_pending = True
+
+    def _timer_fired(self) -> None:
+        """The idle timer: wait again if the deadline moved on, else time out."""
+        if self._deadline - self.loop.time() > _TIMER_SLACK_S:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_fired)
+            return
+        self._timer_pending = False
+        self._timeout_cb()
 
     def extend_timeout(self, seconds: float) -> None:
         """Keep the client connection open while we wait on the upstream for ``seconds``."""

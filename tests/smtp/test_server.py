@@ -144,3 +144,19 @@ async def test_a_multiline_reply_is_written_at_once(
     assert lines[-1].startswith(b"250 ")
     ehlo = "\r\n".join(line.decode().rstrip("\r\n") for line in lines)
     assert written[1:] == [ehlo, noop.decode().rstrip("\r\n")]
+
+
+@pytest.mark.parametrize("moves", [[0.05, 0.3], [0.05, 30.0, 0.3], [30.0, 0.3]])
+async def test_the_idle_timer_runs_from_the_last_reset(moves: list[float]) -> None:
+    """RelaySMTP moves one idle timer instead of making a new one per reset (issue 15):
+    it still runs out the last reset's duration after it, neither sooner nor
+    (the 10 s bound) at an earlier, longer reset's time."""
+    loop = asyncio.get_running_loop()
+    protocol = _protocol()
+    fired = asyncio.Event()
+    protocol._timeout_cb = fired.set  # type: ignore[method-assign]
+    for seconds in moves:
+        protocol._reset_timeout(seconds)
+    reset_at = loop.time()
+    await asyncio.wait_for(fired.wait(), 10)
+    assert loop.time() - reset_at >= moves[-1] - 0.002
