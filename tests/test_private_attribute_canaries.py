@@ -41,6 +41,7 @@ SMTP_METHODS = {
     "_set_post_data_state": [],
     "_strip_command_keyword": ["keyword", "arg"],
     "_syntax_available": ["method"],
+    "_timeout_cb": [],
 }
 
 #: attributes an SMTP instance has once it is made (set in __init__/connection_made).
@@ -50,6 +51,8 @@ SMTP_INSTANCE_ATTRIBUTES = [
     "_original_transport",
     "_reader",
     "_smtp_methods",
+    "_timeout_duration",
+    "_timeout_handle",
     "_tls_protocol",
     "_writer",
 ]
