@@ -827,7 +827,9 @@ def _tables_for(protocol: type[RelaySMTP], handler: Any) -> _Tables:
     """The tables of ``protocol`` and ``handler``'s class, found on first use.
 
     A handler with hooks of its own (instance attributes named like them) gets
-    tables found for it alone, as aiosmtpd would.
+    tables found for it alone, as aiosmtpd would.  The protocol's commands are
+    its methods as they are at first use: a method replaced on the class later
+    (a test's monkeypatch) is not seen by new connections.
     """
     own = getattr(handler, "__dict__", None)
     if own and any(name.startswith(_INTROSPECTED) for name in own):
