@@ -32,6 +32,7 @@ from smtp_tracker.errors import (
 )
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.parameters import sendable
+from smtp_tracker.smtp.payload import wire_form
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.transcript import NOTE, UPSTREAM_SAID, WE_SAID_TO_UPSTREAM, Transcript
 
@@ -349,12 +350,17 @@ class UpstreamSession:
     async def data(self, content: bytes) -> Reply:
         """Send DATA and the message; return the upstream's final reply.
 
-        aiosmtplib dot-stuffs the content and ends it with ``CRLF.CRLF``
-        (RFC 5321 §4.5.2); bare CR and LF become CRLF on the way (§2.3.8).  An
-        empty message is sent empty, as Postfix relays one: DATA, then the
-        end-of-data line alone (aiosmtplib's ``data()`` would add an empty line).
+        After the 354 the message goes out in one write, as
+        :func:`~smtp_tracker.smtp.payload.wire_form` makes it: bare CR and LF
+        become CRLF (RFC 5321 §2.3.8), a line's leading dot is doubled (§4.5.2),
+        and ``CRLF.CRLF`` ends it (§4.1.1.4); the same octets aiosmtplib's
+        ``data()`` writes, without its two regular expressions over the payload
+        (issue 15).  An empty message is sent empty, as Postfix relays one: DATA,
+        then the end-of-data line alone.
 
         :param content: the message bytes, header and body, CRLF line ends.
+        :returns: the upstream's reply to DATA when not 354, else its reply to the
+            end of data, whatever its code.
         :raises UpstreamError: the connection was lost or timed out during DATA (4xx).
         """
         client = self._client
@@ -363,10 +369,7 @@ class UpstreamSession:
         self._note(WE_SAID_TO_UPSTREAM, f"DATA ({len(content)} bytes)")
         started = time.monotonic()
         try:
-            if content:
-                response = await client.data(content, timeout=self._settings.data_timeout_s)
-            else:
-                response = await self._empty_message(client)
+            response = await self._send_data(client, content)
         except aiosmtplib.SMTPDataError as exc:
             self._note_reply(exc.code, exc.message)
             self._observe_reply("DATA", exc.code, started)
@@ -380,16 +383,36 @@ class UpstreamSession:
         self._observe_reply("DATA", response.code, started)
         return Reply.from_upstream(response.code, response.message, command="DATA")
 
-    async def _empty_message(self, client: aiosmtplib.SMTP) -> aiosmtplib.SMTPResponse:
-        """DATA and, after 354, the end-of-data line alone: a message of no bytes.
+    async def _send_data(self, client: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
+        """DATA, and after 354 the message in its wire form; the final reply.
 
-        :raises aiosmtplib.SMTPDataError: the upstream refused DATA or the message.
+        What aiosmtplib's ``SMTPProtocol.execute_data_command`` does, with our
+        :func:`wire_form`: the protocol's command lock is held from DATA to the
+        final reply, so that no other command (a QUIT from :meth:`close`) is
+        written in between; each write is followed by ``read_response`` with no
+        await in between, so the reply is expected before it can arrive.  A 421
+        leaves the connection open, as ``data()`` does (:attr:`closing` keeps it
+        from being reused); a lost connection or a timeout is the caller's to
+        close.  ``tests/test_private_attribute_canaries.py`` watches the
+        attributes used here that aiosmtplib does not document.
+
+        :raises aiosmtplib.SMTPDataError: the upstream answered DATA other than 354,
+            or the message other than 250.
+        :raises aiosmtplib.SMTPServerDisconnected: the connection was lost.
+        :raises aiosmtplib.SMTPReadTimeoutError: no reply within the data timeout.
         """
         timeout = self._settings.data_timeout_s
-        start = await client.execute_command(b"DATA", timeout=timeout)
-        if start.code != aiosmtplib.SMTPStatus.start_input:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
-        response = await client.execute_command(b".", timeout=timeout)
+        protocol = client.protocol
+        lock = protocol._command_lock if protocol is not None else None
+        if protocol is None or lock is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        async with lock:
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=timeout)
+            if start.code != aiosmtplib.SMTPStatus.start_input:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            protocol.write(wire_form(content))
+            response = await protocol.read_response(timeout=timeout)
         if response.code != aiosmtplib.SMTPStatus.completed:
             raise aiosmtplib.SMTPDataError(response.code, response.message)
         return response
