@@ -1,4 +1,4 @@
-"""Canaries for the private parts of aiosmtpd and aiohttp we build on.
+"""Canaries for the private parts of aiosmtpd, aiosmtplib and aiohttp we build on.
 
 ``pyproject.toml`` gives those libraries lower bounds only; the lock file
 pins what CI runs, and CI's second, non-blocking run takes the newest
@@ -10,6 +10,9 @@ here first, with the name, instead of somewhere deep in a relay test.
   and sets the attributes ``SMTP.__init__`` would set itself, with its command,
   AUTH and hook tables found once per class (issue 15): an instance made that
   way must hold what aiosmtpd's own ``__init__`` gives it, attribute by attribute.
+* aiosmtplib: ``smtp_tracker/smtp/upstream.py`` writes DATA and the message on
+  the client's ``protocol`` (``write``, ``read_response(timeout=)``), holding its
+  ``_command_lock`` as ``execute_data_command`` does (issue 15).
 * aiohttp: ``smtp_tracker/web/site.py`` starts its own protocol factory with the
   runner's handler arguments (connection cap, TLS handshake timeout).
 """
@@ -24,9 +27,11 @@ import types
 import weakref
 from typing import Any
 
+import aiosmtplib
 import pytest
 from aiohttp import web, web_server
 from aiosmtpd.smtp import SMTP
+from aiosmtplib.protocol import SMTPProtocol
 
 from smtp_tracker.smtp.handler import RelayHandler
 from smtp_tracker.smtp.lmtp import LmtpHandler, LmtpSMTP
@@ -192,3 +197,59 @@ def test_aiohttp_sites_keep_runner_host_port_and_server() -> None:
     source = inspect.getsource(web.TCPSite) + inspect.getsource(web.BaseSite)
     for name in ("self._runner", "self._host", "self._port", "self._server"):
         assert name in source, f"aiohttp's TCPSite no longer sets {name}"
+
+
+# aiosmtplib: smtp_tracker/smtp/upstream.py writes DATA and the message itself
+# (issue 15) on the client's protocol, holding its command lock as
+# SMTPProtocol.execute_data_command does.
+
+#: aiosmtplib.protocol.SMTPProtocol methods UpstreamSession._send_data calls, with
+#: the parameters it passes.
+SMTP_PROTOCOL_METHODS = {"read_response": ["timeout"], "write": ["data"]}
+
+
+@pytest.mark.parametrize(("name", "parameters"), sorted(SMTP_PROTOCOL_METHODS.items()))
+def test_aiosmtplib_protocol_keeps_the_method(name: str, parameters: list[str]) -> None:
+    method = getattr(SMTPProtocol, name, None)
+    assert callable(method), f"aiosmtplib SMTPProtocol.{name} is gone"
+    names = [p for p in inspect.signature(method).parameters if p != "self"]
+    assert names == parameters, f"SMTPProtocol.{name}{inspect.signature(method)}"
+
+
+def test_aiosmtplib_read_response_expects_the_reply_itself() -> None:
+    """read_response marks a reply as expected before it waits: a reply that comes
+    right after our write is kept, not dropped as unsolicited (aiosmtplib 5)."""
+    source = inspect.getsource(SMTPProtocol.read_response)
+    assert "self._response_pending = True" in source
+    assert source.index("self._response_pending = True") < source.index("await ")
+
+
+def test_aiosmtplib_execute_data_command_holds_the_lock_for_the_whole_exchange() -> None:
+    """What _send_data does in its place: one ``async with self._command_lock`` around
+    DATA, the message and the final reply."""
+    source = inspect.getsource(SMTPProtocol.execute_data_command)
+    assert source.count("async with self._command_lock:") == 1
+    inside = source.split("async with self._command_lock:", 1)[1]
+    assert inside.count("self.write(") == 2 and inside.count("self.read_response(") == 2
+
+
+async def test_aiosmtplib_client_has_its_protocol_and_command_lock() -> None:
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 canary.test ESMTP\r\n")
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await client.connect()
+        protocol = client.protocol
+        assert isinstance(protocol, SMTPProtocol)
+        assert isinstance(protocol._command_lock, asyncio.Lock)
+        assert not protocol._command_lock.locked()
+        client.close()
+        assert client.protocol is None
+    finally:
+        server.close()
+        await server.wait_closed()
