@@ -455,7 +455,7 @@ class Application:
         listen = self.config.metrics_listen
         try:
             port = await self.metrics.start(
-                listen.host, listen.port, reuse_port=self.config.workers != 1
+                listen.host, listen.port, reuse_port=self.config.workers > 1
             )
         except StartupError as exc:
             raise bind_error(
@@ -552,7 +552,7 @@ class Application:
             tls_context=self._server_tls,
             keep_transcript=self.capture.enabled,
             protocol=protocol,
-            reuse_port=config.workers != 1,
+            reuse_port=config.workers > 1,
         )
         try:
             await listener.start()
@@ -607,7 +607,7 @@ class Application:
                 host=listen.host,
                 port=listen.port,
                 ssl_context=ssl_context,
-                reuse_port=self.config.workers != 1,
+                reuse_port=self.config.workers > 1,
             )
         except StartupError as exc:
             raise bind_error(
@@ -661,7 +661,7 @@ class Application:
                 host=listen.host,
                 port=listen.port,
                 ssl_context=ssl_context,
-                reuse_port=self.config.workers != 1,
+                reuse_port=self.config.workers > 1,
             )
         except StartupError as exc:
             raise bind_error(

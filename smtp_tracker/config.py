@@ -180,10 +180,11 @@ class Config:
         100, help="SMTP connections served at once; more get 421 4.3.2 and are closed"
     )
     workers: int = key(
-        1,
-        help="processes serving SMTP, LMTP and HTTPS on the same ports (SO_REUSEPORT) under one "
-        "supervisor that starts them again when they end and drains them all on SIGTERM; "
-        "0: one per core",
+        0,
+        help="processes serving SMTP, LMTP and the pixel on the same ports (SO_REUSEPORT) under "
+        "one supervisor that starts them again when they end and drains them all on SIGTERM; "
+        "the reports listener runs in the first alone; 0: one per usable core (the CPUs this "
+        "process may run on), one process and no supervisor when that is 1",
     )
     add_received_header: bool = key(True, help="prepend a Received: trace header")
     tls_cert: Path | None = key(

@@ -2,8 +2,21 @@
 
 One Python process uses one core; with ``workers`` above 1, ``serve`` becomes a
 supervisor that starts that many worker processes, each a whole ``serve`` (SMTP,
-LMTP, the pixel and reports endpoints) listening on the same addresses with
+LMTP, the pixel endpoint) listening on the same addresses with
 ``SO_REUSEPORT``, so that the kernel spreads new connections over them.
+
+- **Count.** ``workers = 0`` (the default) is one per usable core
+  (:func:`usable_cores`: the CPUs this process may run on, which a container's
+  cpuset or ``taskset`` narrows, not the host's).  When that is 1, ``serve`` is
+  one process and no supervisor, as with ``workers = 1``.
+- **Reports.** The reports listener (JSON API and dashboard) runs in worker 0
+  alone: the others are started with ``--no-reports``.  Its dashboard sign-ins
+  and login-failure limits live in that process's memory
+  (``web/reports/auth.py``'s ``SessionStore``), so every request must reach the
+  same process; were it in every worker, a user whose next connection the
+  kernel gave to another worker would be signed out.  When worker 0 is started
+  again (below), it listens for reports again on the same port; its sign-ins
+  are lost, as on any restart, and users sign in again.
 
 - **Ports.** A configured port 0 is chosen once, by the supervisor: it binds a
   socket with ``SO_REUSEPORT`` to port 0 and keeps it bound, not listening, for
@@ -34,15 +47,7 @@ LMTP, the pixel and reports endpoints) listening on the same addresses with
   ``smtp_tracker_worker_up`` (:class:`~smtp_tracker.metrics.WorkerMetrics`).
 
 What stays per worker: the event rate limits (each worker allows its own
-share), dashboard sign-ins.
-
-Why ``workers`` defaults to 1 and not to one per core (issue 15 asks for the
-latter): the reports listener runs in ``serve`` by default and keeps its
-sign-ins in each process's memory (``web/reports/auth.py``'s ``SessionStore``),
-so with several workers a signed-in user whose next connection the kernel
-gives to another worker is signed out; and ``workers = 0`` counts
-``os.cpu_count()``, the host's cores rather than the CPUs a container or an
-affinity mask allows, each worker a whole ``serve`` with its own memory.
+share).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from smtp_tracker.errors import StartupError
 from smtp_tracker.metrics import WorkerMetrics
 
 __all__ = [
+    "REPORTS_WORKER",
     "RESTART_DELAY_MAX_S",
     "RESTART_DELAY_S",
     "STARTUP_S",
@@ -70,12 +76,16 @@ __all__ = [
     "is_worker",
     "reserve_ports",
     "supervise",
+    "usable_cores",
+    "worker_count",
 ]
 
 log = logging.getLogger("smtp_tracker.workers")
 
 #: Set in a worker's environment to its index (0 to N-1).
 WORKER_ENV = "SMTP_TRACKER_WORKER"
+#: The index of the one worker that serves the reports listener.
+REPORTS_WORKER = 0
 #: A worker ending within this many seconds of its start counts as failing to start.
 STARTUP_S = 10.0
 #: The first wait before a worker that ended is started again, in seconds.
@@ -89,6 +99,30 @@ _PR_SET_PDEATHSIG = 1
 def is_worker() -> bool:
     """Whether this process is a worker started by a supervisor."""
     return WORKER_ENV in os.environ
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on: at least 1.
+
+    ``len(os.sched_getaffinity(0))`` where the platform has it (Linux: the
+    affinity mask, which ``taskset``, a cgroup cpuset or a container's
+    ``--cpuset-cpus`` narrows), else ``os.cpu_count()`` (the host's), else 1.
+    A CPU quota (``--cpus``) without a cpuset is not counted.
+    """
+    getaffinity = getattr(os, "sched_getaffinity", None)
+    if getaffinity is not None:
+        with contextlib.suppress(OSError):
+            return max(1, len(getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def worker_count(configured: int) -> int:
+    """The number of processes ``workers = configured`` runs: itself, or 0 → :func:`usable_cores`.
+
+    :param configured: the ``workers`` key, 0 or more (the configuration check
+        refuses a negative one).
+    """
+    return configured if configured > 0 else usable_cores()
 
 
 def _listen_keys(config: Config) -> list[tuple[str, HostPort]]:
@@ -189,6 +223,11 @@ class _Supervisor:
             "-m",
             "smtp_tracker",
             *self.argv,
+            # the count as resolved here (a worker binds with SO_REUSEPORT), and
+            # the reports listener in one worker only (its sign-ins are in memory)
+            "--workers",
+            str(len(self.workers)),
+            *(["--no-reports"] if worker.index != REPORTS_WORKER else []),
             # each worker's /metrics on its loopback port; the supervisor sums them
             *(
                 ["--metrics-listen", f"127.0.0.1:{self.metrics_ports[worker.index]}"]
@@ -252,8 +291,10 @@ class _Supervisor:
 async def supervise(config: Config, argv: Sequence[str]) -> int:
     """Run ``config.workers`` workers until SIGTERM or SIGINT; the exit status.
 
+    :param config: its ``workers`` already resolved (:func:`worker_count`), above 1.
     :param argv: the command line after the program name (``serve ...``), given
-        to every worker with the chosen ports appended.
+        to every worker with the chosen ports, ``--workers N`` and (but to
+        worker :data:`REPORTS_WORKER`) ``--no-reports`` appended.
     :returns: 0 after a drain, or the status of a worker that failed to start.
     :raises StartupError: when a port 0 address cannot be bound.
     """
@@ -290,6 +331,8 @@ async def supervise(config: Config, argv: Sequence[str]) -> int:
         loop.add_signal_handler(signum, supervisor.stop)
     loop.add_signal_handler(signal.SIGHUP, supervisor.signal_all, signal.SIGHUP)
     log.info("supervisor (pid %d): starting %d workers", os.getpid(), config.workers)
+    if config.reports:
+        log.info("supervisor: the reports listener runs in worker %d only", REPORTS_WORKER)
     try:
         for worker in supervisor.workers:
             await supervisor.start(worker)

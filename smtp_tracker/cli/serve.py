@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from smtp_tracker.cli.flags import add_command, add_config_flags, load_config
 from smtp_tracker.config import Config
 from smtp_tracker.logs import configure_logging
-from smtp_tracker.workers import is_worker, supervise
+from smtp_tracker.workers import is_worker, supervise, worker_count
 
 __all__ = ["add_commands", "cmd_pixel", "cmd_reports", "cmd_serve"]
 
@@ -43,13 +42,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """``smtp-tracker serve``: relay (and track, and serve the pixel and reports) until SIGTERM."""
     from smtp_tracker.app import run
 
-    config = load_config(args, require_upstream=True)
+    def load() -> Config:
+        # workers = 0: one per usable core, resolved here so that a reload
+        # compares like with like (a worker is given its count as --workers N)
+        config = load_config(args, require_upstream=True)
+        return dataclasses.replace(config, workers=worker_count(config.workers))
+
+    config = load()
     configure_logging(config.log_level, config.log_format)
-    workers = config.workers or os.cpu_count() or 1
-    if workers > 1 and not is_worker():  # the supervisor (smtp_tracker.workers)
-        config = dataclasses.replace(config, workers=workers)
+    if config.workers > 1 and not is_worker():  # the supervisor (smtp_tracker.workers)
         return run_loop(supervise(config, sys.argv[1:]))
-    return run_loop(run(config, reload_config=lambda: load_config(args, require_upstream=True)))
+    return run_loop(run(config, reload_config=load))
 
 
 def cmd_pixel(args: argparse.Namespace) -> int:
@@ -67,7 +70,8 @@ def _run_alone(args: argparse.Namespace, *, pixel: bool) -> int:
     from smtp_tracker.app import run
 
     def load() -> Config:
-        return dataclasses.replace(load_config(args), pixel=pixel, reports=not pixel)
+        # one process: its listeners bind without SO_REUSEPORT (workers = 1)
+        return dataclasses.replace(load_config(args), pixel=pixel, reports=not pixel, workers=1)
 
     config = load()
     configure_logging(config.log_level, config.log_format)

@@ -12,12 +12,22 @@ import os
 import re
 import signal
 import socket
+import ssl
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import aiosmtplib
+import lxml.html
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.process import Running, run_cli
-from tests.support.serve import launch_serve
+from smtp_tracker.config import Config
+from smtp_tracker.tokens import new_tracking_id
+from smtp_tracker.workers import usable_cores, worker_count
+from tests.support.certificates import CertificateFiles
+from tests.support.process import Running, one_worker, run_cli
+from tests.support.serve import launch_serve, tracking_args
 from tests.support.upstream import UpstreamServer
 from tests.support.waiting import wait_until
 
@@ -183,3 +193,229 @@ def test_a_worker_that_cannot_start_ends_the_supervisor_with_its_status(tmp_path
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert re.search(rf"smtp-tracker: error: .*127\.0\.0\.1:{port}", done.stderr), done.stderr
+
+
+# --- the default count, and the reports listener in one worker only -----------------
+
+
+def test_the_default_is_one_worker_per_usable_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Config.__dataclass_fields__["workers"].default == 0
+    # the affinity mask (taskset, a cpuset), not the host's cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert usable_cores() == 3
+    assert worker_count(0) == 3
+    assert worker_count(2) == 2  # a count given is kept
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)
+    assert worker_count(0) == 1  # one usable core: serve runs alone, no supervisor
+
+
+def test_without_an_affinity_mask_the_host_cores_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(pid: int) -> set[int]:
+        raise OSError("not here")
+
+    monkeypatch.setattr(os, "sched_getaffinity", refused, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert worker_count(0) == 6
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert worker_count(0) == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert worker_count(0) == 1
+
+
+def test_the_test_launcher_runs_one_worker_unless_told() -> None:
+    assert one_worker(["serve", "--listen", "x"]) == ["serve", "--workers", "1", "--listen", "x"]
+    assert one_worker(["serve", "--workers", "2"]) == ["serve", "--workers", "2"]
+    assert one_worker(["serve", "--workers=3"]) == ["serve", "--workers=3"]
+    assert one_worker(["pixel", "--no-tls"]) == ["pixel", "--no-tls"]
+
+
+REPORTS_LISTENING = re.compile(r"\[(\d+)\]: listening for HTTPS \(reports\) on 127\.0\.0\.1:(\d+)")
+PIXEL_LISTENING = re.compile(r"listening for HTTPS \(pixel\) on 127\.0\.0\.1:(\d+)")
+WORKER_METRICS = re.compile(r"\[(\d+)\]: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
+SUPERVISOR_METRICS = re.compile(r"supervisor: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
+USER = "carol"
+PASSWORD = "a long enough password"
+
+
+def reports_listeners(running: Running) -> list[tuple[int, int]]:
+    """(pid, port) of each ``listening for HTTPS (reports)`` line, in order."""
+    return [
+        (int(m.group(1)), int(m.group(2)))
+        for line in running.log
+        if (m := REPORTS_LISTENING.search(line))
+    ]
+
+
+async def start_with_reports(
+    upstream: UpstreamServer, certificate_files: CertificateFiles, data_dir: Path
+) -> Running:
+    """``serve --workers 2`` with SMTP, the pixel, the reports and metrics; a user to sign in."""
+    added = run_cli(
+        "user", "add", USER, "--password-stdin", "--data-dir", str(data_dir), input=PASSWORD
+    )
+    assert added.returncode == 0, added.stderr
+    running = await launch_serve(
+        upstream,
+        certificate_files.ca,
+        data_dir,
+        *tracking_args(
+            certificate_files.cert, certificate_files.key, pixel_base_url="https://localhost"
+        ),
+        "--reports",
+        "--reports-listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--log-level",
+        "info",
+    )
+    await wait_until(
+        lambda: (
+            sum("listening for SMTP" in line for line in running.log) >= 2
+            and sum(bool(PIXEL_LISTENING.search(line)) for line in running.log) >= 2
+            and sum(bool(WORKER_METRICS.search(line)) for line in running.log) >= 2
+            and reports_listeners(running)
+        ),
+        timeout_s=30,
+        message="the workers did not listen",
+    )
+    return running
+
+
+async def sign_in(client: aiohttp.ClientSession, base: str) -> None:
+    async with client.get(base + "/login", allow_redirects=False) as response:
+        assert response.status == 200
+        form: Any = lxml.html.fromstring(await response.text())
+    fields = {
+        "csrf_token": form.xpath("//input[@name='csrf_token']/@value")[0],
+        "next": form.xpath("//input[@name='next']/@value")[0],
+        "username": USER,
+        "password": PASSWORD,
+    }
+    async with client.post(base + "/login", data=fields, allow_redirects=False) as response:
+        assert response.status == 303, response.status
+        assert response.headers["Location"] == "/"
+
+
+async def scrape(port: int) -> dict[str, float]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        assert response.status == 200
+        text = await response.text()
+    return {
+        sample.name + str(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+PIXELS_SEEN = (
+    "smtp_tracker_events_offered_total[]",
+    "smtp_tracker_events_limited_total[('limit', 'client')]",
+    "smtp_tracker_events_limited_total[('limit', 'token')]",
+)
+
+
+async def test_with_two_workers_the_reports_are_served_by_one_and_the_rest_by_both(
+    upstream: UpstreamServer,
+    certificate_files: CertificateFiles,
+    client_ssl_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    running = await start_with_reports(upstream, certificate_files, tmp_path / "data")
+    try:
+        pids = workers(running)
+        reports_port = reports_listeners(running)[0][1]
+
+        # a new connection per request, as SO_REUSEPORT would spread over listeners:
+        # every one reaches the worker that holds the session
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context, force_close=True)
+        jar = aiohttp.CookieJar()
+        base = f"https://localhost:{reports_port}"
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=jar) as client:
+            await sign_in(client, base)
+            statuses = []
+            for _ in range(20):
+                async with client.get(base + "/", allow_redirects=False) as response:
+                    statuses.append((response.status, response.headers.get("Location")))
+        assert statuses == [(200, None)] * 20
+        # the first worker listens for reports, and it alone
+        assert reports_listeners(running) == [(pids[0], reports_port)]
+
+        # SMTP: both workers
+        assert all(await asyncio.gather(*(send(running.port, n) for n in range(20))))
+        assert serving_pids(running) == set(pids.values())
+
+        # the pixel: both workers (each one's own counter moves), and the merged view sums them
+        (pixel_port,) = {
+            int(m.group(1)) for line in running.log if (m := PIXEL_LISTENING.search(line))
+        }
+        pixel = aiohttp.TCPConnector(ssl=client_ssl_context, force_close=True)
+        async with aiohttp.ClientSession(connector=pixel) as client:
+            for _ in range(20):
+                url = f"https://localhost:{pixel_port}/o/{new_tracking_id()}.gif"
+                async with client.get(url) as response:
+                    assert response.status == 200
+                    assert response.headers["Content-Type"] == "image/gif"
+        worker_ports = [
+            int(m.group(2)) for line in running.log if (m := WORKER_METRICS.search(line))
+        ]
+        shares = [
+            sum(samples.get(name, 0) for name in PIXELS_SEEN)
+            for samples in [await scrape(port) for port in worker_ports]
+        ]
+        assert len(shares) == 2 and all(share > 0 for share in shares), shares
+        assert sum(shares) == 20
+        (total_port,) = {
+            int(m.group(1)) for line in running.log if (m := SUPERVISOR_METRICS.search(line))
+        }
+        total = await scrape(total_port)
+        assert sum(total.get(name, 0) for name in PIXELS_SEEN) == 20
+        assert total["smtp_tracker_workers[]"] == 2
+    finally:
+        await running.finish()
+
+
+async def test_the_reports_worker_killed_is_started_again_with_the_reports_listener(
+    upstream: UpstreamServer,
+    certificate_files: CertificateFiles,
+    client_ssl_context: ssl.SSLContext,
+    tmp_path: Path,
+) -> None:
+    running = await start_with_reports(upstream, certificate_files, tmp_path / "data")
+    try:
+        [(victim, reports_port)] = reports_listeners(running)
+        other = workers(running)[1]
+        os.kill(victim, signal.SIGKILL)
+
+        def restarted_listener() -> list[tuple[int, int]] | None:
+            return reports_listeners(running)[1:] or None
+
+        restarted = await wait_until(
+            restarted_listener,
+            timeout_s=60,
+            message="the reports listener did not come back",
+        )
+        assert restarted is not None
+        [(pid, port)] = restarted
+        assert pid == workers(running)[0] != victim
+        assert port == reports_port  # the same port, held by the supervisor
+        assert workers(running)[1] == other  # the other worker was left alone
+
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context, force_close=True)
+        base = f"https://localhost:{reports_port}"
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.CookieJar()) as c:
+            await sign_in(c, base)  # sessions were lost with the process: sign in again
+            for _ in range(10):
+                async with c.get(base + "/", allow_redirects=False) as response:
+                    assert response.status == 200
+        running.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(running.process.wait(), timeout=60) == 0
+    finally:
+        await running.finish()
