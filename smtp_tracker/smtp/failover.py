@@ -456,17 +456,8 @@ class FailoverSession:
         """Abort the upstream transaction (RFC 5321 §4.1.1.5); the connection goes
         back to the pool when the upstream answered 250, else it is closed."""
         session, self._session = self._session, None
-        if session is None:
-            return
-        try:
-            ok = await session.rset()
-        except BaseException:  # cancelled: its state is unknown
-            session.abort()
-            raise
-        if ok:
-            self._pool.release(session, reset=False)
-        else:
-            session.abort()
+        if session is not None:
+            await self._pool.reset(session)
 
     async def close(self) -> None:
         """QUIT and close the connection of a transaction in progress; never raises."""

@@ -206,17 +206,8 @@ class Fanout:
     async def _reset_copy(self, copy: _Copy) -> None:
         """RSET the copy's transaction; its connection goes back to the pool on 250."""
         session = copy.take()
-        if session is None:
-            return
-        try:
-            ok = await session.rset()
-        except BaseException:
-            session.abort()
-            raise
-        if ok:
-            self._pool.release(session, reset=False)
-        else:
-            session.abort()
+        if session is not None:
+            await self._pool.reset(session)
 
     async def mail(
         self, reverse_path: str, parameters: Sequence[str], *, smtputf8: bool, queue_id: str = "-"

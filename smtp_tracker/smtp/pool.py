@@ -286,6 +286,21 @@ class ConnectionPool:
         slot.returning.add(task)
         task.add_done_callback(slot.returning.discard)
 
+    async def reset(self, session: UpstreamSession) -> None:
+        """Abort ``session``'s transaction with RSET (RFC 5321 §4.1.1.5), in the caller's
+        time: the connection comes back to the pool when the upstream answered 250,
+        and is closed otherwise; cancelled, it is closed (its state is unknown) and
+        the cancellation goes on.  Never raises but for cancellation."""
+        try:
+            ok = await session.rset()
+        except BaseException:
+            session.abort()
+            raise
+        if ok:
+            self.release(session, reset=False)
+        else:
+            session.abort()
+
     async def _reset_and_keep(self, slot: _Slot, session: UpstreamSession) -> None:
         try:
             ok = await session.rset(CHECK_TIMEOUT_S)
