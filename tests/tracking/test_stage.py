@@ -14,6 +14,8 @@ that which message waits is certain, not a matter of timing.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from email.header import decode_header, make_header
@@ -25,12 +27,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtp_tracker.mime import RewritePolicy
+from smtp_tracker.mime import RewritePolicy, deadline
 from smtp_tracker.smtp.handler import Prepared
 from smtp_tracker.smtp.session import Transaction
 from smtp_tracker.tracking import stage as tracking
 from smtp_tracker.tracking.stage import Tracker
 from tests.support.waiting import wait_until
+
+#: the module (the package's ``rewrite`` is the function of that name)
+mime_rewrite = importlib.import_module("smtp_tracker.mime.rewrite")
 
 HTML_MESSAGE = (
     b"From: alice@example.org\r\n"
@@ -77,6 +82,7 @@ def _tracker(**overrides: Any) -> Tracker:
         "workers": 1,
         "rewrite_timeout_s": 10.0,
         "rewrite_queue_wait_s": 10.0,
+        "inline_rewrite_bytes": 0,  # these small messages go to the thread too
     }
     values.update(overrides)
     return Tracker(**values)
@@ -218,3 +224,65 @@ def test_header_fields_of_a_folded_subject() -> None:
         b"Message-ID:  <x@y>\r\n\r\nbody"
     )
     assert tracking.header_fields(message) == ("<x@y>", "one\r\n two")
+
+
+class _Threads:
+    """Records the thread each rewrite ran in."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def wrap(self, rewrite: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            self.names.append(threading.current_thread().name)
+            return rewrite(*args, **kwargs)
+
+        return recorded
+
+
+async def test_a_small_message_is_rewritten_on_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads = _Threads()
+    monkeypatch.setattr(tracking, "_rewrite", threads.wrap(tracking._rewrite))
+    tracker = _tracker(inline_rewrite_bytes=len(HTML_MESSAGE))
+    try:
+        small = await tracker.prepare(HTML_MESSAGE, _transaction())
+        large = await tracker.prepare(HTML_MESSAGE + b"<p>x</p>\r\n", _transaction())
+    finally:
+        await asyncio.to_thread(tracker.close)
+    assert (small.tracked, large.tracked) == (True, True)
+    assert threads.names[0] == threading.current_thread().name
+    assert threads.names[1].startswith("rewrite")
+    assert len(threads.names) == 2
+
+
+async def test_a_small_message_slow_to_rewrite_is_started_over_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On the loop the rewrite stops at INLINE_REWRITE_BUDGET_S (its cooperative
+    deadline); the message is then rewritten in a thread, under rewrite_timeout_s,
+    and the rewrite's "relaying the original" line for the stop is not logged."""
+    loop_thread = threading.current_thread()
+    real_run = mime_rewrite._Rewrite.run
+    runs: list[str] = []
+
+    def slow_on_the_loop(self: Any) -> Any:
+        runs.append(threading.current_thread().name)
+        while threading.current_thread() is loop_thread:
+            deadline.check()  # raises once the budget has passed
+        return real_run(self)
+
+    monkeypatch.setattr(mime_rewrite._Rewrite, "run", slow_on_the_loop)
+    tracker = _tracker(inline_rewrite_bytes=1 << 20)
+    try:
+        with caplog.at_level(logging.WARNING, logger="smtp_tracker.mime"):
+            prepared = await tracker.prepare(HTML_MESSAGE, _transaction())
+    finally:
+        await asyncio.to_thread(tracker.close)
+    assert (prepared.tracked, prepared.reason) == (True, None)
+    assert runs[0] == loop_thread.name
+    assert runs[1].startswith("rewrite")
+    assert len(runs) == 2
+    assert tracker.counters.rewrite_timeouts == 0
+    assert not [r for r in caplog.records if "stopped after" in r.getMessage()]
