@@ -257,6 +257,21 @@ async def test_a_small_message_is_rewritten_on_the_event_loop(
     assert len(threads.names) == 2
 
 
+async def test_with_click_tracking_a_small_message_is_rewritten_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads = _Threads()
+    monkeypatch.setattr(tracking, "_rewrite", threads.wrap(tracking._rewrite))
+    tracker = _tracker(policy=RewritePolicy(track_clicks=True), inline_rewrite_bytes=1 << 20)
+    try:
+        prepared = await tracker.prepare(HTML_MESSAGE, _transaction())
+    finally:
+        await asyncio.to_thread(tracker.close)
+    assert prepared.tracked
+    assert len(threads.names) == 1
+    assert threads.names[0].startswith("rewrite")
+
+
 async def test_a_small_message_slow_to_rewrite_is_started_over_in_a_thread(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
