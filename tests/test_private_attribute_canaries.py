@@ -234,10 +234,15 @@ def test_aiosmtplib_execute_data_command_holds_the_lock_for_the_whole_exchange()
 
 
 async def test_aiosmtplib_client_has_its_protocol_and_command_lock() -> None:
+    done = asyncio.Event()
+
     async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 canary.test ESMTP\r\n")
-        await reader.read()
-        writer.close()
+        try:
+            writer.write(b"220 canary.test ESMTP\r\n")
+            await reader.read()
+        finally:
+            writer.close()
+            done.set()
 
     server = await asyncio.start_server(greet, "127.0.0.1", 0)
     try:
@@ -250,6 +255,9 @@ async def test_aiosmtplib_client_has_its_protocol_and_command_lock() -> None:
         assert not protocol._command_lock.locked()
         client.close()
         assert client.protocol is None
+        # the server's side ends (and closes its transport) before the loop does:
+        # Python 3.11's wait_closed() does not wait for connection handlers
+        await asyncio.wait_for(done.wait(), timeout=10)
     finally:
         server.close()
         await server.wait_closed()
