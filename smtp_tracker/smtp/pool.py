@@ -361,7 +361,14 @@ class ConnectionPool:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        try:
+            await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        finally:
+            # cancelled (a client gone right after its QUIT): a QUIT not started yet
+            # never runs its own clean-up, so each connection not closed by now is
+            # closed at once, without QUIT (a no-op for those already closed)
+            for session in sessions:
+                session.abort()
         while self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
 

@@ -223,10 +223,14 @@ async def test_a_client_that_quits_without_reading_221_logs_no_error(
 
     ``serve`` as a process, as the probe ran it: in the test's own loop the upstream's
     221 never arrives in the same turn as the client's end of stream, which the race
-    needs.  Counted in sessions, not seconds.
+    needs.  Counted in sessions, not seconds.  Without the upstream pool, so that
+    each session's upstream connection ends with it, as the race needs (a kept
+    one would stay open until its idle timeout, as long as this test waits).
     """
     sessions = 80
-    served = await launch_serve(upstream, ca_pem_path, tmp_path / "data")
+    served = await launch_serve(
+        upstream, ca_pem_path, tmp_path / "data", "--upstream-pool-size", "0"
+    )
     try:
         for n in range(sessions):
             client = await Raw.open(("127.0.0.1", served.port))
