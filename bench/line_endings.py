@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from smtp_tracker.smtp.handler import normalize_line_endings
+from smtp_tracker.smtp.payload import normalize_line_endings
 
 LINE = b"x" * 76
 

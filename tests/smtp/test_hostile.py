@@ -26,7 +26,7 @@ import aiosmtplib
 import pytest
 
 from smtp_tracker.app import Application
-from smtp_tracker.smtp.handler import normalize_line_endings
+from smtp_tracker.smtp.payload import normalize_line_endings
 from tests.support.waiting import wait_until
 
 #: A bare CR or a bare LF: what must never reach the upstream.
