@@ -128,6 +128,7 @@ def rewrite(
     extra_html: str = "",
     not_tracked: str | None = None,
     click_base_url: str | None = None,
+    log_timeout: bool = True,
 ) -> RewriteResult:
     """Add one tracking pixel to the HTML body of ``message``, and wrap its links.
 
@@ -168,6 +169,10 @@ def rewrite(
         ``policy.track_text_links`` the URLs of the ``text/plain``
         alternatives too.  When the links cannot be wrapped exactly, the
         pixel goes in alone (a defect says why).
+    :param log_timeout: log a warning when ``policy.time_limit_s`` (or an
+        enclosing :func:`.deadline.time_limit`) stops the rewrite; False for a
+        caller that does not relay the original then but tries again (the
+        tracking stage's first attempt on the event loop).
     :returns: the result; never raises: on any internal error the original
         octets are returned unchanged with ``reason="rewrite-failed"`` and a
         warning is logged on ``smtp_tracker.mime`` (without message content).
@@ -184,9 +189,11 @@ def rewrite(
                 click_base_url,
             ).run()
     except deadline.TimeLimitExceeded:
-        log.warning(
-            "rewrite stopped after %g s (time_limit_s); relaying the original", policy.time_limit_s
-        )
+        if log_timeout:
+            log.warning(
+                "rewrite stopped after %g s (time_limit_s); relaying the original",
+                policy.time_limit_s,
+            )
         return RewriteResult(
             message=bytes(message), tracked=False, reason="rewrite-timeout", defects=("time-limit",)
         )

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import re
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
@@ -70,21 +69,6 @@ INLINE_REWRITE_BYTES = 32 * 1024
 #: rewrite thread, under ``rewrite_timeout_s`` as any other.  Four times the
 #: slowest corpus message above.
 INLINE_REWRITE_BUDGET_S = 0.002
-#: Set while a rewrite runs on the event loop (see :class:`_InlineStopFilter`).
-_INLINE: ContextVar[bool] = ContextVar("smtp_tracker_inline_rewrite", default=False)
-
-
-class _InlineStopFilter(logging.Filter):
-    """Drops the rewrite's "stopped after time_limit_s; relaying the original" line
-    for a rewrite on the event loop that ran out of its budget: that message is not
-    relayed as it came, it is rewritten again in a thread."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (_INLINE.get() and str(record.msg).startswith("rewrite stopped after"))
-
-
-log.addFilter(_InlineStopFilter())
-
 #: Headers longer than this are not parsed for Message-ID/Subject.
 _MAX_HEADER_BYTES = 1024 * 1024
 
@@ -303,12 +287,10 @@ class Tracker:
     def _rewrite_inline(self, *args: Any) -> _Outcome | None:
         """:func:`_started_rewrite` on the event loop, within :data:`INLINE_REWRITE_BUDGET_S`;
         None when it ran out of that (the caller hands the message to a thread)."""
-        token = _INLINE.set(True)
-        try:
-            with deadline.time_limit(INLINE_REWRITE_BUDGET_S):
-                outcome = _started_rewrite([], self._disclosure, None, *args)
-        finally:
-            _INLINE.reset(token)
+        with deadline.time_limit(INLINE_REWRITE_BUDGET_S):
+            # not logged when it stops: the message is not relayed as it came, it
+            # is rewritten again in a thread
+            outcome = _started_rewrite([], self._disclosure, None, *args, False)
         result = outcome.rewrite
         if result.reason == "rewrite-timeout" and "time-limit" in result.defects:
             return None
@@ -578,6 +560,7 @@ def _rewrite(
     footer_html: str = "",
     not_tracked: str | None = None,
     click_base_url: str | None = None,
+    log_timeout: bool = True,
 ) -> RewriteResult:
     return rewrite(
         content,
@@ -587,4 +570,5 @@ def _rewrite(
         extra_html=footer_html,
         not_tracked=not_tracked,
         click_base_url=click_base_url,
+        log_timeout=log_timeout,
     )
