@@ -429,8 +429,9 @@ class FailoverSession:
         """
         return await self._open().rcpt(forward_path, parameters)
 
-    async def data(self, content: bytes) -> Reply:
-        """The message to the upstream that accepted MAIL; counts it as carried on 2xx.
+    async def data(self, content: bytes, *, head: bytes = b"") -> Reply:
+        """The message (``head`` then ``content``) to the upstream that accepted MAIL;
+        counts it as carried on 2xx.
 
         The final reply ends the transaction: the connection goes back to the
         pool (closed instead after a 421, or when it was lost).
@@ -439,7 +440,7 @@ class FailoverSession:
         """
         session = self._open()
         try:
-            reply = await session.data(content)
+            reply = await session.data(content, head=head)
         except BaseException:  # lost, timed out, cancelled: its state is unknown
             if self._session is session:
                 self._session = None

@@ -295,7 +295,7 @@ class Fanout:
 
     # -- DATA -----------------------------------------------------------------------
 
-    async def _copy_data(self, copy: _Copy, content: bytes) -> bool:
+    async def _copy_data(self, copy: _Copy, content: bytes, head: bytes) -> bool:
         """DATA on one copy; whether it said 2xx.  Its transaction ends either way."""
         session = copy.session
         if not copy.active or session is None:
@@ -305,7 +305,7 @@ class Fanout:
             self._copy_failed(copy, "RCPT", replies.R451_COPY_FAILED, down=False)
             return False
         try:
-            reply = await session.data(content)
+            reply = await session.data(content, head=head)
         except UpstreamError as exc:
             self._end_copy(copy)
             self._copy_failed(copy, "DATA", exc.reply, down=True)
@@ -321,11 +321,12 @@ class Fanout:
         copy.target.health.carried += 1
         return True
 
-    async def data(self, content: bytes, received: bytes) -> Reply:
+    async def data(self, content: bytes, received: bytes, *, head: bytes = b"") -> Reply:
         """The message to the upstream and every copy in the transaction, at once.
 
         :param content: the message as the upstream receives it (rewritten).
         :param received: the message as received, for ``untracked`` copies.
+        :param head: header fields sent before either (our trace field).
         :returns: the upstream's reply, or ``451 4.4.0`` when the upstream said 2xx
             but a required copy did not (the upstream has the message: a retry
             may deliver it twice there).
@@ -333,8 +334,8 @@ class Fanout:
         """
         active = [c for c in self._copies if c.active]
         primary, delivered_by = await _together(
-            self.primary.data(content),
-            (self._copy_data(c, received if c.target.untracked else content) for c in active),
+            self.primary.data(content, head=head),
+            (self._copy_data(c, received if c.target.untracked else content, head) for c in active),
         )
         if not primary.is_positive:
             return primary

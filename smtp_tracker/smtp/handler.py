@@ -256,19 +256,18 @@ class RelayHandler:
         upstream = self._upstream(session)
         server.extend_timeout(self._settings.data_timeout_s + 30)
         prepared = await self._preparer.prepare(content, transaction)
-        data, original = prepared.data, content
-        if self._add_received:
-            trace = self._received(server, session, transaction)
-            data, original = trace + data, trace + original
+        data = prepared.data
+        # sent as a head, not joined: trace + data would be a whole copy (issue 15)
+        trace = self._received(server, session, transaction) if self._add_received else b""
         try:
-            reply = await upstream.data(data, original)
+            reply = await upstream.data(data, content, head=trace)
         except UpstreamError as exc:
             self.counters["upstream_failures"] += 1
-            self._finish(session, transaction, exc.reply, received, data)
+            self._finish(session, transaction, exc.reply, received, data, head=trace)
             return str(exc.reply)
         if reply.is_positive and self._recorder is not None:
             await self._recorder.record(transaction, prepared, reply, len(received))
-        self._finish(session, transaction, reply, received, data, prepared=prepared)
+        self._finish(session, transaction, reply, received, data, prepared=prepared, head=trace)
         return str(reply)
 
     def _with_crlf(self, content: bytes, transaction: Transaction) -> bytes:
@@ -452,7 +451,13 @@ class RelayHandler:
         sent: bytes | None,
         *,
         prepared: Prepared | None = None,
+        head: bytes = b"",
     ) -> None:
+        """Count, log and capture a transaction's end.
+
+        :param sent: the message sent upstream after ``head`` (our trace field);
+            the two are joined only for a refusal or a capture.
+        """
         if session.transaction is transaction:
             session.transaction = None
         status = {2: "sent", 4: "deferred"}.get(reply.code // 100, "bounced")
@@ -460,7 +465,7 @@ class RelayHandler:
             session.transactions += 1
             self.counters[{"sent": "relayed", "deferred": "deferred"}.get(status, "rejected")] += 1
         if status != "sent" and sent is not None and self.refusals is not None:
-            self.refusals.refused(transaction, reply, sent)
+            self.refusals.refused(transaction, reply, head + sent)
         tracking = tracking_text(prepared)
         log.info(
             "%s: from=<%s>, to=%s, size=%d, relay=%s, delay=%.2f%s, status=%s (%s)",
@@ -474,7 +479,7 @@ class RelayHandler:
             status,
             reply,
         )
-        self._maybe_capture(session, transaction, reply, received, sent)
+        self._maybe_capture(session, transaction, reply, received, sent, head=head)
 
     def _log_rejected(
         self, transaction: Transaction, forward_path: str | None, reply: SMTPReply, label: str
@@ -501,6 +506,8 @@ class RelayHandler:
         reply: SMTPReply | None,
         received: bytes | None,
         sent: bytes | None,
+        *,
+        head: bytes = b"",
     ) -> None:
         capture = self._capture
         if capture is None or session.transcript is None:
@@ -509,5 +516,11 @@ class RelayHandler:
         ended_positive = reply is not None and reply.is_positive
         if capture.wanted(ended_positive=ended_positive):
             capture.submit(
-                Capture(transaction.queue_id, transaction.received_at, lines, received, sent)
+                Capture(
+                    transaction.queue_id,
+                    transaction.received_at,
+                    lines,
+                    received,
+                    None if sent is None else head + sent,
+                )
             )

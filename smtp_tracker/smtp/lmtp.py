@@ -233,10 +233,8 @@ class LmtpHandler(RelayHandler):
         copy.received_at = parent.received_at
         copy.accepted.append(recipient)
         prepared = await self._preparer.prepare(message, copy)
-        data, original = prepared.data, message
-        if self._add_received:
-            trace = self._received(server, session, copy)
-            data, original = trace + data, trace + original
+        data = prepared.data
+        trace = self._received(server, session, copy) if self._add_received else b""
         reply: Reply
         try:
             reply = await fanout.mail(
@@ -246,7 +244,7 @@ class LmtpHandler(RelayHandler):
             if reply.is_positive:
                 reply = await fanout.rcpt(recipient.address, recipient.parameters)
                 if reply.is_positive:
-                    reply = await fanout.data(data, original)
+                    reply = await fanout.data(data, message, head=trace)
                 else:
                     await fanout.rset()
         except UpstreamError as exc:

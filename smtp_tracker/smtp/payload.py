@@ -29,23 +29,28 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 __all__ = [
     "CHUNK_BYTES",
     "END_OF_DATA",
+    "WIRE_CHUNK_BYTES",
     "DataState",
     "Payload",
     "judge",
     "normalize_line_endings",
     "read_payload",
     "wire_form",
+    "wire_pieces",
 ]
 
 #: RFC 5321 §4.1.1.4: the end of mail data, with the CRLF that ends the last line.
 END_OF_DATA = b"\r\n.\r\n"
 #: The most read at once (the stream limit while a payload is read), in octets.
 CHUNK_BYTES = 64 * 1024
+#: About the most of a message's wire form made at once (:func:`wire_pieces`), in octets.
+WIRE_CHUNK_BYTES = 256 * 1024
 
 
 class DataState(enum.Enum):
@@ -178,6 +183,59 @@ def wire_form(content: bytes) -> bytes:
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     return stuffed + b".\r\n"
+
+
+def wire_pieces(
+    content: bytes, *, head: bytes = b"", chunk_bytes: int = WIRE_CHUNK_BYTES
+) -> Iterator[bytes]:
+    """:func:`wire_form` of ``head + content``, in pieces, never made whole.
+
+    The pieces joined are ``wire_form(head + content)``, octet for octet
+    (``tests/perf/test_payload.py`` checks it with Hypothesis), but neither
+    that nor ``head + content`` is ever built: each piece is one window of
+    about ``chunk_bytes`` octets, cut after a line's LF (or longer, for a
+    longer line), dot-stuffed on its own, so that sending a large message
+    upstream holds it once, not three more times (issue 15, the memory
+    target).  A window starts a line, so its leading dot is doubled as any
+    other line's (RFC 5321 §4.5.2).  Content with a bare CR or LF is first
+    normalised whole (a copy), as :func:`wire_form` does.
+
+    :param content: the message, header and body; any line endings.
+    :param head: header fields to send before ``content`` (our trace field);
+        when it does not end with CRLF or has a bare CR or LF, it is joined to
+        ``content`` first (a copy) so that the octets stay those of
+        :func:`wire_form`.
+    :param chunk_bytes: about the size of each piece, in octets (at least 1).
+    :returns: the octets to write after the upstream's 354, piece by piece.
+    """
+    if head and (not head.endswith(b"\r\n") or normalize_line_endings(head) is not None):
+        content, head = head + content, b""
+    if head:
+        yield _stuffed(head)
+    if not content:
+        yield b".\r\n"
+        return
+    normalized = normalize_line_endings(content)
+    if normalized is not None:
+        content = normalized
+    size = len(content)
+    start = 0
+    while start < size:
+        end = start + max(chunk_bytes, 1)
+        if end < size:
+            cut = content.rfind(b"\n", start, end)
+            if cut < 0:  # a line longer than a window: to its end
+                cut = content.find(b"\n", end)
+            end = size if cut < 0 else cut + 1
+        yield _stuffed(content[start:end] if start or end < size else content)
+        start = end
+    yield b".\r\n" if content.endswith(b"\r\n") else b"\r\n.\r\n"
+
+
+def _stuffed(lines: bytes) -> bytes:
+    """``lines`` (starting a line; CRLF line ends) with each line's leading dot doubled."""
+    stuffed = lines.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
 async def read_payload(

@@ -13,6 +13,7 @@ message and retries.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import ssl
@@ -32,7 +33,7 @@ from smtp_tracker.errors import (
 )
 from smtp_tracker.smtp import replies
 from smtp_tracker.smtp.parameters import sendable
-from smtp_tracker.smtp.payload import wire_form
+from smtp_tracker.smtp.payload import wire_pieces
 from smtp_tracker.smtp.replies import Reply
 from smtp_tracker.smtp.transcript import NOTE, UPSTREAM_SAID, WE_SAID_TO_UPSTREAM, Transcript
 
@@ -347,18 +348,23 @@ class UpstreamSession:
         path = b"TO:<" + forward_path.encode("utf-8", "surrogateescape") + b">"
         return await self._command("RCPT", path, kept)
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: bytes, *, head: bytes = b"") -> Reply:
         """Send DATA and the message; return the upstream's final reply.
 
-        After the 354 the message goes out in one write, as
-        :func:`~smtp_tracker.smtp.payload.wire_form` makes it: bare CR and LF
-        become CRLF (RFC 5321 §2.3.8), a line's leading dot is doubled (§4.5.2),
-        and ``CRLF.CRLF`` ends it (§4.1.1.4); the same octets aiosmtplib's
-        ``data()`` writes, without its two regular expressions over the payload
-        (issue 15).  An empty message is sent empty, as Postfix relays one: DATA,
-        then the end-of-data line alone.
+        After the 354 the message goes out in windows of
+        :data:`~smtp_tracker.smtp.payload.WIRE_CHUNK_BYTES`, as
+        :func:`~smtp_tracker.smtp.payload.wire_pieces` makes them, each written
+        once the transport has room: bare CR and LF become CRLF (RFC 5321
+        §2.3.8), a line's leading dot is doubled (§4.5.2), and ``CRLF.CRLF``
+        ends it (§4.1.1.4); the same octets aiosmtplib's ``data()`` writes,
+        without its two regular expressions over the payload and without a
+        whole copy of the message in its wire form or in the transport's
+        buffer (issue 15).  An empty message is sent empty, as Postfix relays
+        one: DATA, then the end-of-data line alone.
 
         :param content: the message bytes, header and body, CRLF line ends.
+        :param head: header fields sent before ``content`` (our trace field),
+            so that ``head + content`` need not be built.
         :returns: the upstream's reply to DATA when not 354, else its reply to the
             end of data, whatever its code.
         :raises UpstreamError: the connection was lost or timed out during DATA (4xx).
@@ -366,10 +372,10 @@ class UpstreamSession:
         client = self._client
         if client is None or not client.is_connected:
             raise UpstreamUnavailable(replies.R451_UPSTREAM_LOST)
-        self._note(WE_SAID_TO_UPSTREAM, f"DATA ({len(content)} bytes)")
+        self._note(WE_SAID_TO_UPSTREAM, f"DATA ({len(head) + len(content)} bytes)")
         started = time.monotonic()
         try:
-            response = await self._send_data(client, content)
+            response = await self._send_data(client, content, head)
         except aiosmtplib.SMTPDataError as exc:
             self._note_reply(exc.code, exc.message)
             self._observe_reply("DATA", exc.code, started)
@@ -383,14 +389,21 @@ class UpstreamSession:
         self._observe_reply("DATA", response.code, started)
         return Reply.from_upstream(response.code, response.message, command="DATA")
 
-    async def _send_data(self, client: aiosmtplib.SMTP, content: bytes) -> aiosmtplib.SMTPResponse:
+    async def _send_data(
+        self, client: aiosmtplib.SMTP, content: bytes, head: bytes
+    ) -> aiosmtplib.SMTPResponse:
         """DATA, and after 354 the message in its wire form; the final reply.
 
         What aiosmtplib's ``SMTPProtocol.execute_data_command`` does, with our
-        :func:`wire_form`: the protocol's command lock is held from DATA to the
+        :func:`wire_pieces`: the protocol's command lock is held from DATA to the
         final reply, so that no other command (a QUIT from :meth:`close`) is
-        written in between; each write is followed by ``read_response`` with no
-        await in between, so the reply is expected before it can arrive.  A 421
+        written in between; the DATA write is followed by ``read_response`` with
+        no await in between, so the reply is expected before it can arrive, and
+        before the message is written the reply to it is marked as expected, as
+        aiosmtplib does, so that a reply sent early (while the transport drains
+        between two pieces) is kept for ``read_response``, not dropped as
+        unsolicited.  The pieces and the final reply are each bounded by the
+        data timeout (an upstream that stops reading times out).  A 421
         leaves the connection open, as ``data()`` does (:attr:`closing` keeps it
         from being reused); a lost connection or a timeout is the caller's to
         close.  ``tests/test_private_attribute_canaries.py`` watches the
@@ -411,7 +424,11 @@ class UpstreamSession:
             start = await protocol.read_response(timeout=timeout)
             if start.code != aiosmtplib.SMTPStatus.start_input:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
-            protocol.write(wire_form(content))
+            protocol._response_pending = True
+            async with asyncio.timeout(timeout):
+                for piece in wire_pieces(content, head=head):
+                    protocol.write(piece)
+                    await protocol._drain_helper()  # room in the transport's buffer
             response = await protocol.read_response(timeout=timeout)
         if response.code != aiosmtplib.SMTPStatus.completed:
             raise aiosmtplib.SMTPDataError(response.code, response.message)

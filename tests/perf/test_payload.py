@@ -17,7 +17,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtp_tracker.smtp.payload import DataState, Payload, read_payload, wire_form
+from smtp_tracker.smtp.payload import DataState, Payload, read_payload, wire_form, wire_pieces
 
 LINE_LIMIT = SMTP.line_length_limit  # 1001, aiosmtpd's stream limit too
 AFTER = b"QUIT\r\n"
@@ -202,6 +202,32 @@ def test_wire_form_is_what_aiosmtplib_sends(message: bytes) -> None:
         assert wire_form(message) == _aiosmtplib_data(message)
     else:
         assert wire_form(message) == b".\r\n"  # an empty message stays empty
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(BLOCKS, max_size=40).map(b"".join),
+    st.lists(BLOCKS, max_size=6).map(b"".join),
+    st.integers(min_value=1, max_value=12),
+)
+def test_wire_pieces_join_to_the_wire_form(message: bytes, head: bytes, chunk_bytes: int) -> None:
+    """wire_pieces() gives wire_form(head + message) in pieces, for every window size
+    and head, CRLF-ended or not (issue 15: the wire form is never built whole)."""
+    pieces = list(wire_pieces(message, head=head, chunk_bytes=chunk_bytes))
+    assert b"".join(pieces) == wire_form(head + message)
+    # only the last piece ends the data
+    assert all(b"\r\n.\r\n" not in b"\r\n" + p for p in pieces[:-1])
+
+
+def test_wire_pieces_hold_no_whole_copy() -> None:
+    """A clean 4 MiB message goes out in pieces of about the window size, none of
+    them the whole message (each piece a window, stuffed on its own)."""
+    line = b".<p>" + b"x" * 72 + b"</p>\r\n"
+    message = line * (4 * 1024 * 1024 // len(line))
+    head = b"Received: from x\r\n\tby y; Mon, 7 Dec 2026 15:00:00 +0000\r\n"
+    pieces = list(wire_pieces(message, head=head, chunk_bytes=64 * 1024))
+    assert max(len(p) for p in pieces) < 2 * 64 * 1024  # a window, its dots doubled
+    assert b"".join(pieces) == wire_form(head + message)
 
 
 def test_wire_form_examples() -> None:
