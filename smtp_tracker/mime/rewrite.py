@@ -256,19 +256,28 @@ class _Rewrite:
         return tuple(dict.fromkeys(self.defects))
 
     def _result(self, edits: list[tuple[int, int, bytes]], reason: str | None) -> RewriteResult:
-        out = bytearray()
-        pos = 0
-        for start, end, replacement in sorted(edits, key=lambda e: e[0]):
-            out += self.data[pos:start]
-            out += replacement
-            pos = end
-        out += self.data[pos:]
+        """The message with ``edits`` (``(start, end, replacement)``) made.
+
+        One copy when there are edits (a join of views into the message), none
+        when there are not: the message as received is the result (issue 15:
+        a large untracked message was copied twice here).
+        """
+        message = self.data
+        if edits:
+            view = memoryview(self.data)
+            pieces: list[bytes | memoryview] = []
+            pos = 0
+            for start, end, replacement in sorted(edits, key=lambda e: e[0]):
+                pieces += (view[pos:start], replacement)
+                pos = end
+            pieces.append(view[pos:])
+            message = b"".join(pieces)
         links = tuple(
             LinkRecord(token=token, url=url, position=position)
             for position, (token, url) in enumerate(self.links if reason is None else ())
         )
         return RewriteResult(
-            message=bytes(out),
+            message=message,
             tracked=reason is None,
             reason=reason,
             defects=self._defects(),
