@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -251,8 +252,10 @@ async def read_payload(
     :raises asyncio.IncompleteReadError: the client closed the connection first.
     :raises asyncio.CancelledError: the connection was lost (aiosmtpd cancels the loop).
     """
-    pieces: list[bytes] = []
-    kept = 0
+    # One growing buffer, not a list of chunks joined at the end (the chunks and
+    # their join were two whole copies at once): BytesIO grows its bytes object in
+    # place and getvalue() hands it over without a copy (issue 15, memory).
+    kept = io.BytesIO()
     state: DataState | None = None  # decided early once past the size limit
     # The end of data may start the payload (an empty message): read as if a CRLF
     # came first, a few octets at a time while what was read could begin an end of
@@ -260,11 +263,10 @@ async def read_payload(
     tail = b"\r\n"
     while (partial := _partial_end(tail)) > 0:
         piece = await reader.readexactly(len(END_OF_DATA) - partial)
-        pieces.append(piece)
-        kept += len(piece)
+        kept.write(piece)
         tail = (tail + piece)[-len(END_OF_DATA) :]
         if tail == END_OF_DATA:
-            return _finish(pieces, size_limit=size_limit, line_limit=line_limit)
+            return _finish(kept, size_limit=size_limit, line_limit=line_limit)
     stream_limit = reader._limit  # type: ignore[attr-defined]  # aiosmtpd's line limit
     reader._limit = max(stream_limit, CHUNK_BYTES)  # type: ignore[attr-defined]
     try:
@@ -276,35 +278,34 @@ async def read_payload(
                 piece = await reader.readexactly(exc.consumed)
                 ended = False
             if state is None:
-                pieces.append(piece)
-                kept += len(piece)
-                if not ended and size_limit and kept > size_limit + line_limit + 4:
+                kept.write(piece)
+                if not ended and size_limit and kept.tell() > size_limit + line_limit + 4:
                     # The line that crosses the limit is in, or is known to be too long.
                     state = judge(
-                        b"".join(pieces),
+                        kept.getvalue(),
                         size_limit=size_limit,
                         line_limit=line_limit,
                         complete=False,
                     )
                     if state is not None:
-                        pieces.clear()
+                        kept = io.BytesIO()
             if ended:
                 break
     finally:
         reader._limit = stream_limit  # type: ignore[attr-defined]
     if state is not None:
         return Payload(state, b"")
-    return _finish(pieces, size_limit=size_limit, line_limit=line_limit)
+    return _finish(kept, size_limit=size_limit, line_limit=line_limit)
 
 
-def _finish(pieces: list[bytes], *, size_limit: int | None, line_limit: int) -> Payload:
-    """The payload from everything read, the end of data (its ``.<CRLF>``) last."""
-    if len(pieces[-1]) >= len(b".\r\n"):
-        pieces[-1] = pieces[-1][: -len(b".\r\n")]
-        data = b"".join(pieces)
-    else:  # the first octets, read a few at a time
-        data = b"".join(pieces)[: -len(b".\r\n")]
-    pieces.clear()
+def _finish(kept: io.BytesIO, *, size_limit: int | None, line_limit: int) -> Payload:
+    """The payload from everything read, which ends with the end of data (its ``.<CRLF>``).
+
+    The buffer is cut before the ``.<CRLF>`` and its bytes taken over, not copied.
+    """
+    kept.truncate(kept.tell() - len(b".\r\n"))
+    data = kept.getvalue()
+    kept.close()
     state = judge(data, size_limit=size_limit, line_limit=line_limit, complete=True)
     assert state is not None
     if state is not DataState.NOMINAL:
