@@ -12,7 +12,9 @@ here first, with the name, instead of somewhere deep in a relay test.
   way must hold what aiosmtpd's own ``__init__`` gives it, attribute by attribute.
 * aiosmtplib: ``smtp_tracker/smtp/upstream.py`` writes DATA and the message on
   the client's ``protocol`` (``write``, ``read_response(timeout=)``), holding its
-  ``_command_lock`` as ``execute_data_command`` does (issue 15).
+  ``_command_lock`` as ``execute_data_command`` does, marking the reply as
+  expected (``_response_pending``) before the message and waiting for room in
+  the transport (``_drain_helper``) between its pieces (issue 15).
 * aiohttp: ``smtp_tracker/web/site.py`` starts its own protocol factory with the
   runner's handler arguments (connection cap, TLS handshake timeout).
 """
@@ -205,7 +207,7 @@ def test_aiohttp_sites_keep_runner_host_port_and_server() -> None:
 
 #: aiosmtplib.protocol.SMTPProtocol methods UpstreamSession._send_data calls, with
 #: the parameters it passes.
-SMTP_PROTOCOL_METHODS = {"read_response": ["timeout"], "write": ["data"]}
+SMTP_PROTOCOL_METHODS = {"_drain_helper": [], "read_response": ["timeout"], "write": ["data"]}
 
 
 @pytest.mark.parametrize(("name", "parameters"), sorted(SMTP_PROTOCOL_METHODS.items()))
@@ -222,6 +224,13 @@ def test_aiosmtplib_read_response_expects_the_reply_itself() -> None:
     source = inspect.getsource(SMTPProtocol.read_response)
     assert "self._response_pending = True" in source
     assert source.index("self._response_pending = True") < source.index("await ")
+
+
+def test_aiosmtplib_data_marks_the_reply_as_expected_before_the_message() -> None:
+    """What _send_data does before writing the message in pieces: set
+    ``_response_pending``, which data_received reads to keep a reply, not drop it."""
+    assert "self._response_pending = True" in inspect.getsource(SMTPProtocol.execute_data_command)
+    assert "not self._response_pending" in inspect.getsource(SMTPProtocol.data_received)
 
 
 def test_aiosmtplib_execute_data_command_holds_the_lock_for_the_whole_exchange() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import tracemalloc
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -233,3 +234,46 @@ def test_wire_pieces_hold_no_whole_copy() -> None:
 def test_wire_form_examples() -> None:
     assert wire_form(b".a\r\n.\r\nb") == b"..a\r\n..\r\nb\r\n.\r\n"
     assert wire_form(b"a\n.\nb\r.\r") == b"a\r\n..\r\nb\r\n..\r\n.\r\n"
+
+
+class _SlicingReader:
+    """What read_payload calls on a StreamReader, over ``data``: each read a new bytes
+    object of at most the limit, as a socket's reader gives them (no buffer of its own)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self._position, self._limit = data, 0, LINE_LIMIT
+
+    async def readexactly(self, size: int) -> bytes:
+        piece = self._data[self._position : self._position + size]
+        self._position += size
+        return piece
+
+    async def readuntil(self, separator: bytes) -> bytes:
+        window = self._position + self._limit
+        found = self._data.find(separator, self._position, window + len(separator))
+        if found < 0:
+            raise asyncio.LimitOverrunError("no separator", window - self._position)
+        return await self.readexactly(found + len(separator) - self._position)
+
+
+async def test_a_large_payload_is_read_into_one_copy() -> None:
+    """An 8 MiB payload is read with at most about one copy of it allocated
+    (BytesIO grows in place, getvalue() hands it over): the chunks and their
+    join were two (issue 15, memory)."""
+    line = b"<p>" + b"x" * 72 + b"</p>\r\n"
+    payload = line * (8 * 1024 * 1024 // len(line))
+    reader = _SlicingReader(payload + b".\r\n" + AFTER)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        read = await read_payload(
+            reader,  # type: ignore[arg-type]
+            size_limit=16 * 1024 * 1024,
+            line_limit=LINE_LIMIT,
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read == Payload(DataState.NOMINAL, payload)
+    assert await reader.readexactly(len(AFTER)) == AFTER
+    assert peak - before < len(payload) * 3 // 2, f"{peak - before} octets for {len(payload)}"

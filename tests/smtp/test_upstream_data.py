@@ -1,7 +1,8 @@
-"""The upstream DATA in one write (issue 15): the octets, the replies and the lock.
+"""The upstream DATA written by us (issue 15): the octets, the replies, the lock, the memory.
 
 :meth:`UpstreamSession.data` writes the message as
-:func:`~smtp_tracker.smtp.payload.wire_form` makes it instead of through
+:func:`~smtp_tracker.smtp.payload.wire_pieces` makes it (the octets of
+:func:`~smtp_tracker.smtp.payload.wire_form`, in windows) instead of through
 aiosmtplib's ``data()``.  A raw upstream on loopback records every octet it
 receives, so the bytes can be compared with what ``data()`` itself sends for
 the same message on the same kind of connection.
@@ -10,6 +11,7 @@ the same message on the same kind of connection.
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -39,6 +41,8 @@ class RawUpstream:
     final_reply: bytes | None = b"250 2.0.0 queued"
     drop_after_354: bool = False
     hold_final: asyncio.Event | None = None
+    #: False: each message is read and dropped, only its size kept (as ``b"<N octets>"``)
+    keep_messages: bool = True
     #: the octets after each 354, up to and including the end of data
     messages: list[bytes] = field(default_factory=list)
     #: every octet received, and b"<sent NNN>" markers where replies went out
@@ -75,7 +79,9 @@ class RawUpstream:
                     continue
                 if self.drop_after_354:
                     break
-                message = await self._read_message(reader)
+                message = await (
+                    self._read_message(reader) if self.keep_messages else self._drop_message(reader)
+                )
                 self.log.append(message)
                 self.messages.append(message)
                 self.message_seen.set()
@@ -97,6 +103,18 @@ class RawUpstream:
                 self.log.append(b"<before the final reply>")
             if task.result()[:4].upper() == b"QUIT":
                 self.quit_seen.set()
+
+    @staticmethod
+    async def _drop_message(reader: asyncio.StreamReader) -> bytes:
+        """Read a message up to its end of data (the first one, after the 354), keep its size."""
+        tail, size = b"\r\n", 0
+        while not tail.endswith(END):
+            piece = await reader.read(4 * 1024 * 1024)
+            if not piece:
+                raise ConnectionError("closed in the message")
+            size += len(piece)
+            tail = (tail + piece)[-len(END) :]
+        return b"<%d octets>" % size
 
     @staticmethod
     async def _read_message(reader: asyncio.StreamReader) -> bytes:
@@ -295,3 +313,28 @@ async def test_no_command_is_written_between_the_message_and_its_reply(
 def closing_waits(lock: asyncio.Lock) -> bool:
     """Whether a task waits for ``lock`` (asyncio keeps its waiters in ``_waiters``)."""
     return bool(getattr(lock, "_waiters", None))
+
+
+async def test_a_large_message_goes_out_without_a_whole_copy(raw_upstream: RawUpstream) -> None:
+    """An 8 MiB message whose every line is dot-stuffed, with a trace head, is sent
+    with less than a quarter of its size allocated on top of it (issue 15, memory):
+    no head + content, no wire form made whole, no transport buffer holding the
+    rest; before, the stuffed copy and its end line alone were twice its size."""
+    raw_upstream.keep_messages = False
+    line = b".<p>" + b"x" * 72 + b"</p>\r\n"
+    content = line * (8 * 1024 * 1024 // len(line))
+    head = b"Received: from client.test\r\n\tby relay.test; Mon, 7 Dec 2026 15:00:00 +0000\r\n"
+    session = UpstreamSession(_settings(raw_upstream.port))
+    await session.ensure_open()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        reply = await session.data(content, head=head)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    await session.close()
+    assert reply.code == 250
+    stuffed = len(head) + len(content) + len(content) // len(line) + len(b".\r\n")
+    assert raw_upstream.messages == [b"<%d octets>" % stuffed]
+    assert peak - before < len(content) // 4, f"{peak - before} octets on top of the message"
