@@ -88,7 +88,14 @@ def header_fields(message: bytes) -> tuple[str | None, str | None]:
     # an LF LF after the first CRLF CRLF cannot end the section first: not looked for
     lf = message.find(b"\n\n", 0, crlf + 1 if crlf >= 0 else _MAX_HEADER_BYTES)
     ends = [i for i in (crlf, lf) if i >= 0]
-    head = message[: min(ends)] if ends else message[:_MAX_HEADER_BYTES]
+    end = min(ends) if ends else _MAX_HEADER_BYTES
+    # The parser stops at a line that is no field: only what comes before it is read
+    # (a message without a header section was copied and split into lines, for nothing).
+    if (stop := _NOT_A_HEADER_LINE.search(message, 0, end)) is not None:
+        if stop.start() == 0:
+            return None, None
+        end = stop.start()
+    head = message[:end]
     simple = _simple_fields(head)
     if simple is None:
         headers = BytesHeaderParser(policy=compat32).parsebytes(head)
@@ -104,6 +111,10 @@ def header_fields(message: bytes) -> tuple[str | None, str | None]:
 #: A header field's first line as ``email.feedparser`` tells one (its ``headerRE``
 #: but for the ``From `` envelope line, which :func:`_simple_fields` leaves to it).
 _FIELD_LINE = re.compile(r"[\041-\071\073-\176]*:")
+#: The start of the first line (between LFs) that ``email.feedparser`` does not read
+#: as part of a header section (its ``headerRE``: no ``From ``, field name, or
+#: continuation): the parser stops there, or earlier at a bare CR, never later.
+_NOT_A_HEADER_LINE = re.compile(rb"^(?!From |[\041-\071\073-\176]*:|[\t ])", re.MULTILINE)
 #: The fields :func:`header_fields` reads, lower case.
 _WANTED = ("message-id", "subject")
 

@@ -17,6 +17,7 @@ import asyncio
 import importlib
 import logging
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
@@ -216,6 +217,25 @@ def test_header_fields_are_what_the_email_parser_reads(head: bytes, rest: bytes)
     """header_fields() reads simple header sections itself (issue 15): the same
     Message-ID and Subject as the compat32 parser for any section."""
     assert tracking.header_fields(head + rest) == _parsed_fields(head + rest)
+
+
+def test_header_fields_read_no_further_than_the_parser_does() -> None:
+    """A message without a header section (its first line no field) is not split
+    into lines for the parser (issue 15, memory: 9 MiB for a 50 MB message's first
+    MiB); one with fields stops at its first line that is no field."""
+    line = b"<p>" + b"x" * 72 + b"</p>\r\n"
+    body = line * (2 * 1024 * 1024 // len(line))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        fields = tracking.header_fields(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert fields == (None, None) == _parsed_fields(body)
+    assert peak - before < 64 * 1024, f"{peak - before} octets"
+    message = b"Subject: s\r\nMessage-ID: <i@d>\r\n" + body + b"Subject: not this\r\n"
+    assert tracking.header_fields(message) == ("<i@d>", "s") == _parsed_fields(message)
 
 
 def test_header_fields_of_a_folded_subject() -> None:
