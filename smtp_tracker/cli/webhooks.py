@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 from smtp_tracker.cli.flags import EXIT_OK, add_command, add_config_flags, load_config
 from smtp_tracker.config import Config
 from smtp_tracker.errors import InputError, StoreError
+from smtp_tracker.store.instant import now_us
 
 if TYPE_CHECKING:
     from smtp_tracker.webhooks.outbox import Conn
@@ -135,7 +135,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if (args.id is None) == (not args.all):
         raise InputError("webhooks retry: give an event id or --all")
     with _open(args) as conn:
-        count = outbox.retry(conn, None if args.all else args.id, now_us=time.time_ns() // 1000)
+        count = outbox.retry(conn, None if args.all else args.id, now_us=now_us())
     if args.id is not None and count == 0:
         raise InputError(f"no dead letter with event id {args.id}")
     print(f"{count} deliveries pending again")

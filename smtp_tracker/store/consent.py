@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, get_args
 
 from smtp_tracker.errors import StoreError
+from smtp_tracker.store.instant import Instant
 from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.migrations import schema_version
 from smtp_tracker.store.retention import recipient_forms
@@ -91,15 +92,7 @@ _T = TypeVar("_T")
 Conn = Any
 
 
-def _executemany(conn: Conn, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-    if isinstance(conn, sqlite3.Connection):
-        conn.executemany(sql, rows)
-        return
-    with conn.raw.cursor() as cursor:  # psycopg pipelines executemany
-        cursor.executemany(sql.replace("?", "%s"), rows)
-
-
-def _now_us() -> int:
+def _now_us() -> Instant:
     return to_us(datetime.now(UTC))
 
 
@@ -169,14 +162,13 @@ def set_states(
     :raises ValueError: when an address or state is invalid (nothing after it is written).
     :raises sqlite3.Error: when the database cannot be written.
     """
-    at_us = _now_us() if at_us is None else at_us
+    at_us = _now_us() if at_us is None else Instant.of(at_us)
     written = 0
     batch: list[tuple[str, str, int, str]] = []
 
     def flush() -> None:
         with write_transaction(conn):
-            _executemany(
-                conn,
+            conn.executemany(
                 "INSERT INTO consent (address, state, at_us, source) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (address) DO UPDATE SET state = excluded.state,"
                 " at_us = excluded.at_us, source = excluded.source",
@@ -351,7 +343,7 @@ def add_optout_link(
             token,
             tracking_id,
             json.dumps(list(dict.fromkeys(r.lower() for r in recipients))),
-            _now_us() if created_us is None else created_us,
+            _now_us() if created_us is None else Instant.of(created_us),
         ),
     )
 
@@ -384,7 +376,7 @@ def object_via_link(
         unknown or *nonce* was already spent (nothing written).
     :raises sqlite3.Error: when the database cannot be written.
     """
-    at_us = _now_us() if at_us is None else at_us
+    at_us = _now_us() if at_us is None else Instant.of(at_us)
     with write_transaction(conn):
         link = find_optout_link(conn, token)
         if link is None or not 0 <= index < len(link.recipients):

@@ -49,6 +49,9 @@ recipients as a JSON array of strings.
   ``dkim_stats``, a rollup beside ``daily_stats`` (per UTC relay day and
   sender domain, one counter per outcome, kept by every message written,
   filled from the stored messages) for the per-outcome counts of ``stats``.
+* **v8** - no change on SQLite: the number keeps step with PostgreSQL's v8,
+  where times became ``timestamptz`` and client addresses ``inet``
+  (:mod:`.pg_schema`), so that a store has one version on either backend.
 """
 
 from __future__ import annotations
@@ -337,6 +340,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         FROM messages WHERE dkim IS NOT NULL GROUP BY 1, 2
         """,
     ),
+    # v8: nothing on SQLite (PostgreSQL's times became timestamptz, its addresses inet)
+    (),
 )
 
 CURRENT_VERSION: Final[int] = len(MIGRATIONS)

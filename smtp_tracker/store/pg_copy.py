@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,13 +31,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from smtp_tracker.errors import StoreError
+from smtp_tracker.store import pg_schema
+from smtp_tracker.store.instant import Instant
 from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.migrations import CURRENT_VERSION, DKIM_ROLLUP
+from smtp_tracker.store.postgresql.connection import pg_names
 
 if TYPE_CHECKING:
     import psycopg
 
 __all__ = ["TABLES", "Table", "TableCheck", "copy_store", "open_source", "verify"]
+
+#: What ``ip_policy = "hash"`` stores: 64 lower-case hex digits (:mod:`.address`).
+_HASH: Final = re.compile("[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,31 @@ class Table:
     group: bool = False
     identity: str | None = None
     json_columns: tuple[str, ...] = ()
+
+    @property
+    def target_columns(self) -> tuple[str, ...]:
+        """The columns on PostgreSQL (:mod:`.pg_schema`): times renamed, ``ip`` in two."""
+        names: list[str] = []
+        for column in self.columns:
+            if column == "ip":
+                names += ["ip_address", "ip_hash"]
+            else:
+                names.append(pg_schema.TIME_COLUMNS.get(column, column))
+        return tuple(names)
+
+    def target_row(self, row: Sequence[Any]) -> tuple[Any, ...]:
+        """A source row as :attr:`target_columns` take it: times as
+        :class:`~smtp_tracker.store.instant.Instant`, the address apart from its hash."""
+        values: list[Any] = []
+        for column, value in zip(self.columns, row, strict=True):
+            if column == "ip":
+                hashed = isinstance(value, str) and _HASH.fullmatch(value) is not None
+                values += [None, bytes.fromhex(value)] if hashed else [value, None]
+            elif value is not None and column in pg_schema.TIME_COLUMNS:
+                values.append(Instant(value))
+            else:
+                values.append(value)
+        return tuple(values)
 
 
 _MESSAGE_COLUMNS = (
@@ -187,13 +219,13 @@ def _write_batch(
     target: psycopg.Connection[Any], table: Table, rows: Sequence[tuple[Any, ...]]
 ) -> None:
     """One transaction: COPY *rows* into a temporary table, then insert what is missing."""
-    columns = ", ".join(table.columns)
+    columns = ", ".join(table.target_columns)
     with target.transaction():
         target.execute(f"CREATE TEMPORARY TABLE copy_stage (LIKE {table.name}) ON COMMIT DROP")
         with target.cursor() as cursor:
             with cursor.copy(f"COPY copy_stage ({columns}) FROM STDIN") as copy:
                 for row in rows:
-                    copy.write_row(row)
+                    copy.write_row(table.target_row(row))
             conflict = "" if table.group else " ON CONFLICT DO NOTHING"
             cursor.execute(
                 f"INSERT INTO {table.name} ({columns}) OVERRIDING SYSTEM VALUE"  # noqa: S608 - constant names
@@ -228,7 +260,8 @@ def copy_store(
     batch_rows: int = 5000,
     progress: Callable[[str, int], None] = lambda table, rows: None,
 ) -> dict[str, int]:
-    """Copy every table of *source* into *target* (a migrated PostgreSQL store).
+    """Copy every table of *source* into *target* (a migrated PostgreSQL store, connected
+    with the store's adapters: :meth:`.postgresql.PgDatabase.open`'s connection).
 
     Resumable (see the module's docstring).  *progress* is told of each
     batch committed: the table and its rows.
@@ -328,7 +361,7 @@ def verify(source: sqlite3.Connection, target: psycopg.Connection[Any]) -> list[
             table,
         )
         with target.transaction(), target.cursor(name=f"verify_{table.name}") as cursor:
-            cursor.execute(f"SELECT {columns} FROM {table.name}")  # noqa: S608 - constant names
+            cursor.execute(f"SELECT {pg_names(columns)} FROM {table.name}")  # noqa: S608 - constant names
             target_count, target_sum = _checksum(iter(cursor), table)
         checks.append(TableCheck(table.name, source_count, target_count, source_sum, target_sum))
     return checks

@@ -44,9 +44,12 @@ import json
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any, Final, Literal, Protocol
 
+from smtp_tracker.store.instant import Instant
+from smtp_tracker.store.instant import from_us as _from_us
+from smtp_tracker.store.instant import to_us as _to_us
 from smtp_tracker.store.migrations import DKIM_ROLLUP
 from smtp_tracker.store.records import COUNTED_VERDICTS, VERDICTS, ClickEvent, OpenEvent
 
@@ -93,8 +96,6 @@ StatsGroup = Literal["day", "sender_domain"]
 #: How a message came to count as opened: its pixel (a counted open) or a counted click.
 OpenedVia = Literal["pixel", "click"]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
 _CURSOR_VERSION = 1
 _CURSOR = struct.Struct(">Bqq8s")  # version, relayed_at_us, id, filter digest
 
@@ -331,7 +332,7 @@ def decode_cursor(cursor: str, message_filter: MessageFilter) -> tuple[int, int]
         relayed_at_us, row_id, message_filter
     ):
         raise ValueError("cursor does not belong to these filters")
-    return relayed_at_us, row_id
+    return Instant(relayed_at_us), row_id
 
 
 def _cursor_digest(relayed_at_us: int, row_id: int, message_filter: MessageFilter) -> bytes:
@@ -392,6 +393,7 @@ def page_query(
     """
     conditions, params = _where(message_filter)
     if after is not None:
+        after = (Instant.of(after[0]), after[1])
         conditions.append("(m.relayed_at_us, m.id) < (?, ?)")
         params.extend(after)
     where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
@@ -740,13 +742,3 @@ def stats_total(rows: Sequence[StatsRow], *, key: str = "total") -> StatsRow:
 
 
 # -- times ----------------------------------------------------------------------------------
-
-
-def _to_us(value: datetime) -> int:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value.isoformat()}: give it a timezone (UTC)")
-    return (value - _EPOCH) // _US
-
-
-def _from_us(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
+from smtp_tracker.store.instant import Instant, from_us, to_us
 from smtp_tracker.store.queries import ROLLUP_COLUMNS
 from smtp_tracker.store.records import (
     COUNTED_VERDICTS,
@@ -75,7 +76,6 @@ __all__ = [
 #: Messages (with their events) judged per transaction.
 DEFAULT_BATCH_MESSAGES: Final = 200
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DAY_US = 86_400_000_000
 
 
@@ -122,10 +122,8 @@ def _signals_text(signals: Any) -> str | None:
     return json.dumps(signals, separators=(",", ":"))
 
 
-def _us(value: date) -> int:
-    return (datetime(value.year, value.month, value.day, tzinfo=UTC) - _EPOCH) // timedelta(
-        microseconds=1
-    )
+def _us(value: date) -> Instant:
+    return to_us(datetime(value.year, value.month, value.day, tzinfo=UTC))
 
 
 def count_messages(conn: Connection, since: date | None) -> int:
@@ -141,7 +139,7 @@ def count_messages(conn: Connection, since: date | None) -> int:
 
 def days_from(conn: Connection, since: date | None) -> list[str]:
     """The UTC relay days (``YYYY-MM-DD``) on or after *since* with messages or rollup rows."""
-    start_us = 0 if since is None else _us(since)
+    start_us = Instant(0) if since is None else _us(since)
     rollup_days = (
         conn.execute("SELECT DISTINCT day FROM daily_stats")
         if since is None
@@ -150,12 +148,15 @@ def days_from(conn: Connection, since: date | None) -> list[str]:
         )
     )
     days = {str(row[0]) for row in rollup_days}
-    for (relayed_at_us,) in conn.execute(
-        "SELECT DISTINCT relayed_at_us / ? FROM messages WHERE relayed_at_us >= ?",
-        (_DAY_US, start_us),
-    ):
-        days.add((_EPOCH + timedelta(days=int(relayed_at_us))).strftime("%Y-%m-%d"))
-    return sorted(days)
+    while True:  # day by day through the (relayed_at_us, id) index: a seek per day
+        row = conn.execute(
+            "SELECT min(relayed_at_us) FROM messages WHERE relayed_at_us >= ?", (start_us,)
+        ).fetchone()
+        if row is None or row[0] is None:
+            return sorted(days)
+        day = from_us(row[0]).date()
+        days.add(day.isoformat())
+        start_us = _us(day + timedelta(days=1))
 
 
 def _address_for_lookup(ip: str | None) -> str | None:
@@ -215,7 +216,7 @@ def reclassify_batch(
     """
     if batch_messages < 1:
         raise ValueError("batch_messages must be at least 1")
-    start_us = 0 if since is None else _us(since)
+    start_us = Instant(0) if since is None else _us(since)
     events = changed = 0
     last = after_rowid
     select = (
@@ -232,11 +233,11 @@ def reclassify_batch(
         rollup: dict[tuple[str, str], dict[str, int]] = {}
         for rowid, tracking_id, relayed_at_us, domain in messages:
             last = int(rowid)
-            relayed_at = _EPOCH + timedelta(microseconds=int(relayed_at_us))
+            relayed_at = from_us(relayed_at_us)
             before: dict[str, int] = {}
             after: dict[str, int] = {}
             counted = {"open": [0, 0], "click": [0, 0]}  # [before, after]
-            first_open_us: int | None = None
+            first_open_us: Instant | None = None
             totals = {"open": 0, "click": 0}
             kinds: tuple[tuple[EventKind, str], ...] = (("open", "opens"), ("click", "clicks"))
             for kind, table in kinds:
@@ -265,7 +266,7 @@ def reclassify_batch(
                         if new_verdict in COUNTED_VERDICTS and (
                             first_open_us is None or int(at_us) < first_open_us
                         ):
-                            first_open_us = int(at_us)
+                            first_open_us = Instant.of(at_us)
                 for update in updates:
                     conn.execute(
                         f"UPDATE {table} SET verdict = ?, verdict_reason = ?, signals = ?"  # noqa: S608 - constant table names
@@ -308,7 +309,7 @@ def _judge(
     looked_up = address is not None
     event = EventContext(
         kind=kind,
-        at=_EPOCH + timedelta(microseconds=at_us),
+        at=from_us(at_us),
         client_address=address if looked_up else None,
         user_agent=user_agent,
         relayed_at=relayed_at,

@@ -15,10 +15,11 @@ import logging
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from smtp_tracker.store import queries
+from smtp_tracker.store.instant import from_us, to_us
 from smtp_tracker.store.migrations import immediate_transaction
 from smtp_tracker.store.queries import Connection
 from smtp_tracker.store.records import (
@@ -64,8 +65,6 @@ log = logging.getLogger("smtp_tracker.store")
 
 #: The rollup's columns counting open events by verdict.
 _OPENS_BY_VERDICT = {verdict: f"opens_{verdict}" for verdict in VERDICTS}
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
 
 #: The columns of a :class:`MessageRecord`, in :func:`message_from_row`'s order.
 MESSAGE_COLUMNS = (
@@ -125,21 +124,6 @@ def write_transaction(conn: Connection) -> contextlib.AbstractContextManager[Any
         return immediate_transaction(conn)
     transaction: contextlib.AbstractContextManager[Any] = conn.transaction()  # type: ignore[attr-defined]  # PgConnection
     return transaction
-
-
-def to_us(value: datetime) -> int:
-    """*value* as integer microseconds since the Unix epoch (UTC).
-
-    :raises ValueError: when *value* is naive.
-    """
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"naive datetime {value.isoformat()}: give it a timezone (UTC)")
-    return (value - _EPOCH) // _US
-
-
-def from_us(value: int) -> datetime:
-    """The UTC datetime *value* microseconds after the Unix epoch."""
-    return _EPOCH + timedelta(microseconds=value)
 
 
 class KnownTokens:
@@ -507,7 +491,7 @@ def listing_clauses(since: datetime | None, limit: int | None) -> tuple[str, str
 
     :raises ValueError: when *limit* is negative or *since* naive.
     """
-    where, params = "", []
+    where, params = "", list[int]()
     if since is not None:
         where = "WHERE relayed_at_us >= ?"
         params.append(to_us(since))

@@ -34,8 +34,10 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final, Literal
+
+from smtp_tracker.store.instant import Instant, to_us
 
 __all__ = [
     "EVENT_TYPES",
@@ -55,8 +57,6 @@ EVENT_TYPES: Final[tuple[EventType, ...]] = (
     "message.opened",
     "link.clicked",
 )
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def new_event_id(now_ns: int | None = None) -> str:
@@ -104,7 +104,7 @@ class Event:
     order_key: str
     counted: bool
     body: str
-    occurred_us: int
+    occurred_us: Instant
 
     @classmethod
     def make(
@@ -136,5 +136,5 @@ class Event:
         if type in ("message.opened", "link.clicked"):
             document["counted"] = counted
         body = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
-        occurred_us = (occurred_at - _EPOCH) // timedelta(microseconds=1)
+        occurred_us = to_us(occurred_at)
         return cls(event_id, type, tracking_id or queue_id, counted, body, occurred_us)

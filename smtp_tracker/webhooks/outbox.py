@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from smtp_tracker.store import pg_outbox
+from smtp_tracker.store.instant import Instant, from_us
 from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.migrations import MIGRATIONS, immediate_transaction
 from smtp_tracker.store.records import COUNTED_VERDICTS, MessageRecord
-from smtp_tracker.store.rows import from_us
 from smtp_tracker.webhooks.events import Event
 
 if TYPE_CHECKING:
@@ -356,7 +356,7 @@ def _insert_postgresql(
             str(event_id): int(seq)
             for seq, event_id in conn.execute(
                 "INSERT INTO webhook_events (id, type, created_us, body)"
-                " SELECT i, t, c, b FROM unnest(?::text[], ?::text[], ?::bigint[], ?::text[])"
+                " SELECT i, t, c, b FROM unnest(?::text[], ?::text[], ?::timestamptz[], ?::text[])"
                 " WITH ORDINALITY AS v(i, t, c, b, n) ORDER BY n RETURNING seq, id",
                 (
                     [e.id for e in events],
@@ -374,7 +374,7 @@ def _insert_postgresql(
         hooks, seq_list, keys, times = (list(column) for column in zip(*deliveries, strict=True))
         conn.execute(
             "INSERT INTO webhook_deliveries (hook, seq, order_key, due_us, since_us)"
-            " SELECT h, s, k, t, t FROM unnest(?::text[], ?::bigint[], ?::text[], ?::bigint[])"
+            " SELECT h, s, k, t, t FROM unnest(?::text[], ?::bigint[], ?::text[], ?::timestamptz[])"
             " AS v(h, s, k, t)",
             (hooks, seq_list, keys, times),
         )
@@ -540,6 +540,7 @@ def claim(conn: Conn, hook: str, *, now_us: int, limit: int, lease_us: int) -> l
     moved past its lease no longer matches ``due_us <= now``), and an earlier
     pending delivery of the same message, locked or not, holds the later back.
     """
+    now_us = Instant.of(now_us)
     postgresql = not isinstance(conn, sqlite3.Connection)
     lock = " FOR UPDATE OF d SKIP LOCKED" if postgresql else ""
     with transaction(conn):
@@ -601,6 +602,7 @@ def claim(conn: Conn, hook: str, *, now_us: int, limit: int, lease_us: int) -> l
 def any_due(conn: Conn, hook: str, *, now_us: int) -> bool:
     """Whether *hook* has a pending delivery due (maybe behind its message's earlier one);
     a read, without the write lock :func:`claim` takes."""
+    now_us = Instant.of(now_us)
     row = conn.execute(
         "SELECT 1 FROM webhook_deliveries WHERE hook = ? AND state = 'pending' AND due_us <= ?"
         " LIMIT 1",
@@ -673,13 +675,13 @@ def _settle_postgresql(conn: PgConnection, results: Sequence[Settled]) -> None:
             conn.execute(
                 "UPDATE webhook_deliveries d SET attempts = v.a, due_us = v.du, last_error = v.e,"
                 " state = CASE WHEN v.dead THEN 'dead' ELSE 'pending' END"
-                " FROM unnest(?::text[], ?::bigint[], ?::integer[], ?::bigint[], ?::text[],"
+                " FROM unnest(?::text[], ?::bigint[], ?::integer[], ?::timestamptz[], ?::text[],"
                 " ?::boolean[]) AS v(h, s, a, du, e, dead) WHERE d.hook = v.h AND d.seq = v.s",
                 (
                     [r.hook for r in failed],
                     [r.seq for r in failed],
                     [r.attempts for r in failed],
-                    [r.due_us for r in failed],
+                    [Instant.of(r.due_us) for r in failed],
                     [r.error for r in failed],
                     [r.outcome == "dead" for r in failed],
                 ),
@@ -687,12 +689,12 @@ def _settle_postgresql(conn: PgConnection, results: Sequence[Settled]) -> None:
         if released:
             conn.execute(
                 "UPDATE webhook_deliveries d SET due_us = v.du"
-                " FROM unnest(?::text[], ?::bigint[], ?::bigint[]) AS v(h, s, du)"
+                " FROM unnest(?::text[], ?::bigint[], ?::timestamptz[]) AS v(h, s, du)"
                 " WHERE d.hook = v.h AND d.seq = v.s",
                 (
                     [r.hook for r in released],
                     [r.seq for r in released],
-                    [r.due_us for r in released],
+                    [Instant.of(r.due_us) for r in released],
                 ),
             )
 
@@ -702,6 +704,7 @@ def disable_hook(conn: Conn, hook: str, *, reason: str, now_us: int) -> int:
 
     :returns: how many deliveries became dead.
     """
+    now_us = Instant.of(now_us)
     with transaction(conn):
         conn.execute(
             "INSERT INTO webhook_hooks (hook, disabled_at_us, disabled_reason) VALUES (?, ?, ?)"
@@ -811,6 +814,7 @@ def retry(conn: Conn, event_id: str | None, *, now_us: int) -> int:
         hook a 410 disabled is enabled again then.
     :returns: how many deliveries were made pending.
     """
+    now_us = Instant.of(now_us)
     with transaction(conn):
         where, params = "state = 'dead'", []
         if event_id is not None:

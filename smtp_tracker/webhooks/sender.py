@@ -49,6 +49,7 @@ import aiohttp
 from smtp_tracker import __version__
 from smtp_tracker.errors import SMTPReply, StartupError, StoreError
 from smtp_tracker.store.backends import is_postgresql
+from smtp_tracker.store.instant import Instant, now_us
 from smtp_tracker.tracking.stage import header_fields
 from smtp_tracker.webhooks import outbox
 from smtp_tracker.webhooks.eventlog import EventLog
@@ -647,5 +648,5 @@ def _close(conn: outbox.Conn) -> None:
         conn.raw.close()
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
+def _now_us() -> Instant:
+    return now_us()

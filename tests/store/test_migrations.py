@@ -243,6 +243,56 @@ async def test_postgresql_baseline_is_migrated_and_keeps_its_data(pg_dsn: str) -
     assert rollup == [(T0.date(), "one.example", 1, 0)]  # v7's rollup, backfilled
 
 
+async def test_postgresql_v8_makes_times_timestamptz_and_addresses_inet_exactly(
+    pg_dsn: str,
+) -> None:
+    """PostgreSQL only: v8 turns the integer microseconds into ``timestamptz`` to the
+    microsecond, and an event's ``ip`` into an ``inet`` (address or network) or the 32
+    bytes of its hash; the store reads back what it held before."""
+    import datetime as dt
+
+    import psycopg
+
+    from smtp_tracker.store import postgresql
+
+    build_pg_baseline(pg_dsn)
+    odd = to_us(T0) + 123_457  # microseconds a double's seconds would round
+    digest = "0f" * 32
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO opens (tracking_id, at_us, ip, user_agent) VALUES"
+            " (%s, %s, %s, 'A'), (%s, %s, %s, 'B'), (%s, %s, NULL, 'C')",
+            (token(8), odd, "2001:db8::1", token(8), odd + 1, digest, token(8), odd + 2),
+        )
+        conn.execute(
+            "INSERT INTO clicks (link_token, tracking_id, at_us, ip) VALUES ('l', %s, %s, %s)",
+            (token(8), odd, digest),
+        )
+    async with await postgresql.PostgresStore.open(pg_dsn) as store:
+        found = await store.find_message("QV8")
+    assert found is not None
+    assert [(o.user_agent, o.ip, o.at) for o in found.opens] == [
+        ("OldMail/1.0", "192.0.2.0/24", T0),
+        ("A", "2001:db8::1", T0 + dt.timedelta(microseconds=123_457)),
+        ("B", digest, T0 + dt.timedelta(microseconds=123_458)),
+        ("C", None, T0 + dt.timedelta(microseconds=123_459)),
+    ]
+    assert found.record.relayed_at == T0
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute(
+            "SELECT user_agent, at, host(ip_address), masklen(ip_address), ip_hash FROM opens"
+            " ORDER BY at"
+        ).fetchall()
+        click = conn.execute("SELECT ip_address, ip_hash FROM clicks").fetchone()
+    assert rows == [
+        ("OldMail/1.0", T0, "192.0.2.0", 24, None),
+        ("A", T0 + dt.timedelta(microseconds=123_457), "2001:db8::1", 128, None),
+        ("B", T0 + dt.timedelta(microseconds=123_458), None, None, bytes.fromhex(digest)),
+        ("C", T0 + dt.timedelta(microseconds=123_459), None, None, None),
+    ]
+    assert click == (None, bytes.fromhex(digest))
+
+
 def test_postgresql_failed_migration_leaves_the_old_version(pg_dsn: str) -> None:
     """PostgreSQL only: v7's CREATE TABLE collides; the whole step is rolled back."""
     import psycopg

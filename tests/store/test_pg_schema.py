@@ -119,19 +119,44 @@ def _pg_keys(dsn: str) -> Keys:
     return {table: (p, sorted(u), n) for table, (p, u, n) in keys.items()}
 
 
+def _as_postgresql(names: list[str]) -> list[str]:
+    """SQLite's column names as PostgreSQL's (times without the unit, ``ip`` in two)."""
+    mapped: list[str] = []
+    for name in names:
+        mapped += (
+            ["ip_address", "ip_hash"] if name == "ip" else [pg_schema.TIME_COLUMNS.get(name, name)]
+        )
+    return mapped
+
+
+def _columns_as_postgresql(columns: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {table: sorted(_as_postgresql(names)) for table, names in columns.items()}
+
+
+def _keys_as_postgresql(keys: Keys) -> Keys:
+    return {
+        table: (
+            _as_postgresql(primary),
+            sorted(_as_postgresql(u) for u in unique),
+            {name: _as_postgresql(columns) for name, columns in named.items()},
+        )
+        for table, (primary, unique, named) in keys.items()
+    }
+
+
 def test_versions_in_lockstep() -> None:
     assert pg_schema.CURRENT_VERSION == CURRENT_VERSION
 
 
 def test_same_tables_and_columns(data_dir: Path, pg_dsn: str) -> None:
-    assert _pg_columns(pg_dsn) == _sqlite_columns(data_dir)
+    assert _pg_columns(pg_dsn) == _columns_as_postgresql(_sqlite_columns(data_dir))
 
 
 def test_same_tables_and_columns_as_a_sqlite_store_migrated_from_v1(
     data_dir: Path, pg_dsn: str
 ) -> None:
     build_v1(data_dir)
-    assert _pg_columns(pg_dsn) == _sqlite_columns(data_dir)
+    assert _pg_columns(pg_dsn) == _columns_as_postgresql(_sqlite_columns(data_dir))
 
 
 def test_same_keys_and_named_indexes(data_dir: Path, pg_dsn: str) -> None:
@@ -149,7 +174,7 @@ def test_same_keys_and_named_indexes(data_dir: Path, pg_dsn: str) -> None:
         },
     )
     assert sqlite_keys["daily_stats"][0] == ["day", "sender_domain"]
-    assert _pg_keys(pg_dsn) == sqlite_keys
+    assert _pg_keys(pg_dsn) == _keys_as_postgresql(sqlite_keys)
 
 
 def test_postgresql_types_where_they_matter(pg_dsn: str) -> None:
@@ -169,7 +194,13 @@ def test_postgresql_types_where_they_matter(pg_dsn: str) -> None:
     assert types["messages", "id"] == "bigint"
     assert types["opens", "signals"] == types["clicks", "signals"] == "jsonb"
     assert types["daily_stats", "day"] == "date"
-    assert types["messages_times", "relayed_at"] == "timestamp with time zone"
+    times = [(table, pg_schema.TIME_COLUMNS[c]) for table, c in pg_schema.TIMES]
+    assert len(times) == 13
+    assert {types[t] for t in times} == {"timestamp with time zone"}
+    assert {kind for (_, column), kind in types.items() if column.endswith("_us")} == set()
+    assert types["opens", "ip_address"] == types["clicks", "ip_address"] == "inet"
+    assert types["opens", "ip_hash"] == types["clicks", "ip_hash"] == "bytea"
+    assert not any(table.endswith("_times") for table, _ in types)  # the v6..v7 views are gone
 
 
 def test_opening_twice_migrates_once_and_a_newer_schema_is_refused(pg_dsn: str) -> None:

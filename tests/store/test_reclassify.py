@@ -193,8 +193,9 @@ class Where:
         import psycopg
 
         from smtp_tracker.store.postgresql import PgConnection
+        from smtp_tracker.store.postgresql.adapters import adapters
 
-        with psycopg.connect(self.dsn, autocommit=True) as pg:
+        with psycopg.connect(self.dsn, autocommit=True, context=adapters()) as pg:
             yield PgConnection(pg)
 
 
@@ -439,13 +440,13 @@ def test_postgresql_waits_for_a_writer_in_flight(pg_cluster: Any) -> None:
         fill(db)
     with psycopg.connect(dsn, autocommit=True) as writer:
         row = writer.execute(
-            "SELECT id, tracking_id, relayed_at_us FROM messages"
+            "SELECT id, tracking_id, relayed_at FROM messages"
             " WHERE counted_open_count > 0 ORDER BY id LIMIT 1"
         ).fetchone()
         assert row is not None
-        rowid, tracking_id, relayed_at_us = row
+        rowid, tracking_id, relayed_at = row
         found = writer.execute(
-            "SELECT (to_timestamp(%s / 1e6) AT TIME ZONE 'UTC')::date::text", (relayed_at_us,)
+            "SELECT (%s::timestamptz AT TIME ZONE 'UTC')::date::text", (relayed_at,)
         ).fetchone()
         assert found is not None
         day = found[0]
@@ -455,9 +456,9 @@ def test_postgresql_waits_for_a_writer_in_flight(pg_cluster: Any) -> None:
             writer.execute("BEGIN")
             writer.execute("SELECT id FROM messages WHERE id = %s FOR UPDATE", (rowid,))
             writer.execute(
-                "INSERT INTO opens (tracking_id, at_us, verdict, verdict_reason)"
-                " VALUES (%s, %s, 'human', 'test')",
-                (tracking_id, relayed_at_us + 1),
+                "INSERT INTO opens (tracking_id, at, verdict, verdict_reason)"
+                " VALUES (%s, %s + interval '1 microsecond', 'human', 'test')",
+                (tracking_id, relayed_at),
             )
             writer.execute(
                 "UPDATE messages SET open_count = open_count + 1,"

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from smtp_tracker.store import OpenEvent
+from smtp_tracker.store.instant import Instant
 from smtp_tracker.webhooks import outbox
 from tests.support.waiting import wait_until
 from tests.webhooks.conftest import (
@@ -152,7 +153,8 @@ async def test_the_sender_repairs_the_outbox_bookkeeping_at_start(
             conn.execute("DROP TRIGGER webhook_deliveries_done")
         conn.execute(
             "INSERT INTO webhook_events (id, type, created_us, body)"
-            " VALUES ('orphan', 'message.relayed', 1, '{}')"
+            " VALUES ('orphan', 'message.relayed', ?, '{}')",
+            (Instant(1),),
         )
         conn.execute("UPDATE webhook_outbox_state SET depth = 999")
     app = await tracked_relay(

@@ -304,9 +304,9 @@ def test_migrate_store_carries_the_outbox_and_the_cli_reads_it_with_store(
     assert copied.returncode == 0, copied.stderr
     with outbox_connection({"store": pg_dsn}, data_dir) as conn:
         assert outbox.status(conn) == before
-        kinds = conn.execute(  # times for psql readers
-            "SELECT pg_typeof(created_at)::text, pg_typeof(due_at)::text, state"
-            " FROM webhook_deliveries_times ORDER BY seq"
+        kinds = conn.execute(  # times as timestamptz, the same instants as SQLite's
+            "SELECT pg_typeof(e.created_at)::text, pg_typeof(d.due_at)::text, d.state"
+            " FROM webhook_deliveries d JOIN webhook_events e USING (seq) ORDER BY seq"
         ).fetchall()
     assert kinds == [
         ("timestamp with time zone",) * 2 + (state,) for state in ("dead", *["pending"] * 2)

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import pg_outbox
+from smtp_tracker.store import pg_outbox, pg_schema
 from smtp_tracker.store.address import AddressPolicy, IpPolicy
 from smtp_tracker.store.records import EventClassifier
 
@@ -37,6 +38,7 @@ __all__ = [
     "connect_kwargs",
     "error_text",
     "is_dsn",
+    "pg_names",
     "redacted",
 ]
 
@@ -90,11 +92,18 @@ def address_policy(dsn: str, ip_policy: IpPolicy, hash_key: bytes | None) -> Add
 
 def connect_kwargs(password_file: Path | None, timeout_s: float) -> dict[str, Any]:
     """psycopg.connect's keyword arguments: autocommit, libpq's ``connect_timeout`` (whole
-    seconds, at least 1) and the password read from *password_file*.
+    seconds, at least 1), the store's adapters (:mod:`.adapters`: times as
+    :class:`~smtp_tracker.store.instant.Instant`) and the password read from *password_file*.
 
     :raises StoreError: when *password_file* cannot be read.
     """
-    kwargs: dict[str, Any] = {"autocommit": True, "connect_timeout": max(1, round(timeout_s))}
+    from smtp_tracker.store.postgresql.adapters import adapters
+
+    kwargs: dict[str, Any] = {
+        "autocommit": True,
+        "connect_timeout": max(1, round(timeout_s)),
+        "context": adapters(),
+    }
     if password_file is not None:
         try:
             kwargs["password"] = password_file.read_text(encoding="utf-8").strip()
@@ -105,10 +114,31 @@ def connect_kwargs(password_file: Path | None, timeout_s: float) -> dict[str, An
     return kwargs
 
 
-@functools.lru_cache(maxsize=512)
+_NAMES: Final = re.compile(rf"\b({'|'.join(pg_schema.TIME_COLUMNS)})\b|\b((?:\w+\.)?)ip\b")
+
+
+def _name(match: re.Match[str]) -> str:
+    if match.group(1) is not None:
+        return pg_schema.TIME_COLUMNS[match.group(1)]
+    return pg_schema.IP_TEXT.format(table=match.group(2))
+
+
+@functools.lru_cache(maxsize=1024)
+def pg_names(sql: str) -> str:
+    """*sql* naming SQLite's columns with PostgreSQL's (:data:`.pg_schema.TIME_COLUMNS`:
+    ``relayed_at_us`` is ``relayed_at``), and each ``ip`` (qualified or not) read as the
+    text SQLite holds (:data:`.pg_schema.IP_TEXT`: the ``inet`` address or network, or
+    the hash in hex).  ``ip`` is not a column on PostgreSQL, so a statement writing it
+    through here fails rather than writing the wrong column.
+    """
+    return _NAMES.sub(_name, sql)
+
+
+@functools.lru_cache(maxsize=1024)
 def _dialect(sql: str) -> str:
-    """*sql* written for :mod:`sqlite3` (``?`` placeholders) as psycopg takes it (``%s``)."""
-    return sql.replace("%", "%%").replace("?", "%s")
+    """*sql* written for :mod:`sqlite3` (SQLite's column names, ``?`` placeholders) as
+    psycopg takes it (:func:`pg_names`, ``%s``)."""
+    return pg_names(sql).replace("%", "%%").replace("?", "%s")
 
 
 class PgConnection:
@@ -120,6 +150,11 @@ class PgConnection:
     def execute(self, sql: str, parameters: Any = (), /) -> psycopg.Cursor[Any]:
         """Run *sql* (``?`` placeholders) with *parameters*; the cursor."""
         return self.raw.execute(_dialect(sql), parameters)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> None:
+        """Run *sql* (``?`` placeholders) once per row of *rows* (psycopg pipelines them)."""
+        with self.raw.cursor() as cursor:
+            cursor.executemany(_dialect(sql), rows)
 
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """A transaction block (psycopg's ``Connection.transaction``)."""

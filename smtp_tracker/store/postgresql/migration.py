@@ -55,6 +55,4 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
                     conn.execute(statement)
                 conn.execute("UPDATE smtp_tracker_schema SET version = %s", (number,))
                 version = number
-        for statement in pg_schema.VIEWS:
-            conn.execute(statement)
     return version_before

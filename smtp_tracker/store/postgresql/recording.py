@@ -30,13 +30,15 @@ from smtp_tracker.store.rows import (
 
 __all__ = ["Recording"]
 
-_COPY_OPENS = (
-    "COPY opens (tracking_id, at_us, ip, user_agent, verdict, verdict_reason, signals) FROM STDIN"
-)
-_COPY_CLICKS = (
-    "COPY clicks (link_token, tracking_id, at_us, ip, user_agent, verdict, verdict_reason,"
-    " signals) FROM STDIN"
-)
+_EVENT_COLUMNS = "at, {ip}, user_agent, verdict, verdict_reason, signals"
+
+
+def _copy_statement(kind: EventKind, hashed: bool) -> str:
+    """COPY of an event batch; the address into ``ip_hash`` when *hashed*, else ``ip_address``."""
+    columns = _EVENT_COLUMNS.format(ip="ip_hash" if hashed else "ip_address")
+    if kind == "click":
+        return f"COPY clicks (link_token, tracking_id, {columns}) FROM STDIN"
+    return f"COPY opens (tracking_id, {columns}) FROM STDIN"
 
 
 class Recording(Connected):
@@ -71,7 +73,7 @@ class Recording(Connected):
                         recipient_rows(rowid, record),
                     )
                     cursor.executemany(
-                        "INSERT INTO links (token, tracking_id, url, position, relayed_at_us)"
+                        "INSERT INTO links (token, tracking_id, url, position, relayed_at)"
                         " VALUES (%s, %s, %s, %s, %s)",
                         link_rows(record, relayed_us),
                     )
@@ -143,11 +145,15 @@ class Recording(Connected):
                     aggregate=aggregate,
                 )
                 if rows and not aggregate:  # COPY: one round trip for the batch
+                    hashed = options.address_policy.policy == "hash"
+                    ip = 3 if kind == "click" else 2  # the address's place in a row
                     with (
                         self._raw.cursor() as cursor,
-                        cursor.copy(_COPY_CLICKS if kind == "click" else _COPY_OPENS) as copy,
+                        cursor.copy(_copy_statement(kind, hashed)) as copy,
                     ):
                         for event in rows:
+                            if hashed and event[ip] is not None:
+                                event = (*event[:ip], bytes.fromhex(event[ip]), *event[ip + 1 :])
                             copy.write_row(event)
                 self._save(messages.values())
                 if options.outbox is not None:  # last: the outbox's lock is the last taken
@@ -163,8 +169,8 @@ class Recording(Connected):
             columns = list(zip(*updates, strict=True))
             self._raw.execute(
                 "UPDATE messages AS m SET open_count = v.o, counted_open_count = v.co,"
-                " first_open_at_us = v.f, click_count = v.c, counted_click_count = v.cc"
-                " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[],"
+                " first_open_at = v.f, click_count = v.c, counted_click_count = v.cc"
+                " FROM unnest(%s::bigint[], %s::bigint[], %s::timestamptz[], %s::bigint[],"
                 " %s::bigint[], %s::bigint[]) AS v(o, co, f, c, cc, id) WHERE m.id = v.id",
                 [list(column) for column in columns],
             )
