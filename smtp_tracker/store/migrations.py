@@ -1,9 +1,13 @@
-"""The SQLite schema, as numbered migrations recorded in ``PRAGMA user_version``.
+"""The SQLite schema's history, as numbered migrations recorded in ``PRAGMA user_version``.
 
-Version *n* of the schema is reached by applying :data:`MIGRATIONS` ``[0..n-1]``
-in order.  :func:`migrate` runs the missing ones in one ``BEGIN IMMEDIATE``
-transaction, so two processes opening the same database at once migrate it
-exactly once, and a failure leaves the database at its old version.
+A new store is made from the one definition of the current schema
+(:mod:`.schema`); a store of version *n* reaches it by applying
+:data:`MIGRATIONS` ``[n..]`` in order (version *n* of the schema is
+:data:`MIGRATIONS` ``[0..n-1]``, which the tests build old stores with, and
+compare, once migrated, with a new one).  :func:`migrate` runs the missing
+ones in one ``BEGIN IMMEDIATE`` transaction, so two processes opening the
+same database at once migrate it exactly once, and a failure leaves the
+database at its old version.
 
 Times are stored as integer microseconds since the Unix epoch, UTC (``*_us``);
 recipients as a JSON array of strings.
@@ -62,6 +66,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from smtp_tracker.errors import StoreError
+from smtp_tracker.store import schema
 
 #: ``dkim_stats``' counters, in table order (one per outcome of ``queries.DKIM_OUTCOMES``).
 DKIM_ROLLUP: Final[tuple[str, ...]] = (
@@ -389,9 +394,13 @@ def migrate(conn: sqlite3.Connection, *, target: int = CURRENT_VERSION) -> int:
             return check_known_version(conn)
         with immediate_transaction(conn):
             before = check_known_version(conn)  # re-read under the write lock
-            for version in range(before + 1, target + 1):
-                for statement in MIGRATIONS[version - 1]:
+            if before == 0 and target == schema.VERSION:  # a new store: the one definition
+                for statement in schema.sqlite_statements():
                     conn.execute(statement)
+            else:
+                for version in range(before + 1, target + 1):
+                    for statement in MIGRATIONS[version - 1]:
+                        conn.execute(statement)
             if before < target:
                 conn.execute(f"PRAGMA user_version = {int(target)}")
     except sqlite3.Error as exc:

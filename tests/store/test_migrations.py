@@ -3,7 +3,7 @@ an up-to-date store again changes nothing, a newer one is refused, and an old on
 migrated at open and keeps its data.
 
 The SQLite half builds an old store as SQLite files (``PRAGMA user_version``, the v1
-migration); the PostgreSQL half builds its baseline (v6) with :data:`pg_schema.BASELINE`
+migration); the PostgreSQL half builds its baseline (v6) with :data:`.pg_baseline.BASELINE`
 and migrates it through :data:`pg_schema.MIGRATIONS`.  That both end at the same tables
 and columns is :mod:`tests.store.test_pg_schema`'s.
 """
@@ -22,6 +22,7 @@ from smtp_tracker.store import CURRENT_VERSION, DB_FILENAME, SqliteStore, pg_sch
 from smtp_tracker.store.migrations import MIGRATIONS, migrate, schema_version
 from smtp_tracker.store.rows import to_us
 
+from .pg_baseline import BASELINE
 from .store_helpers import T0, make_record, token
 
 
@@ -191,7 +192,7 @@ def build_pg_baseline(dsn: str) -> None:
     import psycopg
 
     with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
-        for statement in pg_schema.BASELINE:
+        for statement in BASELINE:
             conn.execute(statement)
         conn.execute(
             "INSERT INTO smtp_tracker_schema (one, version) VALUES (1, %s)",

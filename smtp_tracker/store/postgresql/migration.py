@@ -1,12 +1,13 @@
-"""The schema of a PostgreSQL store: its version, and creating or migrating it
-(:mod:`smtp_tracker.store.pg_schema` holds the statements)."""
+"""The schema of a PostgreSQL store: its version, and creating it (from the one
+definition, :mod:`smtp_tracker.store.schema`) or migrating it
+(:mod:`smtp_tracker.store.pg_schema` holds the migrations)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import pg_schema
+from smtp_tracker.store import pg_schema, schema
 
 if TYPE_CHECKING:
     import psycopg
@@ -38,15 +39,10 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
                 f"the store's schema is v{version}, newer than this smtp-tracker"
                 f" (v{pg_schema.CURRENT_VERSION})"
             )
-        if version == 0:
-            for statement in pg_schema.BASELINE:
+        if version == 0:  # a new store: the one definition (:mod:`..schema`)
+            for statement in schema.postgresql_statements():
                 conn.execute(statement)
-            conn.execute(
-                "INSERT INTO smtp_tracker_schema (one, version) VALUES (1, %s)",
-                (pg_schema.BASELINE_VERSION,),
-            )
-            conn.execute("INSERT INTO webhook_outbox_state (one, depth, dropped) VALUES (1, 0, 0)")
-            version_before, version = 0, pg_schema.BASELINE_VERSION
+            version_before, version = 0, schema.VERSION
         else:
             version_before = version
         for number in sorted(pg_schema.MIGRATIONS):
