@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import pg_schema
+from smtp_tracker.store import schema
 from smtp_tracker.store.instant import Instant
 from smtp_tracker.store.integrity import DB_FILENAME
-from smtp_tracker.store.migrations import CURRENT_VERSION, DKIM_ROLLUP
+from smtp_tracker.store.migrations import CURRENT_VERSION
 from smtp_tracker.store.postgresql.connection import pg_names
 
 if TYPE_CHECKING:
@@ -48,121 +48,87 @@ _HASH: Final = re.compile("[0-9a-f]{64}")
 
 @dataclass(frozen=True)
 class Table:
-    """How one table is copied.
+    """How one table is copied; its columns are the schema's (:data:`.schema.TABLES`).
 
     :ivar key: the integer column batches advance on (resumed after its largest
         value in the target), or None for a table copied whole each run.
     :ivar group: with *key*: batches hold whole groups of equal keys (a table
         without a primary key: ``message_recipients``).
-    :ivar identity: the identity column whose sequence follows the copied ids.
     """
 
     name: str
-    columns: tuple[str, ...]
     key: str | None = None
     group: bool = False
-    identity: str | None = None
-    json_columns: tuple[str, ...] = ()
+
+    @property
+    def definition(self) -> schema.Table:
+        """The table in the one schema definition.
+
+        :raises KeyError: when the definition has no table of this name.
+        """
+        for table in schema.TABLES:
+            if table.name == self.name:
+                return table
+        raise KeyError(self.name)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns as SQLite (the source) names them, in the definition's order."""
+        return tuple(column.name for column in self.definition.columns)
+
+    @property
+    def identity(self) -> str | None:
+        """The identity column whose sequence follows the copied ids, if any."""
+        ids = [column.name for column in self.definition.columns if column.kind == "id"]
+        return ids[0] if ids else None
+
+    @property
+    def json_columns(self) -> tuple[str, ...]:
+        """The ``jsonb`` columns (compared as parsed JSON)."""
+        return tuple(column.name for column in self.definition.columns if column.kind == "json")
 
     @property
     def target_columns(self) -> tuple[str, ...]:
-        """The columns on PostgreSQL (:mod:`.pg_schema`): times renamed, ``ip`` in two."""
+        """The columns on PostgreSQL: times renamed, an address in two (``ip_address``,
+        ``ip_hash``)."""
         names: list[str] = []
-        for column in self.columns:
-            if column == "ip":
-                names += ["ip_address", "ip_hash"]
+        for column in self.definition.columns:
+            if column.kind == "address":
+                names += [f"{column.name}_address", f"{column.name}_hash"]
             else:
-                names.append(pg_schema.TIME_COLUMNS.get(column, column))
+                names.append(column.pg_name)
         return tuple(names)
 
     def target_row(self, row: Sequence[Any]) -> tuple[Any, ...]:
         """A source row as :attr:`target_columns` take it: times as
         :class:`~smtp_tracker.store.instant.Instant`, the address apart from its hash."""
         values: list[Any] = []
-        for column, value in zip(self.columns, row, strict=True):
-            if column == "ip":
+        for column, value in zip(self.definition.columns, row, strict=True):
+            if column.kind == "address":
                 hashed = isinstance(value, str) and _HASH.fullmatch(value) is not None
                 values += [None, bytes.fromhex(value)] if hashed else [value, None]
-            elif value is not None and column in pg_schema.TIME_COLUMNS:
+            elif value is not None and column.kind == "instant":
                 values.append(Instant(value))
             else:
                 values.append(value)
         return tuple(values)
 
 
-_MESSAGE_COLUMNS = (
-    "id",
-    "tracking_id",
-    "queue_id",
-    "message_id",
-    "sender",
-    "recipients",
-    "size_bytes",
-    "received_at_us",
-    "relayed_at_us",
-    "upstream_reply",
-    "tracked",
-    "not_tracked_reason",
-    "subject",
-    "sender_domain",
-    "open_count",
-    "counted_open_count",
-    "first_open_at_us",
-    "click_count",
-    "counted_click_count",
-    "dkim",
-)
-_EVENT = ("tracking_id", "at_us", "ip", "user_agent", "verdict", "verdict_reason", "signals")
-
-#: The tables, in the order they are copied.
+#: The tables, in the order they are copied (every table SQLite holds).
 TABLES: Final = (
-    Table("messages", _MESSAGE_COLUMNS, key="id", identity="id"),
-    Table("message_recipients", ("message_rowid", "address"), key="message_rowid", group=True),
-    Table("links", ("token", "tracking_id", "url", "position", "relayed_at_us")),
-    Table("opens", ("id", *_EVENT), key="id", identity="id", json_columns=("signals",)),
-    Table(
-        "clicks",
-        ("id", "link_token", *_EVENT),
-        key="id",
-        identity="id",
-        json_columns=("signals",),
-    ),
-    Table(
-        "daily_stats",
-        (
-            "day",
-            "sender_domain",
-            "relayed",
-            "tracked",
-            "opened",
-            "opened_any",
-            "opens",
-            "opens_human",
-            "opens_privacy_proxy",
-            "opens_mail_proxy",
-            "opens_scanner",
-            "opens_unknown",
-            "clicks",
-            "clicked",
-            "opened_via_click",
-            "relayed_aggregate",
-        ),
-    ),
-    Table(
-        "webhook_events",
-        ("seq", "id", "type", "created_us", "body"),
-        key="seq",
-        identity="seq",
-    ),
-    Table(
-        "webhook_deliveries",
-        ("hook", "seq", "order_key", "state", "attempts", "due_us", "since_us", "last_error"),
-    ),
-    Table("webhook_hooks", ("hook", "disabled_at_us", "disabled_reason")),
-    Table("consent", ("address", "state", "at_us", "source")),
-    Table("optout_links", ("token", "tracking_id", "recipients", "created_us")),
-    Table("optout_used", ("nonce", "used_us")),
-    Table("dkim_stats", ("day", "sender_domain", *DKIM_ROLLUP)),
+    Table("messages", key="id"),
+    Table("message_recipients", key="message_rowid", group=True),
+    Table("links"),
+    Table("opens", key="id"),
+    Table("clicks", key="id"),
+    Table("daily_stats"),
+    Table("webhook_events", key="seq"),
+    Table("webhook_deliveries"),
+    Table("webhook_hooks"),
+    Table("consent"),
+    Table("optout_links"),
+    Table("optout_used"),
+    Table("dkim_stats"),
 )
 
 

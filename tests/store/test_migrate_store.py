@@ -200,3 +200,24 @@ def test_a_tampered_row_is_a_mismatch(data_dir: Path, pg_dsn: str) -> None:
     assert status == 1
     lines = [line for line in out.splitlines() if "MISMATCH" in line]
     assert len(lines) == 1 and lines[0].startswith("opens: 15/15 rows"), out
+
+
+def test_every_table_of_a_sqlite_store_is_copied(tmp_path: Path) -> None:
+    """A table added to the schema and not to ``pg_copy.TABLES`` would be left behind."""
+    from smtp_tracker.store import SqliteDatabase, pg_copy
+
+    SqliteDatabase.open(tmp_path / "data").close()
+    conn = pg_copy.open_source(tmp_path / "data")
+    try:
+        tables = {
+            str(row[0])
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        }
+    finally:
+        conn.close()
+    copied = {table.name for table in pg_copy.TABLES}
+    assert tables - {"webhook_outbox_state"} == copied  # the state row: set, not copied
+    for table in pg_copy.TABLES:
+        assert table.definition.name == table.name and table.columns
