@@ -56,6 +56,9 @@ recipients as a JSON array of strings.
 * **v8** - no change on SQLite: the number keeps step with PostgreSQL's v8,
   where times became ``timestamptz`` and client addresses ``inet``
   (:mod:`.pg_schema`), so that a store has one version on either backend.
+* **v9** - no change on SQLite either: PostgreSQL's v9 adds ``dashboard_users``
+  (the reports dashboard's users, shared by every reports host on the store);
+  with SQLite they stay in the users file (``reports_users_file``).
 """
 
 from __future__ import annotations
@@ -346,6 +349,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
     ),
     # v8: nothing on SQLite (PostgreSQL's times became timestamptz, its addresses inet)
+    (),
+    # v9: nothing on SQLite (the dashboard's users stay in the users file; PostgreSQL's
+    # v9 adds dashboard_users, shared by every reports host on the store)
     (),
 )
 

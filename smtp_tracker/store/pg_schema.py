@@ -29,6 +29,12 @@ Types
     drop its spacing); ``seq`` is a ``bigint`` identity, its order the order
     events are delivered in per message.
 
+Dashboard users
+    Since v9 ``dashboard_users`` (name, argon2id ``password_hash``,
+    ``changed_at``) holds the reports dashboard's users, so that every
+    reports host on the store shares them (:mod:`.dashboard_users`); SQLite
+    has no such table (its users are in the users file) and its v9 is empty.
+
 Webhook outbox
     SQLite's v5 keeps ``webhook_outbox_state.depth`` with triggers; here the
     code keeps it (:mod:`.pg_outbox`, :mod:`smtp_tracker.webhooks.outbox`),
@@ -136,6 +142,11 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         *(statement for table, column in TIMES for statement in _to_timestamptz(table, column)),
         *_split_ip("opens"),
         *_split_ip("clicks"),
+    ),
+    9: (  # the reports dashboard's users (issue 14): in the store, shared by its hosts
+        "CREATE TABLE dashboard_users (name text PRIMARY KEY NOT NULL,"
+        " password_hash text NOT NULL CHECK (password_hash LIKE '$argon2%'),"
+        " changed_at timestamptz NOT NULL)",
     ),
 }
 

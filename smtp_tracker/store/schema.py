@@ -31,6 +31,11 @@ SQLite's own parts (``WITHOUT ROWID`` tables, the webhook outbox's triggers
 keeping its depth) and PostgreSQL's (the ``smtp_tracker_schema`` version row)
 are rendered with them; column names are SQLite's, the queries' names
 (:func:`.postgresql.connection.pg_names` reads them as PostgreSQL's).
+
+A table one backend alone holds says so (:attr:`Table.backends`): since v9
+``dashboard_users``, the reports dashboard's users, is PostgreSQL's (with
+SQLite they stay in the users file, :mod:`smtp_tracker.web.reports.users`);
+the other backend's migration of that version is empty.
 """
 
 from __future__ import annotations
@@ -43,15 +48,17 @@ __all__ = [
     "SQLITE_TRIGGERS",
     "TABLES",
     "VERSION",
+    "Backend",
     "Column",
     "Kind",
     "Table",
     "postgresql_statements",
     "sqlite_statements",
+    "tables_of",
 ]
 
 #: The version :data:`TABLES` is (SQLite's ``user_version``, PostgreSQL's schema row).
-VERSION: Final = 8
+VERSION: Final = 9
 
 #: SQLite's time columns (integer microseconds) -> PostgreSQL's (``timestamptz``): the
 #: name without the unit, ``_at`` where it would otherwise not say it is a time.
@@ -65,7 +72,11 @@ PG_TIME_NAMES: Final = {
     "since_us": "since",
     "disabled_at_us": "disabled_at",
     "used_us": "used_at",
+    "changed_us": "changed_at",
 }
+
+#: A store's backend, as :attr:`Table.backends` names it.
+Backend = Literal["sqlite", "postgresql"]
 
 Kind = Literal["id", "ref", "int", "count", "text", "day", "json", "instant", "address"]
 
@@ -142,6 +153,7 @@ class Table:
     :ivar without_rowid: SQLite's ``WITHOUT ROWID`` (a table keyed by its primary key).
     :ivar autoincrement: SQLite's ``AUTOINCREMENT`` on the ``id`` column (ids never reused).
     :ivar seed: rows every new store holds (column -> SQL literal).
+    :ivar backends: the backends that hold the table (both, unless it is one's own).
     """
 
     name: str
@@ -152,6 +164,7 @@ class Table:
     without_rowid: bool = False
     autoincrement: bool = False
     seed: tuple[dict[str, str], ...] = ()
+    backends: tuple[Backend, ...] = ("sqlite", "postgresql")
 
     def column(self, name: str) -> Column:
         """The column named *name* (SQLite's name).
@@ -378,6 +391,16 @@ TABLES: Final[tuple[Table, ...]] = (
         primary_key=("day", "sender_domain"),
         without_rowid=True,
     ),
+    Table(  # v9: the reports dashboard's users, shared by every reports host on the store
+        "dashboard_users",
+        (
+            _col("name", "text"),
+            _col("password_hash", "text", check="password_hash LIKE '$argon2%'"),
+            _col("changed_us", "instant"),
+        ),
+        primary_key=("name",),
+        backends=("postgresql",),
+    ),
 )
 
 #: SQLite keeps the webhook outbox's depth with triggers (PostgreSQL: the code, under the
@@ -393,6 +416,11 @@ SQLITE_TRIGGERS: Final = (
 )
 
 
+def tables_of(backend: Backend) -> tuple[Table, ...]:
+    """The tables of :data:`TABLES` that *backend* holds, in order."""
+    return tuple(table for table in TABLES if backend in table.backends)
+
+
 def _seed(table: Table, name: str = "") -> list[str]:
     return [
         f"INSERT INTO {name or table.name} ({', '.join(row)}) VALUES ({', '.join(row.values())})"  # noqa: S608 - constant names
@@ -403,7 +431,7 @@ def _seed(table: Table, name: str = "") -> list[str]:
 def sqlite_statements() -> list[str]:
     """The statements creating :data:`TABLES` in an empty SQLite database (no version set)."""
     statements: list[str] = []
-    for table in TABLES:
+    for table in tables_of("sqlite"):
         lines = []
         for column in table.columns:
             if column.kind == "id" and table.primary_key == (column.name,):
@@ -443,7 +471,7 @@ def postgresql_statements() -> list[str]:
         "one integer PRIMARY KEY CHECK (one = 1), version integer NOT NULL)",
         f"INSERT INTO smtp_tracker_schema (one, version) VALUES (1, {VERSION})",  # noqa: S608 - a constant
     ]
-    for table in TABLES:
+    for table in tables_of("postgresql"):
         lines = [line for column in table.columns for line in _pg_columns(table, column)]
         if len(table.primary_key) > 1:
             lines.append(f"PRIMARY KEY ({', '.join(table.primary_key)})")

@@ -8,15 +8,18 @@ a migration added to one backend and not the other fails here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import CURRENT_VERSION, SqliteDatabase, pg_schema
+from smtp_tracker.store import CURRENT_VERSION, SqliteDatabase, pg_schema, schema
 
 from .test_migrations import build_v1
 
 pytest.importorskip("psycopg")
+
+_V = TypeVar("_V")
 
 #: table -> primary key columns, unique column sets, named index -> columns
 Keys = dict[str, tuple[list[str], list[list[str]], dict[str, list[str]]]]
@@ -144,19 +147,37 @@ def _keys_as_postgresql(keys: Keys) -> Keys:
     }
 
 
+#: The tables PostgreSQL alone holds (:attr:`.schema.Table.backends`): left out of the
+#: comparisons with SQLite, after checking they are exactly these.
+PG_ONLY: frozenset[str] = frozenset(
+    table.name for table in schema.TABLES if "sqlite" not in table.backends
+)
+
+
+def _shared(found: dict[str, _V]) -> dict[str, _V]:
+    """*found* (PostgreSQL's tables) without :data:`PG_ONLY`, which must all be there."""
+    assert set(found) >= PG_ONLY
+    return {table: value for table, value in found.items() if table not in PG_ONLY}
+
+
 def test_versions_in_lockstep() -> None:
     assert pg_schema.CURRENT_VERSION == CURRENT_VERSION
 
 
+def test_postgresql_holds_the_dashboard_users_sqlite_does_not(data_dir: Path) -> None:
+    assert sorted(PG_ONLY) == ["dashboard_users"]
+    assert not PG_ONLY & set(_sqlite_columns(data_dir))
+
+
 def test_same_tables_and_columns(data_dir: Path, pg_dsn: str) -> None:
-    assert _pg_columns(pg_dsn) == _columns_as_postgresql(_sqlite_columns(data_dir))
+    assert _shared(_pg_columns(pg_dsn)) == _columns_as_postgresql(_sqlite_columns(data_dir))
 
 
 def test_same_tables_and_columns_as_a_sqlite_store_migrated_from_v1(
     data_dir: Path, pg_dsn: str
 ) -> None:
     build_v1(data_dir)
-    assert _pg_columns(pg_dsn) == _columns_as_postgresql(_sqlite_columns(data_dir))
+    assert _shared(_pg_columns(pg_dsn)) == _columns_as_postgresql(_sqlite_columns(data_dir))
 
 
 def test_same_keys_and_named_indexes(data_dir: Path, pg_dsn: str) -> None:
@@ -174,7 +195,7 @@ def test_same_keys_and_named_indexes(data_dir: Path, pg_dsn: str) -> None:
         },
     )
     assert sqlite_keys["daily_stats"][0] == ["day", "sender_domain"]
-    assert _pg_keys(pg_dsn) == _keys_as_postgresql(sqlite_keys)
+    assert _shared(_pg_keys(pg_dsn)) == _keys_as_postgresql(sqlite_keys)
 
 
 def test_postgresql_types_where_they_matter(pg_dsn: str) -> None:
@@ -224,3 +245,32 @@ def test_a_password_in_the_dsn_is_refused() -> None:
 
     with pytest.raises(StoreError, match="must not hold the password"):
         PgDatabase.open("postgresql://u:secret@127.0.0.1:1/db")
+
+
+def test_a_v8_store_is_migrated_to_v9_keeping_its_records(pg_dsn: str) -> None:
+    """v8 -> v9 adds ``dashboard_users``, empty, and touches nothing else."""
+    import psycopg
+
+    from smtp_tracker.store.postgresql import PgDatabase
+
+    from .store_helpers import make_record
+
+    with PgDatabase.open(pg_dsn) as db:
+        db.record_message(make_record(1))
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # the store as v8 left it
+        conn.execute("DROP TABLE dashboard_users")
+        conn.execute("UPDATE smtp_tracker_schema SET version = 8")
+    PgDatabase.open(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT version FROM smtp_tracker_schema").fetchall() == [(9,)]
+        assert conn.execute("SELECT count(*) FROM messages").fetchall() == [(1,)]
+        assert conn.execute("SELECT count(*) FROM dashboard_users").fetchall() == [(0,)]
+        columns = conn.execute(
+            "SELECT column_name, data_type, is_nullable FROM information_schema.columns"
+            " WHERE table_name = 'dashboard_users' ORDER BY ordinal_position"
+        ).fetchall()
+    assert columns == [
+        ("name", "text", "NO"),
+        ("password_hash", "text", "NO"),
+        ("changed_at", "timestamp with time zone", "NO"),
+    ]

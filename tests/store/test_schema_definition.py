@@ -59,6 +59,16 @@ def test_the_definition_is_the_current_version() -> None:
     assert schema.VERSION == CURRENT_VERSION == pg_schema.CURRENT_VERSION
 
 
+def test_backend_only_tables_are_rendered_for_their_backend_alone() -> None:
+    only_pg = [t.name for t in schema.TABLES if t.backends == ("postgresql",)]
+    assert only_pg == ["dashboard_users"]
+    assert not any("dashboard_users" in s for s in schema.sqlite_statements())
+    assert any(s.startswith("CREATE TABLE dashboard_users") for s in schema.postgresql_statements())
+    assert {t.name for t in schema.tables_of("sqlite")} == (
+        {t.name for t in schema.TABLES} - set(only_pg)
+    )
+
+
 def test_every_instant_has_a_postgresql_name_without_its_unit() -> None:
     instants = {c.name for t in schema.TABLES for c in t.columns if c.kind == "instant"}
     assert instants == set(schema.PG_TIME_NAMES)
@@ -97,7 +107,11 @@ def test_a_sqlite_store_migrated_step_by_step_equals_the_definition(tmp_path: Pa
 def test_sqlite_columns_are_the_definitions(tmp_path: Path) -> None:
     SqliteDatabase.open(tmp_path / "new").close()
     found = _sqlite_schema(tmp_path / "new" / DB_FILENAME)
-    for table in schema.TABLES:
+    tables = schema.tables_of("sqlite")
+    assert set(found) - {"<triggers>", "<version>", "<outbox state>"} == {
+        t.name for t in tables
+    }  # and none of PostgreSQL's own (dashboard_users)
+    for table in tables:
         columns = {c[0]: c for c in found[table.name][0]}
         assert set(columns) == {c.name for c in table.columns}, table.name
         for column in table.columns:
@@ -187,7 +201,9 @@ def test_postgresql_columns_are_the_definitions(pg_dsn: str) -> None:
         "json": "jsonb",
         "instant": "timestamp with time zone",
     }
-    for table in schema.TABLES:
+    tables = schema.tables_of("postgresql")
+    assert set(found) - {"smtp_tracker_schema"} == {t.name for t in tables}
+    for table in tables:
         columns = {c[0]: c for c in found[table.name]}
         for column in table.columns:
             if column.kind == "address":

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store import pg_outbox, queries, retention
+from smtp_tracker.store import dashboard_users, pg_outbox, queries, retention
 from smtp_tracker.store.address import IpPolicy
 from smtp_tracker.store.postgresql.connection import (
     DEFAULT_TIMEOUT_S,
@@ -293,6 +293,14 @@ class PostgresStore:
     async def integrity_check(self) -> str:
         """``"ok"`` when the server answers."""
         return await self._call(lambda db: db.integrity_check())
+
+    async def read_dashboard_users(self) -> dict[str, dashboard_users.UserEntry]:
+        """The reports dashboard's users (:func:`.dashboard_users.read_all`).
+
+        :raises StoreError: when they cannot be read (a
+            :class:`~.outage.StoreUnavailableError` while the server is away).
+        """
+        return await self._call(lambda db: dashboard_users.read_all(db.connection))
 
     async def check_health(self) -> str | None:
         """Ask the server now; :attr:`degraded` follows the answer."""
