@@ -46,7 +46,7 @@ from smtp_tracker.smtp.server import RelaySMTP
 from smtp_tracker.smtp.upstream import UpstreamObserver, UpstreamSettings
 from smtp_tracker.store import EventClassifier, SqliteStore
 from smtp_tracker.store.address import load_or_create_hash_key
-from smtp_tracker.store.backends import open_registry, open_store
+from smtp_tracker.store.backends import open_registry, open_store, store_name
 from smtp_tracker.store.consent import ConsentRegistry
 from smtp_tracker.store.postgresql import PostgresStore
 from smtp_tracker.store.writer import EventWriter
@@ -650,7 +650,7 @@ class Application:
         app = build_reports_app(
             store=self.store,
             token=token,
-            users=await UserDirectory.open(config.reports_users_path),
+            users=await self._users(),
             session_s=config.reports_session_s,
             login_failures_per_min=config.reports_login_failures_per_min,
             trusted_proxies=config.trusted_proxies,
@@ -674,6 +674,14 @@ class Application:
             scheme,
             HostPort(listen.host, self.reports_port),
         )
+
+    async def _users(self) -> UserDirectory:
+        """The dashboard's users: the store's with PostgreSQL (shared by every reports
+        host on it), else the users file."""
+        if isinstance(self.store, PostgresStore):
+            where = store_name(self.config.store, self.config.data_dir)
+            return await UserDirectory.open_store(self.store, where)
+        return await UserDirectory.open(self.config.reports_users_path)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop every part started, in the reverse order of :meth:`start`.

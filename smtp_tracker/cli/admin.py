@@ -7,9 +7,17 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from smtp_tracker.cli.flags import EXIT_OK, add_command, add_config_flags, help_of, load_config
+from smtp_tracker.cli.flags import (
+    EXIT_OK,
+    add_command,
+    add_config_flags,
+    help_of,
+    load_config,
+    open_store,
+)
+from smtp_tracker.config import Config
 from smtp_tracker.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -90,30 +98,82 @@ def _read_new_password(args: argparse.Namespace) -> str:
     return password
 
 
-def cmd_user_add(args: argparse.Namespace) -> int:
-    from smtp_tracker.web.reports.users import add_user, check_password_rules, check_user_name
+def _user_store(args: argparse.Namespace, config: Config) -> Any:
+    """The PostgreSQL store the users are in (an open
+    :class:`~smtp_tracker.store.postgresql.PgDatabase`), or None for the users file
+    (SQLite: no ``store``, or a path).
 
-    path = load_config(args).reports_users_path
+    ``user add`` creates the store in a database without one (as ``serve`` would:
+    the users are usually the first thing set up on a new store, and the
+    dashboard that reads them makes the same schema); ``list`` and ``remove``
+    refuse such a database, as ``stats`` does (a mistyped database name must not
+    get the store's tables).
+
+    :raises InputError: when the store cannot be had.
+    """
+    from smtp_tracker.store.backends import is_postgresql
+
+    if not is_postgresql(config.store):
+        return None
+    return open_store(config, create=args.user_command == "add")
+
+
+def _store_name(config: Config) -> str:
+    from smtp_tracker.store.backends import store_name
+
+    return store_name(config.store, config.data_dir)
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    from smtp_tracker.web.reports.users import (
+        add_user,
+        add_user_to,
+        check_password_rules,
+        check_user_name,
+    )
+
+    config = load_config(args)
     check_user_name(args.name)
     password = check_password_rules(_read_new_password(args))
-    existed = add_user(path, args.name, password, replace=args.replace)
-    print(f"{'changed the password of' if existed else 'added'} user {args.name} in {path}")
+    database = _user_store(args, config)
+    if database is None:
+        where = str(config.reports_users_path)
+        existed = add_user(config.reports_users_path, args.name, password, replace=args.replace)
+    else:
+        with database:
+            where = _store_name(config)
+            existed = add_user_to(database.connection, args.name, password, replace=args.replace)
+    print(f"{'changed the password of' if existed else 'added'} user {args.name} in {where}")
     return EXIT_OK
 
 
 def cmd_user_remove(args: argparse.Namespace) -> int:
-    from smtp_tracker.web.reports.users import remove_user
+    from smtp_tracker.web.reports.users import remove_user, remove_user_from
 
-    path = load_config(args).reports_users_path
-    remove_user(path, args.name)
-    print(f"removed user {args.name} from {path}; their sessions end at their next request")
+    config = load_config(args)
+    database = _user_store(args, config)
+    if database is None:
+        where = str(config.reports_users_path)
+        remove_user(config.reports_users_path, args.name)
+    else:
+        with database:
+            where = _store_name(config)
+            remove_user_from(database.connection, args.name, where)
+    print(f"removed user {args.name} from {where}; their sessions end at their next request")
     return EXIT_OK
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:
+    from smtp_tracker.store.dashboard_users import read_all
     from smtp_tracker.web.reports.users import read_users
 
-    users = read_users(load_config(args).reports_users_path)
+    config = load_config(args)
+    database = _user_store(args, config)
+    if database is None:
+        users = read_users(config.reports_users_path)
+    else:
+        with database:
+            users = read_all(database.connection)
     for entry in sorted(users.values(), key=lambda e: e.name):
         print(f"{entry.name}\tadded {entry.created_at.isoformat(timespec='seconds')}")
     return EXIT_OK
@@ -315,11 +375,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "user",
         help="manage the users of the reports dashboard",
         description="Add, remove and list the users who may log in to the reports dashboard "
-        "(reports_users_file, default DATA_DIR/reports-users.json; argon2id hashes, mode 0600). "
-        "A running smtp-tracker sees the change within a second.",
+        "(argon2id hashes): in reports_users_file (default DATA_DIR/reports-users.json, "
+        "mode 0600), or, with a PostgreSQL store (--store postgresql://...), in the store, "
+        "shared by every reports host on it. A running smtp-tracker sees the change within "
+        "a second.",
     )
     user_commands = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
-    user_keys = ("data_dir", "reports_users_file")
+    user_keys = ("data_dir", "reports_users_file", "store", "store_password_file")
     user_add = add_command(
         user_commands,
         "add",

@@ -16,7 +16,9 @@ Every other path
     Sessions live in memory (a server restart signs everyone out), keyed by
     the SHA-256 of the cookie's 256-bit random value, and end after
     ``reports_session_s``, at ``POST /logout``, or when the user is removed or
-    given a new password.
+    given a new password.  While the users cannot be read (a PostgreSQL store
+    down: :attr:`.users.UserDirectory.unavailable`) pages and logins answer
+    ``503`` with ``Retry-After``, and sessions are kept.
     The cookie is ``Secure; HttpOnly; SameSite=Strict; Path=/`` with the
     ``__Host-`` name prefix (RFC 6265bis §4.1.3.2: no Domain, so no other host
     can set or read it).
@@ -108,6 +110,7 @@ _LOGIN_CSRF_MAX_AGE_S: Final = 3600
 _NEXT_MAX_CHARS: Final = 2048
 _FIELD_MAX_CHARS: Final = 1024
 _SAFE_PATH_CHARS: Final = "/?&=%:;@+,!$'()*~-._"
+_UNAVAILABLE_RETRY_S: Final = 5
 _LOGIN_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
 
 
@@ -373,6 +376,8 @@ async def auth_middleware(request: web.Request, handler: _Handler) -> web.Stream
     session = state.sessions.get(cookie)
     if session is not None:
         await state.users.refresh()
+        if state.users.unavailable is not None:  # the store's users cannot be read
+            return _unavailable(request)
         stamp = state.users.stamp(session.user)
         if stamp is None:  # removed
             state.sessions.end_user(session.user)
@@ -413,6 +418,23 @@ def _unauthorized(message: str, *, challenge: str) -> web.Response:
         status=401,
         headers={hdrs.WWW_AUTHENTICATE: challenge},
     )
+
+
+def _unavailable(request: web.Request) -> web.Response:
+    """``503``: the users cannot be read (the store is down), so no session is trusted
+    now; the session is kept for when they can be (:class:`.users.UserDirectory`)."""
+    response = render(
+        request,
+        "error.html",
+        {
+            "title": "Unavailable",
+            "message": "The list of users cannot be read now (the store does not answer). "
+            "Try again in a moment.",
+        },
+        status=503,
+    )
+    response.headers[hdrs.RETRY_AFTER] = str(_UNAVAILABLE_RETRY_S)
+    return response
 
 
 def _forbidden(request: web.Request) -> web.Response:
@@ -473,6 +495,16 @@ async def _login(request: web.Request) -> web.StreamResponse:
     password = sent_password if isinstance(sent_password, str) else ""
     client = request_client_address(request, state.trusted_proxies)
     keys = (f"address:{_address_key(client)}", f"user:{username.casefold()}")
+    await state.users.refresh()  # before the limiter: no await between its check and count
+    if state.users.unavailable is not None:  # no login on a stale copy of the users
+        return _login_form(
+            request,
+            target=target,
+            username=username,
+            error="Logins are unavailable: the list of users cannot be read. Try again soon.",
+            status=503,
+            headers={hdrs.RETRY_AFTER: str(_UNAVAILABLE_RETRY_S)},
+        )
     wait_s = max(state.limiter.retry_after_s(key) for key in keys)
     if wait_s > 0:
         seconds = max(1, math.ceil(wait_s))

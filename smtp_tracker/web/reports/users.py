@@ -1,4 +1,5 @@
-"""The users of the reports dashboard: names and argon2id password hashes in one file.
+"""The users of the reports dashboard: names and argon2id password hashes, in one file
+or, with a PostgreSQL store, in the store.
 
 The file (default ``DATA_DIR/reports-users.json``, mode 0600) is managed by
 ``smtp-tracker user add|remove|list`` and read by the reports listener, which
@@ -11,6 +12,12 @@ Writes are atomic (a temporary file in the same directory, ``fsync``, then
 ``os.replace``), so a reader never sees half a file.  Hashes come from
 argon2-cffi's :class:`~argon2.PasswordHasher` (argon2id, RFC 9106 §4 parameters of
 the library's default profile); a password is never stored, logged or echoed.
+
+With ``store = "postgresql://..."`` the users are the store's
+(``dashboard_users``, :mod:`smtp_tracker.store.dashboard_users`), shared by
+every reports host on it: the same commands manage them (:func:`add_user_to`,
+:func:`remove_user_from`, with the same names, password rules and hashes), and
+:meth:`UserDirectory.open_store` follows them as the file is followed.
 """
 
 from __future__ import annotations
@@ -28,15 +35,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from smtp_tracker.errors import InputError, StartupError
+from smtp_tracker.errors import InputError, StartupError, StoreError
+from smtp_tracker.store import dashboard_users
+from smtp_tracker.store.dashboard_users import UserEntry
+
+if TYPE_CHECKING:
+    from smtp_tracker.store.postgresql.connection import PgConnection
 
 __all__ = [
     "PASSWORD_MAX_CHARS",
@@ -44,11 +55,14 @@ __all__ = [
     "USERS_FILENAME",
     "UserDirectory",
     "UserEntry",
+    "UserSource",
     "add_user",
+    "add_user_to",
     "check_password_rules",
     "check_user_name",
     "read_users",
     "remove_user",
+    "remove_user_from",
     "write_users",
 ]
 
@@ -66,13 +80,16 @@ _FORMAT_VERSION = 1
 _HASHER: Final = PasswordHasher()
 
 
-@dataclass(frozen=True, slots=True)
-class UserEntry:
-    """One user: the argon2 encoded hash (``$argon2id$...``) and when it was set (UTC)."""
+class UserSource(Protocol):
+    """Where a :class:`UserDirectory` reads the users of a store from (the PostgreSQL
+    store: :meth:`~smtp_tracker.store.postgresql.PostgresStore.read_dashboard_users`)."""
 
-    name: str
-    password_hash: str
-    created_at: datetime
+    async def read_dashboard_users(self) -> dict[str, UserEntry]:
+        """Every user: name -> entry.
+
+        :raises StoreError: when they cannot be read.
+        """
+        ...
 
 
 def check_user_name(name: str) -> str:
@@ -187,6 +204,34 @@ def add_user(path: Path, name: str, password: str, *, replace: bool = False) -> 
     return existed
 
 
+def add_user_to(conn: PgConnection, name: str, password: str, *, replace: bool = False) -> bool:
+    """:func:`add_user` in a PostgreSQL store's ``dashboard_users`` (same rules, same hash).
+
+    :returns: whether the user existed before.
+    :raises InputError: as :func:`add_user`.
+    :raises StoreError: when the store cannot be written.
+    """
+    check_user_name(name)
+    check_password_rules(password)
+    entry = UserEntry(name, _HASHER.hash(password), datetime.now(UTC))
+    if replace:
+        return dashboard_users.replace(conn, entry)
+    if not dashboard_users.add(conn, entry):
+        raise InputError(f"user {name!r} exists; add --replace to set a new password")
+    return False
+
+
+def remove_user_from(conn: PgConnection, name: str, where: str) -> None:
+    """:func:`remove_user` from a PostgreSQL store's ``dashboard_users``; *where* names
+    the store in the message (its DSN without a password).
+
+    :raises InputError: when there is no such user.
+    :raises StoreError: when the store cannot be written.
+    """
+    if not dashboard_users.remove(conn, name):
+        raise InputError(f"no user {name!r} in {where}")
+
+
 def remove_user(path: Path, name: str) -> None:
     """Remove user *name*.
 
@@ -200,20 +245,48 @@ def remove_user(path: Path, name: str) -> None:
 
 
 class UserDirectory:
-    """The users file as the reports listener sees it: re-read when it changes.
+    """The users as the reports listener sees them: the users file, re-read when it
+    changes, or (:meth:`open_store`) a PostgreSQL store's, re-read every ``recheck_s``.
 
     Password checks are argon2 work (tens of milliseconds, tens of MiB): they run
     in worker threads, at most ``max_concurrent_checks`` at a time.
 
+    The store down (:attr:`unavailable`)
+        When the store's users cannot be read, nothing is decided on the last
+        copy read: logins are refused (:meth:`check` answers None, the login
+        page says why) and so are the pages (the auth middleware answers
+        ``503``), but sessions are not ended, so a blip of the server signs
+        nobody out.  Every request tries the store again (the store's own
+        outage handling makes that cheap), so the first request served once it
+        answers is judged by the users it holds then: a user removed, or a
+        password replaced, on another host meanwhile is never let in on a stale
+        copy.  Keeping the last copy would let in such a user for as long as
+        the outage lasts; refusing costs nothing more, since every page reads
+        the same store.  Logged once per outage (the server's message; never a
+        hash), and when it answers again.
+
     :param path: the users file; it may not exist yet (nobody can log in then).
-    :param recheck_s: how often, at most, the file's modification is looked at, in seconds.
+    :param recheck_s: how often, at most, the file's modification (or the store) is
+        looked at, in seconds.
     :param max_concurrent_checks: password checks running at once; more wait.
+    :param source: read the users from this store instead of *path* (:meth:`open_store`;
+        *path* is then unused).
     """
 
     def __init__(
-        self, path: Path, *, recheck_s: float = 1.0, max_concurrent_checks: int = 2
+        self,
+        path: Path,
+        *,
+        recheck_s: float = 1.0,
+        max_concurrent_checks: int = 2,
+        source: UserSource | None = None,
     ) -> None:
         self.path = path
+        self._where = str(path)  # what the log lines name: the file, or the store (DSN)
+        self._source = source
+        #: why the store's users cannot be read now (one line), or None (always, for a file)
+        self.unavailable: str | None = None
+        self._reading = asyncio.Lock()
         self._recheck_s = recheck_s
         self._users: dict[str, UserEntry] = {}
         self._stamp: tuple[int, int, int] | None = None
@@ -233,6 +306,38 @@ class UserDirectory:
         await asyncio.to_thread(_dummy_hash)  # made now, not during the first unknown login
         await asyncio.to_thread(_warn_if_shared, path)
         return directory
+
+    @classmethod
+    async def open_store(cls, source: UserSource, where: str, **options: Any) -> UserDirectory:
+        """A directory over the users of a PostgreSQL store (*where* names it in messages,
+        without a password), read once.  A store down at start is no error (the
+        reports listener starts; see the class's docstring).
+        """
+        directory = cls(Path(), source=source, **options)
+        directory._where = where
+        await directory._read_source()
+        await asyncio.to_thread(_dummy_hash)
+        return directory
+
+    async def _read_source(self) -> None:
+        """Read the store's users; on failure keep nothing usable (:attr:`unavailable`)."""
+        assert self._source is not None
+        self._checked_at = time.monotonic()
+        try:
+            users = await self._source.read_dashboard_users()
+        except StoreError as exc:
+            if self.unavailable is None:
+                log.error(
+                    "reports: cannot read the dashboard's users from %s (%s); logins and "
+                    "pages are refused until it answers (logged once per outage)",
+                    self._where,
+                    exc,
+                )
+            self.unavailable = str(exc)
+            return
+        if self.unavailable is not None:
+            log.warning("reports: the dashboard's users are read from %s again", self._where)
+        self._users, self.unavailable = users, None
 
     def _reload(self, strict: bool = False) -> None:
         """Re-read the file when its inode, size or mtime changed (blocking)."""
@@ -258,9 +363,17 @@ class UserDirectory:
             self._stamp = stamp
 
     async def refresh(self) -> None:
-        """Re-read the file if it changed and was not looked at in the last ``recheck_s``."""
-        if time.monotonic() - self._checked_at >= self._recheck_s:
-            await asyncio.to_thread(self._reload)
+        """Re-read the file if it changed and was not looked at in the last ``recheck_s``;
+        the store's users if they were not read in the last ``recheck_s``, or could not be."""
+        if self._source is None:
+            if time.monotonic() - self._checked_at >= self._recheck_s:
+                await asyncio.to_thread(self._reload)
+            return
+        async with self._reading:  # one read at a time; those waiting use its result
+            if self.unavailable is not None or (
+                time.monotonic() - self._checked_at >= self._recheck_s
+            ):
+                await self._read_source()
 
     def exists(self, name: str) -> bool:
         """Whether *name* is a user (as of the last :meth:`refresh`)."""
@@ -285,9 +398,12 @@ class UserDirectory:
         """The :meth:`stamp` of *name*'s password if *password* is it, else ``None``.
 
         An unknown name costs as much as a wrong password (a dummy hash is
-        checked), so response times do not tell which names exist.
+        checked), so response times do not tell which names exist.  None, without a
+        check, while the store's users cannot be read (:attr:`unavailable`).
         """
         await self.refresh()
+        if self.unavailable is not None:
+            return None
         entry = self._users.get(name)
         if len(password) > PASSWORD_MAX_CHARS:
             return None
