@@ -546,7 +546,8 @@ class Config:
         section="Reports: dashboard users and sessions",
         default_text="DATA_DIR/reports-users.json",
         example='"/var/lib/smtp-tracker/reports-users.json"',
-        help="the dashboard's users and password hashes (argon2id), managed by 'smtp-tracker user'",
+        help="the dashboard's users and password hashes (argon2id), managed by 'smtp-tracker "
+        "user'; not used with a PostgreSQL store, which holds them itself",
     )
     reports_session_s: float = key(43_200.0, help="seconds a dashboard login lasts (12 hours)")
     reports_login_failures_per_min: int = key(
