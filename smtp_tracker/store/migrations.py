@@ -72,15 +72,7 @@ from smtp_tracker.errors import StoreError
 from smtp_tracker.store import schema
 
 #: ``dkim_stats``' counters, in table order (one per outcome of ``queries.DKIM_OUTCOMES``).
-DKIM_ROLLUP: Final[tuple[str, ...]] = (
-    "dkim_resigned",
-    "dkim_signed",
-    "dkim_invalid",
-    "dkim_foreign",
-    "dkim_length_tag",
-    "dkim_arc_sealed",
-    "dkim_resign_failed",
-)
+DKIM_ROLLUP: Final = schema.DKIM_ROLLUP
 
 __all__ = [
     "CURRENT_VERSION",

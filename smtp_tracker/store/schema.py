@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 __all__ = [
+    "DKIM_ROLLUP",
     "PG_TIME_NAMES",
     "SQLITE_TRIGGERS",
     "TABLES",
@@ -187,6 +188,18 @@ _EVENT_TAIL = (
     _col("signals", "json", null=True),
 )
 _ROLLUP_KEY = (_col("day", "day"), _col("sender_domain", "text"))
+
+
+#: ``dkim_stats``' counters, in table order (one per outcome of ``queries.DKIM_OUTCOMES``).
+DKIM_ROLLUP: Final[tuple[str, ...]] = (
+    "dkim_resigned",
+    "dkim_signed",
+    "dkim_invalid",
+    "dkim_foreign",
+    "dkim_length_tag",
+    "dkim_arc_sealed",
+    "dkim_resign_failed",
+)
 
 
 def _counters(*names: str) -> tuple[Column, ...]:
@@ -378,15 +391,7 @@ TABLES: Final[tuple[Table, ...]] = (
         "dkim_stats",
         (
             *_ROLLUP_KEY,
-            *_counters(
-                "dkim_resigned",
-                "dkim_signed",
-                "dkim_invalid",
-                "dkim_foreign",
-                "dkim_length_tag",
-                "dkim_arc_sealed",
-                "dkim_resign_failed",
-            ),
+            *_counters(*DKIM_ROLLUP),
         ),
         primary_key=("day", "sender_domain"),
         without_rowid=True,

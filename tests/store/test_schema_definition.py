@@ -17,8 +17,7 @@ from typing import Any
 from smtp_tracker.store import CURRENT_VERSION, DB_FILENAME, SqliteDatabase, pg_schema, schema
 from smtp_tracker.store.migrations import migrate
 
-from .pg_baseline import BASELINE
-from .test_migrations import build_v1
+from .test_migrations import build_pg_baseline, build_v1
 
 
 def _sqlite_schema(path: Path) -> dict[str, Any]:
@@ -166,20 +165,12 @@ def _pg_schema(dsn: str) -> dict[str, Any]:
 
 
 def test_a_postgresql_store_migrated_from_v6_equals_a_new_one(pg_cluster: Any) -> None:
-    import psycopg
 
     from smtp_tracker.store.postgresql import PgDatabase
 
     new, old = pg_cluster.new_database(), pg_cluster.new_database()
     PgDatabase.open(new).close()
-    with psycopg.connect(old, autocommit=True) as conn, conn.transaction():
-        for statement in BASELINE:
-            conn.execute(statement)
-        conn.execute(
-            "INSERT INTO smtp_tracker_schema (one, version) VALUES (1, %s)",
-            (pg_schema.BASELINE_VERSION,),
-        )
-        conn.execute("INSERT INTO webhook_outbox_state (one, depth, dropped) VALUES (1, 0, 0)")
+    build_pg_baseline(old)
     PgDatabase.open(old).close()  # migrated v6 -> current
     made = _pg_schema(new)
     assert _pg_schema(old) == made
