@@ -240,6 +240,30 @@ async def wait_port(port: int, timeout_s: float = 30.0) -> None:
             return
 
 
+def listening_sockets(port: int, table: Path = Path("/proc/net/tcp")) -> int:
+    """How many sockets listen on TCP ``port`` of an IPv4 address (Linux's ``table``)."""
+    count = 0
+    for line in table.read_text().splitlines()[1:]:
+        fields = line.split()  # sl local_address rem_address st ...
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+            count += 1
+    return count
+
+
+async def wait_workers(port: int, workers: int, timeout_s: float = 30.0) -> None:
+    """Wait until ``workers`` sockets listen on ``port``: every worker, not only the first.
+
+    ``wait_port`` returns as soon as one worker listens; sessions opened then all
+    go to that worker (the kernel spreads connections over the sockets listening
+    when they arrive), which the latency section's kept sessions then load alone.
+    """
+    deadline = time.monotonic() + timeout_s
+    while listening_sockets(port) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fewer than {workers} workers listen on 127.0.0.1:{port}")
+        await asyncio.sleep(0.05)
+
+
 async def start_sink(port: int) -> asyncio.subprocess.Process:
     """smtp-sink on ``port`` (as the postfix user: it refuses root), 2,000 sessions at once."""
     sink = await asyncio.create_subprocess_exec(
@@ -260,7 +284,10 @@ async def start_sink(port: int) -> asyncio.subprocess.Process:
 async def start_tracker(
     port: int, upstream_port: int, data_dir: Path, args: argparse.Namespace, *extra: str
 ) -> asyncio.subprocess.Process:
-    """``smtp-tracker serve`` relaying to smtp-sink, tracking on (see :data:`TRACKER_FLAGS`)."""
+    """``smtp-tracker serve`` relaying to smtp-sink, tracking on (see :data:`TRACKER_FLAGS`),
+    once all its workers listen."""
+    from smtp_tracker.workers import worker_count
+
     command = [
         sys.executable,
         "-m",
@@ -279,6 +306,7 @@ async def start_tracker(
     ]
     process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
     await wait_port(port)
+    await wait_workers(port, worker_count(args.workers))
     return process
 
 

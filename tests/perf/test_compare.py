@@ -68,3 +68,19 @@ def test_profile_summary_counts_self_and_total_samples(
 
 def test_dot_stuffing_doubles_a_leading_dot_only(compare: ModuleType) -> None:
     assert compare.dot_stuffed(b".a\r\nb.\r\n..c\r\n") == b"..a\r\nb.\r\n...c\r\n"
+
+
+def test_listening_sockets_counts_each_listener_on_the_port_only(
+    compare: ModuleType, tmp_path: Path
+) -> None:
+    table = tmp_path / "tcp"
+    table.write_text(
+        "  sl  local_address rem_address   st tx_queue rx_queue\n"
+        "   0: 0100007F:2729 00000000:0000 0A 00000000:00000000\n"  # 10025, LISTEN
+        "   1: 0100007F:2729 00000000:0000 0A 00000000:00000000\n"  # a second worker
+        "   2: 0100007F:2729 0100007F:C350 01 00000000:00000000\n"  # a connection
+        "   3: 0100007F:272A 00000000:0000 0A 00000000:00000000\n"  # 10026
+    )
+    assert compare.listening_sockets(10025, table) == 2
+    assert compare.listening_sockets(10026, table) == 1
+    assert compare.listening_sockets(10027, table) == 0
