@@ -306,7 +306,10 @@ async def start_tracker(
     ]
     process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.DEVNULL)
     await wait_port(port)
-    await wait_workers(port, worker_count(args.workers))
+    workers = args.workers
+    if "--workers" in extra:  # a section's own count (the memory section: one process)
+        workers = int(extra[extra.index("--workers") + 1])
+    await wait_workers(port, worker_count(workers))
     return process
 
 

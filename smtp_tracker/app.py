@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import gc
 import logging
 import os
 import signal
@@ -897,27 +896,6 @@ def reload_on_hangup(
     return remove
 
 
-def freeze_start_up_objects() -> int:
-    """Collect once, then move every object still alive to the garbage collector's
-    permanent generation, which it never scans again (:func:`gc.freeze`).
-
-    Called once the process has started (imports, configuration, TLS contexts,
-    the store and the listeners), so that the objects of the start-up, which
-    live as long as the process, are not walked by each full (generation 2)
-    collection, which stops every transaction in flight: measured in a worker
-    relaying 235 messages/s, a full collection took 14-46 ms (up to 128 ms on a
-    busy machine) without this and 0.2-1.1 ms with it (issue 15, latency).  Collected first,
-    so that no garbage of the start-up is kept for good.  An object frozen here
-    and let go later (a configuration replaced by a reload) is freed by its
-    reference count as usual; only one caught in a reference cycle is kept.
-
-    :returns: how many objects were frozen.
-    """
-    gc.collect()
-    gc.freeze()
-    return gc.get_freeze_count()
-
-
 async def run(
     config: Config, *, smtp: bool = True, reload_config: Callable[[], Config] | None = None
 ) -> int:
@@ -933,8 +911,6 @@ async def run(
     """
     app = Application(config, smtp=smtp)
     await app.start()
-    frozen = freeze_start_up_objects()
-    log.debug("garbage collector: %d objects of the start-up frozen", frozen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -419,39 +419,3 @@ async def test_the_reports_worker_killed_is_started_again_with_the_reports_liste
         assert await asyncio.wait_for(running.process.wait(), timeout=60) == 0
     finally:
         await running.finish()
-
-
-FROZEN = re.compile(r"\[(\d+)\]: garbage collector: (\d+) objects of the start-up frozen")
-
-
-async def test_each_worker_freezes_its_start_up_objects_for_the_garbage_collector(
-    upstream: UpstreamServer, ca_pem_path: Path, tmp_path: Path
-) -> None:
-    """Issue 15, latency: a worker's full collections skip what it built at start-up.
-
-    Without :func:`gc.freeze` a full collection of a started worker walks its
-    ~70,000 start-up objects (14-46 ms measured, every transaction in flight
-    waits); each worker says how many it froze once it has started.
-    """
-    running = await launch_serve(
-        upstream, ca_pem_path, tmp_path / "data", "--workers", "2", "--log-level", "debug"
-    )
-    try:
-
-        def frozen() -> dict[int, int] | None:
-            found = {
-                int(m.group(1)): int(m.group(2))
-                for line in running.log
-                if (m := FROZEN.search(line))
-            }
-            return found if len(found) == 2 else None
-
-        counts = await wait_until(
-            frozen, timeout_s=30, message="two workers did not freeze their start-up objects"
-        )
-        assert counts is not None
-        assert set(counts) == set(workers(running).values())
-        assert all(count > 10_000 for count in counts.values())  # the imports alone hold more
-        assert await send(running.port, 1)  # and they relay
-    finally:
-        await running.finish()
