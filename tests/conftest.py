@@ -16,13 +16,13 @@ not installed.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 
-from tests.support import certificates
+from tests.support import certificates, postgres
 from tests.support.postfix import Postfix, missing_reason
 from tests.support.upstream import UpstreamServer, options_from_markers
 
@@ -176,3 +176,17 @@ async def postfix_factory(tmp_path: Path) -> AsyncIterator[PostfixFactory]:
     finally:
         for number, instance in enumerate(started, 1):
             await instance.destroy(keep_log=tmp_path / f"postfix-{number}.maillog")
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[postgres.Cluster]:
+    """A private PostgreSQL cluster of one test's own, which it may stop and start again
+    (outages); skips with the reason when PostgreSQL is not installed."""
+    reason = postgres.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = postgres.start_cluster()
+    try:
+        yield cluster
+    finally:
+        postgres.remove_cluster(cluster)

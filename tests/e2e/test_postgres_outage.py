@@ -40,19 +40,6 @@ HTML = (
 PIXEL = re.compile(rb"http://localhost:\d+/o/([A-Za-z0-9_-]{23})\.gif")
 
 
-@pytest.fixture
-def cluster() -> Any:
-    """A cluster of this test's own: it is stopped and started again."""
-    reason = postgres.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    running = postgres.start_cluster()
-    try:
-        yield running
-    finally:
-        postgres.remove_cluster(running)
-
-
 def _count(dsn: str, sql: str) -> int:
     with psycopg.connect(dsn, connect_timeout=5) as conn:
         row = conn.execute(sql).fetchone()
@@ -75,9 +62,9 @@ async def test_postgresql_stopped_while_mail_flows(
     cert_pem_path: Path,
     key_pem_path: Path,
     tmp_path: Path,
-    cluster: postgres.Cluster,
+    own_pg_cluster: postgres.Cluster,
 ) -> None:
-    dsn = cluster.new_database()
+    dsn = own_pg_cluster.new_database()
     env = dict(os.environ, **{PASSWORD_ENV: upstream.password})
     pixel = await launch(
         "pixel",
@@ -151,7 +138,7 @@ async def test_postgresql_stopped_while_mail_flows(
             await _until(lambda: _count(dsn, "SELECT count(*) FROM opens") == 100)
             assert await healthz(session) == "ok"
 
-            await asyncio.to_thread(cluster.stop, "fast")
+            await asyncio.to_thread(own_pg_cluster.stop, "fast")
             await send(300)  # every one relayed: the upstream has them all
             await open_pixels(session, 0, 100)  # every GIF served
             deadline = time.monotonic() + 30  # the writer meets the outage in its own time
@@ -159,7 +146,7 @@ async def test_postgresql_stopped_while_mail_flows(
                 assert time.monotonic() < deadline, "healthz never said degraded"
                 await asyncio.sleep(0.1)  # polling a condition
 
-            await asyncio.to_thread(cluster.start)
+            await asyncio.to_thread(own_pg_cluster.start)
             # the first calls after the restart may still fail (one try a second while
             # away): send, and open an old message's pixel, one at a time until recorded
             while await asyncio.to_thread(_count, dsn, "SELECT count(*) FROM messages") == 100:

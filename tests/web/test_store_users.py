@@ -23,7 +23,6 @@ from smtp_tracker.store.postgresql import PostgresStore
 from smtp_tracker.web.reports.app import build_reports_app
 from smtp_tracker.web.reports.users import UserDirectory
 from smtp_tracker.web.site import start_site
-from tests.support import postgres
 from tests.support.postgres import pg_cluster, pg_dsn
 
 from .dashboard_support import API_TOKEN, ReportsServer, login, runners
@@ -231,29 +230,16 @@ def _auth_key() -> Any:
     return AUTH_KEY
 
 
-@pytest.fixture
-def own_cluster() -> Any:
-    """A cluster of this test's own: it is stopped and started again."""
-    reason = postgres.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    running = postgres.start_cluster()
-    try:
-        yield running
-    finally:
-        postgres.remove_cluster(running)
-
-
 @pytest.mark.timeout(180)
 async def test_the_store_down_refuses_logins_and_pages_and_keeps_sessions(
-    own_cluster: Any,
+    own_pg_cluster: Any,
     tmp_path: Path,
     server_ssl_context: ssl.SSLContext,
     client_ssl_context: ssl.SSLContext,
     runners: list[web.AppRunner],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    dsn = own_cluster.new_database()
+    dsn = own_pg_cluster.new_database()
     added = user_cli(dsn, "add", "alice", "--password-stdin", stdin=PASSWORD, data_dir=tmp_path)
     assert added.returncode == 0, added.stderr
     store = await PostgresStore.open(dsn, timeout_s=1.0)
@@ -267,7 +253,7 @@ async def test_the_store_down_refuses_logins_and_pages_and_keeps_sessions(
         stranger = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=client_ssl_context), cookie_jar=aiohttp.CookieJar()
         )
-        own_cluster.stop()
+        own_pg_cluster.stop()
 
         async def unavailable() -> bool:
             return await _status(browser, server) == 503
@@ -282,7 +268,7 @@ async def test_the_store_down_refuses_logins_and_pages_and_keeps_sessions(
         assert dsn in outage_logs[0].getMessage()
         assert "$argon2" not in caplog.text
 
-        own_cluster.start()
+        own_pg_cluster.start()
 
         async def back() -> bool:
             return await _status(browser, server) == 200

@@ -353,28 +353,13 @@ async def test_messages_and_opens_written_at_once_with_the_outbox_all_commit(pg_
     assert count(pg_dsn, "SELECT depth FROM webhook_outbox_state") == 200
 
 
-@pytest.fixture
-def own_cluster() -> Any:
-    """A PostgreSQL cluster of this test's own: it is stopped and started again."""
-    from tests.support import postgres
-
-    reason = postgres.unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-    running = postgres.start_cluster()
-    try:
-        yield running
-    finally:
-        postgres.remove_cluster(running)
-
-
 async def test_the_sender_delivers_again_after_the_server_was_away(
     tracked_relay: Tracked,
     upstream: Any,
     receiver: Receiver,
     secret_file: Path,
     ca_pem_path: Path,
-    own_cluster: Any,
+    own_pg_cluster: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """PostgreSQL stopped and started again under a running serve: the sender's own
@@ -382,7 +367,7 @@ async def test_the_sender_delivers_again_after_the_server_was_away(
     the mail recorded after it are delivered without a restart."""
     import logging
 
-    dsn = own_cluster.new_database()
+    dsn = own_pg_cluster.new_database()
     app = await tracked_relay(
         webhooks=[hook(receiver, secret_file, ca_pem_path)], store=dsn, store_timeout_s=1.0
     )
@@ -392,7 +377,7 @@ async def test_the_sender_delivers_again_after_the_server_was_away(
     await wait_until(lambda: len(receiver.events()) == 2, timeout_s=30, message="not sent")
 
     with caplog.at_level(logging.WARNING, logger="smtp_tracker.webhooks"):
-        await asyncio.to_thread(own_cluster.stop)
+        await asyncio.to_thread(own_pg_cluster.stop)
         await wait_until(
             lambda: any("outbox cannot be read" in r.getMessage() for r in caplog.records),
             timeout_s=30,
@@ -400,7 +385,7 @@ async def test_the_sender_delivers_again_after_the_server_was_away(
         )
         await send(app, 1, start=2, sessions=1)  # relayed, not recorded: no event
         await upstream.wait_for_transactions(3, timeout_s=30)
-        await asyncio.to_thread(own_cluster.start)
+        await asyncio.to_thread(own_pg_cluster.start)
         await wait_until(
             lambda: any("outbox answers again" in r.getMessage() for r in caplog.records),
             timeout_s=30,
