@@ -40,16 +40,16 @@ import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar, get_args
 
 from smtp_tracker.errors import StoreError
-from smtp_tracker.store.instant import Instant
+from smtp_tracker.store.instant import Instant, now_us
 from smtp_tracker.store.integrity import DB_FILENAME
 from smtp_tracker.store.migrations import schema_version
 from smtp_tracker.store.retention import recipient_forms
-from smtp_tracker.store.rows import from_us, to_us, write_transaction
+from smtp_tracker.store.rows import from_us, write_transaction
 
 __all__ = [
     "CONSENT_SCHEMA_VERSION",
@@ -90,10 +90,6 @@ _T = TypeVar("_T")
 
 #: A connection of either backend: :class:`sqlite3.Connection` or ``PgConnection``.
 Conn = Any
-
-
-def _now_us() -> Instant:
-    return to_us(datetime.now(UTC))
 
 
 def canonical_address(address: str) -> str:
@@ -162,7 +158,7 @@ def set_states(
     :raises ValueError: when an address or state is invalid (nothing after it is written).
     :raises sqlite3.Error: when the database cannot be written.
     """
-    at_us = _now_us() if at_us is None else Instant.of(at_us)
+    at_us = now_us() if at_us is None else Instant.of(at_us)
     written = 0
     batch: list[tuple[str, str, int, str]] = []
 
@@ -343,7 +339,7 @@ def add_optout_link(
             token,
             tracking_id,
             json.dumps(list(dict.fromkeys(r.lower() for r in recipients))),
-            _now_us() if created_us is None else Instant.of(created_us),
+            now_us() if created_us is None else Instant.of(created_us),
         ),
     )
 
@@ -376,7 +372,7 @@ def object_via_link(
         unknown or *nonce* was already spent (nothing written).
     :raises sqlite3.Error: when the database cannot be written.
     """
-    at_us = _now_us() if at_us is None else Instant.of(at_us)
+    at_us = now_us() if at_us is None else Instant.of(at_us)
     with write_transaction(conn):
         link = find_optout_link(conn, token)
         if link is None or not 0 <= index < len(link.recipients):

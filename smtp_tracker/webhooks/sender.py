@@ -48,8 +48,8 @@ import aiohttp
 
 from smtp_tracker import __version__
 from smtp_tracker.errors import SMTPReply, StartupError, StoreError
+from smtp_tracker.store import instant
 from smtp_tracker.store.backends import is_postgresql
-from smtp_tracker.store.instant import Instant, now_us
 from smtp_tracker.tracking.stage import header_fields
 from smtp_tracker.webhooks import outbox
 from smtp_tracker.webhooks.eventlog import EventLog
@@ -423,7 +423,7 @@ class WebhookSender:
                         await asyncio.sleep(self._coalesce_s)
                     continue
                 if next_due_us is not None:
-                    wait_s = min(wait_s, max(0.01, (next_due_us - _now_us()) / 1_000_000))
+                    wait_s = min(wait_s, max(0.01, (next_due_us - instant.now_us()) / 1_000_000))
             except self._errors as exc:
                 self._failing_store(exc)
             try:
@@ -435,7 +435,7 @@ class WebhookSender:
 
     async def _claim(self, name: str, limit: int) -> tuple[list[Claimed], int | None]:
         """Due deliveries of *name*; when none, the time the next one comes due."""
-        now_us = _now_us()
+        now_us = instant.now_us()
 
         def take() -> tuple[list[Claimed], int | None, frozenset[str], int]:
             conn = self._conn_()
@@ -544,7 +544,7 @@ class WebhookSender:
         if status is not None:
             error = f"HTTP {status}"
         attempts = item.attempts + 1
-        now_us = _now_us()
+        now_us = instant.now_us()
         window_end = item.since_us + self._retry_us
         if now_us >= window_end:
             return Settled(item.hook, item.seq, "dead", attempts, now_us, error)
@@ -556,7 +556,7 @@ class WebhookSender:
     async def _disable(self, name: str, item: Claimed) -> None:
         reason = "410 Gone: hook disabled"
         buried = await self._db(
-            lambda: outbox.disable_hook(self._conn_(), name, reason=reason, now_us=_now_us())
+            lambda: outbox.disable_hook(self._conn_(), name, reason=reason, now_us=instant.now_us())
         )
         self.outbox.disabled = self.outbox.disabled | {name}
         self.counters.add("dead", name, buried)
@@ -593,7 +593,7 @@ class WebhookSender:
 
     def observe(self, created_us: Sequence[int]) -> None:
         """Count the delivery latency of events created at *created_us*."""
-        now_us = _now_us()
+        now_us = instant.now_us()
         for value in created_us:
             self.counters.observe_latency(max(0, now_us - value) / 1_000_000)
 
@@ -646,7 +646,3 @@ def _close(conn: outbox.Conn) -> None:
         conn.close()
     else:
         conn.raw.close()
-
-
-def _now_us() -> Instant:
-    return now_us()
