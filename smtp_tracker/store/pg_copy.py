@@ -20,6 +20,7 @@ a table of rows to copy: its ``depth`` is set to the events copied and its
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -60,7 +61,7 @@ class Table:
     key: str | None = None
     group: bool = False
 
-    @property
+    @functools.cached_property
     def definition(self) -> schema.Table:
         """The table in the one schema definition.
 
