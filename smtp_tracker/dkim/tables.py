@@ -6,7 +6,8 @@ An admin points smtp-tracker at the files their signer already uses
 - **KeyTable**: one key a line, ``keyname domain:selector:key``, where ``key``
   is a path to the key file when it starts with ``/``, ``./`` or ``../``
   (relative paths are taken from the KeyTable's directory), else the key
-  itself (PEM, or base64 DER / Ed25519 seed).
+  itself (PEM, or base64 DER / Ed25519 seed).  Base64 key data that happens to
+  start with ``/`` and names no file is read as the key.
 - **SigningTable**: ``pattern keyname`` a line; plain (``file:`` or no prefix)
   or ``refile:``, where ``*`` in a pattern matches any run of characters.  It
   decides which key OpenDKIM signs a sender's mail with; smtp-tracker reads it
@@ -131,6 +132,31 @@ def _lines(path: Path, problems: list[str]) -> Iterable[tuple[int, str]]:
             yield number, line
 
 
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+def _inline_key(
+    key_text: str, key_path: Path, domain: str, selector: str, where: str
+) -> DkimKey | None:
+    """The key a KeyTable value starting with ``/`` holds inline, or None if it is a path.
+
+    Base64 uses ``/`` as a digit, so one Ed25519 seed (or DER key) in 64 starts
+    with it, and OpenDKIM's rule (``opendkim.conf(5)``: a value starting with
+    ``/`` names a file) would make such a key impossible to write inline.  The
+    value is key data only when no file of that name exists, it is base64
+    (RFC 4648 section 4) and it reads as a key; anything else stays a path, so
+    a missing key file is still reported as one.
+    """
+    if not key_text.startswith("/") or len(key_text) % 4 or not _BASE64.fullmatch(key_text):
+        return None
+    if key_path.exists():
+        return None
+    try:
+        return parse_key(key_text.encode("ascii"), domain=domain, selector=selector, source=where)
+    except DkimKeyError:
+        return None
+
+
 def _key_table(path: Path, keyring: Keyring, problems: list[str], warnings: list[str]) -> None:
     for number, line in _lines(path, problems):
         where = f"{path}:{number}"
@@ -158,7 +184,9 @@ def _key_table(path: Path, keyring: Keyring, problems: list[str], warnings: list
                 key_path = Path(key_text)
                 if not key_path.is_absolute():
                     key_path = path.parent / key_path
-                key = load_key(key_path, domain=domain, selector=selector, warnings=warnings)
+                key = _inline_key(key_text, key_path, domain, selector, where) or load_key(
+                    key_path, domain=domain, selector=selector, warnings=warnings
+                )
             else:
                 key = parse_key(
                     key_text.encode("ascii", "replace"),

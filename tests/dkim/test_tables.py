@@ -111,11 +111,28 @@ def test_key_table_relative_paths_are_from_its_directory(
     assert load_keyring(f"file:{table}").find("example.com", "sel") is not None
 
 
-def test_inline_key_in_the_key_table(tmp_path: Path, ed_key: ed25519.Ed25519PrivateKey) -> None:
+def _seed_key(first: int) -> ed25519.Ed25519PrivateKey:
+    """An Ed25519 key whose seed's base64 starts with ``A`` (first=0) or ``/`` (first=0xFC)."""
+    return ed25519.Ed25519PrivateKey.from_private_bytes(bytes([first]) + bytes(range(1, 32)))
+
+
+@pytest.mark.parametrize("first", [0x00, 0xFC], ids=["plain", "starts-with-slash"])
+def test_inline_key_in_the_key_table(tmp_path: Path, first: int) -> None:
+    # One base64 seed in 64 starts with "/", which OpenDKIM's rule reads as a path.
+    seed = ed25519_seed(_seed_key(first)).decode().strip()
+    assert seed.startswith("/") == (first == 0xFC)
     table = tmp_path / "KeyTable"
-    table.write_text(f"k example.com:ed:{ed25519_seed(ed_key).decode().strip()}\n")
+    table.write_text(f"k example.com:ed:{seed}\n")
     key = load_keyring(table).find("example.com", "ed")
     assert key is not None and key.source == f"{table}:1"
+
+
+def test_a_missing_key_file_named_like_base64_is_still_a_missing_file(tmp_path: Path) -> None:
+    assert len("/etc/opendkim/keys/example/selector1") % 4 == 0  # reads as base64
+    table = tmp_path / "KeyTable"
+    table.write_text("k example.com:sel:/etc/opendkim/keys/example/selector1\n")
+    with pytest.raises(ConfigError, match="keys/example/selector1: cannot read the key file"):
+        load_keyring(table)
 
 
 def test_a_key_readable_by_others_is_a_warning(key_table: Path) -> None:
