@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -154,6 +155,7 @@ class RelayHandler:
         self._recorder = recorder
         self._capture = capture
         self._disconnects: set[asyncio.Task[None]] = set()
+        self._records: set[asyncio.Task[None]] = set()
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -168,7 +170,8 @@ class RelayHandler:
 
     @property
     def active_transactions(self) -> int:
-        """Transactions between an accepted MAIL and their end (DATA reply, RSET, drop)."""
+        """Transactions between an accepted MAIL and their end (DATA reply, RSET, drop),
+        and records of relayed messages still being written."""
         return self._active
 
     def _begin(self) -> None:
@@ -266,9 +269,41 @@ class RelayHandler:
             self._finish(session, transaction, exc.reply, received, data, head=trace)
             return str(exc.reply)
         if reply.is_positive and self._recorder is not None:
-            await self._recorder.record(transaction, prepared, reply, len(received))
+            # Written after the reply, not before: the upstream has the message, and
+            # a record that fails fails open.  The session's next command waits for
+            # it (see settle), so a client that saw its QUIT or next MAIL answered
+            # finds the message in the store; the shutdown waits for it (drain).
+            session.recording = self._start_record(
+                self._recorder.record(transaction, prepared, reply, len(received))
+            )
         self._finish(session, transaction, reply, received, data, prepared=prepared, head=trace)
         return str(reply)
+
+    def _start_record(self, record: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``record`` in a task counted as in flight until it ends (wait_idle)."""
+        self._active += 1
+        self._idle.clear()
+        task = asyncio.get_running_loop().create_task(record)
+        self._records.add(task)
+        task.add_done_callback(self._record_done)
+        return task
+
+    def _record_done(self, task: asyncio.Task[None]) -> None:
+        self._records.discard(task)
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+        if not task.cancelled() and task.exception() is not None:  # record() must not raise
+            log.error("recording a relayed message failed", exc_info=task.exception())
+
+    async def settle(self, session: RelaySession) -> None:
+        """Wait for the record of the session's last message (before its next command).
+
+        Shielded: a client that goes away while waiting does not cancel the record.
+        """
+        recording, session.recording = session.recording, None
+        if recording is not None and not recording.done():
+            await asyncio.shield(recording)
 
     def _with_crlf(self, content: bytes, transaction: Transaction) -> bytes:
         """``content`` with bare CR and LF made CRLF (counted and logged), else ``content``."""
@@ -404,9 +439,9 @@ class RelayHandler:
                 upstream.abort()
 
     async def drain(self) -> None:
-        """Wait for disconnect clean-ups still running (shutdown, tests)."""
-        while self._disconnects:
-            await asyncio.gather(*list(self._disconnects), return_exceptions=True)
+        """Wait for disconnect clean-ups and records still running (shutdown, tests)."""
+        while self._disconnects or self._records:
+            await asyncio.gather(*self._disconnects, *self._records, return_exceptions=True)
 
     async def _close_upstream(self, session: RelaySession) -> None:
         upstream, session.upstream = session.upstream, None

@@ -248,6 +248,10 @@ class RelayHooks(Protocol):
         """The client's connection is lost: clean up (in a task)."""
         ...
 
+    async def settle(self, session: RelaySession) -> None:
+        """Wait for what the session's last transaction still does after its reply."""
+        ...
+
 
 class RelaySMTP(SMTP):
     """One downstream connection; see the module docstring for what differs from aiosmtpd.
@@ -903,6 +907,8 @@ def _checked_command(name: str, method: _Command) -> _Command:
         if name in _ENDS_GROUP and self._pending_input():
             await self._out_of_sync(name)
             return
+        if self.session is not None and self.session.recording is not None:
+            await self._hooks.settle(self.session)
         await method(self, arg)
         # The idle clock runs from our reply, not from the command: a reply
         # that waited on the upstream (extend_timeout) must not shorten it, nor

@@ -80,6 +80,8 @@ class RelaySession(Session):
     :ivar transaction: the transaction between an accepted MAIL and its end, or None.
     :ivar transcript: the conversation, kept when capture is on.
     :ivar transactions: transactions ended with a reply to DATA in this session.
+    :ivar recording: the record of the last relayed message while it is written to
+        the store, after its reply; the session's next command waits for it.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -89,3 +91,4 @@ class RelaySession(Session):
         self.transaction: Transaction | None = None
         self.transcript: Transcript | None = None
         self.transactions = 0
+        self.recording: asyncio.Future[None] | None = None
