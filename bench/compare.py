@@ -224,6 +224,24 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu_seconds() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far, from ``/proc/stat``.
+
+    Busy is user, nice, system, irq, softirq and steal; idle is idle and iowait
+    (an fsync's wait is idle: the core could run something else).
+    """
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, (idle + iowait) / tick
+
+
+def machine_cpu_since(before: tuple[float, float]) -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the machine since ``before`` (:func:`machine_cpu_seconds`)."""
+    busy, idle = machine_cpu_seconds()
+    return busy - before[0], idle - before[1]
+
+
 async def wait_port(port: int, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -442,12 +460,17 @@ def dot_stuffed(message: bytes) -> bytes:
 
 async def paced_transactions(
     port: int, message: bytes, *, rate: float, sessions: int, seconds: float
-) -> list[float]:
-    """Transactions at ``rate`` per second over kept sessions; end-of-DATA-to-reply times."""
+) -> tuple[list[float], list[float]]:
+    """Transactions at ``rate`` per second over kept sessions.
+
+    :returns: end-of-DATA-to-reply times, and MAIL-to-reply times (which would
+        show work moved from one transaction's reply to the next one's MAIL).
+    """
     payload = dot_stuffed(message)
     per_session = max(1, round(rate * seconds / sessions))
     interval = sessions / rate
     times: list[float] = []
+    mail_times: list[float] = []
 
     async def session(offset: float) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -458,7 +481,9 @@ async def paced_transactions(
             delay = start + k * interval - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            asked = time.perf_counter()
             await _command(reader, writer, b"MAIL FROM:<news@example.org>\r\n", b"250")
+            mail_times.append(time.perf_counter() - asked)
             await _command(reader, writer, b"RCPT TO:<reader@example.net>\r\n", b"250")
             await _command(reader, writer, b"DATA\r\n", b"354")
             writer.write(payload)
@@ -473,7 +498,7 @@ async def paced_transactions(
         writer.close()
 
     await asyncio.gather(*(session(i * interval / sessions) for i in range(sessions)))
-    return times
+    return times, mail_times
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -558,7 +583,12 @@ async def relay_sections(
                 profiler.send_signal(2)
             await profiler.wait()
             print_profile(args.profile / "relay.txt")
+        machine_before = machine_cpu_seconds()
         alone = rate(await through_postfix(postfix, message_path, args))
+        busy, idle = machine_cpu_since(machine_before)
+        results.figures.update(
+            postfix_machine_cpu_per_msg_ms=busy / n * 1e3, postfix_busy=busy / (busy + idle)
+        )
         results.figures.update(loopback=loopback, tracked=tracked, postfix=alone)
         if "relay" in args.sections:
             results.add(
@@ -607,8 +637,18 @@ async def relay_sections(
             await postfix.reload(
                 transport_maps=f"inline:{{ {{*=smtp:[127.0.0.1]:{tracker_port}}} }}"
             )
+            machine_before = machine_cpu_seconds()
+            tracker_before = cpu_seconds(tracker.pid)
             pipeline = rate(await through_postfix(postfix, message_path, args))
-            results.figures["pipeline"] = pipeline
+            busy, idle = machine_cpu_since(machine_before)
+            results.figures.update(
+                pipeline=pipeline,
+                pipeline_machine_cpu_per_msg_ms=busy / n * 1e3,
+                pipeline_busy=busy / (busy + idle),
+                pipeline_tracker_cpu_per_msg_ms=(cpu_seconds(tracker.pid) - tracker_before)
+                / n
+                * 1e3,
+            )
             ratio_row(
                 results,
                 "2. smtp-source -> Postfix -> smtp-tracker -> smtp-sink",
@@ -637,11 +677,18 @@ async def latency_section(args: argparse.Namespace, work: Path, results: Results
         maximum = results.figures.get("tracked") or 200.0
         rate = maximum / 2
         sessions = 10
-        ours = await paced_transactions(
+        ours, our_mail = await paced_transactions(
             tracker_port, message, rate=rate, sessions=sessions, seconds=10
         )
-        theirs = await paced_transactions(
+        theirs, their_mail = await paced_transactions(
             sink_port, message, rate=rate, sessions=sessions, seconds=10
+        )
+        results.notes.append(
+            "latency: MAIL to its reply (the upstream's MAIL included; the record of the "
+            "session's last message is written before it is answered), p50 / p99: "
+            f"{percentile(our_mail, 0.5) * 1e3:.2f} / {percentile(our_mail, 0.99) * 1e3:.2f} ms, "
+            f"smtp-sink {percentile(their_mail, 0.5) * 1e3:.2f} / "
+            f"{percentile(their_mail, 0.99) * 1e3:.2f} ms"
         )
         for name, fraction, target in (("p50", 0.5, 1.0), ("p99", 0.99, 5.0)):
             added = (percentile(ours, fraction) - percentile(theirs, fraction)) * 1e3
@@ -969,6 +1016,24 @@ def print_results(results: Results, args: argparse.Namespace) -> None:
     if "tracker_cpu_per_msg_ms" in results.figures:
         cpu_ms = results.figures["tracker_cpu_per_msg_ms"]
         print(f"smtp-tracker CPU per relayed message: {cpu_ms:.2f} ms (all workers)")
+    figures = results.figures
+    if "pipeline_machine_cpu_per_msg_ms" in figures and "postfix_machine_cpu_per_msg_ms" in figures:
+        cores = os.cpu_count() or 1
+        alone_ms = figures["postfix_machine_cpu_per_msg_ms"]
+        tracker_ms = figures["pipeline_tracker_cpu_per_msg_ms"]
+        print(
+            f"machine CPU per message (all processes): Postfix alone {alone_ms:.2f} ms "
+            f"(cores {figures['postfix_busy']:.0%} busy); the pipeline "
+            f"{figures['pipeline_machine_cpu_per_msg_ms']:.2f} ms (cores "
+            f"{figures['pipeline_busy']:.0%} busy), smtp-tracker's part {tracker_ms:.2f} ms"
+        )
+        bound = cores * 1e3 / (alone_ms + tracker_ms)
+        print(
+            f"pipeline bound by CPU: {cores} cores / ({alone_ms:.2f} + {tracker_ms:.2f}) ms "
+            f"= {bound:,.0f} msg/s ({bound / figures['postfix']:.2f}x Postfix alone); "
+            f"0.9x needs smtp-tracker at "
+            f"{max(0.0, cores * 1e3 / (0.9 * figures['postfix']) - alone_ms):.2f} ms per message"
+        )
     for note in results.notes:
         print(note)
 

@@ -7,7 +7,9 @@ summary catch the breakage that would otherwise show only when someone runs it.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -84,3 +86,34 @@ def test_listening_sockets_counts_each_listener_on_the_port_only(
     assert compare.listening_sockets(10025, table) == 2
     assert compare.listening_sockets(10026, table) == 1
     assert compare.listening_sockets(10027, table) == 0
+
+
+def test_machine_cpu_counts_this_process_as_busy(compare: ModuleType) -> None:
+    before, cpu_before = compare.machine_cpu_seconds(), time.process_time()
+    while time.process_time() - cpu_before < 0.3:  # bounded by CPU time, not the clock
+        sum(range(1000))
+    busy, idle = compare.machine_cpu_since(before)
+    used = time.process_time() - cpu_before
+    assert busy >= used - 0.05  # /proc/stat counts in ticks of 10 ms, per core
+    assert idle >= 0
+
+
+def test_the_pipeline_bound_is_printed_from_the_measured_cpu(
+    compare: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = compare.Results()
+    results.figures.update(
+        postfix=500.0,
+        postfix_machine_cpu_per_msg_ms=3.0,
+        postfix_busy=0.75,
+        pipeline=300.0,
+        pipeline_machine_cpu_per_msg_ms=4.0,
+        pipeline_busy=1.0,
+        pipeline_tracker_cpu_per_msg_ms=1.0,
+    )
+    compare.print_results(results, compare.parse_args([]))
+    out = capsys.readouterr().out
+    cores = os.cpu_count() or 1
+    bound = cores * 1e3 / 4.0
+    assert f"= {bound:,.0f} msg/s ({bound / 500:.2f}x Postfix alone)" in out
+    assert f"0.9x needs smtp-tracker at {max(0.0, cores * 1e3 / 450 - 3.0):.2f} ms" in out
