@@ -242,6 +242,82 @@ def machine_cpu_since(before: tuple[float, float]) -> tuple[float, float]:
     return busy - before[0], idle - before[1]
 
 
+def program_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's program name and CPU seconds so far, its own and its reaped
+    children's (a Postfix daemon that exits is counted in ``master``'s)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                text = (entry / "stat").read_text()
+                name = text[text.index("(") + 1 : text.rindex(")")]
+                fields = text.rsplit(")", 1)[1].split()
+                found[int(entry.name)] = (name, sum(int(f) for f in fields[11:15]) / tick)
+    return found
+
+
+#: Postfix's daemons (``master(8)`` and what it runs), counted as one program.
+POSTFIX_DAEMONS = frozenset(
+    [
+        "master",
+        "smtp",
+        "smtpd",
+        "cleanup",
+        "qmgr",
+        "scache",
+        "postlogd",
+        "trivial-rewrite",
+        "showq",
+        "anvil",
+        "tlsmgr",
+        "pickup",
+        "bounce",
+        "local",
+        "proxymap",
+        "postdrop",
+        "sendmail",
+        "postqueue",
+        "verify",
+        "flush",
+        "lmtp",
+    ]
+)
+
+
+def cpu_by_program(before: dict[int, tuple[str, float]], n: int, tracker: int) -> str:
+    """CPU milliseconds per message by program since ``before``, largest first.
+
+    Postfix's daemons are one figure: one that exits is counted again, whole, in
+    ``master``'s children's time, so what it had used by ``before`` is taken off.
+
+    :param tracker: smtp-tracker's pid: it and its workers are ``smtp-tracker``;
+        other Python processes are this bench (with the ``smtp-source`` it reaped).
+    """
+    ours = set(family(tracker))
+
+    def program(pid: int, name: str) -> str:
+        if pid in ours:
+            return "smtp-tracker"
+        if name.startswith("python"):
+            return "bench+smtp-source"
+        if name in POSTFIX_DAEMONS:
+            return "Postfix"
+        return "kworker" if name.startswith("kworker") else name  # its name follows its work
+
+    now = program_cpu_seconds()
+    spent: dict[str, float] = {}
+    for pid, (name, seconds) in now.items():
+        previous = before.get(pid)
+        group = program(pid, name)
+        spent[group] = spent.get(group, 0.0) + seconds - (previous[1] if previous else 0.0)
+    for pid, (name, seconds) in before.items():
+        if pid not in now and name in POSTFIX_DAEMONS:  # exited: in master's total again
+            spent["Postfix"] = spent.get("Postfix", 0.0) - seconds
+    shown = sorted(((s, name) for name, s in spent.items() if s / n * 1e3 >= 0.01), reverse=True)
+    return ", ".join(f"{name} {s / n * 1e3:.2f}" for s, name in shown)
+
+
 async def wait_port(port: int, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -583,9 +659,13 @@ async def relay_sections(
                 profiler.send_signal(2)
             await profiler.wait()
             print_profile(args.profile / "relay.txt")
-        machine_before = machine_cpu_seconds()
+        machine_before, programs_before = machine_cpu_seconds(), program_cpu_seconds()
         alone = rate(await through_postfix(postfix, message_path, args))
         busy, idle = machine_cpu_since(machine_before)
+        results.notes.append(
+            "Postfix alone, CPU ms per message by program: "
+            + cpu_by_program(programs_before, n, tracker.pid)
+        )
         results.figures.update(
             postfix_machine_cpu_per_msg_ms=busy / n * 1e3, postfix_busy=busy / (busy + idle)
         )
@@ -637,10 +717,14 @@ async def relay_sections(
             await postfix.reload(
                 transport_maps=f"inline:{{ {{*=smtp:[127.0.0.1]:{tracker_port}}} }}"
             )
-            machine_before = machine_cpu_seconds()
+            machine_before, programs_before = machine_cpu_seconds(), program_cpu_seconds()
             tracker_before = cpu_seconds(tracker.pid)
             pipeline = rate(await through_postfix(postfix, message_path, args))
             busy, idle = machine_cpu_since(machine_before)
+            results.notes.append(
+                "pipeline, CPU ms per message by program: "
+                + cpu_by_program(programs_before, n, tracker.pid)
+            )
             results.figures.update(
                 pipeline=pipeline,
                 pipeline_machine_cpu_per_msg_ms=busy / n * 1e3,
