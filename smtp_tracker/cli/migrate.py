@@ -3,8 +3,13 @@
 Copies ``DATA_DIR/tracker.sqlite3`` (opened read-only, left untouched) into
 the PostgreSQL database of ``--to`` with a progress bar on stderr; run it again
 after an interruption and it goes on where it stopped; at the end each table's
-rows and checksum are compared (:mod:`smtp_tracker.store.pg_copy`).  Exit 0
-when every table matches, 1 when one does not (each named), 2 on bad usage.
+rows and checksum are compared (:mod:`smtp_tracker.store.pg_copy`).  Then,
+when every table matches, the reports dashboard's users file (``--users-file``,
+default ``DATA_DIR/reports-users.json``) is copied into ``dashboard_users``:
+hashes and times as they are, users already in the store left as they are.
+Exit 0 when every table matches, 1 when one does not (each named), 2 on bad
+usage (a bad ``--to``; a users file named by ``--users-file`` that does not
+exist; a users file that cannot be read or parsed).
 """
 
 from __future__ import annotations
@@ -12,10 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smtp_tracker.cli.flags import EXIT_OK, add_command
-from smtp_tracker.errors import ConfigError, StoreError
+from smtp_tracker.errors import ConfigError, StartupError, StoreError
+
+if TYPE_CHECKING:
+    from smtp_tracker.store.dashboard_users import UserEntry
 
 __all__ = ["add_commands", "cmd_migrate_store"]
 
@@ -23,14 +31,23 @@ EXIT_MISMATCH = 1
 
 
 def cmd_migrate_store(args: argparse.Namespace) -> int:
-    """Copy, then verify; prints one line per table."""
+    """Copy, then verify; prints one line per table, then one for the dashboard's users
+    when there is a users file and every table matches.
+
+    :raises ConfigError: for a bad ``--to``, or a users file that is missing (when named
+        by ``--users-file``), unreadable or not a users file; checked before the copy.
+    :raises StoreError: when the source or the target fails.
+    """
     from tqdm import tqdm
 
+    from smtp_tracker.store import dashboard_users
     from smtp_tracker.store.backends import is_postgresql
     from smtp_tracker.store.pg_copy import copy_store, count_rows, open_source, verify
 
     if not is_postgresql(args.to):
         raise ConfigError(f"--to: expected postgresql://USER@HOST:PORT/DBNAME, got {args.to!r}")
+    users = _read_users_file(args)
+    kept: list[str] = []
     try:
         from smtp_tracker.store.postgresql import PgDatabase
     except ImportError:  # pragma: no cover - psycopg is in the postgresql extra
@@ -67,6 +84,8 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
                         ) from exc
                     raise
             checks = verify(source, target)
+            if users is not None and all(check.ok for check in checks):
+                kept = dashboard_users.add_new(database.connection, users.values())
     finally:
         source.close()
     for check in checks:
@@ -76,9 +95,34 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
             f"checksum {check.target_sum}/{check.source_sum} {state}"
         )
     if all(check.ok for check in checks):
+        if users is not None:
+            print(
+                f"dashboard users: {len(users) - len(kept)} copied, {len(kept)} already in "
+                "the store (left as they were)"
+            )
         print(f"smtp-tracker: the store in {args.source} is copied; set store = {args.to!r}")
         return EXIT_OK
     return EXIT_MISMATCH
+
+
+def _read_users_file(args: argparse.Namespace) -> dict[str, UserEntry] | None:
+    """The users of ``--users-file`` (default ``DATA_DIR/reports-users.json``): name ->
+    entry, or None when the default file does not exist (nothing to copy).
+
+    :raises ConfigError: when the file named by ``--users-file`` does not exist, or a
+        users file cannot be read or is not one (one line).
+    """
+    from smtp_tracker.web.reports.users import USERS_FILENAME, read_users
+
+    path: Path = args.users_file or args.source / USERS_FILENAME
+    if not path.exists():
+        if args.users_file is None:
+            return None
+        raise ConfigError(f"--users-file: {path} does not exist")
+    try:
+        return read_users(path)
+    except StartupError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _advance(bar: Any, rows: int) -> None:
@@ -120,6 +164,14 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=5000,
         metavar="N",
         help="rows per transaction (default: 5000)",
+    )
+    parser.add_argument(
+        "--users-file",
+        type=Path,
+        metavar="FILE",
+        help="the reports dashboard's users file, copied into the store once every table "
+        "matches (hashes kept; users already there left as they are) (default: "
+        "DATA_DIR/reports-users.json, when it exists)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=cmd_migrate_store)

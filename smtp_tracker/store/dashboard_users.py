@@ -14,12 +14,14 @@ The functions take a :class:`~.postgresql.connection.PgConnection` in
 autocommit mode (``?`` placeholders; ``changed_us`` is read as
 ``changed_at``) and are blocking: the CLI calls them on its connection, the
 reports listener through :meth:`.postgresql.PostgresStore.read_dashboard_users`.
-Each is one statement, so each is atomic.  A hash is never logged nor put in
-an error message.
+Each is one statement, so each is atomic; :func:`add_new` (``migrate-store``'s
+copy of a users file) is one transaction.  A hash is never
+logged nor put in an error message.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Final
@@ -30,7 +32,7 @@ from smtp_tracker.store.instant import Instant, from_us, to_us
 if TYPE_CHECKING:
     from smtp_tracker.store.postgresql.connection import PgConnection
 
-__all__ = ["SCHEMA_VERSION", "UserEntry", "add", "read_all", "remove", "replace"]
+__all__ = ["SCHEMA_VERSION", "UserEntry", "add", "add_new", "read_all", "remove", "replace"]
 
 #: The schema version that has ``dashboard_users`` (PostgreSQL only).
 SCHEMA_VERSION: Final = 9
@@ -87,6 +89,17 @@ def add(conn: PgConnection, entry: UserEntry) -> bool:
     except psycopg.Error as exc:
         raise _failed("write", exc) from exc
     return cursor.rowcount == 1
+
+
+def add_new(conn: PgConnection, entries: Iterable[UserEntry]) -> list[str]:
+    """Add each of *entries* as :func:`add` (hash and time as they are), in one transaction:
+    a user whose name exists is left as it is.  Running it again changes nothing.
+
+    :returns: the names that existed (left as they were), in *entries*' order.
+    :raises StoreError: when the table cannot be written (then none is added).
+    """
+    with conn.transaction():
+        return [entry.name for entry in entries if not add(conn, entry)]
 
 
 def replace(conn: PgConnection, entry: UserEntry) -> bool:

@@ -10,6 +10,7 @@ import json
 import sqlite3
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,3 +222,99 @@ def test_every_table_of_a_sqlite_store_is_copied(tmp_path: Path) -> None:
     assert tables - {"webhook_outbox_state"} == copied  # the state row: set, not copied
     for table in pg_copy.TABLES:
         assert table.definition.name == table.name and table.columns
+
+
+ALICE, BOB = ("alice", "alice's long password"), ("bob", "bob's long password")
+
+
+def _users_file(data_dir: Path) -> Path:
+    """The data directory's users file with alice and bob, made as ``user add`` does."""
+    from smtp_tracker.web.reports.users import USERS_FILENAME, add_user
+
+    path = data_dir / USERS_FILENAME
+    for name, password in (ALICE, BOB):
+        add_user(path, name, password)
+    return path
+
+
+def _store_users(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT name, password_hash, changed_at FROM dashboard_users ORDER BY name"
+        ).fetchall()
+
+
+async def _logins(dsn: str, *attempts: tuple[str, str]) -> list[bool]:
+    """Whether the dashboard over the store at *dsn* lets in each (name, password)."""
+    from smtp_tracker.store.postgresql import PostgresStore
+    from smtp_tracker.web.reports.users import UserDirectory
+
+    store = await PostgresStore.open(dsn)
+    try:
+        users = await UserDirectory.open_store(store, dsn)
+        return [await users.verify(name, password) for name, password in attempts]
+    finally:
+        await store.aclose()
+
+
+async def test_the_users_file_is_copied_with_its_hashes(data_dir: Path, pg_dsn: str) -> None:
+    from smtp_tracker.web.reports.users import read_users
+
+    _small_store(data_dir)
+    in_file = read_users(_users_file(data_dir))
+    status, out = _migrate(data_dir, pg_dsn, "--quiet")
+    assert status == 0, out
+    assert "dashboard users: 2 copied, 0 already in the store (left as they were)\n" in out
+    assert _store_users(pg_dsn) == [  # the same hashes and times: nobody re-hashed
+        (entry.name, entry.password_hash, entry.created_at)
+        for entry in sorted(in_file.values(), key=lambda entry: entry.name)
+    ]
+    assert await _logins(pg_dsn, ALICE, BOB, ("alice", BOB[1])) == [True, True, False]
+
+
+async def test_migrating_again_leaves_the_users_in_the_store(data_dir: Path, pg_dsn: str) -> None:
+    from smtp_tracker.store.postgresql import PgDatabase
+    from smtp_tracker.web.reports.users import add_user_to
+
+    _small_store(data_dir)
+    _users_file(data_dir)
+    assert _migrate(data_dir, pg_dsn, "--quiet")[0] == 0
+    new_password = "alice's new long password"
+    with PgDatabase.open(pg_dsn) as database:  # changed in the store after the move
+        add_user_to(database.connection, "alice", new_password, replace=True)
+    before = _store_users(pg_dsn)
+    status, out = _migrate(data_dir, pg_dsn, "--quiet")
+    assert status == 0, out
+    assert "dashboard users: 0 copied, 2 already in the store (left as they were)\n" in out
+    assert _store_users(pg_dsn) == before
+    assert await _logins(pg_dsn, ("alice", new_password), ALICE, BOB) == [True, False, True]
+
+
+@pytest.mark.parametrize("problem", ["missing", "not a users file", "a directory"])
+def test_a_bad_users_file_is_a_one_line_usage_error(
+    data_dir: Path, problem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before the copy starts: the target (nothing listens there) is not tried."""
+    _small_store(data_dir)
+    path = data_dir / "users.json"
+    if problem == "not a users file":
+        path.write_text('{"version": 1, "users": {"alice": {"hash": "plain"}}}')
+    elif problem == "a directory":
+        path.mkdir()
+    dsn = "postgresql://u@127.0.0.1:1/d"
+    status = cli_main(
+        ["migrate-store", "--from", str(data_dir), "--to", dsn, "--users-file", str(path)]
+    )
+    captured = capsys.readouterr()
+    assert status == 2
+    assert captured.out == ""
+    assert captured.err.startswith("smtp-tracker: error: ") and str(path) in captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+
+
+def test_no_users_file_no_users_line(data_dir: Path, pg_dsn: str) -> None:
+    _small_store(data_dir)
+    status, out = _migrate(data_dir, pg_dsn, "--quiet")
+    assert status == 0, out
+    assert "dashboard users" not in out
+    assert _store_users(pg_dsn) == []
