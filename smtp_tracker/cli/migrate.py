@@ -4,11 +4,11 @@ Copies ``DATA_DIR/tracker.sqlite3`` (opened read-only, left untouched) into
 the PostgreSQL database of ``--to`` with a progress bar on stderr; run it again
 after an interruption and it goes on where it stopped; at the end each table's
 rows and checksum are compared (:mod:`smtp_tracker.store.pg_copy`).  Then,
-when every table matches, the reports dashboard's users file (``--users-file``,
+when every table matches, the reports dashboard's users file (``--reports-users-file``,
 default ``DATA_DIR/reports-users.json``) is copied into ``dashboard_users``:
 hashes and times as they are, users already in the store left as they are.
 Exit 0 when every table matches, 1 when one does not (each named), 2 on bad
-usage (a bad ``--to``; a users file named by ``--users-file`` that does not
+usage (a bad ``--to``; a users file named by ``--reports-users-file`` that does not
 exist; a users file that cannot be read or parsed).
 """
 
@@ -35,7 +35,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
     when there is a users file and every table matches.
 
     :raises ConfigError: for a bad ``--to``, or a users file that is missing (when named
-        by ``--users-file``), unreadable or not a users file; checked before the copy.
+        by ``--reports-users-file``), unreadable or not a users file; checked before the copy.
     :raises StoreError: when the source or the target fails.
     """
     from tqdm import tqdm
@@ -106,19 +106,19 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
 
 
 def _read_users_file(args: argparse.Namespace) -> dict[str, UserEntry] | None:
-    """The users of ``--users-file`` (default ``DATA_DIR/reports-users.json``): name ->
+    """The users of ``--reports-users-file`` (default ``DATA_DIR/reports-users.json``): name ->
     entry, or None when the default file does not exist (nothing to copy).
 
-    :raises ConfigError: when the file named by ``--users-file`` does not exist, or a
+    :raises ConfigError: when the file named by ``--reports-users-file`` does not exist, or a
         users file cannot be read or is not one (one line).
     """
     from smtp_tracker.web.reports.users import USERS_FILENAME, read_users
 
-    path: Path = args.users_file or args.source / USERS_FILENAME
+    path: Path = args.reports_users_file or args.source / USERS_FILENAME
     if not path.exists():
-        if args.users_file is None:
+        if args.reports_users_file is None:
             return None
-        raise ConfigError(f"--users-file: {path} does not exist")
+        raise ConfigError(f"--reports-users-file: {path} does not exist")
     try:
         return read_users(path)
     except StartupError as exc:
@@ -166,7 +166,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="rows per transaction (default: 5000)",
     )
     parser.add_argument(
-        "--users-file",
+        "--reports-users-file",
         type=Path,
         metavar="FILE",
         help="the reports dashboard's users file, copied into the store once every table "

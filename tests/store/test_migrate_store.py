@@ -303,7 +303,7 @@ def test_a_bad_users_file_is_a_one_line_usage_error(
         path.mkdir()
     dsn = "postgresql://u@127.0.0.1:1/d"
     status = cli_main(
-        ["migrate-store", "--from", str(data_dir), "--to", dsn, "--users-file", str(path)]
+        ["migrate-store", "--from", str(data_dir), "--to", dsn, "--reports-users-file", str(path)]
     )
     captured = capsys.readouterr()
     assert status == 2
