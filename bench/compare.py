@@ -657,8 +657,12 @@ async def relay_sections(
     )
     haraka = None
     try:
-        n, s = args.messages, args.sessions
-        rate = lambda seconds: n / seconds  # noqa: E731
+        n: int = args.messages
+        s: int = args.sessions
+
+        def rate(seconds: float) -> float:
+            return n / seconds
+
         loopback = rate(await smtp_source(sink_port, message_path, n, s))
         cpu_before = cpu_seconds(tracker.pid)
         tracked = rate(await smtp_source(tracker_port, message_path, n, s))
@@ -1156,7 +1160,7 @@ async def run(args: argparse.Namespace) -> Results:
         ]
         for name, wanted, step in steps:
             if not wanted & set(args.sections):
-                step.close()  # type: ignore[attr-defined]  # never awaited: no warning
+                step.close()  # never awaited: no warning
                 continue
             try:
                 await step
