@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,7 +114,9 @@ def test_writes_are_atomic_and_private(tmp_path: Path) -> None:
     os.chmod(path, 0o644)  # an admin's mistake is mended by the next write
     add_user(path, "bob", PASSWORD)
     assert path.stat().st_mode & 0o777 == 0o600
-    assert [p.name for p in path.parent.iterdir()] == ["users.json"]  # no temporary left
+    # no temporary left; the lock of user add/remove stays, private
+    assert sorted(p.name for p in path.parent.iterdir()) == [".users.json.lock", "users.json"]
+    assert (path.parent / ".users.json.lock").stat().st_mode & 0o777 == 0o600
     before = path.read_text()
     with pytest.raises(StartupError):
         write_users(path / "not-a-dir" / "x.json", read_users(path))
@@ -151,3 +156,25 @@ async def test_a_broken_file_at_start_is_a_startup_error(tmp_path: Path) -> None
     path.write_text(json.dumps({"version": 1, "users": {"alice": {"hash": "plain"}}}))
     with pytest.raises(StartupError, match="not a smtp-tracker users file"):
         await UserDirectory.open(path)
+
+
+def test_a_change_waits_for_another_in_progress_and_loses_neither(tmp_path: Path) -> None:
+    """Two ``user`` commands at once: each reads, changes and writes the file under
+    its lock, so the second sees the first's change instead of writing over it."""
+    path = tmp_path / "reports-users.json"
+    add_user(path, "first", PASSWORD)
+    lock = os.open(tmp_path / ".reports-users.json.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another command, between its read and its write
+    try:
+        adding = threading.Thread(target=add_user, args=(path, "second", PASSWORD))
+        adding.start()
+        adding.join(timeout=1.0)  # its hash takes a few ms; then it waits for the lock
+        assert adding.is_alive(), "the change did not wait for the lock"
+        users = read_users(path)
+        users["third"] = dataclasses.replace(users["first"], name="third")
+        write_users(path, users)
+    finally:
+        os.close(lock)
+    adding.join(timeout=30)
+    assert not adding.is_alive()
+    assert sorted(read_users(path)) == ["first", "second", "third"]

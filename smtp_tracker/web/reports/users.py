@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -34,7 +35,7 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -195,12 +196,14 @@ def add_user(path: Path, name: str, password: str, *, replace: bool = False) -> 
     """
     check_user_name(name)
     check_password_rules(password)
-    users = read_users(path)
-    existed = name in users
-    if existed and not replace:
-        raise InputError(f"user {name!r} exists; add --replace to set a new password")
-    users[name] = UserEntry(name, _HASHER.hash(password), datetime.now(UTC))
-    write_users(path, users)
+    entry = UserEntry(name, _HASHER.hash(password), datetime.now(UTC))
+    with _changing(path):
+        users = read_users(path)
+        existed = name in users
+        if existed and not replace:
+            raise InputError(f"user {name!r} exists; add --replace to set a new password")
+        users[name] = entry
+        write_users(path, users)
     return existed
 
 
@@ -238,10 +241,32 @@ def remove_user(path: Path, name: str) -> None:
     :raises InputError: when there is no such user.
     :raises StartupError: when the file cannot be read or written.
     """
-    users = read_users(path)
-    if users.pop(name, None) is None:
-        raise InputError(f"no user {name!r} in {path}")
-    write_users(path, users)
+    with _changing(path):
+        users = read_users(path)
+        if users.pop(name, None) is None:
+            raise InputError(f"no user {name!r} in {path}")
+        write_users(path, users)
+
+
+@contextlib.contextmanager
+def _changing(path: Path) -> Iterator[None]:
+    """Hold the users file's lock (``flock`` on ``.NAME.lock`` beside it, mode 0600)
+    while it is read, changed and written: two ``user`` commands at once would
+    otherwise each write what they read, and one change would be lost.
+
+    :raises StartupError: when the lock file cannot be made or opened.
+    """
+    lock = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"users file: cannot lock {lock} ({exc.strerror})") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class UserDirectory:
