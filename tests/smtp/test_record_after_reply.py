@@ -79,44 +79,45 @@ async def tracking_id(upstream: UpstreamServer) -> str:
     return found.group(1).decode()
 
 
-async def test_the_reply_comes_before_the_record_and_the_next_command_after_it(
-    held: HeldRecords, upstream: UpstreamServer
-) -> None:
-    app = held.app
-    assert app.store is not None
-    client = await connected(app)
+async def relayed(held: HeldRecords, upstream: UpstreamServer) -> tuple[aiosmtplib.SMTP, str]:
+    """One message relayed on a kept session, its record held: the client, the tracking id."""
+    client = await connected(held.app)
     errors, reply = await client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
     assert errors == {} and reply.startswith("2.0.0 Ok: queued as ")  # the upstream's 250
     assert held.started.is_set() and not held.release.is_set()
     token = await tracking_id(upstream)
-    assert await app.store.find_message(token) is None  # not written yet
+    assert held.app.store is not None
+    assert await held.app.store.find_message(token) is None  # not written yet
+    return client, token
 
+
+async def test_the_reply_comes_before_the_record_and_the_next_command_after_it(
+    held: HeldRecords, upstream: UpstreamServer
+) -> None:
+    client, token = await relayed(held, upstream)
     noop = asyncio.ensure_future(client.noop())
     done, _ = await asyncio.wait({noop}, timeout=WATCH_S)
     assert not done, "the next command was answered before the record was written"
     held.release.set()
     response = await asyncio.wait_for(noop, 10)
     assert response.code == 250
-    assert await app.store.find_message(token) is not None  # written before the 250
+    assert held.app.store is not None
+    assert await held.app.store.find_message(token) is not None  # written before the 250
     await client.quit()
 
 
 async def test_a_client_that_leaves_does_not_cancel_the_record(
     held: HeldRecords, upstream: UpstreamServer
 ) -> None:
-    app = held.app
-    assert app.store is not None
-    client = await connected(app)
-    await client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
-    token = await tracking_id(upstream)
+    client, token = await relayed(held, upstream)
     # The next command, then the connection drops while that command waits for
     # the record: the session's task is cancelled, the record must go on.
     assert client.transport is not None
     client.transport.write(b"NOOP\r\n")
     client.close()
-    assert await app.store.find_message(token) is None
     held.release.set()
-    store = app.store
+    store = held.app.store
+    assert store is not None
     await wait_until(lambda: store.find_message(token), timeout_s=10, message="the record was lost")
 
 
@@ -124,9 +125,7 @@ async def test_the_stop_waits_for_a_record_in_flight(
     held: HeldRecords, upstream: UpstreamServer, tmp_path: Path
 ) -> None:
     app = held.app
-    client = await connected(app)
-    await client.sendmail("alice@example.org", ["bob@example.net"], MESSAGE)
-    token = await tracking_id(upstream)
+    client, token = await relayed(held, upstream)
     client.close()
     stopping = asyncio.ensure_future(app.stop(grace_s=5.0))
     done, _ = await asyncio.wait({stopping}, timeout=WATCH_S)
