@@ -21,10 +21,16 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings
 
 from tests.support import certificates, postgres
 from tests.support.postfix import Postfix, missing_reason
 from tests.support.upstream import UpstreamServer, options_from_markers
+
+# No example is timed (Hypothesis's default gives each 200 ms): the tests bound
+# work, not the wall clock, and a loaded CI machine must not fail one that is slow.
+settings.register_profile("smtp-tracker", deadline=None)
+settings.load_profile("smtp-tracker")
 
 PostfixFactory = Callable[..., Awaitable[Postfix]]
 
