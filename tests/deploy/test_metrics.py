@@ -18,7 +18,6 @@ from typing import NamedTuple, cast
 import aiohttp
 import aiosmtplib
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from smtp_tracker import __version__
 from smtp_tracker.app import Application
@@ -26,6 +25,8 @@ from smtp_tracker.config import build_config
 from smtp_tracker.errors import StartupError
 from smtp_tracker.metrics import Metrics
 from smtp_tracker.store.records import EventContext
+from tests.support.metrics import Samples
+from tests.support.metrics import scrape as scrape_metrics
 from tests.support.relay import RelayFactory, tracking_over_tls
 from tests.support.upstream import UpstreamServer
 from tests.support.waiting import wait_until
@@ -34,26 +35,16 @@ PIXEL = re.compile(rb"https://localhost:\d+/o/([A-Za-z0-9_-]{23})\.gif")
 #: A well-formed token no message has.
 UNKNOWN_TOKEN = "A" * 23
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
 
 async def scrape(app: Application) -> tuple[Samples, str]:
-    """``GET /metrics``: the samples by (name, labels), and the content type."""
+    """``GET /metrics``: the samples by (name, labels), and the content type; every
+    family is named ``smtp_tracker_*`` and given once."""
     assert app.metrics is not None and app.metrics.port is not None
-    url = f"http://127.0.0.1:{app.metrics.port}/metrics"
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        assert response.status == 200
-        text = await response.text()
-        content_type = response.headers["Content-Type"]
-    samples: Samples = {}
-    names = set()
-    for family in text_string_to_metric_families(text):
-        assert family.name.startswith("smtp_tracker_"), family.name
-        assert family.name not in names, f"{family.name} appears twice"
-        names.add(family.name)
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples, content_type
+    answer = await scrape_metrics(app.metrics.port)
+    for name in answer.families:
+        assert name.startswith("smtp_tracker_"), name
+        assert answer.families.count(name) == 1, f"{name} appears twice"
+    return answer.samples, answer.content_type
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:

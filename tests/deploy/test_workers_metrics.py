@@ -10,23 +10,19 @@ share; one scrape of ``metrics_listen`` shows the total.
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 from pathlib import Path
 
-import aiohttp
 import aiosmtplib
-from prometheus_client.parser import text_string_to_metric_families
 
 from smtp_tracker.metrics import merge_families
+from tests.support.metrics import SUPERVISOR_METRICS, WORKER_METRICS, scrape
 from tests.support.process import run_cli
 from tests.support.serve import launch_serve
 from tests.support.upstream import UpstreamServer
 from tests.support.waiting import wait_until
 
 MESSAGES = 40
-SUPERVISOR_METRICS = re.compile(r"supervisor: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
-WORKER_METRICS = re.compile(r"\[(\d+)\]: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 
 async def send(port: int, number: int) -> None:
@@ -39,23 +35,6 @@ async def send(port: int, number: int) -> None:
         start_tls=False,
         timeout=30,
     )
-
-
-async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as response,
-    ):
-        assert response.status == 200
-        text = await response.text()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-RELAYED = ("smtp_tracker_transactions_total", (("outcome", "relayed"),))
 
 
 async def test_one_scrape_of_metrics_listen_counts_both_workers(
@@ -96,21 +75,24 @@ async def test_one_scrape_of_metrics_listen_counts_both_workers(
         assert len(upstream.transactions) == MESSAGES
 
         per_worker = [await scrape(port) for port in worker_ports.values()]
-        shares = [samples[RELAYED] for samples in per_worker]
+        shares = [
+            answer.value("smtp_tracker_transactions_total", outcome="relayed")
+            for answer in per_worker
+        ]
         assert all(share > 0 for share in shares), shares  # SO_REUSEPORT spread them
         assert sum(shares) == MESSAGES
 
         total = await scrape(total_port)
-        assert total[RELAYED] == MESSAGES
-        assert total[("smtp_tracker_workers", ())] == 2
-        assert total[("smtp_tracker_worker_up", (("worker", "0"),))] == 1
-        assert total[("smtp_tracker_worker_up", (("worker", "1"),))] == 1
+        assert total.value("smtp_tracker_transactions_total", outcome="relayed") == MESSAGES
+        assert total.value("smtp_tracker_workers") == 2
+        assert total.value("smtp_tracker_worker_up", worker="0") == 1
+        assert total.value("smtp_tracker_worker_up", worker="1") == 1
         # the build info is one series of value 1, not summed to 2
-        (build,) = [v for (name, _), v in total.items() if name == "smtp_tracker_build_info"]
+        (build,) = [v for (name, _), v in total.samples.items() if name.endswith("_build_info")]
         assert build == 1
         # every other counter of the workers is their sum too
-        uploaded = ("smtp_tracker_upstream_connect_seconds_count", ())
-        assert total[uploaded] == sum(samples[uploaded] for samples in per_worker) > 0
+        connects = "smtp_tracker_upstream_connect_seconds_count"
+        assert total.value(connects) == sum(answer.value(connects) for answer in per_worker) > 0
     finally:
         await running.finish()
 

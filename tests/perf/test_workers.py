@@ -20,12 +20,12 @@ import aiohttp
 import aiosmtplib
 import lxml.html
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from smtp_tracker.config import Config
 from smtp_tracker.tokens import new_tracking_id
 from smtp_tracker.workers import usable_cores, worker_count
 from tests.support.certificates import CertificateFiles
+from tests.support.metrics import SUPERVISOR_METRICS, WORKER_METRICS, scrape
 from tests.support.process import Running, one_worker, run_cli
 from tests.support.serve import launch_serve, tracking_args
 from tests.support.upstream import UpstreamServer
@@ -232,8 +232,6 @@ def test_the_test_launcher_runs_one_worker_unless_told() -> None:
 
 REPORTS_LISTENING = re.compile(r"\[(\d+)\]: listening for HTTPS \(reports\) on 127\.0\.0\.1:(\d+)")
 PIXEL_LISTENING = re.compile(r"listening for HTTPS \(pixel\) on 127\.0\.0\.1:(\d+)")
-WORKER_METRICS = re.compile(r"\[(\d+)\]: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
-SUPERVISOR_METRICS = re.compile(r"supervisor: serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
 USER = "carol"
 PASSWORD = "a long enough password"
 
@@ -301,24 +299,10 @@ async def sign_in(client: aiohttp.ClientSession, base: str) -> None:
         assert response.headers["Location"] == "/"
 
 
-async def scrape(port: int) -> dict[str, float]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as response,
-    ):
-        assert response.status == 200
-        text = await response.text()
-    return {
-        sample.name + str(sorted(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-PIXELS_SEEN = (
-    "smtp_tracker_events_offered_total[]",
-    "smtp_tracker_events_limited_total[('limit', 'client')]",
-    "smtp_tracker_events_limited_total[('limit', 'token')]",
+PIXELS_SEEN: tuple[tuple[str, dict[str, str]], ...] = (
+    ("smtp_tracker_events_offered_total", {}),
+    ("smtp_tracker_events_limited_total", {"limit": "client"}),
+    ("smtp_tracker_events_limited_total", {"limit": "token"}),
 )
 
 
@@ -367,8 +351,8 @@ async def test_with_two_workers_the_reports_are_served_by_one_and_the_rest_by_bo
             int(m.group(2)) for line in running.log if (m := WORKER_METRICS.search(line))
         ]
         shares = [
-            sum(samples.get(name, 0) for name in PIXELS_SEEN)
-            for samples in [await scrape(port) for port in worker_ports]
+            sum(answer.value(name, **labels) for name, labels in PIXELS_SEEN)
+            for answer in [await scrape(port) for port in worker_ports]
         ]
         assert len(shares) == 2 and all(share > 0 for share in shares), shares
         assert sum(shares) == 20
@@ -376,8 +360,8 @@ async def test_with_two_workers_the_reports_are_served_by_one_and_the_rest_by_bo
             int(m.group(1)) for line in running.log if (m := SUPERVISOR_METRICS.search(line))
         }
         total = await scrape(total_port)
-        assert sum(total.get(name, 0) for name in PIXELS_SEEN) == 20
-        assert total["smtp_tracker_workers[]"] == 2
+        assert sum(total.value(name, **labels) for name, labels in PIXELS_SEEN) == 20
+        assert total.value("smtp_tracker_workers") == 2
     finally:
         await running.finish()
 
