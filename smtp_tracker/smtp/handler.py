@@ -178,6 +178,12 @@ class RelayHandler:
         self._active += 1
         self._idle.clear()
 
+    def _release(self) -> None:
+        """Undo one :meth:`_begin`; the last one out sets the idle event."""
+        self._active -= 1
+        if self._active == 0:
+            self._idle.set()
+
     def _end(self, transaction: Transaction) -> bool:
         """Count ``transaction`` as ended; False, and nothing counted, if it was already.
 
@@ -187,9 +193,7 @@ class RelayHandler:
         if transaction.ended:
             return False
         transaction.ended = True
-        self._active -= 1
-        if self._active == 0:
-            self._idle.set()
+        self._release()
         return True
 
     async def wait_idle(self, timeout_s: float) -> bool:
@@ -281,8 +285,7 @@ class RelayHandler:
 
     def _start_record(self, record: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``record`` in a task counted as in flight until it ends (wait_idle)."""
-        self._active += 1
-        self._idle.clear()
+        self._begin()
         task = asyncio.get_running_loop().create_task(record)
         self._records.add(task)
         task.add_done_callback(self._record_done)
@@ -290,9 +293,7 @@ class RelayHandler:
 
     def _record_done(self, task: asyncio.Task[None]) -> None:
         self._records.discard(task)
-        self._active -= 1
-        if self._active == 0:
-            self._idle.set()
+        self._release()
         if not task.cancelled() and task.exception() is not None:  # record() must not raise
             log.error("recording a relayed message failed", exc_info=task.exception())
 
