@@ -84,7 +84,8 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
                         ) from exc
                     raise
             checks = verify(source, target)
-            if users is not None and all(check.ok for check in checks):
+            matched = all(check.ok for check in checks)
+            if users is not None and matched:
                 kept = dashboard_users.add_new(database.connection, users.values())
     finally:
         source.close()
@@ -94,7 +95,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
             f"{check.table}: {check.target_rows}/{check.source_rows} rows, "
             f"checksum {check.target_sum}/{check.source_sum} {state}"
         )
-    if all(check.ok for check in checks):
+    if matched:
         if users is not None:
             print(
                 f"dashboard users: {len(users) - len(kept)} copied, {len(kept)} already in "
