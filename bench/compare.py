@@ -515,6 +515,39 @@ async def smtp_source(port: int, message: Path, messages: int, sessions: int) ->
     return time.perf_counter() - started
 
 
+async def postfix_leg(
+    postfix: object,
+    message: Path,
+    args: argparse.Namespace,
+    results: Results,
+    tracker_pid: int,
+    leg: str,
+    label: str,
+) -> float:
+    """:func:`through_postfix`, measured: its msg/s.
+
+    Into ``results.figures``: ``LEG_machine_cpu_per_msg_ms`` (the whole machine's
+    CPU per message, ms), ``LEG_busy`` (the share of the cores busy) and
+    ``LEG_tracker_cpu_per_msg_ms`` (smtp-tracker's part); into ``results.notes``
+    the CPU by program (:func:`cpu_by_program`).
+    """
+    machine_before, programs_before = machine_cpu_seconds(), program_cpu_seconds()
+    tracker_before = cpu_seconds(tracker_pid)
+    seconds = await through_postfix(postfix, message, args)
+    busy, idle = machine_cpu_since(machine_before)
+    n = args.messages
+    results.figures[f"{leg}_machine_cpu_per_msg_ms"] = busy / n * 1e3
+    results.figures[f"{leg}_busy"] = busy / (busy + idle)
+    results.figures[f"{leg}_tracker_cpu_per_msg_ms"] = (
+        (cpu_seconds(tracker_pid) - tracker_before) / n * 1e3
+    )
+    results.notes.append(
+        f"{label}, CPU ms per message by program: "
+        + cpu_by_program(programs_before, n, tracker_pid)
+    )
+    return float(n / seconds)
+
+
 async def through_postfix(postfix: object, message: Path, args: argparse.Namespace) -> float:
     """smtp-source into Postfix; seconds until Postfix's queue is empty again."""
     started = time.perf_counter()
@@ -674,15 +707,8 @@ async def relay_sections(
                 profiler.send_signal(2)
             await profiler.wait()
             print_profile(args.profile / "relay.txt")
-        machine_before, programs_before = machine_cpu_seconds(), program_cpu_seconds()
-        alone = rate(await through_postfix(postfix, message_path, args))
-        busy, idle = machine_cpu_since(machine_before)
-        results.notes.append(
-            "Postfix alone, CPU ms per message by program: "
-            + cpu_by_program(programs_before, n, tracker.pid)
-        )
-        results.figures.update(
-            postfix_machine_cpu_per_msg_ms=busy / n * 1e3, postfix_busy=busy / (busy + idle)
+        alone = await postfix_leg(
+            postfix, message_path, args, results, tracker.pid, "postfix", "Postfix alone"
         )
         results.figures.update(loopback=loopback, tracked=tracked, postfix=alone)
         if "relay" in args.sections:
@@ -732,22 +758,10 @@ async def relay_sections(
             await postfix.reload(
                 transport_maps=f"inline:{{ {{*=smtp:[127.0.0.1]:{tracker_port}}} }}"
             )
-            machine_before, programs_before = machine_cpu_seconds(), program_cpu_seconds()
-            tracker_before = cpu_seconds(tracker.pid)
-            pipeline = rate(await through_postfix(postfix, message_path, args))
-            busy, idle = machine_cpu_since(machine_before)
-            results.notes.append(
-                "pipeline, CPU ms per message by program: "
-                + cpu_by_program(programs_before, n, tracker.pid)
+            pipeline = await postfix_leg(
+                postfix, message_path, args, results, tracker.pid, "pipeline", "pipeline"
             )
-            results.figures.update(
-                pipeline=pipeline,
-                pipeline_machine_cpu_per_msg_ms=busy / n * 1e3,
-                pipeline_busy=busy / (busy + idle),
-                pipeline_tracker_cpu_per_msg_ms=(cpu_seconds(tracker.pid) - tracker_before)
-                / n
-                * 1e3,
-            )
+            results.figures["pipeline"] = pipeline
             ratio_row(
                 results,
                 "2. smtp-source -> Postfix -> smtp-tracker -> smtp-sink",
