@@ -92,13 +92,7 @@ class Table:
     def target_columns(self) -> tuple[str, ...]:
         """The columns on PostgreSQL: times renamed, an address in two (``ip_address``,
         ``ip_hash``)."""
-        names: list[str] = []
-        for column in self.definition.columns:
-            if column.kind == "address":
-                names += [f"{column.name}_address", f"{column.name}_hash"]
-            else:
-                names.append(column.pg_name)
-        return tuple(names)
+        return tuple(name for column in self.definition.columns for name in column.pg_columns)
 
     def target_row(self, row: Sequence[Any]) -> tuple[Any, ...]:
         """A source row as :attr:`target_columns` take it: times as

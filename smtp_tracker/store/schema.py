@@ -127,6 +127,14 @@ class Column:
         """
         return PG_TIME_NAMES[self.name] if self.kind == "instant" else self.name
 
+    @property
+    def pg_columns(self) -> tuple[str, ...]:
+        """The column's columns on PostgreSQL, in order: an address is two (``NAME_address``
+        the address or network, ``NAME_hash`` its hash), any other one (:attr:`pg_name`)."""
+        if self.kind == "address":
+            return (f"{self.name}_address", f"{self.name}_hash")
+        return (self.pg_name,)
+
     def _constraints(self) -> str:
         parts = [" NOT NULL" if self.not_null else ""]
         if self.default is not None:
@@ -463,7 +471,8 @@ def sqlite_statements() -> list[str]:
 
 def _pg_columns(table: Table, column: Column) -> list[str]:
     if column.kind == "address":
-        return [f"{column.name}_address inet", f"{column.name}_hash bytea"]
+        address, hashed = column.pg_columns
+        return [f"{address} inet", f"{hashed} bytea"]
     key = " PRIMARY KEY" if table.primary_key == (column.name,) else ""
     return [f"{column.pg_name} {_PG_TYPES[column.kind]}{key}{column._constraints()}"]
 
